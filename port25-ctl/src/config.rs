@@ -1,0 +1,404 @@
+//! The YAML config (`/etc/port25/port25.yaml`): strict schema, validated values, errors with
+//! file, line and column. serde_yaml stays behind this module.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{de, Deserialize, Deserializer, Serialize};
+
+use crate::net::Prefix;
+
+pub const DEFAULT_CONFIG: &str = "/etc/port25/port25.yaml";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/port25";
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub interfaces: Vec<Interface>,
+    #[serde(default = "default_ports")]
+    pub blocked_ports: Vec<BlockedPort>,
+    #[serde(default)]
+    pub action: Action,
+    #[serde(default)]
+    pub subscriber_ranges: Vec<Prefix>,
+    #[serde(default)]
+    pub mail_servers: Vec<Prefix>,
+    #[serde(default)]
+    pub exempt: Vec<ExemptEntry>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Extension: where maps and links are pinned (one tree per daemon).
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Extension: how often the daemon repairs drift between policy and maps.
+    #[serde(default = "default_reconcile", with = "duration_str")]
+    pub reconcile_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, try_from = "RawInterface")]
+pub struct Interface {
+    pub name: String,
+    pub hook: Hook,
+    pub xdp_mode: XdpMode,
+    pub direction: Direction,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterface {
+    name: String,
+    hook: Hook,
+    xdp_mode: Option<XdpMode>,
+    direction: Option<Direction>,
+}
+
+impl TryFrom<RawInterface> for Interface {
+    type Error = String;
+    fn try_from(r: RawInterface) -> Result<Self, String> {
+        if r.name.is_empty()
+            || r.name.len() > 15
+            || r.name.contains(['/', ':', ' ', '\t', '\n', '\0'])
+        {
+            return Err(format!("`{}` is not a valid interface name", r.name));
+        }
+        match r.hook {
+            Hook::Xdp if r.direction.is_some() => Err(format!(
+                "interface {}: `direction` is for hook: tc only (XDP sees ingress)",
+                r.name
+            )),
+            Hook::Tc if r.xdp_mode.is_some() => Err(format!(
+                "interface {}: `xdp_mode` is for hook: xdp only",
+                r.name
+            )),
+            _ => Ok(Interface {
+                name: r.name,
+                hook: r.hook,
+                xdp_mode: r.xdp_mode.unwrap_or_default(),
+                direction: r.direction.unwrap_or_default(),
+            }),
+        }
+    }
+}
+
+impl Interface {
+    /// Name of the link pin, unique per attach point: `xdp:IF`, `tc-ingress:IF`, `tc-egress:IF`.
+    /// bpffs refuses dots in names (EPERM), and VLAN devices have them (`eth1.100`), so `%` and
+    /// `.` in the interface name are %-escaped; `:` cannot occur in an interface name.
+    pub fn attach_point(&self) -> String {
+        let name = self.name.replace('%', "%25").replace('.', "%2e");
+        match self.hook {
+            Hook::Xdp => format!("xdp:{name}"),
+            Hook::Tc => format!("tc-{}:{name}", self.direction),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    #[default]
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    #[default]
+    Ingress,
+    Egress,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    #[default]
+    Drop,
+    Reject,
+}
+
+/// A TCP destination port that may be blocked: never a submission port.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BlockedPort(pub u16);
+
+impl<'de> Deserialize<'de> for BlockedPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let p = u64::deserialize(d)?;
+        match p {
+            587 | 465 => Err(de::Error::custom(format!(
+                "port {p} is mail submission (RFC 5068 3.1, RFC 8314) and must never be blocked"
+            ))),
+            1..=65535 => Ok(BlockedPort(p as u16)),
+            _ => Err(de::Error::custom(format!(
+                "{p} is not a TCP port (1-65535)"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExemptEntry {
+    pub prefix: Prefix,
+    #[serde(default)]
+    pub note: Option<String>,
+    #[serde(default, with = "timestamp_opt")]
+    pub until: Option<jiff::Timestamp>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub exempt_ips: u32,
+    pub exempt_prefixes: u32,
+    pub mail_servers: u32,
+    pub subscriber_ranges: u32,
+    /// Extension: per-session IPv6 prefixes (the hash probed by prefix length).
+    pub session_prefixes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        use port25_common::maps::*;
+        Limits {
+            exempt_ips: DEFAULT_EXEMPT_IPS,
+            exempt_prefixes: DEFAULT_EXEMPT_PREFIXES,
+            mail_servers: DEFAULT_MAIL_SERVERS,
+            subscriber_ranges: DEFAULT_SUBSCRIBER_RANGES,
+            session_prefixes: DEFAULT_SESSION_PREFIXES,
+        }
+    }
+}
+
+fn default_ports() -> Vec<BlockedPort> {
+    vec![BlockedPort(25)]
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/port25")
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/port25/ctl.sock")
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_PIN_DIR)
+}
+fn default_reconcile() -> Duration {
+    Duration::from_secs(60)
+}
+
+mod duration_str {
+    use super::*;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        let sd: jiff::SignedDuration = s.parse().map_err(|e| {
+            de::Error::custom(format!("`{s}` is not a duration like 30s or 5m: {e}"))
+        })?;
+        let d = Duration::try_from(sd).map_err(|_| de::Error::custom("negative duration"))?;
+        if d < Duration::from_secs(1) {
+            return Err(de::Error::custom("the interval must be at least 1s"));
+        }
+        Ok(d)
+    }
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}s", d.as_secs()))
+    }
+}
+
+mod timestamp_opt {
+    use super::*;
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<jiff::Timestamp>, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse::<jiff::Timestamp>().map(Some).map_err(|e| {
+            de::Error::custom(format!(
+                "`{s}` is not an RFC 3339 time such as 2026-12-31T00:00:00Z: {e}"
+            ))
+        })
+    }
+    pub fn serialize<S: serde::Serializer>(
+        t: &Option<jiff::Timestamp>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.collect_str(t),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {msg}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        msg: String,
+    },
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = if text.trim().is_empty() {
+            serde_yaml::from_str("{}")
+        } else {
+            serde_yaml::from_str(text)
+        }
+        .map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            ConfigError::Syntax {
+                path: path.to_owned(),
+                line,
+                column,
+                msg: strip_location(&e.to_string()),
+            }
+        })?;
+        cfg.validate().map_err(|msg| ConfigError::Invalid {
+            path: path.to_owned(),
+            msg,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Rules that span several fields (so have no single line to point at).
+    fn validate(&self) -> Result<(), String> {
+        let mut points = BTreeSet::new();
+        for i in &self.interfaces {
+            if !points.insert(i.attach_point()) {
+                return Err(format!(
+                    "interface {} is listed twice for the same hook",
+                    i.name
+                ));
+            }
+        }
+        if self.action == Action::Reject {
+            return Err(
+                "action: reject is not available yet; use action: drop (the default)".into(),
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for p in &self.blocked_ports {
+            if !seen.insert(p.0) {
+                return Err(format!("blocked_ports lists {} twice", p.0));
+            }
+        }
+        unique("subscriber_ranges", &self.subscriber_ranges)?;
+        unique("mail_servers", &self.mail_servers)?;
+        unique(
+            "exempt",
+            &self.exempt.iter().map(|e| e.prefix).collect::<Vec<_>>(),
+        )?;
+        let l = &self.limits;
+        for (name, cap) in [
+            ("exempt_ips", l.exempt_ips),
+            ("exempt_prefixes", l.exempt_prefixes),
+            ("mail_servers", l.mail_servers),
+            ("subscriber_ranges", l.subscriber_ranges),
+            ("session_prefixes", l.session_prefixes),
+        ] {
+            if cap == 0 {
+                return Err(format!("limits.{name} must be at least 1"));
+            }
+        }
+        // Each family has its own map of the configured capacity.
+        let fits = |name: &str, cap: u32, list: &[Prefix]| {
+            for v4 in [true, false] {
+                let n = list.iter().filter(|p| p.addr.is_ipv4() == v4).count();
+                if n > cap as usize {
+                    return Err(format!(
+                        "{name}: {n} entries do not fit limits.{name} = {cap} (map full)"
+                    ));
+                }
+            }
+            Ok(())
+        };
+        fits(
+            "subscriber_ranges",
+            l.subscriber_ranges,
+            &self.subscriber_ranges,
+        )?;
+        fits("mail_servers", l.mail_servers, &self.mail_servers)?;
+        let hosts: Vec<Prefix> = self
+            .exempt
+            .iter()
+            .map(|e| e.prefix)
+            .filter(Prefix::is_host)
+            .collect();
+        let nets: Vec<Prefix> = self
+            .exempt
+            .iter()
+            .map(|e| e.prefix)
+            .filter(|p| !p.is_host())
+            .collect();
+        fits("exempt_ips", l.exempt_ips, &hosts)?;
+        fits("exempt_prefixes", l.exempt_prefixes, &nets)?;
+        Ok(())
+    }
+}
+
+fn unique(name: &str, list: &[Prefix]) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for p in list {
+        if !seen.insert(p) {
+            return Err(format!("{name} lists {p} twice"));
+        }
+    }
+    Ok(())
+}
+
+/// serde_yaml appends " at line L column C"; the error type already carries them.
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

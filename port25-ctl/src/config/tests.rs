@@ -1,0 +1,155 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("test.yaml"))
+}
+
+fn err(text: &str) -> String {
+    parse(text).expect_err("should be refused").to_string()
+}
+
+const FULL: &str = r#"
+interfaces:
+  - name: eth1
+    hook: xdp
+    xdp_mode: generic
+  - name: eth2
+    hook: tc
+    direction: egress
+blocked_ports: [25, 2525]
+action: drop
+subscriber_ranges:
+  - 100.64.0.0/10
+  - 2001:db8:100::/40
+mail_servers:
+  - 198.51.100.25/32
+  - 2001:db8:25::/64
+exempt:
+  - prefix: 203.0.113.16/28
+    note: "ACME Ltd, ticket 4411"
+    until: 2026-12-31T00:00:00Z
+limits:
+  exempt_ips: 1048576
+  exempt_prefixes: 65536
+  mail_servers: 4096
+  subscriber_ranges: 4096
+state_dir: /var/lib/port25
+socket: /run/port25/ctl.sock
+"#;
+
+#[test]
+fn design_example_parses() {
+    let c = parse(FULL).unwrap();
+    assert_eq!(c.interfaces.len(), 2);
+    assert_eq!(c.interfaces[0].xdp_mode, XdpMode::Generic);
+    assert_eq!(c.interfaces[1].direction, Direction::Egress);
+    assert_eq!(c.blocked_ports, vec![BlockedPort(25), BlockedPort(2525)]);
+    assert_eq!(c.exempt[0].note.as_deref(), Some("ACME Ltd, ticket 4411"));
+    assert!(c.exempt[0].until.is_some());
+    assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+}
+
+#[test]
+fn defaults_apply() {
+    let c = parse("interfaces: []\n").unwrap();
+    assert_eq!(c.blocked_ports, vec![BlockedPort(25)]);
+    assert_eq!(c.action, Action::Drop);
+    assert!(c.subscriber_ranges.is_empty());
+    assert_eq!(c.socket, PathBuf::from("/run/port25/ctl.sock"));
+    let c = parse("interfaces:\n  - name: eth1\n    hook: xdp\n").unwrap();
+    assert_eq!(c.interfaces[0].xdp_mode, XdpMode::Native);
+    assert_eq!(parse("").unwrap().blocked_ports, vec![BlockedPort(25)]);
+}
+
+#[test]
+fn unknown_key_is_refused_with_location() {
+    let e = err("blocked_ports: [25]\nmail_server:\n  - 1.2.3.4/32\n");
+    assert!(e.starts_with("test.yaml:2:1:"), "{e}");
+    assert!(e.contains("mail_server"), "{e}");
+    let e = err("interfaces:\n  - name: eth1\n    hook: xdp\n    mode: native\n");
+    assert!(e.contains("mode"), "{e}");
+}
+
+#[test]
+fn duplicate_key_is_refused() {
+    let e = err("action: drop\naction: drop\n");
+    // serde_yaml points at the mapping that holds the duplicate and names the key.
+    assert!(
+        e.starts_with("test.yaml:1:") && e.contains("duplicate field `action`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn submission_ports_are_refused() {
+    for p in [587, 465] {
+        let e = err(&format!("blocked_ports: [25, {p}]\n"));
+        assert!(
+            e.contains("submission") && e.starts_with("test.yaml:1:"),
+            "{e}"
+        );
+    }
+    assert!(err("blocked_ports: [0]\n").contains("not a TCP port"));
+    assert!(err("blocked_ports: [70000]\n").contains("not a TCP port"));
+    assert!(err("blocked_ports: [25, 25]\n").contains("twice"));
+}
+
+#[test]
+fn bad_addresses_are_refused_with_location() {
+    let e = err("mail_servers:\n  - 198.51.100.25/32\n  - 010.1.1.1/32\n");
+    // The location is that of the list (serde_yaml's custom errors); the message names the value.
+    assert!(
+        e.starts_with("test.yaml:2:") && e.contains("`010.1.1.1`"),
+        "{e}"
+    );
+    assert!(e.contains("octal"), "{e}");
+    let e = err("subscriber_ranges:\n  - 100.64.0.1/10\n");
+    assert!(
+        e.contains("host bits") && e.starts_with("test.yaml:2:"),
+        "{e}"
+    );
+    let e = err("exempt:\n  - prefix: 2001:db8::1/64\n");
+    assert!(e.contains("host bits"), "{e}");
+    assert!(err("mail_servers: [1.2.3.4/32, 1.2.3.4/32]\n").contains("twice"));
+}
+
+#[test]
+fn hook_specific_keys_are_checked() {
+    assert!(
+        err("interfaces:\n  - name: eth1\n    hook: xdp\n    direction: egress\n")
+            .contains("tc only")
+    );
+    assert!(
+        err("interfaces:\n  - name: eth1\n    hook: tc\n    xdp_mode: native\n")
+            .contains("xdp only")
+    );
+    assert!(err("interfaces:\n  - name: eth1\n    hook: bpf\n").contains("unknown variant"));
+    assert!(
+        err("interfaces:\n  - name: eth1\n    hook: xdp\n  - name: eth1\n    hook: xdp\n")
+            .contains("twice")
+    );
+    assert!(err("interfaces:\n  - name: a/b\n    hook: xdp\n").contains("not a valid interface"));
+}
+
+#[test]
+fn bad_times_and_limits_are_refused() {
+    assert!(err("exempt:\n  - prefix: 10.0.0.0/8\n    until: tomorrow\n").contains("RFC 3339"));
+    assert!(err("limits:\n  mail_servers: 0\n").contains("at least 1"));
+    let e = err("limits:\n  mail_servers: 1\nmail_servers: [1.2.3.4/32, 1.2.3.5/32]\n");
+    assert!(e.contains("map full"), "{e}");
+    assert!(err("reconcile_interval: soon\n").contains("duration"));
+}
+
+#[test]
+fn reject_is_refused_until_implemented() {
+    assert!(err("action: reject\n").contains("not available"));
+    assert!(err("action: bounce\n").contains("unknown variant"));
+}
+
+#[test]
+fn attach_points_are_valid_bpffs_names() {
+    let c = parse("interfaces:\n  - name: eth1.100\n    hook: xdp\n  - name: eth1.100\n    hook: tc\n    direction: egress\n").unwrap();
+    assert_eq!(c.interfaces[0].attach_point(), "xdp:eth1%2e100");
+    assert_eq!(c.interfaces[1].attach_point(), "tc-egress:eth1%2e100");
+    assert!(!c.interfaces.iter().any(|i| i.attach_point().contains('.')));
+}

@@ -1,0 +1,334 @@
+//! Loading the kernel programs against the pinned maps, and attaching them through pinned
+//! links: fresh attach, adoption with an atomic program swap, and removal.
+
+use std::{collections::BTreeSet, ffi::CString};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::MapInfo,
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+        SchedClassifier, TcAttachType, Xdp,
+    },
+    Ebpf, EbpfLoader,
+};
+use port25_common::maps as m;
+
+use crate::{
+    config::{Config, Direction, Hook, Interface, Limits, XdpMode},
+    pins::Pins,
+};
+
+/// The kernel programs, built by build.rs and embedded.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/port25"));
+
+pub const PROG_XDP: &str = "port25_xdp";
+pub const PROG_TC: &str = "port25_tc";
+pub const PROG_TC_RAW: &str = "port25_tc_raw";
+
+pub const ALL_MAPS: [&str; 12] = [
+    m::SETTINGS,
+    m::PORTS,
+    m::RANGES4,
+    m::RANGES6,
+    m::MAIL4,
+    m::MAIL6,
+    m::EXIP4,
+    m::EXIP6,
+    m::EXPFX4,
+    m::EXPFX6,
+    m::EXNET6,
+    m::COUNTERS,
+];
+
+/// The capacity the config asks for, for the maps whose size it sets.
+pub fn capacity(name: &str, l: &Limits) -> Option<u32> {
+    Some(match name {
+        m::RANGES4 | m::RANGES6 => l.subscriber_ranges,
+        m::MAIL4 | m::MAIL6 => l.mail_servers,
+        m::EXIP4 | m::EXIP6 => l.exempt_ips,
+        m::EXPFX4 | m::EXPFX6 => l.exempt_prefixes,
+        m::EXNET6 => l.session_prefixes,
+        _ => return None,
+    })
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct Layout {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {} key {}B value {}B max_entries {} flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+/// Each map's layout as the embedded object declares it, with the config's capacities.
+pub fn expected_layouts(limits: &Limits) -> Result<Vec<(&'static str, Layout)>> {
+    if EBPF_OBJECT.is_empty() {
+        bail!("this port25-ctl was built with AYA_BUILD_SKIP and has no kernel programs");
+    }
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the embedded eBPF object")?;
+    ALL_MAPS
+        .iter()
+        .map(|name| {
+            let map = obj
+                .maps
+                .get(*name)
+                .ok_or_else(|| anyhow!("embedded object lacks map {name}"))?;
+            Ok((
+                *name,
+                Layout {
+                    map_type: map.map_type(),
+                    key_size: map.key_size(),
+                    value_size: map.value_size(),
+                    max_entries: capacity(name, limits).unwrap_or(map.max_entries()),
+                    flags: map.map_flags(),
+                },
+            ))
+        })
+        .collect()
+}
+
+fn pinned_layout(info: &MapInfo, raw_type: u32) -> Layout {
+    Layout {
+        map_type: raw_type,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    }
+}
+
+/// Refuses pinned maps whose layout is not the one this daemon would create.
+pub fn check_pinned_layouts(pins: &Pins, limits: &Limits) -> Result<()> {
+    for (name, want) in expected_layouts(limits)? {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        let raw_type = info
+            .map_type()
+            .map(|t| t as u32)
+            .map_err(|e| anyhow!("pinned map {}: {e}", path.display()))?;
+        let have = pinned_layout(&info, raw_type);
+        if have != want {
+            let hint = if have.max_entries != want.max_entries
+                && (Layout {
+                    max_entries: want.max_entries,
+                    ..have
+                }) == want
+            {
+                " (the config's `limits` changed; capacities of pinned maps cannot change in place)"
+            } else {
+                ""
+            };
+            bail!(
+                "pinned map {} has {have}, this port25-ctl expects {want}{hint}: refusing to reuse it. \
+                 Restore the previous limits, or remove the old pins with `port25-ctl detach` \
+                 (port 25 is open until the next start)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Loads the programs; maps are reused from pins when present, created and pinned otherwise.
+pub fn load(cfg: &Config, pins: &Pins) -> Result<Ebpf> {
+    pins.prepare()?;
+    check_pinned_layouts(pins, &cfg.limits)?;
+    let paths: Vec<_> = ALL_MAPS.iter().map(|n| (*n, pins.map(n))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+        if let Some(cap) = capacity(name, &cfg.limits) {
+            loader.map_max_entries(name, cap);
+        }
+    }
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF object")?;
+    program_xdp(&mut ebpf)?
+        .load()
+        .context("verifying the XDP program")?;
+    for p in [PROG_TC, PROG_TC_RAW] {
+        program_tc(&mut ebpf, p)?
+            .load()
+            .with_context(|| format!("verifying the TC program {p}"))?;
+    }
+    Ok(ebpf)
+}
+
+fn program_xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    Ok(ebpf
+        .program_mut(PROG_XDP)
+        .ok_or_else(|| anyhow!("no program {PROG_XDP}"))?
+        .try_into()?)
+}
+
+fn program_tc<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("no program {name}"))?
+        .try_into()?)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link, now pinned.
+    New,
+    /// A pinned link found and its program swapped atomically.
+    Swapped,
+}
+
+/// Attaches to one interface, adopting a pinned link if there is one.
+pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attached> {
+    let path = pins.link(&iface.attach_point());
+    let pinned = if path.exists() {
+        let link = PinnedLink::from_pin(&path)
+            .with_context(|| format!("opening pinned link {}", path.display()))?;
+        Some(FdLink::from(link))
+    } else {
+        None
+    };
+    let ethernet = link_is_ethernet(&iface.name)?;
+    let outcome = match iface.hook {
+        Hook::Xdp => {
+            if !ethernet {
+                bail!("{}: XDP needs an Ethernet device; use hook: tc", iface.name);
+            }
+            let prog = program_xdp(ebpf)?;
+            match pinned {
+                Some(fd) => {
+                    let link = XdpLink::try_from(fd)
+                        .map_err(|e| anyhow!("{} is not an XDP link: {e}", path.display()))?;
+                    let id = prog
+                        .attach_to_link(link)
+                        .context("swapping the XDP program")?;
+                    drop(prog.take_link(id)?);
+                    Attached::Swapped
+                }
+                None => {
+                    let flags = match iface.xdp_mode {
+                        XdpMode::Native => aya::programs::xdp::XdpMode::Driver,
+                        XdpMode::Generic => aya::programs::xdp::XdpMode::Skb,
+                    };
+                    let id = prog.attach(&iface.name, flags).with_context(|| {
+                        format!("attaching XDP ({:?}) to {}", iface.xdp_mode, iface.name)
+                    })?;
+                    let link = prog.take_link(id)?;
+                    let fd = FdLink::try_from(link).map_err(|_| {
+                        anyhow!(
+                            "{}: the kernel attached XDP through netlink (no bpf_link): it cannot \
+                             be pinned and would stop with the daemon",
+                            iface.name
+                        )
+                    })?;
+                    fd.pin(&path)
+                        .with_context(|| format!("pinning {}", path.display()))?;
+                    Attached::New
+                }
+            }
+        }
+        Hook::Tc => {
+            let name = if ethernet { PROG_TC } else { PROG_TC_RAW };
+            let prog = program_tc(ebpf, name)?;
+            match pinned {
+                Some(fd) => {
+                    let link = SchedClassifierLink::try_from(fd)
+                        .map_err(|e| anyhow!("{} is not a TC link: {e}", path.display()))?;
+                    let id = prog
+                        .attach_to_link(link)
+                        .context("swapping the TC program")?;
+                    drop(prog.take_link(id)?);
+                    Attached::Swapped
+                }
+                None => {
+                    let ty = match iface.direction {
+                        Direction::Ingress => TcAttachType::Ingress,
+                        Direction::Egress => TcAttachType::Egress,
+                    };
+                    let id = prog.attach(&iface.name, ty).with_context(|| {
+                        format!("attaching TC {} to {}", iface.direction, iface.name)
+                    })?;
+                    let link = prog.take_link(id)?;
+                    let fd = FdLink::try_from(link).map_err(|_| {
+                        anyhow!(
+                            "{}: this kernel has no tcx (Linux < 6.6), so the TC attachment is no \
+                             bpf_link and cannot be pinned",
+                            iface.name
+                        )
+                    })?;
+                    fd.pin(&path)
+                        .with_context(|| format!("pinning {}", path.display()))?;
+                    Attached::New
+                }
+            }
+        }
+    };
+    Ok(outcome)
+}
+
+/// Unpins (and so detaches) the links of attach points the config no longer names.
+pub fn detach_stale(pins: &Pins, cfg: &Config) -> Result<Vec<String>> {
+    let wanted: BTreeSet<String> = cfg.interfaces.iter().map(Interface::attach_point).collect();
+    let mut removed = Vec::new();
+    for point in pins.pinned_links() {
+        if !wanted.contains(&point) {
+            std::fs::remove_file(pins.link(&point))
+                .with_context(|| format!("unpinning link {point}"))?;
+            removed.push(point);
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes every link (detaching the programs) and then every map pin.
+pub fn detach_all(pins: &Pins) -> Result<Vec<String>> {
+    let points = pins.pinned_links();
+    for p in &points {
+        std::fs::remove_file(pins.link(p)).with_context(|| format!("unpinning link {p}"))?;
+    }
+    pins.remove_tree()?;
+    Ok(points)
+}
+
+/// ARPHRD_ETHER or not, asked of the current network namespace (sysfs may show another one).
+pub fn link_is_ethernet(ifname: &str) -> Result<bool> {
+    let name = CString::new(ifname).map_err(|_| anyhow!("bad interface name {ifname:?}"))?;
+    if name.as_bytes().len() >= libc::IFNAMSIZ {
+        bail!("interface name {ifname} is too long");
+    }
+    // SAFETY: plain ioctl on a socket we own, with a zeroed ifreq holding a NUL-terminated name.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("socket()");
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in name.as_bytes().iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 {
+            return Err(err).with_context(|| format!("interface {ifname}"));
+        }
+        Ok(req.ifr_ifru.ifru_hwaddr.sa_family == libc::ARPHRD_ETHER)
+    }
+}

@@ -1,0 +1,12 @@
+//! The port25 controller library; `main.rs` is the CLI edge.
+
+pub mod config;
+pub mod daemon;
+pub mod datapath;
+pub mod linkinfo;
+pub mod livemaps;
+pub mod net;
+pub mod pins;
+pub mod policy;
+pub mod proto;
+pub mod report;

@@ -1,0 +1,74 @@
+//! What a pinned link is attached to: aya's LinkInfo does not expose the interface index.
+
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+use anyhow::{anyhow, Result};
+use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinnedLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// 0 when the link is defunct (its interface went away).
+    pub ifindex: u32,
+}
+
+fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<i64> {
+    // SAFETY: attr is a valid, zero-initialised bpf_attr of the size we pass.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as i64,
+            attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+pub fn read(path: &Path) -> Result<PinnedLinkInfo> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: zeroed is valid for these plain C unions/structs.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.__bindgen_anon_4.pathname = c.as_ptr() as u64;
+    let fd =
+        sys_bpf(bpf_cmd::BPF_OBJ_GET, &mut attr).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    // SAFETY: BPF_OBJ_GET returned a new fd that we now own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.info.bpf_fd = fd.as_raw_fd() as u32;
+    attr.info.info_len = std::mem::size_of::<bpf_link_info>() as u32;
+    attr.info.info = &mut info as *mut bpf_link_info as u64;
+    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    // SAFETY: the union member read matches the link type the kernel reported.
+    let ifindex = unsafe {
+        match info.type_ {
+            t if t == bpf_link_type::BPF_LINK_TYPE_XDP as u32 => info.__bindgen_anon_1.xdp.ifindex,
+            t if t == bpf_link_type::BPF_LINK_TYPE_TCX as u32 => info.__bindgen_anon_1.tcx.ifindex,
+            _ => 0,
+        }
+    };
+    Ok(PinnedLinkInfo {
+        link_id: info.id,
+        prog_id: info.prog_id,
+        ifindex,
+    })
+}
+
+pub fn ifindex(name: &str) -> u32 {
+    match CString::new(name) {
+        // SAFETY: NUL-terminated name.
+        Ok(c) => unsafe { libc::if_nametoindex(c.as_ptr()) },
+        Err(_) => 0,
+    }
+}

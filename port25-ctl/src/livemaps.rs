@@ -1,0 +1,257 @@
+//! The pinned maps, opened by path: read by `check` and `status`, written by the daemon.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
+    Pod,
+};
+use port25_common::{
+    maps::{self as m, Exempt, NetKey6, Settings},
+    verdict::Maps,
+    Reason,
+};
+
+use crate::pins::Pins;
+
+pub struct LiveMaps {
+    pub settings: Array<MapData, Settings>,
+    pub ports: Array<MapData, u8>,
+    pub ranges4: LpmTrie<MapData, [u8; 4], u8>,
+    pub ranges6: LpmTrie<MapData, [u8; 16], u8>,
+    pub mail4: LpmTrie<MapData, [u8; 4], u8>,
+    pub mail6: LpmTrie<MapData, [u8; 16], u8>,
+    pub exip4: HashMap<MapData, [u8; 4], Exempt>,
+    pub exip6: HashMap<MapData, [u8; 16], Exempt>,
+    pub expfx4: LpmTrie<MapData, [u8; 4], Exempt>,
+    pub expfx6: LpmTrie<MapData, [u8; 16], Exempt>,
+    pub exnet6: HashMap<MapData, NetKey6, Exempt>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+fn open<T>(pins: &Pins, name: &str) -> Result<T>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {} (is port25 loaded? `port25-ctl daemon` pins it)",
+            path.display()
+        )
+    })?;
+    let map = Map::from_map_data(data).map_err(|e| anyhow!("{name}: {e}"))?;
+    T::try_from(map).map_err(|e| anyhow!("pinned map {name} has an unexpected type: {e}"))
+}
+
+impl LiveMaps {
+    pub fn open(pins: &Pins) -> Result<LiveMaps> {
+        Ok(LiveMaps {
+            settings: open(pins, m::SETTINGS)?,
+            ports: open(pins, m::PORTS)?,
+            ranges4: open(pins, m::RANGES4)?,
+            ranges6: open(pins, m::RANGES6)?,
+            mail4: open(pins, m::MAIL4)?,
+            mail6: open(pins, m::MAIL6)?,
+            exip4: open(pins, m::EXIP4)?,
+            exip6: open(pins, m::EXIP6)?,
+            expfx4: open(pins, m::EXPFX4)?,
+            expfx6: open(pins, m::EXPFX6)?,
+            exnet6: open(pins, m::EXNET6)?,
+            counters: open(pins, m::COUNTERS)?,
+        })
+    }
+
+    /// Packets per reason, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Reason, u64)>> {
+        Reason::ALL
+            .iter()
+            .map(|r| {
+                let per_cpu = self
+                    .counters
+                    .get(&(*r as u32), 0)
+                    .with_context(|| format!("reading counter {}", r.name()))?;
+                Ok((*r, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// (map name, entries, capacity) for every policy map.
+    pub fn fill(&self) -> Result<Vec<(&'static str, usize, u32)>> {
+        Ok(vec![
+            (m::PORTS, self.ports.entries()?.len(), m::PORTS_ENTRIES),
+            (
+                m::RANGES4,
+                self.ranges4.entries()?.len(),
+                self.ranges4.capacity(),
+            ),
+            (
+                m::RANGES6,
+                self.ranges6.entries()?.len(),
+                self.ranges6.capacity(),
+            ),
+            (m::MAIL4, self.mail4.entries()?.len(), self.mail4.capacity()),
+            (m::MAIL6, self.mail6.entries()?.len(), self.mail6.capacity()),
+            (m::EXIP4, self.exip4.entries()?.len(), self.exip4.capacity()),
+            (m::EXIP6, self.exip6.entries()?.len(), self.exip6.capacity()),
+            (
+                m::EXPFX4,
+                self.expfx4.entries()?.len(),
+                self.expfx4.capacity(),
+            ),
+            (
+                m::EXPFX6,
+                self.expfx6.entries()?.len(),
+                self.expfx6.capacity(),
+            ),
+            (
+                m::EXNET6,
+                self.exnet6.entries()?.len(),
+                self.exnet6.capacity(),
+            ),
+        ])
+    }
+}
+
+/// `CLOCK_BOOTTIME`, the clock `bpf_ktime_get_boot_ns` reads.
+pub fn boot_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// A policy map seen as a key-value table, so one diff routine serves every map.
+pub trait Table {
+    type K: Ord + Copy + std::fmt::Debug;
+    type V: PartialEq + Copy;
+    fn entries(&self) -> Result<BTreeMap<Self::K, Self::V>>;
+    fn put(&mut self, k: Self::K, v: Self::V) -> Result<()>;
+    fn del(&mut self, k: Self::K) -> Result<()>;
+    fn capacity(&self) -> u32;
+}
+
+fn full(e: MapError, what: &str) -> anyhow::Error {
+    if let MapError::SyscallError(s) = &e {
+        if s.io_error.raw_os_error() == Some(libc::E2BIG) {
+            return anyhow!("{what}: map full");
+        }
+    }
+    anyhow!("{what}: {e}")
+}
+
+fn info_capacity(d: &MapData) -> u32 {
+    d.info().map(|i| i.max_entries()).unwrap_or(0)
+}
+
+/// The blocked-ports array: index = port, non-zero = blocked. Absent = 0.
+impl Table for Array<MapData, u8> {
+    type K = u16;
+    type V = u8;
+    fn entries(&self) -> Result<BTreeMap<u16, u8>> {
+        let mut out = BTreeMap::new();
+        for (i, v) in self.iter().enumerate() {
+            let v = v?;
+            if v != 0 {
+                out.insert(i as u16, v);
+            }
+        }
+        Ok(out)
+    }
+    fn put(&mut self, k: u16, v: u8) -> Result<()> {
+        Ok(self.set(k as u32, v, 0)?)
+    }
+    fn del(&mut self, k: u16) -> Result<()> {
+        Ok(self.set(k as u32, 0, 0)?)
+    }
+    fn capacity(&self) -> u32 {
+        m::PORTS_ENTRIES
+    }
+}
+
+impl<const N: usize, V: Pod + PartialEq> Table for LpmTrie<MapData, [u8; N], V>
+where
+    [u8; N]: Pod + Ord,
+{
+    type K = ([u8; N], u32);
+    type V = V;
+    fn entries(&self) -> Result<BTreeMap<([u8; N], u32), V>> {
+        let mut out = BTreeMap::new();
+        for kv in self.iter() {
+            let (k, v) = kv?;
+            out.insert((k.data(), k.prefix_len()), v);
+        }
+        Ok(out)
+    }
+    fn put(&mut self, k: ([u8; N], u32), v: V) -> Result<()> {
+        self.insert(&Key::new(k.1, k.0), v, 0)
+            .map_err(|e| full(e, "insert"))
+    }
+    fn del(&mut self, k: ([u8; N], u32)) -> Result<()> {
+        Ok(self.remove(&Key::new(k.1, k.0))?)
+    }
+    fn capacity(&self) -> u32 {
+        info_capacity(aya::maps::IterableMap::map(self))
+    }
+}
+
+impl<K: Pod + Ord + std::fmt::Debug, V: Pod + PartialEq> Table for HashMap<MapData, K, V> {
+    type K = K;
+    type V = V;
+    fn entries(&self) -> Result<BTreeMap<K, V>> {
+        let mut out = BTreeMap::new();
+        for kv in self.iter() {
+            let (k, v) = kv?;
+            out.insert(k, v);
+        }
+        Ok(out)
+    }
+    fn put(&mut self, k: K, v: V) -> Result<()> {
+        self.insert(k, v, 0).map_err(|e| full(e, "insert"))
+    }
+    fn del(&mut self, k: K) -> Result<()> {
+        Ok(self.remove(&k)?)
+    }
+    fn capacity(&self) -> u32 {
+        info_capacity(aya::maps::IterableMap::map(self))
+    }
+}
+
+/// The live maps answer the verdict's lookups, so `check` runs the kernel's own decision.
+impl Maps for LiveMaps {
+    fn settings(&self) -> Option<Settings> {
+        self.settings.get(&0, 0).ok()
+    }
+    fn port_blocked(&self, port: u16) -> bool {
+        matches!(self.ports.get(&(port as u32), 0), Ok(v) if v != 0)
+    }
+    fn in_ranges4(&self, a: [u8; 4]) -> bool {
+        self.ranges4.get(&Key::new(32, a), 0).is_ok()
+    }
+    fn in_ranges6(&self, a: [u8; 16]) -> bool {
+        self.ranges6.get(&Key::new(128, a), 0).is_ok()
+    }
+    fn mail_server4(&self, a: [u8; 4]) -> bool {
+        self.mail4.get(&Key::new(32, a), 0).is_ok()
+    }
+    fn mail_server6(&self, a: [u8; 16]) -> bool {
+        self.mail6.get(&Key::new(128, a), 0).is_ok()
+    }
+    fn exempt_ip4(&self, a: [u8; 4]) -> Option<Exempt> {
+        self.exip4.get(&a, 0).ok()
+    }
+    fn exempt_ip6(&self, a: [u8; 16]) -> Option<Exempt> {
+        self.exip6.get(&a, 0).ok()
+    }
+    fn exempt_prefix4(&self, a: [u8; 4]) -> Option<Exempt> {
+        self.expfx4.get(&Key::new(32, a), 0).ok()
+    }
+    fn exempt_prefix6(&self, a: [u8; 16]) -> Option<Exempt> {
+        self.expfx6.get(&Key::new(128, a), 0).ok()
+    }
+    fn exempt_net6(&self, key: &NetKey6) -> Option<Exempt> {
+        self.exnet6.get(key, 0).ok()
+    }
+    fn now_ns(&self) -> u64 {
+        boot_ns()
+    }
+}

@@ -1,0 +1,200 @@
+//! `status` and `check`: read from the pins, so they tell the truth with the daemon down.
+
+use std::net::IpAddr;
+
+use anyhow::Result;
+use port25_common::{parse::Packet, verdict::decide, Addr, Reason};
+use serde::Serialize;
+
+use crate::{
+    config::{Config, Hook},
+    linkinfo,
+    livemaps::LiveMaps,
+    pins::Pins,
+};
+
+#[derive(Debug, Serialize)]
+pub struct IfaceStatus {
+    pub name: String,
+    pub hook: String,
+    pub attach_point: String,
+    pub attached: bool,
+    pub link_id: Option<u32>,
+    pub prog_id: Option<u32>,
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MapFill {
+    pub map: String,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub daemon: Option<serde_json::Value>,
+    pub pin_dir: String,
+    pub loaded: bool,
+    pub interfaces: Vec<IfaceStatus>,
+    /// Pinned links the config does not name (still enforcing).
+    pub unconfigured_links: Vec<String>,
+    pub maps: Vec<MapFill>,
+    pub counters: Vec<(String, u64)>,
+}
+
+impl Status {
+    /// Healthy = every configured attachment is in place.
+    pub fn healthy(&self) -> bool {
+        self.loaded && self.interfaces.iter().all(|i| i.attached)
+    }
+}
+
+pub fn status(cfg: &Config, daemon: Option<serde_json::Value>) -> Result<Status> {
+    let pins = Pins::new(&cfg.pin_dir);
+    let mut interfaces = Vec::new();
+    for i in &cfg.interfaces {
+        let point = i.attach_point();
+        let hook = match i.hook {
+            Hook::Xdp => format!("xdp ({:?})", i.xdp_mode).to_lowercase(),
+            Hook::Tc => format!("tc {}", i.direction),
+        };
+        let mut s = IfaceStatus {
+            name: i.name.clone(),
+            hook,
+            attach_point: point.clone(),
+            attached: false,
+            link_id: None,
+            prog_id: None,
+            problem: None,
+        };
+        match linkinfo::read(&pins.link(&point)) {
+            Err(_) => s.problem = Some("no pinned link".into()),
+            Ok(info) => {
+                s.link_id = Some(info.link_id);
+                s.prog_id = Some(info.prog_id);
+                let want = linkinfo::ifindex(&i.name);
+                if want == 0 {
+                    s.problem = Some("interface not found in this network namespace".into());
+                } else if info.ifindex != want {
+                    s.problem = Some(format!(
+                        "link is on ifindex {} but {} is ifindex {want} (defunct link?)",
+                        info.ifindex, i.name
+                    ));
+                } else {
+                    s.attached = true;
+                }
+            }
+        }
+        interfaces.push(s);
+    }
+    let configured: Vec<String> = cfg.interfaces.iter().map(|i| i.attach_point()).collect();
+    let unconfigured_links = pins
+        .pinned_links()
+        .into_iter()
+        .filter(|p| !configured.contains(p))
+        .collect();
+    let (loaded, maps, counters) = match LiveMaps::open(&pins) {
+        Ok(live) => (
+            true,
+            live.fill()?
+                .into_iter()
+                .map(|(map, entries, capacity)| MapFill {
+                    map: map.into(),
+                    entries,
+                    capacity,
+                })
+                .collect(),
+            live.counters()?
+                .into_iter()
+                .map(|(r, n)| (r.name().to_string(), n))
+                .collect(),
+        ),
+        Err(_) => (false, vec![], vec![]),
+    };
+    Ok(Status {
+        daemon,
+        pin_dir: pins.root.display().to_string(),
+        loaded,
+        interfaces,
+        unconfigured_links,
+        maps,
+        counters,
+    })
+}
+
+pub fn print_status(s: &Status) {
+    match &s.daemon {
+        Some(d) => println!(
+            "daemon:     running (pid {}, up {}s, {} reconciles, {} drifted entries repaired)",
+            d["pid"], d["uptime_s"], d["reconciles"], d["drift_repaired"]
+        ),
+        None => println!("daemon:     DOWN (enforcement continues from the pins; figures below are read from them)"),
+    }
+    println!(
+        "pins:       {}{}",
+        s.pin_dir,
+        if s.loaded { "" } else { " (not loaded)" }
+    );
+    for i in &s.interfaces {
+        let state = if i.attached { "attached" } else { "MISSING" };
+        let ids = match (i.link_id, i.prog_id) {
+            (Some(l), Some(p)) => format!(" link {l} prog {p}"),
+            _ => String::new(),
+        };
+        let problem = i
+            .problem
+            .as_deref()
+            .map(|p| format!(" ({p})"))
+            .unwrap_or_default();
+        println!(
+            "interface:  {:<12} {:<16} {state}{ids}{problem}",
+            i.name, i.hook
+        );
+    }
+    for l in &s.unconfigured_links {
+        println!("interface:  {l} pinned but not in the config (still enforcing)");
+    }
+    if !s.maps.is_empty() {
+        println!("maps:");
+        for m in &s.maps {
+            println!("  {:<14} {:>9} / {}", m.map, m.entries, m.capacity);
+        }
+        println!("counters (packets by reason):");
+        for (r, n) in &s.counters {
+            println!("  {r:<22} {n}");
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckResult {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub port: u16,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub explanation: &'static str,
+}
+
+/// The verdict for a TCP packet SRC -> DST:PORT, decided by the shared core on the live maps.
+pub fn check(cfg: &Config, src: IpAddr, dst: IpAddr, port: u16) -> Result<CheckResult> {
+    if src.is_ipv4() != dst.is_ipv4() {
+        anyhow::bail!("source and destination must be the same IP version");
+    }
+    let live = LiveMaps::open(&Pins::new(&cfg.pin_dir))?;
+    let pkt = Packet::Tcp {
+        src: Addr::from(src),
+        dst: Addr::from(dst),
+        dport: port,
+    };
+    let reason: Reason = decide(&pkt, &live);
+    Ok(CheckResult {
+        src,
+        dst,
+        port,
+        verdict: if reason.is_pass() { "pass" } else { "block" },
+        reason: reason.name(),
+        explanation: reason.explain(),
+    })
+}

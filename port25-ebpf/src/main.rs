@@ -1,0 +1,120 @@
+//! The enforcing datapath: one XDP and two TC entry points around the shared verdict core.
+//!
+//! Entry points are thin: read bytes and maps through the kernel's helpers, call
+//! `port25_common::verdict::classify`, count the reason, return the hook's action. The verdict
+//! core fails closed by construction: every parse doubt is a `Block*` reason unless the
+//! addresses alone decide a pass.
+#![no_std]
+#![no_main]
+
+mod maps;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    cty::c_void,
+    helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use port25_common::{
+    parse::{Frame, Link},
+    verdict::classify,
+    Reason,
+};
+
+use crate::maps::{count, KernelMaps};
+
+struct XdpFrame<'a>(&'a XdpContext);
+
+impl Frame for XdpFrame<'_> {
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let mut buf = [0u8; N];
+        // The helper bound-checks against the whole frame (multi-buffer included) and fails
+        // rather than read short.
+        let ret = unsafe {
+            bpf_xdp_load_bytes(
+                self.0.ctx,
+                offset as u32,
+                buf.as_mut_ptr() as *mut c_void,
+                N as u32,
+            )
+        };
+        if ret == 0 {
+            Some(buf)
+        } else {
+            None
+        }
+    }
+}
+
+struct SkbFrame<'a>(&'a TcContext);
+
+impl Frame for SkbFrame<'_> {
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let mut buf = [0u8; N];
+        // Reads non-linear data too; fails when the skb is shorter than offset + N.
+        let ret = unsafe {
+            bpf_skb_load_bytes(
+                self.0.skb.skb as *const c_void,
+                offset as u32,
+                buf.as_mut_ptr() as *mut c_void,
+                N as u32,
+            )
+        };
+        if ret == 0 {
+            Some(buf)
+        } else {
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn decide<F: Frame>(frame: &F, link: Link) -> Reason {
+    let reason = classify(frame, link, &KernelMaps);
+    count(reason);
+    reason
+}
+
+/// Subscriber-facing ingress on an Ethernet NIC, before the stack.
+#[xdp]
+pub fn port25_xdp(ctx: XdpContext) -> u32 {
+    if decide(&XdpFrame(&ctx), Link::Ethernet).is_pass() {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+/// TC (ingress or egress) on an Ethernet device. Pass = "next": other programs still run.
+#[classifier]
+pub fn port25_tc(ctx: TcContext) -> i32 {
+    tc_action(decide(&SkbFrame(&ctx), Link::Ethernet))
+}
+
+/// TC on a device without a link header (ppp, tun).
+#[classifier]
+pub fn port25_tc_raw(ctx: TcContext) -> i32 {
+    tc_action(decide(&SkbFrame(&ctx), Link::RawIp))
+}
+
+#[inline(always)]
+fn tc_action(reason: Reason) -> i32 {
+    if reason.is_pass() {
+        TC_ACT_UNSPEC
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

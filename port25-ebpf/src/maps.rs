@@ -1,0 +1,118 @@
+//! The BPF maps and the kernel's answers to the verdict's lookups.
+//!
+//! Capacities here are defaults; the controller sets them from the config's `limits` at load.
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_boot_ns,
+    macros::map,
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+};
+use port25_common::{
+    maps::{
+        Exempt, NetKey6, Settings, DEFAULT_EXEMPT_IPS, DEFAULT_EXEMPT_PREFIXES,
+        DEFAULT_MAIL_SERVERS, DEFAULT_SESSION_PREFIXES, DEFAULT_SUBSCRIBER_RANGES, PORTS_ENTRIES,
+    },
+    verdict::Maps,
+    Reason, NUM_REASONS,
+};
+
+const NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+
+#[map(name = "P25_SETTINGS")]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map(name = "P25_PORTS")]
+static PORTS: Array<u8> = Array::with_max_entries(PORTS_ENTRIES, 0);
+
+#[map(name = "P25_RANGES4")]
+static RANGES4: LpmTrie<[u8; 4], u8> =
+    LpmTrie::with_max_entries(DEFAULT_SUBSCRIBER_RANGES, NO_PREALLOC);
+#[map(name = "P25_RANGES6")]
+static RANGES6: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(DEFAULT_SUBSCRIBER_RANGES, NO_PREALLOC);
+
+#[map(name = "P25_MAIL4")]
+static MAIL4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(DEFAULT_MAIL_SERVERS, NO_PREALLOC);
+#[map(name = "P25_MAIL6")]
+static MAIL6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(DEFAULT_MAIL_SERVERS, NO_PREALLOC);
+
+#[map(name = "P25_EXIP4")]
+static EXIP4: HashMap<[u8; 4], Exempt> = HashMap::with_max_entries(DEFAULT_EXEMPT_IPS, NO_PREALLOC);
+#[map(name = "P25_EXIP6")]
+static EXIP6: HashMap<[u8; 16], Exempt> =
+    HashMap::with_max_entries(DEFAULT_EXEMPT_IPS, NO_PREALLOC);
+
+#[map(name = "P25_EXPFX4")]
+static EXPFX4: LpmTrie<[u8; 4], Exempt> =
+    LpmTrie::with_max_entries(DEFAULT_EXEMPT_PREFIXES, NO_PREALLOC);
+#[map(name = "P25_EXPFX6")]
+static EXPFX6: LpmTrie<[u8; 16], Exempt> =
+    LpmTrie::with_max_entries(DEFAULT_EXEMPT_PREFIXES, NO_PREALLOC);
+
+#[map(name = "P25_EXNET6")]
+static EXNET6: HashMap<NetKey6, Exempt> =
+    HashMap::with_max_entries(DEFAULT_SESSION_PREFIXES, NO_PREALLOC);
+
+#[map(name = "P25_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_REASONS, 0);
+
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(c) = COUNTERS.get_ptr_mut(reason as u32) {
+        // Per-CPU slot: no other writer.
+        unsafe { *c += 1 };
+    }
+}
+
+pub struct KernelMaps;
+
+impl Maps for KernelMaps {
+    #[inline(always)]
+    fn settings(&self) -> Option<Settings> {
+        SETTINGS.get(0).copied()
+    }
+    #[inline(always)]
+    fn port_blocked(&self, port: u16) -> bool {
+        matches!(PORTS.get(port as u32), Some(v) if *v != 0)
+    }
+    #[inline(always)]
+    fn in_ranges4(&self, a: [u8; 4]) -> bool {
+        RANGES4.get(Key::new(32, a)).is_some()
+    }
+    #[inline(always)]
+    fn in_ranges6(&self, a: [u8; 16]) -> bool {
+        RANGES6.get(Key::new(128, a)).is_some()
+    }
+    #[inline(always)]
+    fn mail_server4(&self, a: [u8; 4]) -> bool {
+        MAIL4.get(Key::new(32, a)).is_some()
+    }
+    #[inline(always)]
+    fn mail_server6(&self, a: [u8; 16]) -> bool {
+        MAIL6.get(Key::new(128, a)).is_some()
+    }
+    #[inline(always)]
+    fn exempt_ip4(&self, a: [u8; 4]) -> Option<Exempt> {
+        unsafe { EXIP4.get(a) }.copied()
+    }
+    #[inline(always)]
+    fn exempt_ip6(&self, a: [u8; 16]) -> Option<Exempt> {
+        unsafe { EXIP6.get(a) }.copied()
+    }
+    #[inline(always)]
+    fn exempt_prefix4(&self, a: [u8; 4]) -> Option<Exempt> {
+        EXPFX4.get(Key::new(32, a)).copied()
+    }
+    #[inline(always)]
+    fn exempt_prefix6(&self, a: [u8; 16]) -> Option<Exempt> {
+        EXPFX6.get(Key::new(128, a)).copied()
+    }
+    #[inline(always)]
+    fn exempt_net6(&self, key: &NetKey6) -> Option<Exempt> {
+        unsafe { EXNET6.get(key) }.copied()
+    }
+    #[inline(always)]
+    fn now_ns(&self) -> u64 {
+        unsafe { bpf_ktime_get_boot_ns() }
+    }
+}

@@ -1,0 +1,34 @@
+//! `cargo xtask build | test | lab`: the project's own tooling, runnable on a fresh machine.
+
+mod build;
+mod lab;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (rust-src, bpf-linker) and build everything (release).
+    Build,
+    /// Build, then run every test (unit, kernel, end-to-end). Root needed for kernel tests.
+    Test {
+        /// Extra arguments for the test harness (e.g. a test name filter).
+        args: Vec<String>,
+    },
+    /// A three-namespace lab with the real daemon: blocked and allowed connections, explained.
+    Lab,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Build => build::all(),
+        Cmd::Test { args } => build::test(&args),
+        Cmd::Lab => lab::run(),
+    }
+}

@@ -1,0 +1,149 @@
+//! Crafted frames, well-formed or deliberately broken.
+
+pub const SYN: u8 = 0x02;
+
+pub fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Inserts VLAN tags (each `tpid`) after the MAC addresses.
+pub fn vlan(frame: &[u8], tpids: &[u16]) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    for (i, t) in tpids.iter().enumerate() {
+        f.extend_from_slice(&t.to_be_bytes());
+        f.extend_from_slice(&(100 + i as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+/// Ethernet + PPPoE session + PPP protocol.
+pub fn pppoe(ppp_proto: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x11, 0x00, 0x12, 0x34];
+    p.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+    p.extend_from_slice(&ppp_proto.to_be_bytes());
+    p.extend_from_slice(payload);
+    eth(0x8864, &p)
+}
+
+pub struct Tcp {
+    pub dport: u16,
+    pub flags: u8,
+    /// Data offset in 32-bit words (5 = no options).
+    pub doff: u8,
+    pub header_bytes: usize,
+}
+
+impl Tcp {
+    pub fn to(dport: u16) -> Tcp {
+        Tcp {
+            dport,
+            flags: SYN,
+            doff: 5,
+            header_bytes: 20,
+        }
+    }
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut t = vec![0u8; self.header_bytes.max((self.doff as usize * 4).min(60))];
+        t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        t[2..4].copy_from_slice(&self.dport.to_be_bytes());
+        t[12] = self.doff << 4;
+        t[13] = self.flags;
+        t.truncate(self.header_bytes);
+        t
+    }
+}
+
+pub struct V4 {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    pub ihl: u8,
+    pub options: usize,
+    pub tot_len: Option<u16>,
+    pub frag: u16,
+    pub version: u8,
+}
+
+impl V4 {
+    pub fn new(src: [u8; 4], dst: [u8; 4]) -> V4 {
+        V4 {
+            src,
+            dst,
+            proto: 6,
+            ihl: 5,
+            options: 0,
+            tot_len: None,
+            frag: 0,
+            version: 4,
+        }
+    }
+    pub fn with_options(mut self, bytes: usize) -> V4 {
+        self.options = bytes;
+        self.ihl = 5 + (bytes / 4) as u8;
+        self
+    }
+    pub fn packet(&self, payload: &[u8]) -> Vec<u8> {
+        let mut h = vec![0u8; 20 + self.options];
+        h[0] = (self.version << 4) | (self.ihl & 0x0f);
+        let len = self.tot_len.unwrap_or((h.len() + payload.len()) as u16);
+        h[2..4].copy_from_slice(&len.to_be_bytes());
+        h[6..8].copy_from_slice(&self.frag.to_be_bytes());
+        h[8] = 64;
+        h[9] = self.proto;
+        h[12..16].copy_from_slice(&self.src);
+        h[16..20].copy_from_slice(&self.dst);
+        for o in 20..h.len() {
+            h[o] = 1; // NOP options
+        }
+        h.extend_from_slice(payload);
+        h
+    }
+    pub fn frame(&self, payload: &[u8]) -> Vec<u8> {
+        eth(0x0800, &self.packet(payload))
+    }
+}
+
+/// IPv6 with a chain of (next-header, body) extension headers already encoded by [`ext`].
+pub fn v6_packet(
+    src: [u8; 16],
+    dst: [u8; 16],
+    first_nh: u8,
+    chain: &[u8],
+    payload_len: Option<u16>,
+) -> Vec<u8> {
+    let mut h = vec![0u8; 40];
+    h[0] = 0x60;
+    h[4..6].copy_from_slice(&payload_len.unwrap_or(chain.len() as u16).to_be_bytes());
+    h[6] = first_nh;
+    h[7] = 64;
+    h[8..24].copy_from_slice(&src);
+    h[24..40].copy_from_slice(&dst);
+    h.extend_from_slice(chain);
+    h
+}
+
+pub fn v6_frame(src: [u8; 16], dst: [u8; 16], first_nh: u8, chain: &[u8]) -> Vec<u8> {
+    eth(0x86dd, &v6_packet(src, dst, first_nh, chain, None))
+}
+
+/// An 8-octet RFC 6564-shaped extension header pointing at `next`.
+pub fn ext(next: u8) -> Vec<u8> {
+    vec![next, 0, 1, 4, 0, 0, 0, 0]
+}
+
+/// A fragment header with the given offset (in 8-octet units) and more-fragments flag.
+pub fn frag6(next: u8, offset: u16, more: bool) -> Vec<u8> {
+    let v = (offset << 3) | more as u16;
+    let mut f = vec![next, 0];
+    f.extend_from_slice(&v.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 1]);
+    f
+}
+
+pub fn v6(s: &str) -> [u8; 16] {
+    s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+}

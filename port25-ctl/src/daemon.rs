@@ -3,7 +3,7 @@
 //! Exiting (signal, crash, kill -9) leaves the pinned programs enforcing.
 
 use std::{
-    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -48,7 +48,8 @@ pub fn run(config_path: &Path) -> Result<()> {
 
 async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     let pins = Pins::new(&cfg.pin_dir);
-    let listener = bind_socket(&cfg.socket)?;
+    // One daemon per socket, held for the process lifetime (the kernel drops it on any exit).
+    let _lock = lock_instance(&cfg.socket)?;
     let mut ebpf = datapath::load(&cfg, &pins)?;
     let mut live = LiveMaps::open(&pins)?;
     // Policy before programs: a fresh attach never runs on empty maps.
@@ -61,6 +62,9 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     for gone in datapath::detach_stale(&pins, &cfg)? {
         info!(point = %gone, "detached: no longer in the config");
     }
+    // The socket is bound only now: a client (or systemd, or a lab) that gets an answer knows
+    // the programs are attached and enforcing, not merely that a process has started.
+    let listener = bind_socket(&cfg.socket)?;
     let mut d = Daemon {
         config_path,
         cfg,
@@ -77,6 +81,8 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     let mut tick = tokio::time::interval(d.cfg.reconcile_interval);
     tick.tick().await;
     info!(socket = %d.cfg.socket.display(), "ready");
+    // Type=notify units are "started" only once enforcement is in place.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     loop {
         tokio::select! {
             conn = listener.accept() => match conn {
@@ -99,6 +105,33 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     }
     let _ = std::fs::remove_file(&d.cfg.socket);
     Ok(())
+}
+
+/// Takes an exclusive lock next to the socket so two daemons never race on the same pins.
+fn lock_instance(socket: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "another port25 daemon holds {} ({e}); stop it first",
+            path.display()
+        )
+    })
 }
 
 /// Binds the control socket (mode 0600), refusing to steal one a live daemon answers on.

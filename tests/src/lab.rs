@@ -273,7 +273,7 @@ impl Lab {
     }
 
     /// Starts the real daemon in the router's network namespace (its mounts stay the host's,
-    /// so its pins outlive it) and waits until it answers.
+    /// so its pins outlive it) and waits until it answers, which it does only once enforcing.
     pub fn start_daemon(&mut self) {
         let log = File::create(self.dir.join("daemon.log")).unwrap();
         let child = Command::new("nsenter")
@@ -289,7 +289,13 @@ impl Lab {
         self.daemon = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            // An answer, not a connect: the daemon binds its socket only once it enforces.
+            if let Ok(r) = port25_ctl::proto::call(
+                &self.socket,
+                port25_ctl::proto::Op::Info,
+                Duration::from_secs(5),
+            ) {
+                assert!(r.ok, "daemon info: {:?}", r.error);
                 return;
             }
             if let Some(Ok(Some(st))) = self.daemon.as_mut().map(|c| c.try_wait()) {

@@ -275,7 +275,18 @@ impl Lab {
     /// Starts the real daemon in the router's network namespace (its mounts stay the host's,
     /// so its pins outlive it) and waits until it answers, which it does only once enforcing.
     pub fn start_daemon(&mut self) {
-        let log = File::create(self.dir.join("daemon.log")).unwrap();
+        if let Err(e) = self.try_start_daemon() {
+            panic!("{e}");
+        }
+    }
+
+    /// As [`Lab::start_daemon`]; Err(log) when the daemon exits instead of answering.
+    pub fn try_start_daemon(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.rtr))
             .arg(ctl_binary())
@@ -296,18 +307,57 @@ impl Lab {
                 Duration::from_secs(5),
             ) {
                 assert!(r.ok, "daemon info: {:?}", r.error);
-                return;
+                return Ok(());
             }
             if let Some(Ok(Some(st))) = self.daemon.as_mut().map(|c| c.try_wait()) {
-                panic!("daemon exited with {st}: {}", self.daemon_log());
+                self.daemon = None;
+                return Err(format!("daemon exited with {st}: {}", self.daemon_log()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("daemon did not come up: {}", self.daemon_log());
+        Err(format!("daemon did not come up: {}", self.daemon_log()))
+    }
+
+    /// Sends SYNs from `src` to each of `ports` on `dst`, round after round, until `stop`;
+    /// returns the number of rounds. Each connect is abandoned right after its SYN leaves.
+    pub fn syn_probe(
+        &self,
+        src: IpAddr,
+        dst: IpAddr,
+        ports: &'static [u16],
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::thread::JoinHandle<u32> {
+        let path = format!("/run/netns/{}", self.sub);
+        std::thread::spawn(move || {
+            let file = File::open(&path).expect("netns");
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let domain = if src.is_ipv4() {
+                Domain::IPV4
+            } else {
+                Domain::IPV6
+            };
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for &port in ports {
+                    let s = Socket::new(domain, Type::STREAM, None).unwrap();
+                    s.bind(&SocketAddr::new(src, 0).into()).unwrap();
+                    s.set_nonblocking(true).unwrap();
+                    let _ = s.connect(&SocketAddr::new(dst, port).into());
+                }
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            rounds
+        })
     }
 
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn signal_daemon(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.daemon.as_ref().expect("daemon running").id();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
     }
 
     pub fn kill9(&mut self) {

@@ -1,0 +1,196 @@
+//! The daemon's life in the namespace lab: reload, refused reloads, kill -9, a restart under
+//! a stream of SYNs, refused pinned layouts, a lost link pin, and detach.
+
+use std::{
+    process::Output,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
+
+use port25_tests::{
+    lab::{self, Lab},
+    require_root,
+    sniff::Sniffer,
+};
+
+const XDP: &str = "  - name: rs\n    hook: xdp\n    xdp_mode: native";
+const EXEMPT_SUB: &str = "exempt:\n  - prefix: 100.64.0.2/32\n";
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn assert_blocked(lab: &Lab, what: &str) {
+    for a in [lab::v4(), lab::v6()] {
+        assert!(
+            !lab.can_connect(a.sub, a.ext, 25),
+            "{what}: {} -> {}:25 must be blocked",
+            a.sub,
+            a.ext
+        );
+        assert!(
+            lab.can_connect(a.sub, a.mail, 25),
+            "{what}: {} -> mail server {}:25 must work",
+            a.sub,
+            a.mail
+        );
+    }
+}
+
+#[test]
+fn lifecycle() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    let (v4, v6) = (lab::v4(), lab::v6());
+    lab.start_daemon();
+    assert_blocked(&lab, "fresh start");
+
+    // A reload applies to new connections.
+    lab.write_config(EXEMPT_SUB);
+    let r = lab.ctl(&["reload"]);
+    assert!(r.status.success(), "reload: {}", text(&r));
+    assert!(lab.can_connect(v4.sub, v4.ext, 25), "exempted by reload");
+    assert!(
+        !lab.can_connect(v6.sub, v6.ext, 25),
+        "only the v4 address was exempted"
+    );
+
+    // A bad file is refused, by `reload` and by SIGHUP, and changes nothing.
+    let good = std::fs::read_to_string(&lab.config).unwrap();
+    std::fs::write(&lab.config, good.replace("blocked_ports:", "blocked_port:")).unwrap();
+    let r = lab.ctl(&["reload"]);
+    assert!(!r.status.success(), "a bad reload must fail: {}", text(&r));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("blocked_port") && err.contains(&lab.config.display().to_string()),
+        "the error names the key and the file: {err}"
+    );
+    lab.signal_daemon(nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        lab.can_connect(v4.sub, v4.ext, 25),
+        "bad reload left the exemption in place"
+    );
+    assert!(
+        !lab.can_connect(v6.sub, v6.ext, 25),
+        "bad reload left the block in place"
+    );
+    assert!(
+        lab.daemon_log().contains("reload refused"),
+        "SIGHUP with a bad file is logged: {}",
+        lab.daemon_log()
+    );
+    lab.write_config("");
+    let r = lab.ctl(&["reload"]);
+    assert!(r.status.success(), "reload: {}", text(&r));
+    assert_blocked(&lab, "exemption removed by reload");
+
+    // kill -9: enforcement continues from the pins; status still reports, from the pins.
+    lab.kill9();
+    assert_blocked(&lab, "after kill -9");
+    let st = lab.ctl(&["status", "--json"]);
+    assert!(
+        st.status.success(),
+        "status with the daemon down: {}",
+        text(&st)
+    );
+    let js: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert!(
+        js["daemon"].is_null(),
+        "status says the daemon is down: {js}"
+    );
+    assert_eq!(js["interfaces"][0]["attached"], true, "{js}");
+    let human = lab.ctl(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&human.stdout)
+            .to_lowercase()
+            .contains("down"),
+        "{}",
+        text(&human)
+    );
+
+    // A restart under a stream of SYNs: none to port 25 crosses the router, while SYNs to
+    // 587 in the same rounds do (so the sniffer is seen to work).
+    let sniff = Sniffer::start(&lab.net, "n0");
+    let stop = Arc::new(AtomicBool::new(false));
+    let probes = [
+        lab.syn_probe(v4.sub, v4.ext, &[25, 587], stop.clone()),
+        lab.syn_probe(v6.sub, v6.ext, &[25, 587], stop.clone()),
+    ];
+    std::thread::sleep(Duration::from_millis(200));
+    lab.start_daemon();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds: u32 = probes.into_iter().map(|p| p.join().unwrap()).sum();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(rounds > 10, "the probe ran ({rounds} rounds)");
+    assert!(sniff.syns(587) > 0, "the sniffer sees the control SYNs");
+    assert_eq!(
+        sniff.syns(25),
+        0,
+        "no SYN to port 25 crossed during the restart"
+    );
+    assert!(
+        lab.daemon_log().contains("Swapped"),
+        "the restart adopted the pinned link: {}",
+        lab.daemon_log()
+    );
+    drop(sniff);
+    assert_blocked(&lab, "after restart");
+
+    // Pinned maps whose layout no longer matches the config are refused, never reused.
+    lab.kill9();
+    lab.write_config("limits:\n  mail_servers: 17\n");
+    let err = lab
+        .try_start_daemon()
+        .expect_err("changed limits must be refused");
+    assert!(
+        err.contains("P25_MAIL4") && err.contains("`limits` changed"),
+        "the refusal names the map and the cause: {err}"
+    );
+    eprintln!(
+        "refused as expected: {}",
+        err.lines().last().unwrap_or_default()
+    );
+    assert_blocked(&lab, "after a refused start");
+    lab.write_config("");
+
+    // A lost link pin: status says so and exits 3; the next start attaches afresh.
+    let pin = lab.pin_dir.join("links").join("xdp:rs");
+    std::fs::remove_file(&pin).unwrap();
+    let st = lab.ctl(&["status"]);
+    assert_eq!(st.status.code(), Some(3), "{}", text(&st));
+    assert!(
+        String::from_utf8_lossy(&st.stdout).contains("no pinned link"),
+        "{}",
+        text(&st)
+    );
+    lab.start_daemon();
+    assert_blocked(&lab, "after a fresh attach");
+
+    // detach: programs and every pin gone, port 25 flows.
+    let d = lab.ctl(&["detach"]);
+    assert!(d.status.success(), "detach: {}", text(&d));
+    assert!(
+        lab.wait_daemon_exit(Duration::from_secs(5)),
+        "the daemon exits on detach"
+    );
+    for a in [v4, v6] {
+        assert!(
+            lab.can_connect(a.sub, a.ext, 25),
+            "after detach {} -> {}:25",
+            a.sub,
+            a.ext
+        );
+    }
+    assert!(
+        !lab.pin_dir.exists(),
+        "no pin left under {}",
+        lab.pin_dir.display()
+    );
+}

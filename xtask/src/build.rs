@@ -109,15 +109,28 @@ pub fn all() -> Result<()> {
     Ok(())
 }
 
-pub fn test(args: &[String]) -> Result<()> {
-    all()?;
-    let is_root = output(Command::new("id").arg("-u"))?.trim() == "0";
-    if !is_root {
-        eprintln!("xtask: not root: kernel and namespace tests will skip");
-    } else if Command::new("ethtool").arg("--version").output().is_err() {
-        // The namespace lab turns veth offloads off (see tests/src/lab.rs).
+fn is_root() -> Result<bool> {
+    Ok(output(Command::new("id").arg("-u"))?.trim() == "0")
+}
+
+/// The namespace lab turns veth offloads off (see tests/src/lab.rs), which needs ethtool.
+pub fn ensure_lab_tools() -> Result<()> {
+    if !is_root()? {
+        anyhow::bail!("the lab needs root (network namespaces, BPF)");
+    }
+    if Command::new("ethtool").arg("--version").output().is_err() {
         run(Command::new("apt-get").arg("update"))?;
         run(Command::new("apt-get").args(["install", "-y", "ethtool"]))?;
+    }
+    Ok(())
+}
+
+pub fn test(args: &[String]) -> Result<()> {
+    all()?;
+    if is_root()? {
+        ensure_lab_tools()?;
+    } else {
+        eprintln!("xtask: not root: kernel and namespace tests will skip");
     }
     run(Command::new("cargo")
         .current_dir(root())

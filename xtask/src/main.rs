@@ -22,13 +22,17 @@ enum Cmd {
         args: Vec<String>,
     },
     /// A three-namespace lab with the real daemon: blocked and allowed connections, explained.
-    Lab,
+    Lab {
+        /// Options for the lab: --hook xdp|xdp-generic|tc|tc-egress, --keep.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Build => build::all(),
         Cmd::Test { args } => build::test(&args),
-        Cmd::Lab => lab::run(),
+        Cmd::Lab { args } => lab::run(&args),
     }
 }

@@ -153,3 +153,13 @@ fn attach_points_are_valid_bpffs_names() {
     assert_eq!(c.interfaces[1].attach_point(), "tc-egress:eth1%2e100");
     assert!(!c.interfaces.iter().any(|i| i.attach_point().contains('.')));
 }
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let text = include_str!("../../../deploy/port25.yaml");
+    // `action: drop` is the only action built; the example must load as shipped.
+    let cfg = Config::parse(text, Path::new("deploy/port25.yaml")).unwrap();
+    assert_eq!(cfg.interfaces.len(), 1);
+    assert_eq!(cfg.exempt.len(), 2);
+    assert_eq!(cfg.limits.session_prefixes, 1048576);
+}

@@ -42,6 +42,10 @@ pub struct Config {
     /// Extension: how often the daemon repairs drift between policy and maps.
     #[serde(default = "default_reconcile", with = "duration_str")]
     pub reconcile_interval: Duration,
+    /// Extension: a group whose members may use the read-only verbs over the socket
+    /// (`user show|list`, `audit`, `server|exempt list`); the socket becomes 0660 root:GROUP.
+    #[serde(default)]
+    pub read_group: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -1,6 +1,10 @@
 //! `port25-ctl daemon`: the single writer. Loads and pins, applies the policy, attaches,
 //! then serves the control socket, reloads on SIGHUP and repairs drift periodically.
 //! Exiting (signal, crash, kill -9) leaves the pinned programs enforcing.
+//!
+//! Connections are served concurrently (reading, peer checks, framing), but every request
+//! is executed by one loop, in arrival order: a change is committed to the registry, then
+//! applied to the maps, then acknowledged.
 
 use std::{
     os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
@@ -15,6 +19,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
+    sync::{mpsc, oneshot},
 };
 use tracing::{error, info, warn};
 
@@ -23,9 +28,17 @@ use crate::{
     datapath,
     livemaps::LiveMaps,
     pins::Pins,
-    policy::{self, Desired},
-    proto::{self, Op, Response},
+    policy::{self, Clock, Desired},
+    proto::{self, Op, Request, Response},
+    registry::Actor,
+    store::{sqlite::SqliteStore, Store, Tx},
 };
+
+mod ops;
+
+/// Set in the daemon's environment, the daemon aborts right after its first committed change
+/// (before the maps are written): the crash-consistency test uses it.
+pub const FAILPOINT_AFTER_COMMIT: &str = "PORT25_FAILPOINT_AFTER_COMMIT";
 
 struct Daemon {
     config_path: PathBuf,
@@ -33,9 +46,23 @@ struct Daemon {
     pins: Pins,
     ebpf: Ebpf,
     live: LiveMaps,
+    store: SqliteStore,
+    /// What the maps were last made equal to; per-change applies move from here.
+    applied: Desired,
+    clock: Clock,
     started: Instant,
     reconciles: u64,
     drift_repaired: u64,
+    /// A committed change whose map apply failed: the next tick does a full reconcile.
+    dirty: bool,
+}
+
+/// One request, from a connection task to the writer loop.
+struct Job {
+    req: Request,
+    actor: Actor,
+    /// The answer, and for a last answer (detach) a way to learn it has been written.
+    reply: oneshot::Sender<(Response, Option<oneshot::Sender<()>>)>,
 }
 
 pub fn run(config_path: &Path) -> Result<()> {
@@ -50,10 +77,15 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     let pins = Pins::new(&cfg.pin_dir);
     // One daemon per socket, held for the process lifetime (the kernel drops it on any exit).
     let _lock = lock_instance(&cfg.socket)?;
+    let mut store = SqliteStore::open(&cfg.state_dir)?;
     let mut ebpf = datapath::load(&cfg, &pins)?;
     let mut live = LiveMaps::open(&pins)?;
-    // Policy before programs: a fresh attach never runs on empty maps.
-    let applied = policy::apply(&mut live, &Desired::from_config_now(&cfg))?;
+    let clock = Clock::sample();
+    // Policy before programs: a fresh attach never runs on empty maps. A change committed
+    // by an earlier daemon that died before applying it is applied here.
+    let want = desired(&cfg, &mut store, &clock)?;
+    policy::check_fits(&live, &want)?;
+    let applied = policy::apply(&mut live, &want)?;
     info!(writes = applied.writes, "policy applied");
     for iface in &cfg.interfaces {
         let how = datapath::attach(&mut ebpf, &pins, iface)?;
@@ -64,22 +96,29 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     }
     // The socket is bound only now: a client (or systemd, or a lab) that gets an answer knows
     // the programs are attached and enforcing, not merely that a process has started.
-    let listener = bind_socket(&cfg.socket)?;
+    let listener = bind_socket(&cfg.socket, cfg.read_group.as_deref())?;
+    let read_gid = read_gid(cfg.read_group.as_deref())?;
     let mut d = Daemon {
         config_path,
         cfg,
         pins,
         ebpf,
         live,
+        store,
+        applied: want,
+        clock,
         started: Instant::now(),
         reconciles: 0,
         drift_repaired: 0,
+        dirty: false,
     };
+    let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1024);
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(d.cfg.reconcile_interval);
     tick.tick().await;
+    let mut quick = tokio::time::interval(std::time::Duration::from_secs(1));
     info!(socket = %d.cfg.socket.display(), "ready");
     // Type=notify units are "started" only once enforcement is in place.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -87,24 +126,41 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
         tokio::select! {
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
-                    if d.handle(stream).await {
-                        break;
-                    }
+                    tokio::spawn(connection(stream, jobs_tx.clone(), read_gid));
                 }
                 Err(e) => warn!("accept: {e}"),
             },
+            Some(job) = jobs.recv() => {
+                let (resp, exit) = d.execute(job.req, &job.actor);
+                if exit {
+                    let (written, wait) = oneshot::channel();
+                    if job.reply.send((resp, Some(written))).is_ok() {
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), wait).await;
+                    }
+                    break;
+                }
+                let _ = job.reply.send((resp, None));
+            }
             _ = hup.recv() => {
                 if let Err(e) = d.reload() {
                     error!("reload refused, running policy unchanged: {e:#}");
                 }
             }
             _ = tick.tick() => d.reconcile(),
+            _ = quick.tick(), if d.dirty => d.reconcile(),
             _ = term.recv() => { info!("SIGTERM: exiting; the pinned programs keep enforcing"); break; }
             _ = int.recv() => { info!("SIGINT: exiting; the pinned programs keep enforcing"); break; }
         }
     }
     let _ = std::fs::remove_file(&d.cfg.socket);
     Ok(())
+}
+
+/// The desired map state from the config and a registry snapshot.
+fn desired(cfg: &Config, store: &mut SqliteStore, clock: &Clock) -> Result<Desired> {
+    let snap = store.snapshot()?;
+    let (wall, boot) = clock.at(jiff::Timestamp::now());
+    Desired::build(cfg, &snap, wall, boot)
 }
 
 /// Takes an exclusive lock next to the socket so two daemons never race on the same pins.
@@ -134,8 +190,16 @@ fn lock_instance(socket: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     })
 }
 
-/// Binds the control socket (mode 0600), refusing to steal one a live daemon answers on.
-fn bind_socket(path: &Path) -> Result<UnixListener> {
+fn read_gid(group: Option<&str>) -> Result<Option<nix::unistd::Gid>> {
+    let Some(g) = group else { return Ok(None) };
+    match nix::unistd::Group::from_name(g)? {
+        Some(gr) => Ok(Some(gr.gid)),
+        None => bail!("read_group `{g}` does not exist on this system"),
+    }
+}
+
+/// Binds the control socket: 0600 root, or 0660 root:GROUP with a read-only group.
+fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -144,9 +208,6 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
             .with_context(|| format!("creating {}", dir.display()))?;
     }
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another port25 daemon answers on {}", path.display());
-        }
         std::fs::remove_file(path)?;
     }
     // Create with a tight umask so the socket is never briefly open to others.
@@ -154,55 +215,99 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     let listener = UnixListener::bind(path);
     nix::sys::stat::umask(old);
     let listener = listener.with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(gid) = read_gid(group)? {
+        nix::unistd::chown(path, None, Some(gid))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    } else {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
     Ok(listener)
 }
 
-impl Daemon {
-    /// Serves one connection; true when the daemon should exit.
-    async fn handle(&mut self, mut s: UnixStream) -> bool {
-        let allowed = match s.peer_cred() {
-            Ok(c) => c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw(),
-            Err(_) => false,
-        };
-        if !allowed {
-            warn!("refused a control connection from a peer that is not root");
-            let _ = write(&mut s, &Response::err("permission denied: root only")).await;
-            return false;
-        }
-        let req = match read_request(&mut s).await {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = write(&mut s, &Response::err(format!("{e:#}"))).await;
-                return false;
-            }
-        };
-        let (resp, exit) = match req.op {
-            Op::Info => (Response::ok(self.info()), false),
-            Op::Reload => match self.reload() {
-                Ok(v) => (Response::ok(v), false),
-                Err(e) => {
-                    error!("reload refused, running policy unchanged: {e:#}");
-                    (Response::err(format!("{e:#}")), false)
-                }
-            },
-            Op::Detach => match datapath::detach_all(&self.pins) {
-                Ok(points) => {
-                    info!(?points, "detached everything; exiting");
-                    (Response::ok(json!({ "detached": points })), true)
-                }
-                Err(e) => (Response::err(format!("{e:#}")), false),
-            },
-        };
-        let _ = write(&mut s, &resp).await;
-        exit
-    }
+enum Role {
+    Admin,
+    ReadOnly,
+}
 
+fn role_of(uid: u32, gid: u32, read_gid: Option<nix::unistd::Gid>) -> Option<Role> {
+    if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+        return Some(Role::Admin);
+    }
+    let want = read_gid?;
+    if gid == want.as_raw() {
+        return Some(Role::ReadOnly);
+    }
+    let user = nix::unistd::User::from_uid(uid.into()).ok()??;
+    let name = std::ffi::CString::new(user.name).ok()?;
+    let groups = nix::unistd::getgrouplist(&name, user.gid).ok()?;
+    groups.contains(&want).then_some(Role::ReadOnly)
+}
+
+fn actor(uid: u32, on_behalf_of: Option<String>) -> Actor {
+    let name = nix::unistd::User::from_uid(uid.into())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid{uid}"));
+    Actor {
+        uid,
+        name,
+        on_behalf_of,
+    }
+}
+
+/// One client connection: credentials, framing and limits here; execution in the writer.
+async fn connection(
+    mut s: UnixStream,
+    jobs: mpsc::Sender<Job>,
+    read_gid: Option<nix::unistd::Gid>,
+) {
+    let Ok(cred) = s.peer_cred() else { return };
+    let Some(role) = role_of(cred.uid(), cred.gid(), read_gid) else {
+        warn!(
+            uid = cred.uid(),
+            "refused a control connection from a peer that is not allowed"
+        );
+        let _ = write(&mut s, &Response::err("permission denied: root only")).await;
+        return;
+    };
+    let req = match read_request(&mut s).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = write(&mut s, &Response::err(format!("{e:#}"))).await;
+            return;
+        }
+    };
+    if matches!(role, Role::ReadOnly) && !req.op.read_only() {
+        warn!(uid = cred.uid(), "refused a change from a read-only peer");
+        let _ = write(
+            &mut s,
+            &Response::err("permission denied: the read-only group may not change anything"),
+        )
+        .await;
+        return;
+    }
+    let actor = actor(cred.uid(), req.on_behalf_of.clone());
+    let (reply, answer) = oneshot::channel();
+    if jobs.send(Job { req, actor, reply }).await.is_err() {
+        let _ = write(&mut s, &Response::err("the daemon is shutting down")).await;
+        return;
+    }
+    if let Ok((resp, written)) = answer.await {
+        let _ = write(&mut s, &resp).await;
+        if let Some(w) = written {
+            let _ = w.send(());
+        }
+    }
+}
+
+impl Daemon {
     fn info(&self) -> serde_json::Value {
         json!({
             "pid": std::process::id(),
             "uptime_s": self.started.elapsed().as_secs(),
             "config": self.config_path.display().to_string(),
+            "registry": self.store.path.display().to_string(),
             "reconciles": self.reconciles,
             "drift_repaired": self.drift_repaired,
         })
@@ -211,14 +316,21 @@ impl Daemon {
     /// Everything is validated before the first change; a refused reload changes nothing.
     fn reload(&mut self) -> Result<serde_json::Value> {
         let new = Config::load(&self.config_path)?;
-        if new.pin_dir != self.cfg.pin_dir || new.socket != self.cfg.socket {
-            bail!("pin_dir and socket cannot change on reload; restart the daemon");
+        if new.pin_dir != self.cfg.pin_dir
+            || new.socket != self.cfg.socket
+            || new.state_dir != self.cfg.state_dir
+            || new.read_group != self.cfg.read_group
+        {
+            bail!("pin_dir, socket, state_dir and read_group cannot change on reload; restart the daemon");
         }
         datapath::check_pinned_layouts(&self.pins, &new.limits)?;
         for i in &new.interfaces {
             datapath::link_is_ethernet(&i.name)?;
         }
-        let applied = policy::apply(&mut self.live, &Desired::from_config_now(&new))?;
+        let want = desired(&new, &mut self.store, &self.clock)?;
+        policy::check_fits(&self.live, &want)?;
+        let applied = policy::apply(&mut self.live, &want)?;
+        self.applied = want;
         for iface in &new.interfaces {
             datapath::attach(&mut self.ebpf, &self.pins, iface)?;
         }
@@ -228,18 +340,74 @@ impl Daemon {
         Ok(json!({ "writes": applied.writes, "detached": detached }))
     }
 
+    /// Full comparison of maps and registry: repairs drift and drops what has expired.
     fn reconcile(&mut self) {
         self.reconciles += 1;
-        match policy::apply(&mut self.live, &Desired::from_config_now(&self.cfg)) {
-            Ok(a) if a.writes > 0 => {
-                self.drift_repaired += a.writes as u64;
-                warn!(
-                    repaired = a.writes,
-                    "maps had drifted from the policy; repaired"
-                );
+        if self.clock.resync() {
+            warn!("the wall clock stepped: kernel expiry times are recomputed");
+        }
+        let result = desired(&self.cfg, &mut self.store, &self.clock).and_then(|want| {
+            let a = policy::apply(&mut self.live, &want)?;
+            self.applied = want;
+            Ok(a)
+        });
+        match result {
+            Ok(a) => {
+                if a.writes > 0 && !self.dirty {
+                    self.drift_repaired += a.writes as u64;
+                    warn!(
+                        repaired = a.writes,
+                        "maps had drifted from the registry; repaired"
+                    );
+                }
+                self.dirty = false;
             }
-            Ok(_) => {}
             Err(e) => error!("reconcile failed: {e:#}"),
+        }
+    }
+
+    /// Runs a registry change: rules and audit in one transaction, the resulting map state
+    /// checked to fit, committed (durable), then applied to the maps.
+    fn change<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn Tx, jiff::Timestamp) -> Result<R>,
+    ) -> Result<R> {
+        let now = jiff::Timestamp::now();
+        let mut tx = self.store.begin()?;
+        let r = f(&mut *tx, now)?;
+        let snap = crate::store::snapshot_of(&*tx)?;
+        let (wall, boot) = self.clock.at(now);
+        let want = Desired::build(&self.cfg, &snap, wall, boot)?;
+        policy::check_fits(&self.live, &want)?;
+        tx.commit()?;
+        if std::env::var_os(FAILPOINT_AFTER_COMMIT).is_some() {
+            // Test hook: dies where a crash hurts most, committed but not yet in the maps.
+            std::process::abort();
+        }
+        match policy::apply_delta(&mut self.live, &self.applied, &want) {
+            Ok(_) => self.applied = want,
+            Err(e) => {
+                // Committed, so acknowledged; the maps catch up on the next full reconcile.
+                error!("applying a committed change to the maps failed, reconciling: {e:#}");
+                self.dirty = true;
+            }
+        }
+        Ok(r)
+    }
+
+    fn execute(&mut self, req: Request, actor: &Actor) -> (Response, bool) {
+        let op_name = format!("{:?}", req.op)
+            .split([' ', '{', '('])
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let exit = matches!(req.op, Op::Detach);
+        match ops::run(self, req.op, actor) {
+            Ok(v) => (Response::ok(v), exit),
+            Err(e) => {
+                warn!(op = %op_name, %actor, "refused: {e:#}");
+                (Response::err(format!("{e:#}")), false)
+            }
         }
     }
 }
@@ -250,7 +418,7 @@ async fn read_request(s: &mut UnixStream) -> Result<proto::Request> {
         .await
         .context("timed out")??;
     let mut body = vec![0u8; proto::frame_len(header)?];
-    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut body))
+    tokio::time::timeout(std::time::Duration::from_secs(30), s.read_exact(&mut body))
         .await
         .context("timed out")??;
     proto::decode_request(&body)

@@ -1,5 +1,6 @@
 //! The port25 controller library; `main.rs` is the CLI edge.
 
+pub mod cli_parse;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
@@ -9,4 +10,6 @@ pub mod net;
 pub mod pins;
 pub mod policy;
 pub mod proto;
+pub mod registry;
 pub mod report;
+pub mod store;

@@ -2,16 +2,20 @@
 
 use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use port25_ctl::{
+    cli_parse,
     config::{Config, DEFAULT_CONFIG},
     daemon, datapath,
-    net::parse_addr,
+    net::{parse_addr, Prefix},
     pins::Pins,
     proto::{self, DaemonDown, Op},
     report,
+    store::EntryKind,
 };
+
+mod show;
 
 /// Outbound SMTP (TCP port 25) control for Linux access routers, enforced in XDP/TC.
 #[derive(Parser)]
@@ -45,6 +49,142 @@ enum Verb {
     },
     /// Remove the programs and every pin: port 25 is no longer blocked.
     Detach,
+    /// Reopen port 25 for a user (their live and future sessions' addresses).
+    Unblock {
+        user: String,
+        /// A timed unblock, e.g. 90m (POP-before-SMTP), 2d. Never shortens a longer one.
+        #[arg(long = "for", value_name = "DURATION", value_parser = cli_parse::duration_secs, conflicts_with = "until")]
+        for_secs: Option<u64>,
+        /// End of the unblock: RFC 3339 time or a date (midnight UTC).
+        #[arg(long, value_parser = cli_parse::timestamp)]
+        until: Option<jiff::Timestamp>,
+        /// Why (a ticket number): kept with the user and in the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Register the user if unknown (e.g. offline when the helpdesk acts).
+        #[arg(long)]
+        new: bool,
+    },
+    /// Close port 25 for a user again, at once, live sessions included.
+    Block {
+        user: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Register the user if unknown.
+        #[arg(long)]
+        new: bool,
+    },
+    /// Users: show, list, add, remove, and static prefix bindings.
+    #[command(subcommand)]
+    User(UserVerb),
+    /// Sessions as the access server reports them (PPP/DHCP up and down, full sync).
+    #[command(subcommand)]
+    Session(SessionVerb),
+    /// The ISP's mail servers added at runtime (beside `mail_servers` in the config).
+    #[command(subcommand)]
+    Server(ServerVerb),
+    /// Exempt prefixes added at runtime (beside `exempt` in the config).
+    #[command(subcommand)]
+    Exempt(ExemptVerb),
+    /// The audit log: who changed what, when, and why.
+    Audit {
+        #[arg(long)]
+        user: Option<String>,
+        /// RFC 3339 time or a date.
+        #[arg(long, value_parser = cli_parse::timestamp)]
+        since: Option<jiff::Timestamp>,
+        /// At most this many (the newest), 0 = all.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserVerb {
+    /// Policy, time left, live sessions and addresses, recent audit.
+    Show { user: String },
+    /// All users, or only the unblocked or the expiring (timed) ones.
+    List {
+        #[arg(long)]
+        unblocked: bool,
+        #[arg(long)]
+        expiring: bool,
+    },
+    /// Register a user (blocked).
+    Add { user: String },
+    /// Forget a user, their sessions and bindings.
+    Remove { user: String },
+    /// Bind a static prefix to a user (business customers): exempt while the user is unblocked.
+    Bind {
+        user: String,
+        #[arg(value_parser = cli_parse::prefix)]
+        prefix: Prefix,
+    },
+    /// Remove a static binding.
+    Unbind {
+        user: String,
+        #[arg(value_parser = cli_parse::prefix)]
+        prefix: Prefix,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionVerb {
+    /// A session came up: its IPv4 address and IPv6 prefixes (framed /64, delegated /56).
+    Up {
+        user: String,
+        #[arg(required = true, value_parser = cli_parse::prefix)]
+        addrs: Vec<Prefix>,
+        /// The access server's session id (Acct-Session-Id); default USER@first-address.
+        #[arg(long)]
+        id: Option<String>,
+        /// What reports it (recorded with the session).
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// A session went down: by id, or by user and address.
+    Down {
+        #[arg(long, conflicts_with_all = ["user", "addr"])]
+        id: Option<String>,
+        #[arg(requires = "addr")]
+        user: Option<String>,
+        #[arg(value_parser = cli_parse::prefix)]
+        addr: Option<Prefix>,
+    },
+    /// The full list of live sessions (`ID USER ADDR...` per line; `-` = stdin); others go.
+    Sync { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ServerVerb {
+    Add {
+        #[arg(value_parser = cli_parse::prefix)]
+        prefix: Prefix,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    Remove {
+        #[arg(value_parser = cli_parse::prefix)]
+        prefix: Prefix,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum ExemptVerb {
+    Add {
+        #[arg(value_parser = cli_parse::prefix)]
+        prefix: Prefix,
+        #[arg(long, value_parser = cli_parse::timestamp)]
+        until: Option<jiff::Timestamp>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    Remove {
+        #[arg(value_parser = cli_parse::prefix)]
+        prefix: Prefix,
+    },
+    List,
 }
 
 fn main() -> ExitCode {
@@ -125,6 +265,16 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                     r.explanation,
                     r.reason
                 );
+                match &r.holder {
+                    Some(h) => println!(
+                        "source {} is held by user {} ({}), who is {}",
+                        r.src, h.user, h.via, h.policy
+                    ),
+                    None if r.registry.is_some() => {
+                        println!("source {}: no known user holds it", r.src)
+                    }
+                    None => {}
+                }
             }
         }
         Verb::Detach => {
@@ -142,6 +292,143 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 println!("detached: {points}; port 25 is no longer blocked by port25");
             }
         }
+        verb => {
+            let op = to_op(verb)?;
+            let r = proto::call(&cfg.socket, op, CALL_TIMEOUT)?;
+            if !r.ok {
+                bail!("{}", r.error.unwrap_or_default());
+            }
+            if cli.json {
+                print_json(&r.data)?;
+            } else {
+                show::human(verb, &r.data);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The request for a client verb.
+fn to_op(verb: &Verb) -> Result<Op> {
+    Ok(match verb {
+        Verb::Unblock {
+            user,
+            for_secs,
+            until,
+            reason,
+            new,
+        } => Op::Unblock {
+            user: user.clone(),
+            for_secs: *for_secs,
+            until: *until,
+            reason: reason.clone(),
+            new: *new,
+        },
+        Verb::Block { user, reason, new } => Op::Block {
+            user: user.clone(),
+            reason: reason.clone(),
+            new: *new,
+        },
+        Verb::User(u) => match u {
+            UserVerb::Show { user } => Op::UserShow { user: user.clone() },
+            UserVerb::List {
+                unblocked,
+                expiring,
+            } => Op::UserList {
+                unblocked: *unblocked,
+                expiring: *expiring,
+            },
+            UserVerb::Add { user } => Op::UserAdd { user: user.clone() },
+            UserVerb::Remove { user } => Op::UserRemove { user: user.clone() },
+            UserVerb::Bind { user, prefix } => Op::UserBind {
+                user: user.clone(),
+                prefix: *prefix,
+            },
+            UserVerb::Unbind { user, prefix } => Op::UserUnbind {
+                user: user.clone(),
+                prefix: *prefix,
+            },
+        },
+        Verb::Session(s) => match s {
+            SessionVerb::Up {
+                user,
+                addrs,
+                id,
+                source,
+            } => Op::SessionUp {
+                user: user.clone(),
+                addrs: addrs.clone(),
+                id: id.clone(),
+                source: source.clone(),
+            },
+            SessionVerb::Down { id, user, addr } => {
+                if id.is_none() && addr.is_none() {
+                    bail!("session down takes --id ID, or USER ADDR");
+                }
+                Op::SessionDown {
+                    id: id.clone(),
+                    user: user.clone(),
+                    addr: *addr,
+                }
+            }
+            SessionVerb::Sync { file } => {
+                let (text, origin) = if file.as_os_str() == "-" {
+                    let mut t = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
+                    (t, "stdin".to_string())
+                } else {
+                    (
+                        std::fs::read_to_string(file)
+                            .with_context(|| format!("reading {}", file.display()))?,
+                        file.display().to_string(),
+                    )
+                };
+                Op::SessionSync {
+                    sessions: cli_parse::session_list(&text, &origin)?,
+                }
+            }
+        },
+        Verb::Server(s) => match s {
+            ServerVerb::Add { prefix, note } => Op::EntryAdd {
+                kind: EntryKind::Server,
+                prefix: *prefix,
+                until: None,
+                note: note.clone(),
+            },
+            ServerVerb::Remove { prefix } => Op::EntryRemove {
+                kind: EntryKind::Server,
+                prefix: *prefix,
+            },
+            ServerVerb::List => Op::EntryList {
+                kind: EntryKind::Server,
+            },
+        },
+        Verb::Exempt(e) => match e {
+            ExemptVerb::Add {
+                prefix,
+                until,
+                note,
+            } => Op::EntryAdd {
+                kind: EntryKind::Exempt,
+                prefix: *prefix,
+                until: *until,
+                note: note.clone(),
+            },
+            ExemptVerb::Remove { prefix } => Op::EntryRemove {
+                kind: EntryKind::Exempt,
+                prefix: *prefix,
+            },
+            ExemptVerb::List => Op::EntryList {
+                kind: EntryKind::Exempt,
+            },
+        },
+        Verb::Audit { user, since, limit } => Op::Audit {
+            user: user.clone(),
+            since: *since,
+            limit: *limit,
+        },
+        Verb::Daemon | Verb::Reload | Verb::Status | Verb::Check { .. } | Verb::Detach => {
+            unreachable!("handled above")
+        }
+    })
 }

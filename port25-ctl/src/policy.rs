@@ -5,17 +5,22 @@
 //! go before their additions. A change that would overfill any map is refused before the first
 //! write, so a full map fails the whole change and nothing is half applied.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use anyhow::{bail, Context as _, Result};
 use port25_common::maps::{
-    Exempt, NetKey6, Settings, FLAG_ENFORCE_LISTED, LAYOUT_VERSION, ORIGIN_CONFIG,
+    Exempt, NetKey6, Settings, FLAG_ENFORCE_LISTED, LAYOUT_VERSION, MAX_SESSION_PREFIX_LENS,
+    ORIGIN_CONFIG, ORIGIN_RUNTIME, ORIGIN_SESSION,
 };
 
 use crate::{
     config::Config,
     livemaps::{boot_ns, LiveMaps, Table},
     net::Prefix,
+    store::{EntryKind, Snapshot},
 };
 
 type P4 = ([u8; 4], u32);
@@ -35,6 +40,39 @@ pub struct Desired {
     pub expfx4: BTreeMap<P4, Exempt>,
     pub expfx6: BTreeMap<P6, Exempt>,
     pub exnet6: BTreeMap<NetKey6, Exempt>,
+}
+
+/// Wall clock to boot-time clock, with the offset sampled once: recomputing the desired state
+/// later gives the same kernel expiry for the same wall-clock `until`, so unchanged timed
+/// entries are not rewritten on every change.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    offset_ns: i128,
+}
+
+impl Clock {
+    pub fn sample() -> Clock {
+        let wall = jiff::Timestamp::now().as_nanosecond();
+        Clock {
+            offset_ns: wall - boot_ns() as i128,
+        }
+    }
+
+    /// (wall, boot) for `wall`, consistent with every earlier call.
+    pub fn at(&self, wall: jiff::Timestamp) -> (jiff::Timestamp, u64) {
+        (wall, (wall.as_nanosecond() - self.offset_ns).max(0) as u64)
+    }
+
+    /// Re-samples when the wall clock has stepped by more than a second (NTP, an operator).
+    pub fn resync(&mut self) -> bool {
+        let now = Clock::sample();
+        if (now.offset_ns - self.offset_ns).abs() > 1_000_000_000 {
+            *self = now;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Converts a wall-clock expiry to the kernel's boot-time clock. `None` = already over.
@@ -96,22 +134,118 @@ impl Desired {
             };
         }
         for e in &cfg.exempt {
-            let Some(expires_ns) = expiry_ns(e.until, now_wall, now_boot) else {
-                continue;
-            };
-            let v = Exempt {
-                expires_ns,
-                origin: ORIGIN_CONFIG,
-                _pad: 0,
-            };
-            match (e.prefix.addr, e.prefix.is_host()) {
-                (IpAddr::V4(a), true) => d.exip4.insert(a.octets(), v),
-                (IpAddr::V6(a), true) => d.exip6.insert(a.octets(), v),
-                (IpAddr::V4(a), false) => d.expfx4.insert((a.octets(), e.prefix.len as u32), v),
-                (IpAddr::V6(a), false) => d.expfx6.insert((a.octets(), e.prefix.len as u32), v),
-            };
+            if let Some(expires_ns) = expiry_ns(e.until, now_wall, now_boot) {
+                d.exempt(&e.prefix, expires_ns, ORIGIN_CONFIG);
+            }
         }
         d
+    }
+
+    /// Adds an exempt prefix to the table its shape selects; on a key already present the
+    /// longer expiry wins (0 = none), so two sources for one address never shorten each other.
+    fn exempt(&mut self, p: &Prefix, expires_ns: u64, origin: u32) {
+        fn merge<K: Ord>(t: &mut BTreeMap<K, Exempt>, k: K, v: Exempt) {
+            let e = t.entry(k).or_insert(v);
+            let longer = |a: u64, b: u64| a == 0 || (b != 0 && a > b);
+            if longer(v.expires_ns, e.expires_ns) {
+                *e = v;
+            }
+        }
+        let v = Exempt {
+            expires_ns,
+            origin,
+            _pad: 0,
+        };
+        match (p.addr, p.is_host()) {
+            (IpAddr::V4(a), true) => merge(&mut self.exip4, a.octets(), v),
+            (IpAddr::V6(a), true) => merge(&mut self.exip6, a.octets(), v),
+            (IpAddr::V4(a), false) => merge(&mut self.expfx4, (a.octets(), p.len as u32), v),
+            (IpAddr::V6(a), false) => merge(&mut self.expfx6, (a.octets(), p.len as u32), v),
+        }
+    }
+
+    /// Config plus registry: runtime servers and exempt entries, and the session addresses
+    /// and static bindings of users unblocked at `now_wall`. IPv6 session prefixes go to the
+    /// hash probed per prefix length; more distinct lengths than the datapath probes is an
+    /// error (the change is refused).
+    pub fn build(
+        cfg: &Config,
+        snap: &Snapshot,
+        now_wall: jiff::Timestamp,
+        now_boot: u64,
+    ) -> Result<Desired> {
+        let mut d = Desired::from_config(cfg, now_wall, now_boot);
+        for e in &snap.entries {
+            match e.kind {
+                EntryKind::Server => {
+                    if e.until.is_some_and(|t| t <= now_wall) {
+                        continue;
+                    }
+                    match split(&e.prefix) {
+                        (Some(k), _) => d.mail4.insert(k, 1),
+                        (_, Some(k)) => d.mail6.insert(k, 1),
+                        _ => None,
+                    };
+                }
+                EntryKind::Exempt => {
+                    if let Some(x) = expiry_ns(e.until, now_wall, now_boot) {
+                        d.exempt(&e.prefix, x, ORIGIN_RUNTIME);
+                    }
+                }
+            }
+        }
+        let unblocked: BTreeMap<&str, Option<jiff::Timestamp>> = snap
+            .users
+            .iter()
+            .filter(|u| u.unblocked_at(now_wall))
+            .map(|u| (u.name.as_str(), u.until))
+            .collect();
+        let mut lens = BTreeSet::new();
+        let owned = snap
+            .sessions
+            .iter()
+            .flat_map(|s| s.addrs.iter().map(move |p| (s.user.as_str(), p)))
+            .chain(snap.bindings.iter().map(|b| (b.user.as_str(), &b.prefix)));
+        for (user, p) in owned {
+            let Some(until) = unblocked.get(user) else {
+                continue;
+            };
+            let Some(x) = expiry_ns(*until, now_wall, now_boot) else {
+                continue;
+            };
+            match p.addr {
+                IpAddr::V6(a) if !p.is_host() => {
+                    lens.insert(p.len);
+                    let key = NetKey6 {
+                        prefix_len: p.len as u32,
+                        addr: a.octets(),
+                    };
+                    let v = Exempt {
+                        expires_ns: x,
+                        origin: ORIGIN_SESSION,
+                        _pad: 0,
+                    };
+                    let e = d.exnet6.entry(key).or_insert(v);
+                    if x == 0 || (e.expires_ns != 0 && x > e.expires_ns) {
+                        *e = v;
+                    }
+                }
+                _ => d.exempt(p, x, ORIGIN_SESSION),
+            }
+        }
+        if lens.len() > MAX_SESSION_PREFIX_LENS {
+            bail!(
+                "unblocked sessions use {} distinct IPv6 prefix lengths ({:?}); the datapath probes at most {MAX_SESSION_PREFIX_LENS}",
+                lens.len(),
+                lens
+            );
+        }
+        // Longest first: the most specific probe comes first.
+        for (i, l) in lens.iter().rev().enumerate() {
+            d.settings.session_prefix_lens[i] = *l;
+        }
+        d.settings.session_prefix_count = lens.len() as u32;
+        Ok(d)
     }
 
     pub fn from_config_now(cfg: &Config) -> Desired {
@@ -125,13 +259,23 @@ struct Plan<K, V> {
     del: Vec<K>,
 }
 
+/// `known`: what the maps hold, when the caller knows it (the last applied state); `None`
+/// reads the map (a reconcile, which also finds drift).
 fn plan<T: Table>(
     t: &T,
     want: &BTreeMap<T::K, T::V>,
+    known: Option<&BTreeMap<T::K, T::V>>,
     name: &str,
     dels_first: bool,
 ) -> Result<Plan<T::K, T::V>> {
-    let have = t.entries().with_context(|| format!("reading {name}"))?;
+    let read;
+    let have = match known {
+        Some(k) => k,
+        None => {
+            read = t.entries().with_context(|| format!("reading {name}"))?;
+            &read
+        }
+    };
     let put: Vec<_> = want
         .iter()
         .filter(|(k, v)| have.get(k) != Some(v))
@@ -180,21 +324,118 @@ pub struct Applied {
     pub writes: usize,
 }
 
+/// Makes the maps equal to `want`, reading them first (start, reload, reconcile).
 pub fn apply(live: &mut LiveMaps, want: &Desired) -> Result<Applied> {
-    use port25_common::maps as m;
-    // Every plan first: a map that would overflow stops the change before any write.
-    let ports = plan(&live.ports, &want.ports, m::PORTS, false)?;
-    let r4 = plan(&live.ranges4, &want.ranges4, m::RANGES4, false)?;
-    let r6 = plan(&live.ranges6, &want.ranges6, m::RANGES6, false)?;
-    let m4 = plan(&live.mail4, &want.mail4, m::MAIL4, true)?;
-    let m6 = plan(&live.mail6, &want.mail6, m::MAIL6, true)?;
-    let e4 = plan(&live.exip4, &want.exip4, m::EXIP4, true)?;
-    let e6 = plan(&live.exip6, &want.exip6, m::EXIP6, true)?;
-    let p4 = plan(&live.expfx4, &want.expfx4, m::EXPFX4, true)?;
-    let p6 = plan(&live.expfx6, &want.expfx6, m::EXPFX6, true)?;
-    let n6 = plan(&live.exnet6, &want.exnet6, m::EXNET6, true)?;
+    apply_from(live, None, want)
+}
 
-    let old = live.settings.get(&0, 0).ok();
+/// Moves the maps from `have` (the state last applied) to `want` without reading them: the
+/// per-change path. Drift from `have` is left to the periodic reconcile.
+pub fn apply_delta(live: &mut LiveMaps, have: &Desired, want: &Desired) -> Result<Applied> {
+    apply_from(live, Some(have), want)
+}
+
+/// Refuses a state that cannot fit the maps, before anything is written or committed.
+pub fn check_fits(live: &LiveMaps, want: &Desired) -> Result<()> {
+    use port25_common::maps as m;
+    let sizes = [
+        (m::RANGES4, want.ranges4.len(), live.ranges4.capacity()),
+        (m::RANGES6, want.ranges6.len(), live.ranges6.capacity()),
+        (m::MAIL4, want.mail4.len(), live.mail4.capacity()),
+        (m::MAIL6, want.mail6.len(), live.mail6.capacity()),
+        (m::EXIP4, want.exip4.len(), live.exip4.capacity()),
+        (m::EXIP6, want.exip6.len(), live.exip6.capacity()),
+        (m::EXPFX4, want.expfx4.len(), live.expfx4.capacity()),
+        (m::EXPFX6, want.expfx6.len(), live.expfx6.capacity()),
+        (m::EXNET6, want.exnet6.len(), live.exnet6.capacity()),
+    ];
+    for (name, n, cap) in sizes {
+        if n > cap as usize {
+            bail!("{name}: {n} entries do not fit its capacity of {cap} (map full); nothing was changed");
+        }
+    }
+    Ok(())
+}
+
+fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> Result<Applied> {
+    use port25_common::maps as m;
+    let k = known;
+    // Every plan first: a map that would overflow stops the change before any write.
+    let ports = plan(
+        &live.ports,
+        &want.ports,
+        k.map(|k| &k.ports),
+        m::PORTS,
+        false,
+    )?;
+    let r4 = plan(
+        &live.ranges4,
+        &want.ranges4,
+        k.map(|k| &k.ranges4),
+        m::RANGES4,
+        false,
+    )?;
+    let r6 = plan(
+        &live.ranges6,
+        &want.ranges6,
+        k.map(|k| &k.ranges6),
+        m::RANGES6,
+        false,
+    )?;
+    let m4 = plan(
+        &live.mail4,
+        &want.mail4,
+        k.map(|k| &k.mail4),
+        m::MAIL4,
+        true,
+    )?;
+    let m6 = plan(
+        &live.mail6,
+        &want.mail6,
+        k.map(|k| &k.mail6),
+        m::MAIL6,
+        true,
+    )?;
+    let e4 = plan(
+        &live.exip4,
+        &want.exip4,
+        k.map(|k| &k.exip4),
+        m::EXIP4,
+        true,
+    )?;
+    let e6 = plan(
+        &live.exip6,
+        &want.exip6,
+        k.map(|k| &k.exip6),
+        m::EXIP6,
+        true,
+    )?;
+    let p4 = plan(
+        &live.expfx4,
+        &want.expfx4,
+        k.map(|k| &k.expfx4),
+        m::EXPFX4,
+        true,
+    )?;
+    let p6 = plan(
+        &live.expfx6,
+        &want.expfx6,
+        k.map(|k| &k.expfx6),
+        m::EXPFX6,
+        true,
+    )?;
+    let n6 = plan(
+        &live.exnet6,
+        &want.exnet6,
+        k.map(|k| &k.exnet6),
+        m::EXNET6,
+        true,
+    )?;
+
+    let old = match known {
+        Some(k) => Some(k.settings),
+        None => live.settings.get(&0, 0).ok(),
+    };
     let settings_changed = old != Some(want.settings);
     // Enforcing every source is the restrictive direction: write it before anything opens.
     let settings_restrict = want.settings.flags & FLAG_ENFORCE_LISTED == 0;

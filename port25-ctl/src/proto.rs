@@ -9,25 +9,140 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::{net::Prefix, registry::SyncSession, store::EntryKind};
+
 pub const VERSION: u32 = 1;
-pub const MAX_FRAME: usize = 1 << 20;
+/// Large enough for a `session sync` of ~200k sessions; larger frames are refused unread.
+pub const MAX_FRAME: usize = 16 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
     pub v: u32,
     pub op: Op,
+    /// Who the caller says it acts for (e.g. `SUDO_USER`): recorded in the audit log beside
+    /// the uid the kernel reports, never used to decide anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<String>,
+}
+
+impl Request {
+    pub fn new(op: Op) -> Request {
+        Request {
+            v: VERSION,
+            op,
+            on_behalf_of: std::env::var("SUDO_USER").ok().filter(|s| !s.is_empty()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Op {
     /// Daemon facts (pid, uptime, reconcile counts) for `status`.
     Info,
     Reload,
     Detach,
+    Unblock {
+        user: String,
+        #[serde(default)]
+        for_secs: Option<u64>,
+        #[serde(default)]
+        until: Option<Timestamp>,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        new: bool,
+    },
+    Block {
+        user: String,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        new: bool,
+    },
+    UserShow {
+        user: String,
+    },
+    UserList {
+        #[serde(default)]
+        unblocked: bool,
+        #[serde(default)]
+        expiring: bool,
+    },
+    UserAdd {
+        user: String,
+    },
+    UserRemove {
+        user: String,
+    },
+    UserBind {
+        user: String,
+        prefix: Prefix,
+    },
+    UserUnbind {
+        user: String,
+        prefix: Prefix,
+    },
+    SessionUp {
+        user: String,
+        addrs: Vec<Prefix>,
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        source: Option<String>,
+    },
+    SessionDown {
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        user: Option<String>,
+        #[serde(default)]
+        addr: Option<Prefix>,
+    },
+    SessionSync {
+        sessions: Vec<SyncSession>,
+    },
+    EntryAdd {
+        kind: EntryKind,
+        prefix: Prefix,
+        #[serde(default)]
+        until: Option<Timestamp>,
+        #[serde(default)]
+        note: Option<String>,
+    },
+    EntryRemove {
+        kind: EntryKind,
+        prefix: Prefix,
+    },
+    EntryList {
+        kind: EntryKind,
+    },
+    Audit {
+        #[serde(default)]
+        user: Option<String>,
+        #[serde(default)]
+        since: Option<Timestamp>,
+        #[serde(default)]
+        limit: usize,
+    },
+}
+
+impl Op {
+    /// Ops that change nothing: open to the configured read-only group.
+    pub fn read_only(&self) -> bool {
+        matches!(
+            self,
+            Op::Info
+                | Op::UserShow { .. }
+                | Op::UserList { .. }
+                | Op::EntryList { .. }
+                | Op::Audit { .. }
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -105,7 +220,7 @@ pub fn call(socket: &Path, op: Op, timeout: Duration) -> Result<Response> {
     })?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    s.write_all(&encode(&Request { v: VERSION, op })?)?;
+    s.write_all(&encode(&Request::new(op))?)?;
     let mut header = [0u8; 4];
     s.read_exact(&mut header)
         .context("reading the daemon's answer")?;
@@ -121,11 +236,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_limits() {
-        let bytes = encode(&Request {
-            v: VERSION,
-            op: Op::Reload,
-        })
-        .unwrap();
+        let bytes = encode(&Request::new(Op::Reload)).unwrap();
         let len = frame_len(bytes[..4].try_into().unwrap()).unwrap();
         assert_eq!(decode_request(&bytes[4..4 + len]).unwrap().op, Op::Reload);
         assert!(frame_len((MAX_FRAME as u32 + 1).to_be_bytes()).is_err());

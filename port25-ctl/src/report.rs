@@ -11,6 +11,8 @@ use crate::{
     linkinfo,
     livemaps::LiveMaps,
     pins::Pins,
+    registry,
+    store::{sqlite::SqliteStore, Store},
 };
 
 #[derive(Debug, Serialize)]
@@ -168,7 +170,18 @@ pub fn print_status(s: &Status) {
 }
 
 #[derive(Debug, Serialize)]
+pub struct Holder {
+    pub user: String,
+    pub via: String,
+    pub policy: String,
+}
+
+#[derive(Debug, Serialize)]
 pub struct CheckResult {
+    /// The user holding SRC per the registry (a live session or a static binding).
+    pub holder: Option<Holder>,
+    /// The registry read, or None when it could not be (no daemon has run here yet).
+    pub registry: Option<String>,
     pub src: IpAddr,
     pub dst: IpAddr,
     pub port: u16,
@@ -189,7 +202,30 @@ pub fn check(cfg: &Config, src: IpAddr, dst: IpAddr, port: u16) -> Result<CheckR
         dport: port,
     };
     let reason: Reason = decide(&pkt, &live);
+    let (holder, registry) = match SqliteStore::open_read_only(&cfg.state_dir) {
+        Ok(mut store) => {
+            let snap = store.snapshot()?;
+            let now = jiff::Timestamp::now();
+            let holder = registry::holder_of(&snap, src).map(|(user, via)| {
+                let policy = snap
+                    .users
+                    .iter()
+                    .find(|u| u.name == user)
+                    .map(|u| match (u.unblocked_at(now), u.until) {
+                        (true, Some(t)) => format!("unblocked until {t}"),
+                        (true, None) => "unblocked".to_string(),
+                        (false, _) => "blocked".to_string(),
+                    })
+                    .unwrap_or_else(|| "unknown".into());
+                Holder { user, via, policy }
+            });
+            (holder, Some(store.path.display().to_string()))
+        }
+        Err(_) => (None, None),
+    };
     Ok(CheckResult {
+        holder,
+        registry,
         src,
         dst,
         port,

@@ -131,6 +131,9 @@ impl Lab {
             (&sub, "addr add 100.64.0.3/24 dev s0"),
             (&sub, "addr add 2001:db8:100::2/64 dev s0 nodad"),
             (&sub, "addr add 2001:db8:100::3/64 dev s0 nodad"),
+            // Delegated prefixes (DHCPv6-PD /56s) of two subscribers, one address in each.
+            (&sub, "addr add 2001:db8:1a0:5::7/128 dev s0 nodad"),
+            (&sub, "addr add 2001:db8:1a1:5::9/128 dev s0 nodad"),
             (&sub, "link set s0 up"),
             (&sub, "link set lo up"),
             (&sub, "route add default via 100.64.0.1"),
@@ -142,6 +145,8 @@ impl Lab {
             (&rtr, "link set rs up"),
             (&rtr, "link set ru up"),
             (&rtr, "link set lo up"),
+            (&rtr, "-6 route add 2001:db8:1a0::/56 via 2001:db8:100::2"),
+            (&rtr, "-6 route add 2001:db8:1a1::/56 via 2001:db8:100::2"),
             (&rtr, "route add 198.51.100.25/32 via 192.0.2.2"),
             (&rtr, "route add 203.0.113.80/32 via 192.0.2.2"),
             (
@@ -162,6 +167,7 @@ impl Lab {
             (&net, "link set lo up"),
             (&net, "route add 100.64.0.0/24 via 192.0.2.1"),
             (&net, "-6 route add 2001:db8:100::/64 via 2001:db8:ffff::1"),
+            (&net, "-6 route add 2001:db8:1a0::/55 via 2001:db8:ffff::1"),
         ];
         for (ns, cmd) in script {
             let mut args = vec!["ip", "-n", ns.as_str()];
@@ -282,6 +288,11 @@ impl Lab {
 
     /// As [`Lab::start_daemon`]; Err(log) when the daemon exits instead of answering.
     pub fn try_start_daemon(&mut self) -> Result<(), String> {
+        self.try_start_daemon_env(&[])
+    }
+
+    /// As [`Lab::try_start_daemon`], with extra environment for the daemon.
+    pub fn try_start_daemon_env(&mut self, env: &[(&str, &str)]) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -293,6 +304,7 @@ impl Lab {
             .arg("--config")
             .arg(&self.config)
             .arg("daemon")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -1,0 +1,113 @@
+//! Parsers for CLI values: durations, times, prefixes, the session list of `session sync`.
+
+use anyhow::{bail, Context as _, Result};
+use jiff::{SignedDuration, Span, SpanRelativeTo, Timestamp, Unit};
+
+use crate::{net::Prefix, registry::SyncSession};
+
+/// `90m`, `3s`, `1h30m`, `2d`, `1w`: a positive duration in whole seconds.
+pub fn duration_secs(s: &str) -> Result<u64, String> {
+    let secs = match s.parse::<SignedDuration>() {
+        Ok(d) => d.as_secs_f64(),
+        Err(_) => s
+            .parse::<Span>()
+            .map_err(|_| format!("`{s}` is not a duration like 90m, 3s, 1h30m or 2d"))?
+            .total((Unit::Second, SpanRelativeTo::days_are_24_hours()))
+            .map_err(|e| format!("`{s}`: {e}"))?,
+    };
+    if secs < 1.0 {
+        return Err(format!("`{s}`: the duration must be at least 1s"));
+    }
+    Ok(secs as u64)
+}
+
+/// RFC 3339 (`2026-12-31T18:00:00Z`, `...+01:00`) or a date (`2026-12-31`, midnight UTC).
+pub fn timestamp(s: &str) -> Result<Timestamp, String> {
+    if let Ok(t) = s.parse::<Timestamp>() {
+        return Ok(t);
+    }
+    if let Ok(d) = s.parse::<jiff::civil::Date>() {
+        if let Ok(z) = d.to_zoned(jiff::tz::TimeZone::UTC) {
+            return Ok(z.timestamp());
+        }
+    }
+    Err(format!(
+        "`{s}` is not a time such as 2026-12-31T18:00:00Z or 2026-12-31"
+    ))
+}
+
+pub fn prefix(s: &str) -> Result<Prefix, String> {
+    s.parse()
+}
+
+/// The `session sync` list: one session per line, `ID USER ADDR|PREFIX...`; `#` comments.
+pub fn session_list(text: &str, origin: &str) -> Result<Vec<SyncSession>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let (Some(id), Some(user)) = (words.next(), words.next()) else {
+            bail!("{origin}:{}: expected `ID USER ADDR...`", i + 1);
+        };
+        let addrs = words
+            .map(|w| w.parse::<Prefix>().map_err(anyhow::Error::msg))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("{origin}:{}", i + 1))?;
+        if addrs.is_empty() {
+            bail!("{origin}:{}: session {id} has no address", i + 1);
+        }
+        out.push(SyncSession {
+            id: id.into(),
+            user: user.into(),
+            addrs,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration_secs("90m"), Ok(5400));
+        assert_eq!(duration_secs("3s"), Ok(3));
+        assert_eq!(duration_secs("2d"), Ok(172800));
+        assert_eq!(duration_secs("1h30m"), Ok(5400));
+        for bad in ["0s", "-5m", "soon", "90", ""] {
+            assert!(duration_secs(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn times() {
+        assert!(timestamp("2026-12-31T18:00:00Z").is_ok());
+        assert!(timestamp("2026-12-31").is_ok());
+        assert!(timestamp("tomorrow").is_err());
+        assert!(timestamp("2026-13-01").is_err());
+    }
+
+    #[test]
+    fn sync_lists() {
+        let l = session_list(
+            "# accel-ppp\n42 alice 100.64.3.7 2001:db8:1200::/56\n\n43 bob 100.64.3.8 # note\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[0].addrs.len(), 2);
+        let e = session_list("42 alice\n", "f").unwrap_err().to_string();
+        assert!(e.contains("f:1"), "{e}");
+        let e = format!("{:#}", session_list("1 a 010.0.0.1\n", "f").unwrap_err());
+        assert!(e.contains("f:1") && e.contains("leading zero"), "{e}");
+        let e = format!(
+            "{:#}",
+            session_list("1 a 100.64.0.1/24\n", "f").unwrap_err()
+        );
+        assert!(e.contains("host bits"), "{e}");
+    }
+}

@@ -1,0 +1,225 @@
+//! What each control-socket op does in the daemon.
+
+use anyhow::{bail, Result};
+use jiff::{SignedDuration, Timestamp};
+use serde_json::{json, Value};
+
+use super::Daemon;
+use crate::{
+    datapath,
+    proto::Op,
+    registry::{self, Actor},
+    store::{AuditQuery, Store, User},
+};
+
+/// `user show` / `user list` view of one user.
+fn user_view(u: &User, now: Timestamp) -> Value {
+    let unblocked = u.unblocked_at(now);
+    let left = match (unblocked, u.until) {
+        (true, Some(t)) => Some(t.duration_since(now).as_secs()),
+        _ => None,
+    };
+    json!({
+        "name": u.name,
+        "policy": u.policy,
+        "effective": if unblocked { "unblocked" } else { "blocked" },
+        "until": u.until,
+        "seconds_left": left,
+        "reason": u.reason,
+        "set_by": u.set_by,
+        "set_at": u.set_at,
+    })
+}
+
+fn until_from(
+    for_secs: Option<u64>,
+    until: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<Option<Timestamp>> {
+    match (for_secs, until) {
+        (Some(_), Some(_)) => bail!("give --for or --until, not both"),
+        (Some(0), None) => bail!("--for must be longer than zero"),
+        (Some(s), None) => {
+            let d = SignedDuration::from_secs(s.min(100 * 365 * 86400) as i64);
+            Ok(Some(now.checked_add(d)?.round(jiff::Unit::Second)?))
+        }
+        (None, t) => Ok(t.map(|t| t.round(jiff::Unit::Second)).transpose()?),
+    }
+}
+
+pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
+    Ok(match op {
+        Op::Info => d.info(),
+        Op::Reload => d.reload()?,
+        Op::Detach => {
+            let points = datapath::detach_all(&d.pins)?;
+            tracing::info!(?points, "detached everything; exiting");
+            json!({ "detached": points })
+        }
+        Op::Unblock {
+            user,
+            for_secs,
+            until,
+            reason,
+            new,
+        } => {
+            let out = d.change(|tx, now| {
+                let until = until_from(for_secs, until, now)?;
+                registry::unblock(tx, actor, &user, until, reason, new, now)
+            })?;
+            json!({ "user": user_view(&out.user, Timestamp::now()), "changed": out.changed, "note": out.note })
+        }
+        Op::Block { user, reason, new } => {
+            let out = d.change(|tx, now| registry::block(tx, actor, &user, reason, new, now))?;
+            json!({ "user": user_view(&out.user, Timestamp::now()), "changed": out.changed, "note": out.note })
+        }
+        Op::UserAdd { user } => {
+            let u = d.change(|tx, now| registry::user_add(tx, actor, &user, now))?;
+            json!({ "user": user_view(&u, Timestamp::now()) })
+        }
+        Op::UserRemove { user } => {
+            let n = d.change(|tx, now| registry::user_remove(tx, actor, &user, now))?;
+            json!({ "removed": user, "sessions_removed": n })
+        }
+        Op::UserBind { user, prefix } => {
+            d.change(|tx, now| registry::bind(tx, actor, &user, prefix, now))?;
+            json!({ "user": user, "bound": prefix })
+        }
+        Op::UserUnbind { user, prefix } => {
+            d.change(|tx, now| registry::unbind(tx, actor, &user, prefix, now))?;
+            json!({ "user": user, "unbound": prefix })
+        }
+        Op::SessionUp {
+            user,
+            addrs,
+            id,
+            source,
+        } => {
+            let out = d.change(|tx, now| {
+                registry::session_up(
+                    tx,
+                    actor,
+                    &user,
+                    id.as_deref(),
+                    addrs,
+                    source.as_deref().unwrap_or("cli"),
+                    now,
+                )
+            })?;
+            serde_json::to_value(out)?
+        }
+        Op::SessionDown { id, user, addr } => {
+            let s = d.change(|tx, now| match (id, user, addr) {
+                (Some(id), None, None) => registry::session_down_id(tx, actor, &id, now),
+                (None, Some(user), Some(addr)) => {
+                    registry::session_down_addr(tx, actor, &user, &addr, now)
+                }
+                _ => bail!("session down takes --id ID, or USER ADDR"),
+            })?;
+            json!({ "down": s })
+        }
+        Op::SessionSync { sessions } => {
+            let out = d.change(|tx, now| registry::session_sync(tx, actor, sessions, now))?;
+            serde_json::to_value(out)?
+        }
+        Op::EntryAdd {
+            kind,
+            prefix,
+            until,
+            note,
+        } => {
+            let e =
+                d.change(|tx, now| registry::entry_add(tx, actor, kind, prefix, until, note, now))?;
+            json!({ "added": e })
+        }
+        Op::EntryRemove { kind, prefix } => {
+            d.change(|tx, now| registry::entry_remove(tx, actor, kind, prefix, now))?;
+            json!({ "removed": prefix, "kind": kind })
+        }
+        Op::EntryList { kind } => {
+            let now = Timestamp::now();
+            let tx = d.store.begin()?;
+            let runtime: Vec<Value> = tx
+                .entries()?
+                .into_iter()
+                .filter(|e| e.kind == kind)
+                .map(|e| {
+                    json!({ "prefix": e.prefix, "until": e.until, "note": e.note, "added_by": e.added_by,
+                            "added_at": e.added_at, "source": "runtime",
+                            "expired": e.until.is_some_and(|t| t <= now) })
+                })
+                .collect();
+            let config: Vec<Value> = match kind {
+                crate::store::EntryKind::Server => d
+                    .cfg
+                    .mail_servers
+                    .iter()
+                    .map(|p| json!({ "prefix": p, "source": "config" }))
+                    .collect(),
+                crate::store::EntryKind::Exempt => d
+                    .cfg
+                    .exempt
+                    .iter()
+                    .map(|e| json!({ "prefix": e.prefix, "until": e.until, "note": e.note, "source": "config",
+                                     "expired": e.until.is_some_and(|t| t <= now) }))
+                    .collect(),
+            };
+            json!({ "kind": kind, "entries": config.into_iter().chain(runtime).collect::<Vec<_>>() })
+        }
+        Op::UserShow { user } => {
+            let now = Timestamp::now();
+            let tx = d.store.begin()?;
+            registry::check_user_name(&user)?;
+            let Some(u) = tx.user(&user)? else {
+                return Err(registry::unknown_user(&*tx, &user));
+            };
+            let sessions: Vec<_> = tx
+                .sessions()?
+                .into_iter()
+                .filter(|s| s.user == user)
+                .collect();
+            let bindings: Vec<_> = tx
+                .bindings()?
+                .into_iter()
+                .filter(|b| b.user == user)
+                .map(|b| b.prefix)
+                .collect();
+            let audit = tx.audit(&AuditQuery {
+                subject: Some(user.clone()),
+                since: None,
+                limit: 10,
+            })?;
+            json!({ "user": user_view(&u, now), "sessions": sessions, "bindings": bindings, "audit": audit })
+        }
+        Op::UserList {
+            unblocked,
+            expiring,
+        } => {
+            let now = Timestamp::now();
+            let tx = d.store.begin()?;
+            let sessions = tx.sessions()?;
+            let users: Vec<Value> = tx
+                .users()?
+                .into_iter()
+                .filter(|u| !unblocked || u.unblocked_at(now))
+                .filter(|u| !expiring || (u.unblocked_at(now) && u.until.is_some()))
+                .map(|u| {
+                    let n = sessions.iter().filter(|s| s.user == u.name).count();
+                    let mut v = user_view(&u, now);
+                    v["sessions"] = json!(n);
+                    v
+                })
+                .collect();
+            json!({ "users": users })
+        }
+        Op::Audit { user, since, limit } => {
+            let tx = d.store.begin()?;
+            let records = tx.audit(&AuditQuery {
+                subject: user,
+                since,
+                limit,
+            })?;
+            json!({ "records": records })
+        }
+    })
+}

@@ -1,0 +1,673 @@
+//! The subscriber rules, run inside one registry transaction: who may hold an address, what
+//! a timed unblock may change, what gets audited. Every function refuses bad input before
+//! its first write, and every write it makes is audited in the same transaction.
+
+use std::collections::BTreeSet;
+
+use anyhow::{bail, Result};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    net::Prefix,
+    store::{AuditRecord, Binding, Entry, EntryKind, Policy, Session, Tx, User},
+};
+
+/// Who asked: the peer's uid as the kernel reported it, its name, and who it says it acts
+/// for (`SUDO_USER`, a helpdesk tool's operator), recorded but not trusted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Actor {
+    pub uid: u32,
+    pub name: String,
+    pub on_behalf_of: Option<String>,
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (uid {})", self.name, self.uid)?;
+        if let Some(o) = &self.on_behalf_of {
+            write!(f, " for {o}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Usernames as RADIUS and PPP carry them: `alice`, `alice@realm`, `0123456789`.
+pub fn check_user_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 253 {
+        bail!("a user name must be 1 to 253 characters");
+    }
+    if name.starts_with('-') || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!(
+            "`{}` is not a valid user name (no spaces, control characters or leading -)",
+            name.escape_debug()
+        );
+    }
+    Ok(())
+}
+
+fn check_text(what: &str, s: &Option<String>) -> Result<()> {
+    if let Some(s) = s {
+        if s.len() > 1024 || s.chars().any(|c| c.is_control() && c != '\t') {
+            bail!("{what} must be at most 1024 characters, without control characters");
+        }
+    }
+    Ok(())
+}
+
+fn audit(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    now: Timestamp,
+    action: &str,
+    subject: &str,
+    old: Option<String>,
+    new: Option<String>,
+    reason: Option<String>,
+) -> Result<()> {
+    tx.append_audit(&AuditRecord {
+        id: 0,
+        at: now,
+        actor: actor.to_string(),
+        action: action.into(),
+        subject: subject.into(),
+        old,
+        new,
+        reason,
+    })
+}
+
+fn describe(u: &User, now: Timestamp) -> String {
+    match (u.policy, u.until) {
+        (Policy::Blocked, _) => "blocked".into(),
+        (Policy::Unblocked, None) => "unblocked".into(),
+        (Policy::Unblocked, Some(t)) if t <= now => format!("blocked (unblock ended {t})"),
+        (Policy::Unblocked, Some(t)) => format!("unblocked until {t}"),
+    }
+}
+
+/// An unknown user, with the known names that look closest.
+pub fn unknown_user(tx: &dyn Tx, name: &str) -> anyhow::Error {
+    let mut close: Vec<(f64, String)> = tx
+        .users()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|u| (strsim::jaro_winkler(name, &u.name), u.name))
+        .filter(|(s, _)| *s > 0.8)
+        .collect();
+    close.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let hint = if close.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<_> = close.into_iter().take(3).map(|(_, n)| n).collect();
+        format!("; did you mean {}?", names.join(", "))
+    };
+    anyhow::anyhow!("unknown user `{name}`{hint} (`--new` registers a new user)")
+}
+
+fn get_user(tx: &dyn Tx, name: &str) -> Result<User> {
+    check_user_name(name)?;
+    tx.user(name)?.ok_or_else(|| unknown_user(tx, name))
+}
+
+fn new_user(name: &str, actor: &Actor, now: Timestamp) -> User {
+    User {
+        name: name.into(),
+        policy: Policy::Blocked,
+        until: None,
+        reason: None,
+        set_by: actor.to_string(),
+        set_at: now,
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyOutcome {
+    pub user: User,
+    pub changed: bool,
+    pub note: String,
+}
+
+/// `unblock USER [--for|--until] [--reason]`. A timed unblock never shortens a longer one.
+pub fn unblock(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    name: &str,
+    until: Option<Timestamp>,
+    reason: Option<String>,
+    create: bool,
+    now: Timestamp,
+) -> Result<PolicyOutcome> {
+    check_text("a reason", &reason)?;
+    if let Some(t) = until {
+        if t <= now {
+            bail!("the unblock would end at {t}, which is not in the future");
+        }
+    }
+    check_user_name(name)?;
+    let (old, created) = match tx.user(name)? {
+        Some(u) => (u, false),
+        None if create => (new_user(name, actor, now), true),
+        None => return Err(unknown_user(tx, name)),
+    };
+    let keeps = old.unblocked_at(now)
+        && match (old.until, until) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(have), Some(want)) => have >= want,
+        };
+    let (user, changed, note) = if keeps {
+        let note = format!(
+            "kept: {} already lasts at least as long (use `block` first to shorten)",
+            describe(&old, now)
+        );
+        (old.clone(), false, note)
+    } else {
+        let u = User {
+            policy: Policy::Unblocked,
+            until,
+            reason: reason.clone(),
+            set_by: actor.to_string(),
+            set_at: now,
+            ..old.clone()
+        };
+        let note = describe(&u, now);
+        (u, true, note)
+    };
+    if changed || created {
+        tx.put_user(&user)?;
+    }
+    let old_desc = (!created).then(|| describe(&old, now));
+    audit(
+        tx,
+        actor,
+        now,
+        "unblock",
+        name,
+        old_desc,
+        Some(describe(&user, now)),
+        reason,
+    )?;
+    Ok(PolicyOutcome {
+        user,
+        changed,
+        note,
+    })
+}
+
+/// `block USER`: revokes at once, timed or not, live sessions included.
+pub fn block(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    name: &str,
+    reason: Option<String>,
+    create: bool,
+    now: Timestamp,
+) -> Result<PolicyOutcome> {
+    check_text("a reason", &reason)?;
+    check_user_name(name)?;
+    let (old, created) = match tx.user(name)? {
+        Some(u) => (u, false),
+        None if create => (new_user(name, actor, now), true),
+        None => return Err(unknown_user(tx, name)),
+    };
+    let user = User {
+        policy: Policy::Blocked,
+        until: None,
+        reason: reason.clone(),
+        set_by: actor.to_string(),
+        set_at: now,
+        ..old.clone()
+    };
+    let changed = old.unblocked_at(now) || created;
+    tx.put_user(&user)?;
+    let old_desc = (!created).then(|| describe(&old, now));
+    audit(
+        tx,
+        actor,
+        now,
+        "block",
+        name,
+        old_desc,
+        Some("blocked".into()),
+        reason,
+    )?;
+    Ok(PolicyOutcome {
+        note: "blocked".into(),
+        user,
+        changed,
+    })
+}
+
+pub fn user_add(tx: &mut dyn Tx, actor: &Actor, name: &str, now: Timestamp) -> Result<User> {
+    check_user_name(name)?;
+    if tx.user(name)?.is_some() {
+        bail!("user `{name}` already exists");
+    }
+    let u = new_user(name, actor, now);
+    tx.put_user(&u)?;
+    audit(
+        tx,
+        actor,
+        now,
+        "user.add",
+        name,
+        None,
+        Some("blocked".into()),
+        None,
+    )?;
+    Ok(u)
+}
+
+/// Removes a user with their live sessions and bindings.
+pub fn user_remove(tx: &mut dyn Tx, actor: &Actor, name: &str, now: Timestamp) -> Result<usize> {
+    let old = get_user(tx, name)?;
+    let sessions: Vec<Session> = tx
+        .sessions()?
+        .into_iter()
+        .filter(|s| s.user == name)
+        .collect();
+    for s in &sessions {
+        tx.delete_session(&s.id)?;
+    }
+    tx.delete_user(name)?;
+    audit(
+        tx,
+        actor,
+        now,
+        "user.remove",
+        name,
+        Some(format!(
+            "{}; {} live session(s)",
+            describe(&old, now),
+            sessions.len()
+        )),
+        None,
+        None,
+    )?;
+    Ok(sessions.len())
+}
+
+fn fmt_addrs(a: &[Prefix]) -> String {
+    a.iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionUpOutcome {
+    pub session: Session,
+    pub user_created: bool,
+    /// Addresses taken from other sessions (reused dynamic addresses): (session id, user, prefix).
+    pub taken_over: Vec<(String, String, Prefix)>,
+}
+
+fn check_session(id: &str, addrs: &[Prefix]) -> Result<()> {
+    if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!("a session id must be 1 to 128 characters without spaces");
+    }
+    if addrs.is_empty() {
+        bail!("a session needs at least one address or prefix");
+    }
+    let mut seen = BTreeSet::new();
+    for p in addrs {
+        if !seen.insert(*p) {
+            bail!("{p} is listed twice");
+        }
+    }
+    Ok(())
+}
+
+/// `session up USER ADDR... [--id ID]`. A user not seen before is registered, blocked. An
+/// address held by another session is a reused dynamic address: it leaves that session (a
+/// late down event for it then finds nothing to remove), so no address has two owners.
+pub fn session_up(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    user: &str,
+    id: Option<&str>,
+    addrs: Vec<Prefix>,
+    source: &str,
+    now: Timestamp,
+) -> Result<SessionUpOutcome> {
+    check_user_name(user)?;
+    let id = match id {
+        Some(id) => id.to_string(),
+        None => format!(
+            "{user}@{}",
+            addrs.first().map(|p| p.to_string()).unwrap_or_default()
+        ),
+    };
+    check_session(&id, &addrs)?;
+    if let Some(old) = tx.session(&id)? {
+        bail!(
+            "duplicate session id `{id}`: it is already up for {} ({}); send `session down --id {id}` first",
+            old.user,
+            fmt_addrs(&old.addrs)
+        );
+    }
+    let user_created = tx.user(user)?.is_none();
+    if user_created {
+        let u = new_user(user, actor, now);
+        tx.put_user(&u)?;
+        audit(
+            tx,
+            actor,
+            now,
+            "user.add",
+            user,
+            None,
+            Some("blocked (first session)".into()),
+            None,
+        )?;
+    }
+    let mut taken_over = Vec::new();
+    for p in &addrs {
+        if let Some(mut other) = tx.session_holding(p)? {
+            other.addrs.retain(|a| a != p);
+            taken_over.push((other.id.clone(), other.user.clone(), *p));
+            if other.addrs.is_empty() {
+                tx.delete_session(&other.id)?;
+            } else {
+                tx.put_session(&other)?;
+            }
+            audit(
+                tx,
+                actor,
+                now,
+                "session.takeover",
+                &other.user,
+                Some(format!("session {} held {p}", other.id)),
+                Some(format!("session {id} of {user}")),
+                None,
+            )?;
+        }
+    }
+    let s = Session {
+        id: id.clone(),
+        user: user.into(),
+        addrs,
+        since: now,
+        source: source.into(),
+    };
+    tx.put_session(&s)?;
+    audit(
+        tx,
+        actor,
+        now,
+        "session.up",
+        user,
+        None,
+        Some(format!("{id}: {}", fmt_addrs(&s.addrs))),
+        None,
+    )?;
+    Ok(SessionUpOutcome {
+        session: s,
+        user_created,
+        taken_over,
+    })
+}
+
+/// `session down --id ID`.
+pub fn session_down_id(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    id: &str,
+    now: Timestamp,
+) -> Result<Session> {
+    let Some(s) = tx.session(id)? else {
+        bail!("no live session with id `{id}` (already down, or its addresses were taken over)");
+    };
+    tx.delete_session(id)?;
+    audit(
+        tx,
+        actor,
+        now,
+        "session.down",
+        &s.user,
+        Some(format!("{id}: {}", fmt_addrs(&s.addrs))),
+        None,
+        None,
+    )?;
+    Ok(s)
+}
+
+/// `session down USER ADDR`: only a session of that user holding that address.
+pub fn session_down_addr(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    user: &str,
+    addr: &Prefix,
+    now: Timestamp,
+) -> Result<Session> {
+    check_user_name(user)?;
+    match tx.session_holding(addr)? {
+        Some(s) if s.user == user => session_down_id(tx, actor, &s.id, now),
+        Some(s) => bail!(
+            "{addr} is held by session {} of {}, not by {user}: nothing removed (a late down event?)",
+            s.id,
+            s.user
+        ),
+        None => bail!("no live session of {user} holds {addr}"),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SyncSession {
+    pub id: String,
+    pub user: String,
+    pub addrs: Vec<Prefix>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SyncOutcome {
+    pub added: usize,
+    pub changed: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+/// `session sync`: the full list of live sessions; the registry is made equal to it.
+pub fn session_sync(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    list: Vec<SyncSession>,
+    now: Timestamp,
+) -> Result<SyncOutcome> {
+    let mut ids = BTreeSet::new();
+    let mut addrs = BTreeSet::new();
+    for s in &list {
+        check_user_name(&s.user)?;
+        check_session(&s.id, &s.addrs)?;
+        if !ids.insert(s.id.as_str()) {
+            bail!("session id `{}` appears twice in the list", s.id);
+        }
+        for p in &s.addrs {
+            if !addrs.insert(*p) {
+                bail!("{p} appears in two sessions of the list");
+            }
+        }
+    }
+    let mut out = SyncOutcome::default();
+    // Gone or changed sessions leave first, so the new list's addresses are free to take.
+    for old in tx.sessions()? {
+        match list.iter().find(|s| s.id == old.id) {
+            Some(s) if s.user == old.user && s.addrs == old.addrs => out.unchanged += 1,
+            Some(_) => {
+                tx.delete_session(&old.id)?;
+                out.changed += 1;
+            }
+            None => {
+                tx.delete_session(&old.id)?;
+                audit(
+                    tx,
+                    actor,
+                    now,
+                    "session.down",
+                    &old.user,
+                    Some(format!("{}: {} (sync)", old.id, fmt_addrs(&old.addrs))),
+                    None,
+                    None,
+                )?;
+                out.removed += 1;
+            }
+        }
+    }
+    for s in list {
+        if tx.session(&s.id)?.is_some() {
+            continue;
+        }
+        session_up(tx, actor, &s.user, Some(&s.id), s.addrs, "sync", now)?;
+        out.added += 1;
+    }
+    out.added -= out.changed;
+    Ok(out)
+}
+
+/// `user bind USER PREFIX`: a static binding (business customers' fixed ranges).
+pub fn bind(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    user: &str,
+    prefix: Prefix,
+    now: Timestamp,
+) -> Result<()> {
+    get_user(tx, user)?;
+    if let Some(b) = tx.bindings()?.into_iter().find(|b| b.prefix == prefix) {
+        bail!("{prefix} is already bound to {}", b.user);
+    }
+    tx.put_binding(&Binding {
+        user: user.into(),
+        prefix,
+    })?;
+    audit(
+        tx,
+        actor,
+        now,
+        "user.bind",
+        user,
+        None,
+        Some(prefix.to_string()),
+        None,
+    )
+}
+
+pub fn unbind(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    user: &str,
+    prefix: Prefix,
+    now: Timestamp,
+) -> Result<()> {
+    get_user(tx, user)?;
+    if !tx.delete_binding(&Binding {
+        user: user.into(),
+        prefix,
+    })? {
+        bail!("{prefix} is not bound to {user}");
+    }
+    audit(
+        tx,
+        actor,
+        now,
+        "user.unbind",
+        user,
+        Some(prefix.to_string()),
+        None,
+        None,
+    )
+}
+
+/// `server add` / `exempt add`: adds or updates a runtime entry.
+pub fn entry_add(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    kind: EntryKind,
+    prefix: Prefix,
+    until: Option<Timestamp>,
+    note: Option<String>,
+    now: Timestamp,
+) -> Result<Entry> {
+    check_text("a note", &note)?;
+    if let Some(t) = until {
+        if t <= now {
+            bail!("--until {t} is not in the future");
+        }
+    }
+    let old = tx
+        .entries()?
+        .into_iter()
+        .find(|e| e.kind == kind && e.prefix == prefix);
+    let e = Entry {
+        kind,
+        prefix,
+        until,
+        note: note.clone(),
+        added_by: actor.to_string(),
+        added_at: now,
+    };
+    tx.put_entry(&e)?;
+    let show = |e: &Entry| match e.until {
+        Some(t) => format!("{} until {t}", e.prefix),
+        None => e.prefix.to_string(),
+    };
+    audit(
+        tx,
+        actor,
+        now,
+        &format!("{}.add", kind.as_str()),
+        &prefix.to_string(),
+        old.as_ref().map(show),
+        Some(show(&e)),
+        note,
+    )?;
+    Ok(e)
+}
+
+pub fn entry_remove(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    kind: EntryKind,
+    prefix: Prefix,
+    now: Timestamp,
+) -> Result<()> {
+    if !tx.delete_entry(kind, &prefix)? {
+        bail!(
+            "{prefix} is not a runtime {} entry (entries from the config file are changed there)",
+            kind.as_str()
+        );
+    }
+    audit(
+        tx,
+        actor,
+        now,
+        &format!("{}.remove", kind.as_str()),
+        &prefix.to_string(),
+        Some(prefix.to_string()),
+        None,
+        None,
+    )
+}
+
+/// Who holds `ip` now: a live session's address or prefix, or a static binding.
+pub fn holder_of(snap: &crate::store::Snapshot, ip: std::net::IpAddr) -> Option<(String, String)> {
+    let best = |p: &Prefix| p.contains(ip);
+    snap.sessions
+        .iter()
+        .flat_map(|s| {
+            s.addrs
+                .iter()
+                .filter(|p| best(p))
+                .map(move |p| (p.len, s.user.clone(), format!("session {} ({p})", s.id)))
+        })
+        .chain(snap.bindings.iter().filter(|b| best(&b.prefix)).map(|b| {
+            (
+                b.prefix.len,
+                b.user.clone(),
+                format!("static binding {}", b.prefix),
+            )
+        }))
+        .max_by_key(|(len, _, _)| *len)
+        .map(|(_, u, how)| (u, how))
+}

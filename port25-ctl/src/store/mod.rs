@@ -1,0 +1,167 @@
+//! The subscriber registry behind a backend-neutral interface. A backend offers transactions
+//! of plain reads and writes ([`Tx`]); the rules (who may hold an address, what a timed
+//! unblock may do) live in [`crate::registry`] and run inside one transaction, so a shared
+//! PostgreSQL backend for a fleet needs only another [`Store`].
+
+pub mod sqlite;
+
+use anyhow::Result;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::net::Prefix;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    Blocked,
+    Unblocked,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Blocked => "blocked",
+            Policy::Unblocked => "unblocked",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    pub name: String,
+    pub policy: Policy,
+    /// End of a timed unblock (wall clock); `None` = until changed.
+    pub until: Option<Timestamp>,
+    pub reason: Option<String>,
+    pub set_by: String,
+    pub set_at: Timestamp,
+}
+
+impl User {
+    /// Unblocked now (a timed unblock that has run out is a block).
+    pub fn unblocked_at(&self, now: Timestamp) -> bool {
+        self.policy == Policy::Unblocked && self.until.is_none_or(|t| t > now)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: String,
+    pub user: String,
+    /// The session's IPv4 address and IPv6 prefixes (framed /64, delegated /56...).
+    pub addrs: Vec<Prefix>,
+    pub since: Timestamp,
+    /// What reported it: `cli`, `sync`, a hook name.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    Server,
+    Exempt,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Server => "server",
+            EntryKind::Exempt => "exempt",
+        }
+    }
+}
+
+/// A mail server or exempt prefix added at runtime (beside those in the config file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub kind: EntryKind,
+    pub prefix: Prefix,
+    pub until: Option<Timestamp>,
+    pub note: Option<String>,
+    pub added_by: String,
+    pub added_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Binding {
+    pub user: String,
+    pub prefix: Prefix,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub at: Timestamp,
+    pub actor: String,
+    pub action: String,
+    /// The user, session or prefix acted on.
+    pub subject: String,
+    pub old: Option<String>,
+    pub new: Option<String>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub subject: Option<String>,
+    pub since: Option<Timestamp>,
+    pub limit: usize,
+}
+
+/// Everything the maps are derived from.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub users: Vec<User>,
+    pub sessions: Vec<Session>,
+    pub bindings: Vec<Binding>,
+    pub entries: Vec<Entry>,
+}
+
+/// Reads and writes inside one transaction; nothing is visible to others before `commit`,
+/// and dropping a transaction without committing discards it.
+pub trait Tx {
+    fn user(&self, name: &str) -> Result<Option<User>>;
+    fn users(&self) -> Result<Vec<User>>;
+    fn put_user(&mut self, u: &User) -> Result<()>;
+    fn delete_user(&mut self, name: &str) -> Result<()>;
+
+    fn session(&self, id: &str) -> Result<Option<Session>>;
+    fn sessions(&self) -> Result<Vec<Session>>;
+    /// The session whose address list holds exactly `p`.
+    fn session_holding(&self, p: &Prefix) -> Result<Option<Session>>;
+    fn put_session(&mut self, s: &Session) -> Result<()>;
+    fn delete_session(&mut self, id: &str) -> Result<()>;
+
+    fn bindings(&self) -> Result<Vec<Binding>>;
+    fn put_binding(&mut self, b: &Binding) -> Result<()>;
+    fn delete_binding(&mut self, b: &Binding) -> Result<bool>;
+
+    fn entries(&self) -> Result<Vec<Entry>>;
+    fn put_entry(&mut self, e: &Entry) -> Result<()>;
+    fn delete_entry(&mut self, kind: EntryKind, p: &Prefix) -> Result<bool>;
+
+    fn append_audit(&mut self, r: &AuditRecord) -> Result<()>;
+    fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>>;
+
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
+pub trait Store: Send {
+    fn begin(&mut self) -> Result<Box<dyn Tx + '_>>;
+
+    fn snapshot(&mut self) -> Result<Snapshot> {
+        let tx = self.begin()?;
+        snapshot_of(&*tx)
+    }
+}
+
+/// The snapshot as a transaction sees it (its own uncommitted writes included).
+pub fn snapshot_of(tx: &dyn Tx) -> Result<Snapshot> {
+    Ok(Snapshot {
+        users: tx.users()?,
+        sessions: tx.sessions()?,
+        bindings: tx.bindings()?,
+        entries: tx.entries()?,
+    })
+}

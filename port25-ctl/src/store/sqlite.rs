@@ -1,0 +1,447 @@
+//! The embedded registry: one SQLite file in `state_dir`, WAL, synchronous=FULL (a commit is
+//! on disk before the daemon acknowledges it), schema versioned by `user_version`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use jiff::Timestamp;
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
+
+use super::*;
+
+pub const DB_FILE: &str = "port25.db";
+
+/// Each step moves the schema one version up; never edit a shipped step, append one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE users (
+    name   TEXT PRIMARY KEY,
+    policy TEXT NOT NULL CHECK (policy IN ('blocked', 'unblocked')),
+    until  INTEGER,
+    reason TEXT,
+    set_by TEXT NOT NULL,
+    set_at INTEGER NOT NULL
+);
+CREATE TABLE sessions (
+    id     TEXT PRIMARY KEY,
+    user   TEXT NOT NULL REFERENCES users(name),
+    since  INTEGER NOT NULL,
+    source TEXT NOT NULL
+);
+CREATE INDEX sessions_by_user ON sessions(user);
+-- An address or prefix belongs to at most one live session.
+CREATE TABLE session_addrs (
+    prefix     TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    pos        INTEGER NOT NULL
+);
+CREATE INDEX session_addrs_by_session ON session_addrs(session_id);
+CREATE TABLE bindings (
+    user   TEXT NOT NULL REFERENCES users(name),
+    prefix TEXT NOT NULL,
+    PRIMARY KEY (user, prefix)
+);
+CREATE TABLE entries (
+    kind     TEXT NOT NULL CHECK (kind IN ('server', 'exempt')),
+    prefix   TEXT NOT NULL,
+    until    INTEGER,
+    note     TEXT,
+    added_by TEXT NOT NULL,
+    added_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, prefix)
+);
+CREATE TABLE audit (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      INTEGER NOT NULL,
+    actor   TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    old     TEXT,
+    new     TEXT,
+    reason  TEXT
+);
+CREATE INDEX audit_by_subject ON audit(subject, id);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"#];
+
+pub struct SqliteStore {
+    conn: Connection,
+    pub path: PathBuf,
+}
+
+fn ts(t: Timestamp) -> i64 {
+    t.as_nanosecond() as i64
+}
+
+fn from_ts(n: i64) -> Timestamp {
+    Timestamp::from_nanosecond(n as i128).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+fn prefix(s: String) -> rusqlite::Result<Prefix> {
+    s.parse().map_err(|e: String| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating) the registry in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<SqliteStore> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
+        let path = state_dir.join(DB_FILE);
+        let mut conn =
+            Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn).with_context(|| format!("migrating {}", path.display()))?;
+        Ok(SqliteStore { conn, path })
+    }
+
+    /// Opens an existing registry for reading only (`check` with the daemon down).
+    pub fn open_read_only(state_dir: &Path) -> Result<SqliteStore> {
+        let path = state_dir.join(DB_FILE);
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("opening {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if v as usize != MIGRATIONS.len() {
+            bail!(
+                "{} has schema version {v}; this port25-ctl reads version {}",
+                path.display(),
+                MIGRATIONS.len()
+            );
+        }
+        Ok(SqliteStore { conn, path })
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let have: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let have = have as usize;
+    if have > MIGRATIONS.len() {
+        bail!(
+            "schema version {have} is newer than this port25-ctl knows ({}): refusing to touch it",
+            MIGRATIONS.len()
+        );
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(have) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        tx.execute_batch(step)
+            .with_context(|| format!("schema step {}", i + 1))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+struct SqliteTx<'a> {
+    tx: Transaction<'a>,
+}
+
+impl Store for SqliteStore {
+    fn begin(&mut self) -> Result<Box<dyn Tx + '_>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        Ok(Box::new(SqliteTx { tx }))
+    }
+}
+
+const USER_COLS: &str = "name, policy, until, reason, set_by, set_at";
+
+fn user_row(r: &rusqlite::Row) -> rusqlite::Result<User> {
+    let policy: String = r.get(1)?;
+    Ok(User {
+        name: r.get(0)?,
+        policy: if policy == "unblocked" {
+            Policy::Unblocked
+        } else {
+            Policy::Blocked
+        },
+        until: r.get::<_, Option<i64>>(2)?.map(from_ts),
+        reason: r.get(3)?,
+        set_by: r.get(4)?,
+        set_at: from_ts(r.get(5)?),
+    })
+}
+
+impl SqliteTx<'_> {
+    fn session_addrs(&self, id: &str) -> Result<Vec<Prefix>> {
+        let mut st = self.tx.prepare_cached(
+            "SELECT prefix FROM session_addrs WHERE session_id = ?1 ORDER BY pos",
+        )?;
+        let rows = st.query_map([id], |r| prefix(r.get(0)?))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn session_row(&self, r: &rusqlite::Row) -> rusqlite::Result<(String, String, i64, String)> {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    }
+
+    fn complete(
+        &self,
+        (id, user, since, source): (String, String, i64, String),
+    ) -> Result<Session> {
+        Ok(Session {
+            addrs: self.session_addrs(&id)?,
+            id,
+            user,
+            since: from_ts(since),
+            source,
+        })
+    }
+}
+
+impl Tx for SqliteTx<'_> {
+    fn user(&self, name: &str) -> Result<Option<User>> {
+        let mut st = self
+            .tx
+            .prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE name = ?1"))?;
+        Ok(st.query_row([name], user_row).optional()?)
+    }
+
+    fn users(&self) -> Result<Vec<User>> {
+        let mut st = self
+            .tx
+            .prepare_cached(&format!("SELECT {USER_COLS} FROM users ORDER BY name"))?;
+        let rows = st.query_map([], user_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn put_user(&mut self, u: &User) -> Result<()> {
+        self.tx.execute(
+            &format!("INSERT OR REPLACE INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+            params![
+                u.name,
+                u.policy.as_str(),
+                u.until.map(ts),
+                u.reason,
+                u.set_by,
+                ts(u.set_at)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn delete_user(&mut self, name: &str) -> Result<()> {
+        self.tx
+            .execute("DELETE FROM bindings WHERE user = ?1", [name])?;
+        self.tx
+            .execute("DELETE FROM users WHERE name = ?1", [name])?;
+        Ok(())
+    }
+
+    fn session(&self, id: &str) -> Result<Option<Session>> {
+        let row = {
+            let mut st = self
+                .tx
+                .prepare_cached("SELECT id, user, since, source FROM sessions WHERE id = ?1")?;
+            st.query_row([id], |r| self.session_row(r)).optional()?
+        };
+        row.map(|r| self.complete(r)).transpose()
+    }
+
+    fn sessions(&self) -> Result<Vec<Session>> {
+        let mut by_id: std::collections::HashMap<String, Vec<Prefix>> = Default::default();
+        {
+            let mut st = self.tx.prepare_cached(
+                "SELECT session_id, prefix FROM session_addrs ORDER BY session_id, pos",
+            )?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, prefix(r.get(1)?)?)))?;
+            for row in rows {
+                let (id, p) = row?;
+                by_id.entry(id).or_default().push(p);
+            }
+        }
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT id, user, since, source FROM sessions ORDER BY id")?;
+        let rows = st.query_map([], |r| self.session_row(r))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, user, since, source) = row?;
+            out.push(Session {
+                addrs: by_id.remove(&id).unwrap_or_default(),
+                id,
+                user,
+                since: from_ts(since),
+                source,
+            });
+        }
+        Ok(out)
+    }
+
+    fn session_holding(&self, p: &Prefix) -> Result<Option<Session>> {
+        let id: Option<String> = self
+            .tx
+            .query_row(
+                "SELECT session_id FROM session_addrs WHERE prefix = ?1",
+                [p.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match id {
+            Some(id) => self.session(&id),
+            None => Ok(None),
+        }
+    }
+
+    fn put_session(&mut self, s: &Session) -> Result<()> {
+        self.tx.execute(
+            "INSERT OR REPLACE INTO sessions (id, user, since, source) VALUES (?1, ?2, ?3, ?4)",
+            params![s.id, s.user, ts(s.since), s.source],
+        )?;
+        self.tx
+            .execute("DELETE FROM session_addrs WHERE session_id = ?1", [&s.id])?;
+        for (pos, p) in s.addrs.iter().enumerate() {
+            self.tx.execute(
+                "INSERT INTO session_addrs (prefix, session_id, pos) VALUES (?1, ?2, ?3)",
+                params![p.to_string(), s.id, pos as i64],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn delete_session(&mut self, id: &str) -> Result<()> {
+        self.tx
+            .execute("DELETE FROM session_addrs WHERE session_id = ?1", [id])?;
+        self.tx
+            .execute("DELETE FROM sessions WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    fn bindings(&self) -> Result<Vec<Binding>> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT user, prefix FROM bindings ORDER BY user, prefix")?;
+        let rows = st.query_map([], |r| {
+            Ok(Binding {
+                user: r.get(0)?,
+                prefix: prefix(r.get(1)?)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn put_binding(&mut self, b: &Binding) -> Result<()> {
+        self.tx.execute(
+            "INSERT OR IGNORE INTO bindings (user, prefix) VALUES (?1, ?2)",
+            params![b.user, b.prefix.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn delete_binding(&mut self, b: &Binding) -> Result<bool> {
+        Ok(self.tx.execute(
+            "DELETE FROM bindings WHERE user = ?1 AND prefix = ?2",
+            params![b.user, b.prefix.to_string()],
+        )? > 0)
+    }
+
+    fn entries(&self) -> Result<Vec<Entry>> {
+        let mut st = self.tx.prepare_cached(
+            "SELECT kind, prefix, until, note, added_by, added_at FROM entries ORDER BY kind, prefix",
+        )?;
+        let rows = st.query_map([], |r| {
+            let kind: String = r.get(0)?;
+            Ok(Entry {
+                kind: if kind == "server" {
+                    EntryKind::Server
+                } else {
+                    EntryKind::Exempt
+                },
+                prefix: prefix(r.get(1)?)?,
+                until: r.get::<_, Option<i64>>(2)?.map(from_ts),
+                note: r.get(3)?,
+                added_by: r.get(4)?,
+                added_at: from_ts(r.get(5)?),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn put_entry(&mut self, e: &Entry) -> Result<()> {
+        self.tx.execute(
+            "INSERT OR REPLACE INTO entries (kind, prefix, until, note, added_by, added_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                e.kind.as_str(),
+                e.prefix.to_string(),
+                e.until.map(ts),
+                e.note,
+                e.added_by,
+                ts(e.added_at)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn delete_entry(&mut self, kind: EntryKind, p: &Prefix) -> Result<bool> {
+        Ok(self.tx.execute(
+            "DELETE FROM entries WHERE kind = ?1 AND prefix = ?2",
+            params![kind.as_str(), p.to_string()],
+        )? > 0)
+    }
+
+    fn append_audit(&mut self, r: &AuditRecord) -> Result<()> {
+        self.tx.execute(
+            "INSERT INTO audit (at, actor, action, subject, old, new, reason) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                ts(r.at),
+                r.actor,
+                r.action,
+                r.subject,
+                r.old,
+                r.new,
+                r.reason
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        let limit = if q.limit == 0 {
+            i64::MAX
+        } else {
+            q.limit as i64
+        };
+        // The newest `limit` matching records, returned oldest first.
+        let mut st = self.tx.prepare_cached(
+            "SELECT * FROM (SELECT id, at, actor, action, subject, old, new, reason FROM audit \
+             WHERE (?1 IS NULL OR subject = ?1) AND (?2 IS NULL OR at >= ?2) \
+             ORDER BY id DESC LIMIT ?3) ORDER BY id",
+        )?;
+        let rows = st.query_map(params![q.subject, q.since.map(ts), limit], |r| {
+            Ok(AuditRecord {
+                id: r.get(0)?,
+                at: from_ts(r.get(1)?),
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                subject: r.get(4)?,
+                old: r.get(5)?,
+                new: r.get(6)?,
+                reason: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn commit(self: Box<Self>) -> Result<()> {
+        self.tx.commit().context("committing to the registry")?;
+        Ok(())
+    }
+}

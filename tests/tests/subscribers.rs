@@ -1,0 +1,427 @@
+//! Subscribers end to end: the helpdesk and the access server drive the real daemon over its
+//! socket through the real CLI; real TCP connects from the subscriber namespace tell the truth.
+
+use std::{
+    net::IpAddr,
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use port25_tests::{
+    lab::{self, Lab},
+    require_root,
+};
+
+const XDP: &str = "  - name: rs\n    hook: xdp\n    xdp_mode: native";
+const TC: &str = "  - name: rs\n    hook: tc\n    direction: ingress";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// alice's session: an IPv4 address and a delegated /56 (one address of it is on the host).
+const ALICE4: &str = "100.64.0.2";
+const ALICE_PD: &str = "2001:db8:1a0::/56";
+const ALICE6: &str = "2001:db8:1a0:5::7";
+const BOB4: &str = "100.64.0.3";
+const BOB_PD: &str = "2001:db8:1a1::/56";
+const BOB6: &str = "2001:db8:1a1:5::9";
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ok(lab: &Lab, args: &[&str]) -> String {
+    let o = lab.ctl(args);
+    assert!(
+        o.status.success(),
+        "port25-ctl {args:?} should succeed: {}",
+        text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fails(lab: &Lab, args: &[&str]) -> String {
+    let o = lab.ctl(args);
+    assert!(
+        !o.status.success(),
+        "port25-ctl {args:?} should fail: {}",
+        text(&o)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn smtp(lab: &Lab, src: &str) -> bool {
+    let src = ip(src);
+    let dst = if src.is_ipv4() {
+        lab::v4().ext
+    } else {
+        lab::v6().ext
+    };
+    lab.can_connect(src, dst, 25)
+}
+
+fn started(hook: &str) -> Lab {
+    let mut lab = Lab::new(hook);
+    lab.start_daemon();
+    lab
+}
+
+#[test]
+fn unblock_follows_the_session() {
+    require_root!();
+    for hook in [XDP, TC] {
+        let lab = started(hook);
+        ok(
+            &lab,
+            &["session", "up", "alice", ALICE4, ALICE_PD, "--id", "42"],
+        );
+        ok(&lab, &["session", "up", "bob", BOB4, BOB_PD, "--id", "43"]);
+        assert!(!smtp(&lab, ALICE4), "a new user is blocked");
+        let out = ok(&lab, &["unblock", "alice", "--reason", "ticket 4711"]);
+        assert!(out.contains("unblocked"), "{out}");
+        assert!(smtp(&lab, ALICE4), "alice's address after unblock");
+        assert!(smtp(&lab, ALICE6), "alice's delegated prefix after unblock");
+        assert!(!smtp(&lab, BOB4), "bob stays blocked (v4)");
+        assert!(!smtp(&lab, BOB6), "bob stays blocked (his /56)");
+        let check = ok(&lab, &["check", ALICE6, "2001:db8:ff::80"]);
+        assert!(check.contains("PASS") && check.contains("alice"), "{check}");
+        let check = ok(&lab, &["check", BOB4, "203.0.113.80"]);
+        assert!(
+            check.contains("BLOCK") && check.contains("bob") && check.contains("blocked"),
+            "{check}"
+        );
+
+        ok(&lab, &["session", "down", "--id", "42"]);
+        assert!(
+            !smtp(&lab, ALICE4),
+            "alice's session went down: blocked again"
+        );
+        assert!(!smtp(&lab, ALICE6), "and her prefix");
+        // The unblock stays with the user and follows her next session.
+        ok(&lab, &["session", "up", "alice", ALICE4, "--id", "44"]);
+        assert!(
+            smtp(&lab, ALICE4),
+            "the unblock follows alice's next session"
+        );
+        ok(&lab, &["block", "alice"]);
+        assert!(
+            !smtp(&lab, ALICE4),
+            "block revokes at once on a live session"
+        );
+        let show = ok(&lab, &["user", "show", "alice"]);
+        assert!(
+            show.contains("blocked") && show.contains("44") && show.contains("ticket 4711"),
+            "{show}"
+        );
+    }
+}
+
+#[test]
+fn a_reused_address_never_inherits_an_unblock() {
+    require_root!();
+    let lab = started(XDP);
+    ok(&lab, &["session", "up", "alice", ALICE4, "--id", "a-1"]);
+    ok(&lab, &["unblock", "alice"]);
+    assert!(smtp(&lab, ALICE4));
+    // The address goes to bob (blocked) before alice's down event arrives.
+    let out = ok(&lab, &["session", "up", "bob", ALICE4, "--id", "b-1"]);
+    assert!(out.contains("reassigned"), "{out}");
+    assert!(!smtp(&lab, ALICE4), "bob on alice's old address is blocked");
+    // alice's late down event, both forms: neither removes bob's session nor opens anything.
+    let e = fails(&lab, &["session", "down", "--id", "a-1"]);
+    assert!(e.contains("a-1"), "{e}");
+    let e = fails(&lab, &["session", "down", "alice", ALICE4]);
+    assert!(e.contains("bob"), "{e}");
+    assert!(
+        !smtp(&lab, ALICE4),
+        "still blocked after the late down events"
+    );
+    let show = ok(&lab, &["user", "show", "bob"]);
+    assert!(show.contains("b-1"), "bob's session survived: {show}");
+    // And the other way round: bob unblocked, alice's late down must not close it.
+    ok(&lab, &["unblock", "bob"]);
+    assert!(smtp(&lab, ALICE4));
+    let _ = lab.ctl(&["session", "down", "alice", ALICE4]);
+    assert!(
+        smtp(&lab, ALICE4),
+        "alice's late down did not remove bob's unblocked session"
+    );
+}
+
+#[test]
+fn a_timed_unblock_ends_on_time_with_the_daemon_dead() {
+    require_root!();
+    let mut lab = started(XDP);
+    ok(
+        &lab,
+        &["session", "up", "alice", ALICE4, ALICE_PD, "--id", "7"],
+    );
+    let t0 = Instant::now();
+    let out = ok(
+        &lab,
+        &[
+            "unblock",
+            "alice",
+            "--for",
+            "4s",
+            "--reason",
+            "pop-before-smtp",
+        ],
+    );
+    assert!(out.contains("left"), "{out}");
+    // A POP login never shortens a longer unblock.
+    assert!(
+        smtp(&lab, ALICE4) && smtp(&lab, ALICE6),
+        "unblocked for now"
+    );
+    lab.kill9();
+    let wait = Duration::from_millis(4500).saturating_sub(t0.elapsed());
+    std::thread::sleep(wait);
+    assert!(
+        !smtp(&lab, ALICE4),
+        "the kernel ended the unblock with no daemon"
+    );
+    assert!(!smtp(&lab, ALICE6), "and on the delegated prefix");
+    lab.start_daemon();
+    let show = ok(&lab, &["user", "show", "alice"]);
+    assert!(
+        show.contains("ended"),
+        "user show tells the unblock ended: {show}"
+    );
+    assert!(!smtp(&lab, ALICE4));
+}
+
+#[test]
+fn a_timed_unblock_never_shortens_a_longer_one() {
+    require_root!();
+    let lab = started(XDP);
+    ok(&lab, &["user", "add", "carol"]);
+    ok(&lab, &["unblock", "carol"]);
+    let out = ok(
+        &lab,
+        &[
+            "unblock",
+            "carol",
+            "--for",
+            "90m",
+            "--reason",
+            "pop-before-smtp",
+        ],
+    );
+    assert!(out.contains("kept"), "{out}");
+    let show = ok(&lab, &["--json", "user", "show", "carol"]);
+    let js: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert!(js["user"]["until"].is_null(), "still permanent: {js}");
+    ok(&lab, &["block", "carol"]);
+    ok(&lab, &["unblock", "carol", "--for", "90m"]);
+    ok(&lab, &["unblock", "carol", "--for", "10m"]);
+    let js: serde_json::Value =
+        serde_json::from_str(&ok(&lab, &["--json", "user", "show", "carol"])).unwrap();
+    let left = js["user"]["seconds_left"].as_i64().unwrap();
+    assert!(left > 80 * 60, "90m kept over 10m: {left}s left");
+}
+
+#[test]
+fn a_crash_between_commit_and_apply_is_repaired_at_start() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.start_daemon();
+    ok(&lab, &["session", "up", "alice", ALICE4, "--id", "1"]);
+    lab.kill9();
+    lab.try_start_daemon_env(&[(port25_ctl::daemon::FAILPOINT_AFTER_COMMIT, "1")])
+        .unwrap();
+    // The daemon commits, then dies before touching the maps: the CLI sees no answer.
+    let o = lab.ctl(&["unblock", "alice"]);
+    assert!(
+        !o.status.success(),
+        "the daemon died mid-change: {}",
+        text(&o)
+    );
+    assert!(
+        lab.wait_daemon_exit(Duration::from_secs(5)),
+        "the failpoint killed the daemon"
+    );
+    assert!(!smtp(&lab, ALICE4), "the maps were not written");
+    lab.start_daemon();
+    assert!(
+        smtp(&lab, ALICE4),
+        "at start the maps were made equal to the registry"
+    );
+    let show = ok(&lab, &["user", "show", "alice"]);
+    assert!(show.contains("unblocked"), "{show}");
+}
+
+#[test]
+fn bad_input_changes_nothing() {
+    require_root!();
+    let lab = started(XDP);
+    ok(&lab, &["session", "up", "alice", ALICE4, "--id", "1"]);
+    let before = ok(&lab, &["--json", "audit", "--limit", "0"]);
+    let cases: &[(&[&str], &str)] = &[
+        (&["unblock", "alise"], "did you mean alice"),
+        (&["block", "nobody"], "unknown user"),
+        (&["session", "up", "bob", "010.0.0.1"], "leading zero"),
+        (&["session", "up", "bob", "100.64.0.9/24"], "host bits"),
+        (
+            &["session", "up", "bob", "100.64.0.9", "--id", "1"],
+            "duplicate session id",
+        ),
+        (
+            &["unblock", "alice", "--until", "2001-01-01T00:00:00Z"],
+            "not in the future",
+        ),
+        (&["unblock", "alice", "--for", "soon"], "not a duration"),
+        (&["unblock", "alice", "--for", "0s"], "at least"),
+        (
+            &["exempt", "add", "100.64.0.0/10", "--until", "2001-01-01"],
+            "not in the future",
+        ),
+        (
+            &["server", "remove", "198.51.100.99/32"],
+            "not a runtime server",
+        ),
+        (&["user", "add", "alice"], "already exists"),
+    ];
+    for (args, want) in cases {
+        let e = fails(&lab, args);
+        assert!(e.contains(want), "{args:?}: expected `{want}` in: {e}");
+    }
+    assert_eq!(
+        ok(&lab, &["--json", "audit", "--limit", "0"]),
+        before,
+        "no audit record added"
+    );
+    assert!(!smtp(&lab, ALICE4), "and nothing opened");
+}
+
+#[test]
+fn a_full_map_refuses_the_whole_change() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("limits:\n  exempt_ips: 3\n");
+    lab.start_daemon();
+    ok(
+        &lab,
+        &[
+            "session",
+            "up",
+            "u1",
+            "100.64.1.1",
+            "100.64.1.2",
+            "--id",
+            "s1",
+        ],
+    );
+    ok(
+        &lab,
+        &[
+            "session",
+            "up",
+            "u2",
+            "100.64.1.3",
+            "100.64.1.4",
+            "--id",
+            "s2",
+        ],
+    );
+    ok(&lab, &["unblock", "u1"]);
+    let e = fails(&lab, &["unblock", "u2"]);
+    assert!(e.contains("map full"), "{e}");
+    let show = ok(&lab, &["--json", "user", "show", "u2"]);
+    let js: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(
+        js["user"]["effective"], "blocked",
+        "the refused change is not in the registry"
+    );
+}
+
+#[test]
+fn the_socket_refuses_peers_that_are_not_allowed() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("read_group: nogroup\n");
+    lab.start_daemon();
+    ok(&lab, &["user", "add", "alice"]);
+    let as_user = |uid: u32, gid: u32, args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={gid}"),
+                "--clear-groups",
+                "--",
+            ])
+            .arg(port25_tests::lab::ctl_binary())
+            .arg("--config")
+            .arg(&lab.config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // nobody's primary group is nogroup, the configured read-only group: it may read only.
+    std::fs::set_permissions(
+        &lab.dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &lab.config,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let o = as_user(65534, 65534, &["user", "list"]);
+    assert!(o.status.success(), "read-only group reads: {}", text(&o));
+    let o = as_user(65534, 65534, &["unblock", "alice"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("read-only"),
+        "{}",
+        text(&o)
+    );
+    // A peer outside the group is refused by the daemon's credential check, even when the
+    // socket file itself is opened up.
+    std::fs::set_permissions(
+        &lab.socket,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
+    let o = as_user(12345, 12345, &["user", "list"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("permission denied"),
+        "{}",
+        text(&o)
+    );
+    let show = ok(&lab, &["--json", "user", "show", "alice"]);
+    assert!(show.contains("\"blocked\""), "nothing changed: {show}");
+}
+
+#[test]
+fn garbage_on_the_socket_is_refused_and_the_daemon_lives_on() {
+    require_root!();
+    use std::io::{Read, Write};
+    let lab = started(XDP);
+    let frame = |body: &[u8]| [&(body.len() as u32).to_be_bytes()[..], body].concat();
+    for bytes in [
+        frame(b"hello"),
+        b"\xff\xff\xff\xff".to_vec(),
+        frame(br#"{"v":1,"op":{"format_disk":{}}}"#),
+        frame(br#"{"v":9,"op":"info"}"#),
+        frame(br#"{"v":1,"op":{"session_up":{"user":"x","addrs":["010.0.0.1"]}}}"#),
+        frame(br#"{"v":1,"op":{"unblock":{"user":"x"}},"extra":1}"#),
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(&lab.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&bytes).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.contains("\"ok\":false"), "refused: {text}");
+    }
+    ok(&lab, &["user", "list"]);
+}

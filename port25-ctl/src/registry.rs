@@ -671,3 +671,6 @@ pub fn holder_of(snap: &crate::store::Snapshot, ip: std::net::IpAddr) -> Option<
         .max_by_key(|(len, _, _)| *len)
         .map(|(_, u, how)| (u, how))
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,264 @@
+//! The rules against a real SQLite file on disk.
+
+use super::*;
+use crate::store::{sqlite::SqliteStore, AuditQuery, Store};
+
+fn actor() -> Actor {
+    Actor {
+        uid: 0,
+        name: "root".into(),
+        on_behalf_of: Some("helpdesk-7".into()),
+    }
+}
+
+fn p(s: &str) -> Prefix {
+    s.parse().unwrap()
+}
+
+fn t(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+fn mins(m: i64) -> jiff::SignedDuration {
+    jiff::SignedDuration::from_mins(m)
+}
+
+const NOW: &str = "2026-11-23T10:00:00Z";
+
+struct Db {
+    _dir: tempfile::TempDir,
+    store: SqliteStore,
+}
+
+fn db() -> Db {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    Db { _dir: dir, store }
+}
+
+impl Db {
+    /// Runs `f` in a transaction and commits only on success, as the daemon does.
+    fn run<R>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+        let mut tx = self.store.begin()?;
+        let r = f(&mut *tx)?;
+        tx.commit()?;
+        Ok(r)
+    }
+    fn user(&mut self, name: &str) -> User {
+        self.store.begin().unwrap().user(name).unwrap().unwrap()
+    }
+    fn audit_len(&mut self) -> usize {
+        let tx = self.store.begin().unwrap();
+        tx.audit(&AuditQuery::default()).unwrap().len()
+    }
+    fn sessions(&mut self) -> Vec<Session> {
+        self.store.snapshot().unwrap().sessions
+    }
+}
+
+fn up(d: &mut Db, user: &str, id: &str, addrs: &[&str]) -> Result<SessionUpOutcome> {
+    let addrs = addrs.iter().map(|a| p(a)).collect();
+    d.run(|tx| session_up(tx, &actor(), user, Some(id), addrs, "cli", t(NOW)))
+}
+
+#[test]
+fn survives_reopen_and_refuses_a_newer_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut s = SqliteStore::open(dir.path()).unwrap();
+        let mut tx = s.begin().unwrap();
+        user_add(&mut *tx, &actor(), "alice", t(NOW)).unwrap();
+        tx.commit().unwrap();
+    }
+    let mut s = SqliteStore::open(dir.path()).unwrap();
+    assert!(
+        s.begin().unwrap().user("alice").unwrap().is_some(),
+        "committed = on disk"
+    );
+    {
+        let mut tx = s.begin().unwrap();
+        user_add(&mut *tx, &actor(), "bob", t(NOW)).unwrap();
+        // dropped without commit
+    }
+    assert!(
+        s.begin().unwrap().user("bob").unwrap().is_none(),
+        "uncommitted = gone"
+    );
+    drop(s);
+    let c = rusqlite::Connection::open(dir.path().join("port25.db")).unwrap();
+    c.pragma_update(None, "user_version", 99).unwrap();
+    drop(c);
+    let e = format!("{:#}", SqliteStore::open(dir.path()).err().unwrap());
+    assert!(e.contains("newer"), "{e}");
+}
+
+#[test]
+fn the_audit_log_is_append_only() {
+    let mut d = db();
+    d.run(|tx| user_add(tx, &actor(), "alice", t(NOW))).unwrap();
+    let c = rusqlite::Connection::open(&d.store.path).unwrap();
+    assert!(c.execute("DELETE FROM audit", []).is_err());
+    assert!(c.execute("UPDATE audit SET actor = 'x'", []).is_err());
+}
+
+#[test]
+fn unblock_rules() {
+    let mut d = db();
+    let now = t(NOW);
+    let a = actor();
+    let e = d
+        .run(|tx| unblock(tx, &a, "alice", None, None, false, now))
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown user"), "{e}");
+    d.run(|tx| user_add(tx, &a, "alice", now)).unwrap();
+    let e = d
+        .run(|tx| unblock(tx, &a, "alcie", None, None, false, now))
+        .unwrap_err();
+    assert!(e.to_string().contains("did you mean alice"), "{e}");
+    let e = d
+        .run(|tx| unblock(tx, &a, "alice", Some(now), None, false, now))
+        .unwrap_err();
+    assert!(e.to_string().contains("not in the future"), "{e}");
+
+    let in90 = now.checked_add(mins(90)).unwrap();
+    let in10 = now.checked_add(mins(10)).unwrap();
+    let pop = Some("pop".to_string());
+    let o = d
+        .run(|tx| unblock(tx, &a, "alice", Some(in90), pop, false, now))
+        .unwrap();
+    assert!(o.changed);
+    let o = d
+        .run(|tx| unblock(tx, &a, "alice", Some(in10), None, false, now))
+        .unwrap();
+    assert!(!o.changed, "10m does not shorten 90m");
+    assert_eq!(d.user("alice").until, Some(in90));
+    let o = d
+        .run(|tx| unblock(tx, &a, "alice", None, None, false, now))
+        .unwrap();
+    assert!(o.changed, "permanent extends a timed one");
+    let o = d
+        .run(|tx| unblock(tx, &a, "alice", Some(in90), None, false, now))
+        .unwrap();
+    assert!(!o.changed, "a timed one never shortens a permanent one");
+    assert_eq!(d.user("alice").until, None);
+    d.run(|tx| block(tx, &a, "alice", None, false, now))
+        .unwrap();
+    assert!(!d.user("alice").unblocked_at(now));
+    // An unblock that ran out is a block: a new, shorter timed one applies.
+    d.run(|tx| unblock(tx, &a, "alice", Some(in90), None, false, now))
+        .unwrap();
+    let later = in90.checked_add(mins(1)).unwrap();
+    assert!(!d.user("alice").unblocked_at(later));
+    let until = later.checked_add(mins(10)).unwrap();
+    let o = d
+        .run(|tx| unblock(tx, &a, "alice", Some(until), None, false, later))
+        .unwrap();
+    assert!(o.changed);
+    // --new registers an unknown user.
+    d.run(|tx| unblock(tx, &a, "dave@isp.example", None, None, true, now))
+        .unwrap();
+    assert!(d.user("dave@isp.example").unblocked_at(now));
+    let e = d
+        .run(|tx| unblock(tx, &a, "bad name", None, None, true, now))
+        .unwrap_err();
+    assert!(e.to_string().contains("not a valid user name"), "{e}");
+}
+
+#[test]
+fn sessions_are_keyed_by_id_and_an_address_has_one_owner() {
+    let mut d = db();
+    let now = t(NOW);
+    let a = actor();
+    let o = up(&mut d, "alice", "1", &["100.64.0.2", "2001:db8:1a0::/56"]).unwrap();
+    assert!(o.user_created);
+    assert!(!d.user("alice").unblocked_at(now), "a new user is blocked");
+    let e = up(&mut d, "bob", "1", &["100.64.0.9"]).unwrap_err();
+    assert!(e.to_string().contains("duplicate session id"), "{e}");
+    // bob takes the IPv4 address: alice's session keeps only her prefix.
+    let o = up(&mut d, "bob", "2", &["100.64.0.2"]).unwrap();
+    assert_eq!(
+        o.taken_over,
+        vec![("1".to_string(), "alice".to_string(), p("100.64.0.2/32"))]
+    );
+    let s = d.sessions();
+    let alice = s.iter().find(|s| s.id == "1").unwrap();
+    assert_eq!(alice.addrs, vec![p("2001:db8:1a0::/56")]);
+    // Late down for alice by address: refused, bob's session intact.
+    let e = d
+        .run(|tx| session_down_addr(tx, &a, "alice", &p("100.64.0.2"), now))
+        .unwrap_err();
+    assert!(e.to_string().contains("held by session 2 of bob"), "{e}");
+    d.run(|tx| session_down_id(tx, &a, "1", now)).unwrap();
+    let s = d.sessions();
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].user, "bob");
+    // A session whose every address is taken over is gone; its late down finds nothing.
+    up(&mut d, "carol", "3", &["100.64.0.2"]).unwrap();
+    let e = d.run(|tx| session_down_id(tx, &a, "2", now)).unwrap_err();
+    assert!(e.to_string().contains("no live session"), "{e}");
+    let snap = d.store.snapshot().unwrap();
+    let holder = holder_of(&snap, "100.64.0.2".parse().unwrap()).unwrap();
+    assert_eq!(holder.0, "carol");
+}
+
+fn sync(id: &str, user: &str, addrs: &[&str]) -> SyncSession {
+    SyncSession {
+        id: id.into(),
+        user: user.into(),
+        addrs: addrs.iter().map(|a| p(a)).collect(),
+    }
+}
+
+#[test]
+fn sync_makes_the_registry_equal_to_the_list() {
+    let mut d = db();
+    let now = t(NOW);
+    let a = actor();
+    up(&mut d, "alice", "1", &["100.64.0.2"]).unwrap();
+    up(&mut d, "bob", "2", &["100.64.0.3"]).unwrap();
+    let list = vec![
+        sync("2", "bob", &["100.64.0.3"]),
+        sync("3", "carol", &["100.64.0.2", "2001:db8:1a0::/56"]),
+    ];
+    let o = d.run(|tx| session_sync(tx, &a, list.clone(), now)).unwrap();
+    assert_eq!((o.added, o.removed, o.unchanged, o.changed), (1, 1, 1, 0));
+    let ids: Vec<_> = d.sessions().into_iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec!["2", "3"]);
+    let o = d.run(|tx| session_sync(tx, &a, list, now)).unwrap();
+    assert_eq!((o.added, o.removed, o.unchanged), (0, 0, 2), "idempotent");
+    let before = d.audit_len();
+    let dup = vec![
+        sync("4", "a", &["100.64.0.5"]),
+        sync("5", "b", &["100.64.0.5"]),
+    ];
+    assert!(d.run(|tx| session_sync(tx, &a, dup, now)).is_err());
+    assert_eq!(d.audit_len(), before, "a refused sync writes nothing");
+}
+
+#[test]
+fn every_change_is_audited_with_its_actor() {
+    let mut d = db();
+    let now = t(NOW);
+    let a = actor();
+    d.run(|tx| user_add(tx, &a, "alice", now)).unwrap();
+    let why = Some("ticket 1".to_string());
+    d.run(|tx| unblock(tx, &a, "alice", None, why, false, now))
+        .unwrap();
+    let server = p("198.51.100.26/32");
+    d.run(|tx| entry_add(tx, &a, EntryKind::Server, server, None, None, now))
+        .unwrap();
+    d.run(|tx| bind(tx, &a, "alice", p("203.0.113.16/28"), now))
+        .unwrap();
+    let q = AuditQuery {
+        subject: Some("alice".into()),
+        ..Default::default()
+    };
+    let recs = d.store.begin().unwrap().audit(&q).unwrap();
+    assert_eq!(recs.len(), 3);
+    assert_eq!(recs[1].action, "unblock");
+    assert_eq!(recs[1].old.as_deref(), Some("blocked"));
+    assert_eq!(recs[1].new.as_deref(), Some("unblocked"));
+    assert_eq!(recs[1].reason.as_deref(), Some("ticket 1"));
+    assert!(recs[1].actor.contains("root") && recs[1].actor.contains("helpdesk-7"));
+    assert_eq!(d.audit_len(), 4);
+}

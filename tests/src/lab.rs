@@ -167,7 +167,7 @@ impl Lab {
             (&net, "link set lo up"),
             (&net, "route add 100.64.0.0/24 via 192.0.2.1"),
             (&net, "-6 route add 2001:db8:100::/64 via 2001:db8:ffff::1"),
-            (&net, "-6 route add 2001:db8:1a0::/55 via 2001:db8:ffff::1"),
+            (&net, "-6 route add 2001:db8:1a0::/47 via 2001:db8:ffff::1"),
         ];
         for (ns, cmd) in script {
             let mut args = vec!["ip", "-n", ns.as_str()];

@@ -120,7 +120,7 @@ impl Pins {
 
 pub fn is_bpffs(path: &Path) -> bool {
     match nix::sys::statfs::statfs(path) {
-        Ok(s) => s.filesystem_type().0 as i64 == BPF_FS_MAGIC,
+        Ok(s) => s.filesystem_type().0 == BPF_FS_MAGIC,
         Err(_) => false,
     }
 }

@@ -55,6 +55,7 @@ fn check_text(what: &str, s: &Option<String>) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)] // one audit record: every field is its own column
 fn audit(
     tx: &mut dyn Tx,
     actor: &Actor,

@@ -1,5 +1,6 @@
 //! `cargo xtask build | test | lab`: the project's own tooling, runnable on a fresh machine.
 
+mod bench;
 mod build;
 mod lab;
 
@@ -22,6 +23,8 @@ enum Cmd {
         args: Vec<String>,
     },
     /// A three-namespace lab with the real daemon: blocked and allowed connections, explained.
+    /// Speed and memory, as ratios against baselines measured in the same run (root).
+    Bench,
     Lab {
         /// Options for the lab: --hook xdp|xdp-generic|tc|tc-egress, --keep.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -34,5 +37,6 @@ fn main() -> Result<()> {
         Cmd::Build => build::all(),
         Cmd::Test { args } => build::test(&args),
         Cmd::Lab { args } => lab::run(&args),
+        Cmd::Bench => bench::run(),
     }
 }

@@ -128,6 +128,7 @@ pub trait Tx {
 
     fn session(&self, id: &str) -> Result<Option<Session>>;
     fn sessions(&self) -> Result<Vec<Session>>;
+    fn sessions_of(&self, user: &str) -> Result<Vec<Session>>;
     /// The session whose address list holds exactly `p`.
     fn session_holding(&self, p: &Prefix) -> Result<Option<Session>>;
     fn put_session(&mut self, s: &Session) -> Result<()>;

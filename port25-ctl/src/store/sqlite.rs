@@ -284,6 +284,17 @@ impl Tx for SqliteTx<'_> {
         Ok(out)
     }
 
+    fn sessions_of(&self, user: &str) -> Result<Vec<Session>> {
+        let rows: Vec<_> = {
+            let mut st = self.tx.prepare_cached(
+                "SELECT id, user, since, source FROM sessions WHERE user = ?1 ORDER BY id",
+            )?;
+            let rows = st.query_map([user], |r| self.session_row(r))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        rows.into_iter().map(|r| self.complete(r)).collect()
+    }
+
     fn session_holding(&self, p: &Prefix) -> Result<Option<Session>> {
         let id: Option<String> = self
             .tx

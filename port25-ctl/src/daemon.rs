@@ -26,12 +26,13 @@ use tracing::{error, info, warn};
 use crate::{
     config::Config,
     datapath,
+    incremental::{changed_users, Index},
     livemaps::LiveMaps,
     pins::Pins,
     policy::{self, Clock, Desired},
     proto::{self, Op, Request, Response},
     registry::Actor,
-    store::{sqlite::SqliteStore, Store, Tx},
+    store::{sqlite::SqliteStore, Recording, Store, Tx},
 };
 
 mod ops;
@@ -49,6 +50,8 @@ struct Daemon {
     store: SqliteStore,
     /// What the maps were last made equal to; per-change applies move from here.
     applied: Desired,
+    /// Each user's entries in `applied`, so a change recomputes only the users it touched.
+    index: Index,
     clock: Clock,
     started: Instant,
     reconciles: u64,
@@ -83,7 +86,7 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     let clock = Clock::sample();
     // Policy before programs: a fresh attach never runs on empty maps. A change committed
     // by an earlier daemon that died before applying it is applied here.
-    let want = desired(&cfg, &mut store, &clock)?;
+    let (index, want) = desired(&cfg, &mut store, &clock)?;
     policy::check_fits(&live, &want)?;
     let applied = policy::apply(&mut live, &want)?;
     info!(writes = applied.writes, "policy applied");
@@ -106,6 +109,7 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
         live,
         store,
         applied: want,
+        index,
         clock,
         started: Instant::now(),
         reconciles: 0,
@@ -156,11 +160,18 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// The desired map state from the config and a registry snapshot.
-fn desired(cfg: &Config, store: &mut SqliteStore, clock: &Clock) -> Result<Desired> {
+/// The desired map state from the config and a registry snapshot, with its per-user index.
+fn desired(cfg: &Config, store: &mut SqliteStore, clock: &Clock) -> Result<(Index, Desired)> {
     let snap = store.snapshot()?;
     let (wall, boot) = clock.at(jiff::Timestamp::now());
-    Desired::build(cfg, &snap, wall, boot)
+    Desired::build_indexed(cfg, &snap, wall, boot)
+}
+
+fn failpoint_after_commit() {
+    if std::env::var_os(FAILPOINT_AFTER_COMMIT).is_some() {
+        // Test hook: dies where a crash hurts most, committed but not yet in the maps.
+        std::process::abort();
+    }
 }
 
 /// Takes an exclusive lock next to the socket so two daemons never race on the same pins.
@@ -327,10 +338,11 @@ impl Daemon {
         for i in &new.interfaces {
             datapath::link_is_ethernet(&i.name)?;
         }
-        let want = desired(&new, &mut self.store, &self.clock)?;
+        let (index, want) = desired(&new, &mut self.store, &self.clock)?;
         policy::check_fits(&self.live, &want)?;
         let applied = policy::apply(&mut self.live, &want)?;
         self.applied = want;
+        self.index = index;
         for iface in &new.interfaces {
             datapath::attach(&mut self.ebpf, &self.pins, iface)?;
         }
@@ -346,9 +358,10 @@ impl Daemon {
         if self.clock.resync() {
             warn!("the wall clock stepped: kernel expiry times are recomputed");
         }
-        let result = desired(&self.cfg, &mut self.store, &self.clock).and_then(|want| {
+        let result = desired(&self.cfg, &mut self.store, &self.clock).and_then(|(index, want)| {
             let a = policy::apply(&mut self.live, &want)?;
             self.applied = want;
+            self.index = index;
             Ok(a)
         });
         match result {
@@ -367,32 +380,48 @@ impl Daemon {
     }
 
     /// Runs a registry change: rules and audit in one transaction, the resulting map state
-    /// checked to fit, committed (durable), then applied to the maps.
+    /// checked to fit, committed (durable), then applied to the maps. Only the users the
+    /// transaction touched are recomputed; a change of runtime entries rebuilds everything.
     fn change<R>(
         &mut self,
         f: impl FnOnce(&mut dyn Tx, jiff::Timestamp) -> Result<R>,
     ) -> Result<R> {
         let now = jiff::Timestamp::now();
-        let mut tx = self.store.begin()?;
-        let r = f(&mut *tx, now)?;
-        let snap = crate::store::snapshot_of(&*tx)?;
         let (wall, boot) = self.clock.at(now);
-        let want = Desired::build(&self.cfg, &snap, wall, boot)?;
-        policy::check_fits(&self.live, &want)?;
-        tx.commit()?;
-        if std::env::var_os(FAILPOINT_AFTER_COMMIT).is_some() {
-            // Test hook: dies where a crash hurts most, committed but not yet in the maps.
-            std::process::abort();
-        }
-        match policy::apply_delta(&mut self.live, &self.applied, &want) {
-            Ok(_) => self.applied = want,
-            Err(e) => {
-                // Committed, so acknowledged; the maps catch up on the next full reconcile.
-                error!("applying a committed change to the maps failed, reconciling: {e:#}");
-                self.dirty = true;
+        let mut rec = Recording::new(self.store.begin()?);
+        let r = f(&mut rec, now)?;
+        if rec.entries {
+            let snap = crate::store::snapshot_of(&rec)?;
+            let (index, want) = Desired::build_indexed(&self.cfg, &snap, wall, boot)?;
+            policy::check_fits(&self.live, &want)?;
+            rec.commit()?;
+            failpoint_after_commit();
+            match policy::apply_delta(&mut self.live, &self.applied, &want) {
+                Ok(_) => {
+                    self.applied = want;
+                    self.index = index;
+                }
+                Err(e) => self.apply_failed(e),
             }
+            return Ok(r);
+        }
+        let changed = changed_users(&rec, wall, boot)?;
+        let plan = self.index.plan(&self.applied, changed)?;
+        policy::check_slots_fit(&self.live, &self.applied, &plan.slots)?;
+        rec.commit()?;
+        failpoint_after_commit();
+        let settings_changed = self.index.apply(&mut self.applied, &plan);
+        let settings = settings_changed.then_some(self.applied.settings);
+        if let Err(e) = policy::write_slots(&mut self.live, &plan.slots, settings) {
+            self.apply_failed(e);
         }
         Ok(r)
+    }
+
+    /// Committed, so acknowledged; the maps catch up on the next full reconcile.
+    fn apply_failed(&mut self, e: anyhow::Error) {
+        error!("applying a committed change to the maps failed, reconciling: {e:#}");
+        self.dirty = true;
     }
 
     fn execute(&mut self, req: Request, actor: &Actor) -> (Response, bool) {

@@ -130,6 +130,15 @@ pub trait Table {
     fn capacity(&self) -> u32;
 }
 
+/// A delete of a key that is not there has done its job (the maps may have drifted).
+fn absent_ok(r: Result<(), MapError>) -> Result<()> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => Ok(r?),
+    }
+}
+
 fn full(e: MapError, what: &str) -> anyhow::Error {
     if let MapError::SyscallError(s) = &e {
         if s.io_error.raw_os_error() == Some(libc::E2BIG) {
@@ -187,7 +196,7 @@ where
             .map_err(|e| full(e, "insert"))
     }
     fn del(&mut self, k: ([u8; N], u32)) -> Result<()> {
-        Ok(self.remove(&Key::new(k.1, k.0))?)
+        absent_ok(self.remove(&Key::new(k.1, k.0)))
     }
     fn capacity(&self) -> u32 {
         info_capacity(aya::maps::IterableMap::map(self))
@@ -209,7 +218,7 @@ impl<K: Pod + Ord + std::fmt::Debug, V: Pod + PartialEq> Table for HashMap<MapDa
         self.insert(k, v, 0).map_err(|e| full(e, "insert"))
     }
     fn del(&mut self, k: K) -> Result<()> {
-        Ok(self.remove(&k)?)
+        absent_ok(self.remove(&k))
     }
     fn capacity(&self) -> u32 {
         info_capacity(aya::maps::IterableMap::map(self))

@@ -5,19 +5,16 @@
 //! go before their additions. A change that would overfill any map is refused before the first
 //! write, so a full map fails the whole change and nothing is half applied.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{bail, Context as _, Result};
 use port25_common::maps::{
-    Exempt, NetKey6, Settings, FLAG_ENFORCE_LISTED, LAYOUT_VERSION, MAX_SESSION_PREFIX_LENS,
-    ORIGIN_CONFIG, ORIGIN_RUNTIME, ORIGIN_SESSION,
+    Exempt, NetKey6, Settings, FLAG_ENFORCE_LISTED, LAYOUT_VERSION, ORIGIN_CONFIG, ORIGIN_RUNTIME,
 };
 
 use crate::{
     config::Config,
+    incremental::{Index, Slot},
     livemaps::{boot_ns, LiveMaps, Table},
     net::Prefix,
     store::{EntryKind, Snapshot},
@@ -146,10 +143,7 @@ impl Desired {
     fn exempt(&mut self, p: &Prefix, expires_ns: u64, origin: u32) {
         fn merge<K: Ord>(t: &mut BTreeMap<K, Exempt>, k: K, v: Exempt) {
             let e = t.entry(k).or_insert(v);
-            let longer = |a: u64, b: u64| a == 0 || (b != 0 && a > b);
-            if longer(v.expires_ns, e.expires_ns) {
-                *e = v;
-            }
+            *e = crate::incremental::longer(*e, v);
         }
         let v = Exempt {
             expires_ns,
@@ -164,18 +158,15 @@ impl Desired {
         }
     }
 
-    /// Config plus registry: runtime servers and exempt entries, and the session addresses
-    /// and static bindings of users unblocked at `now_wall`. IPv6 session prefixes go to the
-    /// hash probed per prefix length; more distinct lengths than the datapath probes is an
-    /// error (the change is refused).
-    pub fn build(
+    /// Config plus the registry's runtime servers and exempt entries: everything but users.
+    pub fn base(
         cfg: &Config,
-        snap: &Snapshot,
+        entries: &[crate::store::Entry],
         now_wall: jiff::Timestamp,
         now_boot: u64,
-    ) -> Result<Desired> {
+    ) -> Desired {
         let mut d = Desired::from_config(cfg, now_wall, now_boot);
-        for e in &snap.entries {
+        for e in entries {
             match e.kind {
                 EntryKind::Server => {
                     if e.until.is_some_and(|t| t <= now_wall) {
@@ -194,58 +185,30 @@ impl Desired {
                 }
             }
         }
-        let unblocked: BTreeMap<&str, Option<jiff::Timestamp>> = snap
-            .users
-            .iter()
-            .filter(|u| u.unblocked_at(now_wall))
-            .map(|u| (u.name.as_str(), u.until))
-            .collect();
-        let mut lens = BTreeSet::new();
-        let owned = snap
-            .sessions
-            .iter()
-            .flat_map(|s| s.addrs.iter().map(move |p| (s.user.as_str(), p)))
-            .chain(snap.bindings.iter().map(|b| (b.user.as_str(), &b.prefix)));
-        for (user, p) in owned {
-            let Some(until) = unblocked.get(user) else {
-                continue;
-            };
-            let Some(x) = expiry_ns(*until, now_wall, now_boot) else {
-                continue;
-            };
-            match p.addr {
-                IpAddr::V6(a) if !p.is_host() => {
-                    lens.insert(p.len);
-                    let key = NetKey6 {
-                        prefix_len: p.len as u32,
-                        addr: a.octets(),
-                    };
-                    let v = Exempt {
-                        expires_ns: x,
-                        origin: ORIGIN_SESSION,
-                        _pad: 0,
-                    };
-                    let e = d.exnet6.entry(key).or_insert(v);
-                    if x == 0 || (e.expires_ns != 0 && x > e.expires_ns) {
-                        *e = v;
-                    }
-                }
-                _ => d.exempt(p, x, ORIGIN_SESSION),
-            }
-        }
-        if lens.len() > MAX_SESSION_PREFIX_LENS {
-            bail!(
-                "unblocked sessions use {} distinct IPv6 prefix lengths ({:?}); the datapath probes at most {MAX_SESSION_PREFIX_LENS}",
-                lens.len(),
-                lens
-            );
-        }
-        // Longest first: the most specific probe comes first.
-        for (i, l) in lens.iter().rev().enumerate() {
-            d.settings.session_prefix_lens[i] = *l;
-        }
-        d.settings.session_prefix_count = lens.len() as u32;
-        Ok(d)
+        d
+    }
+
+    /// Config plus registry: runtime entries, and the session addresses and static bindings
+    /// of users unblocked at `now_wall`. IPv6 session prefixes go to the hash probed per
+    /// prefix length; more distinct lengths than the datapath probes is an error.
+    pub fn build(
+        cfg: &Config,
+        snap: &Snapshot,
+        now_wall: jiff::Timestamp,
+        now_boot: u64,
+    ) -> Result<Desired> {
+        Ok(Desired::build_indexed(cfg, snap, now_wall, now_boot)?.1)
+    }
+
+    /// As [`Desired::build`], with the per-user index that later changes update.
+    pub fn build_indexed(
+        cfg: &Config,
+        snap: &Snapshot,
+        now_wall: jiff::Timestamp,
+        now_boot: u64,
+    ) -> Result<(Index, Desired)> {
+        let base = Desired::base(cfg, &snap.entries, now_wall, now_boot);
+        Index::build(base, snap, now_wall, now_boot)
     }
 
     pub fn from_config_now(cfg: &Config) -> Desired {
@@ -353,6 +316,85 @@ pub fn check_fits(live: &LiveMaps, want: &Desired) -> Result<()> {
         if n > cap as usize {
             bail!("{name}: {n} entries do not fit its capacity of {cap} (map full); nothing was changed");
         }
+    }
+    Ok(())
+}
+
+/// Refuses a per-change plan that would overfill an exempt map, before anything is written.
+pub fn check_slots_fit(
+    live: &LiveMaps,
+    applied: &Desired,
+    slots: &[(Slot, Option<Exempt>)],
+) -> Result<()> {
+    use port25_common::maps as m;
+    let mut delta = [0i64; 5];
+    for (slot, v) in slots {
+        let have = match slot {
+            Slot::Ip4(k) => applied.exip4.contains_key(k),
+            Slot::Ip6(k) => applied.exip6.contains_key(k),
+            Slot::Pfx4(k) => applied.expfx4.contains_key(k),
+            Slot::Pfx6(k) => applied.expfx6.contains_key(k),
+            Slot::Net6(k) => applied.exnet6.contains_key(k),
+        };
+        delta[slot_table(slot)] += v.is_some() as i64 - have as i64;
+    }
+    let tables = [
+        (m::EXIP4, applied.exip4.len(), live.exip4.capacity()),
+        (m::EXIP6, applied.exip6.len(), live.exip6.capacity()),
+        (m::EXPFX4, applied.expfx4.len(), live.expfx4.capacity()),
+        (m::EXPFX6, applied.expfx6.len(), live.expfx6.capacity()),
+        (m::EXNET6, applied.exnet6.len(), live.exnet6.capacity()),
+    ];
+    for (i, (name, len, cap)) in tables.into_iter().enumerate() {
+        let n = len as i64 + delta[i];
+        if n > cap as i64 {
+            bail!("{name}: {n} entries do not fit its capacity of {cap} (map full); nothing was changed");
+        }
+    }
+    Ok(())
+}
+
+fn slot_table(s: &Slot) -> usize {
+    match s {
+        Slot::Ip4(_) => 0,
+        Slot::Ip6(_) => 1,
+        Slot::Pfx4(_) => 2,
+        Slot::Pfx6(_) => 3,
+        Slot::Net6(_) => 4,
+    }
+}
+
+/// Writes a per-change plan: removals first (never opens anything), then additions, then the
+/// probed prefix lengths (so a new length is probed only once its entries are in).
+pub fn write_slots(
+    live: &mut LiveMaps,
+    slots: &[(Slot, Option<Exempt>)],
+    settings: Option<Settings>,
+) -> Result<()> {
+    for (slot, v) in slots.iter().filter(|(_, v)| v.is_none()) {
+        let _ = v;
+        match slot {
+            Slot::Ip4(k) => live.exip4.del(*k),
+            Slot::Ip6(k) => live.exip6.del(*k),
+            Slot::Pfx4(k) => live.expfx4.del(*k),
+            Slot::Pfx6(k) => live.expfx6.del(*k),
+            Slot::Net6(k) => live.exnet6.del(*k),
+        }
+        .with_context(|| format!("deleting {slot:?}"))?;
+    }
+    for (slot, v) in slots {
+        let Some(v) = v else { continue };
+        match slot {
+            Slot::Ip4(k) => live.exip4.put(*k, *v),
+            Slot::Ip6(k) => live.exip6.put(*k, *v),
+            Slot::Pfx4(k) => live.expfx4.put(*k, *v),
+            Slot::Pfx6(k) => live.expfx6.put(*k, *v),
+            Slot::Net6(k) => live.exnet6.put(*k, *v),
+        }
+        .with_context(|| format!("writing {slot:?}"))?;
+    }
+    if let Some(s) = settings {
+        live.settings.set(0, s, 0).context("writing settings")?;
     }
     Ok(())
 }

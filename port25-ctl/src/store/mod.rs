@@ -135,6 +135,14 @@ pub trait Tx {
     fn delete_session(&mut self, id: &str) -> Result<()>;
 
     fn bindings(&self) -> Result<Vec<Binding>>;
+    fn bindings_of(&self, user: &str) -> Result<Vec<Prefix>> {
+        Ok(self
+            .bindings()?
+            .into_iter()
+            .filter(|b| b.user == user)
+            .map(|b| b.prefix)
+            .collect())
+    }
     fn put_binding(&mut self, b: &Binding) -> Result<()>;
     fn delete_binding(&mut self, b: &Binding) -> Result<bool>;
 
@@ -165,4 +173,105 @@ pub fn snapshot_of(tx: &dyn Tx) -> Result<Snapshot> {
         bindings: tx.bindings()?,
         entries: tx.entries()?,
     })
+}
+
+/// A transaction that remembers what it changed: the users whose map entries may differ
+/// afterwards, and whether runtime entries changed.
+pub struct Recording<'a> {
+    inner: Box<dyn Tx + 'a>,
+    pub users: std::collections::BTreeSet<String>,
+    pub entries: bool,
+}
+
+impl<'a> Recording<'a> {
+    pub fn new(inner: Box<dyn Tx + 'a>) -> Recording<'a> {
+        Recording {
+            inner,
+            users: Default::default(),
+            entries: false,
+        }
+    }
+
+    pub fn commit(self) -> Result<()> {
+        self.inner.commit()
+    }
+
+    fn touch_session(&mut self, id: &str) -> Result<()> {
+        if let Some(old) = self.inner.session(id)? {
+            self.users.insert(old.user);
+        }
+        Ok(())
+    }
+}
+
+impl Tx for Recording<'_> {
+    fn user(&self, name: &str) -> Result<Option<User>> {
+        self.inner.user(name)
+    }
+    fn users(&self) -> Result<Vec<User>> {
+        self.inner.users()
+    }
+    fn put_user(&mut self, u: &User) -> Result<()> {
+        self.users.insert(u.name.clone());
+        self.inner.put_user(u)
+    }
+    fn delete_user(&mut self, name: &str) -> Result<()> {
+        self.users.insert(name.to_string());
+        self.inner.delete_user(name)
+    }
+    fn session(&self, id: &str) -> Result<Option<Session>> {
+        self.inner.session(id)
+    }
+    fn sessions(&self) -> Result<Vec<Session>> {
+        self.inner.sessions()
+    }
+    fn sessions_of(&self, user: &str) -> Result<Vec<Session>> {
+        self.inner.sessions_of(user)
+    }
+    fn session_holding(&self, p: &Prefix) -> Result<Option<Session>> {
+        self.inner.session_holding(p)
+    }
+    fn put_session(&mut self, s: &Session) -> Result<()> {
+        self.touch_session(&s.id)?;
+        self.users.insert(s.user.clone());
+        self.inner.put_session(s)
+    }
+    fn delete_session(&mut self, id: &str) -> Result<()> {
+        self.touch_session(id)?;
+        self.inner.delete_session(id)
+    }
+    fn bindings(&self) -> Result<Vec<Binding>> {
+        self.inner.bindings()
+    }
+    fn bindings_of(&self, user: &str) -> Result<Vec<Prefix>> {
+        self.inner.bindings_of(user)
+    }
+    fn put_binding(&mut self, b: &Binding) -> Result<()> {
+        self.users.insert(b.user.clone());
+        self.inner.put_binding(b)
+    }
+    fn delete_binding(&mut self, b: &Binding) -> Result<bool> {
+        self.users.insert(b.user.clone());
+        self.inner.delete_binding(b)
+    }
+    fn entries(&self) -> Result<Vec<Entry>> {
+        self.inner.entries()
+    }
+    fn put_entry(&mut self, e: &Entry) -> Result<()> {
+        self.entries = true;
+        self.inner.put_entry(e)
+    }
+    fn delete_entry(&mut self, kind: EntryKind, p: &Prefix) -> Result<bool> {
+        self.entries = true;
+        self.inner.delete_entry(kind, p)
+    }
+    fn append_audit(&mut self, r: &AuditRecord) -> Result<()> {
+        self.inner.append_audit(r)
+    }
+    fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        self.inner.audit(q)
+    }
+    fn commit(self: Box<Self>) -> Result<()> {
+        self.inner.commit()
+    }
 }

@@ -347,6 +347,14 @@ impl Tx for SqliteTx<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    fn bindings_of(&self, user: &str) -> Result<Vec<Prefix>> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT prefix FROM bindings WHERE user = ?1 ORDER BY prefix")?;
+        let rows = st.query_map([user], |r| prefix(r.get(0)?))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn put_binding(&mut self, b: &Binding) -> Result<()> {
         self.tx.execute(
             "INSERT OR IGNORE INTO bindings (user, prefix) VALUES (?1, ?2)",

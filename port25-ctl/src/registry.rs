@@ -263,11 +263,7 @@ pub fn user_add(tx: &mut dyn Tx, actor: &Actor, name: &str, now: Timestamp) -> R
 /// Removes a user with their live sessions and bindings.
 pub fn user_remove(tx: &mut dyn Tx, actor: &Actor, name: &str, now: Timestamp) -> Result<usize> {
     let old = get_user(tx, name)?;
-    let sessions: Vec<Session> = tx
-        .sessions()?
-        .into_iter()
-        .filter(|s| s.user == name)
-        .collect();
+    let sessions = tx.sessions_of(name)?;
     for s in &sessions {
         tx.delete_session(&s.id)?;
     }

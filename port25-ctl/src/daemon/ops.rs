@@ -173,17 +173,8 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             let Some(u) = tx.user(&user)? else {
                 return Err(registry::unknown_user(&*tx, &user));
             };
-            let sessions: Vec<_> = tx
-                .sessions()?
-                .into_iter()
-                .filter(|s| s.user == user)
-                .collect();
-            let bindings: Vec<_> = tx
-                .bindings()?
-                .into_iter()
-                .filter(|b| b.user == user)
-                .map(|b| b.prefix)
-                .collect();
+            let sessions = tx.sessions_of(&user)?;
+            let bindings = tx.bindings_of(&user)?;
             let audit = tx.audit(&AuditQuery {
                 subject: Some(user.clone()),
                 since: None,

@@ -438,12 +438,18 @@ impl Tx for SqliteTx<'_> {
         } else {
             q.limit as i64
         };
-        // The newest `limit` matching records, returned oldest first.
-        let mut st = self.tx.prepare_cached(
+        // The newest `limit` matching records, returned oldest first. One statement per
+        // filter shape, so that SQLite uses the subject index instead of scanning the log.
+        let filter = match (&q.subject, q.since) {
+            (Some(_), Some(_)) => "WHERE subject = ?1 AND at >= ?2",
+            (Some(_), None) => "WHERE subject = ?1 AND ?2 IS NULL",
+            (None, Some(_)) => "WHERE ?1 IS NULL AND at >= ?2",
+            (None, None) => "WHERE ?1 IS NULL AND ?2 IS NULL",
+        };
+        let mut st = self.tx.prepare_cached(&format!(
             "SELECT * FROM (SELECT id, at, actor, action, subject, old, new, reason FROM audit \
-             WHERE (?1 IS NULL OR subject = ?1) AND (?2 IS NULL OR at >= ?2) \
-             ORDER BY id DESC LIMIT ?3) ORDER BY id",
-        )?;
+             {filter} ORDER BY id DESC LIMIT ?3) ORDER BY id"
+        ))?;
         let rows = st.query_map(params![q.subject, q.since.map(ts), limit], |r| {
             Ok(AuditRecord {
                 id: r.get(0)?,

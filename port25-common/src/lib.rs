@@ -10,6 +10,7 @@ pub mod addr;
 pub mod maps;
 pub mod parse;
 pub mod reason;
+pub mod reject;
 pub mod verdict;
 
 #[cfg(feature = "user")]

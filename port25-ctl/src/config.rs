@@ -321,11 +321,6 @@ impl Config {
                 ));
             }
         }
-        if self.action == Action::Reject {
-            return Err(
-                "action: reject is not available yet; use action: drop (the default)".into(),
-            );
-        }
         let mut seen = BTreeSet::new();
         for p in &self.blocked_ports {
             if !seen.insert(p.0) {

@@ -9,11 +9,12 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{bail, Context as _, Result};
 use port25_common::maps::{
-    Exempt, NetKey6, Settings, FLAG_ENFORCE_LISTED, LAYOUT_VERSION, ORIGIN_CONFIG, ORIGIN_RUNTIME,
+    Exempt, NetKey6, Settings, FLAG_ENFORCE_LISTED, FLAG_REJECT, LAYOUT_VERSION, ORIGIN_CONFIG,
+    ORIGIN_RUNTIME,
 };
 
 use crate::{
-    config::Config,
+    config::{Action, Config},
     incremental::{Index, Slot},
     livemaps::{boot_ns, LiveMaps, Table},
     net::Prefix,
@@ -108,6 +109,10 @@ impl Desired {
                     0
                 } else {
                     FLAG_ENFORCE_LISTED
+                } | if cfg.action == Action::Reject {
+                    FLAG_REJECT
+                } else {
+                    0
                 },
                 ..Default::default()
             },

@@ -8,6 +8,7 @@
 #![no_main]
 
 mod maps;
+mod reject;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -22,7 +23,7 @@ use port25_common::{
     Reason,
 };
 
-use crate::maps::{count, KernelMaps};
+use crate::maps::{count, reject_enabled, KernelMaps};
 
 struct XdpFrame<'a>(&'a XdpContext);
 
@@ -81,32 +82,43 @@ fn decide<F: Frame>(frame: &F, link: Link) -> Reason {
 /// Subscriber-facing ingress on an Ethernet NIC, before the stack.
 #[xdp]
 pub fn port25_xdp(ctx: XdpContext) -> u32 {
-    if decide(&XdpFrame(&ctx), Link::Ethernet).is_pass() {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
+    let reason = decide(&XdpFrame(&ctx), Link::Ethernet);
+    if reason.is_pass() {
+        return xdp_action::XDP_PASS;
     }
+    // Only a well-formed segment to a blocked port is answered; doubts are dropped silently.
+    if reason == Reason::BlockPort && reject_enabled() {
+        if let Some(action) = reject::xdp(&ctx) {
+            return action;
+        }
+    }
+    xdp_action::XDP_DROP
 }
 
 /// TC (ingress or egress) on an Ethernet device. Pass = "next": other programs still run.
 #[classifier]
 pub fn port25_tc(ctx: TcContext) -> i32 {
-    tc_action(decide(&SkbFrame(&ctx), Link::Ethernet))
+    tc_action(&ctx, Link::Ethernet)
 }
 
 /// TC on a device without a link header (ppp, tun).
 #[classifier]
 pub fn port25_tc_raw(ctx: TcContext) -> i32 {
-    tc_action(decide(&SkbFrame(&ctx), Link::RawIp))
+    tc_action(&ctx, Link::RawIp)
 }
 
 #[inline(always)]
-fn tc_action(reason: Reason) -> i32 {
+fn tc_action(ctx: &TcContext, link: Link) -> i32 {
+    let reason = decide(&SkbFrame(ctx), link);
     if reason.is_pass() {
-        TC_ACT_UNSPEC
-    } else {
-        TC_ACT_SHOT
+        return TC_ACT_UNSPEC;
     }
+    if reason == Reason::BlockPort && reject_enabled() {
+        if let Some(action) = reject::tc(ctx, link) {
+            return action;
+        }
+    }
+    TC_ACT_SHOT
 }
 
 #[cfg(not(test))]

@@ -56,6 +56,12 @@ static EXNET6: HashMap<NetKey6, Exempt> =
 #[map(name = "P25_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_REASONS, 0);
 
+/// `action: reject` in the settings.
+#[inline(always)]
+pub fn reject_enabled() -> bool {
+    matches!(SETTINGS.get(0), Some(s) if s.flags & port25_common::maps::FLAG_REJECT != 0)
+}
+
 #[inline(always)]
 pub fn count(reason: Reason) {
     if let Some(c) = COUNTERS.get_ptr_mut(reason as u32) {

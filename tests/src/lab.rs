@@ -263,6 +263,26 @@ impl Lab {
         })
     }
 
+    /// A real TCP connect from `src`, with how it ended.
+    pub fn connect_result(
+        &self,
+        src: IpAddr,
+        dst: IpAddr,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<()> {
+        in_ns(&self.sub, move || {
+            let domain = if src.is_ipv4() {
+                Domain::IPV4
+            } else {
+                Domain::IPV6
+            };
+            let s = Socket::new(domain, Type::STREAM, None)?;
+            s.bind(&SocketAddr::new(src, 0).into())?;
+            s.connect_timeout(&SocketAddr::new(dst, port).into(), timeout)
+        })
+    }
+
     pub fn can_connect(&self, src: IpAddr, dst: IpAddr, port: u16) -> bool {
         self.connect(src, dst, port, Duration::from_millis(1500))
     }

@@ -639,3 +639,159 @@ fn raw_ip_program_agrees_with_the_model() {
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+fn run_out(f: &mut Fixture, prog: &str, data: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; data.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(data),
+        data_out: Some(&mut out),
+        ..Default::default()
+    };
+    let p = f.ebpf.program_mut(prog).unwrap();
+    let r = if prog == PROG_XDP {
+        let p: &Xdp = (&*p).try_into().unwrap();
+        p.test_run(opts)
+    } else {
+        let p: &SchedClassifier = (&*p).try_into().unwrap();
+        p.test_run(opts)
+    }
+    .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    let n = r.data_size_out as usize;
+    (r.return_value, out[..n].to_vec())
+}
+
+const XDP_TX: u32 = 3;
+
+/// RFC 1071, written here independently of the datapath's own code.
+fn ones_sum(data: &[u8]) -> u32 {
+    data.chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum()
+}
+
+fn folds_to_ffff(mut s: u32) -> bool {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s == 0xffff
+}
+
+/// The IPv4 header checksum and the TCP checksum (with its pseudo header) both verify.
+fn checksums_ok(ip: &[u8], v6: bool) -> bool {
+    if v6 {
+        let tcp = &ip[40..];
+        let pseudo = ones_sum(&ip[8..40]) + tcp.len() as u32 + 6;
+        folds_to_ffff(pseudo + ones_sum(tcp))
+    } else {
+        let tcp = &ip[20..];
+        let pseudo = ones_sum(&ip[12..20]) + tcp.len() as u32 + 6;
+        folds_to_ffff(ones_sum(&ip[..20])) && folds_to_ffff(pseudo + ones_sum(tcp))
+    }
+}
+const TC_ACT_REDIRECT: u32 = 7;
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b.try_into().unwrap())
+}
+
+#[test]
+fn reject_answers_a_well_formed_blocked_segment_with_a_rst() {
+    require_root!();
+    let mut f = fixture();
+    let mut s = f.live.settings.get(&0, 0).unwrap();
+    s.flags |= port25_common::maps::FLAG_REJECT;
+    f.live.settings.set(0, s, 0).unwrap();
+    let mut syn = Tcp::to(25);
+    syn.flags = SYN;
+    let syn4 = V4::new(SUB, EXT).frame(&syn.bytes());
+    let syn6 = syn6("2001:db8:100::2", "2001:db8:ff::80", 25);
+    let tagged = vlan(&syn4, &[0x8100]);
+    for prog in [PROG_XDP, PROG_TC] {
+        let answered = if prog == PROG_XDP {
+            XDP_TX
+        } else {
+            TC_ACT_REDIRECT
+        };
+        for (what, input, l3, v6) in [
+            ("IPv4 SYN", &syn4, 14, false),
+            ("IPv6 SYN", &syn6, 14, true),
+            ("VLAN IPv4 SYN", &tagged, 18, false),
+        ] {
+            let (ret, out) = run_out(&mut f, prog, input);
+            assert_eq!(ret, answered, "{prog} {what}: answered");
+            let tcp = l3 + if v6 { 40 } else { 20 };
+            assert_eq!(out.len(), tcp + 20, "{prog} {what}: trimmed to the RST");
+            assert_eq!(&out[..6], &input[6..12], "{prog} {what}: MACs swapped");
+            assert_eq!(&out[6..12], &input[..6]);
+            assert_eq!(&out[12..l3], &input[12..l3], "{what}: tags kept");
+            let (s, d) = if v6 { (8, 24) } else { (12, 16) };
+            let alen = if v6 { 16 } else { 4 };
+            assert_eq!(
+                &out[l3 + s..l3 + s + alen],
+                &input[l3 + d..l3 + d + alen],
+                "{what}: addresses swapped"
+            );
+            assert_eq!(
+                &out[tcp..tcp + 2],
+                &input[tcp + 2..tcp + 4],
+                "{what}: ports swapped"
+            );
+            assert_eq!(out[tcp + 13], 0x14, "{what}: RST|ACK");
+            assert_eq!(be32(&out[tcp + 8..tcp + 12]), 1, "{what}: acks the SYN");
+            assert!(
+                checksums_ok(&out[l3..], v6),
+                "{prog} {what}: checksums: {out:?}"
+            );
+        }
+        let mut rst = Tcp::to(25);
+        rst.flags = 0x04;
+        let mut opts = V4::new(SUB, EXT);
+        opts = opts.with_options(4);
+        let mut short = Tcp::to(25);
+        short.header_bytes = 12;
+        for (what, input) in [
+            ("a RST", V4::new(SUB, EXT).frame(&rst.bytes())),
+            ("IPv4 options", opts.frame(&syn.bytes())),
+            (
+                "PPPoE",
+                pppoe(0x0021, &V4::new(SUB, EXT).packet(&syn.bytes())),
+            ),
+            (
+                "IPv6 extension header",
+                v6_frame(
+                    v6("2001:db8:100::2"),
+                    v6("2001:db8:ff::80"),
+                    0,
+                    &[ext(6), syn.bytes()].concat(),
+                ),
+            ),
+            (
+                "truncated TCP (a doubt)",
+                V4::new(SUB, EXT).frame(&short.bytes()),
+            ),
+        ] {
+            let (ret, out) = run_out(&mut f, prog, &input);
+            let drop = if prog == PROG_XDP {
+                XDP_DROP
+            } else {
+                TC_ACT_SHOT
+            };
+            assert_eq!(ret, drop, "{prog} {what}: dropped, not answered");
+            assert_eq!(out, input, "{prog} {what}: untouched");
+        }
+        let to_587 = V4::new(SUB, EXT).frame(&Tcp::to(587).bytes());
+        let (ret, out) = run_out(&mut f, prog, &to_587);
+        let pass = if prog == PROG_XDP {
+            XDP_PASS
+        } else {
+            TC_ACT_UNSPEC
+        };
+        assert_eq!((ret, &out), (pass, &to_587), "{prog}: a pass is untouched");
+    }
+    let raw = V4::new(SUB, EXT).packet(&syn.bytes());
+    let (ret, out) = run_out(&mut f, PROG_TC_RAW, &raw);
+    assert_eq!(ret, TC_ACT_REDIRECT, "raw IP answered");
+    assert_eq!(out.len(), 40);
+    assert_eq!(&out[12..16], &EXT);
+    assert!(checksums_ok(&out, false), "raw IP checksums");
+}

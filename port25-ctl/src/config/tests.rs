@@ -141,8 +141,9 @@ fn bad_times_and_limits_are_refused() {
 }
 
 #[test]
-fn reject_is_refused_until_implemented() {
-    assert!(err("action: reject\n").contains("not available"));
+fn actions() {
+    assert_eq!(parse("action: reject\n").unwrap().action, Action::Reject);
+    assert_eq!(parse("").unwrap().action, Action::Drop);
     assert!(err("action: bounce\n").contains("unknown variant"));
 }
 
@@ -157,7 +158,7 @@ fn attach_points_are_valid_bpffs_names() {
 #[test]
 fn shipped_example_config_is_valid() {
     let text = include_str!("../../../deploy/port25.yaml");
-    // `action: drop` is the only action built; the example must load as shipped.
+    // The example must load as shipped.
     let cfg = Config::parse(text, Path::new("deploy/port25.yaml")).unwrap();
     assert_eq!(cfg.interfaces.len(), 1);
     assert_eq!(cfg.exempt.len(), 2);

@@ -493,6 +493,20 @@ pub fn session_sync(
             Some(s) if s.user == old.user && s.addrs == old.addrs => out.unchanged += 1,
             Some(_) => {
                 tx.delete_session(&old.id)?;
+                audit(
+                    tx,
+                    actor,
+                    now,
+                    "session.down",
+                    &old.user,
+                    Some(format!(
+                        "{}: {} (sync: changed)",
+                        old.id,
+                        fmt_addrs(&old.addrs)
+                    )),
+                    None,
+                    None,
+                )?;
                 out.changed += 1;
             }
             None => {

@@ -81,8 +81,21 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     // One daemon per socket, held for the process lifetime (the kernel drops it on any exit).
     let _lock = lock_instance(&cfg.socket)?;
     let mut store = SqliteStore::open(&cfg.state_dir)?;
-    let mut ebpf = datapath::load(&cfg, &pins)?;
-    let mut live = LiveMaps::open(&pins)?;
+    // Pinned maps of another layout (changed `limits`, a new version) are replaced, never
+    // reused: new maps are filled first, every link then swaps atomically to a program that
+    // uses them, and only then do their pins replace the old ones.
+    let changes = datapath::layout_changes(&pins, &cfg.limits)?;
+    let migrating = !changes.is_empty();
+    let (mut ebpf, map_pins) = if migrating {
+        warn!(
+            ?changes,
+            "pinned maps differ from this config: migrating to new maps"
+        );
+        (datapath::load_staged(&cfg, &pins)?, pins.staging())
+    } else {
+        (datapath::load(&cfg, &pins)?, pins.clone())
+    };
+    let mut live = LiveMaps::open(&map_pins)?;
     let clock = Clock::sample();
     // Policy before programs: a fresh attach never runs on empty maps. A change committed
     // by an earlier daemon that died before applying it is applied here.
@@ -96,6 +109,10 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     }
     for gone in datapath::detach_stale(&pins, &cfg)? {
         info!(point = %gone, "detached: no longer in the config");
+    }
+    if migrating {
+        datapath::commit_staged_maps(&pins)?;
+        info!("maps migrated; the old maps are released (packet counters start from zero)");
     }
     // The socket is bound only now: a client (or systemd, or a lab) that gets an answer knows
     // the programs are attached and enforcing, not merely that a process has started.

@@ -111,6 +111,59 @@ fn pinned_layout(info: &MapInfo, raw_type: u32) -> Layout {
     }
 }
 
+/// The pinned maps whose layout differs from the one this daemon would create, described.
+pub fn layout_changes(pins: &Pins, limits: &Limits) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (name, want) in expected_layouts(limits)? {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        let raw_type = info
+            .map_type()
+            .map(|t| t as u32)
+            .map_err(|e| anyhow!("pinned map {}: {e}", path.display()))?;
+        let have = pinned_layout(&info, raw_type);
+        if have != want {
+            out.push(format!("{name}: {have} -> {want}"));
+        }
+    }
+    Ok(out)
+}
+
+/// Starts a map migration: fresh maps, pinned in the staging directory (a stale one, left
+/// by a migration that died, is discarded first). The caller fills them, swaps every link's
+/// program to the returned one, then calls [`commit_staged_maps`].
+pub fn load_staged(cfg: &Config, pins: &Pins) -> Result<Ebpf> {
+    let staging = pins.staging();
+    discard_staging(pins)?;
+    load(cfg, &staging)
+}
+
+fn discard_staging(pins: &Pins) -> Result<()> {
+    let dir = pins.staging().maps_dir();
+    if dir.exists() {
+        for e in std::fs::read_dir(&dir)? {
+            std::fs::remove_file(e?.path())?;
+        }
+        std::fs::remove_dir(&dir)?;
+    }
+    Ok(())
+}
+
+/// Ends a migration: the staged maps' pins replace the old ones (each rename is atomic; a
+/// crash halfway leaves a mismatch that the next start migrates again).
+pub fn commit_staged_maps(pins: &Pins) -> Result<()> {
+    let staging = pins.staging();
+    for name in ALL_MAPS {
+        std::fs::rename(staging.map(name), pins.map(name))
+            .with_context(|| format!("moving the new {name} into place"))?;
+    }
+    discard_staging(pins)
+}
+
 /// Refuses pinned maps whose layout is not the one this daemon would create.
 pub fn check_pinned_layouts(pins: &Pins, limits: &Limits) -> Result<()> {
     for (name, want) in expected_layouts(limits)? {
@@ -138,8 +191,8 @@ pub fn check_pinned_layouts(pins: &Pins, limits: &Limits) -> Result<()> {
             };
             bail!(
                 "pinned map {} has {have}, this port25-ctl expects {want}{hint}: refusing to reuse it. \
-                 Restore the previous limits, or remove the old pins with `port25-ctl detach` \
-                 (port 25 is open until the next start)",
+                 Restart the daemon: at start it moves to new maps with no moment in which \
+                 port 25 is open",
                 path.display()
             );
         }

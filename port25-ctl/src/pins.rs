@@ -5,6 +5,8 @@
 //!   maps/P25_*          one pin per map (names in port25_common::maps)
 //!   links/xdp:<if>      one pin per attach point: xdp:<if>, tc-ingress:<if>, tc-egress:<if>
 //!                       (<if> with `.` and `%` %-escaped: bpffs refuses dots)
+//!   maps-next/P25_*     only during a map migration: the new maps, filled before any
+//!                       program uses them, then renamed over maps/
 //! ```
 
 use std::{
@@ -20,16 +22,28 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 #[derive(Clone, Debug)]
 pub struct Pins {
     pub root: PathBuf,
+    maps: &'static str,
 }
+
+pub const MAPS_DIR: &str = "maps";
+pub const STAGING_MAPS_DIR: &str = "maps-next";
 
 impl Pins {
     pub fn new(root: &Path) -> Self {
         Pins {
             root: root.to_owned(),
+            maps: MAPS_DIR,
+        }
+    }
+    /// The same tree with its maps in the staging directory (a migration's new maps).
+    pub fn staging(&self) -> Pins {
+        Pins {
+            root: self.root.clone(),
+            maps: STAGING_MAPS_DIR,
         }
     }
     pub fn maps_dir(&self) -> PathBuf {
-        self.root.join("maps")
+        self.root.join(self.maps)
     }
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
@@ -101,7 +115,8 @@ impl Pins {
 
     /// Removes the (emptied) pin tree.
     pub fn remove_tree(&self) -> Result<()> {
-        for dir in [self.maps_dir(), self.links_dir()] {
+        let staging = self.root.join(STAGING_MAPS_DIR);
+        for dir in [self.maps_dir(), staging, self.links_dir()] {
             if dir.exists() {
                 for e in fs::read_dir(&dir)? {
                     let p = e?.path();

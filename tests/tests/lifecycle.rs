@@ -143,21 +143,61 @@ fn lifecycle() {
     drop(sniff);
     assert_blocked(&lab, "after restart");
 
-    // Pinned maps whose layout no longer matches the config are refused, never reused.
-    lab.kill9();
+    // Changed limits: a reload refuses them (the maps cannot grow in place) and changes
+    // nothing...
     lab.write_config("limits:\n  mail_servers: 17\n");
-    let err = lab
-        .try_start_daemon()
-        .expect_err("changed limits must be refused");
+    let r = lab.ctl(&["reload"]);
+    let err = String::from_utf8_lossy(&r.stderr).to_string();
+    assert!(!r.status.success(), "{}", text(&r));
     assert!(
-        err.contains("P25_MAIL4") && err.contains("`limits` changed"),
-        "the refusal names the map and the cause: {err}"
+        err.contains("P25_MAIL4") && err.contains("Restart the daemon"),
+        "the refusal names the map and the way out: {err}"
     );
-    eprintln!(
-        "refused as expected: {}",
-        err.lines().last().unwrap_or_default()
+    assert_blocked(&lab, "after a refused reload");
+    // ...and a restart moves to new maps with no SYN to port 25 crossing meanwhile.
+    lab.kill9();
+    let sniff = Sniffer::start(&lab.net, "n0");
+    let stop = Arc::new(AtomicBool::new(false));
+    let probes = [
+        lab.syn_probe(v4.sub, v4.ext, &[25, 587], stop.clone()),
+        lab.syn_probe(v6.sub, v6.ext, &[25, 587], stop.clone()),
+    ];
+    std::thread::sleep(Duration::from_millis(200));
+    lab.start_daemon();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in probes {
+        p.join().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(sniff.syns(587) > 0, "the sniffer sees the control SYNs");
+    assert_eq!(
+        sniff.syns(25),
+        0,
+        "no SYN to port 25 crossed during the migration"
     );
-    assert_blocked(&lab, "after a refused start");
+    drop(sniff);
+    assert!(
+        lab.daemon_log().contains("maps migrated"),
+        "{}",
+        lab.daemon_log()
+    );
+    let st = lab.ctl(&["status", "--json"]);
+    let js: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let mail4 = js["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["map"] == "P25_MAIL4")
+        .unwrap();
+    assert_eq!(mail4["capacity"], 17, "the new maps are in place: {js}");
+    assert_eq!(mail4["entries"], 1, "and filled");
+    assert!(
+        !lab.pin_dir.join("maps-next").exists(),
+        "no staging left behind"
+    );
+    assert_blocked(&lab, "after the migration");
+    lab.kill9();
     lab.write_config("");
 
     // A lost link pin: status says so and exits 3; the next start attaches afresh.

@@ -14,3 +14,4 @@ pub mod proto;
 pub mod registry;
 pub mod report;
 pub mod store;
+pub mod sys;

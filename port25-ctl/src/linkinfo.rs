@@ -9,29 +9,14 @@ use std::{
 use anyhow::{anyhow, Result};
 use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
 
+use crate::sys::sys_bpf;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PinnedLinkInfo {
     pub link_id: u32,
     pub prog_id: u32,
     /// 0 when the link is defunct (its interface went away).
     pub ifindex: u32,
-}
-
-fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<i64> {
-    // SAFETY: attr is a valid, zero-initialised bpf_attr of the size we pass.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as i64,
-            attr as *mut bpf_attr,
-            std::mem::size_of::<bpf_attr>(),
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
 }
 
 pub fn read(path: &Path) -> Result<PinnedLinkInfo> {

@@ -207,12 +207,11 @@ impl<K: Pod + Ord + std::fmt::Debug, V: Pod + PartialEq> Table for HashMap<MapDa
     type K = K;
     type V = V;
     fn entries(&self) -> Result<BTreeMap<K, V>> {
-        let mut out = BTreeMap::new();
-        for kv in self.iter() {
-            let (k, v) = kv?;
-            out.insert(k, v);
+        // A million exempt entries are read in ~130 batch calls instead of 2M lookups.
+        if let Ok(all) = crate::sys::lookup_all::<K, V>(aya::maps::IterableMap::map(self)) {
+            return Ok(all.into_iter().collect());
         }
-        Ok(out)
+        hash_entries_one_by_one(self)
     }
     fn put(&mut self, k: K, v: V) -> Result<()> {
         self.insert(k, v, 0).map_err(|e| full(e, "insert"))
@@ -223,6 +222,18 @@ impl<K: Pod + Ord + std::fmt::Debug, V: Pod + PartialEq> Table for HashMap<MapDa
     fn capacity(&self) -> u32 {
         info_capacity(aya::maps::IterableMap::map(self))
     }
+}
+
+/// The fallback for kernels without batch lookups (and the bench's baseline).
+pub fn hash_entries_one_by_one<K: Pod + Ord, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+) -> Result<BTreeMap<K, V>> {
+    let mut out = BTreeMap::new();
+    for kv in map.iter() {
+        let (k, v) = kv?;
+        out.insert(k, v);
+    }
+    Ok(out)
 }
 
 /// The live maps answer the verdict's lookups, so `check` runs the kernel's own decision.

@@ -795,3 +795,24 @@ fn reject_answers_a_well_formed_blocked_segment_with_a_rst() {
     assert_eq!(&out[12..16], &EXT);
     assert!(checksums_ok(&out, false), "raw IP checksums");
 }
+
+#[test]
+fn batch_reads_return_every_entry_across_chunks() {
+    require_root!();
+    use port25_ctl::livemaps::{hash_entries_one_by_one, Table};
+    let mut f = fixture();
+    let e = Exempt {
+        expires_ns: 7,
+        origin: ORIGIN_SESSION,
+        _pad: 0,
+    };
+    for i in 0..20_000u32 {
+        f.live
+            .exip4
+            .put((0x0a00_0000 + i).to_be_bytes(), e)
+            .unwrap();
+    }
+    let batched = f.live.exip4.entries().unwrap();
+    assert_eq!(batched.len(), 20_000 + 3, "20,000 added to the fixture's 3");
+    assert_eq!(batched, hash_entries_one_by_one(&f.live.exip4).unwrap());
+}

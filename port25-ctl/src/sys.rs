@@ -1,0 +1,73 @@
+//! The raw bpf(2) calls aya 0.14 does not offer: link details (the interface a pinned link is
+//! on) and batch map reads (aya-rs/aya#1124).
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use aya::{maps::MapData, Pod};
+use aya_obj::generated::{bpf_attr, bpf_cmd};
+
+pub fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<i64> {
+    // SAFETY: attr is a valid, zero-initialised bpf_attr of the size we pass.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as i64,
+            attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Entries per BPF_MAP_LOOKUP_BATCH call.
+const CHUNK: usize = 8192;
+
+/// Every entry of a hash map, a chunk per syscall (BPF_MAP_LOOKUP_BATCH, Linux 5.6) instead
+/// of two syscalls per entry. Err on kernels or map types without batch support.
+pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> std::io::Result<Vec<(K, V)>> {
+    let (ks, vs) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+    let mut keys = vec![0u8; CHUNK * ks];
+    let mut values = vec![0u8; CHUNK * vs];
+    // The resume token: a bucket index for hash maps; room for more to be safe.
+    let mut token_in = [0u64; 2];
+    let mut token_out = [0u64; 2];
+    let mut first = true;
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: bpf_attr is plain data; zeroed is its valid empty state.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        attr.batch.in_batch = if first { 0 } else { token_in.as_ptr() as u64 };
+        attr.batch.out_batch = token_out.as_mut_ptr() as u64;
+        attr.batch.keys = keys.as_mut_ptr() as u64;
+        attr.batch.values = values.as_mut_ptr() as u64;
+        attr.batch.count = CHUNK as u32;
+        attr.batch.map_fd = map.fd().as_fd().as_raw_fd() as u32;
+        let r = sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // SAFETY: the kernel wrote back how many entries it copied.
+        let n = unsafe { attr.batch.count } as usize;
+        for i in 0..n.min(CHUNK) {
+            // SAFETY: the kernel filled n keys and values of these sizes; Pod types are
+            // valid for any bytes, and read_unaligned copes with the byte buffers.
+            let (k, v) = unsafe {
+                (
+                    std::ptr::read_unaligned(keys.as_ptr().add(i * ks) as *const K),
+                    std::ptr::read_unaligned(values.as_ptr().add(i * vs) as *const V),
+                )
+            };
+            out.push((k, v));
+        }
+        match r {
+            Ok(_) => {
+                token_in = token_out;
+                first = false;
+            }
+            // The end of the map.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -43,6 +43,8 @@ pub struct Status {
     pub unconfigured_links: Vec<String>,
     pub maps: Vec<MapFill>,
     pub counters: Vec<(String, u64)>,
+    /// Users and sessions in the registry (None before any daemon created it).
+    pub registry: Option<crate::store::sqlite::Counts>,
 }
 
 impl Status {
@@ -114,7 +116,11 @@ pub fn status(cfg: &Config, daemon: Option<serde_json::Value>) -> Result<Status>
         ),
         Err(_) => (false, vec![], vec![]),
     };
+    let registry = SqliteStore::open_read_only(&cfg.state_dir)
+        .and_then(|s| s.counts(jiff::Timestamp::now()))
+        .ok();
     Ok(Status {
+        registry,
         daemon,
         pin_dir: pins.root.display().to_string(),
         loaded,
@@ -138,6 +144,12 @@ pub fn print_status(s: &Status) {
         s.pin_dir,
         if s.loaded { "" } else { " (not loaded)" }
     );
+    if let Some(r) = &s.registry {
+        println!(
+            "registry:   {} users, {} unblocked ({} timed), {} live sessions",
+            r.users, r.unblocked, r.timed, r.sessions
+        );
+    }
     for i in &s.interfaces {
         let state = if i.attached { "attached" } else { "MISSING" };
         let ids = match (i.link_id, i.prog_id) {

@@ -202,7 +202,12 @@ fn a_timed_unblock_never_shortens_a_longer_one() {
     require_root!();
     let lab = started(XDP);
     ok(&lab, &["user", "add", "carol"]);
+    ok(&lab, &["user", "add", "dan"]);
     ok(&lab, &["unblock", "carol"]);
+    let st: serde_json::Value = serde_json::from_str(&ok(&lab, &["status", "--json"])).unwrap();
+    assert_eq!(st["registry"]["users"], 2, "{st}");
+    assert_eq!(st["registry"]["unblocked"], 1, "{st}");
+    assert!(ok(&lab, &["status"]).contains("2 users, 1 unblocked (0 timed)"));
     let out = ok(
         &lab,
         &[

@@ -128,6 +128,33 @@ impl SqliteStore {
     }
 }
 
+/// How many users, unblocked users and live sessions the registry holds.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Counts {
+    pub users: u64,
+    pub unblocked: u64,
+    pub timed: u64,
+    pub sessions: u64,
+}
+
+impl SqliteStore {
+    pub fn counts(&self, now: Timestamp) -> Result<Counts> {
+        let one = |sql: &str| -> Result<u64> {
+            Ok(self
+                .conn
+                .query_row(sql, [ts(now)], |r| r.get::<_, i64>(0))? as u64)
+        };
+        Ok(Counts {
+            users: one("SELECT COUNT(*) FROM users WHERE ?1 IS NOT NULL")?,
+            unblocked: one(
+                "SELECT COUNT(*) FROM users WHERE policy = 'unblocked' AND (until IS NULL OR until > ?1)",
+            )?,
+            timed: one("SELECT COUNT(*) FROM users WHERE policy = 'unblocked' AND until > ?1")?,
+            sessions: one("SELECT COUNT(*) FROM sessions WHERE ?1 IS NOT NULL")?,
+        })
+    }
+}
+
 fn migrate(conn: &mut Connection) -> Result<()> {
     let have: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let have = have as usize;

@@ -191,11 +191,7 @@ fn failpoint_after_commit() {
     }
 }
 
-/// Takes an exclusive lock next to the socket so two daemons never race on the same pins.
-fn lock_instance(socket: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
-    let mut name = socket.as_os_str().to_owned();
-    name.push(".lock");
-    let path = PathBuf::from(name);
+fn create_parent(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -203,6 +199,15 @@ fn lock_instance(socket: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
+    Ok(())
+}
+
+/// Takes an exclusive lock next to the socket so two daemons never race on the same pins.
+fn lock_instance(socket: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    create_parent(&path)?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -228,13 +233,7 @@ fn read_gid(group: Option<&str>) -> Result<Option<nix::unistd::Gid>> {
 
 /// Binds the control socket: 0600 root, or 0660 root:GROUP with a read-only group.
 fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-    }
+    create_parent(path)?;
     if path.exists() {
         std::fs::remove_file(path)?;
     }

@@ -111,8 +111,12 @@ fn pinned_layout(info: &MapInfo, raw_type: u32) -> Layout {
     }
 }
 
-/// The pinned maps whose layout differs from the one this daemon would create, described.
-pub fn layout_changes(pins: &Pins, limits: &Limits) -> Result<Vec<String>> {
+/// The pinned maps whose layout differs from the one this daemon would create:
+/// (name, pinned path, layout pinned, layout wanted).
+fn mismatches(
+    pins: &Pins,
+    limits: &Limits,
+) -> Result<Vec<(&'static str, std::path::PathBuf, Layout, Layout)>> {
     let mut out = Vec::new();
     for (name, want) in expected_layouts(limits)? {
         let path = pins.map(name);
@@ -127,10 +131,18 @@ pub fn layout_changes(pins: &Pins, limits: &Limits) -> Result<Vec<String>> {
             .map_err(|e| anyhow!("pinned map {}: {e}", path.display()))?;
         let have = pinned_layout(&info, raw_type);
         if have != want {
-            out.push(format!("{name}: {have} -> {want}"));
+            out.push((name, path, have, want));
         }
     }
     Ok(out)
+}
+
+/// The pinned maps whose layout differs from the one this daemon would create, described.
+pub fn layout_changes(pins: &Pins, limits: &Limits) -> Result<Vec<String>> {
+    Ok(mismatches(pins, limits)?
+        .into_iter()
+        .map(|(name, _, have, want)| format!("{name}: {have} -> {want}"))
+        .collect())
 }
 
 /// Starts a map migration: fresh maps, pinned in the staging directory (a stale one, left
@@ -166,36 +178,23 @@ pub fn commit_staged_maps(pins: &Pins) -> Result<()> {
 
 /// Refuses pinned maps whose layout is not the one this daemon would create.
 pub fn check_pinned_layouts(pins: &Pins, limits: &Limits) -> Result<()> {
-    for (name, want) in expected_layouts(limits)? {
-        let path = pins.map(name);
-        if !path.exists() {
-            continue;
-        }
-        let info = MapInfo::from_pin(&path)
-            .with_context(|| format!("reading pinned map {}", path.display()))?;
-        let raw_type = info
-            .map_type()
-            .map(|t| t as u32)
-            .map_err(|e| anyhow!("pinned map {}: {e}", path.display()))?;
-        let have = pinned_layout(&info, raw_type);
-        if have != want {
-            let hint = if have.max_entries != want.max_entries
-                && (Layout {
-                    max_entries: want.max_entries,
-                    ..have
-                }) == want
-            {
-                " (the config's `limits` changed; capacities of pinned maps cannot change in place)"
-            } else {
-                ""
-            };
-            bail!(
-                "pinned map {} has {have}, this port25-ctl expects {want}{hint}: refusing to reuse it. \
-                 Restart the daemon: at start it moves to new maps with no moment in which \
-                 port 25 is open",
-                path.display()
-            );
-        }
+    if let Some((_, path, have, want)) = mismatches(pins, limits)?.into_iter().next() {
+        let only_capacity = have.max_entries != want.max_entries
+            && (Layout {
+                max_entries: want.max_entries,
+                ..have
+            }) == want;
+        let hint = if only_capacity {
+            " (the config's `limits` changed; capacities of pinned maps cannot change in place)"
+        } else {
+            ""
+        };
+        bail!(
+            "pinned map {} has {have}, this port25-ctl expects {want}{hint}: refusing to reuse it. \
+             Restart the daemon: at start it moves to new maps with no moment in which \
+             port 25 is open",
+            path.display()
+        );
     }
     Ok(())
 }

@@ -220,10 +220,14 @@ pub fn call(socket: &Path, op: Op, timeout: Duration) -> Result<Response> {
     })?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    s.write_all(&encode(&Request::new(op))?)?;
+    // A daemon that refuses a peer answers and closes without reading the request, so the
+    // write may fail (EPIPE) while the answer is waiting: read it before reporting the write.
+    let written = s.write_all(&encode(&Request::new(op))?);
     let mut header = [0u8; 4];
-    s.read_exact(&mut header)
-        .context("reading the daemon's answer")?;
+    if let Err(e) = s.read_exact(&mut header) {
+        written?;
+        return Err(e).context("reading the daemon's answer");
+    }
     let mut body = vec![0u8; frame_len(header)?];
     s.read_exact(&mut body)
         .context("reading the daemon's answer")?;

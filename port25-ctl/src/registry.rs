@@ -122,6 +122,22 @@ fn new_user(name: &str, actor: &Actor, now: Timestamp) -> User {
     }
 }
 
+/// The user, or with `create` a new (blocked, not yet stored) one: (user, created).
+fn user_or_new(
+    tx: &dyn Tx,
+    actor: &Actor,
+    name: &str,
+    create: bool,
+    now: Timestamp,
+) -> Result<(User, bool)> {
+    check_user_name(name)?;
+    match tx.user(name)? {
+        Some(u) => Ok((u, false)),
+        None if create => Ok((new_user(name, actor, now), true)),
+        None => Err(unknown_user(tx, name)),
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PolicyOutcome {
     pub user: User,
@@ -145,12 +161,7 @@ pub fn unblock(
             bail!("the unblock would end at {t}, which is not in the future");
         }
     }
-    check_user_name(name)?;
-    let (old, created) = match tx.user(name)? {
-        Some(u) => (u, false),
-        None if create => (new_user(name, actor, now), true),
-        None => return Err(unknown_user(tx, name)),
-    };
+    let (old, created) = user_or_new(tx, actor, name, create, now)?;
     let keeps = old.unblocked_at(now)
         && match (old.until, until) {
             (None, _) => true,
@@ -206,12 +217,7 @@ pub fn block(
     now: Timestamp,
 ) -> Result<PolicyOutcome> {
     check_text("a reason", &reason)?;
-    check_user_name(name)?;
-    let (old, created) = match tx.user(name)? {
-        Some(u) => (u, false),
-        None if create => (new_user(name, actor, now), true),
-        None => return Err(unknown_user(tx, name)),
-    };
+    let (old, created) = user_or_new(tx, actor, name, create, now)?;
     let user = User {
         policy: Policy::Blocked,
         until: None,

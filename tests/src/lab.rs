@@ -387,6 +387,26 @@ impl Lab {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
+    /// Starts the daemon while SYNs from the subscriber (v4 and v6) go to the external MX on
+    /// 25 and, as a control, 587; returns the SYNs seen per port on the internet side.
+    pub fn start_daemon_under_syn_stream(&mut self) -> (u32, u32) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let sniff = crate::sniff::Sniffer::start(&self.net, "n0");
+        let stop = Arc::new(AtomicBool::new(false));
+        let probes = [
+            self.syn_probe(v4().sub, v4().ext, &[25, 587], stop.clone()),
+            self.syn_probe(v6().sub, v6().ext, &[25, 587], stop.clone()),
+        ];
+        std::thread::sleep(Duration::from_millis(200));
+        self.start_daemon();
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        let rounds: u32 = probes.into_iter().map(|p| p.join().unwrap()).sum();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(rounds > 10, "the probe ran ({rounds} rounds)");
+        (sniff.syns(25), sniff.syns(587))
+    }
+
     pub fn signal_daemon(&self, sig: nix::sys::signal::Signal) {
         let pid = self.daemon.as_ref().expect("daemon running").id();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();

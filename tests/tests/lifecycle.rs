@@ -1,29 +1,16 @@
 //! The daemon's life in the namespace lab: reload, refused reloads, kill -9, a restart under
-//! a stream of SYNs, refused pinned layouts, a lost link pin, and detach.
+//! a stream of SYNs, a map migration (changed limits) under the same, a lost link pin, and
+//! detach.
 
-use std::{
-    process::Output,
-    sync::{atomic::AtomicBool, Arc},
-    time::Duration,
-};
+use std::time::Duration;
 
 use port25_tests::{
     lab::{self, Lab},
-    require_root,
-    sniff::Sniffer,
+    require_root, text,
 };
 
 const XDP: &str = "  - name: rs\n    hook: xdp\n    xdp_mode: native";
 const EXEMPT_SUB: &str = "exempt:\n  - prefix: 100.64.0.2/32\n";
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn assert_blocked(lab: &Lab, what: &str) {
     for a in [lab::v4(), lab::v6()] {
@@ -116,31 +103,14 @@ fn lifecycle() {
 
     // A restart under a stream of SYNs: none to port 25 crosses the router, while SYNs to
     // 587 in the same rounds do (so the sniffer is seen to work).
-    let sniff = Sniffer::start(&lab.net, "n0");
-    let stop = Arc::new(AtomicBool::new(false));
-    let probes = [
-        lab.syn_probe(v4.sub, v4.ext, &[25, 587], stop.clone()),
-        lab.syn_probe(v6.sub, v6.ext, &[25, 587], stop.clone()),
-    ];
-    std::thread::sleep(Duration::from_millis(200));
-    lab.start_daemon();
-    std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let rounds: u32 = probes.into_iter().map(|p| p.join().unwrap()).sum();
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(rounds > 10, "the probe ran ({rounds} rounds)");
-    assert!(sniff.syns(587) > 0, "the sniffer sees the control SYNs");
-    assert_eq!(
-        sniff.syns(25),
-        0,
-        "no SYN to port 25 crossed during the restart"
-    );
+    let (to25, to587) = lab.start_daemon_under_syn_stream();
+    assert!(to587 > 0, "the sniffer sees the control SYNs");
+    assert_eq!(to25, 0, "no SYN to port 25 crossed during the restart");
     assert!(
         lab.daemon_log().contains("Swapped"),
         "the restart adopted the pinned link: {}",
         lab.daemon_log()
     );
-    drop(sniff);
     assert_blocked(&lab, "after restart");
 
     // Changed limits: a reload refuses them (the maps cannot grow in place) and changes
@@ -156,27 +126,9 @@ fn lifecycle() {
     assert_blocked(&lab, "after a refused reload");
     // ...and a restart moves to new maps with no SYN to port 25 crossing meanwhile.
     lab.kill9();
-    let sniff = Sniffer::start(&lab.net, "n0");
-    let stop = Arc::new(AtomicBool::new(false));
-    let probes = [
-        lab.syn_probe(v4.sub, v4.ext, &[25, 587], stop.clone()),
-        lab.syn_probe(v6.sub, v6.ext, &[25, 587], stop.clone()),
-    ];
-    std::thread::sleep(Duration::from_millis(200));
-    lab.start_daemon();
-    std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for p in probes {
-        p.join().unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(sniff.syns(587) > 0, "the sniffer sees the control SYNs");
-    assert_eq!(
-        sniff.syns(25),
-        0,
-        "no SYN to port 25 crossed during the migration"
-    );
-    drop(sniff);
+    let (to25, to587) = lab.start_daemon_under_syn_stream();
+    assert!(to587 > 0, "the sniffer sees the control SYNs");
+    assert_eq!(to25, 0, "no SYN to port 25 crossed during the migration");
     assert!(
         lab.daemon_log().contains("maps migrated"),
         "{}",

@@ -3,13 +3,13 @@
 
 use std::{
     net::IpAddr,
-    process::{Command, Output},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use port25_tests::{
     lab::{self, Lab},
-    require_root,
+    require_root, text,
 };
 
 const XDP: &str = "  - name: rs\n    hook: xdp\n    xdp_mode: native";
@@ -26,15 +26,6 @@ const ALICE6: &str = "2001:db8:1a0:5::7";
 const BOB4: &str = "100.64.0.3";
 const BOB_PD: &str = "2001:db8:1a1::/56";
 const BOB6: &str = "2001:db8:1a1:5::9";
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn ok(lab: &Lab, args: &[&str]) -> String {
     let o = lab.ctl(args);

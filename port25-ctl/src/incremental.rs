@@ -225,25 +225,17 @@ impl Index {
         changed: Vec<(String, Vec<(Slot, Exempt)>)>,
     ) -> Result<Plan> {
         let mut affected: BTreeMap<Slot, BTreeMap<String, Exempt>> = BTreeMap::new();
+        // Every slot a changed user held or will hold, with all its current holders first
+        // (users may share a slot), then the changed users' old entries out, new ones in.
         for (user, new) in &changed {
-            let old = self
-                .per_user
-                .get(user)
-                .map(|v| v.as_slice())
-                .unwrap_or_default();
-            for (slot, _) in old.iter().chain(new.iter()) {
+            for (slot, _) in self.slots_of(user).iter().chain(new.iter()) {
                 affected
                     .entry(*slot)
                     .or_insert_with(|| self.holders.get(slot).cloned().unwrap_or_default());
             }
         }
         for (user, new) in &changed {
-            let old = self
-                .per_user
-                .get(user)
-                .map(|v| v.as_slice())
-                .unwrap_or_default();
-            for (slot, _) in old {
+            for (slot, _) in self.slots_of(user) {
                 affected.get_mut(slot).unwrap().remove(user);
             }
             for (slot, v) in new {
@@ -290,6 +282,13 @@ impl Index {
             slots,
             lens,
         })
+    }
+
+    fn slots_of(&self, user: &str) -> &[(Slot, Exempt)] {
+        self.per_user
+            .get(user)
+            .map(|v| v.as_slice())
+            .unwrap_or_default()
     }
 
     /// Makes a planned change in the index and in `applied` (the maps are written by the

@@ -93,6 +93,14 @@ impl FromStr for Prefix {
 }
 
 impl Prefix {
+    /// The same prefix with its host bits cleared.
+    pub fn masked(self) -> Prefix {
+        Prefix {
+            addr: self.network(),
+            len: self.len,
+        }
+    }
+
     fn network(&self) -> IpAddr {
         match self.addr {
             IpAddr::V4(a) => IpAddr::from(mask(a.octets(), self.len as u32)),

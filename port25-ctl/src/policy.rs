@@ -376,8 +376,7 @@ pub fn write_slots(
     slots: &[(Slot, Option<Exempt>)],
     settings: Option<Settings>,
 ) -> Result<()> {
-    for (slot, v) in slots.iter().filter(|(_, v)| v.is_none()) {
-        let _ = v;
+    for (slot, _) in slots.iter().filter(|(_, v)| v.is_none()) {
         match slot {
             Slot::Ip4(k) => live.exip4.del(*k),
             Slot::Ip6(k) => live.exip6.del(*k),

@@ -667,26 +667,23 @@ pub fn entry_remove(
     )
 }
 
-/// Who holds `ip` now: a live session's address or prefix, or a static binding.
-pub fn holder_of(snap: &crate::store::Snapshot, ip: std::net::IpAddr) -> Option<(String, String)> {
-    let best = |p: &Prefix| p.contains(ip);
-    snap.sessions
-        .iter()
-        .flat_map(|s| {
-            s.addrs
-                .iter()
-                .filter(|p| best(p))
-                .map(move |p| (p.len, s.user.clone(), format!("session {} ({p})", s.id)))
-        })
-        .chain(snap.bindings.iter().filter(|b| best(&b.prefix)).map(|b| {
-            (
-                b.prefix.len,
-                b.user.clone(),
-                format!("static binding {}", b.prefix),
-            )
-        }))
-        .max_by_key(|(len, _, _)| *len)
-        .map(|(_, u, how)| (u, how))
+/// Who holds `ip` now: the live session holding the longest prefix of it (one indexed
+/// lookup per prefix length, so it costs the same with a million sessions), else a static
+/// binding containing it. (user, how).
+pub fn holder_of(tx: &dyn Tx, ip: std::net::IpAddr) -> Result<Option<(String, String)>> {
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    for len in (0..=max).rev() {
+        let p = Prefix { addr: ip, len }.masked();
+        if let Some(s) = tx.session_holding(&p)? {
+            return Ok(Some((s.user, format!("session {} ({p})", s.id))));
+        }
+    }
+    Ok(tx
+        .bindings()?
+        .into_iter()
+        .filter(|b| b.prefix.contains(ip))
+        .max_by_key(|b| b.prefix.len)
+        .map(|b| (b.user, format!("static binding {}", b.prefix))))
 }
 
 #[cfg(test)]

@@ -216,21 +216,23 @@ pub fn check(cfg: &Config, src: IpAddr, dst: IpAddr, port: u16) -> Result<CheckR
     let reason: Reason = decide(&pkt, &live);
     let (holder, registry) = match SqliteStore::open_read_only(&cfg.state_dir) {
         Ok(mut store) => {
-            let snap = store.snapshot()?;
+            let tx = store.begin()?;
             let now = jiff::Timestamp::now();
-            let holder = registry::holder_of(&snap, src).map(|(user, via)| {
-                let policy = snap
-                    .users
-                    .iter()
-                    .find(|u| u.name == user)
-                    .map(|u| match (u.unblocked_at(now), u.until) {
-                        (true, Some(t)) => format!("unblocked until {t}"),
-                        (true, None) => "unblocked".to_string(),
-                        (false, _) => "blocked".to_string(),
-                    })
-                    .unwrap_or_else(|| "unknown".into());
-                Holder { user, via, policy }
-            });
+            let holder = match registry::holder_of(&*tx, src)? {
+                Some((user, via)) => {
+                    let policy = match tx.user(&user)? {
+                        Some(u) => match (u.unblocked_at(now), u.until) {
+                            (true, Some(t)) => format!("unblocked until {t}"),
+                            (true, None) => "unblocked".to_string(),
+                            (false, _) => "blocked".to_string(),
+                        },
+                        None => "unknown".into(),
+                    };
+                    Some(Holder { user, via, policy })
+                }
+                None => None,
+            };
+            drop(tx);
             (holder, Some(store.path.display().to_string()))
         }
         Err(_) => (None, None),

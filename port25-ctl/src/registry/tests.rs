@@ -196,9 +196,28 @@ fn sessions_are_keyed_by_id_and_an_address_has_one_owner() {
     up(&mut d, "carol", "3", &["100.64.0.2"]).unwrap();
     let e = d.run(|tx| session_down_id(tx, &a, "2", now)).unwrap_err();
     assert!(e.to_string().contains("no live session"), "{e}");
-    let snap = d.store.snapshot().unwrap();
-    let holder = holder_of(&snap, "100.64.0.2".parse().unwrap()).unwrap();
-    assert_eq!(holder.0, "carol");
+    let tx = d.store.begin().unwrap();
+    let holder = |ip: &str| holder_of(&*tx, ip.parse().unwrap()).unwrap();
+    assert_eq!(holder("100.64.0.2").unwrap().0, "carol");
+    // A session prefix holds every address in it; nobody holds what no session covers.
+    assert_eq!(
+        holder("2001:db8:1a0:5::7"),
+        None,
+        "alice's session 1 went down"
+    );
+    drop(tx);
+    up(&mut d, "dave", "4", &["2001:db8:1a0::/56"]).unwrap();
+    d.run(|tx| bind(tx, &a, "dave", p("203.0.113.16/28"), now))
+        .unwrap();
+    let tx = d.store.begin().unwrap();
+    let holder = |ip: &str| holder_of(&*tx, ip.parse().unwrap()).unwrap();
+    let (user, how) = holder("2001:db8:1a0:5::7").unwrap();
+    assert_eq!(
+        (user.as_str(), how.as_str()),
+        ("dave", "session 4 (2001:db8:1a0::/56)")
+    );
+    assert_eq!(holder("203.0.113.20").unwrap().0, "dave", "static binding");
+    assert_eq!(holder("100.64.0.9"), None);
 }
 
 fn sync(id: &str, user: &str, addrs: &[&str]) -> SyncSession {

@@ -18,7 +18,7 @@ use aya::{
     maps::MapData,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use port25_common::maps::{self as m, Exempt, NetKey6, ORIGIN_SESSION};
+use port25_common::maps::{Exempt, NetKey6, ORIGIN_SESSION};
 use port25_ctl::{
     config::Config,
     datapath::{self, PROG_TC, PROG_XDP},
@@ -177,7 +177,6 @@ fn datapath_bench() {
         "  all maps       {:>8.1} MiB",
         total as f64 / (1 << 20) as f64
     );
-    let _ = m::EXIP4;
     drop(live);
     drop(ebpf);
     let _ = datapath::detach_all(&pins);

@@ -202,7 +202,7 @@ impl Gen {
             (b, need, pppoe, mb, Link::Ethernet)
         };
         // Truncation at a random byte; test runs need at least an Ethernet header's worth.
-        if self.pct(10) && bytes.len() > 15 {
+        if self.pct(6) && bytes.len() > 15 {
             let at = self.range(14, bytes.len() - 1);
             bytes.truncate(at);
             self.tag("truncated");
@@ -239,9 +239,9 @@ impl Gen {
         let (src, enforced) = if v6 { self.src6() } else { self.src4() };
         let (dst, mail) = if v6 { self.dst6() } else { self.dst4() };
         let proto = match self.range(0, 99) {
-            0..=79 => 6,
-            80..=89 => 17,
-            90..=94 => {
+            0..=84 => 6,
+            85..=92 => 17,
+            93..=96 => {
                 if v6 {
                     58
                 } else {
@@ -268,7 +268,7 @@ impl Gen {
         let r: [u8; 2] = [self.rng.random(), self.rng.random()];
         let (a, enforced, t) = match self.range(0, 99) {
             // 100.64.0.0/10 without 100.65.0.0/16 and the exempt addresses.
-            0..=49 => {
+            0..=59 => {
                 let mut second = self.range(64, 127) as u8;
                 if second == 65 {
                     second = 66;
@@ -279,11 +279,11 @@ impl Gen {
                 }
                 (a, true, "src-enforced")
             }
-            50..=54 => (e.expired4, true, "src-expired-exempt"),
-            55..=59 => (e.timed4, false, "src-exempt-timed"),
-            60..=64 => ([100, 64, 9, 9], false, "src-exempt-addr"),
-            65..=74 => ([100, 65, r[0], r[1]], false, "src-exempt-prefix"),
-            75..=79 => {
+            60..=64 => (e.expired4, true, "src-expired-exempt"),
+            65..=67 => (e.timed4, false, "src-exempt-timed"),
+            68..=71 => ([100, 64, 9, 9], false, "src-exempt-addr"),
+            72..=78 => ([100, 65, r[0], r[1]], false, "src-exempt-prefix"),
+            79..=82 => {
                 // Just outside the range, either side.
                 let a = if r[0] & 1 == 0 {
                     [100, 63, 255, r[1]]
@@ -310,7 +310,7 @@ impl Gen {
         a[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
         let (enforced, t) = match self.range(0, 99) {
             // 2001:db8:100::/40 without 2001:db8:101::/48, the exempt address and the /56.
-            0..=49 => {
+            0..=59 => {
                 a[4] = 0x01;
                 if a[5] == 0x01 {
                     a[5] = 0x02;
@@ -320,20 +320,20 @@ impl Gen {
                 }
                 (true, "src-enforced")
             }
-            50..=54 => {
+            60..=64 => {
                 a = e.expired6;
                 (true, "src-expired-exempt")
             }
-            55..=59 => {
+            65..=68 => {
                 a = v6_const([0x2001, 0xdb8, 0x100, 9, 0, 0, 0, 9]);
                 (false, "src-exempt-addr")
             }
-            60..=69 => {
+            69..=75 => {
                 a[4] = 0x01;
                 a[5] = 0x01;
                 (false, "src-exempt-prefix")
             }
-            70..=79 => {
+            76..=82 => {
                 a[4..7].copy_from_slice(&e.session56[4..7]);
                 (false, "src-exempt-session")
             }
@@ -355,7 +355,7 @@ impl Gen {
     }
 
     fn dst4(&mut self) -> (Vec<u8>, bool) {
-        if self.pct(15) {
+        if self.pct(10) {
             self.tag("dst-mail");
             return (vec![198, 51, 100, 25], true);
         }
@@ -372,7 +372,7 @@ impl Gen {
     fn dst6(&mut self) -> (Vec<u8>, bool) {
         let mut a: [u8; 16] = self.rng.random();
         a[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
-        if self.pct(15) {
+        if self.pct(10) {
             a[4..8].copy_from_slice(&[0, 0x25, 0, 0]);
             self.tag("dst-mail");
             return (a.to_vec(), true);
@@ -385,11 +385,11 @@ impl Gen {
 
     fn port(&mut self) -> u16 {
         match self.range(0, 99) {
-            0..=29 => 25,
-            30..=39 => 2525,
-            40..=54 => 587,
-            55..=64 => 465,
-            65..=69 => *[24u16, 26, 0, 65535, 6400].get(self.range(0, 4)).unwrap(),
+            0..=39 => 25,
+            40..=49 => 2525,
+            50..=61 => 587,
+            62..=69 => 465,
+            70..=74 => *[24u16, 26, 0, 65535, 6400].get(self.range(0, 4)).unwrap(),
             _ => self.rng.random(),
         }
     }
@@ -408,13 +408,13 @@ impl Gen {
                 let mut doff = 5usize;
                 let mut header = 20usize;
                 match self.range(0, 99) {
-                    0..=74 => {}
-                    75..=89 => {
+                    0..=79 => {}
+                    80..=93 => {
                         doff = self.range(6, 15);
                         header = doff * 4;
                         self.tag("tcp-options");
                     }
-                    90..=94 => {
+                    94..=96 => {
                         doff = self.range(0, 4);
                         self.drop_here("tcp-doff-below-5");
                     }
@@ -491,16 +491,16 @@ impl Gen {
         let mut ihl = 5 + opts_len / 4;
         let mut version = 4u8;
         match self.range(0, 99) {
-            0..=5 => {
+            0..=2 => {
                 ihl = self.range(0, 4);
                 self.drop_here("v4-ihl-below-5");
             }
-            6..=8 if ihl < 15 => {
+            3..=4 if ihl < 15 => {
                 // The TCP header would be read as options: what Linux sees is unclear.
                 ihl = self.range(ihl + 1, 15);
                 self.drop_here("v4-ihl-too-big");
             }
-            9..=11 => {
+            5..=6 => {
                 version = *[0u8, 5, 6, 15].get(self.range(0, 3)).unwrap();
                 self.drop_here("v4-bad-version");
             }
@@ -547,17 +547,19 @@ impl Gen {
                 padding = self.range(1, 24);
                 self.tag("v4-padding");
             }
-            10..=16 => {
+            10..=13 => {
                 tot_len = real_len + self.range(1, 100);
                 self.drop_here("v4-tot-len-past-frame");
             }
-            17..=20 => {
+            14..=15 => {
                 tot_len = self.range(0, hdr_len.max(1) - 1);
                 self.drop_here("v4-tot-len-below-header");
             }
-            21..=29 if !payload.is_empty() => {
+            16..=23 if !payload.is_empty() => {
                 // Shorter than the datagram: Linux trims to it. Fine while the TCP header stays.
-                tot_len = hdr_len + self.range(0, payload.len() - 1);
+                let least = if self.pct(60) { l4_need } else { 0 };
+                let hi = payload.len() - 1;
+                tot_len = hdr_len + self.range(least.min(hi), hi);
                 padding = real_len - tot_len;
                 self.tag("v4-tot-len-short");
                 if tot_len < hdr_len + l4_need {
@@ -587,7 +589,7 @@ impl Gen {
         }
         let ck = checksum(&h[..(ihl * 4).clamp(20, hdr_len)]);
         h[10..12].copy_from_slice(&ck.to_be_bytes());
-        if self.pct(2) {
+        if self.pct(1) {
             h[10] ^= 0x40;
             self.drop_here("v4-bad-checksum");
         }
@@ -616,14 +618,14 @@ impl Gen {
             let k = match self.range(0, 99) {
                 0..=14 => 0u8,
                 15..=34 => 43,
-                35..=59 => 60,
-                60..=69 => 51,
-                70..=84 => 44,
-                85..=89 => 135,
+                35..=62 => 60,
+                63..=76 => 51,
+                77..=96 => 44,
+                97 => 135,
                 _ => *[139u8, 140, 253, 254].get(self.range(0, 3)).unwrap(),
             };
             // Hop-by-hop anywhere but first is dropped by Linux; keep it mostly first.
-            let k = if k == 0 && i > 0 && self.pct(80) {
+            let k = if k == 0 && i > 0 && self.pct(90) {
                 60
             } else {
                 k
@@ -653,7 +655,7 @@ impl Gen {
                     self.tag("v6-routing");
                     let units = self.range(0, 3);
                     let mut r = vec![next, units as u8, self.range(0, 4) as u8, 0];
-                    if self.pct(10) {
+                    if self.pct(5) {
                         r[3] = self.range(1, 3) as u8;
                         self.drop_here("v6-routing-segments-left");
                     }
@@ -722,7 +724,9 @@ impl Gen {
                 // A first fragment carries a multiple of 8 bytes; RFC 8200 4.5 (Linux's
                 // ipv6_frag_thdr_truncated) drops one without the whole upper-layer header.
                 let frag_len = chain.len() - start;
-                let keep = self.range(0, frag_len / 8) * 8;
+                let whole = (need_in_payload - start).div_ceil(8);
+                let least = if self.pct(60) { whole } else { 0 };
+                let keep = self.range(least.min(frag_len / 8), frag_len / 8) * 8;
                 chain.truncate(start + keep);
                 if chain.len() < need_in_payload {
                     self.drop_here("v6-first-fragment-short");
@@ -740,19 +744,20 @@ impl Gen {
                 padding = self.range(1, 24);
                 self.tag("v6-padding");
             }
-            5..=9 => {
+            5..=7 => {
                 plen = real + self.range(1, 100);
                 self.drop_here("v6-payload-len-past-frame");
             }
-            10..=16 if real > 0 => {
-                plen = self.range(0, real - 1);
+            8..=14 if real > 0 => {
+                let least = if self.pct(60) { need_in_payload } else { 0 };
+                plen = self.range(least.min(real - 1), real - 1);
                 padding = real - plen;
                 self.tag("v6-payload-len-short");
                 if plen < need_in_payload {
                     self.drop_here("v6-trimmed-into-chain");
                 }
             }
-            17..=18 if real > 0 => {
+            15 if real > 0 => {
                 plen = 0;
                 padding = real;
                 self.drop_here("v6-payload-len-zero");
@@ -761,7 +766,7 @@ impl Gen {
         }
         let mut h = vec![0u8; 40];
         h[0] = 0x60 | (self.rng.random::<u8>() & 0x0f);
-        if self.pct(3) {
+        if self.pct(2) {
             h[0] = (*[4u8, 0, 7, 15].get(self.range(0, 3)).unwrap() << 4) | (h[0] & 0x0f);
             self.drop_here("v6-bad-version");
         }
@@ -842,9 +847,9 @@ impl Gen {
             _ => 3,
         };
         for _ in 0..tags {
-            let tpid = match self.range(0, 9) {
-                0..=5 => 0x8100u16,
-                6..=8 => 0x88a8,
+            let tpid = match self.range(0, 39) {
+                0..=23 => 0x8100u16,
+                24..=37 => 0x88a8,
                 _ => 0x9100,
             };
             if tpid == 0x9100 {
@@ -920,12 +925,12 @@ impl Gen {
         f.extend(&ppp);
         let exact = ppp.len();
         let declared = match self.range(0, 99) {
-            0..=64 => exact,
-            65..=79 => {
+            0..=79 => exact,
+            80..=87 => {
                 self.tag("pppoe-len-short");
                 self.range(0, exact)
             }
-            80..=94 => {
+            88..=96 => {
                 self.tag("pppoe-len-long");
                 exact + self.range(1, 100)
             }
@@ -1064,4 +1069,146 @@ fn checksum(h: &[u8]) -> u16 {
         s = (s & 0xffff) + (s >> 16);
     }
     !(s as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    const ALL: Options = Options { ppp: PppForms::All };
+    const CLASSIC: Options = Options {
+        ppp: PppForms::Classic,
+    };
+
+    fn histogram(opts: &Options, n: u64) -> (BTreeMap<Truth, u64>, BTreeMap<&'static str, u64>) {
+        let (mut truth, mut tags) = (BTreeMap::new(), BTreeMap::new());
+        for i in 0..n {
+            let c = case(7, i, opts);
+            *truth.entry(c.truth).or_insert(0) += 1;
+            for t in c.tags {
+                *tags.entry(t).or_insert(0) += 1;
+            }
+        }
+        (truth, tags)
+    }
+
+    #[test]
+    fn a_seed_and_index_give_the_same_frame() {
+        for i in [0, 1, 999, 123_456] {
+            let (a, b) = (case(42, i, &ALL), case(42, i, &ALL));
+            assert_eq!((a.bytes, a.truth, a.tags), (b.bytes, b.truth, b.tags));
+        }
+        assert_ne!(case(42, 5, &ALL).bytes, case(43, 5, &ALL).bytes);
+    }
+
+    /// Every form the brief names shows up, and enough frames must be blocked for the oracle
+    /// to mean something.
+    #[test]
+    fn every_form_is_generated_and_the_truth_is_not_all_drops() {
+        let n = 50_000;
+        let (truth, tags) = histogram(&ALL, n);
+        eprintln!("{truth:?}\n{tags:#?}");
+        let share = |t| truth.get(&t).copied().unwrap_or(0) * 100 / n;
+        assert!(share(Truth::MustBlock) >= 12, "{truth:?}");
+        assert!(share(Truth::Free) >= 25, "{truth:?}");
+        assert!(share(Truth::KernelDrops) <= 40, "{truth:?}");
+        for t in [
+            "vlan1",
+            "vlan2",
+            "vlan3",
+            "vlan-9100",
+            "pppoe",
+            "pppoe-len-short",
+            "pppoe-len-long",
+            "pppoe-len-zero",
+            "ppp-pfc",
+            "ppp-multilink",
+            "ppp-vj-compressed",
+            "ppp-vj-uncompressed",
+            "ppp-compressed",
+            "ppp-mpls",
+            "ppp-control",
+            "ppp-not-ip",
+            "raw",
+            "raw-mpls",
+            "raw-not-ip",
+            "v4-options",
+            "v4-ihl-below-5",
+            "v4-ihl-too-big",
+            "v4-tot-len-past-frame",
+            "v4-tot-len-below-header",
+            "v4-tot-len-short",
+            "v4-df",
+            "v4-first-fragment",
+            "v4-later-fragment",
+            "v6-hbh",
+            "v6-hbh-not-first",
+            "v6-routing",
+            "v6-dstopts",
+            "v6-ah",
+            "v6-first-fragment",
+            "v6-later-fragment",
+            "v6-atomic-fragment",
+            "v6-mobility",
+            "v6-unknown-ext",
+            "v6-chain-long",
+            "tcp-options",
+            "tcp-doff-below-5",
+            "tcp-doff-past-segment",
+            "udp",
+            "icmp",
+            "truncated",
+            "src-enforced",
+            "src-expired-exempt",
+            "src-exempt-addr",
+            "src-exempt-prefix",
+            "src-exempt-session",
+            "src-exempt-timed",
+            "src-outside",
+            "src-outside-edge",
+            "dst-mail",
+            "port-open",
+        ] {
+            assert!(
+                tags.get(t).copied().unwrap_or(0) >= 20,
+                "{t} too rare: {tags:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn classic_leaves_out_the_ppp_forms_under_repair() {
+        let (_, tags) = histogram(&CLASSIC, 20_000);
+        for t in tags.keys() {
+            assert!(
+                !matches!(
+                    *t,
+                    "ppp-pfc"
+                        | "ppp-multilink"
+                        | "ppp-vj-compressed"
+                        | "ppp-vj-uncompressed"
+                        | "ppp-compressed"
+                        | "ppp-mpls"
+                        | "raw-mpls"
+                ),
+                "{t}"
+            );
+        }
+    }
+
+    #[test]
+    fn ipv4_header_checksum_verifies() {
+        let h = [
+            0x45u8, 0, 0, 0x28, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0, 100, 64, 1, 2, 203, 0, 113, 80,
+        ];
+        let mut h2 = h;
+        h2[10..12].copy_from_slice(&checksum(&h).to_be_bytes());
+        let s: u32 = h2
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+            .sum();
+        assert_eq!((s & 0xffff) + (s >> 16), 0xffff);
+    }
 }

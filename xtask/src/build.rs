@@ -113,11 +113,17 @@ fn is_root() -> Result<bool> {
     Ok(output(Command::new("id").arg("-u"))?.trim() == "0")
 }
 
+/// BPF and network namespaces need root.
+pub fn ensure_root() -> Result<()> {
+    if !is_root()? {
+        anyhow::bail!("this needs root (BPF, network namespaces)");
+    }
+    Ok(())
+}
+
 /// The namespace lab turns veth offloads off (see tests/src/lab.rs), which needs ethtool.
 pub fn ensure_lab_tools() -> Result<()> {
-    if !is_root()? {
-        anyhow::bail!("the lab needs root (network namespaces, BPF)");
-    }
+    ensure_root()?;
     if Command::new("ethtool").arg("--version").output().is_err() {
         run(Command::new("apt-get").arg("update"))?;
         run(Command::new("apt-get").args(["install", "-y", "ethtool"]))?;

@@ -11,7 +11,7 @@ use std::{
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use port25_common::{
-    maps::{Exempt, NetKey6, ORIGIN_SESSION},
+    maps::{Exempt, NetKey6, FLAG_REJECT, ORIGIN_SESSION},
     model::Model,
     parse::Link,
     verdict::classify,
@@ -112,6 +112,9 @@ pub struct RunOptions {
     /// Index of the first frame (to replay one frame of a run: `--skip I --frames 1`).
     pub skip: u64,
     pub gen: Options,
+    /// `action: reject`: blocked well-formed segments are answered with a RST (XDP_TX, TC
+    /// redirect), which still counts as blocked; the answer path sees every odd frame too.
+    pub reject: bool,
     /// Failures kept with their bytes for the report.
     pub keep: usize,
 }
@@ -121,6 +124,8 @@ pub struct ProgStats {
     pub runs: u64,
     pub pass: u64,
     pub block: u64,
+    /// Blocks answered with a RST (XDP_TX, TC redirect) under `reject`.
+    pub answered: u64,
     /// BPF_PROG_TEST_RUN refused the input (skb programs want a whole IP header).
     pub refused: u64,
     pub leaks: u64,
@@ -225,6 +230,13 @@ fn passed(prog: &str, ret: u32) -> Option<bool> {
 /// Runs `o.frames` frames; `progress` is called now and then with the stats so far.
 pub fn run(f: &mut Fixture, o: &RunOptions, mut progress: impl FnMut(&Stats)) -> Stats {
     let mut st = Stats::default();
+    let mut s = f.live.settings.get(&0, 0).expect("read settings");
+    s.flags = if o.reject {
+        s.flags | FLAG_REJECT
+    } else {
+        s.flags & !FLAG_REJECT
+    };
+    f.live.settings.set(0, s, 0).expect("write settings");
     let mut counters = Counters::new(&f.live);
     let start = Instant::now();
     let mut last = start;
@@ -266,6 +278,12 @@ pub fn run(f: &mut Fixture, o: &RunOptions, mut progress: impl FnMut(&Stats)) ->
                 }
             };
             ps.runs += 1;
+            if matches!(
+                (prog == PROG_XDP, ret),
+                (true, XDP_TX) | (false, TC_ACT_REDIRECT)
+            ) {
+                ps.answered += 1;
+            }
             let kernel = counters.moved(&f.live, model);
             let pass = passed(prog, ret);
             match pass {
@@ -333,14 +351,14 @@ impl std::fmt::Display for Stats {
         }
         writeln!(
             w,
-            "  {:<14} {:>9} {:>9} {:>9} {:>8} {:>6}",
-            "program", "runs", "pass", "block", "refused", "leaks"
+            "  {:<14} {:>9} {:>9} {:>9} {:>9} {:>8} {:>6}",
+            "program", "runs", "pass", "block", "answered", "refused", "leaks"
         )?;
         for (p, s) in &self.programs {
             writeln!(
                 w,
-                "  {:<14} {:>9} {:>9} {:>9} {:>8} {:>6}",
-                p, s.runs, s.pass, s.block, s.refused, s.leaks
+                "  {:<14} {:>9} {:>9} {:>9} {:>9} {:>8} {:>6}",
+                p, s.runs, s.pass, s.block, s.answered, s.refused, s.leaks
             )?;
         }
         writeln!(w, "mismatches (kernel vs model): {}", self.mismatches)?;

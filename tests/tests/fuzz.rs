@@ -8,7 +8,9 @@ use port25_tests::{
     require_root,
 };
 
-const FRAMES: u64 = 50_000;
+/// 50,000 in all: most with `action: drop`, the rest with `action: reject`.
+const FRAMES: u64 = 40_000;
+const FRAMES_REJECT: u64 = 10_000;
 
 /// The PPP forms `ppp_generic.c` turns into IP (1-byte protocol, multilink, VJ, compressed,
 /// MPLS) leak on a parser that reads a fixed 2-byte protocol. Issue 8 section 1 repairs the
@@ -32,7 +34,7 @@ fn seed() -> u64 {
     }
 }
 
-fn run(ppp: PppForms, frames: u64) {
+fn run(ppp: PppForms, frames: u64, reject: bool) {
     let seed = seed();
     let mut f = fuzz::fixture();
     let o = RunOptions {
@@ -40,10 +42,11 @@ fn run(ppp: PppForms, frames: u64) {
         seed,
         skip: 0,
         gen: Options { ppp },
+        reject,
         keep: 10,
     };
     let st = fuzz::run(&mut f, &o, |_| {});
-    eprint!("seed {seed}, ppp forms {ppp:?}\n{st}");
+    eprint!("seed {seed}, ppp forms {ppp:?}, reject {reject}\n{st}");
     let failures: Vec<String> = st.failures.iter().map(|x| x.describe(seed)).collect();
     assert!(
         st.ok(),
@@ -67,5 +70,11 @@ fn run(ppp: PppForms, frames: u64) {
 #[test]
 fn differential_fuzz_agrees_with_the_model_and_leaks_nothing() {
     require_root!();
-    run(ppp_forms(), FRAMES);
+    run(ppp_forms(), FRAMES, false);
+}
+
+#[test]
+fn differential_fuzz_with_action_reject() {
+    require_root!();
+    run(ppp_forms(), FRAMES_REJECT, true);
 }

@@ -48,6 +48,9 @@ enum Cmd {
         /// multilink, VJ, compressed, MPLS); `all` includes them.
         #[arg(long, default_value = "all", value_parser = ["all", "classic"])]
         ppp_forms: String,
+        /// `reject` answers blocked segments with a TCP RST, as `action: reject` does.
+        #[arg(long, default_value = "drop", value_parser = ["drop", "reject"])]
+        action: String,
     },
 }
 
@@ -62,11 +65,13 @@ fn main() -> Result<()> {
             seed,
             skip,
             ppp_forms,
+            action,
         } => {
             let mut args = vec![
                 format!("--frames={frames}"),
                 format!("--skip={skip}"),
                 format!("--ppp-forms={ppp_forms}"),
+                format!("--action={action}"),
             ];
             args.extend(seed.map(|s| format!("--seed={s}")));
             fuzz::run(&args)

@@ -25,9 +25,18 @@ struct Args {
     /// PPP forms: `all` includes the 1-byte protocol, multilink, VJ, compressed and MPLS.
     #[arg(long, value_enum, default_value_t = Ppp::All)]
     ppp_forms: Ppp,
+    /// `reject` answers blocked segments with a RST (XDP_TX / redirect): still a block.
+    #[arg(long, value_enum, default_value_t = Action::Drop)]
+    action: Action,
     /// Failing frames printed in full.
     #[arg(long, default_value_t = 20)]
     show: usize,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Action {
+    Drop,
+    Reject,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -52,13 +61,15 @@ fn main() -> ExitCode {
         seed,
         skip: a.skip,
         gen: Options { ppp },
+        reject: matches!(a.action, Action::Reject),
         keep: a.show,
     };
     println!(
-        "port25 differential fuzz: seed {seed}, frames {}..{}, ppp forms {:?}",
+        "port25 differential fuzz: seed {seed}, frames {}..{}, ppp forms {:?}, action {:?}",
         a.skip,
         a.skip + a.frames,
-        ppp
+        ppp,
+        a.action
     );
     let mut f = fuzz::fixture();
     let st = fuzz::run(&mut f, &o, |st| {

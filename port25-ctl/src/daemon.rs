@@ -264,11 +264,15 @@ async fn accept_loop(
                 }
                 Err(_) => {
                     warn_rarely(format!("{max} control connections open: refusing more"));
-                    // Small enough for an empty socket buffer: never waits.
-                    if let Ok(frame) = proto::encode(&Response::err(format!(
-                        "busy: {max} control connections are open; try again"
-                    ))) {
-                        let _ = stream.try_write(&frame);
+                    // Small enough for an empty socket buffer: a non-blocking write of it
+                    // never waits.
+                    if let (Ok(frame), Ok(mut s)) = (
+                        proto::encode(&Response::err(format!(
+                            "busy: {max} control connections are open; try again"
+                        ))),
+                        stream.into_std(),
+                    ) {
+                        let _ = std::io::Write::write(&mut s, &frame);
                     }
                 }
             },

@@ -116,6 +116,24 @@ fn second_daemon_on_the_same_pins_is_refused() {
         "the first still enforces: {}",
         text(&st)
     );
+
+    // An offline `detach` through the other socket finds no daemon there, but the pins are
+    // held: it must not pull them from under the running daemon.
+    let d = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.rtr))
+        .arg(lab::ctl_binary())
+        .arg("--config")
+        .arg(&other)
+        .arg("detach")
+        .output()
+        .unwrap();
+    assert!(
+        !d.status.success(),
+        "offline detach of held pins: {}",
+        text(&d)
+    );
+    assert!(lab.pin_dir.join("links/xdp:rs").exists());
+    assert_blocked(&lab, "after the refused offline detach");
 }
 
 /// Item 10: a reload applies whole or not at all.

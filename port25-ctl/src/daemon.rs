@@ -78,6 +78,8 @@ struct Daemon {
     dirty: bool,
     /// The config the reader answers from, replaced on reload.
     cfg_tx: watch::Sender<Arc<Config>>,
+    /// The last failure logged per attach point, so link events do not repeat it.
+    link_errors: std::collections::HashMap<String, String>,
 }
 
 /// One request, from a connection task to the writer loop.
@@ -190,6 +192,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
         drift_repaired: 0,
         dirty: false,
         cfg_tx,
+        link_errors: Default::default(),
     };
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1024);
     let mut hup = signal(SignalKind::hangup())?;
@@ -198,6 +201,15 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     let mut tick = tokio::time::interval(d.cfg.reconcile_interval);
     tick.tick().await;
     let mut quick = tokio::time::interval(std::time::Duration::from_secs(1));
+    // Interfaces coming and going (a re-created one leaves its pinned link dead): repair at
+    // once rather than at the next reconcile.
+    let links = match LinkEvents::open() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!("no link events ({e:#}): dead attachments are repaired at each reconcile only");
+            None
+        }
+    };
     // Accepting lives in its own task: an accept error (EMFILE) pauses it, never this loop.
     let acceptor = tokio::spawn(accept_loop(listener, jobs_tx, reader, read_gid));
     info!(socket = %d.cfg.socket.display(), "ready");
@@ -221,6 +233,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
                     error!("reload refused, running policy unchanged: {e:#}");
                 }
             }
+            _ = LinkEvents::next(links.as_ref()) => d.repair_links(),
             _ = tick.tick() => d.reconcile(),
             _ = quick.tick(), if d.dirty => d.reconcile(),
             _ = term.recv() => { info!("SIGTERM: exiting; the pinned programs keep enforcing"); break; }
@@ -283,6 +296,59 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// rtnetlink link notifications (RTMGRP_LINK) of this network namespace; only their arrival
+/// matters, so they are drained unread.
+struct LinkEvents {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl LinkEvents {
+    fn open() -> Result<LinkEvents> {
+        use nix::sys::socket::{
+            bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
+        };
+        const RTMGRP_LINK: u32 = 1;
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &NetlinkAddr::new(0, RTMGRP_LINK),
+        )?;
+        // SAFETY: an OwnedFd keeps its descriptor open and the same for its whole life.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow::anyhow!("registering the netlink socket: {e}"))?;
+        Ok(LinkEvents { fd })
+    }
+
+    /// Waits for a batch of link events and drains it; never returns without events.
+    async fn next(events: Option<&LinkEvents>) {
+        let Some(ev) = events else {
+            return std::future::pending().await;
+        };
+        let Ok(mut guard) = ev.fd.readable().await else {
+            return std::future::pending().await;
+        };
+        let mut buf = [0u8; 8192];
+        // Bounded: a storm of events must not keep this loop from the writer's work.
+        for _ in 0..1024 {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(ev.fd.get_ref());
+            match nix::sys::socket::recv(fd, &mut buf, nix::sys::socket::MsgFlags::empty()) {
+                Ok(n) if n > 0 => continue,
+                // ENOBUFS: events were lost, which still means "look again".
+                Err(nix::errno::Errno::ENOBUFS) => continue,
+                _ => break,
+            }
+        }
+        guard.clear_ready();
     }
 }
 
@@ -646,11 +712,20 @@ impl Daemon {
             };
             let point = iface.attach_point();
             match datapath::attach(&mut self.ebpf, &self.pins, iface) {
-                Ok(how) => warn!(%point, %problem, ?how, "attachment repaired"),
-                Err(e) => error!(
-                    %point, %problem,
-                    "cannot attach, port 25 is not blocked there until it can: {e:#}"
-                ),
+                Ok(how) => {
+                    self.link_errors.remove(&point);
+                    warn!(%point, %problem, ?how, "attachment repaired");
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if self.link_errors.get(&point) != Some(&msg) {
+                        error!(
+                            %point, %problem,
+                            "cannot attach, port 25 is not blocked there until it can: {msg}"
+                        );
+                        self.link_errors.insert(point, msg);
+                    }
+                }
             }
         }
     }

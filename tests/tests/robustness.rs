@@ -344,6 +344,7 @@ fn recreated_interface_is_enforced_again() {
     }
     let healthy_after =
         healthy_after.unwrap_or_else(|| panic!("never re-attached: {}", lab.daemon_log()));
+    eprintln!("re-attached {healthy_after:?} after the interface was re-created");
     assert!(
         healthy_after <= interval + Duration::from_secs(1),
         "re-attached within the reconcile interval ({healthy_after:?})"

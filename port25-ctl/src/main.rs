@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use port25_ctl::{
     cli_parse,
     config::{Config, DEFAULT_CONFIG},
-    daemon, datapath,
+    daemon, datapath, detached,
     net::{parse_addr, Prefix},
     pins::Pins,
     proto::{self, DaemonDown, Op},
@@ -34,7 +34,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Verb {
     /// Load, pin and attach the programs, apply the policy, serve the control socket.
-    Daemon,
+    /// Refuses to start (exit 10) after `detach` until started with `--attach`.
+    Daemon {
+        /// Start enforcing although an operator detached, and lift the detach marker.
+        #[arg(long)]
+        attach: bool,
+    },
     /// Re-read the config; a bad file leaves the running policy untouched.
     Reload,
     /// Attachments, program ids, map fill levels and counters (works with the daemon down).
@@ -47,8 +52,11 @@ enum Verb {
         #[arg(long, default_value_t = 25)]
         port: u16,
     },
-    /// Remove the programs and every pin: port 25 is no longer blocked.
+    /// Remove the programs and every pin: port 25 is no longer blocked. Durable: later
+    /// daemon starts refuse to attach until `attach` (or `daemon --attach`).
     Detach,
+    /// Lift a detach: the next daemon start attaches again (then start the service).
+    Attach,
     /// Reopen port 25 for a user (their live and future sessions' addresses).
     Unblock {
         user: String,
@@ -200,6 +208,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("port25-ctl: error: {e:#}");
+            if e.downcast_ref::<detached::Detached>().is_some() {
+                // The unit's RestartPreventExitStatus: a detach is not undone by a restart.
+                return ExitCode::from(detached::EXIT_CODE);
+            }
             ExitCode::FAILURE
         }
     }
@@ -213,13 +225,22 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn run(cli: &Cli) -> Result<ExitCode> {
-    if let Verb::Daemon = cli.verb {
-        daemon::run(&cli.config)?;
+    if let Verb::Daemon { attach } = cli.verb {
+        daemon::run(&cli.config, attach)?;
         return Ok(ExitCode::SUCCESS);
     }
     let cfg = Config::load(&cli.config)?;
     match &cli.verb {
-        Verb::Daemon => unreachable!(),
+        Verb::Daemon { .. } => unreachable!(),
+        Verb::Attach => {
+            if detached::clear(&cfg.state_dir)? {
+                println!(
+                    "detach lifted: the next daemon start attaches (e.g. systemctl start port25)"
+                );
+            } else {
+                println!("not detached: nothing to lift");
+            }
+        }
         Verb::Reload => {
             let r = proto::call(&cfg.socket, Op::Reload, CALL_TIMEOUT)?;
             if !r.ok {
@@ -282,7 +303,18 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 Ok(r) if r.ok => r.data["detached"].clone(),
                 Ok(r) => bail!("detach failed: {}", r.error.unwrap_or_default()),
                 Err(e) if e.downcast_ref::<DaemonDown>().is_some() => {
-                    serde_json::to_value(datapath::detach_all(&Pins::new(&cfg.pin_dir))?)?
+                    let pins = Pins::new(&cfg.pin_dir);
+                    // A daemon on another socket may still own these pins: never pull them
+                    // from under it.
+                    let _lock = if pins.root.exists() {
+                        Some(daemon::lock_pins(&pins)?)
+                    } else {
+                        None
+                    };
+                    let by = std::env::var("SUDO_USER")
+                        .unwrap_or_else(|_| format!("uid{}", nix::unistd::getuid()));
+                    detached::mark(&cfg.state_dir, &format!("{by} (offline detach)"))?;
+                    serde_json::to_value(datapath::detach_all(&pins)?)?
                 }
                 Err(e) => return Err(e),
             };
@@ -427,7 +459,12 @@ fn to_op(verb: &Verb) -> Result<Op> {
             since: *since,
             limit: *limit,
         },
-        Verb::Daemon | Verb::Reload | Verb::Status | Verb::Check { .. } | Verb::Detach => {
+        Verb::Daemon { .. }
+        | Verb::Reload
+        | Verb::Status
+        | Verb::Check { .. }
+        | Verb::Detach
+        | Verb::Attach => {
             unreachable!("handled above")
         }
     })

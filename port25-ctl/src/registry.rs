@@ -87,8 +87,21 @@ fn describe(u: &User, now: Timestamp) -> String {
     }
 }
 
-/// An unknown user, with the known names that look closest.
-pub fn unknown_user(tx: &dyn Tx, name: &str) -> anyhow::Error {
+/// A user the registry does not know. Raised on the single writer, so it carries no
+/// suggestions (finding close names reads every user): the daemon adds them off the writer
+/// with [`suggest`].
+#[derive(Debug, thiserror::Error)]
+#[error("unknown user `{name}` (`--new` registers a new user)")]
+pub struct UnknownUser {
+    pub name: String,
+}
+
+pub fn unknown_user(_tx: &dyn Tx, name: &str) -> anyhow::Error {
+    UnknownUser { name: name.into() }.into()
+}
+
+/// The known names closest to `name`, best first (at most three).
+pub fn suggest(tx: &dyn Tx, name: &str) -> Vec<String> {
     let mut close: Vec<(f64, String)> = tx
         .users()
         .unwrap_or_default()
@@ -97,13 +110,20 @@ pub fn unknown_user(tx: &dyn Tx, name: &str) -> anyhow::Error {
         .filter(|(s, _)| *s > 0.8)
         .collect();
     close.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let hint = if close.is_empty() {
-        String::new()
-    } else {
-        let names: Vec<_> = close.into_iter().take(3).map(|(_, n)| n).collect();
-        format!("; did you mean {}?", names.join(", "))
-    };
-    anyhow::anyhow!("unknown user `{name}`{hint} (`--new` registers a new user)")
+    close.into_iter().take(3).map(|(_, n)| n).collect()
+}
+
+/// An error message with the suggestions for an unknown user spliced in.
+pub fn with_suggestions(msg: &str, name: &str, close: &[String]) -> String {
+    if close.is_empty() {
+        return msg.to_string();
+    }
+    let head = format!("unknown user `{name}`");
+    msg.replacen(
+        &head,
+        &format!("{head}; did you mean {}?", close.join(", ")),
+        1,
+    )
 }
 
 fn get_user(tx: &dyn Tx, name: &str) -> Result<User> {

@@ -114,7 +114,11 @@ fn unblock_rules() {
     let e = d
         .run(|tx| unblock(tx, &a, "alcie", None, None, false, now))
         .unwrap_err();
-    assert!(e.to_string().contains("did you mean alice"), "{e}");
+    let name = &e.downcast_ref::<UnknownUser>().expect("typed").name;
+    let close = d.run(|tx| Ok(suggest(tx, name))).unwrap();
+    assert_eq!(close, ["alice"]);
+    let msg = with_suggestions(&e.to_string(), name, &close);
+    assert!(msg.contains("did you mean alice?"), "{msg}");
     let e = d
         .run(|tx| unblock(tx, &a, "alice", Some(now), None, false, now))
         .unwrap_err();

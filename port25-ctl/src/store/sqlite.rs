@@ -178,6 +178,17 @@ struct SqliteTx<'a> {
     tx: Transaction<'a>,
 }
 
+impl SqliteStore {
+    /// A read transaction (deferred: it takes no write lock, so it also works on a read-only
+    /// connection and never waits for, or holds up, the writer).
+    pub fn read(&mut self) -> Result<Box<dyn Tx + '_>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        Ok(Box::new(SqliteTx { tx }))
+    }
+}
+
 impl Store for SqliteStore {
     fn begin(&mut self) -> Result<Box<dyn Tx + '_>> {
         let tx = self

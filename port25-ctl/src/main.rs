@@ -51,6 +51,7 @@ enum Verb {
     Detach,
     /// Reopen port 25 for a user (their live and future sessions' addresses).
     Unblock {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         /// A timed unblock, e.g. 90m (POP-before-SMTP), 2d. Never shortens a longer one.
         #[arg(long = "for", value_name = "DURATION", value_parser = cli_parse::duration_secs, conflicts_with = "until")]
@@ -67,6 +68,7 @@ enum Verb {
     },
     /// Close port 25 for a user again, at once, live sessions included.
     Block {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         #[arg(long)]
         reason: Option<String>,
@@ -102,7 +104,10 @@ enum Verb {
 #[derive(Subcommand)]
 enum UserVerb {
     /// Policy, time left, live sessions and addresses, recent audit.
-    Show { user: String },
+    Show {
+        #[arg(value_parser = cli_parse::user_name)]
+        user: String,
+    },
     /// All users, or only the unblocked or the expiring (timed) ones.
     List {
         #[arg(long)]
@@ -111,17 +116,25 @@ enum UserVerb {
         expiring: bool,
     },
     /// Register a user (blocked).
-    Add { user: String },
+    Add {
+        #[arg(value_parser = cli_parse::user_name)]
+        user: String,
+    },
     /// Forget a user, their sessions and bindings.
-    Remove { user: String },
+    Remove {
+        #[arg(value_parser = cli_parse::user_name)]
+        user: String,
+    },
     /// Bind a static prefix to a user (business customers): exempt while the user is unblocked.
     Bind {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         #[arg(value_parser = cli_parse::prefix)]
         prefix: Prefix,
     },
     /// Remove a static binding.
     Unbind {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         #[arg(value_parser = cli_parse::prefix)]
         prefix: Prefix,
@@ -132,6 +145,7 @@ enum UserVerb {
 enum SessionVerb {
     /// A session came up: its IPv4 address and IPv6 prefixes (framed /64, delegated /56).
     Up {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         #[arg(required = true, value_parser = cli_parse::prefix)]
         addrs: Vec<Prefix>,
@@ -146,7 +160,7 @@ enum SessionVerb {
     Down {
         #[arg(long, conflicts_with_all = ["user", "addr"])]
         id: Option<String>,
-        #[arg(requires = "addr")]
+        #[arg(requires = "addr", value_parser = cli_parse::user_name)]
         user: Option<String>,
         #[arg(value_parser = cli_parse::prefix)]
         addr: Option<Prefix>,

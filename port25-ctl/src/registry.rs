@@ -33,17 +33,43 @@ impl std::fmt::Display for Actor {
 }
 
 /// Usernames as RADIUS and PPP carry them: `alice`, `alice@realm`, `0123456789`.
+///
+/// A name reaches port25 through shell hooks, `accel-cmd` tables and sync lists, where
+/// whitespace, control characters or a leading `-`/`#` would turn part of it into an option,
+/// an address or a comment; and a bidi or zero-width character shows a helpdesk another
+/// name than the one stored. All of them are refused wherever a name enters (CLI, socket,
+/// sync), so a name is always one plain word.
 pub fn check_user_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 253 {
-        bail!("a user name must be 1 to 253 characters");
+        bail!("a user name must be 1 to 253 bytes");
     }
-    if name.starts_with('-') || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if let Some(c) = name.chars().find(|c| hidden_char(*c)) {
         bail!(
-            "`{}` is not a valid user name (no spaces, control characters or leading -)",
+            "`{}` is not a valid user name: it holds {} (U+{:04X}); no spaces, control, bidi or zero-width characters",
+            name.escape_debug(),
+            if c.is_whitespace() { "a space" } else { "an invisible character" },
+            c as u32
+        );
+    }
+    if name.starts_with('-') || name.starts_with('#') {
+        bail!(
+            "`{}` is not a valid user name: it must not start with `-` or `#`",
             name.escape_debug()
         );
     }
     Ok(())
+}
+
+/// Whitespace, control (Cc), format (Cf: bidi controls, zero-width characters, the BOM)
+/// and other characters that render as nothing.
+fn hidden_char(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(c as u32,
+            0x00AD | 0x034F | 0x061C | 0x115F | 0x1160 | 0x17B4 | 0x17B5 | 0x180B..=0x180F
+            | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F | 0x3164 | 0xFE00..=0xFE0F
+            | 0xFEFF | 0xFFA0 | 0xFFF0..=0xFFFB | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A
+            | 0xE0000..=0xE0FFF)
 }
 
 fn check_text(what: &str, s: &Option<String>) -> Result<()> {

@@ -166,7 +166,13 @@ enum SessionVerb {
         addr: Option<Prefix>,
     },
     /// The full list of live sessions (`ID USER ADDR...` per line; `-` = stdin); others go.
-    Sync { file: PathBuf },
+    Sync {
+        file: PathBuf,
+        /// When the list was taken (RFC 3339, sub-second allowed): events after it are kept
+        /// over the list. Default: when this command started. At most an hour old.
+        #[arg(long, value_parser = cli_parse::timestamp)]
+        taken_at: Option<jiff::Timestamp>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -201,7 +207,13 @@ enum ExemptVerb {
     List,
 }
 
+/// When this command started: the default time of a `session sync` list (the list cannot
+/// know of events after it was handed to us).
+static STARTED: std::sync::LazyLock<jiff::Timestamp> =
+    std::sync::LazyLock::new(jiff::Timestamp::now);
+
 fn main() -> ExitCode {
+    std::sync::LazyLock::force(&STARTED);
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -385,7 +397,7 @@ fn to_op(verb: &Verb) -> Result<Op> {
                     addr: *addr,
                 }
             }
-            SessionVerb::Sync { file } => {
+            SessionVerb::Sync { file, taken_at } => {
                 let (text, origin) = if file.as_os_str() == "-" {
                     let mut t = String::new();
                     std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
@@ -399,6 +411,7 @@ fn to_op(verb: &Verb) -> Result<Op> {
                 };
                 Op::SessionSync {
                     sessions: cli_parse::session_list(&text, &origin)?,
+                    taken_at: Some(taken_at.unwrap_or(*STARTED)),
                 }
             }
         },

@@ -59,6 +59,7 @@ enum Verb {
     Attach,
     /// Reopen port 25 for a user (their live and future sessions' addresses).
     Unblock {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         /// A timed unblock, e.g. 90m (POP-before-SMTP), 2d. Never shortens a longer one.
         #[arg(long = "for", value_name = "DURATION", value_parser = cli_parse::duration_secs, conflicts_with = "until")]
@@ -75,6 +76,7 @@ enum Verb {
     },
     /// Close port 25 for a user again, at once, live sessions included.
     Block {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         #[arg(long)]
         reason: Option<String>,
@@ -110,7 +112,10 @@ enum Verb {
 #[derive(Subcommand)]
 enum UserVerb {
     /// Policy, time left, live sessions and addresses, recent audit.
-    Show { user: String },
+    Show {
+        #[arg(value_parser = cli_parse::user_name)]
+        user: String,
+    },
     /// All users, or only the unblocked or the expiring (timed) ones.
     List {
         #[arg(long)]
@@ -119,17 +124,25 @@ enum UserVerb {
         expiring: bool,
     },
     /// Register a user (blocked).
-    Add { user: String },
+    Add {
+        #[arg(value_parser = cli_parse::user_name)]
+        user: String,
+    },
     /// Forget a user, their sessions and bindings.
-    Remove { user: String },
+    Remove {
+        #[arg(value_parser = cli_parse::user_name)]
+        user: String,
+    },
     /// Bind a static prefix to a user (business customers): exempt while the user is unblocked.
     Bind {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         #[arg(value_parser = cli_parse::prefix)]
         prefix: Prefix,
     },
     /// Remove a static binding.
     Unbind {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         #[arg(value_parser = cli_parse::prefix)]
         prefix: Prefix,
@@ -140,6 +153,7 @@ enum UserVerb {
 enum SessionVerb {
     /// A session came up: its IPv4 address and IPv6 prefixes (framed /64, delegated /56).
     Up {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         #[arg(required = true, value_parser = cli_parse::prefix)]
         addrs: Vec<Prefix>,
@@ -154,13 +168,19 @@ enum SessionVerb {
     Down {
         #[arg(long, conflicts_with_all = ["user", "addr"])]
         id: Option<String>,
-        #[arg(requires = "addr")]
+        #[arg(requires = "addr", value_parser = cli_parse::user_name)]
         user: Option<String>,
         #[arg(value_parser = cli_parse::prefix)]
         addr: Option<Prefix>,
     },
     /// The full list of live sessions (`ID USER ADDR...` per line; `-` = stdin); others go.
-    Sync { file: PathBuf },
+    Sync {
+        file: PathBuf,
+        /// When the list was taken (RFC 3339, sub-second allowed): events after it are kept
+        /// over the list. Default: when this command started. At most an hour old.
+        #[arg(long, value_parser = cli_parse::timestamp)]
+        taken_at: Option<jiff::Timestamp>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -195,7 +215,13 @@ enum ExemptVerb {
     List,
 }
 
+/// When this command started: the default time of a `session sync` list (the list cannot
+/// know of events after it was handed to us).
+static STARTED: std::sync::LazyLock<jiff::Timestamp> =
+    std::sync::LazyLock::new(jiff::Timestamp::now);
+
 fn main() -> ExitCode {
+    std::sync::LazyLock::force(&STARTED);
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -403,7 +429,7 @@ fn to_op(verb: &Verb) -> Result<Op> {
                     addr: *addr,
                 }
             }
-            SessionVerb::Sync { file } => {
+            SessionVerb::Sync { file, taken_at } => {
                 let (text, origin) = if file.as_os_str() == "-" {
                     let mut t = String::new();
                     std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
@@ -417,6 +443,7 @@ fn to_op(verb: &Verb) -> Result<Op> {
                 };
                 Op::SessionSync {
                     sessions: cli_parse::session_list(&text, &origin)?,
+                    taken_at: Some(taken_at.unwrap_or(*STARTED)),
                 }
             }
         },

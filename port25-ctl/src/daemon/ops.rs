@@ -121,8 +121,9 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             })?;
             json!({ "down": s })
         }
-        Op::SessionSync { sessions } => {
-            let out = d.change(|tx, now| registry::session_sync(tx, actor, sessions, now))?;
+        Op::SessionSync { sessions, taken_at } => {
+            let out =
+                d.change(|tx, now| registry::session_sync(tx, actor, sessions, taken_at, now))?;
             serde_json::to_value(out)?
         }
         Op::EntryAdd {

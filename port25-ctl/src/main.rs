@@ -265,6 +265,12 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                     r.explanation,
                     r.reason
                 );
+                if r.family_enforced_whole {
+                    println!(
+                        "{} sources are enforced whole: the config lists no subscriber range of this family",
+                        if r.src.is_ipv4() { "IPv4" } else { "IPv6" }
+                    );
+                }
                 match &r.holder {
                     Some(h) => println!(
                         "source {} is held by user {} ({}), who is {}",

@@ -9,8 +9,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{bail, Context as _, Result};
 use port25_common::maps::{
-    Exempt, NetKey6, Settings, FLAG_ENFORCE_LISTED, FLAG_REJECT, LAYOUT_VERSION, ORIGIN_CONFIG,
-    ORIGIN_RUNTIME,
+    listed_flags, Exempt, NetKey6, Settings, FLAG_REJECT, LAYOUT_VERSION, LISTED_MASK,
+    ORIGIN_CONFIG, ORIGIN_RUNTIME,
 };
 
 use crate::{
@@ -105,11 +105,10 @@ impl Desired {
         let mut d = Desired {
             settings: Settings {
                 layout: LAYOUT_VERSION,
-                flags: if cfg.subscriber_ranges.is_empty() {
-                    0
-                } else {
-                    FLAG_ENFORCE_LISTED
-                } | if cfg.action == Action::Reject {
+                flags: listed_flags(
+                    cfg.subscriber_ranges.iter().any(|p| p.addr.is_ipv4()),
+                    cfg.subscriber_ranges.iter().any(|p| p.addr.is_ipv6()),
+                ) | if cfg.action == Action::Reject {
                     FLAG_REJECT
                 } else {
                     0
@@ -482,18 +481,21 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
         Some(k) => Some(k.settings),
         None => live.settings.get(&0, 0).ok(),
     };
-    let settings_changed = old != Some(want.settings);
-    // Enforcing every source is the restrictive direction: write it before anything opens.
-    let settings_restrict = want.settings.flags & FLAG_ENFORCE_LISTED == 0;
+    // Enforcing a whole family is the restrictive direction: early on, a family stays
+    // narrowed to its listed ranges only if it is narrowed both before and after (one family
+    // may narrow while the other widens); the wanted flags follow once the ranges are in.
+    let early = Settings {
+        flags: (want.settings.flags & !LISTED_MASK)
+            | (want.settings.flags & old.map_or(0, |o| o.flags) & LISTED_MASK),
+        ..want.settings
+    };
     let mut writes = 0;
 
     writes += put_all(&mut live.ports, &ports, m::PORTS)?;
     writes += put_all(&mut live.ranges4, &r4, m::RANGES4)?;
     writes += put_all(&mut live.ranges6, &r6, m::RANGES6)?;
-    if settings_changed && settings_restrict {
-        live.settings
-            .set(0, want.settings, 0)
-            .context("writing settings")?;
+    if old != Some(early) {
+        live.settings.set(0, early, 0).context("writing settings")?;
         writes += 1;
     }
     writes += del_all(&mut live.mail4, &m4, m::MAIL4)?;
@@ -510,7 +512,7 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
     writes += put_all(&mut live.expfx4, &p4, m::EXPFX4)?;
     writes += put_all(&mut live.expfx6, &p6, m::EXPFX6)?;
     writes += put_all(&mut live.exnet6, &n6, m::EXNET6)?;
-    if settings_changed && !settings_restrict {
+    if early != want.settings {
         live.settings
             .set(0, want.settings, 0)
             .context("writing settings")?;

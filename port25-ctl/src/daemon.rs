@@ -81,6 +81,7 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     // One daemon per socket, held for the process lifetime (the kernel drops it on any exit).
     let _lock = lock_instance(&cfg.socket)?;
     let mut store = SqliteStore::open(&cfg.state_dir)?;
+    audit_forced_wide(&mut store, &cfg, &config_path)?;
     // Pinned maps of another layout (changed `limits`, a new version) are replaced, never
     // reused: new maps are filled first, every link then swaps atomically to a program that
     // uses them, and only then do their pins replace the old ones.
@@ -182,6 +183,31 @@ fn desired(cfg: &Config, store: &mut SqliteStore, clock: &Clock) -> Result<(Inde
     let snap = store.snapshot()?;
     let (wall, boot) = clock.at(jiff::Timestamp::now());
     Desired::build_indexed(cfg, &snap, wall, boot)
+}
+
+/// Records the config's forced wide allow-list entries in the audit log (each start and
+/// reload that applies them), and says so loudly.
+fn audit_forced_wide(store: &mut SqliteStore, cfg: &Config, path: &Path) -> Result<()> {
+    let forced = cfg.forced_wide();
+    if forced.is_empty() {
+        return Ok(());
+    }
+    let now = jiff::Timestamp::now();
+    let mut tx = store.begin()?;
+    for (key, p) in forced {
+        warn!(%p, key, "the config forces an allow-list prefix wider than its floor");
+        tx.append_audit(&crate::store::AuditRecord {
+            id: 0,
+            at: now,
+            actor: format!("config {}", path.display()),
+            action: "force_wide".into(),
+            subject: p.to_string(),
+            old: None,
+            new: Some(format!("{key}: {p} (force: true)")),
+            reason: None,
+        })?;
+    }
+    tx.commit()
 }
 
 fn failpoint_after_commit() {
@@ -363,6 +389,9 @@ impl Daemon {
             datapath::attach(&mut self.ebpf, &self.pins, iface)?;
         }
         let detached = datapath::detach_stale(&self.pins, &new)?;
+        if let Err(e) = audit_forced_wide(&mut self.store, &new, &self.config_path) {
+            error!("auditing the config's forced wide prefixes failed: {e:#}");
+        }
         self.cfg = new;
         info!(writes = applied.writes, ?detached, "reloaded");
         Ok(json!({ "writes": applied.writes, "detached": detached }))

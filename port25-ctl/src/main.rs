@@ -119,6 +119,9 @@ enum UserVerb {
         user: String,
         #[arg(value_parser = cli_parse::prefix)]
         prefix: Prefix,
+        /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
+        #[arg(long)]
+        force_wide: bool,
     },
     /// Remove a static binding.
     Unbind {
@@ -141,6 +144,9 @@ enum SessionVerb {
         /// What reports it (recorded with the session).
         #[arg(long)]
         source: Option<String>,
+        /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
+        #[arg(long)]
+        force_wide: bool,
     },
     /// A session went down: by id, or by user and address.
     Down {
@@ -162,6 +168,9 @@ enum ServerVerb {
         prefix: Prefix,
         #[arg(long)]
         note: Option<String>,
+        /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
+        #[arg(long)]
+        force_wide: bool,
     },
     Remove {
         #[arg(value_parser = cli_parse::prefix)]
@@ -179,6 +188,9 @@ enum ExemptVerb {
         until: Option<jiff::Timestamp>,
         #[arg(long)]
         note: Option<String>,
+        /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
+        #[arg(long)]
+        force_wide: bool,
     },
     Remove {
         #[arg(value_parser = cli_parse::prefix)]
@@ -346,9 +358,14 @@ fn to_op(verb: &Verb) -> Result<Op> {
             },
             UserVerb::Add { user } => Op::UserAdd { user: user.clone() },
             UserVerb::Remove { user } => Op::UserRemove { user: user.clone() },
-            UserVerb::Bind { user, prefix } => Op::UserBind {
+            UserVerb::Bind {
+                user,
+                prefix,
+                force_wide,
+            } => Op::UserBind {
                 user: user.clone(),
                 prefix: *prefix,
+                force_wide: *force_wide,
             },
             UserVerb::Unbind { user, prefix } => Op::UserUnbind {
                 user: user.clone(),
@@ -361,11 +378,13 @@ fn to_op(verb: &Verb) -> Result<Op> {
                 addrs,
                 id,
                 source,
+                force_wide,
             } => Op::SessionUp {
                 user: user.clone(),
                 addrs: addrs.clone(),
                 id: id.clone(),
                 source: source.clone(),
+                force_wide: *force_wide,
             },
             SessionVerb::Down { id, user, addr } => {
                 if id.is_none() && addr.is_none() {
@@ -395,11 +414,16 @@ fn to_op(verb: &Verb) -> Result<Op> {
             }
         },
         Verb::Server(s) => match s {
-            ServerVerb::Add { prefix, note } => Op::EntryAdd {
+            ServerVerb::Add {
+                prefix,
+                note,
+                force_wide,
+            } => Op::EntryAdd {
                 kind: EntryKind::Server,
                 prefix: *prefix,
                 until: None,
                 note: note.clone(),
+                force_wide: *force_wide,
             },
             ServerVerb::Remove { prefix } => Op::EntryRemove {
                 kind: EntryKind::Server,
@@ -414,11 +438,13 @@ fn to_op(verb: &Verb) -> Result<Op> {
                 prefix,
                 until,
                 note,
+                force_wide,
             } => Op::EntryAdd {
                 kind: EntryKind::Exempt,
                 prefix: *prefix,
                 until: *until,
                 note: note.clone(),
+                force_wide: *force_wide,
             },
             ExemptVerb::Remove { prefix } => Op::EntryRemove {
                 kind: EntryKind::Exempt,

@@ -127,8 +127,8 @@ impl Desired {
                 _ => None,
             };
         }
-        for p in &cfg.mail_servers {
-            match split(p) {
+        for m in &cfg.mail_servers {
+            match split(&m.prefix) {
                 (Some(k), _) => d.mail4.insert(k, 1),
                 (_, Some(k)) => d.mail6.insert(k, 1),
                 _ => None,
@@ -606,7 +606,7 @@ mod tests {
 
     #[test]
     fn more_prefix_lengths_than_the_datapath_probes_are_refused() {
-        let cfg = Config::parse("", std::path::Path::new("t")).unwrap();
+        let cfg = Config::parse("interfaces: []\n", std::path::Path::new("t")).unwrap();
         let now: jiff::Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
         let addrs: Vec<String> = (48..=56).map(|l| format!("2001:db8:1a0::/{l}")).collect();
         let sessions = addrs

@@ -82,6 +82,9 @@ pub enum Op {
     UserBind {
         user: String,
         prefix: Prefix,
+        /// Accepts a prefix wider than the `limits` floor; audited.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force_wide: bool,
     },
     UserUnbind {
         user: String,
@@ -94,6 +97,8 @@ pub enum Op {
         id: Option<String>,
         #[serde(default)]
         source: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force_wide: bool,
     },
     SessionDown {
         #[serde(default)]
@@ -113,6 +118,8 @@ pub enum Op {
         until: Option<Timestamp>,
         #[serde(default)]
         note: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force_wide: bool,
     },
     EntryRemove {
         kind: EntryKind,

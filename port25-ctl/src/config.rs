@@ -316,6 +316,35 @@ fn default_ports() -> Vec<BlockedPort> {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/port25")
 }
+/// The control socket named by the config file at `path`, for client verbs: only the
+/// top-level `socket:` is read, leniently, so a half-edited file (syntax errors, unknown
+/// keys, bad values elsewhere) still finds the daemon. Unreadable or absent: the default.
+pub fn socket_of(path: &Path) -> PathBuf {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return default_socket();
+    };
+    if let Ok(serde_yaml::Value::Mapping(m)) = serde_yaml::from_str::<serde_yaml::Value>(&text) {
+        return match m.get("socket") {
+            Some(serde_yaml::Value::String(s)) if !s.is_empty() => PathBuf::from(s),
+            _ => default_socket(),
+        };
+    }
+    // Not YAML as a whole: the last top-level `socket:` line, as YAML would take it.
+    text.lines()
+        .filter_map(|l| l.strip_prefix("socket:"))
+        .filter_map(|v| {
+            let v = v.split(" #").next().unwrap_or_default().trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(v);
+            (!v.is_empty()).then(|| PathBuf::from(v))
+        })
+        .last()
+        .unwrap_or_else(default_socket)
+}
+
 fn default_socket() -> PathBuf {
     PathBuf::from("/run/port25/ctl.sock")
 }

@@ -6,7 +6,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use port25_ctl::{
     cli_parse,
-    config::{Config, DEFAULT_CONFIG},
+    config::{self, Config, DEFAULT_CONFIG},
     daemon, datapath,
     net::{parse_addr, Prefix},
     pins::Pins,
@@ -24,6 +24,10 @@ struct Cli {
     /// Config file.
     #[arg(long, global = true, default_value = DEFAULT_CONFIG, env = "PORT25_CONFIG")]
     config: PathBuf,
+    /// Control socket for client verbs (default: `socket:` from the config file, read
+    /// leniently, or /run/port25/ctl.sock).
+    #[arg(long, global = true, env = "PORT25_SOCKET")]
+    socket: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
@@ -229,11 +233,18 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         daemon::run(&cli.config)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let cfg = Config::load(&cli.config)?;
+    // Client verbs talk to the daemon only: they need the socket path and nothing else
+    // from the config, so a half-edited file never breaks a hook.
+    let socket = || {
+        cli.socket
+            .clone()
+            .unwrap_or_else(|| config::socket_of(&cli.config))
+    };
     match &cli.verb {
         Verb::Daemon => unreachable!(),
+        Verb::Status | Verb::Check { .. } | Verb::Detach => local(cli),
         Verb::Reload => {
-            let r = proto::call(&cfg.socket, Op::Reload, CALL_TIMEOUT)?;
+            let r = proto::call(&socket(), Op::Reload, CALL_TIMEOUT)?;
             if !r.ok {
                 bail!(
                     "reload refused, running policy unchanged: {}",
@@ -245,7 +256,31 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             } else {
                 println!("reloaded: {} map writes", r.data["writes"]);
             }
+            Ok(ExitCode::SUCCESS)
         }
+        verb => {
+            let op = to_op(verb)?;
+            let r = proto::call(&socket(), op, CALL_TIMEOUT)?;
+            if !r.ok {
+                bail!("{}", r.error.unwrap_or_default());
+            }
+            if cli.json {
+                print_json(&r.data)?;
+            } else {
+                show::human(verb, &r.data);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Verbs that read the pins and the registry themselves: they need the whole config.
+fn local(cli: &Cli) -> Result<ExitCode> {
+    let mut cfg = Config::load(&cli.config)?;
+    if let Some(s) = &cli.socket {
+        cfg.socket = s.clone();
+    }
+    match &cli.verb {
         Verb::Status => {
             let daemon = match proto::call(&cfg.socket, Op::Info, Duration::from_secs(5)) {
                 Ok(r) if r.ok => Some(r.data),
@@ -310,18 +345,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 println!("detached: {points}; port 25 is no longer blocked by port25");
             }
         }
-        verb => {
-            let op = to_op(verb)?;
-            let r = proto::call(&cfg.socket, op, CALL_TIMEOUT)?;
-            if !r.ok {
-                bail!("{}", r.error.unwrap_or_default());
-            }
-            if cli.json {
-                print_json(&r.data)?;
-            } else {
-                show::human(verb, &r.data);
-            }
-        }
+        _ => unreachable!("client verbs are handled in run"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -230,3 +230,67 @@ fn until_after_2262_is_refused_everywhere() {
     assert_eq!(v["user"]["until"], "2262-04-11T00:00:00Z", "{v}");
     assert_eq!(v["user"]["effective"], "unblocked", "{v}");
 }
+
+/// Item 13: client verbs need the socket path only. A half-edited config (syntax error,
+/// unknown key, bad value) must not break the hooks while the daemon runs on the good one.
+#[test]
+fn client_verbs_work_with_a_broken_config_file() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.start_daemon();
+    let good = std::fs::read_to_string(&lab.config).unwrap();
+    let socket = lab.socket.display().to_string();
+    let broken = [
+        (
+            "syntax error",
+            format!("{good}\nexempt: [ {{prefix: 10.0.0.0/8\n"),
+        ),
+        ("unknown key", format!("{good}\nmail_server: [1.2.3.4]\n")),
+        (
+            "bad value",
+            good.replace("blocked_ports: [25]", "blocked_ports: [587]"),
+        ),
+        (
+            "truncated mid-key",
+            good[..good.find("pin_dir:").unwrap() + 5].to_string(),
+        ),
+    ];
+    for (i, (what, text_)) in broken.iter().enumerate() {
+        std::fs::write(&lab.config, text_).unwrap();
+        let user = format!("u{i}");
+        for args in [
+            vec!["unblock", user.as_str(), "--new", "--for", "1h"],
+            vec!["user", "show", user.as_str()],
+            vec![
+                "session",
+                "up",
+                user.as_str(),
+                "100.64.0.2",
+                "--id",
+                user.as_str(),
+            ],
+            vec!["session", "down", "--id", user.as_str()],
+            vec!["block", user.as_str()],
+            vec!["audit", "--user", user.as_str()],
+        ] {
+            let out = lab.ctl(&args);
+            assert!(out.status.success(), "{what}: {args:?}: {}", text(&out));
+        }
+    }
+    // Unreadable as YAML and without a `socket:` line: --socket or PORT25_SOCKET name it.
+    std::fs::write(&lab.config, "{{{{ not yaml\n").unwrap();
+    let out = lab.ctl(&["--socket", &socket, "user", "show", "u0"]);
+    assert!(out.status.success(), "--socket: {}", text(&out));
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.rtr))
+        .arg(lab::ctl_binary())
+        .args(["--config", "/nonexistent/port25.yaml", "user", "show", "u0"])
+        .env("PORT25_SOCKET", &socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "PORT25_SOCKET: {}", text(&out));
+    // The daemon itself still refuses the broken file on reload, and keeps enforcing.
+    let out = lab.ctl(&["--socket", &socket, "reload"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(blocked(&lab));
+}

@@ -263,3 +263,28 @@ fn until_beyond_what_can_be_stored_is_refused() {
     ))
     .unwrap();
 }
+
+#[test]
+fn socket_is_found_in_half_edited_files() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    let at = |text: &str| {
+        std::fs::write(f.path(), text).unwrap();
+        socket_of(f.path())
+    };
+    let p = |s: &str| PathBuf::from(s);
+    assert_eq!(at("socket: /run/a.sock\n"), p("/run/a.sock"));
+    assert_eq!(
+        at("socket: /run/a.sock\nmail_server: [x]\n"),
+        p("/run/a.sock")
+    );
+    assert_eq!(
+        at("exempt: [ {prefix: 1\nsocket: \"/run/b.sock\" # here\n"),
+        p("/run/b.sock")
+    );
+    assert_eq!(at("{{{ nope\n"), p("/run/port25/ctl.sock"));
+    assert_eq!(at(""), p("/run/port25/ctl.sock"));
+    assert_eq!(
+        socket_of(Path::new("/nonexistent/port25.yaml")),
+        p("/run/port25/ctl.sock")
+    );
+}

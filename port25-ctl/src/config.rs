@@ -49,7 +49,7 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, try_from = "RawInterface")]
+#[serde(deny_unknown_fields, try_from = "RawInterface", into = "RawInterface")]
 pub struct Interface {
     pub name: String,
     pub hook: Hook,
@@ -57,13 +57,27 @@ pub struct Interface {
     pub direction: Direction,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawInterface {
     name: String,
     hook: Hook,
+    #[serde(skip_serializing_if = "Option::is_none")]
     xdp_mode: Option<XdpMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     direction: Option<Direction>,
+}
+
+/// Written back as it is read: only the keys of its hook.
+impl From<Interface> for RawInterface {
+    fn from(i: Interface) -> RawInterface {
+        RawInterface {
+            xdp_mode: (i.hook == Hook::Xdp).then_some(i.xdp_mode),
+            direction: (i.hook == Hook::Tc).then_some(i.direction),
+            name: i.name,
+            hook: i.hook,
+        }
+    }
 }
 
 impl TryFrom<RawInterface> for Interface {
@@ -172,7 +186,11 @@ pub struct ExemptEntry {
     pub prefix: Prefix,
     #[serde(default)]
     pub note: Option<String>,
-    #[serde(default, with = "timestamp_opt")]
+    #[serde(
+        default,
+        with = "timestamp_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub until: Option<jiff::Timestamp>,
     /// Allows a prefix wider than the `limits` floor (audited at start and reload).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -452,17 +470,18 @@ impl Config {
                 msg: "the config is empty (a truncated write?): refused".into(),
             });
         }
-        let cfg: Config = serde_yaml::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .location()
-                .map(|l| (l.line(), l.column()))
-                .unwrap_or((0, 0));
-            ConfigError::Syntax {
+        let cfg: Config = serde_yaml::from_str(text).map_err(|e| match e.location() {
+            Some(l) => ConfigError::Syntax {
                 path: path.to_owned(),
-                line,
-                column,
+                line: l.line(),
+                column: l.column(),
                 msg: strip_location(&e.to_string()),
-            }
+            },
+            // Whole-file errors (several documents, ...) have no position: never print 0:0.
+            None => ConfigError::Invalid {
+                path: path.to_owned(),
+                msg: e.to_string(),
+            },
         })?;
         cfg.validate().map_err(|msg| ConfigError::Invalid {
             path: path.to_owned(),
@@ -599,3 +618,6 @@ fn strip_location(msg: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod proptests;

@@ -53,11 +53,118 @@ struct Daemon {
     /// Each user's entries in `applied`, so a change recomputes only the users it touched.
     index: Index,
     clock: Clock,
+    wall: Wall,
     started: Instant,
     reconciles: u64,
     drift_repaired: u64,
     /// A committed change whose map apply failed: the next tick does a full reconcile.
     dirty: bool,
+}
+
+/// Test hook: seconds added to the system's wall clock as the daemon reads it (negative =
+/// a clock behind real time, as after a boot without RTC before NTP has synced).
+pub const FAKE_WALL_SHIFT: &str = "PORT25_TEST_WALL_SHIFT_S";
+
+/// The wall clock as the daemon uses it for expiries: never behind the newest time the
+/// registry has recorded (its newest audit record), advanced from there on the boot-time
+/// clock. A boot with the clock behind real time would otherwise read an unblock that has
+/// ended as one still running and put it back into the maps.
+struct Wall {
+    floor: jiff::Timestamp,
+    floor_boot: u64,
+    shift: jiff::SignedDuration,
+    behind: bool,
+    /// Up to when ended unblocks have been recorded.
+    noted: Option<jiff::Timestamp>,
+}
+
+impl Wall {
+    fn new(store: &mut SqliteStore) -> Result<Wall> {
+        let newest = store
+            .begin()?
+            .audit(&crate::store::AuditQuery {
+                subject: None,
+                since: None,
+                limit: 1,
+            })?
+            .pop()
+            .map(|r| r.at);
+        let shift = match std::env::var(FAKE_WALL_SHIFT) {
+            Ok(s) => jiff::SignedDuration::from_secs(
+                s.parse()
+                    .with_context(|| format!("{FAKE_WALL_SHIFT}={s}"))?,
+            ),
+            Err(_) => jiff::SignedDuration::ZERO,
+        };
+        Ok(Wall {
+            floor: newest.unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+            floor_boot: crate::livemaps::boot_ns(),
+            shift,
+            behind: false,
+            noted: None,
+        })
+    }
+
+    /// Records, in the audit log, each timed unblock that ended since the last call: the
+    /// newest audit time is then past every ended unblock this daemon saw end, so a later
+    /// start with a clock behind real time cannot bring one back.
+    fn record_ended(&mut self, store: &mut SqliteStore, now: jiff::Timestamp) -> Result<()> {
+        let since = self.noted.unwrap_or(self.floor);
+        let mut tx = store.begin()?;
+        let ended: Vec<_> = tx
+            .users()?
+            .into_iter()
+            .filter(|u| u.policy == crate::store::Policy::Unblocked)
+            .filter(|u| u.until.is_some_and(|t| t > since && t <= now))
+            .collect();
+        for u in &ended {
+            tx.append_audit(&crate::store::AuditRecord {
+                id: 0,
+                at: now,
+                actor: "port25 daemon".into(),
+                action: "unblock.ended".into(),
+                subject: u.name.clone(),
+                old: u.until.map(|t| format!("unblocked until {t}")),
+                new: Some("blocked".into()),
+                reason: None,
+            })?;
+        }
+        tx.commit()?;
+        self.noted = Some(now);
+        Ok(())
+    }
+
+    fn now(&mut self) -> jiff::Timestamp {
+        let raw = jiff::Timestamp::now()
+            .checked_add(self.shift)
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let since = crate::livemaps::boot_ns().saturating_sub(self.floor_boot);
+        let derived = self
+            .floor
+            .checked_add(jiff::SignedDuration::from_nanos(
+                since.min(i64::MAX as u64) as i64
+            ))
+            .unwrap_or(self.floor);
+        let behind = raw < derived;
+        if behind != self.behind {
+            self.behind = behind;
+            if behind {
+                error!(
+                    system = %raw, recorded = %self.floor, using = %derived,
+                    "the wall clock is behind the newest time in the registry (no RTC? NTP not \
+                     synced?): using the recorded time, advanced on the boot clock, so no \
+                     ended unblock comes back"
+                );
+            } else {
+                warn!(system = %raw, "the wall clock has caught up with the registry");
+            }
+        }
+        if behind {
+            derived
+        } else {
+            raw
+        }
+    }
 }
 
 /// One request, from a connection task to the writer loop.
@@ -97,10 +204,11 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
         (datapath::load(&cfg, &pins)?, pins.clone())
     };
     let mut live = LiveMaps::open(&map_pins)?;
-    let clock = Clock::sample();
+    let mut wall = Wall::new(&mut store)?;
+    let clock = Clock::sample_at(wall.now());
     // Policy before programs: a fresh attach never runs on empty maps. A change committed
     // by an earlier daemon that died before applying it is applied here.
-    let (index, want) = desired(&cfg, &mut store, &clock)?;
+    let (index, want) = desired(&cfg, &mut store, &clock, wall.now())?;
     policy::check_fits(&live, &want)?;
     let applied = policy::apply(&mut live, &want)?;
     info!(writes = applied.writes, "policy applied");
@@ -129,6 +237,7 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
         applied: want,
         index,
         clock,
+        wall,
         started: Instant::now(),
         reconciles: 0,
         drift_repaired: 0,
@@ -179,9 +288,14 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
 }
 
 /// The desired map state from the config and a registry snapshot, with its per-user index.
-fn desired(cfg: &Config, store: &mut SqliteStore, clock: &Clock) -> Result<(Index, Desired)> {
+fn desired(
+    cfg: &Config,
+    store: &mut SqliteStore,
+    clock: &Clock,
+    now: jiff::Timestamp,
+) -> Result<(Index, Desired)> {
     let snap = store.snapshot()?;
-    let (wall, boot) = clock.at(jiff::Timestamp::now());
+    let (wall, boot) = clock.at(now);
     Desired::build_indexed(cfg, &snap, wall, boot)
 }
 
@@ -380,7 +494,8 @@ impl Daemon {
         for i in &new.interfaces {
             datapath::link_is_ethernet(&i.name)?;
         }
-        let (index, want) = desired(&new, &mut self.store, &self.clock)?;
+        let now = self.wall.now();
+        let (index, want) = desired(&new, &mut self.store, &self.clock, now)?;
         policy::check_fits(&self.live, &want)?;
         let applied = policy::apply(&mut self.live, &want)?;
         self.applied = want;
@@ -400,15 +515,20 @@ impl Daemon {
     /// Full comparison of maps and registry: repairs drift and drops what has expired.
     fn reconcile(&mut self) {
         self.reconciles += 1;
-        if self.clock.resync() {
+        let now = self.wall.now();
+        if self.clock.resync_at(now) {
             warn!("the wall clock stepped: kernel expiry times are recomputed");
         }
-        let result = desired(&self.cfg, &mut self.store, &self.clock).and_then(|(index, want)| {
-            let a = policy::apply(&mut self.live, &want)?;
-            self.applied = want;
-            self.index = index;
-            Ok(a)
-        });
+        if let Err(e) = self.wall.record_ended(&mut self.store, now) {
+            error!("recording ended unblocks failed: {e:#}");
+        }
+        let result =
+            desired(&self.cfg, &mut self.store, &self.clock, now).and_then(|(index, want)| {
+                let a = policy::apply(&mut self.live, &want)?;
+                self.applied = want;
+                self.index = index;
+                Ok(a)
+            });
         match result {
             Ok(a) => {
                 if a.writes > 0 && !self.dirty {
@@ -431,7 +551,7 @@ impl Daemon {
         &mut self,
         f: impl FnOnce(&mut dyn Tx, jiff::Timestamp) -> Result<R>,
     ) -> Result<R> {
-        let now = jiff::Timestamp::now();
+        let now = self.wall.now();
         let (wall, boot) = self.clock.at(now);
         let mut rec = Recording::new(self.store.begin()?);
         let r = f(&mut rec, now)?;

@@ -50,9 +50,13 @@ pub struct Clock {
 
 impl Clock {
     pub fn sample() -> Clock {
-        let wall = jiff::Timestamp::now().as_nanosecond();
+        Clock::sample_at(jiff::Timestamp::now())
+    }
+
+    /// As [`Clock::sample`], for a wall time read elsewhere (the daemon's guarded clock).
+    pub fn sample_at(wall: jiff::Timestamp) -> Clock {
         Clock {
-            offset_ns: wall - boot_ns() as i128,
+            offset_ns: wall.as_nanosecond() - boot_ns() as i128,
         }
     }
 
@@ -63,7 +67,12 @@ impl Clock {
 
     /// Re-samples when the wall clock has stepped by more than a second (NTP, an operator).
     pub fn resync(&mut self) -> bool {
-        let now = Clock::sample();
+        self.resync_at(jiff::Timestamp::now())
+    }
+
+    /// As [`Clock::resync`], for a wall time read elsewhere.
+    pub fn resync_at(&mut self, wall: jiff::Timestamp) -> bool {
+        let now = Clock::sample_at(wall);
         if (now.offset_ns - self.offset_ns).abs() > 1_000_000_000 {
             *self = now;
             true

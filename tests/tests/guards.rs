@@ -294,3 +294,51 @@ fn client_verbs_work_with_a_broken_config_file() {
     assert!(!out.status.success(), "{}", text(&out));
     assert!(blocked(&lab));
 }
+
+/// Item 12: a boot with the wall clock behind real time (no RTC, NTP not yet synced) must not
+/// revive a timed unblock that has already ended. The daemon's wall clock is shifted back a
+/// day through its test hook; the registry and the kernel are real.
+#[test]
+fn a_wall_clock_behind_the_registry_does_not_revive_expired_unblocks() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("reconcile_interval: 1s\n");
+    lab.start_daemon();
+    let sub = lab::v4().sub;
+    let until = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3);
+    let until = until.round(jiff::Unit::Second).unwrap().to_string();
+    for args in [
+        vec!["unblock", "alice", "--new", "--until", until.as_str()],
+        vec!["session", "up", "alice", "100.64.0.2", "--id", "a1"],
+    ] {
+        let out = lab.ctl(&args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    assert!(
+        lab.can_connect(sub, lab::v4().ext, 25),
+        "timed unblock not live"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !lab.can_connect(sub, lab::v4().ext, 25),
+        "unblock did not end"
+    );
+    lab.kill9();
+    lab.try_start_daemon_env(&[(port25_ctl::daemon::FAKE_WALL_SHIFT, "-86400")])
+        .unwrap();
+    assert!(
+        !lab.can_connect(sub, lab::v4().ext, 25),
+        "a clock a day behind revived alice's expired unblock"
+    );
+    let out = lab.ctl(&["--json", "user", "show", "alice"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["user"]["effective"], "blocked", "{v}");
+    // A new timed unblock is measured from the recorded time, not from the stale clock.
+    let out = lab.ctl(&["unblock", "alice", "--for", "1h"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(lab.can_connect(sub, lab::v4().ext, 25));
+    let log = lab.daemon_log();
+    assert!(log.contains("wall clock is behind"), "{log}");
+    let out = lab.ctl(&["--json", "audit", "--user", "alice"]);
+    assert!(text(&out).contains("unblock.ended"), "{}", text(&out));
+}

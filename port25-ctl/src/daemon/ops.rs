@@ -109,15 +109,15 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
                 let until = until_from(for_secs, until, now)?;
                 registry::unblock(tx, actor, &user, until, reason, new, now)
             })?;
-            json!({ "user": user_view(&out.user, Timestamp::now()), "changed": out.changed, "note": out.note })
+            json!({ "user": user_view(&out.user, d.wall.now()), "changed": out.changed, "note": out.note })
         }
         Op::Block { user, reason, new } => {
             let out = d.change(|tx, now| registry::block(tx, actor, &user, reason, new, now))?;
-            json!({ "user": user_view(&out.user, Timestamp::now()), "changed": out.changed, "note": out.note })
+            json!({ "user": user_view(&out.user, d.wall.now()), "changed": out.changed, "note": out.note })
         }
         Op::UserAdd { user } => {
             let u = d.change(|tx, now| registry::user_add(tx, actor, &user, now))?;
-            json!({ "user": user_view(&u, Timestamp::now()) })
+            json!({ "user": user_view(&u, d.wall.now()) })
         }
         Op::UserRemove { user } => {
             let n = d.change(|tx, now| registry::user_remove(tx, actor, &user, now))?;
@@ -199,7 +199,7 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             json!({ "removed": prefix, "kind": kind })
         }
         Op::EntryList { kind } => {
-            let now = Timestamp::now();
+            let now = d.wall.now();
             let tx = d.store.begin()?;
             let runtime: Vec<Value> = tx
                 .entries()?
@@ -229,7 +229,7 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             json!({ "kind": kind, "entries": config.into_iter().chain(runtime).collect::<Vec<_>>() })
         }
         Op::UserShow { user } => {
-            let now = Timestamp::now();
+            let now = d.wall.now();
             let tx = d.store.begin()?;
             registry::check_user_name(&user)?;
             let Some(u) = tx.user(&user)? else {
@@ -248,7 +248,7 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             unblocked,
             expiring,
         } => {
-            let now = Timestamp::now();
+            let now = d.wall.now();
             let tx = d.store.begin()?;
             let sessions = tx.sessions()?;
             let users: Vec<Value> = tx

@@ -349,6 +349,7 @@ pub fn socket_of(path: &Path) -> PathBuf {
     }
     // Not YAML as a whole: the last top-level `socket:` line, as YAML would take it.
     text.lines()
+        .rev()
         .filter_map(|l| l.strip_prefix("socket:"))
         .filter_map(|v| {
             let v = v.split(" #").next().unwrap_or_default().trim();
@@ -359,7 +360,7 @@ pub fn socket_of(path: &Path) -> PathBuf {
                 .unwrap_or(v);
             (!v.is_empty()).then(|| PathBuf::from(v))
         })
-        .last()
+        .next()
         .unwrap_or_else(default_socket)
 }
 

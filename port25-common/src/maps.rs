@@ -33,11 +33,39 @@ pub const PORTS_ENTRIES: u32 = 65536;
 /// Most distinct IPv6 session prefix lengths probed in [`EXNET6`] (e.g. /48, /56, /60, /64).
 pub const MAX_SESSION_PREFIX_LENS: usize = 8;
 
-/// `Settings::flags`: only sources inside the subscriber ranges are enforced.
-/// Clear (the zero value of a fresh map) means every source is enforced: fail closed.
+/// `Settings::flags`, legacy: "only sources inside the subscriber ranges are enforced", for
+/// both families at once. The verdict no longer reads it (an unlisted family was left open);
+/// it is still written when both families have listed ranges, so an older program that runs
+/// against these settings during an upgrade or a rollback is correct then, and enforces every
+/// source otherwise. No layout change: the struct is the same, and an older daemon's settings
+/// (this bit only) read as "every source of both families enforced", which fails closed
+/// until the new daemon rewrites them.
 pub const FLAG_ENFORCE_LISTED: u32 = 1 << 0;
 /// `Settings::flags`: answer blocked SYNs with a TCP RST (`action: reject`).
 pub const FLAG_REJECT: u32 = 1 << 1;
+/// `Settings::flags`: IPv4 sources are enforced only inside [`RANGES4`]. Clear (the zero value
+/// of a fresh map, or a config that lists no IPv4 range) means every IPv4 source is enforced.
+pub const FLAG_LISTED4: u32 = 1 << 2;
+/// `Settings::flags`: as [`FLAG_LISTED4`], for IPv6 sources and [`RANGES6`].
+pub const FLAG_LISTED6: u32 = 1 << 3;
+
+/// The enforcement flags for a config that lists IPv4 and/or IPv6 subscriber ranges.
+pub const fn listed_flags(v4: bool, v6: bool) -> u32 {
+    let mut f = 0;
+    if v4 {
+        f |= FLAG_LISTED4;
+    }
+    if v6 {
+        f |= FLAG_LISTED6;
+    }
+    if v4 && v6 {
+        f |= FLAG_ENFORCE_LISTED;
+    }
+    f
+}
+
+/// Every flag that narrows enforcement to listed ranges.
+pub const LISTED_MASK: u32 = FLAG_ENFORCE_LISTED | FLAG_LISTED4 | FLAG_LISTED6;
 
 /// Index 0 of the [`SETTINGS`] array.
 #[repr(C)]
@@ -72,6 +100,16 @@ pub const ORIGIN_RUNTIME: u32 = 2;
 pub const ORIGIN_SESSION: u32 = 3;
 /// A user's static binding (`user bind`): exempt while live, like config entries.
 pub const ORIGIN_BINDING: u32 = 4;
+
+impl Settings {
+    /// Whether sources of this family are enforced only inside its listed ranges (false =
+    /// the whole family is enforced).
+    #[inline(always)]
+    pub const fn listed(&self, v6: bool) -> bool {
+        let bit = if v6 { FLAG_LISTED6 } else { FLAG_LISTED4 };
+        self.flags & bit != 0
+    }
+}
 
 impl Exempt {
     /// Expired entries count as absent, in the kernel and in userspace alike; except a

@@ -2,7 +2,7 @@
 
 use crate::{
     addr::{mask, Addr},
-    maps::{Exempt, NetKey6, Settings, FLAG_ENFORCE_LISTED, MAX_SESSION_PREFIX_LENS},
+    maps::{Exempt, NetKey6, Settings, MAX_SESSION_PREFIX_LENS},
     parse::{parse, Frame, Link, Packet},
     reason::Reason,
 };
@@ -58,18 +58,16 @@ pub fn decide<M: Maps>(pkt: &Packet, maps: &M) -> Reason {
 #[inline(always)]
 fn address_rules<M: Maps>(src: Addr, dst: Addr, maps: &M) -> Option<Reason> {
     let settings = maps.settings();
-    let listed_only = match settings {
-        Some(s) => s.flags & FLAG_ENFORCE_LISTED != 0,
-        None => false,
+    // Per family: a family with no listed range is enforced whole (its flag is clear), so
+    // listing only IPv4 ranges never leaves every IPv6 source open. Unreadable settings
+    // enforce every source.
+    let enforced = match (src, settings) {
+        (_, None) => true,
+        (Addr::V4(a), Some(s)) => !s.listed(false) || maps.in_ranges4(a),
+        (Addr::V6(a), Some(s)) => !s.listed(true) || maps.in_ranges6(a),
     };
-    if listed_only {
-        let enforced = match src {
-            Addr::V4(a) => maps.in_ranges4(a),
-            Addr::V6(a) => maps.in_ranges6(a),
-        };
-        if !enforced {
-            return Some(Reason::PassNotSubscriber);
-        }
+    if !enforced {
+        return Some(Reason::PassNotSubscriber);
     }
     let mail = match dst {
         Addr::V4(a) => maps.mail_server4(a),

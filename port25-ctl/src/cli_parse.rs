@@ -23,13 +23,13 @@ pub fn duration_secs(s: &str) -> Result<u64, String> {
 
 /// RFC 3339 (`2026-12-31T18:00:00Z`, `...+01:00`) or a date (`2026-12-31`, midnight UTC).
 pub fn timestamp(s: &str) -> Result<Timestamp, String> {
-    if let Ok(t) = s.parse::<Timestamp>() {
+    let t = s.parse::<Timestamp>().ok().or_else(|| {
+        let d = s.parse::<jiff::civil::Date>().ok()?;
+        Some(d.to_zoned(jiff::tz::TimeZone::UTC).ok()?.timestamp())
+    });
+    if let Some(t) = t {
+        crate::config::check_storable(t)?;
         return Ok(t);
-    }
-    if let Ok(d) = s.parse::<jiff::civil::Date>() {
-        if let Ok(z) = d.to_zoned(jiff::tz::TimeZone::UTC) {
-            return Ok(z.timestamp());
-        }
     }
     Err(format!(
         "`{s}` is not a time such as 2026-12-31T18:00:00Z or 2026-12-31"
@@ -96,6 +96,12 @@ mod tests {
         assert!(timestamp("2026-12-31").is_ok());
         assert!(timestamp("tomorrow").is_err());
         assert!(timestamp("2026-13-01").is_err());
+        // i64 nanoseconds end in 2262: later times would wrap into the past.
+        assert!(timestamp("2262-04-11").is_ok());
+        for late in ["2262-04-12", "2300-01-01T00:00:00Z", "9999-01-01"] {
+            let e = timestamp(late).unwrap_err();
+            assert!(e.contains("latest time"), "{late}: {e}");
+        }
     }
 
     #[test]

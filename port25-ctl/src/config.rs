@@ -27,7 +27,7 @@ pub struct Config {
     #[serde(default)]
     pub subscriber_ranges: Vec<Prefix>,
     #[serde(default)]
-    pub mail_servers: Vec<Prefix>,
+    pub mail_servers: Vec<MailServer>,
     #[serde(default)]
     pub exempt: Vec<ExemptEntry>,
     #[serde(default)]
@@ -49,7 +49,7 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, try_from = "RawInterface")]
+#[serde(deny_unknown_fields, try_from = "RawInterface", into = "RawInterface")]
 pub struct Interface {
     pub name: String,
     pub hook: Hook,
@@ -57,13 +57,27 @@ pub struct Interface {
     pub direction: Direction,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawInterface {
     name: String,
     hook: Hook,
+    #[serde(skip_serializing_if = "Option::is_none")]
     xdp_mode: Option<XdpMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     direction: Option<Direction>,
+}
+
+/// Written back as it is read: only the keys of its hook.
+impl From<Interface> for RawInterface {
+    fn from(i: Interface) -> RawInterface {
+        RawInterface {
+            xdp_mode: (i.hook == Hook::Xdp).then_some(i.xdp_mode),
+            direction: (i.hook == Hook::Tc).then_some(i.direction),
+            name: i.name,
+            hook: i.hook,
+        }
+    }
 }
 
 impl TryFrom<RawInterface> for Interface {
@@ -172,8 +186,70 @@ pub struct ExemptEntry {
     pub prefix: Prefix,
     #[serde(default)]
     pub note: Option<String>,
-    #[serde(default, with = "timestamp_opt")]
+    #[serde(
+        default,
+        with = "timestamp_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub until: Option<jiff::Timestamp>,
+    /// Allows a prefix wider than the `limits` floor (audited at start and reload).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+/// A `mail_servers` entry: a prefix, or `{prefix: P, force: true}` for one wider than the
+/// `limits` floor (audited at start and reload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailServer {
+    pub prefix: Prefix,
+    pub force: bool,
+}
+
+impl<'de> Deserialize<'de> for MailServer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            prefix: Prefix,
+            #[serde(default)]
+            force: bool,
+        }
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = MailServer;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a prefix, or a mapping with `prefix` and `force`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MailServer, E> {
+                Ok(MailServer {
+                    prefix: v.parse().map_err(E::custom)?,
+                    force: false,
+                })
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, m: A) -> Result<MailServer, A::Error> {
+                let f = Full::deserialize(de::value::MapAccessDeserializer::new(m))?;
+                Ok(MailServer {
+                    prefix: f.prefix,
+                    force: f.force,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Serialize for MailServer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.force {
+            use serde::ser::SerializeMap;
+            let mut m = s.serialize_map(Some(2))?;
+            m.serialize_entry("prefix", &self.prefix)?;
+            m.serialize_entry("force", &true)?;
+            m.end()
+        } else {
+            self.prefix.serialize(s)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -185,6 +261,12 @@ pub struct Limits {
     pub subscriber_ranges: u32,
     /// Extension: per-session IPv6 prefixes (the hash probed by prefix length).
     pub session_prefixes: u32,
+    /// Extension: the shortest IPv4 prefix accepted in an allow-list (`exempt`,
+    /// `mail_servers`, `exempt add`, `server add`, `user bind`, `session up`) without an
+    /// explicit, audited force. /0 is never accepted without it.
+    pub min_prefix_v4: u8,
+    /// Extension: as `min_prefix_v4`, for IPv6.
+    pub min_prefix_v6: u8,
 }
 
 impl Default for Limits {
@@ -196,8 +278,54 @@ impl Default for Limits {
             mail_servers: DEFAULT_MAIL_SERVERS,
             subscriber_ranges: DEFAULT_SUBSCRIBER_RANGES,
             session_prefixes: DEFAULT_SESSION_PREFIXES,
+            min_prefix_v4: 8,
+            min_prefix_v6: 16,
         }
     }
+}
+
+impl Limits {
+    /// The floor `p` is shorter than, when it is: such an allow-list entry opens port 25 for
+    /// a whole block of the Internet and needs an explicit force.
+    pub fn too_wide(&self, p: &Prefix) -> Option<u8> {
+        let floor = if p.addr.is_ipv4() {
+            self.min_prefix_v4
+        } else {
+            self.min_prefix_v6
+        };
+        (p.len == 0 || p.len < floor).then_some(floor.max(1))
+    }
+
+    /// Refuses `p` when too wide and not forced: the error names the way out.
+    pub fn check_wide(&self, what: &str, p: &Prefix, force: bool) -> Result<(), String> {
+        match self.too_wide(p) {
+            Some(floor) if !force => Err(format!(
+                "{what} {p} is wider than /{floor} (limits.min_prefix_v{}): it would open port 25 \
+                 for a large part of the Internet; force it explicitly if that is meant \
+                 (--force-wide, or `force: true` in the config), which is audited",
+                if p.addr.is_ipv4() { 4 } else { 6 }
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The last instant every store can hold exactly: registry times are i64 nanoseconds since
+/// the epoch (2262-04-11T23:47:16.854775807Z). Later times would wrap to the past.
+pub fn latest_storable() -> jiff::Timestamp {
+    jiff::Timestamp::from_nanosecond(i64::MAX as i128).expect("in jiff's range")
+}
+
+/// Refuses an expiry that cannot be stored exactly.
+pub fn check_storable(t: jiff::Timestamp) -> Result<(), String> {
+    if t > latest_storable() {
+        return Err(format!(
+            "{t} is after {}, the latest time port25 can store (64-bit nanoseconds); \
+             leave `until` out for no end",
+            latest_storable()
+        ));
+    }
+    Ok(())
 }
 
 fn default_ports() -> Vec<BlockedPort> {
@@ -206,6 +334,36 @@ fn default_ports() -> Vec<BlockedPort> {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/port25")
 }
+/// The control socket named by the config file at `path`, for client verbs: only the
+/// top-level `socket:` is read, leniently, so a half-edited file (syntax errors, unknown
+/// keys, bad values elsewhere) still finds the daemon. Unreadable or absent: the default.
+pub fn socket_of(path: &Path) -> PathBuf {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return default_socket();
+    };
+    if let Ok(serde_yaml::Value::Mapping(m)) = serde_yaml::from_str::<serde_yaml::Value>(&text) {
+        return match m.get("socket") {
+            Some(serde_yaml::Value::String(s)) if !s.is_empty() => PathBuf::from(s),
+            _ => default_socket(),
+        };
+    }
+    // Not YAML as a whole: the last top-level `socket:` line, as YAML would take it.
+    text.lines()
+        .rev()
+        .filter_map(|l| l.strip_prefix("socket:"))
+        .filter_map(|v| {
+            let v = v.split(" #").next().unwrap_or_default().trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(v);
+            (!v.is_empty()).then(|| PathBuf::from(v))
+        })
+        .next()
+        .unwrap_or_else(default_socket)
+}
+
 fn default_socket() -> PathBuf {
     PathBuf::from("/run/port25/ctl.sock")
 }
@@ -240,11 +398,13 @@ mod timestamp_opt {
         d: D,
     ) -> Result<Option<jiff::Timestamp>, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse::<jiff::Timestamp>().map(Some).map_err(|e| {
+        let t = s.parse::<jiff::Timestamp>().map_err(|e| {
             de::Error::custom(format!(
                 "`{s}` is not an RFC 3339 time such as 2026-12-31T00:00:00Z: {e}"
             ))
-        })
+        })?;
+        check_storable(t).map_err(de::Error::custom)?;
+        Ok(Some(t))
     }
     pub fn serialize<S: serde::Serializer>(
         t: &Option<jiff::Timestamp>,
@@ -277,31 +437,52 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// A config file as the daemon runs it (start, reload) and the CLI reads it. Beyond
+    /// [`Config::parse`], a file must name at least one interface: a truncated write by
+    /// config management must never read as "defaults, no interfaces" and detach everything.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, path)
+        let cfg = Config::parse(&text, path)?;
+        if cfg.interfaces.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                msg: "no interfaces: port25 would enforce nowhere (a truncated file?); \
+                      `port25-ctl detach` removes enforcement on purpose"
+                    .into(),
+            });
+        }
+        Ok(cfg)
     }
 
+    /// The policy in `text`. Interfaces may be absent here (kernel tests load the programs
+    /// without attaching them); [`Config::load`] requires them.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = if text.trim().is_empty() {
-            serde_yaml::from_str("{}")
-        } else {
-            serde_yaml::from_str(text)
-        }
-        .map_err(|e| {
-            let (line, column) = e
-                .location()
-                .map(|l| (l.line(), l.column()))
-                .unwrap_or((0, 0));
-            ConfigError::Syntax {
+        // serde_yaml reads a document without content (blank, comments, `---`) as unit.
+        let blank = text
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or_default().trim())
+            .all(|l| l.is_empty() || l == "---" || l == "...");
+        if blank {
+            return Err(ConfigError::Invalid {
                 path: path.to_owned(),
-                line,
-                column,
+                msg: "the config is empty (a truncated write?): refused".into(),
+            });
+        }
+        let cfg: Config = serde_yaml::from_str(text).map_err(|e| match e.location() {
+            Some(l) => ConfigError::Syntax {
+                path: path.to_owned(),
+                line: l.line(),
+                column: l.column(),
                 msg: strip_location(&e.to_string()),
-            }
+            },
+            // Whole-file errors (several documents, ...) have no position: never print 0:0.
+            None => ConfigError::Invalid {
+                path: path.to_owned(),
+                msg: e.to_string(),
+            },
         })?;
         cfg.validate().map_err(|msg| ConfigError::Invalid {
             path: path.to_owned(),
@@ -321,6 +502,11 @@ impl Config {
                 ));
             }
         }
+        if self.blocked_ports.is_empty() {
+            return Err(
+                "blocked_ports is empty: nothing would be blocked (leave it out for [25])".into(),
+            );
+        }
         let mut seen = BTreeSet::new();
         for p in &self.blocked_ports {
             if !seen.insert(p.0) {
@@ -328,7 +514,21 @@ impl Config {
             }
         }
         unique("subscriber_ranges", &self.subscriber_ranges)?;
-        unique("mail_servers", &self.mail_servers)?;
+        let mail: Vec<Prefix> = self.mail_servers.iter().map(|m| m.prefix).collect();
+        unique("mail_servers", &mail)?;
+        if !(1..=32).contains(&self.limits.min_prefix_v4) {
+            return Err("limits.min_prefix_v4 must be 1 to 32".into());
+        }
+        if !(1..=128).contains(&self.limits.min_prefix_v6) {
+            return Err("limits.min_prefix_v6 must be 1 to 128".into());
+        }
+        for m in &self.mail_servers {
+            self.limits
+                .check_wide("mail_servers:", &m.prefix, m.force)?;
+        }
+        for e in &self.exempt {
+            self.limits.check_wide("exempt:", &e.prefix, e.force)?;
+        }
         unique(
             "exempt",
             &self.exempt.iter().map(|e| e.prefix).collect::<Vec<_>>(),
@@ -362,7 +562,7 @@ impl Config {
             l.subscriber_ranges,
             &self.subscriber_ranges,
         )?;
-        fits("mail_servers", l.mail_servers, &self.mail_servers)?;
+        fits("mail_servers", l.mail_servers, &mail)?;
         let hosts: Vec<Prefix> = self
             .exempt
             .iter()
@@ -378,6 +578,24 @@ impl Config {
         fits("exempt_ips", l.exempt_ips, &hosts)?;
         fits("exempt_prefixes", l.exempt_prefixes, &nets)?;
         Ok(())
+    }
+}
+
+impl Config {
+    /// Allow-list entries wider than the floor that the config forces: (key, prefix). The
+    /// daemon audits them at start and on each reload.
+    pub fn forced_wide(&self) -> Vec<(&'static str, Prefix)> {
+        let mail = self
+            .mail_servers
+            .iter()
+            .filter(|m| m.force && self.limits.too_wide(&m.prefix).is_some())
+            .map(|m| ("mail_servers", m.prefix));
+        let exempt = self
+            .exempt
+            .iter()
+            .filter(|e| e.force && self.limits.too_wide(&e.prefix).is_some())
+            .map(|e| ("exempt", e.prefix));
+        mail.chain(exempt).collect()
     }
 }
 
@@ -401,3 +619,6 @@ fn strip_location(msg: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod proptests;

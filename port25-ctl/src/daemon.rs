@@ -71,6 +71,7 @@ struct Daemon {
     /// Each user's entries in `applied`, so a change recomputes only the users it touched.
     index: Index,
     clock: Clock,
+    wall: Wall,
     started: Instant,
     reconciles: u64,
     drift_repaired: u64,
@@ -80,6 +81,112 @@ struct Daemon {
     cfg_tx: watch::Sender<Arc<Config>>,
     /// The last failure logged per attach point, so link events do not repeat it.
     link_errors: std::collections::HashMap<String, String>,
+}
+
+/// Test hook: seconds added to the system's wall clock as the daemon reads it (negative =
+/// a clock behind real time, as after a boot without RTC before NTP has synced).
+pub const FAKE_WALL_SHIFT: &str = "PORT25_TEST_WALL_SHIFT_S";
+
+/// The wall clock as the daemon uses it for expiries: never behind the newest time the
+/// registry has recorded (its newest audit record), advanced from there on the boot-time
+/// clock. A boot with the clock behind real time would otherwise read an unblock that has
+/// ended as one still running and put it back into the maps.
+struct Wall {
+    floor: jiff::Timestamp,
+    floor_boot: u64,
+    shift: jiff::SignedDuration,
+    behind: bool,
+    /// Up to when ended unblocks have been recorded.
+    noted: Option<jiff::Timestamp>,
+}
+
+impl Wall {
+    fn new(store: &mut SqliteStore) -> Result<Wall> {
+        let newest = store
+            .begin()?
+            .audit(&crate::store::AuditQuery {
+                subject: None,
+                since: None,
+                limit: 1,
+            })?
+            .pop()
+            .map(|r| r.at);
+        let shift = match std::env::var(FAKE_WALL_SHIFT) {
+            Ok(s) => jiff::SignedDuration::from_secs(
+                s.parse()
+                    .with_context(|| format!("{FAKE_WALL_SHIFT}={s}"))?,
+            ),
+            Err(_) => jiff::SignedDuration::ZERO,
+        };
+        Ok(Wall {
+            floor: newest.unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+            floor_boot: crate::livemaps::boot_ns(),
+            shift,
+            behind: false,
+            noted: None,
+        })
+    }
+
+    /// Records, in the audit log, each timed unblock that ended since the last call: the
+    /// newest audit time is then past every ended unblock this daemon saw end, so a later
+    /// start with a clock behind real time cannot bring one back.
+    fn record_ended(&mut self, store: &mut SqliteStore, now: jiff::Timestamp) -> Result<()> {
+        let since = self.noted.unwrap_or(self.floor);
+        let mut tx = store.begin()?;
+        let ended: Vec<_> = tx
+            .users()?
+            .into_iter()
+            .filter(|u| u.policy == crate::store::Policy::Unblocked)
+            .filter(|u| u.until.is_some_and(|t| t > since && t <= now))
+            .collect();
+        for u in &ended {
+            tx.append_audit(&crate::store::AuditRecord {
+                id: 0,
+                at: now,
+                actor: "port25 daemon".into(),
+                action: "unblock.ended".into(),
+                subject: u.name.clone(),
+                old: u.until.map(|t| format!("unblocked until {t}")),
+                new: Some("blocked".into()),
+                reason: None,
+            })?;
+        }
+        tx.commit()?;
+        self.noted = Some(now);
+        Ok(())
+    }
+
+    fn now(&mut self) -> jiff::Timestamp {
+        let raw = jiff::Timestamp::now()
+            .checked_add(self.shift)
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let since = crate::livemaps::boot_ns().saturating_sub(self.floor_boot);
+        let derived = self
+            .floor
+            .checked_add(jiff::SignedDuration::from_nanos(
+                since.min(i64::MAX as u64) as i64
+            ))
+            .unwrap_or(self.floor);
+        let behind = raw < derived;
+        if behind != self.behind {
+            self.behind = behind;
+            if behind {
+                error!(
+                    system = %raw, recorded = %self.floor, using = %derived,
+                    "the wall clock is behind the newest time in the registry (no RTC? NTP not \
+                     synced?): using the recorded time, advanced on the boot clock, so no \
+                     ended unblock comes back"
+                );
+            } else {
+                warn!(system = %raw, "the wall clock has caught up with the registry");
+            }
+        }
+        if behind {
+            derived
+        } else {
+            raw
+        }
+    }
 }
 
 /// One request, from a connection task to the writer loop.
@@ -137,6 +244,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
         info!("the detach marker is lifted (--attach)");
     }
     let mut store = SqliteStore::open(&cfg.state_dir)?;
+    audit_forced_wide(&mut store, &cfg, &config_path)?;
     // Pinned maps of another layout (changed `limits`, a new version) are replaced, never
     // reused: new maps are filled first, every link then swaps atomically to a program that
     // uses them, and only then do their pins replace the old ones.
@@ -152,10 +260,11 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
         (datapath::load(&cfg, &pins)?, pins.clone())
     };
     let mut live = LiveMaps::open(&map_pins)?;
-    let clock = Clock::sample();
+    let mut wall = Wall::new(&mut store)?;
+    let clock = Clock::sample_at(wall.now());
     // Policy before programs: a fresh attach never runs on empty maps. A change committed
     // by an earlier daemon that died before applying it is applied here.
-    let (index, want) = desired(&cfg, &mut store, &clock)?;
+    let (index, want) = desired(&cfg, &mut store, &clock, wall.now())?;
     policy::check_fits(&live, &want)?;
     let applied = policy::apply(&mut live, &want)?;
     info!(writes = applied.writes, "policy applied");
@@ -187,6 +296,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
         applied: want,
         index,
         clock,
+        wall,
         started: Instant::now(),
         reconciles: 0,
         drift_repaired: 0,
@@ -419,10 +529,40 @@ impl Reader {
 }
 
 /// The desired map state from the config and a registry snapshot, with its per-user index.
-fn desired(cfg: &Config, store: &mut SqliteStore, clock: &Clock) -> Result<(Index, Desired)> {
+fn desired(
+    cfg: &Config,
+    store: &mut SqliteStore,
+    clock: &Clock,
+    now: jiff::Timestamp,
+) -> Result<(Index, Desired)> {
     let snap = store.snapshot()?;
-    let (wall, boot) = clock.at(jiff::Timestamp::now());
+    let (wall, boot) = clock.at(now);
     Desired::build_indexed(cfg, &snap, wall, boot)
+}
+
+/// Records the config's forced wide allow-list entries in the audit log (each start and
+/// reload that applies them), and says so loudly.
+fn audit_forced_wide(store: &mut SqliteStore, cfg: &Config, path: &Path) -> Result<()> {
+    let forced = cfg.forced_wide();
+    if forced.is_empty() {
+        return Ok(());
+    }
+    let now = jiff::Timestamp::now();
+    let mut tx = store.begin()?;
+    for (key, p) in forced {
+        warn!(%p, key, "the config forces an allow-list prefix wider than its floor");
+        tx.append_audit(&crate::store::AuditRecord {
+            id: 0,
+            at: now,
+            actor: format!("config {}", path.display()),
+            action: "force_wide".into(),
+            subject: p.to_string(),
+            old: None,
+            new: Some(format!("{key}: {p} (force: true)")),
+            reason: None,
+        })?;
+    }
+    tx.commit()
 }
 
 fn failpoint_after_commit() {
@@ -653,7 +793,8 @@ impl Daemon {
         for i in &new.interfaces {
             datapath::preflight(i)?;
         }
-        let (index, want) = desired(&new, &mut self.store, &self.clock)?;
+        let now = self.wall.now();
+        let (index, want) = desired(&new, &mut self.store, &self.clock, now)?;
         policy::check_fits(&self.live, &want)?;
         let old_points: Vec<String> = self
             .cfg
@@ -688,6 +829,9 @@ impl Daemon {
         self.applied = want;
         self.index = index;
         let detached = datapath::detach_stale(&self.pins, &new)?;
+        if let Err(e) = audit_forced_wide(&mut self.store, &new, &self.config_path) {
+            error!("auditing the config's forced wide prefixes failed: {e:#}");
+        }
         self.cfg = new;
         self.cfg_tx.send_replace(Arc::new(self.cfg.clone()));
         info!(writes = applied.writes, ?added, ?detached, "reloaded");
@@ -734,15 +878,20 @@ impl Daemon {
     fn reconcile(&mut self) {
         self.reconciles += 1;
         self.repair_links();
-        if self.clock.resync() {
+        let now = self.wall.now();
+        if self.clock.resync_at(now) {
             warn!("the wall clock stepped: kernel expiry times are recomputed");
         }
-        let result = desired(&self.cfg, &mut self.store, &self.clock).and_then(|(index, want)| {
-            let a = policy::apply(&mut self.live, &want)?;
-            self.applied = want;
-            self.index = index;
-            Ok(a)
-        });
+        if let Err(e) = self.wall.record_ended(&mut self.store, now) {
+            error!("recording ended unblocks failed: {e:#}");
+        }
+        let result =
+            desired(&self.cfg, &mut self.store, &self.clock, now).and_then(|(index, want)| {
+                let a = policy::apply(&mut self.live, &want)?;
+                self.applied = want;
+                self.index = index;
+                Ok(a)
+            });
         match result {
             Ok(a) => {
                 if a.writes > 0 && !self.dirty {
@@ -765,7 +914,7 @@ impl Daemon {
         &mut self,
         f: impl FnOnce(&mut dyn Tx, jiff::Timestamp) -> Result<R>,
     ) -> Result<R> {
-        let now = jiff::Timestamp::now();
+        let now = self.wall.now();
         let (wall, boot) = self.clock.at(now);
         let mut rec = Recording::new(self.store.begin()?);
         let r = f(&mut rec, now)?;

@@ -6,7 +6,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use port25_ctl::{
     cli_parse,
-    config::{Config, DEFAULT_CONFIG},
+    config::{self, Config, DEFAULT_CONFIG},
     daemon, datapath, detached,
     net::{parse_addr, Prefix},
     pins::Pins,
@@ -24,6 +24,10 @@ struct Cli {
     /// Config file.
     #[arg(long, global = true, default_value = DEFAULT_CONFIG, env = "PORT25_CONFIG")]
     config: PathBuf,
+    /// Control socket for client verbs (default: `socket:` from the config file, read
+    /// leniently, or /run/port25/ctl.sock).
+    #[arg(long, global = true, env = "PORT25_SOCKET")]
+    socket: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
@@ -139,6 +143,9 @@ enum UserVerb {
         user: String,
         #[arg(value_parser = cli_parse::prefix)]
         prefix: Prefix,
+        /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
+        #[arg(long)]
+        force_wide: bool,
     },
     /// Remove a static binding.
     Unbind {
@@ -163,6 +170,9 @@ enum SessionVerb {
         /// What reports it (recorded with the session).
         #[arg(long)]
         source: Option<String>,
+        /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
+        #[arg(long)]
+        force_wide: bool,
     },
     /// A session went down: by id, or by user and address.
     Down {
@@ -190,6 +200,9 @@ enum ServerVerb {
         prefix: Prefix,
         #[arg(long)]
         note: Option<String>,
+        /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
+        #[arg(long)]
+        force_wide: bool,
     },
     Remove {
         #[arg(value_parser = cli_parse::prefix)]
@@ -207,6 +220,9 @@ enum ExemptVerb {
         until: Option<jiff::Timestamp>,
         #[arg(long)]
         note: Option<String>,
+        /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
+        #[arg(long)]
+        force_wide: bool,
     },
     Remove {
         #[arg(value_parser = cli_parse::prefix)]
@@ -255,20 +271,18 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         daemon::run(&cli.config, attach)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let cfg = Config::load(&cli.config)?;
+    // Client verbs talk to the daemon only: they need the socket path and nothing else
+    // from the config, so a half-edited file never breaks a hook.
+    let socket = || {
+        cli.socket
+            .clone()
+            .unwrap_or_else(|| config::socket_of(&cli.config))
+    };
     match &cli.verb {
         Verb::Daemon { .. } => unreachable!(),
-        Verb::Attach => {
-            if detached::clear(&cfg.state_dir)? {
-                println!(
-                    "detach lifted: the next daemon start attaches (e.g. systemctl start port25)"
-                );
-            } else {
-                println!("not detached: nothing to lift");
-            }
-        }
+        Verb::Status | Verb::Check { .. } | Verb::Detach | Verb::Attach => local(cli),
         Verb::Reload => {
-            let r = proto::call(&cfg.socket, Op::Reload, CALL_TIMEOUT)?;
+            let r = proto::call(&socket(), Op::Reload, CALL_TIMEOUT)?;
             if !r.ok {
                 bail!(
                     "reload refused, running policy unchanged: {}",
@@ -280,7 +294,31 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             } else {
                 println!("reloaded: {} map writes", r.data["writes"]);
             }
+            Ok(ExitCode::SUCCESS)
         }
+        verb => {
+            let op = to_op(verb)?;
+            let r = proto::call(&socket(), op, CALL_TIMEOUT)?;
+            if !r.ok {
+                bail!("{}", r.error.unwrap_or_default());
+            }
+            if cli.json {
+                print_json(&r.data)?;
+            } else {
+                show::human(verb, &r.data);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Verbs that read the pins and the registry themselves: they need the whole config.
+fn local(cli: &Cli) -> Result<ExitCode> {
+    let mut cfg = Config::load(&cli.config)?;
+    if let Some(s) = &cli.socket {
+        cfg.socket = s.clone();
+    }
+    match &cli.verb {
         Verb::Status => {
             let daemon = match proto::call(&cfg.socket, Op::Info, Duration::from_secs(5)) {
                 Ok(r) if r.ok => Some(r.data),
@@ -312,6 +350,12 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                     r.explanation,
                     r.reason
                 );
+                if r.family_enforced_whole {
+                    println!(
+                        "{} sources are enforced whole: the config lists no subscriber range of this family",
+                        if r.src.is_ipv4() { "IPv4" } else { "IPv6" }
+                    );
+                }
                 match &r.holder {
                     Some(h) => println!(
                         "source {} is held by user {} ({}), who is {}",
@@ -350,18 +394,16 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 println!("detached: {points}; port 25 is no longer blocked by port25");
             }
         }
-        verb => {
-            let op = to_op(verb)?;
-            let r = proto::call(&cfg.socket, op, CALL_TIMEOUT)?;
-            if !r.ok {
-                bail!("{}", r.error.unwrap_or_default());
-            }
-            if cli.json {
-                print_json(&r.data)?;
+        Verb::Attach => {
+            if detached::clear(&cfg.state_dir)? {
+                println!(
+                    "detach lifted: the next daemon start attaches (e.g. systemctl start port25)"
+                );
             } else {
-                show::human(verb, &r.data);
+                println!("not detached: nothing to lift");
             }
         }
+        _ => unreachable!("client verbs are handled in run"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -398,9 +440,14 @@ fn to_op(verb: &Verb) -> Result<Op> {
             },
             UserVerb::Add { user } => Op::UserAdd { user: user.clone() },
             UserVerb::Remove { user } => Op::UserRemove { user: user.clone() },
-            UserVerb::Bind { user, prefix } => Op::UserBind {
+            UserVerb::Bind {
+                user,
+                prefix,
+                force_wide,
+            } => Op::UserBind {
                 user: user.clone(),
                 prefix: *prefix,
+                force_wide: *force_wide,
             },
             UserVerb::Unbind { user, prefix } => Op::UserUnbind {
                 user: user.clone(),
@@ -413,11 +460,13 @@ fn to_op(verb: &Verb) -> Result<Op> {
                 addrs,
                 id,
                 source,
+                force_wide,
             } => Op::SessionUp {
                 user: user.clone(),
                 addrs: addrs.clone(),
                 id: id.clone(),
                 source: source.clone(),
+                force_wide: *force_wide,
             },
             SessionVerb::Down { id, user, addr } => {
                 if id.is_none() && addr.is_none() {
@@ -448,11 +497,16 @@ fn to_op(verb: &Verb) -> Result<Op> {
             }
         },
         Verb::Server(s) => match s {
-            ServerVerb::Add { prefix, note } => Op::EntryAdd {
+            ServerVerb::Add {
+                prefix,
+                note,
+                force_wide,
+            } => Op::EntryAdd {
                 kind: EntryKind::Server,
                 prefix: *prefix,
                 until: None,
                 note: note.clone(),
+                force_wide: *force_wide,
             },
             ServerVerb::Remove { prefix } => Op::EntryRemove {
                 kind: EntryKind::Server,
@@ -467,11 +521,13 @@ fn to_op(verb: &Verb) -> Result<Op> {
                 prefix,
                 until,
                 note,
+                force_wide,
             } => Op::EntryAdd {
                 kind: EntryKind::Exempt,
                 prefix: *prefix,
                 until: *until,
                 note: note.clone(),
+                force_wide: *force_wide,
             },
             ExemptVerb::Remove { prefix } => Op::EntryRemove {
                 kind: EntryKind::Exempt,

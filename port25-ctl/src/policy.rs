@@ -9,8 +9,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{bail, Context as _, Result};
 use port25_common::maps::{
-    Exempt, NetKey6, Settings, FLAG_ENFORCE_LISTED, FLAG_REJECT, LAYOUT_VERSION, ORIGIN_CONFIG,
-    ORIGIN_RUNTIME,
+    listed_flags, Exempt, NetKey6, Settings, FLAG_REJECT, LAYOUT_VERSION, LISTED_MASK,
+    ORIGIN_CONFIG, ORIGIN_RUNTIME,
 };
 
 use crate::{
@@ -50,9 +50,13 @@ pub struct Clock {
 
 impl Clock {
     pub fn sample() -> Clock {
-        let wall = jiff::Timestamp::now().as_nanosecond();
+        Clock::sample_at(jiff::Timestamp::now())
+    }
+
+    /// As [`Clock::sample`], for a wall time read elsewhere (the daemon's guarded clock).
+    pub fn sample_at(wall: jiff::Timestamp) -> Clock {
         Clock {
-            offset_ns: wall - boot_ns() as i128,
+            offset_ns: wall.as_nanosecond() - boot_ns() as i128,
         }
     }
 
@@ -63,7 +67,12 @@ impl Clock {
 
     /// Re-samples when the wall clock has stepped by more than a second (NTP, an operator).
     pub fn resync(&mut self) -> bool {
-        let now = Clock::sample();
+        self.resync_at(jiff::Timestamp::now())
+    }
+
+    /// As [`Clock::resync`], for a wall time read elsewhere.
+    pub fn resync_at(&mut self, wall: jiff::Timestamp) -> bool {
+        let now = Clock::sample_at(wall);
         if (now.offset_ns - self.offset_ns).abs() > 1_000_000_000 {
             *self = now;
             true
@@ -105,11 +114,10 @@ impl Desired {
         let mut d = Desired {
             settings: Settings {
                 layout: LAYOUT_VERSION,
-                flags: if cfg.subscriber_ranges.is_empty() {
-                    0
-                } else {
-                    FLAG_ENFORCE_LISTED
-                } | if cfg.action == Action::Reject {
+                flags: listed_flags(
+                    cfg.subscriber_ranges.iter().any(|p| p.addr.is_ipv4()),
+                    cfg.subscriber_ranges.iter().any(|p| p.addr.is_ipv6()),
+                ) | if cfg.action == Action::Reject {
                     FLAG_REJECT
                 } else {
                     0
@@ -128,8 +136,8 @@ impl Desired {
                 _ => None,
             };
         }
-        for p in &cfg.mail_servers {
-            match split(p) {
+        for m in &cfg.mail_servers {
+            match split(&m.prefix) {
                 (Some(k), _) => d.mail4.insert(k, 1),
                 (_, Some(k)) => d.mail6.insert(k, 1),
                 _ => None,
@@ -482,18 +490,21 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
         Some(k) => Some(k.settings),
         None => live.settings.get(&0, 0).ok(),
     };
-    let settings_changed = old != Some(want.settings);
-    // Enforcing every source is the restrictive direction: write it before anything opens.
-    let settings_restrict = want.settings.flags & FLAG_ENFORCE_LISTED == 0;
+    // Enforcing a whole family is the restrictive direction: early on, a family stays
+    // narrowed to its listed ranges only if it is narrowed both before and after (one family
+    // may narrow while the other widens); the wanted flags follow once the ranges are in.
+    let early = Settings {
+        flags: (want.settings.flags & !LISTED_MASK)
+            | (want.settings.flags & old.map_or(0, |o| o.flags) & LISTED_MASK),
+        ..want.settings
+    };
     let mut writes = 0;
 
     writes += put_all(&mut live.ports, &ports, m::PORTS)?;
     writes += put_all(&mut live.ranges4, &r4, m::RANGES4)?;
     writes += put_all(&mut live.ranges6, &r6, m::RANGES6)?;
-    if settings_changed && settings_restrict {
-        live.settings
-            .set(0, want.settings, 0)
-            .context("writing settings")?;
+    if old != Some(early) {
+        live.settings.set(0, early, 0).context("writing settings")?;
         writes += 1;
     }
     writes += del_all(&mut live.mail4, &m4, m::MAIL4)?;
@@ -510,7 +521,7 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
     writes += put_all(&mut live.expfx4, &p4, m::EXPFX4)?;
     writes += put_all(&mut live.expfx6, &p6, m::EXPFX6)?;
     writes += put_all(&mut live.exnet6, &n6, m::EXNET6)?;
-    if settings_changed && !settings_restrict {
+    if early != want.settings {
         live.settings
             .set(0, want.settings, 0)
             .context("writing settings")?;
@@ -614,7 +625,7 @@ mod tests {
 
     #[test]
     fn more_prefix_lengths_than_the_datapath_probes_are_refused() {
-        let cfg = Config::parse("", std::path::Path::new("t")).unwrap();
+        let cfg = Config::parse("interfaces: []\n", std::path::Path::new("t")).unwrap();
         let now: jiff::Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
         let addrs: Vec<String> = (48..=56).map(|l| format!("2001:db8:1a0::/{l}")).collect();
         let sessions = addrs

@@ -82,6 +82,9 @@ pub enum Op {
     UserBind {
         user: String,
         prefix: Prefix,
+        /// Accepts a prefix wider than the `limits` floor; audited.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force_wide: bool,
     },
     UserUnbind {
         user: String,
@@ -94,6 +97,8 @@ pub enum Op {
         id: Option<String>,
         #[serde(default)]
         source: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force_wide: bool,
     },
     SessionDown {
         #[serde(default)]
@@ -116,6 +121,8 @@ pub enum Op {
         until: Option<Timestamp>,
         #[serde(default)]
         note: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force_wide: bool,
     },
     EntryRemove {
         kind: EntryKind,
@@ -254,5 +261,120 @@ mod tests {
         assert!(decode_request(br#"{"v":1,"op":"format_disk"}"#).is_err());
         assert!(decode_request(b"\xff\x00garbage").is_err());
         assert!(decode_request(br#"{"v":1,"op":"reload","x":1}"#).is_err());
+    }
+}
+
+/// Property tests of the request decoder (issue 8, section 2): arbitrary bytes, arbitrary
+/// JSON and arbitrary ops never panic; each is a request or a clear error.
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            prop::sample::select(vec![
+                "reload",
+                "unblock",
+                "alice",
+                "0.0.0.0/0",
+                "::/0",
+                "100.64.0.2",
+                "exempt",
+                "server",
+                "2300-01-01T00:00:00Z",
+                "9999-12-31T00:00:00Z",
+                "",
+                "-x",
+            ])
+            .prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            let key = prop::sample::select(vec![
+                "v",
+                "op",
+                "user",
+                "prefix",
+                "until",
+                "for_secs",
+                "kind",
+                "addrs",
+                "id",
+                "sessions",
+                "force_wide",
+                "new",
+                "reason",
+                "limit",
+                "on_behalf_of",
+                "x",
+            ]);
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                prop::collection::btree_map(key, inner, 0..6).prop_map(|m| Value::Object(
+                    m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+                )),
+            ]
+        })
+    }
+
+    fn check(body: &[u8]) -> Result<(), TestCaseError> {
+        match decode_request(body) {
+            Ok(req) => {
+                // A request that decodes encodes and decodes back to itself.
+                let bytes = encode(&req).unwrap();
+                prop_assert_eq!(decode_request(&bytes[4..]).unwrap(), req);
+            }
+            Err(e) => {
+                let m = e.to_string();
+                prop_assert!(
+                    m.starts_with("bad request") || m.contains("protocol version"),
+                    "{}",
+                    m
+                );
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            check(&body)?;
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(v in json_value()) {
+            check(&serde_json::to_vec(&v).unwrap())?;
+        }
+
+        #[test]
+        fn arbitrary_ops_never_panic(op in json_value(), variant in prop::sample::select(vec![
+            "info", "reload", "detach", "unblock", "block", "user_show", "user_list", "user_add",
+            "user_remove", "user_bind", "user_unbind", "session_up", "session_down",
+            "session_sync", "entry_add", "entry_remove", "entry_list", "audit", "format_disk",
+        ])) {
+            let req = json!({ "v": 1, "op": { variant: op } });
+            check(&serde_json::to_vec(&req).unwrap())?;
+            let req = json!({ "v": 1, "op": variant });
+            check(&serde_json::to_vec(&req).unwrap())?;
+        }
+
+        #[test]
+        fn any_header_is_a_length_or_a_refusal(h in any::<[u8; 4]>()) {
+            match frame_len(h) {
+                Ok(n) => prop_assert!(n <= MAX_FRAME),
+                Err(e) => prop_assert!(e.to_string().contains("over the")),
+            }
+        }
     }
 }

@@ -47,6 +47,33 @@ pub struct Status {
     pub registry: Option<crate::store::sqlite::Counts>,
     /// Detached on purpose (who, when): daemon starts refuse to attach until `attach`.
     pub detached: Option<serde_json::Value>,
+    /// How each family's sources are enforced, read from the pinned settings (None when
+    /// the maps are not loaded).
+    pub enforced: Option<Enforced>,
+}
+
+/// Which sources of each family are enforced: `"listed ranges"` or `"whole family"`.
+#[derive(Debug, Serialize)]
+pub struct Enforced {
+    pub ipv4: &'static str,
+    pub ipv6: &'static str,
+}
+
+fn family_scope(listed: bool) -> &'static str {
+    if listed {
+        "listed ranges"
+    } else {
+        "whole family"
+    }
+}
+
+/// Settings unreadable = every source enforced, as the datapath does.
+fn enforced_of(live: &LiveMaps) -> Enforced {
+    let s = live.settings.get(&0, 0).ok();
+    Enforced {
+        ipv4: family_scope(s.is_some_and(|s| s.listed(false))),
+        ipv6: family_scope(s.is_some_and(|s| s.listed(true))),
+    }
 }
 
 impl Status {
@@ -100,7 +127,7 @@ pub fn status(cfg: &Config, daemon: Option<serde_json::Value>) -> Result<Status>
         .into_iter()
         .filter(|p| !configured.contains(p))
         .collect();
-    let (loaded, maps, counters) = match LiveMaps::open(&pins) {
+    let (loaded, maps, counters, enforced) = match LiveMaps::open(&pins) {
         Ok(live) => (
             true,
             live.fill()?
@@ -115,8 +142,9 @@ pub fn status(cfg: &Config, daemon: Option<serde_json::Value>) -> Result<Status>
                 .into_iter()
                 .map(|(r, n)| (r.name().to_string(), n))
                 .collect(),
+            Some(enforced_of(&live)),
         ),
-        Err(_) => (false, vec![], vec![]),
+        Err(_) => (false, vec![], vec![], None),
     };
     let registry = SqliteStore::open_read_only(&cfg.state_dir)
         .and_then(|s| s.counts(jiff::Timestamp::now()))
@@ -131,6 +159,7 @@ pub fn status(cfg: &Config, daemon: Option<serde_json::Value>) -> Result<Status>
         unconfigured_links,
         maps,
         counters,
+        enforced,
     })
 }
 
@@ -158,6 +187,13 @@ pub fn print_status(s: &Status) {
         println!(
             "registry:   {} users, {} unblocked ({} timed), {} live sessions",
             r.users, r.unblocked, r.timed, r.sessions
+        );
+    }
+    if let Some(e) = &s.enforced {
+        println!(
+            "enforced:   IPv4 {}, IPv6 {}",
+            scope_text(e.ipv4),
+            scope_text(e.ipv6)
         );
     }
     for i in &s.interfaces {
@@ -191,6 +227,14 @@ pub fn print_status(s: &Status) {
     }
 }
 
+fn scope_text(scope: &str) -> &'static str {
+    if scope == "listed ranges" {
+        "inside the listed subscriber_ranges"
+    } else {
+        "WHOLE (no subscriber_ranges of this family: every source)"
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Holder {
     pub user: String,
@@ -210,6 +254,8 @@ pub struct CheckResult {
     pub verdict: &'static str,
     pub reason: &'static str,
     pub explanation: &'static str,
+    /// SRC's family has no listed subscriber range, so every source of it is enforced.
+    pub family_enforced_whole: bool,
 }
 
 /// The verdict for a TCP packet SRC -> DST:PORT, decided by the shared core on the live maps.
@@ -224,6 +270,12 @@ pub fn check(cfg: &Config, src: IpAddr, dst: IpAddr, port: u16) -> Result<CheckR
         dport: port,
     };
     let reason: Reason = decide(&pkt, &live);
+    let scope = enforced_of(&live);
+    let family_enforced_whole = if src.is_ipv4() {
+        scope.ipv4
+    } else {
+        scope.ipv6
+    } != "listed ranges";
     let (holder, registry) = match SqliteStore::open_read_only(&cfg.state_dir) {
         Ok(mut store) => {
             let tx = store.begin()?;
@@ -256,5 +308,6 @@ pub fn check(cfg: &Config, src: IpAddr, dst: IpAddr, port: u16) -> Result<CheckR
         verdict: if reason.is_pass() { "pass" } else { "block" },
         reason: reason.name(),
         explanation: reason.explain(),
+        family_enforced_whole,
     })
 }

@@ -126,7 +126,7 @@ pub fn human(verb: &Verb, d: &Value) {
             "{user}: removed, with {} live session(s)",
             s(&d["sessions_removed"])
         ),
-        Verb::User(UserVerb::Bind { user, prefix }) => println!("{user}: {prefix} bound"),
+        Verb::User(UserVerb::Bind { user, prefix, .. }) => println!("{user}: {prefix} bound"),
         Verb::User(UserVerb::Unbind { user, prefix }) => println!("{user}: {prefix} unbound"),
         Verb::Session(SessionVerb::Up { user, .. }) => {
             let sess = &d["session"];

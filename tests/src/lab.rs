@@ -211,8 +211,13 @@ impl Lab {
 
     /// Writes the config: the lab policy, `extra` YAML, the interfaces and the lab's paths.
     pub fn write_config(&self, extra: &str) {
+        self.write_config_policy(POLICY, extra);
+    }
+
+    /// As [`Lab::write_config`] with another policy than [`POLICY`].
+    pub fn write_config_policy(&self, policy: &str, extra: &str) {
         let text = format!(
-            "interfaces:\n{}\n{POLICY}{extra}\nstate_dir: {}\nsocket: {}\npin_dir: {}\n",
+            "interfaces:\n{}\n{policy}{extra}\nstate_dir: {}\nsocket: {}\npin_dir: {}\n",
             self.interfaces,
             self.dir.display(),
             self.socket.display(),

@@ -58,7 +58,10 @@ fn defaults_apply() {
     assert_eq!(c.socket, PathBuf::from("/run/port25/ctl.sock"));
     let c = parse("interfaces:\n  - name: eth1\n    hook: xdp\n").unwrap();
     assert_eq!(c.interfaces[0].xdp_mode, XdpMode::Native);
-    assert_eq!(parse("").unwrap().blocked_ports, vec![BlockedPort(25)]);
+    assert_eq!(
+        parse("action: drop\n").unwrap().blocked_ports,
+        vec![BlockedPort(25)]
+    );
 }
 
 #[test]
@@ -97,9 +100,9 @@ fn submission_ports_are_refused() {
 #[test]
 fn bad_addresses_are_refused_with_location() {
     let e = err("mail_servers:\n  - 198.51.100.25/32\n  - 010.1.1.1/32\n");
-    // The location is that of the list (serde_yaml's custom errors); the message names the value.
+    // The location is that of the entry; the message names the value.
     assert!(
-        e.starts_with("test.yaml:2:") && e.contains("`010.1.1.1`"),
+        e.starts_with("test.yaml:3:") && e.contains("`010.1.1.1`"),
         "{e}"
     );
     assert!(e.contains("octal"), "{e}");
@@ -143,7 +146,7 @@ fn bad_times_and_limits_are_refused() {
 #[test]
 fn actions() {
     assert_eq!(parse("action: reject\n").unwrap().action, Action::Reject);
-    assert_eq!(parse("").unwrap().action, Action::Drop);
+    assert_eq!(parse("interfaces: []\n").unwrap().action, Action::Drop);
     assert!(err("action: bounce\n").contains("unknown variant"));
 }
 
@@ -163,4 +166,125 @@ fn shipped_example_config_is_valid() {
     assert_eq!(cfg.interfaces.len(), 1);
     assert_eq!(cfg.exempt.len(), 2);
     assert_eq!(cfg.limits.session_prefixes, 1048576);
+}
+
+const IFACE: &str = "interfaces:\n  - name: eth1\n    hook: xdp\n";
+
+fn load_text(text: &str) -> Result<Config, ConfigError> {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), text).unwrap();
+    Config::load(f.path())
+}
+
+/// A truncated write by config management must never read as "no interfaces, defaults".
+#[test]
+fn empty_and_interface_less_files_are_refused() {
+    for text in ["", "   \n\t\n", "# only a comment\n", "---\n"] {
+        let e = load_text(text).expect_err(text).to_string();
+        assert!(
+            e.contains("empty") || e.contains("no interfaces"),
+            "{text:?}: {e}"
+        );
+        assert!(parse(text).is_err(), "{text:?}");
+    }
+    let e = load_text("interfaces: []\n").unwrap_err().to_string();
+    assert!(e.contains("no interfaces"), "{e}");
+    let e = load_text("action: drop\n").unwrap_err().to_string();
+    assert!(e.contains("no interfaces"), "{e}");
+    assert!(load_text(IFACE).is_ok());
+}
+
+#[test]
+fn no_blocked_port_is_refused() {
+    let e = err(&format!("{IFACE}blocked_ports: []\n"));
+    assert!(e.contains("blocked_ports") && e.contains("empty"), "{e}");
+}
+
+#[test]
+fn wide_allow_prefixes_are_refused_unless_forced() {
+    for (key, wide) in [
+        ("mail_servers", "[0.0.0.0/0]"),
+        ("mail_servers", "[\"::/0\"]"),
+        ("mail_servers", "[10.0.0.0/7]"),
+        ("mail_servers", "[\"2000::/15\"]"),
+        ("exempt", "[{prefix: 0.0.0.0/0}]"),
+        ("exempt", "[{prefix: \"::/0\"}]"),
+        ("exempt", "[{prefix: 64.0.0.0/2}]"),
+        ("exempt", "[{prefix: \"2000::/3\"}]"),
+    ] {
+        let e = err(&format!("{IFACE}{key}: {wide}\n"));
+        assert!(
+            e.contains("wider than") && e.contains("force"),
+            "{key} {wide}: {e}"
+        );
+    }
+    // At the floor: fine.
+    parse(&format!(
+        "{IFACE}mail_servers: [10.0.0.0/8, \"2001::/16\"]\n"
+    ))
+    .unwrap();
+    parse(&format!("{IFACE}exempt: [{{prefix: 10.0.0.0/8}}]\n")).unwrap();
+    // Forced per entry.
+    let c = parse(&format!(
+        "{IFACE}mail_servers: [{{prefix: 0.0.0.0/0, force: true}}, 198.51.100.25/32]\n\
+         exempt: [{{prefix: \"::/0\", force: true}}]\n"
+    ))
+    .unwrap();
+    assert!(c.mail_servers[0].force && !c.mail_servers[1].force);
+    assert!(c.exempt[0].force);
+    assert_eq!(c.forced_wide().len(), 2);
+    // A configurable floor.
+    let e = err(&format!(
+        "{IFACE}limits:\n  min_prefix_v4: 24\nexempt: [{{prefix: 203.0.113.0/25}}, {{prefix: 10.0.0.0/16}}]\n"
+    ));
+    assert!(e.contains("10.0.0.0/16") && e.contains("/24"), "{e}");
+    assert!(err(&format!("{IFACE}limits:\n  min_prefix_v4: 0\n")).contains("min_prefix_v4"));
+    assert!(err(&format!("{IFACE}limits:\n  min_prefix_v6: 129\n")).contains("min_prefix_v6"));
+    assert!(err(&format!(
+        "{IFACE}mail_servers: [{{prefix: 1.2.3.4/32, forced: true}}]\n"
+    ))
+    .contains("unknown field"));
+}
+
+/// jiff timestamps reach year 9999; the kernel's expiry is u64 nanoseconds on the boot clock
+/// and the registry's times are i64 nanoseconds: anything after 2262-04-11 cannot be stored.
+#[test]
+fn until_beyond_what_can_be_stored_is_refused() {
+    let e = err(&format!(
+        "{IFACE}exempt: [{{prefix: 203.0.113.16/28, until: 2262-04-12T00:00:00Z}}]\n"
+    ));
+    assert!(e.contains("2262"), "{e}");
+    let e = err(&format!(
+        "{IFACE}exempt: [{{prefix: 203.0.113.16/28, until: 9000-01-01T00:00:00Z}}]\n"
+    ));
+    assert!(e.contains("2262"), "{e}");
+    parse(&format!(
+        "{IFACE}exempt: [{{prefix: 203.0.113.16/28, until: 2262-04-10T00:00:00Z}}]\n"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn socket_is_found_in_half_edited_files() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    let at = |text: &str| {
+        std::fs::write(f.path(), text).unwrap();
+        socket_of(f.path())
+    };
+    let p = |s: &str| PathBuf::from(s);
+    assert_eq!(at("socket: /run/a.sock\n"), p("/run/a.sock"));
+    assert_eq!(
+        at("socket: /run/a.sock\nmail_server: [x]\n"),
+        p("/run/a.sock")
+    );
+    assert_eq!(
+        at("exempt: [ {prefix: 1\nsocket: \"/run/b.sock\" # here\n"),
+        p("/run/b.sock")
+    );
+    assert_eq!(at("{{{ nope\n"), p("/run/port25/ctl.sock"));
+    assert_eq!(at(""), p("/run/port25/ctl.sock"));
+    assert_eq!(
+        socket_of(Path::new("/nonexistent/port25.yaml")),
+        p("/run/port25/ctl.sock")
+    );
 }

@@ -6,12 +6,52 @@ use serde_json::{json, Value};
 
 use super::Daemon;
 use crate::{
-    config::Config,
+    config::{check_storable, Config, Limits},
     datapath,
+    net::Prefix,
     proto::Op,
     registry::{self, Actor},
-    store::{AuditQuery, Tx, User},
+    store::{AuditQuery, AuditRecord, Tx, User},
 };
+
+/// Refuses allow-list prefixes wider than the `limits` floor unless forced; a forced one is
+/// audited in the same transaction as the change it belongs to.
+fn guard_wide(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    limits: &Limits,
+    what: &str,
+    prefixes: &[Prefix],
+    force: bool,
+    now: Timestamp,
+) -> Result<()> {
+    for p in prefixes {
+        limits
+            .check_wide(what, p, force)
+            .map_err(anyhow::Error::msg)?;
+        if let Some(floor) = limits.too_wide(p) {
+            tx.append_audit(&AuditRecord {
+                id: 0,
+                at: now,
+                actor: actor.to_string(),
+                action: "force_wide".into(),
+                subject: p.to_string(),
+                old: None,
+                new: Some(format!("{what} {p}, wider than /{floor}, forced")),
+                reason: None,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an expiry that the registry (i64 nanoseconds) cannot hold: it would wrap.
+fn storable(until: Option<Timestamp>) -> Result<Option<Timestamp>> {
+    if let Some(t) = until {
+        check_storable(t).map_err(anyhow::Error::msg)?;
+    }
+    Ok(until)
+}
 
 /// `user show` / `user list` view of one user.
 fn user_view(u: &User, now: Timestamp) -> Value {
@@ -44,11 +84,12 @@ fn until_from(
             let d = SignedDuration::from_secs(s.min(100 * 365 * 86400) as i64);
             Ok(Some(now.checked_add(d)?.round(jiff::Unit::Second)?))
         }
-        (None, t) => Ok(t.map(|t| t.round(jiff::Unit::Second)).transpose()?),
+        (None, t) => storable(t.map(|t| t.round(jiff::Unit::Second)).transpose()?),
     }
 }
 
 pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
+    let limits = d.cfg.limits;
     Ok(match op {
         Op::Info => d.info(),
         Op::Reload => d.reload()?,
@@ -70,22 +111,29 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
                 let until = until_from(for_secs, until, now)?;
                 registry::unblock(tx, actor, &user, until, reason, new, now)
             })?;
-            json!({ "user": user_view(&out.user, Timestamp::now()), "changed": out.changed, "note": out.note })
+            json!({ "user": user_view(&out.user, d.wall.now()), "changed": out.changed, "note": out.note })
         }
         Op::Block { user, reason, new } => {
             let out = d.change(|tx, now| registry::block(tx, actor, &user, reason, new, now))?;
-            json!({ "user": user_view(&out.user, Timestamp::now()), "changed": out.changed, "note": out.note })
+            json!({ "user": user_view(&out.user, d.wall.now()), "changed": out.changed, "note": out.note })
         }
         Op::UserAdd { user } => {
             let u = d.change(|tx, now| registry::user_add(tx, actor, &user, now))?;
-            json!({ "user": user_view(&u, Timestamp::now()) })
+            json!({ "user": user_view(&u, d.wall.now()) })
         }
         Op::UserRemove { user } => {
             let n = d.change(|tx, now| registry::user_remove(tx, actor, &user, now))?;
             json!({ "removed": user, "sessions_removed": n })
         }
-        Op::UserBind { user, prefix } => {
-            d.change(|tx, now| registry::bind(tx, actor, &user, prefix, now))?;
+        Op::UserBind {
+            user,
+            prefix,
+            force_wide,
+        } => {
+            d.change(|tx, now| {
+                guard_wide(tx, actor, &limits, "user bind", &[prefix], force_wide, now)?;
+                registry::bind(tx, actor, &user, prefix, now)
+            })?;
             json!({ "user": user, "bound": prefix })
         }
         Op::UserUnbind { user, prefix } => {
@@ -97,8 +145,10 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             addrs,
             id,
             source,
+            force_wide,
         } => {
             let out = d.change(|tx, now| {
+                guard_wide(tx, actor, &limits, "session up", &addrs, force_wide, now)?;
                 registry::session_up(
                     tx,
                     actor,
@@ -122,8 +172,13 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             json!({ "down": s })
         }
         Op::SessionSync { sessions, taken_at } => {
-            let out =
-                d.change(|tx, now| registry::session_sync(tx, actor, sessions, taken_at, now))?;
+            let out = d.change(|tx, now| {
+                // A sync has no force: a wide prefix in an access server's list is refused.
+                for s in &sessions {
+                    guard_wide(tx, actor, &limits, "session sync", &s.addrs, false, now)?;
+                }
+                registry::session_sync(tx, actor, sessions, taken_at, now)
+            })?;
             serde_json::to_value(out)?
         }
         Op::EntryAdd {
@@ -131,9 +186,14 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             prefix,
             until,
             note,
+            force_wide,
         } => {
-            let e =
-                d.change(|tx, now| registry::entry_add(tx, actor, kind, prefix, until, note, now))?;
+            let until = storable(until)?;
+            let what = format!("{} add", kind.as_str());
+            let e = d.change(|tx, now| {
+                guard_wide(tx, actor, &limits, &what, &[prefix], force_wide, now)?;
+                registry::entry_add(tx, actor, kind, prefix, until, note, now)
+            })?;
             json!({ "added": e })
         }
         Op::EntryRemove { kind, prefix } => {
@@ -169,7 +229,7 @@ pub(super) fn read(tx: &dyn Tx, cfg: &Config, op: Op) -> Result<Value> {
                 crate::store::EntryKind::Server => cfg
                     .mail_servers
                     .iter()
-                    .map(|p| json!({ "prefix": p, "source": "config" }))
+                    .map(|m| json!({ "prefix": m.prefix, "source": "config", "force": m.force }))
                     .collect(),
                 crate::store::EntryKind::Exempt => cfg
                     .exempt

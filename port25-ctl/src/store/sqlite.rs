@@ -83,8 +83,11 @@ pub struct SqliteStore {
     pub path: PathBuf,
 }
 
+/// Saturates rather than wraps: callers refuse unstorable times first (config::check_storable),
+/// and a time past 2262 must never come back as one in the past.
 fn ts(t: Timestamp) -> i64 {
-    t.as_nanosecond() as i64
+    let n = t.as_nanosecond();
+    n.clamp(i64::MIN as i128, i64::MAX as i128) as i64
 }
 
 fn from_ts(n: i64) -> Timestamp {

@@ -4,6 +4,7 @@
 pub mod frame;
 pub mod lab;
 pub mod sniff;
+pub mod table;
 
 /// Skips the calling test, loudly, when not root.
 #[macro_export]

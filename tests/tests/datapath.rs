@@ -423,3 +423,25 @@ fn batch_reads_return_every_entry_across_chunks() {
     assert_eq!(batched.len(), 20_000 + 3, "20,000 added to the fixture's 3");
     assert_eq!(batched, hash_entries_one_by_one(&f.live.exip4).unwrap());
 }
+
+/// A counter map pinned by a version with fewer reasons (16 entries before the PPP reasons)
+/// is still read, as far as it goes: `status` after an upgrade, before the daemon restarts
+/// and migrates it, must not fail.
+#[test]
+fn counters_read_from_an_older_smaller_counter_map() {
+    require_root!();
+    use aya::maps::{MapData, PerCpuArray};
+    let f = fixture();
+    let path = f.pins.map(port25_common::maps::COUNTERS);
+    std::fs::remove_file(&path).unwrap();
+    let old = PerCpuArray::<MapData, u64>::create(16, 0).expect("create a 16-entry counter map");
+    old.pin(&path).expect("pin it");
+    let live = LiveMaps::open(&f.pins).expect("open the pins");
+    let counters = live.counters().expect("counters of the older map");
+    let names: Vec<_> = counters.iter().map(|(r, _)| *r).collect();
+    assert_eq!(
+        names,
+        Reason::ALL[..16].to_vec(),
+        "the reasons the older map has"
+    );
+}

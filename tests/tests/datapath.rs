@@ -445,3 +445,91 @@ fn counters_read_from_an_older_smaller_counter_map() {
         "the reasons the older map has"
     );
 }
+
+/// A live tun device (with packet information, so the writer sets `skb->protocol` as
+/// `ppp_receive_nonmp_frame` does for MPLS) under the raw TC program: the protocol decides,
+/// not the nibble.
+#[test]
+fn raw_tc_on_a_live_tun_device_decides_by_skb_protocol() {
+    require_root!();
+    use port25_ctl::config::{Direction, Hook, Interface, XdpMode};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut f = fixture();
+    let name = port25_tests::unique("p25tun");
+    // SAFETY: plain open/ioctl on a fresh descriptor with a zeroed, sized ifreq.
+    let fd = unsafe {
+        let raw = libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR);
+        assert!(raw >= 0, "open /dev/net/tun");
+        let fd = OwnedFd::from_raw_fd(raw);
+        let mut ifr = [0u8; 40];
+        ifr[..name.len()].copy_from_slice(name.as_bytes());
+        ifr[16..18].copy_from_slice(&(libc::IFF_TUN as i16).to_ne_bytes());
+        assert_eq!(
+            libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()),
+            0,
+            "TUNSETIFF"
+        );
+        fd
+    };
+    let up = std::process::Command::new("ip")
+        .args(["link", "set", &name, "up"])
+        .status()
+        .unwrap();
+    assert!(up.success(), "ip link set {name} up");
+    let iface = Interface {
+        name: name.clone(),
+        hook: Hook::Tc,
+        xdp_mode: XdpMode::default(),
+        direction: Direction::Ingress,
+    };
+    datapath::attach(&mut f.ebpf, &f.pins, &iface).expect("attach raw TC to the tun device");
+    // The packets: an IPv4 SYN to :587 (a pass as IPv4), a subscriber's SYN
+    // to :25, and an IPv6 SYN to :587.
+    let v4_587 = V4::new([10, 0, 0, 1], EXT).packet(&Tcp::to(587).bytes());
+    let v4_25 = V4::new(SUB, EXT).packet(&Tcp::to(25).bytes());
+    let v6_587 = v6_packet(
+        v6("2001:db8:200::2"),
+        v6("2001:db8:ff::80"),
+        6,
+        &Tcp::to(587).bytes(),
+        None,
+    );
+    for (what, proto, packet, want) in [
+        (
+            "MPLS unicast with nibble 4",
+            0x8847u16,
+            &v4_587,
+            Reason::BlockMpls,
+        ),
+        (
+            "MPLS multicast with nibble 4",
+            0x8848,
+            &v4_587,
+            Reason::BlockMpls,
+        ),
+        ("IPv4 SYN to :25", 0x0800, &v4_25, Reason::BlockPort),
+        ("IPv4 SYN to :587", 0x0800, &v4_587, Reason::PassPortOpen),
+        (
+            "protocol IPv4, nibble 6",
+            0x0800,
+            &v6_587,
+            Reason::BlockBadIpHeader,
+        ),
+        (
+            "protocol IPv6, nibble 4",
+            0x86dd,
+            &v4_587,
+            Reason::BlockBadIpHeader,
+        ),
+        ("protocol IPX", 0x8137, &v4_25, Reason::PassNotIp),
+    ] {
+        let before = counter(&f.live, want);
+        // struct tun_pi: flags, then the protocol, big-endian.
+        let frame = [&[0u8, 0][..], &proto.to_be_bytes(), packet].concat();
+        // SAFETY: write of an owned buffer to an owned descriptor.
+        let n = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        assert_eq!(n, frame.len() as isize, "{what}: written to {name}");
+        let after = counter(&f.live, want);
+        assert_eq!(after, before + 1, "{what}: counted as {}", want.name());
+    }
+}

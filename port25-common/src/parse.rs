@@ -199,8 +199,10 @@ fn pppoe<F: Frame + ?Sized>(frame: &F, off: usize) -> Result<(L3, usize, usize),
     // `pppoe_rcv` checks neither ver/type nor code, only the length: a frame shorter than
     // the PPPoE length is dropped, a longer one is trimmed to it (`pskb_trim_rcsum`). So the
     // PPP frame, and the datagram in it, end at `limit`.
+    // One read for the header and two protocol bytes (each read is a helper call in the
+    // kernel). A frame ending after a 1-byte protocol has no room for IP: a doubt either way.
     let h = frame
-        .bytes::<PPPOE_HLEN>(off)
+        .bytes::<{ PPPOE_HLEN + 2 }>(off)
         .ok_or(Reason::BlockTruncated)?;
     let len = be16([h[4], h[5]]) as usize;
     let start = off + PPPOE_HLEN;
@@ -210,17 +212,12 @@ fn pppoe<F: Frame + ?Sized>(frame: &F, off: usize) -> Result<(L3, usize, usize),
     }
     // `ppp_decompress_proto`: an odd first byte is a 1-byte protocol field (PFC) and gets a
     // 0x00 in front, whether or not PFC was negotiated.
-    let [b0] = frame.bytes::<1>(start).ok_or(Reason::BlockTruncated)?;
-    let (proto, ip) = if b0 & 1 == 1 {
-        (b0 as u16, start + 1)
+    let (proto, ip) = if h[6] & 1 == 1 {
+        (h[6] as u16, start + 1)
+    } else if len >= 2 {
+        (be16([h[6], h[7]]), start + 2)
     } else {
-        if len < 2 {
-            return Err(Reason::BlockTruncated);
-        }
-        (
-            be16(frame.bytes::<2>(start).ok_or(Reason::BlockTruncated)?),
-            start + 2,
-        )
+        return Err(Reason::BlockTruncated);
     };
     Ok((ppp_protocol(proto)?, ip, limit))
 }

@@ -1,6 +1,11 @@
 //! Frame parsing: Ethernet (with VLAN/QinQ and PPPoE session), or raw IP, then IPv4/IPv6 and
 //! the TCP destination port.
 //!
+//! Encapsulations are read as the Linux receive path after them takes them in (`pppoe_rcv`,
+//! `ppp_input`, `ppp_receive_nonmp_frame`, `__netif_receive_skb_core`): what the kernel
+//! would turn into IP but the frame does not show (VJ, multilink, compression, MPLS) is a
+//! doubt with its own reason, never "not IP".
+//!
 //! Every read goes through [`Frame::bytes`], which fails rather than read past the frame, so
 //! the same code runs in the kernel (helpers that bound-check) and on a host slice. Any doubt
 //! about a packet that could be TCP to a blocked port becomes [`Packet::Doubt`] with its own

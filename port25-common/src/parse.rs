@@ -1,6 +1,11 @@
 //! Frame parsing: Ethernet (with VLAN/QinQ and PPPoE session), or raw IP, then IPv4/IPv6 and
 //! the TCP destination port.
 //!
+//! Encapsulations are read as the Linux receive path after them takes them in (`pppoe_rcv`,
+//! `ppp_input`, `ppp_receive_nonmp_frame`, `__netif_receive_skb_core`): what the kernel
+//! would turn into IP but the frame does not show (VJ, multilink, compression, MPLS) is a
+//! doubt with its own reason, never "not IP".
+//!
 //! Every read goes through [`Frame::bytes`], which fails rather than read past the frame, so
 //! the same code runs in the kernel (helpers that bound-check) and on a host slice. Any doubt
 //! about a packet that could be TCP to a blocked port becomes [`Packet::Doubt`] with its own
@@ -30,8 +35,13 @@ impl Frame for [u8] {
 pub enum Link {
     /// Ethernet II, possibly VLAN/QinQ tagged, possibly PPPoE session.
     Ethernet,
-    /// No link header (ppp, tun): the frame starts with the IP header.
+    /// No link header, and nothing but the version nibble says what follows (a tun device
+    /// without packet information: `tun_get_user` sets the protocol from that nibble).
     RawIp,
+    /// No link header (ppp, tun); the skb's `protocol` (ethertype, host order) says what the
+    /// stack will take the frame for. `ppp_receive_nonmp_frame` sets it from the PPP protocol
+    /// (`npindex_to_ethertype`), so an MPLS frame can start with the nibble 4.
+    RawProto(u16),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,8 +68,22 @@ pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const ETH_P_QINQ_OLD: u16 = 0x9100;
 pub const ETH_P_PPPOE_SESS: u16 = 0x8864;
+pub const ETH_P_MPLS_UC: u16 = 0x8847;
+pub const ETH_P_MPLS_MC: u16 = 0x8848;
 pub const PPP_IPV4: u16 = 0x0021;
 pub const PPP_IPV6: u16 = 0x0057;
+/// Van Jacobson compressed TCP/IP (`PPP_VJC_COMP`).
+pub const PPP_VJC_COMP: u16 = 0x002d;
+/// Van Jacobson uncompressed TCP/IP (`PPP_VJC_UNCOMP`): IPv4 with the slot in the protocol byte.
+pub const PPP_VJC_UNCOMP: u16 = 0x002f;
+/// Multilink fragment (`PPP_MP`).
+pub const PPP_MP: u16 = 0x003d;
+/// Individual-link compressed datagram (`PPP_COMPFRAG`, RFC 1962).
+pub const PPP_COMPFRAG: u16 = 0x00fb;
+/// Compressed datagram (`PPP_COMP`: deflate, BSD, MPPC/MPPE via CCP).
+pub const PPP_COMP: u16 = 0x00fd;
+pub const PPP_MPLS_UC: u16 = 0x0281;
+pub const PPP_MPLS_MC: u16 = 0x0283;
 pub const IPPROTO_TCP: u8 = 6;
 
 /// VLAN tags walked (QinQ = 2). One more is a doubt.
@@ -69,10 +93,13 @@ pub const MAX_EXT_HEADERS: usize = 8;
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
-const PPPOE_HLEN: usize = 8; // PPPoE header (6) + PPP protocol (2)
+/// PPPoE header (ver/type, code, session id, length), before the PPP protocol field.
+const PPPOE_HLEN: usize = 6;
 
 enum L3 {
     V4,
+    /// IPv4 whose protocol byte holds a VJ slot number: TCP once `slhc_remember` restores it.
+    V4VjTcp,
     V6,
     Other,
 }
@@ -85,13 +112,19 @@ fn be16(b: [u8; 2]) -> u16 {
 /// Parses one frame.
 #[inline(always)]
 pub fn parse<F: Frame + ?Sized>(frame: &F, link: Link) -> Packet {
-    let (l3, off) = match link {
+    // `limit`: where the datagram must end at the latest (the PPPoE payload's end; otherwise
+    // no bound but the frame's own end).
+    let (l3, off, limit) = match link {
         Link::RawIp => match frame.bytes::<1>(0) {
-            Some([b]) if b >> 4 == 4 => (L3::V4, 0),
-            Some([b]) if b >> 4 == 6 => (L3::V6, 0),
+            Some([b]) if b >> 4 == 4 => (L3::V4, 0, usize::MAX),
+            Some([b]) if b >> 4 == 6 => (L3::V6, 0, usize::MAX),
             // A raw-IP device carries only IP; anything else cannot be inspected.
             Some(_) => return doubt(Reason::BlockBadIpHeader),
             None => return Packet::NotIp,
+        },
+        Link::RawProto(proto) => match raw(frame, proto) {
+            Ok(l3) => (l3, 0, usize::MAX),
+            Err(reason) => return doubt(reason),
         },
         Link::Ethernet => match ethernet(frame) {
             Ok(v) => v,
@@ -99,10 +132,30 @@ pub fn parse<F: Frame + ?Sized>(frame: &F, link: Link) -> Packet {
         },
     };
     match l3 {
-        L3::V4 => ipv4(frame, off),
-        L3::V6 => ipv6(frame, off),
+        L3::V4 => ipv4(frame, off, limit, false),
+        L3::V4VjTcp => ipv4(frame, off, limit, true),
+        L3::V6 => ipv6(frame, off, limit),
         L3::Other => Packet::NotIp,
     }
+}
+
+/// A device without a link header: `skb->protocol` decides, as `__netif_receive_skb_core`
+/// dispatches by it. The version nibble must agree: `ip_rcv`/`ipv6_rcv` drop a packet whose
+/// version is not theirs, so a disagreement is never a pass.
+#[inline(always)]
+fn raw<F: Frame + ?Sized>(frame: &F, proto: u16) -> Result<L3, Reason> {
+    let (l3, version) = match proto {
+        ETH_P_IPV4 => (L3::V4, 4),
+        ETH_P_IPV6 => (L3::V6, 6),
+        // `mpls_forward` pops labels and may route the inner IP: nothing to look into here.
+        ETH_P_MPLS_UC | ETH_P_MPLS_MC => return Err(Reason::BlockMpls),
+        _ => return Ok(L3::Other),
+    };
+    let [b] = frame.bytes::<1>(0).ok_or(Reason::BlockTruncated)?;
+    if b >> 4 != version {
+        return Err(Reason::BlockBadIpHeader);
+    }
+    Ok(l3)
 }
 
 #[inline(always)]
@@ -114,12 +167,12 @@ fn doubt(reason: Reason) -> Packet {
     }
 }
 
-/// Walks the link header; returns the L3 protocol and its offset.
+/// Walks the link header; returns the L3 protocol, its offset and the datagram's limit.
 #[inline(always)]
-fn ethernet<F: Frame + ?Sized>(frame: &F) -> Result<(L3, usize), Reason> {
+fn ethernet<F: Frame + ?Sized>(frame: &F) -> Result<(L3, usize, usize), Reason> {
     // A frame too short for an Ethernet header carries nothing the stack would route.
     let Some(et) = frame.bytes::<2>(12) else {
-        return Ok((L3::Other, 0));
+        return Ok((L3::Other, 0, usize::MAX));
     };
     let mut proto = be16(et);
     let mut off = ETH_HLEN;
@@ -133,20 +186,73 @@ fn ethernet<F: Frame + ?Sized>(frame: &F) -> Result<(L3, usize), Reason> {
     if is_vlan(proto) {
         return Err(Reason::BlockEncap);
     }
-    if proto == ETH_P_PPPOE_SESS {
-        let ppp = be16(frame.bytes::<2>(off + 6).ok_or(Reason::BlockTruncated)?);
-        off += PPPOE_HLEN;
-        return Ok(match ppp {
-            PPP_IPV4 => (L3::V4, off),
-            PPP_IPV6 => (L3::V6, off),
-            // LCP, IPCP, CHAP...: control traffic, not IP.
-            _ => (L3::Other, off),
-        });
+    match proto {
+        ETH_P_PPPOE_SESS => pppoe(frame, off),
+        ETH_P_IPV4 => Ok((L3::V4, off, usize::MAX)),
+        ETH_P_IPV6 => Ok((L3::V6, off, usize::MAX)),
+        // With `net.mpls.conf.IF.input=1`, `mpls_forward` pops the labels and forwards the
+        // inner packet as the route (not the packet) says: IPv4, IPv6 or by its nibble.
+        // No subscriber port carries MPLS legitimately; what it hides cannot be told.
+        ETH_P_MPLS_UC | ETH_P_MPLS_MC => Err(Reason::BlockMpls),
+        _ => Ok((L3::Other, off, usize::MAX)),
     }
+}
+
+/// PPPoE session (`pppoe_rcv`) and the PPP protocol field (`ppp_input`), at `off`.
+#[inline(always)]
+fn pppoe<F: Frame + ?Sized>(frame: &F, off: usize) -> Result<(L3, usize, usize), Reason> {
+    // `pppoe_rcv` checks neither ver/type nor code, only the length: a frame shorter than
+    // the PPPoE length is dropped, a longer one is trimmed to it (`pskb_trim_rcsum`). So the
+    // PPP frame, and the datagram in it, end at `limit`.
+    // One read for the header and two protocol bytes (each read is a helper call in the
+    // kernel). A frame ending after a 1-byte protocol has no room for IP: a doubt either way.
+    let h = frame
+        .bytes::<{ PPPOE_HLEN + 2 }>(off)
+        .ok_or(Reason::BlockTruncated)?;
+    let len = be16([h[4], h[5]]) as usize;
+    let start = off + PPPOE_HLEN;
+    let limit = start + len;
+    if len == 0 || frame.bytes::<1>(limit - 1).is_none() {
+        return Err(Reason::BlockTruncated);
+    }
+    // `ppp_decompress_proto`: an odd first byte is a 1-byte protocol field (PFC) and gets a
+    // 0x00 in front, whether or not PFC was negotiated.
+    let (proto, ip) = if h[6] & 1 == 1 {
+        (h[6] as u16, start + 1)
+    } else if len >= 2 {
+        (be16([h[6], h[7]]), start + 2)
+    } else {
+        return Err(Reason::BlockTruncated);
+    };
+    Ok((ppp_protocol(proto)?, ip, limit))
+}
+
+/// What the kernel's PPP receive path makes of each protocol.
+#[inline(always)]
+fn ppp_protocol(proto: u16) -> Result<L3, Reason> {
     Ok(match proto {
-        ETH_P_IPV4 => (L3::V4, off),
-        ETH_P_IPV6 => (L3::V6, off),
-        _ => (L3::Other, off),
+        // `proto_to_npindex`: NP_IP, NP_IPV6.
+        PPP_IPV4 => L3::V4,
+        PPP_IPV6 => L3::V6,
+        // `ppp_receive_nonmp_frame`: `slhc_remember` sets the protocol byte (the slot) back to
+        // TCP and the frame goes on as PPP_IP. The header is whole: parse it as IPv4 TCP.
+        PPP_VJC_UNCOMP => L3::V4VjTcp,
+        // `slhc_uncompress` rebuilds the TCP/IP header from per-slot state the parser has not
+        // seen: the port cannot be known.
+        PPP_VJC_COMP => return Err(Reason::BlockPppVj),
+        // `ppp_receive_mp_frame` reassembles fragments (with a sequence header whose length
+        // was negotiated) and hands the result to `ppp_receive_nonmp_frame`.
+        PPP_MP => return Err(Reason::BlockPppMultilink),
+        // `ppp_decompress_frame` inflates PPP_COMP (deflate, BSD, MPPE/MPPC) into any
+        // protocol. PPP_COMPFRAG goes to pppd in today's kernels ("XXX do channel-level
+        // decompression here" in `ppp_receive_frame`), but it is a compressed datagram all
+        // the same: blocking it costs nothing and survives that XXX being done.
+        PPP_COMP | PPP_COMPFRAG => return Err(Reason::BlockPppCompressed),
+        // `proto_to_npindex`: NP_MPLS_UC/MC, handed to `mpls_forward` (see `ethernet`).
+        PPP_MPLS_UC | PPP_MPLS_MC => return Err(Reason::BlockMpls),
+        // LCP, PAP, CHAP, EAP (>= 0xc000, queued for pppd by `ppp_input`), the NCPs and CCP
+        // (no npindex: pppd), IPX and AppleTalk: never IP.
+        _ => L3::Other,
     })
 }
 
@@ -155,10 +261,12 @@ fn is_vlan(proto: u16) -> bool {
     proto == ETH_P_8021Q || proto == ETH_P_8021AD || proto == ETH_P_QINQ_OLD
 }
 
+/// `vj_tcp`: the protocol byte is a VJ slot number and the datagram is TCP (`slhc_remember`).
 #[inline(always)]
-fn ipv4<F: Frame + ?Sized>(frame: &F, off: usize) -> Packet {
-    let Some(h) = frame.bytes::<20>(off) else {
-        return doubt(Reason::BlockTruncated);
+fn ipv4<F: Frame + ?Sized>(frame: &F, off: usize, limit: usize, vj_tcp: bool) -> Packet {
+    let h = match within::<F, 20>(frame, off, limit) {
+        Some(h) => h,
+        None => return doubt(Reason::BlockTruncated),
     };
     let src = Addr::V4([h[12], h[13], h[14], h[15]]);
     let dst = Addr::V4([h[16], h[17], h[18], h[19]]);
@@ -175,11 +283,12 @@ fn ipv4<F: Frame + ?Sized>(frame: &F, off: usize) -> Packet {
     if tot_len < ihl {
         return fail(Reason::BlockBadIpHeader);
     }
-    // The whole datagram must be in the frame (padding after it is fine).
-    if frame.bytes::<1>(off + tot_len - 1).is_none() {
+    // The whole datagram must be in the frame (padding after it is fine) and, in PPPoE, in
+    // the PPPoE payload (`ip_rcv` drops a datagram longer than the trimmed skb).
+    if off + tot_len > limit || frame.bytes::<1>(off + tot_len - 1).is_none() {
         return fail(Reason::BlockTruncated);
     }
-    if h[9] != IPPROTO_TCP {
+    if h[9] != IPPROTO_TCP && !vj_tcp {
         return Packet::NotTcp;
     }
     let frag_offset = be16([h[6], h[7]]) & 0x1fff;
@@ -193,9 +302,10 @@ fn ipv4<F: Frame + ?Sized>(frame: &F, off: usize) -> Packet {
 }
 
 #[inline(always)]
-fn ipv6<F: Frame + ?Sized>(frame: &F, off: usize) -> Packet {
-    let Some(h) = frame.bytes::<40>(off) else {
-        return doubt(Reason::BlockTruncated);
+fn ipv6<F: Frame + ?Sized>(frame: &F, off: usize, limit: usize) -> Packet {
+    let h = match within::<F, 40>(frame, off, limit) {
+        Some(h) => h,
+        None => return doubt(Reason::BlockTruncated),
     };
     let mut s = [0u8; 16];
     let mut d = [0u8; 16];
@@ -211,7 +321,7 @@ fn ipv6<F: Frame + ?Sized>(frame: &F, off: usize) -> Packet {
         return fail(Reason::BlockBadIpHeader);
     }
     let end = off + 40 + be16([h[4], h[5]]) as usize;
-    if end > off + 40 && frame.bytes::<1>(end - 1).is_none() {
+    if end > limit || end > off + 40 && frame.bytes::<1>(end - 1).is_none() {
         return fail(Reason::BlockTruncated);
     }
     let mut nh = h[6];
@@ -270,7 +380,7 @@ fn is_ext_header(nh: u8) -> bool {
 /// `N` bytes at `off`, only if they end at or before `end` (the IP payload's end).
 #[inline(always)]
 fn within<F: Frame + ?Sized, const N: usize>(frame: &F, off: usize, end: usize) -> Option<[u8; N]> {
-    if off + N > end {
+    if off.checked_add(N)? > end {
         return None;
     }
     frame.bytes::<N>(off)

@@ -35,12 +35,23 @@ pub enum Reason {
     BlockFragment = 13,
     /// VLAN/PPPoE nesting deeper than the parser walks.
     BlockEncap = 14,
+    /// PPP multilink fragment (0x003d): reassembled by the kernel, opaque here.
+    BlockPppMultilink = 15,
+    /// PPP compressed datagram (0x00fd, 0x00fb): inflated by the kernel, opaque here.
+    BlockPppCompressed = 16,
+    /// PPP Van Jacobson compressed TCP/IP (0x002d): rebuilt from per-slot state.
+    BlockPppVj = 17,
+    /// MPLS (PPP 0x0281/0x0283, Ethernet or skb protocol 0x8847/0x8848): labels the stack
+    /// may pop to route the IP packet inside.
+    BlockMpls = 18,
 }
 
-pub const NUM_REASONS: u32 = 16;
+/// Entries of the per-CPU counter array: room to append reasons without a layout change.
+/// Raising it changes the pinned counter map's layout; the daemon migrates at start.
+pub const NUM_REASONS: u32 = 32;
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 19] = [
         Reason::PassNotIp,
         Reason::PassNotTcp,
         Reason::PassPortOpen,
@@ -56,6 +67,10 @@ impl Reason {
         Reason::BlockExtChain,
         Reason::BlockFragment,
         Reason::BlockEncap,
+        Reason::BlockPppMultilink,
+        Reason::BlockPppCompressed,
+        Reason::BlockPppVj,
+        Reason::BlockMpls,
     ];
 
     #[inline(always)]
@@ -85,6 +100,10 @@ impl Reason {
             Reason::BlockExtChain => "block_ext_chain",
             Reason::BlockFragment => "block_fragment",
             Reason::BlockEncap => "block_encap",
+            Reason::BlockPppMultilink => "block_ppp_multilink",
+            Reason::BlockPppCompressed => "block_ppp_compressed",
+            Reason::BlockPppVj => "block_ppp_vj",
+            Reason::BlockMpls => "block_mpls",
         }
     }
 
@@ -110,6 +129,16 @@ impl Reason {
             Reason::BlockExtChain => "IPv6 extension chain too long to inspect (fail closed)",
             Reason::BlockFragment => "fragment that hides the TCP ports (fail closed)",
             Reason::BlockEncap => "encapsulation too deep to inspect (fail closed)",
+            Reason::BlockPppMultilink => {
+                "PPP multilink fragment, reassembled only by the kernel (fail closed; enforce with TC on ppp*)"
+            }
+            Reason::BlockPppCompressed => {
+                "PPP compressed datagram, inflated only by the kernel (fail closed; enforce with TC on ppp*)"
+            }
+            Reason::BlockPppVj => {
+                "PPP VJ-compressed TCP, rebuilt only by the kernel (fail closed; enforce with TC on ppp*)"
+            }
+            Reason::BlockMpls => "MPLS whose inner packet cannot be told (fail closed)",
         }
     }
 }
@@ -128,5 +157,10 @@ mod tests {
         assert!(Reason::PassExemptSession.is_pass());
         assert!(!Reason::BlockPort.is_pass());
         assert!(!Reason::BlockEncap.is_pass());
+        assert!(!Reason::BlockMpls.is_pass());
+        // Appended, never renumbered: these values are the pinned counter map's indices.
+        assert_eq!(Reason::BlockEncap as u32, 14);
+        assert_eq!(Reason::BlockPppMultilink as u32, 15);
+        assert_eq!(Reason::BlockMpls as u32, 18);
     }
 }

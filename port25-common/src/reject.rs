@@ -26,7 +26,8 @@ pub const fn rst_len(at: Located) -> usize {
 #[inline(always)]
 pub fn locate<F: Frame + ?Sized>(frame: &F, link: Link) -> Option<Located> {
     let (proto, l3) = match link {
-        Link::RawIp => match frame.bytes::<1>(0)?[0] >> 4 {
+        // Only a `BlockPort` verdict is answered, so a raw frame's protocol and nibble agree.
+        Link::RawIp | Link::RawProto(_) => match frame.bytes::<1>(0)?[0] >> 4 {
             4 => (ETH_P_IPV4, 0),
             6 => (ETH_P_IPV6, 0),
             _ => return None,

@@ -63,10 +63,13 @@ impl LiveMaps {
         })
     }
 
-    /// Packets per reason, summed over CPUs.
+    /// Packets per reason, summed over CPUs. A counter map pinned by an older version has
+    /// fewer entries (until the daemon migrates it at start): only the reasons it has.
     pub fn counters(&self) -> Result<Vec<(Reason, u64)>> {
+        let len = self.counters.len();
         Reason::ALL
             .iter()
+            .filter(|r| (**r as u32) < len)
             .map(|r| {
                 let per_cpu = self
                     .counters

@@ -101,10 +101,13 @@ pub fn port25_tc(ctx: TcContext) -> i32 {
     tc_action(&ctx, Link::Ethernet)
 }
 
-/// TC on a device without a link header (ppp, tun).
+/// TC on a device without a link header (ppp, tun). The skb's protocol, not the first nibble,
+/// is what the stack dispatches on (`ppp_receive_nonmp_frame` sets it from the PPP protocol).
 #[classifier]
 pub fn port25_tc_raw(ctx: TcContext) -> i32 {
-    tc_action(&ctx, Link::RawIp)
+    // `__sk_buff.protocol` holds the __be16 as loaded from the skb.
+    let protocol = u16::from_be(ctx.skb.protocol() as u16);
+    tc_action(&ctx, Link::RawProto(protocol))
 }
 
 #[inline(always)]

@@ -147,3 +147,31 @@ pub fn frag6(next: u8, offset: u16, more: bool) -> Vec<u8> {
 pub fn v6(s: &str) -> [u8; 16] {
     s.parse::<std::net::Ipv6Addr>().unwrap().octets()
 }
+
+/// Ethernet + PPPoE session with the PPP protocol field written as given (`[0x00, 0x21]`, or
+/// `[0x21]` compressed) and the PPPoE length field `len` (`None` = exactly what follows).
+pub fn pppoe_with(proto: &[u8], payload: &[u8], len: Option<u16>) -> Vec<u8> {
+    let mut p = vec![0x11, 0x00, 0x12, 0x34];
+    let exact = (proto.len() + payload.len()) as u16;
+    p.extend_from_slice(&len.unwrap_or(exact).to_be_bytes());
+    p.extend_from_slice(proto);
+    p.extend_from_slice(payload);
+    eth(0x8864, &p)
+}
+
+/// An MPLS label stack entry; `bottom` sets the S bit.
+pub fn mpls_label(label: u32, bottom: bool) -> [u8; 4] {
+    let v = (label << 12) | ((bottom as u32) << 8) | 64;
+    v.to_be_bytes()
+}
+
+/// The protocol BPF_PROG_TEST_RUN gives an skb: `eth_type_trans` of the data's first 14
+/// bytes, whatever they are (for a raw IP packet: the first two bytes of the IPv4 source
+/// address, or bytes 4-5 of the IPv6 source address).
+pub fn test_run_protocol(data: &[u8]) -> u16 {
+    u16::from_be_bytes([data[12], data[13]])
+}
+
+pub fn v4(s: &str) -> [u8; 4] {
+    s.parse::<std::net::Ipv4Addr>().unwrap().octets()
+}

@@ -6,6 +6,7 @@ pub mod fuzz;
 pub mod fuzzgen;
 pub mod lab;
 pub mod sniff;
+pub mod table;
 
 /// Skips the calling test, loudly, when not root.
 #[macro_export]

@@ -91,6 +91,14 @@ fn datapath_bench() {
             ("SYN to 25, IPv4, blocked", syn([100, 64, 1, 2], 25)),
             ("SYN to 25, IPv4 exempt address", syn([100, 64, 0, 7], 25)),
             (
+                "SYN to 25, PPPoE with a 1-byte protocol, blocked",
+                pppoe_with(&[0x21], &syn([100, 64, 1, 2], 25)[14..], None),
+            ),
+            (
+                "PPPoE LCP (not IP)",
+                pppoe_with(&[0xc0, 0x21], &[9, 1, 0, 8, 0, 0, 0, 0], None),
+            ),
+            (
                 "SYN to 25, IPv6, blocked (probes every length)",
                 syn6("2001:db8:100:77::2"),
             ),

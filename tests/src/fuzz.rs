@@ -259,7 +259,7 @@ pub fn run(f: &mut Fixture, o: &RunOptions, mut progress: impl FnMut(&Stats)) ->
         }
         let progs: &[&'static str] = match case.link {
             Link::Ethernet => &[PROG_XDP, PROG_TC],
-            Link::RawIp => &[PROG_TC_RAW],
+            Link::RawIp | Link::RawProto(_) => &[PROG_TC_RAW],
         };
         let mut leaked = false;
         for &prog in progs {

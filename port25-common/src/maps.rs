@@ -119,6 +119,12 @@ impl Exempt {
         self.expires_ns == 0 || now_ns < self.expires_ns
     }
 
+    /// Whether the operator wrote it (config `exempt`, `exempt add`), not a user's policy.
+    #[inline(always)]
+    pub const fn operator(&self) -> bool {
+        self.origin == ORIGIN_CONFIG || self.origin == ORIGIN_RUNTIME
+    }
+
     /// Whether this entry settles the source's verdict on its own (a live session's).
     #[inline(always)]
     pub const fn owns(&self) -> bool {

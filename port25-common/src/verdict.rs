@@ -92,7 +92,22 @@ fn address_rules<M: Maps>(src: Addr, dst: Addr, maps: &M) -> Option<Reason> {
     };
     match decided {
         Some(Decided::Pass(r)) => Some(r),
-        Some(Decided::Block) | None => None,
+        // A blocked user's session is blocked against other users' prefixes only: the
+        // operator's own exempts (config `exempt`, `exempt add`) are policy for the address
+        // itself, whoever holds it, so a static business range stays open when its
+        // customer's sessions are reported. Only the longest LPM match is visible; when it
+        // is not the operator's, the block stands (fail closed).
+        Some(Decided::Block) => {
+            let e = match src {
+                Addr::V4(a) => maps.exempt_prefix4(a),
+                Addr::V6(a) => maps.exempt_prefix6(a),
+            };
+            match e {
+                Some(e) if e.operator() && e.live(now) => Some(Reason::PassExemptPrefix),
+                _ => None,
+            }
+        }
+        None => None,
     }
 }
 

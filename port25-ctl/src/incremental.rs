@@ -73,11 +73,17 @@ impl Slot {
     }
 }
 
-/// Of two entries for one key, the one that wins. A live session's entry beats any other
-/// (it decides for its address, DESIGN "Ownership"); of two sessions' (never expected: an
-/// address has one holder) the one that ends first, failing closed. Otherwise the one that
-/// lasts longer (0 = no expiry), on a tie the lower origin. Commutative, so the result never
-/// depends on the order sources are merged in.
+/// Of two entries for one key, the one that wins, as a maximum over one total order (so
+/// the merge is commutative and associative: the result never depends on the order sources
+/// are merged in). From the top:
+/// 1. live session entries and the operator's own exempts (config, `exempt add`), the one
+///    that lasts longer (0 = no expiry), the operator's on a tie: a session entry decides
+///    for its address, but the operator's exempt is policy for the address whoever holds it;
+/// 2. a blocked user's session entry ([`BLOCKED_NS`]): it beats every user's binding, so no
+///    other user's prefix exempts the address (DESIGN "Ownership");
+/// 3. bindings, the one that lasts longer.
+///
+/// Two session entries for one key are not expected (an address has one holder).
 pub fn longer(a: Exempt, b: Exempt) -> Exempt {
     let until = |e: &Exempt| {
         if e.expires_ns == 0 {
@@ -87,10 +93,15 @@ pub fn longer(a: Exempt, b: Exempt) -> Exempt {
         }
     };
     let rank = |e: &Exempt| {
-        let u = until(e);
+        let class = match (e.owns(), e.operator()) {
+            (true, _) if e.expires_ns == BLOCKED_NS => 1,
+            (true, _) | (false, true) => 2,
+            (false, false) => 0,
+        };
         (
-            e.owns(),
-            if e.owns() { u64::MAX - u } else { u },
+            class,
+            if class == 1 { 0 } else { until(e) },
+            e.operator(),
             std::cmp::Reverse(e.origin),
         )
     };

@@ -154,3 +154,62 @@ fn a_wider_prefix_of_another_user_never_exempts_a_live_session() {
         assert_owner_decides(&lab, "2001:db8:1a0:5::7", None, "after a restart");
     }
 }
+
+/// The operator's own exempts (config `exempt`, `exempt add`) are policy for the address,
+/// whoever holds it: a static business customer's session, reported by the access server
+/// while the customer is not unblocked by name, stays open. Another user's binding still
+/// never opens it (the test above).
+#[test]
+fn the_operators_exempt_still_opens_a_blocked_users_session() {
+    require_root!();
+    for hook in [
+        "  - name: rs\n    hook: xdp\n    xdp_mode: native",
+        "  - name: rs\n    hook: tc\n    direction: ingress",
+    ] {
+        let mut lab = Lab::new(hook);
+        lab.write_config(
+            "exempt:\n  - prefix: 100.64.0.3/32\n  - prefix: \"2001:db8:100::3/128\"\n",
+        );
+        lab.start_daemon();
+        ok(&lab, &["user", "add", "acme"]);
+        ok(&lab, &["user", "add", "zed"]);
+        ok(&lab, &["session", "up", "acme", "100.64.0.3", "--id", "a1"]);
+        ok(
+            &lab,
+            &["session", "up", "acme", "2001:db8:100::3", "--id", "a2"],
+        );
+        assert!(
+            smtp(&lab, "100.64.0.3"),
+            "config /32 under a blocked session"
+        );
+        assert!(
+            smtp(&lab, "2001:db8:100::3"),
+            "config /128 under a blocked session"
+        );
+        let c = ok(&lab, &["check", "100.64.0.3", "203.0.113.80"]);
+        assert!(c.contains("PASS"), "{c}");
+
+        // A runtime exempt prefix around a blocked user's session opens it too; without it,
+        // another user's binding around the same session does not.
+        ok(&lab, &["session", "up", "zed", "100.64.0.2", "--id", "z1"]);
+        ok(&lab, &["unblock", "xavier", "--new"]);
+        ok(&lab, &["user", "bind", "xavier", "100.64.0.0/24"]);
+        assert_owner_decides(&lab, "100.64.0.2", None, "binding around a blocked session");
+        ok(
+            &lab,
+            &["exempt", "add", "100.64.0.0/30", "--note", "ACME static"],
+        );
+        assert!(
+            smtp(&lab, "100.64.0.2"),
+            "runtime exempt /30 under a blocked session"
+        );
+        ok(&lab, &["exempt", "remove", "100.64.0.0/30"]);
+        assert_owner_decides(&lab, "100.64.0.2", None, "exempt removed");
+
+        // A restart rebuilds the same maps from the registry.
+        lab.kill9();
+        lab.start_daemon();
+        assert!(smtp(&lab, "100.64.0.3"), "after a restart");
+        assert_owner_decides(&lab, "100.64.0.2", None, "after a restart");
+    }
+}

@@ -114,3 +114,56 @@ proptest! {
         }
     }
 }
+
+/// `longer` is a maximum over one order: every way of merging the same entries for one key
+/// gives the same winner, and the winners are the ones DESIGN "Ownership" asks for.
+#[test]
+fn merging_entries_for_one_key_is_order_independent() {
+    use port25_common::maps::{ORIGIN_BINDING, ORIGIN_CONFIG, ORIGIN_RUNTIME, ORIGIN_SESSION};
+    let e = |expires_ns, origin| Exempt {
+        expires_ns,
+        origin,
+        _pad: 0,
+    };
+    let all = [
+        e(0, ORIGIN_CONFIG),
+        e(500, ORIGIN_CONFIG),
+        e(900, ORIGIN_RUNTIME),
+        e(0, ORIGIN_SESSION),
+        e(700, ORIGIN_SESSION),
+        e(BLOCKED_NS, ORIGIN_SESSION),
+        e(0, ORIGIN_BINDING),
+        e(800, ORIGIN_BINDING),
+    ];
+    for a in all {
+        for b in all {
+            assert_eq!(longer(a, b), longer(b, a), "{a:?} {b:?}");
+            for c in all {
+                assert_eq!(
+                    longer(longer(a, b), c),
+                    longer(a, longer(b, c)),
+                    "{a:?} {b:?} {c:?}"
+                );
+            }
+        }
+    }
+    let blocked = e(BLOCKED_NS, ORIGIN_SESSION);
+    assert_eq!(
+        longer(blocked, e(0, ORIGIN_BINDING)),
+        blocked,
+        "no binding opens a blocked session"
+    );
+    assert_eq!(
+        longer(blocked, e(500, ORIGIN_CONFIG)),
+        e(500, ORIGIN_CONFIG),
+        "the operator's exempt does"
+    );
+    assert_eq!(
+        longer(e(700, ORIGIN_SESSION), e(0, ORIGIN_RUNTIME)),
+        e(0, ORIGIN_RUNTIME)
+    );
+    assert_eq!(
+        longer(e(0, ORIGIN_SESSION), e(0, ORIGIN_BINDING)),
+        e(0, ORIGIN_SESSION)
+    );
+}

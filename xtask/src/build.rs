@@ -118,9 +118,18 @@ pub fn ensure_lab_tools() -> Result<()> {
     if !is_root()? {
         anyhow::bail!("the lab needs root (network namespaces, BPF)");
     }
-    if Command::new("ethtool").arg("--version").output().is_err() {
+    // (binary, Debian package): ethtool for the lab's veth offloads, nft for the leak fuzz's
+    // far-side counter (the internet namespace's own kernel counts what got through).
+    let missing: Vec<&str> = [("ethtool", "ethtool"), ("nft", "nftables")]
+        .into_iter()
+        .filter(|(bin, _)| Command::new(bin).arg("--version").output().is_err())
+        .map(|(_, pkg)| pkg)
+        .collect();
+    if !missing.is_empty() {
         run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get").args(["install", "-y", "ethtool"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(&missing))?;
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod frame;
 pub mod lab;
+pub mod leakgen;
 pub mod sniff;
 
 /// Skips the calling test, loudly, when not root.

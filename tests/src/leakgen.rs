@@ -299,11 +299,19 @@ impl Gen {
                 h
             }
             _ => {
-                // Hop-by-hop or destination options: PadN to fill (options the stack skips).
+                // Hop-by-hop or destination options: one option filling the header, PadN
+                // when short (Linux drops more than 7 bytes of padding), else an unknown
+                // type whose high bits say "skip"; now and then an over-long PadN anyway.
                 let len = self.rng.u8(0..3);
                 let body = 6 + 8 * len as usize;
-                let mut h = vec![next, len, 1, (body - 2) as u8];
-                h.extend(std::iter::repeat_n(0, body - 2));
+                let kind = if body <= 7 || self.chance(10) { 1 } else { 0x1e };
+                let mut h = vec![next, len, kind, (body - 2) as u8];
+                let data = if kind == 1 {
+                    vec![0; body - 2]
+                } else {
+                    self.bytes(body - 2)
+                };
+                h.extend_from_slice(&data);
                 h
             }
         }

@@ -96,6 +96,14 @@ impl Count {
     fn port587(&self) -> u64 {
         self.v4_587 + self.v6_587
     }
+    fn plus(&self, o: &Count) -> Count {
+        Count {
+            v4_25: self.v4_25 + o.v4_25,
+            v6_25: self.v6_25 + o.v6_25,
+            v4_587: self.v4_587 + o.v4_587,
+            v6_587: self.v6_587 + o.v6_587,
+        }
+    }
     fn minus(&self, o: &Count) -> Count {
         Count {
             v4_25: self.v4_25 - o.v4_25,
@@ -310,27 +318,41 @@ fn fuzz(hook_name: &str, interfaces: &str, min_frames: usize) {
         n += c.frames.len();
         cases.push(c);
     }
+    // Grouped by kind, so the figures say which kinds get through (the groups' datagrams
+    // cannot mix: every case has its own fragment identification).
+    cases.sort_by_key(|c| c.kind);
     let all: Vec<&Case> = cases.iter().collect();
+    let kinds: Vec<&[&Case]> = all.chunk_by(|a, b| a.kind == b.kind).collect();
+    let phase = |inj: &Injector| {
+        let mut per_kind = Vec::new();
+        let mut total = Count::default();
+        let mut sent = (0, 0);
+        for group in &kinds {
+            let before = far.read();
+            let s = send(inj, group);
+            sent = (sent.0 + s.frames, sent.1 + s.refused);
+            let d = far.read().minus(&before);
+            per_kind.push((group[0].kind, group.len(), d));
+            total = total.plus(&d);
+        }
+        (sent, total, per_kind)
+    };
 
     // Without port25 (the daemon not started yet): the positive control.
     std::thread::sleep(Duration::from_millis(FRAG_TIMEOUT_S * 1000 + 300));
-    let before = far.read();
-    let sent = send(&inj, &all);
-    let off = far.read().minus(&before);
+    let (sent, off, off_kinds) = phase(&inj);
 
     // The same frames with port25 attached.
     std::thread::sleep(Duration::from_millis(FRAG_TIMEOUT_S * 1000 + 300));
     lab.start_daemon();
-    let before = far.read();
-    send(&inj, &all);
-    let on = far.read().minus(&before);
+    let (_, on, on_kinds) = phase(&inj);
 
     eprintln!(
         "LEAKFUZZ hook={hook_name} seed={seed} cases={} frames={} refused_by_sender={} \
          without_port25: tcp25={} (v4 {}, v6 {}) tcp587={} | with_port25: tcp25={} (v4 {}, v6 {}) tcp587={}",
         cases.len(),
-        sent.frames,
-        sent.refused,
+        sent.0,
+        sent.1,
         off.port25(),
         off.v4_25,
         off.v6_25,
@@ -340,6 +362,15 @@ fn fuzz(hook_name: &str, interfaces: &str, min_frames: usize) {
         on.v6_25,
         on.port587(),
     );
+    for ((kind, n, off), (_, _, on)) in off_kinds.iter().zip(&on_kinds) {
+        eprintln!(
+            "LEAKFUZZ   {kind:<26} cases={n:<6} without: tcp25={:<6} tcp587={:<6} with: tcp25={:<6} tcp587={}",
+            off.port25(),
+            off.port587(),
+            on.port25(),
+            on.port587()
+        );
+    }
     if on.port25() > 0 {
         let leaks = narrow(&inj, &far, &all, 8);
         let path = std::env::temp_dir().join(format!("port25-leak-{hook_name}-{seed}.hex"));

@@ -130,6 +130,11 @@ impl FarSide {
                 &format!("net.ipv4.ipfrag_time={t}"),
                 &format!("net.ipv6.ip6frag_time={t}"),
                 &format!("net.netfilter.nf_conntrack_frag6_timeout={t}"),
+                // Room for every incomplete queue of a run: evicting one early could hide a
+                // datagram that port25 let through.
+                "net.ipv4.ipfrag_high_thresh=268435456",
+                "net.ipv6.ip6frag_high_thresh=268435456",
+                "net.netfilter.nf_conntrack_frag6_high_thresh=268435456",
             ],
             None,
         );
@@ -393,9 +398,31 @@ fn fuzz(hook_name: &str, interfaces: &str, min_frames: usize) {
             path.display()
         );
     }
+    // And once more after `port25-ctl detach`: the far side counts again, so the zero above
+    // is port25's doing, not some state the first phase left on the far side.
+    let d = lab.ctl(&["detach"]);
+    assert!(d.status.success(), "detach: {}", port25_tests::text(&d));
+    assert!(
+        lab.wait_daemon_exit(Duration::from_secs(5)),
+        "the daemon exits on detach"
+    );
+    std::thread::sleep(Duration::from_millis(FRAG_TIMEOUT_S * 1000 + 300));
+    let (_, detached, _) = phase(&inj);
+
+    eprintln!(
+        "LEAKFUZZ hook={hook_name} after detach: tcp25={} (v4 {}, v6 {}) tcp587={}",
+        detached.port25(),
+        detached.v4_25,
+        detached.v6_25,
+        detached.port587()
+    );
     assert!(
         off.v4_25 > 0 && off.v6_25 > 0,
         "positive control: without port25 the same frames reach the far side on port 25: {off:?}"
+    );
+    assert!(
+        detached.v4_25 > 0 && detached.v6_25 > 0,
+        "after detach the same frames reach the far side on port 25 again: {detached:?}"
     );
     assert!(
         on.v4_587 > 0 && on.v6_587 > 0,

@@ -231,7 +231,7 @@ fn send(inj: &Injector, cases: &[&Case]) -> Sent {
                 }
             }
             s.frames += 1;
-            if s.frames % 32 == 0 {
+            if s.frames.is_multiple_of(32) {
                 std::thread::sleep(Duration::from_micros(300));
             }
         }

@@ -443,6 +443,9 @@ impl Gen {
         while off < payload.len() {
             let size = if off == 0 && first_tiny {
                 8
+            } else if self.chance(3) {
+                // Not a multiple of 8 although more follow: the stack trims or drops it.
+                self.rng.usize(1..8)
             } else {
                 self.rng.usize(1..=6) * 8
             };

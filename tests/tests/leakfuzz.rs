@@ -190,14 +190,18 @@ fn ends(lab: &Lab) -> Ends {
         IpAddr::V6(a) => a,
         _ => unreachable!(),
     };
-    // The lab's subscriber addresses (no exempt entries in this test's config): the router
-    // has routes and neighbours for them.
+    // The lab's subscriber addresses and one in a delegated prefix (no exempt entries in
+    // this test's config): the router and the far side have routes for them.
     Ends {
         router_mac: mac(&lab.rtr, "rs"),
         sub_mac: mac(&lab.sub, "s0"),
         src4: vec![v4(lab::v4().sub), v4(lab::v4().exempt)],
         dst4,
-        src6: vec![v6(lab::v6().sub), v6(lab::v6().exempt)],
+        src6: vec![
+            v6(lab::v6().sub),
+            v6(lab::v6().exempt),
+            "2001:db8:1a0:5::7".parse().unwrap(),
+        ],
         dst6,
     }
 }

@@ -66,13 +66,25 @@ pub struct Exempt {
 
 pub const ORIGIN_CONFIG: u32 = 1;
 pub const ORIGIN_RUNTIME: u32 = 2;
+/// An address or prefix of a live session. It decides alone (DESIGN "Ownership"): live =
+/// pass, expired = block (a blocked user's session is written already expired), and no
+/// wider prefix of another user is looked at.
 pub const ORIGIN_SESSION: u32 = 3;
+/// A user's static binding (`user bind`): exempt while live, like config entries.
+pub const ORIGIN_BINDING: u32 = 4;
 
 impl Exempt {
-    /// Expired entries count as absent, in the kernel and in userspace alike.
+    /// Expired entries count as absent, in the kernel and in userspace alike; except a
+    /// session's, which then blocks ([`ORIGIN_SESSION`]).
     #[inline(always)]
     pub const fn live(&self, now_ns: u64) -> bool {
         self.expires_ns == 0 || now_ns < self.expires_ns
+    }
+
+    /// Whether this entry settles the source's verdict on its own (a live session's).
+    #[inline(always)]
+    pub const fn owns(&self) -> bool {
+        self.origin == ORIGIN_SESSION
     }
 }
 

@@ -79,36 +79,45 @@ fn address_rules<M: Maps>(src: Addr, dst: Addr, maps: &M) -> Option<Reason> {
         return Some(Reason::PassMailServer);
     }
     let now = maps.now_ns();
-    let live = |e: Option<Exempt>| matches!(e, Some(e) if e.live(now));
-    match src {
-        Addr::V4(a) => {
-            if live(maps.exempt_ip4(a)) {
-                return Some(Reason::PassExemptAddr);
-            }
-            if live(maps.exempt_prefix4(a)) {
-                return Some(Reason::PassExemptPrefix);
-            }
-        }
-        Addr::V6(a) => {
-            if live(maps.exempt_ip6(a)) {
-                return Some(Reason::PassExemptAddr);
-            }
-            if let Some(s) = settings {
-                if session_prefix_exempt(a, &s, maps, now) {
-                    return Some(Reason::PassExemptSession);
-                }
-            }
-            if live(maps.exempt_prefix6(a)) {
-                return Some(Reason::PassExemptPrefix);
-            }
-        }
+    // Most specific first: the exact address, the session prefixes (longest first), then the
+    // LPM. A live session's entry decides alone, so a wider prefix of another user (a
+    // binding, a stale delegated prefix) never exempts an address a blocked user holds.
+    let decided = match src {
+        Addr::V4(a) => entry(maps.exempt_ip4(a), now, Reason::PassExemptAddr)
+            .or_else(|| entry(maps.exempt_prefix4(a), now, Reason::PassExemptPrefix)),
+        Addr::V6(a) => entry(maps.exempt_ip6(a), now, Reason::PassExemptAddr)
+            .or_else(|| match settings {
+                Some(s) => session_prefix(a, &s, maps, now),
+                None => None,
+            })
+            .or_else(|| entry(maps.exempt_prefix6(a), now, Reason::PassExemptPrefix)),
+    };
+    match decided {
+        Some(Decided::Pass(r)) => Some(r),
+        Some(Decided::Block) | None => None,
     }
-    None
 }
 
-/// Probes the session-prefix hash once per prefix length in use.
+/// A verdict an exempt entry settles: pass, or block (a session of a user not unblocked).
+#[derive(Clone, Copy)]
+enum Decided {
+    Pass(Reason),
+    Block,
+}
+
+/// `None`: this entry does not decide (absent, or an expired entry that is no session's).
 #[inline(always)]
-fn session_prefix_exempt<M: Maps>(a: [u8; 16], s: &Settings, maps: &M, now: u64) -> bool {
+fn entry(e: Option<Exempt>, now: u64, pass: Reason) -> Option<Decided> {
+    match e {
+        Some(e) if e.live(now) => Some(Decided::Pass(pass)),
+        Some(e) if e.owns() => Some(Decided::Block),
+        _ => None,
+    }
+}
+
+/// Probes the session-prefix hash once per prefix length in use, longest first.
+#[inline(always)]
+fn session_prefix<M: Maps>(a: [u8; 16], s: &Settings, maps: &M, now: u64) -> Option<Decided> {
     let count = s.session_prefix_count as usize;
     for i in 0..MAX_SESSION_PREFIX_LENS {
         if i >= count {
@@ -119,11 +128,9 @@ fn session_prefix_exempt<M: Maps>(a: [u8; 16], s: &Settings, maps: &M, now: u64)
             prefix_len: len,
             addr: mask(a, len),
         };
-        if let Some(e) = maps.exempt_net6(&key) {
-            if e.live(now) {
-                return true;
-            }
+        if let Some(d) = entry(maps.exempt_net6(&key), now, Reason::PassExemptSession) {
+            return Some(d);
         }
     }
-    false
+    None
 }

@@ -40,18 +40,25 @@ pub fn prefix(s: &str) -> Result<Prefix, String> {
     s.parse()
 }
 
-/// The `session sync` list: one session per line, `ID USER ADDR|PREFIX...`; `#` comments.
+/// A user name argument, refused here already so a hook's bad value never reaches the daemon.
+pub fn user_name(s: &str) -> Result<String, String> {
+    crate::registry::check_user_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// The `session sync` list: one session per line, `ID USER ADDR|PREFIX...`. A word that
+/// starts with `#` starts a comment; a `#` inside a word is data (user names may hold one,
+/// and none may start with one).
 pub fn session_list(text: &str, origin: &str) -> Result<Vec<SyncSession>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or_default().trim();
-        if line.is_empty() {
-            continue;
-        }
-        let mut words = line.split_whitespace();
-        let (Some(id), Some(user)) = (words.next(), words.next()) else {
+        let mut words = line.split_whitespace().take_while(|w| !w.starts_with('#'));
+        let Some(id) = words.next() else { continue };
+        let Some(user) = words.next() else {
             bail!("{origin}:{}: expected `ID USER ADDR...`", i + 1);
         };
+        crate::registry::check_user_name(user).with_context(|| format!("{origin}:{}", i + 1))?;
         let addrs = words
             .map(|w| w.parse::<Prefix>().map_err(anyhow::Error::msg))
             .collect::<Result<Vec<_>>>()
@@ -109,5 +116,31 @@ mod tests {
             session_list("1 a 100.64.0.1/24\n", "f").unwrap_err()
         );
         assert!(e.contains("host bits"), "{e}");
+    }
+
+    /// A user name is data: a `#` inside it is no comment, and a name that would need
+    /// quoting (spaces, invisible characters) is refused with its line, never split into
+    /// addresses.
+    #[test]
+    fn sync_lists_with_hostile_names() {
+        let l = session_list("accel:ppp0 x# 100.64.0.9\n", "f").unwrap();
+        assert_eq!((l[0].user.as_str(), l[0].addrs.len()), ("x#", 1));
+        let l = session_list("accel:ppp0 bob|0.0.0.0/0 100.64.0.9 # note\n", "f").unwrap();
+        assert_eq!((l[0].user.as_str(), l[0].addrs.len()), ("bob|0.0.0.0/0", 1));
+        for bad in [
+            "accel:ppp0 bob\u{202e} 100.64.0.9\n",
+            "accel:ppp0 bob\u{200b} 100.64.0.9\n",
+            "accel:ppp0 -bob 100.64.0.9\n",
+        ] {
+            let e = format!("{:#}", session_list(bad, "f").unwrap_err());
+            assert!(e.contains("f:1") && e.contains("user name"), "{bad:?}: {e}");
+        }
+        for bad in ["-h", "#x", "a\u{2066}b", "a\u{feff}", "a b", "a\tb", ""] {
+            assert!(user_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            user_name("alice@isp.example"),
+            Ok("alice@isp.example".into())
+        );
     }
 }

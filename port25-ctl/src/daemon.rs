@@ -2,14 +2,17 @@
 //! then serves the control socket, reloads on SIGHUP and repairs drift periodically.
 //! Exiting (signal, crash, kill -9) leaves the pinned programs enforcing.
 //!
-//! Connections are served concurrently (reading, peer checks, framing), but every request
+//! Connections are served concurrently (reading, peer checks, framing), but every change
 //! is executed by one loop, in arrival order: a change is committed to the registry, then
-//! applied to the maps, then acknowledged.
+//! applied to the maps, then acknowledged. Read verbs are answered by a reader thread with
+//! its own read-only registry connection, so no read, however large, holds up a change.
+//! Every connection is bounded in number, time and memory (see [`limits`]).
 
 use std::{
     os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
-    time::Instant,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -19,13 +22,13 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch, Semaphore},
 };
 use tracing::{error, info, warn};
 
 use crate::{
     config::Config,
-    datapath,
+    datapath, detached,
     incremental::{changed_users, Index},
     livemaps::LiveMaps,
     pins::Pins,
@@ -36,6 +39,21 @@ use crate::{
 };
 
 mod ops;
+
+/// How much one client may take of the daemon.
+pub mod limits {
+    use std::time::Duration;
+    /// Connections served at once; more are answered "busy" and closed at once.
+    pub const MAX_CONNECTIONS: usize = 4096;
+    /// A request must arrive whole within this time of the connection being accepted.
+    pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+    /// An answer must be taken by the client within this time.
+    pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+    /// The body buffer grows as bytes arrive, from at most this much up front.
+    pub const INITIAL_BODY: usize = 64 << 10;
+    /// The open-file limit the daemon raises itself to (bounded by the hard limit).
+    pub const NOFILE: u64 = 65536;
+}
 
 /// Set in the daemon's environment, the daemon aborts right after its first committed change
 /// (before the maps are written): the crash-consistency test uses it.
@@ -58,6 +76,10 @@ struct Daemon {
     drift_repaired: u64,
     /// A committed change whose map apply failed: the next tick does a full reconcile.
     dirty: bool,
+    /// The config the reader answers from, replaced on reload.
+    cfg_tx: watch::Sender<Arc<Config>>,
+    /// The last failure logged per attach point, so link events do not repeat it.
+    link_errors: std::collections::HashMap<String, String>,
 }
 
 /// One request, from a connection task to the writer loop.
@@ -65,21 +87,55 @@ struct Job {
     req: Request,
     actor: Actor,
     /// The answer, and for a last answer (detach) a way to learn it has been written.
-    reply: oneshot::Sender<(Response, Option<oneshot::Sender<()>>)>,
+    reply: oneshot::Sender<(Reply, Option<oneshot::Sender<()>>)>,
 }
 
-pub fn run(config_path: &Path) -> Result<()> {
+/// The writer's answer; a refusal keeps its error so the connection can explain it.
+enum Reply {
+    Done(Response),
+    Failed(anyhow::Error),
+}
+
+/// `attach`: start even though an operator detached (`daemon --attach`), lifting the marker.
+pub fn run(config_path: &Path, attach: bool) -> Result<()> {
     let cfg = Config::load(config_path)?;
+    raise_nofile();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(config_path.to_owned(), cfg))
+    rt.block_on(serve(config_path.to_owned(), cfg, attach))
 }
 
-async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
+/// Idle clients each hold a descriptor: systemd's default soft limit (1024) would turn a
+/// thousand of them into EMFILE for everyone else.
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = limits::NOFILE.min(hard);
+        if want > soft {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                warn!("raising the open-file limit to {want}: {e}");
+            }
+        }
+    }
+}
+
+async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
+    // An operator's detach holds until an operator attaches again: a supervisor's restart
+    // is not one.
+    if !attach {
+        detached::refuse_if_marked(&cfg.state_dir)?;
+    }
     let pins = Pins::new(&cfg.pin_dir);
-    // One daemon per socket, held for the process lifetime (the kernel drops it on any exit).
+    // One daemon per socket and one per pin tree, held for the process lifetime (the kernel
+    // drops them on any exit). Two daemons with different sockets on the same pins would
+    // rewrite each other's maps and detach each other's links.
     let _lock = lock_instance(&cfg.socket)?;
+    pins.prepare()?;
+    let _pin_lock = lock_pins(&pins)?;
+    if attach && detached::clear(&cfg.state_dir)? {
+        info!("the detach marker is lifted (--attach)");
+    }
     let mut store = SqliteStore::open(&cfg.state_dir)?;
     // Pinned maps of another layout (changed `limits`, a new version) are replaced, never
     // reused: new maps are filled first, every link then swaps atomically to a program that
@@ -104,6 +160,7 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     let applied = policy::apply(&mut live, &want)?;
     info!(writes = applied.writes, "policy applied");
     for iface in &cfg.interfaces {
+        // A pinned link whose interface went away is replaced, not swapped into.
         let how = datapath::attach(&mut ebpf, &pins, iface)?;
         info!(interface = %iface.name, point = %iface.attach_point(), ?how, "enforcing");
     }
@@ -118,6 +175,8 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     // the programs are attached and enforcing, not merely that a process has started.
     let listener = bind_socket(&cfg.socket, cfg.read_group.as_deref())?;
     let read_gid = read_gid(cfg.read_group.as_deref())?;
+    let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg.clone()));
+    let reader = Reader::start(cfg.state_dir.clone(), cfg_rx)?;
     let mut d = Daemon {
         config_path,
         cfg,
@@ -132,6 +191,8 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
         reconciles: 0,
         drift_repaired: 0,
         dirty: false,
+        cfg_tx,
+        link_errors: Default::default(),
     };
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1024);
     let mut hup = signal(SignalKind::hangup())?;
@@ -140,17 +201,22 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
     let mut tick = tokio::time::interval(d.cfg.reconcile_interval);
     tick.tick().await;
     let mut quick = tokio::time::interval(std::time::Duration::from_secs(1));
+    // Interfaces coming and going (a re-created one leaves its pinned link dead): repair at
+    // once rather than at the next reconcile.
+    let links = match LinkEvents::open() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!("no link events ({e:#}): dead attachments are repaired at each reconcile only");
+            None
+        }
+    };
+    // Accepting lives in its own task: an accept error (EMFILE) pauses it, never this loop.
+    let acceptor = tokio::spawn(accept_loop(listener, jobs_tx, reader, read_gid));
     info!(socket = %d.cfg.socket.display(), "ready");
     // Type=notify units are "started" only once enforcement is in place.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     loop {
         tokio::select! {
-            conn = listener.accept() => match conn {
-                Ok((stream, _)) => {
-                    tokio::spawn(connection(stream, jobs_tx.clone(), read_gid));
-                }
-                Err(e) => warn!("accept: {e}"),
-            },
             Some(job) = jobs.recv() => {
                 let (resp, exit) = d.execute(job.req, &job.actor);
                 if exit {
@@ -167,14 +233,189 @@ async fn serve(config_path: PathBuf, cfg: Config) -> Result<()> {
                     error!("reload refused, running policy unchanged: {e:#}");
                 }
             }
+            _ = LinkEvents::next(links.as_ref()) => d.repair_links(),
             _ = tick.tick() => d.reconcile(),
             _ = quick.tick(), if d.dirty => d.reconcile(),
             _ = term.recv() => { info!("SIGTERM: exiting; the pinned programs keep enforcing"); break; }
             _ = int.recv() => { info!("SIGINT: exiting; the pinned programs keep enforcing"); break; }
         }
     }
+    acceptor.abort();
     let _ = std::fs::remove_file(&d.cfg.socket);
     Ok(())
+}
+
+/// Accepts connections and hands each to its own task, within [`limits::MAX_CONNECTIONS`].
+async fn accept_loop(
+    listener: UnixListener,
+    jobs: mpsc::Sender<Job>,
+    reader: Reader,
+    read_gid: Option<nix::unistd::Gid>,
+) {
+    let max = max_connections();
+    let slots = Arc::new(Semaphore::new(max));
+    let mut last_warn: Option<Instant> = None;
+    let mut suppressed = 0u64;
+    let mut warn_rarely = |msg: String| {
+        if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            warn!("{msg} ({suppressed} more like it since the last warning)");
+            last_warn = Some(Instant::now());
+            suppressed = 0;
+        } else {
+            suppressed += 1;
+        }
+    };
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    let (jobs, reader) = (jobs.clone(), reader.clone());
+                    tokio::spawn(async move {
+                        connection(stream, jobs, reader, read_gid).await;
+                        drop(slot);
+                    });
+                }
+                Err(_) => {
+                    warn_rarely(format!("{max} control connections open: refusing more"));
+                    // Small enough for an empty socket buffer: a non-blocking write of it
+                    // never waits.
+                    if let (Ok(frame), Ok(mut s)) = (
+                        proto::encode(&Response::err(format!(
+                            "busy: {max} control connections are open; try again"
+                        ))),
+                        stream.into_std(),
+                    ) {
+                        let _ = std::io::Write::write(&mut s, &frame);
+                    }
+                }
+            },
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS persist until something closes: retrying at once
+                // would spin.
+                warn_rarely(format!("accept: {e}; pausing accepts for 100 ms"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// rtnetlink link notifications (RTMGRP_LINK) of this network namespace; only their arrival
+/// matters, so they are drained unread.
+struct LinkEvents {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl LinkEvents {
+    fn open() -> Result<LinkEvents> {
+        use nix::sys::socket::{
+            bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
+        };
+        const RTMGRP_LINK: u32 = 1;
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &NetlinkAddr::new(0, RTMGRP_LINK),
+        )?;
+        // SAFETY: an OwnedFd keeps its descriptor open and the same for its whole life.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow::anyhow!("registering the netlink socket: {e}"))?;
+        Ok(LinkEvents { fd })
+    }
+
+    /// Waits for a batch of link events and drains it; never returns without events.
+    async fn next(events: Option<&LinkEvents>) {
+        let Some(ev) = events else {
+            return std::future::pending().await;
+        };
+        let Ok(mut guard) = ev.fd.readable().await else {
+            return std::future::pending().await;
+        };
+        let mut buf = [0u8; 8192];
+        // Bounded: a storm of events must not keep this loop from the writer's work.
+        for _ in 0..1024 {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(ev.fd.get_ref());
+            match nix::sys::socket::recv(fd, &mut buf, nix::sys::socket::MsgFlags::empty()) {
+                Ok(n) if n > 0 => continue,
+                // ENOBUFS: events were lost, which still means "look again".
+                Err(nix::errno::Errno::ENOBUFS) => continue,
+                _ => break,
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Connections fit in the open-file limit, leaving room for maps, links and the registry.
+fn max_connections() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(s, _)| s)
+        .unwrap_or(1024);
+    (soft.saturating_sub(256) as usize).clamp(16, limits::MAX_CONNECTIONS)
+}
+
+/// What the reader thread is asked.
+enum ReadJob {
+    Op(Op),
+    /// Close names for an unknown user.
+    Suggest(String),
+}
+
+type ReadReply = oneshot::Sender<Result<serde_json::Value>>;
+
+/// The read verbs' own thread and read-only registry connection: reads run beside the
+/// writer (SQLite WAL lets them), and a large one holds up no change.
+#[derive(Clone)]
+struct Reader {
+    tx: mpsc::Sender<(ReadJob, ReadReply)>,
+}
+
+impl Reader {
+    fn start(state_dir: PathBuf, cfg: watch::Receiver<Arc<Config>>) -> Result<Reader> {
+        let (tx, mut rx) = mpsc::channel::<(ReadJob, ReadReply)>(64);
+        std::thread::Builder::new()
+            .name("port25-reader".into())
+            .spawn(move || {
+                let mut store = SqliteStore::open_read_only(&state_dir).ok();
+                while let Some((job, reply)) = rx.blocking_recv() {
+                    let r = (|| {
+                        if store.is_none() {
+                            store = Some(SqliteStore::open_read_only(&state_dir)?);
+                        }
+                        let tx = store.as_mut().expect("opened above").read()?;
+                        match job {
+                            ReadJob::Op(op) => {
+                                let cfg = cfg.borrow().clone();
+                                ops::read(&*tx, &cfg, op)
+                            }
+                            ReadJob::Suggest(name) => {
+                                Ok(json!(crate::registry::suggest(&*tx, &name)))
+                            }
+                        }
+                    })();
+                    let _ = reply.send(r);
+                }
+            })
+            .context("starting the reader thread")?;
+        Ok(Reader { tx })
+    }
+
+    async fn ask(&self, job: ReadJob) -> Result<serde_json::Value> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((job, reply))
+            .await
+            .map_err(|_| anyhow::anyhow!("the reader has stopped"))?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("the reader has stopped"))?
+    }
 }
 
 /// The desired map state from the config and a registry snapshot, with its per-user index.
@@ -219,6 +460,20 @@ fn lock_instance(socket: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
         anyhow::anyhow!(
             "another port25 daemon holds {} ({e}); stop it first",
             path.display()
+        )
+    })
+}
+
+/// Takes an exclusive lock on the pin directory itself: whatever socket or path spelling
+/// another daemon (or an offline `detach`) uses, the same pin tree is the same inode.
+pub fn lock_pins(pins: &Pins) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let dir = std::fs::File::open(&pins.root)
+        .with_context(|| format!("opening the pin directory {}", pins.root.display()))?;
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "another port25 daemon holds the pin directory {} ({e}): two daemons on one pin \
+             tree would overwrite each other's maps and links; stop it first",
+            pins.root.display()
         )
     })
 }
@@ -283,10 +538,12 @@ fn actor(uid: u32, on_behalf_of: Option<String>) -> Actor {
     }
 }
 
-/// One client connection: credentials, framing and limits here; execution in the writer.
+/// One client connection: credentials, framing and limits here; changes run in the writer,
+/// reads in the reader.
 async fn connection(
     mut s: UnixStream,
     jobs: mpsc::Sender<Job>,
+    reader: Reader,
     read_gid: Option<nix::unistd::Gid>,
 ) {
     let Ok(cred) = s.peer_cred() else { return };
@@ -295,37 +552,77 @@ async fn connection(
             uid = cred.uid(),
             "refused a control connection from a peer that is not allowed"
         );
-        let _ = write(&mut s, &Response::err("permission denied: root only")).await;
+        write(&mut s, &Response::err("permission denied: root only")).await;
         return;
     };
-    let req = match read_request(&mut s).await {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = write(&mut s, &Response::err(format!("{e:#}"))).await;
+    let req = match tokio::time::timeout(limits::REQUEST_DEADLINE, read_request(&mut s)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            write(&mut s, &Response::err(format!("{e:#}"))).await;
+            return;
+        }
+        Err(_) => {
+            let secs = limits::REQUEST_DEADLINE.as_secs();
+            write(
+                &mut s,
+                &Response::err(format!(
+                    "timed out: a request must arrive whole within {secs} s"
+                )),
+            )
+            .await;
             return;
         }
     };
     if matches!(role, Role::ReadOnly) && !req.op.read_only() {
         warn!(uid = cred.uid(), "refused a change from a read-only peer");
-        let _ = write(
+        write(
             &mut s,
             &Response::err("permission denied: the read-only group may not change anything"),
         )
         .await;
         return;
     }
+    if req.op.read_only() && !matches!(req.op, Op::Info) {
+        let resp = match reader.ask(ReadJob::Op(req.op)).await {
+            Ok(v) => Response::ok(v),
+            Err(e) => explained(e, &reader).await,
+        };
+        write(&mut s, &resp).await;
+        return;
+    }
     let actor = actor(cred.uid(), req.on_behalf_of.clone());
     let (reply, answer) = oneshot::channel();
     if jobs.send(Job { req, actor, reply }).await.is_err() {
-        let _ = write(&mut s, &Response::err("the daemon is shutting down")).await;
+        write(&mut s, &Response::err("the daemon is shutting down")).await;
         return;
     }
     if let Ok((resp, written)) = answer.await {
-        let _ = write(&mut s, &resp).await;
+        let resp = match resp {
+            Reply::Done(r) => r,
+            Reply::Failed(e) => explained(e, &reader).await,
+        };
+        write(&mut s, &resp).await;
         if let Some(w) = written {
             let _ = w.send(());
         }
     }
+}
+
+/// An error answer; an unknown user gets the close names, looked up off the writer.
+async fn explained(e: anyhow::Error, reader: &Reader) -> Response {
+    let msg = format!("{e:#}");
+    let Some(unknown) = e.downcast_ref::<crate::registry::UnknownUser>() else {
+        return Response::err(msg);
+    };
+    let close: Vec<String> = match reader.ask(ReadJob::Suggest(unknown.name.clone())).await {
+        Ok(v) => serde_json::from_value(v).unwrap_or_default(),
+        Err(_) => vec![],
+    };
+    Response::err(crate::registry::with_suggestions(
+        &msg,
+        &unknown.name,
+        &close,
+    ))
 }
 
 impl Daemon {
@@ -340,7 +637,9 @@ impl Daemon {
         })
     }
 
-    /// Everything is validated before the first change; a refused reload changes nothing.
+    /// A reload applies whole or not at all: everything that can be checked is checked
+    /// first; new attachments are made while the maps still hold the old policy, and taken
+    /// back if a later step fails; the maps are restored if writing them fails.
     fn reload(&mut self) -> Result<serde_json::Value> {
         let new = Config::load(&self.config_path)?;
         if new.pin_dir != self.cfg.pin_dir
@@ -352,25 +651,89 @@ impl Daemon {
         }
         datapath::check_pinned_layouts(&self.pins, &new.limits)?;
         for i in &new.interfaces {
-            datapath::link_is_ethernet(&i.name)?;
+            datapath::preflight(i)?;
         }
         let (index, want) = desired(&new, &mut self.store, &self.clock)?;
         policy::check_fits(&self.live, &want)?;
-        let applied = policy::apply(&mut self.live, &want)?;
+        let old_points: Vec<String> = self
+            .cfg
+            .interfaces
+            .iter()
+            .map(|i| i.attach_point())
+            .collect();
+        let mut added = Vec::new();
+        for iface in &new.interfaces {
+            let point = iface.attach_point();
+            match datapath::attach(&mut self.ebpf, &self.pins, iface) {
+                Ok(datapath::Attached::Swapped) => {}
+                Ok(_) if old_points.contains(&point) => {}
+                Ok(_) => added.push(point),
+                Err(e) => {
+                    self.take_back(&added);
+                    return Err(e.context(format!("attaching {point}")));
+                }
+            }
+        }
+        let applied = match policy::apply(&mut self.live, &want) {
+            Ok(a) => a,
+            Err(e) => {
+                if let Err(e2) = policy::apply(&mut self.live, &self.applied) {
+                    error!("restoring the maps after a refused reload failed, reconciling: {e2:#}");
+                    self.dirty = true;
+                }
+                self.take_back(&added);
+                return Err(e);
+            }
+        };
         self.applied = want;
         self.index = index;
-        for iface in &new.interfaces {
-            datapath::attach(&mut self.ebpf, &self.pins, iface)?;
-        }
         let detached = datapath::detach_stale(&self.pins, &new)?;
         self.cfg = new;
-        info!(writes = applied.writes, ?detached, "reloaded");
-        Ok(json!({ "writes": applied.writes, "detached": detached }))
+        self.cfg_tx.send_replace(Arc::new(self.cfg.clone()));
+        info!(writes = applied.writes, ?added, ?detached, "reloaded");
+        Ok(json!({ "writes": applied.writes, "attached": added, "detached": detached }))
+    }
+
+    /// Removes the attachments a refused reload made.
+    fn take_back(&mut self, points: &[String]) {
+        for p in points {
+            if let Err(e) = datapath::unpin(&self.pins, p) {
+                error!("taking back {p} after a refused reload: {e:#}");
+            }
+        }
+    }
+
+    /// Every configured attachment alive and on its interface: one whose interface was
+    /// deleted (and perhaps re-created) or whose pin was lost is attached again.
+    fn repair_links(&mut self) {
+        for iface in &self.cfg.interfaces {
+            let Some(problem) = datapath::link_problem(&self.pins, iface) else {
+                continue;
+            };
+            let point = iface.attach_point();
+            match datapath::attach(&mut self.ebpf, &self.pins, iface) {
+                Ok(how) => {
+                    self.link_errors.remove(&point);
+                    warn!(%point, %problem, ?how, "attachment repaired");
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if self.link_errors.get(&point) != Some(&msg) {
+                        error!(
+                            %point, %problem,
+                            "cannot attach, port 25 is not blocked there until it can: {msg}"
+                        );
+                        self.link_errors.insert(point, msg);
+                    }
+                }
+            }
+        }
     }
 
     /// Full comparison of maps and registry: repairs drift and drops what has expired.
     fn reconcile(&mut self) {
         self.reconciles += 1;
+        self.repair_links();
         if self.clock.resync() {
             warn!("the wall clock stepped: kernel expiry times are recomputed");
         }
@@ -440,7 +803,7 @@ impl Daemon {
         self.dirty = true;
     }
 
-    fn execute(&mut self, req: Request, actor: &Actor) -> (Response, bool) {
+    fn execute(&mut self, req: Request, actor: &Actor) -> (Reply, bool) {
         let op_name = format!("{:?}", req.op)
             .split([' ', '{', '('])
             .next()
@@ -448,28 +811,68 @@ impl Daemon {
             .to_string();
         let exit = matches!(req.op, Op::Detach);
         match ops::run(self, req.op, actor) {
-            Ok(v) => (Response::ok(v), exit),
+            Ok(v) => (Reply::Done(Response::ok(v)), exit),
             Err(e) => {
                 warn!(op = %op_name, %actor, "refused: {e:#}");
-                (Response::err(format!("{e:#}")), false)
+                (Reply::Failed(e), false)
             }
         }
     }
 }
 
+/// Reads one request; the body buffer grows as bytes arrive, so a length header alone
+/// reserves nothing. The caller bounds the time.
 async fn read_request(s: &mut UnixStream) -> Result<proto::Request> {
     let mut header = [0u8; 4];
-    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut header))
+    s.read_exact(&mut header)
         .await
-        .context("timed out")??;
-    let mut body = vec![0u8; proto::frame_len(header)?];
-    tokio::time::timeout(std::time::Duration::from_secs(30), s.read_exact(&mut body))
-        .await
-        .context("timed out")??;
+        .context("reading the request header")?;
+    let len = proto::frame_len(header)?;
+    let mut body = Vec::with_capacity(len.min(limits::INITIAL_BODY));
+    let got = (&mut *s).take(len as u64).read_to_end(&mut body).await?;
+    if got != len {
+        bail!("the request ended after {got} of its {len} bytes");
+    }
     proto::decode_request(&body)
 }
 
-async fn write(s: &mut UnixStream, r: &Response) -> Result<()> {
-    s.write_all(&proto::encode(r)?).await?;
-    Ok(())
+/// The frame for an answer; one over the size limit becomes an error that says so, never
+/// silence.
+fn answer_frame(r: &Response) -> Vec<u8> {
+    match proto::encode(r) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!("an answer was too large to send: {e:#}");
+            proto::encode(&Response::err(format!(
+                "the answer is too large to send ({e:#}); ask for less (e.g. `audit --limit`)"
+            )))
+            .expect("a short error fits")
+        }
+    }
+}
+
+/// Writes an answer within [`limits::WRITE_DEADLINE`]; a client that does not read it is
+/// dropped.
+async fn write(s: &mut UnixStream, r: &Response) {
+    let frame = answer_frame(r);
+    match tokio::time::timeout(limits::WRITE_DEADLINE, s.write_all(&frame)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!("writing an answer: {e}"),
+        Err(_) => warn!("a client did not read its answer in time; dropped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_over_the_limit_becomes_an_error() {
+        let big = "x".repeat(proto::MAX_FRAME + 1);
+        let frame = answer_frame(&Response::ok(json!({ "records": big })));
+        let len = proto::frame_len(frame[..4].try_into().unwrap()).unwrap();
+        let r: Response = serde_json::from_slice(&frame[4..4 + len]).unwrap();
+        assert!(!r.ok);
+        assert!(r.error.unwrap().contains("too large"));
+    }
 }

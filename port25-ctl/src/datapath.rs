@@ -245,15 +245,73 @@ pub enum Attached {
     New,
     /// A pinned link found and its program swapped atomically.
     Swapped,
+    /// The pinned link was dead (its interface was deleted, perhaps re-created under the same
+    /// name): it was unpinned and a new link attached and pinned in its place.
+    Replaced,
 }
 
-/// Attaches to one interface, adopting a pinned link if there is one.
+/// Why a pinned link does not enforce on the interface the config names; None when it does.
+pub fn link_problem(pins: &Pins, iface: &Interface) -> Option<String> {
+    let info = match crate::linkinfo::read(&pins.link(&iface.attach_point())) {
+        Ok(i) => i,
+        Err(_) => return Some("no pinned link".into()),
+    };
+    let want = crate::linkinfo::ifindex(&iface.name);
+    if want == 0 {
+        Some("interface not found in this network namespace".into())
+    } else if info.ifindex == 0 {
+        Some(format!(
+            "the pinned link is defunct (its interface went away); {} is now ifindex {want}",
+            iface.name
+        ))
+    } else if info.ifindex != want {
+        Some(format!(
+            "link is on ifindex {} but {} is ifindex {want}",
+            info.ifindex, iface.name
+        ))
+    } else {
+        None
+    }
+}
+
+/// What can be known before attaching: the interface exists here and suits the hook.
+pub fn preflight(iface: &Interface) -> Result<()> {
+    let ethernet = link_is_ethernet(&iface.name)?;
+    if iface.hook == Hook::Xdp && !ethernet {
+        bail!("{}: XDP needs an Ethernet device; use hook: tc", iface.name);
+    }
+    Ok(())
+}
+
+/// Unpins one attach point's link (detaching it unless something else holds it).
+pub fn unpin(pins: &Pins, point: &str) -> Result<()> {
+    let path = pins.link(point);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("unpinning link {point}"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Attaches to one interface, adopting a pinned link if it is alive and on that interface,
+/// replacing it otherwise (a swap into a dead link would "succeed" and enforce nothing).
 pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attached> {
-    let path = pins.link(&iface.attach_point());
+    let point = iface.attach_point();
+    let path = pins.link(&point);
+    preflight(iface)?;
+    let mut replaced = false;
     let pinned = if path.exists() {
-        let link = PinnedLink::from_pin(&path)
-            .with_context(|| format!("opening pinned link {}", path.display()))?;
-        Some(FdLink::from(link))
+        if let Some(problem) = link_problem(pins, iface) {
+            tracing::warn!(%point, %problem, "replacing the pinned link");
+            unpin(pins, &point)?;
+            replaced = true;
+            None
+        } else {
+            let link = PinnedLink::from_pin(&path)
+                .with_context(|| format!("opening pinned link {}", path.display()))?;
+            Some(FdLink::from(link))
+        }
     } else {
         None
     };
@@ -292,7 +350,11 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attache
                     })?;
                     fd.pin(&path)
                         .with_context(|| format!("pinning {}", path.display()))?;
-                    Attached::New
+                    if replaced {
+                        Attached::Replaced
+                    } else {
+                        Attached::New
+                    }
                 }
             }
         }
@@ -327,7 +389,11 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attache
                     })?;
                     fd.pin(&path)
                         .with_context(|| format!("pinning {}", path.display()))?;
-                    Attached::New
+                    if replaced {
+                        Attached::Replaced
+                    } else {
+                        Attached::New
+                    }
                 }
             }
         }
@@ -341,8 +407,7 @@ pub fn detach_stale(pins: &Pins, cfg: &Config) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for point in pins.pinned_links() {
         if !wanted.contains(&point) {
-            std::fs::remove_file(pins.link(&point))
-                .with_context(|| format!("unpinning link {point}"))?;
+            unpin(pins, &point)?;
             removed.push(point);
         }
     }

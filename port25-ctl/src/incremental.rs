@@ -9,7 +9,9 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use port25_common::maps::{Exempt, NetKey6, MAX_SESSION_PREFIX_LENS, ORIGIN_SESSION};
+use port25_common::maps::{
+    Exempt, NetKey6, MAX_SESSION_PREFIX_LENS, ORIGIN_BINDING, ORIGIN_SESSION,
+};
 
 use crate::{
     net::Prefix,
@@ -71,17 +73,26 @@ impl Slot {
     }
 }
 
-/// Of two entries for one key, the one that lasts longer (0 = no expiry); on a tie the lower
-/// origin (config, then runtime, then session). Commutative, so the result never depends on
-/// the order sources are merged in.
+/// Of two entries for one key, the one that wins. A live session's entry beats any other
+/// (it decides for its address, DESIGN "Ownership"); of two sessions' (never expected: an
+/// address has one holder) the one that ends first, failing closed. Otherwise the one that
+/// lasts longer (0 = no expiry), on a tie the lower origin. Commutative, so the result never
+/// depends on the order sources are merged in.
 pub fn longer(a: Exempt, b: Exempt) -> Exempt {
-    let rank = |e: &Exempt| {
-        let until = if e.expires_ns == 0 {
+    let until = |e: &Exempt| {
+        if e.expires_ns == 0 {
             u64::MAX
         } else {
             e.expires_ns
-        };
-        (until, std::cmp::Reverse(e.origin))
+        }
+    };
+    let rank = |e: &Exempt| {
+        let u = until(e);
+        (
+            e.owns(),
+            if e.owns() { u64::MAX - u } else { u },
+            std::cmp::Reverse(e.origin),
+        )
     };
     if rank(&a) >= rank(&b) {
         a
@@ -90,8 +101,16 @@ pub fn longer(a: Exempt, b: Exempt) -> Exempt {
     }
 }
 
-/// What a user puts in the maps: nothing unless unblocked now; else every live session
-/// address and prefix and every static binding, with the unblock's expiry.
+/// What a user puts in the maps. Every live session address and prefix, whatever the
+/// policy, as an owner entry: with the unblock's expiry while unblocked, already expired
+/// (= block) otherwise, so that no other user's wider prefix exempts it. Static bindings
+/// only while unblocked.
+///
+/// Why entries for blocked sessions rather than refusing overlaps at write time: a session
+/// comes from the access server and cannot be refused (the address is in use either way),
+/// and a stale delegated prefix is exactly the overlap nobody wrote on purpose. The most
+/// specific owner deciding in the datapath covers every order of events; it costs one map
+/// entry per live session address instead of per unblocked one.
 pub fn user_slots(
     user: Option<&User>,
     sessions: &[Session],
@@ -99,27 +118,41 @@ pub fn user_slots(
     now_wall: jiff::Timestamp,
     now_boot: u64,
 ) -> Vec<(Slot, Exempt)> {
-    let Some(u) = user.filter(|u| u.unblocked_at(now_wall)) else {
+    let Some(u) = user else {
         return vec![];
     };
-    let Some(expires_ns) = expiry_ns(u.until, now_wall, now_boot) else {
-        return vec![];
+    let expires_ns = if u.unblocked_at(now_wall) {
+        expiry_ns(u.until, now_wall, now_boot)
+    } else {
+        None
     };
-    let v = Exempt {
-        expires_ns,
+    let owner = Exempt {
+        // 1 ns after boot: expired at any time the datapath reads it.
+        expires_ns: expires_ns.unwrap_or(BLOCKED_NS),
         origin: ORIGIN_SESSION,
         _pad: 0,
     };
     let mut out: BTreeMap<Slot, Exempt> = BTreeMap::new();
-    let all = sessions
-        .iter()
-        .flat_map(|s| s.addrs.iter().map(|p| Slot::of(p, true)))
-        .chain(bindings.iter().map(|p| Slot::of(p, false)));
-    for slot in all {
-        out.insert(slot, v);
+    for p in sessions.iter().flat_map(|s| s.addrs.iter()) {
+        out.insert(Slot::of(p, true), owner);
+    }
+    if let Some(expires_ns) = expires_ns {
+        let v = Exempt {
+            expires_ns,
+            origin: ORIGIN_BINDING,
+            _pad: 0,
+        };
+        for p in bindings {
+            let slot = Slot::of(p, false);
+            let e = out.entry(slot).or_insert(v);
+            *e = longer(*e, v);
+        }
     }
     out.into_iter().collect()
 }
+
+/// The expiry of a blocked user's session entries: over since boot.
+pub const BLOCKED_NS: u64 = 1;
 
 /// The new entries of every user a recorded transaction touched.
 pub fn changed_users(
@@ -332,7 +365,7 @@ impl Index {
 fn check_lens(lens: &BTreeSet<u8>) -> Result<()> {
     if lens.len() > MAX_SESSION_PREFIX_LENS {
         bail!(
-            "unblocked sessions would use {} distinct IPv6 prefix lengths ({:?}); the datapath probes at most {MAX_SESSION_PREFIX_LENS}",
+            "live sessions would use {} distinct IPv6 prefix lengths ({:?}); the datapath probes at most {MAX_SESSION_PREFIX_LENS}",
             lens.len(),
             lens
         );

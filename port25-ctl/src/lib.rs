@@ -4,6 +4,7 @@ pub mod cli_parse;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod detached;
 pub mod incremental;
 pub mod linkinfo;
 pub mod livemaps;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use port25_ctl::{
     cli_parse,
     config::{Config, DEFAULT_CONFIG},
-    daemon, datapath,
+    daemon, datapath, detached,
     net::{parse_addr, Prefix},
     pins::Pins,
     proto::{self, DaemonDown, Op},
@@ -34,7 +34,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Verb {
     /// Load, pin and attach the programs, apply the policy, serve the control socket.
-    Daemon,
+    /// Refuses to start (exit 10) after `detach` until started with `--attach`.
+    Daemon {
+        /// Start enforcing although an operator detached, and lift the detach marker.
+        #[arg(long)]
+        attach: bool,
+    },
     /// Re-read the config; a bad file leaves the running policy untouched.
     Reload,
     /// Attachments, program ids, map fill levels and counters (works with the daemon down).
@@ -47,10 +52,14 @@ enum Verb {
         #[arg(long, default_value_t = 25)]
         port: u16,
     },
-    /// Remove the programs and every pin: port 25 is no longer blocked.
+    /// Remove the programs and every pin: port 25 is no longer blocked. Durable: later
+    /// daemon starts refuse to attach until `attach` (or `daemon --attach`).
     Detach,
+    /// Lift a detach: the next daemon start attaches again (then start the service).
+    Attach,
     /// Reopen port 25 for a user (their live and future sessions' addresses).
     Unblock {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         /// A timed unblock, e.g. 90m (POP-before-SMTP), 2d. Never shortens a longer one.
         #[arg(long = "for", value_name = "DURATION", value_parser = cli_parse::duration_secs, conflicts_with = "until")]
@@ -67,6 +76,7 @@ enum Verb {
     },
     /// Close port 25 for a user again, at once, live sessions included.
     Block {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         #[arg(long)]
         reason: Option<String>,
@@ -102,7 +112,10 @@ enum Verb {
 #[derive(Subcommand)]
 enum UserVerb {
     /// Policy, time left, live sessions and addresses, recent audit.
-    Show { user: String },
+    Show {
+        #[arg(value_parser = cli_parse::user_name)]
+        user: String,
+    },
     /// All users, or only the unblocked or the expiring (timed) ones.
     List {
         #[arg(long)]
@@ -111,17 +124,25 @@ enum UserVerb {
         expiring: bool,
     },
     /// Register a user (blocked).
-    Add { user: String },
+    Add {
+        #[arg(value_parser = cli_parse::user_name)]
+        user: String,
+    },
     /// Forget a user, their sessions and bindings.
-    Remove { user: String },
+    Remove {
+        #[arg(value_parser = cli_parse::user_name)]
+        user: String,
+    },
     /// Bind a static prefix to a user (business customers): exempt while the user is unblocked.
     Bind {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         #[arg(value_parser = cli_parse::prefix)]
         prefix: Prefix,
     },
     /// Remove a static binding.
     Unbind {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         #[arg(value_parser = cli_parse::prefix)]
         prefix: Prefix,
@@ -132,6 +153,7 @@ enum UserVerb {
 enum SessionVerb {
     /// A session came up: its IPv4 address and IPv6 prefixes (framed /64, delegated /56).
     Up {
+        #[arg(value_parser = cli_parse::user_name)]
         user: String,
         #[arg(required = true, value_parser = cli_parse::prefix)]
         addrs: Vec<Prefix>,
@@ -146,13 +168,19 @@ enum SessionVerb {
     Down {
         #[arg(long, conflicts_with_all = ["user", "addr"])]
         id: Option<String>,
-        #[arg(requires = "addr")]
+        #[arg(requires = "addr", value_parser = cli_parse::user_name)]
         user: Option<String>,
         #[arg(value_parser = cli_parse::prefix)]
         addr: Option<Prefix>,
     },
     /// The full list of live sessions (`ID USER ADDR...` per line; `-` = stdin); others go.
-    Sync { file: PathBuf },
+    Sync {
+        file: PathBuf,
+        /// When the list was taken (RFC 3339, sub-second allowed): events after it are kept
+        /// over the list. Default: when this command started. At most an hour old.
+        #[arg(long, value_parser = cli_parse::timestamp)]
+        taken_at: Option<jiff::Timestamp>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -187,7 +215,13 @@ enum ExemptVerb {
     List,
 }
 
+/// When this command started: the default time of a `session sync` list (the list cannot
+/// know of events after it was handed to us).
+static STARTED: std::sync::LazyLock<jiff::Timestamp> =
+    std::sync::LazyLock::new(jiff::Timestamp::now);
+
 fn main() -> ExitCode {
+    std::sync::LazyLock::force(&STARTED);
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -200,6 +234,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("port25-ctl: error: {e:#}");
+            if e.downcast_ref::<detached::Detached>().is_some() {
+                // The unit's RestartPreventExitStatus: a detach is not undone by a restart.
+                return ExitCode::from(detached::EXIT_CODE);
+            }
             ExitCode::FAILURE
         }
     }
@@ -213,13 +251,22 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn run(cli: &Cli) -> Result<ExitCode> {
-    if let Verb::Daemon = cli.verb {
-        daemon::run(&cli.config)?;
+    if let Verb::Daemon { attach } = cli.verb {
+        daemon::run(&cli.config, attach)?;
         return Ok(ExitCode::SUCCESS);
     }
     let cfg = Config::load(&cli.config)?;
     match &cli.verb {
-        Verb::Daemon => unreachable!(),
+        Verb::Daemon { .. } => unreachable!(),
+        Verb::Attach => {
+            if detached::clear(&cfg.state_dir)? {
+                println!(
+                    "detach lifted: the next daemon start attaches (e.g. systemctl start port25)"
+                );
+            } else {
+                println!("not detached: nothing to lift");
+            }
+        }
         Verb::Reload => {
             let r = proto::call(&cfg.socket, Op::Reload, CALL_TIMEOUT)?;
             if !r.ok {
@@ -282,7 +329,18 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 Ok(r) if r.ok => r.data["detached"].clone(),
                 Ok(r) => bail!("detach failed: {}", r.error.unwrap_or_default()),
                 Err(e) if e.downcast_ref::<DaemonDown>().is_some() => {
-                    serde_json::to_value(datapath::detach_all(&Pins::new(&cfg.pin_dir))?)?
+                    let pins = Pins::new(&cfg.pin_dir);
+                    // A daemon on another socket may still own these pins: never pull them
+                    // from under it.
+                    let _lock = if pins.root.exists() {
+                        Some(daemon::lock_pins(&pins)?)
+                    } else {
+                        None
+                    };
+                    let by = std::env::var("SUDO_USER")
+                        .unwrap_or_else(|_| format!("uid{}", nix::unistd::getuid()));
+                    detached::mark(&cfg.state_dir, &format!("{by} (offline detach)"))?;
+                    serde_json::to_value(datapath::detach_all(&pins)?)?
                 }
                 Err(e) => return Err(e),
             };
@@ -371,7 +429,7 @@ fn to_op(verb: &Verb) -> Result<Op> {
                     addr: *addr,
                 }
             }
-            SessionVerb::Sync { file } => {
+            SessionVerb::Sync { file, taken_at } => {
                 let (text, origin) = if file.as_os_str() == "-" {
                     let mut t = String::new();
                     std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
@@ -385,6 +443,7 @@ fn to_op(verb: &Verb) -> Result<Op> {
                 };
                 Op::SessionSync {
                     sessions: cli_parse::session_list(&text, &origin)?,
+                    taken_at: Some(taken_at.unwrap_or(*STARTED)),
                 }
             }
         },
@@ -427,7 +486,12 @@ fn to_op(verb: &Verb) -> Result<Op> {
             since: *since,
             limit: *limit,
         },
-        Verb::Daemon | Verb::Reload | Verb::Status | Verb::Check { .. } | Verb::Detach => {
+        Verb::Daemon { .. }
+        | Verb::Reload
+        | Verb::Status
+        | Verb::Check { .. }
+        | Verb::Detach
+        | Verb::Attach => {
             unreachable!("handled above")
         }
     })

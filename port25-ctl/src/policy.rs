@@ -578,11 +578,20 @@ mod tests {
         };
         let d = Desired::build(&cfg, &snap, now, boot).unwrap();
         let ip4 = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap().octets();
+        fn live<K>(t: &BTreeMap<K, Exempt>, boot: u64) -> usize {
+            t.values().filter(|e| e.live(boot)).count()
+        }
         assert_eq!(
-            d.exip4.len(),
+            live(&d.exip4, boot),
             2,
             "alice and dave; bob blocked, carol's unblock over"
         );
+        assert_eq!(
+            d.exip4[&ip4("100.64.0.3")].expires_ns,
+            crate::incremental::BLOCKED_NS,
+            "bob's address is there, blocking: no wider prefix may exempt it"
+        );
+        assert_eq!(d.exip4.len(), 4);
         assert_eq!(
             d.exip4[&ip4("100.64.0.2")].expires_ns,
             0,
@@ -593,7 +602,8 @@ mod tests {
             boot + 3600 * 1_000_000_000
         );
         assert_eq!(d.exip6.len(), 1, "dave's /128");
-        assert_eq!(d.exnet6.len(), 2, "alice's /56 and /64");
+        assert_eq!(live(&d.exnet6, boot), 2, "alice's /56 and /64");
+        assert_eq!(d.exnet6.len(), 3, "and bob's /56, blocking");
         assert_eq!(d.settings.session_prefix_count, 2);
         assert_eq!(
             &d.settings.session_prefix_lens[..2],

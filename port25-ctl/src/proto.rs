@@ -105,6 +105,9 @@ pub enum Op {
     },
     SessionSync {
         sessions: Vec<SyncSession>,
+        /// When the list was taken; events after it win over the list. Default: now.
+        #[serde(default)]
+        taken_at: Option<Timestamp>,
     },
     EntryAdd {
         kind: EntryKind,

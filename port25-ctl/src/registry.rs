@@ -33,17 +33,43 @@ impl std::fmt::Display for Actor {
 }
 
 /// Usernames as RADIUS and PPP carry them: `alice`, `alice@realm`, `0123456789`.
+///
+/// A name reaches port25 through shell hooks, `accel-cmd` tables and sync lists, where
+/// whitespace, control characters or a leading `-`/`#` would turn part of it into an option,
+/// an address or a comment; and a bidi or zero-width character shows a helpdesk another
+/// name than the one stored. All of them are refused wherever a name enters (CLI, socket,
+/// sync), so a name is always one plain word.
 pub fn check_user_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 253 {
-        bail!("a user name must be 1 to 253 characters");
+        bail!("a user name must be 1 to 253 bytes");
     }
-    if name.starts_with('-') || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if let Some(c) = name.chars().find(|c| hidden_char(*c)) {
         bail!(
-            "`{}` is not a valid user name (no spaces, control characters or leading -)",
+            "`{}` is not a valid user name: it holds {} (U+{:04X}); no spaces, control, bidi or zero-width characters",
+            name.escape_debug(),
+            if c.is_whitespace() { "a space" } else { "an invisible character" },
+            c as u32
+        );
+    }
+    if name.starts_with('-') || name.starts_with('#') {
+        bail!(
+            "`{}` is not a valid user name: it must not start with `-` or `#`",
             name.escape_debug()
         );
     }
     Ok(())
+}
+
+/// Whitespace, control (Cc), format (Cf: bidi controls, zero-width characters, the BOM)
+/// and other characters that render as nothing.
+fn hidden_char(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(c as u32,
+            0x00AD | 0x034F | 0x061C | 0x115F | 0x1160 | 0x17B4 | 0x17B5 | 0x180B..=0x180F
+            | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F | 0x3164 | 0xFE00..=0xFE0F
+            | 0xFEFF | 0xFFA0 | 0xFFF0..=0xFFFB | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A
+            | 0xE0000..=0xE0FFF)
 }
 
 fn check_text(what: &str, s: &Option<String>) -> Result<()> {
@@ -87,8 +113,21 @@ fn describe(u: &User, now: Timestamp) -> String {
     }
 }
 
-/// An unknown user, with the known names that look closest.
-pub fn unknown_user(tx: &dyn Tx, name: &str) -> anyhow::Error {
+/// A user the registry does not know. Raised on the single writer, so it carries no
+/// suggestions (finding close names reads every user): the daemon adds them off the writer
+/// with [`suggest`].
+#[derive(Debug, thiserror::Error)]
+#[error("unknown user `{name}` (`--new` registers a new user)")]
+pub struct UnknownUser {
+    pub name: String,
+}
+
+pub fn unknown_user(_tx: &dyn Tx, name: &str) -> anyhow::Error {
+    UnknownUser { name: name.into() }.into()
+}
+
+/// The known names closest to `name`, best first (at most three).
+pub fn suggest(tx: &dyn Tx, name: &str) -> Vec<String> {
     let mut close: Vec<(f64, String)> = tx
         .users()
         .unwrap_or_default()
@@ -97,13 +136,20 @@ pub fn unknown_user(tx: &dyn Tx, name: &str) -> anyhow::Error {
         .filter(|(s, _)| *s > 0.8)
         .collect();
     close.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let hint = if close.is_empty() {
-        String::new()
-    } else {
-        let names: Vec<_> = close.into_iter().take(3).map(|(_, n)| n).collect();
-        format!("; did you mean {}?", names.join(", "))
-    };
-    anyhow::anyhow!("unknown user `{name}`{hint} (`--new` registers a new user)")
+    close.into_iter().take(3).map(|(_, n)| n).collect()
+}
+
+/// An error message with the suggestions for an unknown user spliced in.
+pub fn with_suggestions(msg: &str, name: &str, close: &[String]) -> String {
+    if close.is_empty() {
+        return msg.to_string();
+    }
+    let head = format!("unknown user `{name}`");
+    msg.replacen(
+        &head,
+        &format!("{head}; did you mean {}?", close.join(", ")),
+        1,
+    )
 }
 
 fn get_user(tx: &dyn Tx, name: &str) -> Result<User> {
@@ -272,6 +318,7 @@ pub fn user_remove(tx: &mut dyn Tx, actor: &Actor, name: &str, now: Timestamp) -
     let sessions = tx.sessions_of(name)?;
     for s in &sessions {
         tx.delete_session(&s.id)?;
+        tx.put_event(&s.id, now)?;
     }
     tx.delete_user(name)?;
     audit(
@@ -334,6 +381,21 @@ pub fn session_up(
     source: &str,
     now: Timestamp,
 ) -> Result<SessionUpOutcome> {
+    session_up_at(tx, actor, user, id, addrs, source, now, now)
+}
+
+/// As [`session_up`], for an event that happened at `event` (a sync's snapshot time).
+#[allow(clippy::too_many_arguments)]
+fn session_up_at(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    user: &str,
+    id: Option<&str>,
+    addrs: Vec<Prefix>,
+    source: &str,
+    now: Timestamp,
+    event: Timestamp,
+) -> Result<SessionUpOutcome> {
     check_user_name(user)?;
     let id = match id {
         Some(id) => id.to_string(),
@@ -375,6 +437,7 @@ pub fn session_up(
             } else {
                 tx.put_session(&other)?;
             }
+            tx.put_event(&other.id, event)?;
             audit(
                 tx,
                 actor,
@@ -395,6 +458,7 @@ pub fn session_up(
         source: source.into(),
     };
     tx.put_session(&s)?;
+    tx.put_event(&id, event)?;
     audit(
         tx,
         actor,
@@ -423,6 +487,7 @@ pub fn session_down_id(
         bail!("no live session with id `{id}` (already down, or its addresses were taken over)");
     };
     tx.delete_session(id)?;
+    tx.put_event(id, now)?;
     audit(
         tx,
         actor,
@@ -469,15 +534,37 @@ pub struct SyncOutcome {
     pub changed: usize,
     pub removed: usize,
     pub unchanged: usize,
+    /// Sessions and addresses left alone because an event newer than the snapshot touched
+    /// them (the list could not know of it).
+    #[serde(default)]
+    pub newer: usize,
 }
 
-/// `session sync`: the full list of live sessions; the registry is made equal to it.
+/// How old a `session sync` snapshot may be: session event times are kept this long, so a
+/// younger snapshot is always compared with every event that happened after it.
+pub const SYNC_HORIZON: jiff::SignedDuration = jiff::SignedDuration::from_hours(1);
+
+/// `session sync`: the full list of live sessions as the access server saw it at
+/// `taken_at` (default `now`); the registry is made equal to it, except where an event newer
+/// than the snapshot touched a session (its id) or took an address: those stay as the event
+/// left them, so an older list never restores a moved address's old owner or deletes its
+/// new one.
 pub fn session_sync(
     tx: &mut dyn Tx,
     actor: &Actor,
     list: Vec<SyncSession>,
+    taken_at: Option<Timestamp>,
     now: Timestamp,
 ) -> Result<SyncOutcome> {
+    let taken = taken_at.unwrap_or(now);
+    if taken > now {
+        bail!("the snapshot's time {taken} is in the future (now {now}); nothing was changed");
+    }
+    if taken < now - SYNC_HORIZON {
+        bail!(
+            "the snapshot was taken at {taken}, more than an hour ago: take a new one (nothing was changed)"
+        );
+    }
     let mut ids = BTreeSet::new();
     let mut addrs = BTreeSet::new();
     for s in &list {
@@ -492,53 +579,65 @@ pub fn session_sync(
             }
         }
     }
+    tx.prune_events(now - SYNC_HORIZON)?;
+    let newer = |tx: &dyn Tx, id: &str| -> Result<bool> {
+        Ok(tx.last_event(id)?.is_some_and(|t| t > taken))
+    };
     let mut out = SyncOutcome::default();
     // Gone or changed sessions leave first, so the new list's addresses are free to take.
     for old in tx.sessions()? {
-        match list.iter().find(|s| s.id == old.id) {
-            Some(s) if s.user == old.user && s.addrs == old.addrs => out.unchanged += 1,
-            Some(_) => {
-                tx.delete_session(&old.id)?;
-                audit(
-                    tx,
-                    actor,
-                    now,
-                    "session.down",
-                    &old.user,
-                    Some(format!(
-                        "{}: {} (sync: changed)",
-                        old.id,
-                        fmt_addrs(&old.addrs)
-                    )),
-                    None,
-                    None,
-                )?;
-                out.changed += 1;
-            }
-            None => {
-                tx.delete_session(&old.id)?;
-                audit(
-                    tx,
-                    actor,
-                    now,
-                    "session.down",
-                    &old.user,
-                    Some(format!("{}: {} (sync)", old.id, fmt_addrs(&old.addrs))),
-                    None,
-                    None,
-                )?;
-                out.removed += 1;
-            }
+        if newer(tx, &old.id)? {
+            out.newer += 1;
+            continue;
         }
+        let (what, count) = match list.iter().find(|s| s.id == old.id) {
+            Some(s) if s.user == old.user && s.addrs == old.addrs => {
+                out.unchanged += 1;
+                continue;
+            }
+            Some(_) => ("sync: changed", &mut out.changed),
+            None => ("sync", &mut out.removed),
+        };
+        *count += 1;
+        tx.delete_session(&old.id)?;
+        tx.put_event(&old.id, taken)?;
+        audit(
+            tx,
+            actor,
+            now,
+            "session.down",
+            &old.user,
+            Some(format!("{}: {} ({what})", old.id, fmt_addrs(&old.addrs))),
+            None,
+            None,
+        )?;
     }
-    for s in list {
+    for mut s in list {
         if tx.session(&s.id)?.is_some() {
             continue;
         }
-        session_up(tx, actor, &s.user, Some(&s.id), s.addrs, "sync", now)?;
+        if newer(tx, &s.id)? {
+            out.newer += 1;
+            continue;
+        }
+        // An address a newer event gave to another session stays there.
+        let before = s.addrs.len();
+        let mut keep = Vec::with_capacity(before);
+        for p in s.addrs {
+            match tx.session_holding(&p)? {
+                Some(h) if newer(tx, &h.id)? => {}
+                _ => keep.push(p),
+            }
+        }
+        s.addrs = keep;
+        out.newer += before - s.addrs.len();
+        if s.addrs.is_empty() {
+            continue;
+        }
+        session_up_at(tx, actor, &s.user, Some(&s.id), s.addrs, "sync", now, taken)?;
         out.added += 1;
     }
-    out.added -= out.changed;
+    out.added -= out.changed.min(out.added);
     Ok(out)
 }
 

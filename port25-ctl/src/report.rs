@@ -45,6 +45,8 @@ pub struct Status {
     pub counters: Vec<(String, u64)>,
     /// Users and sessions in the registry (None before any daemon created it).
     pub registry: Option<crate::store::sqlite::Counts>,
+    /// Detached on purpose (who, when): daemon starts refuse to attach until `attach`.
+    pub detached: Option<serde_json::Value>,
 }
 
 impl Status {
@@ -120,6 +122,7 @@ pub fn status(cfg: &Config, daemon: Option<serde_json::Value>) -> Result<Status>
         .and_then(|s| s.counts(jiff::Timestamp::now()))
         .ok();
     Ok(Status {
+        detached: crate::detached::read(&cfg.state_dir),
         registry,
         daemon,
         pin_dir: pins.root.display().to_string(),
@@ -138,6 +141,13 @@ pub fn print_status(s: &Status) {
             d["pid"], d["uptime_s"], d["reconciles"], d["drift_repaired"]
         ),
         None => println!("daemon:     DOWN (enforcement continues from the pins; figures below are read from them)"),
+    }
+    if let Some(d) = &s.detached {
+        println!(
+            "detached:   on purpose by {} at {}: starts refuse to attach until `port25-ctl attach` (or `daemon --attach`)",
+            d["by"].as_str().unwrap_or("?"),
+            d["at"].as_str().unwrap_or("?")
+        );
     }
     println!(
         "pins:       {}{}",

@@ -153,11 +153,12 @@ pub fn human(verb: &Verb, d: &Value) {
             );
         }
         Verb::Session(SessionVerb::Sync { .. }) => println!(
-            "sync: {} added, {} changed, {} removed, {} unchanged",
+            "sync: {} added, {} changed, {} removed, {} unchanged, {} kept (newer events)",
             s(&d["added"]),
             s(&d["changed"]),
             s(&d["removed"]),
-            s(&d["unchanged"])
+            s(&d["unchanged"]),
+            s(&d["newer"])
         ),
         Verb::Server(ServerVerb::Add { prefix, .. }) => println!("mail server {prefix} added"),
         Verb::Exempt(ExemptVerb::Add { prefix, .. }) => println!("exempt {prefix} added"),

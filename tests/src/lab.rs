@@ -313,6 +313,15 @@ impl Lab {
 
     /// As [`Lab::try_start_daemon`], with extra environment for the daemon.
     pub fn try_start_daemon_env(&mut self, env: &[(&str, &str)]) -> Result<(), String> {
+        self.try_start_daemon_args(&["daemon"], env)
+    }
+
+    /// As [`Lab::try_start_daemon_env`], with the daemon's arguments (`daemon --attach`).
+    pub fn try_start_daemon_args(
+        &mut self,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -323,7 +332,7 @@ impl Lab {
             .arg(ctl_binary())
             .arg("--config")
             .arg(&self.config)
-            .arg("daemon")
+            .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)

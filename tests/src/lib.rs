@@ -2,6 +2,8 @@
 //! prebuilt, without cargo (`PORT25_CTL` names the controller binary).
 
 pub mod frame;
+pub mod fuzz;
+pub mod fuzzgen;
 pub mod lab;
 pub mod leakgen;
 pub mod sniff;

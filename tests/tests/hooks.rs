@@ -126,10 +126,11 @@ fn accel_ppp_hooks_and_sync() {
         2
     );
     // The delegated prefix arrives later; the periodic sync picks it up.
-    let accel_cmd = "ifname | username | ip | ip6 | ip6-dp\n\
-                     -------+----------+----+-----+-------\n\
-                     ppp7 | bob | 100.64.0.3 | 2001:db8:100:7::/64 | 2001:db8:1a1::/56\n\
-                     ppp9 | alice | 100.64.0.2 |  |\n";
+    // As accel-cmd prints it: cells padded to the column widths that the separator gives.
+    let accel_cmd = " ifname | username |     ip     |         ip6         |       ip6-dp\n\
+                     --------+----------+------------+---------------------+-------------------\n \
+                     ppp7   | bob      | 100.64.0.3 | 2001:db8:100:7::/64 | 2001:db8:1a1::/56\n \
+                     ppp9   | alice    | 100.64.0.2 |                     |\n";
     let o = run(
         &lab,
         "accel-ppp/port25-accel-sync",

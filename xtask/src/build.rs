@@ -113,11 +113,18 @@ fn is_root() -> Result<bool> {
     Ok(output(Command::new("id").arg("-u"))?.trim() == "0")
 }
 
-/// The namespace lab turns veth offloads off (see tests/src/lab.rs), which needs ethtool.
-pub fn ensure_lab_tools() -> Result<()> {
+/// BPF and network namespaces need root.
+pub fn ensure_root() -> Result<()> {
     if !is_root()? {
-        anyhow::bail!("the lab needs root (network namespaces, BPF)");
+        anyhow::bail!("this needs root (BPF, network namespaces)");
     }
+    Ok(())
+}
+
+/// The namespace lab turns veth offloads off (see tests/src/lab.rs), which needs ethtool; the
+/// leak fuzz counts on the far side with nft.
+pub fn ensure_lab_tools() -> Result<()> {
+    ensure_root()?;
     // (binary, Debian package): ethtool for the lab's veth offloads, nft for the leak fuzz's
     // far-side counter (the internet namespace's own kernel counts what got through).
     let missing: Vec<&str> = [("ethtool", "ethtool"), ("nft", "nftables")]

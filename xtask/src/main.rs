@@ -1,7 +1,9 @@
-//! `cargo xtask build | test | lab`: the project's own tooling, runnable on a fresh machine.
+//! `cargo xtask build | test | lab | bench | fuzz`: the project's own tooling, runnable on a
+//! fresh machine.
 
 mod bench;
 mod build;
+mod fuzz;
 mod lab;
 
 use anyhow::Result;
@@ -23,12 +25,32 @@ enum Cmd {
         args: Vec<String>,
     },
     /// A three-namespace lab with the real daemon: blocked and allowed connections, explained.
-    /// Speed and memory, as ratios against baselines measured in the same run (root).
-    Bench,
     Lab {
         /// Options for the lab: --hook xdp|xdp-generic|tc|tc-egress, --keep.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Speed and memory, as ratios against baselines measured in the same run (root).
+    Bench,
+    /// Differential fuzz: generated frames through every program (BPF_PROG_TEST_RUN) and the
+    /// reference model; fails on any mismatch or any blocked-port frame passed (root).
+    Fuzz {
+        /// How many frames.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// Seed to replay a run (random when absent; always printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Index of the first frame: `--seed S --skip I --frames 1` replays one frame.
+        #[arg(long, default_value_t = 0)]
+        skip: u64,
+        /// `classic` leaves out the PPP forms the parser is being taught (1-byte protocol,
+        /// multilink, VJ, compressed, MPLS); `all` includes them.
+        #[arg(long, default_value = "all", value_parser = ["all", "classic"])]
+        ppp_forms: String,
+        /// `reject` answers blocked segments with a TCP RST, as `action: reject` does.
+        #[arg(long, default_value = "drop", value_parser = ["drop", "reject"])]
+        action: String,
     },
 }
 
@@ -38,5 +60,21 @@ fn main() -> Result<()> {
         Cmd::Test { args } => build::test(&args),
         Cmd::Lab { args } => lab::run(&args),
         Cmd::Bench => bench::run(),
+        Cmd::Fuzz {
+            frames,
+            seed,
+            skip,
+            ppp_forms,
+            action,
+        } => {
+            let mut args = vec![
+                format!("--frames={frames}"),
+                format!("--skip={skip}"),
+                format!("--ppp-forms={ppp_forms}"),
+                format!("--action={action}"),
+            ];
+            args.extend(seed.map(|s| format!("--seed={s}")));
+            fuzz::run(&args)
+        }
     }
 }

@@ -6,10 +6,11 @@ use serde_json::{json, Value};
 
 use super::Daemon;
 use crate::{
+    config::Config,
     datapath,
     proto::Op,
     registry::{self, Actor},
-    store::{AuditQuery, Store, User},
+    store::{AuditQuery, Tx, User},
 };
 
 /// `user show` / `user list` view of one user.
@@ -52,6 +53,8 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
         Op::Info => d.info(),
         Op::Reload => d.reload()?,
         Op::Detach => {
+            // The marker first: a detach that a restart could undo is no detach.
+            crate::detached::mark(&d.cfg.state_dir, &actor.to_string())?;
             let points = datapath::detach_all(&d.pins)?;
             tracing::info!(?points, "detached everything; exiting");
             json!({ "detached": points })
@@ -118,8 +121,9 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             })?;
             json!({ "down": s })
         }
-        Op::SessionSync { sessions } => {
-            let out = d.change(|tx, now| registry::session_sync(tx, actor, sessions, now))?;
+        Op::SessionSync { sessions, taken_at } => {
+            let out =
+                d.change(|tx, now| registry::session_sync(tx, actor, sessions, taken_at, now))?;
             serde_json::to_value(out)?
         }
         Op::EntryAdd {
@@ -136,9 +140,21 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             d.change(|tx, now| registry::entry_remove(tx, actor, kind, prefix, now))?;
             json!({ "removed": prefix, "kind": kind })
         }
+        op @ (Op::EntryList { .. }
+        | Op::UserShow { .. }
+        | Op::UserList { .. }
+        | Op::Audit { .. }) => {
+            // Served by the reader, off this loop; kept here so the writer can answer too.
+            read(&*d.store.read()?, &d.cfg, op)?
+        }
+    })
+}
+
+/// The read verbs: a registry read transaction and the config, nothing of the writer's.
+pub(super) fn read(tx: &dyn Tx, cfg: &Config, op: Op) -> Result<Value> {
+    Ok(match op {
         Op::EntryList { kind } => {
             let now = Timestamp::now();
-            let tx = d.store.begin()?;
             let runtime: Vec<Value> = tx
                 .entries()?
                 .into_iter()
@@ -150,14 +166,12 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
                 })
                 .collect();
             let config: Vec<Value> = match kind {
-                crate::store::EntryKind::Server => d
-                    .cfg
+                crate::store::EntryKind::Server => cfg
                     .mail_servers
                     .iter()
                     .map(|p| json!({ "prefix": p, "source": "config" }))
                     .collect(),
-                crate::store::EntryKind::Exempt => d
-                    .cfg
+                crate::store::EntryKind::Exempt => cfg
                     .exempt
                     .iter()
                     .map(|e| json!({ "prefix": e.prefix, "until": e.until, "note": e.note, "source": "config",
@@ -168,10 +182,9 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
         }
         Op::UserShow { user } => {
             let now = Timestamp::now();
-            let tx = d.store.begin()?;
             registry::check_user_name(&user)?;
             let Some(u) = tx.user(&user)? else {
-                return Err(registry::unknown_user(&*tx, &user));
+                return Err(registry::unknown_user(tx, &user));
             };
             let sessions = tx.sessions_of(&user)?;
             let bindings = tx.bindings_of(&user)?;
@@ -187,15 +200,17 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             expiring,
         } => {
             let now = Timestamp::now();
-            let tx = d.store.begin()?;
-            let sessions = tx.sessions()?;
+            let mut per_user = std::collections::HashMap::<String, usize>::new();
+            for s in tx.sessions()? {
+                *per_user.entry(s.user).or_default() += 1;
+            }
             let users: Vec<Value> = tx
                 .users()?
                 .into_iter()
                 .filter(|u| !unblocked || u.unblocked_at(now))
                 .filter(|u| !expiring || (u.unblocked_at(now) && u.until.is_some()))
                 .map(|u| {
-                    let n = sessions.iter().filter(|s| s.user == u.name).count();
+                    let n = per_user.get(&u.name).copied().unwrap_or(0);
                     let mut v = user_view(&u, now);
                     v["sessions"] = json!(n);
                     v
@@ -204,7 +219,6 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             json!({ "users": users })
         }
         Op::Audit { user, since, limit } => {
-            let tx = d.store.begin()?;
             let records = tx.audit(&AuditQuery {
                 subject: user,
                 since,
@@ -212,5 +226,6 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
             })?;
             json!({ "records": records })
         }
+        other => bail!("{other:?} is not a read verb"),
     })
 }

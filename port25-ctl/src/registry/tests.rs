@@ -114,7 +114,11 @@ fn unblock_rules() {
     let e = d
         .run(|tx| unblock(tx, &a, "alcie", None, None, false, now))
         .unwrap_err();
-    assert!(e.to_string().contains("did you mean alice"), "{e}");
+    let name = &e.downcast_ref::<UnknownUser>().expect("typed").name;
+    let close = d.run(|tx| Ok(suggest(tx, name))).unwrap();
+    assert_eq!(close, ["alice"]);
+    let msg = with_suggestions(&e.to_string(), name, &close);
+    assert!(msg.contains("did you mean alice?"), "{msg}");
     let e = d
         .run(|tx| unblock(tx, &a, "alice", Some(now), None, false, now))
         .unwrap_err();
@@ -239,18 +243,20 @@ fn sync_makes_the_registry_equal_to_the_list() {
         sync("2", "bob", &["100.64.0.3"]),
         sync("3", "carol", &["100.64.0.2", "2001:db8:1a0::/56"]),
     ];
-    let o = d.run(|tx| session_sync(tx, &a, list.clone(), now)).unwrap();
+    let o = d
+        .run(|tx| session_sync(tx, &a, list.clone(), None, now))
+        .unwrap();
     assert_eq!((o.added, o.removed, o.unchanged, o.changed), (1, 1, 1, 0));
     let ids: Vec<_> = d.sessions().into_iter().map(|s| s.id).collect();
     assert_eq!(ids, vec!["2", "3"]);
-    let o = d.run(|tx| session_sync(tx, &a, list, now)).unwrap();
+    let o = d.run(|tx| session_sync(tx, &a, list, None, now)).unwrap();
     assert_eq!((o.added, o.removed, o.unchanged), (0, 0, 2), "idempotent");
     let before = d.audit_len();
     let dup = vec![
         sync("4", "a", &["100.64.0.5"]),
         sync("5", "b", &["100.64.0.5"]),
     ];
-    assert!(d.run(|tx| session_sync(tx, &a, dup, now)).is_err());
+    assert!(d.run(|tx| session_sync(tx, &a, dup, None, now)).is_err());
     assert_eq!(d.audit_len(), before, "a refused sync writes nothing");
 }
 

@@ -134,6 +134,14 @@ pub trait Tx {
     fn put_session(&mut self, s: &Session) -> Result<()>;
     fn delete_session(&mut self, id: &str) -> Result<()>;
 
+    /// When the last event of session `id` happened (up, change, down), if within the
+    /// retained window.
+    fn last_event(&self, id: &str) -> Result<Option<Timestamp>>;
+    /// Records an event of session `id` at `at` (never moves a recorded time back).
+    fn put_event(&mut self, id: &str, at: Timestamp) -> Result<()>;
+    /// Forgets events older than `before`.
+    fn prune_events(&mut self, before: Timestamp) -> Result<()>;
+
     fn bindings(&self) -> Result<Vec<Binding>>;
     fn bindings_of(&self, user: &str) -> Result<Vec<Prefix>> {
         Ok(self
@@ -239,6 +247,15 @@ impl Tx for Recording<'_> {
     fn delete_session(&mut self, id: &str) -> Result<()> {
         self.touch_session(id)?;
         self.inner.delete_session(id)
+    }
+    fn last_event(&self, id: &str) -> Result<Option<Timestamp>> {
+        self.inner.last_event(id)
+    }
+    fn put_event(&mut self, id: &str, at: Timestamp) -> Result<()> {
+        self.inner.put_event(id, at)
+    }
+    fn prune_events(&mut self, before: Timestamp) -> Result<()> {
+        self.inner.prune_events(before)
     }
     fn bindings(&self) -> Result<Vec<Binding>> {
         self.inner.bindings()

@@ -14,7 +14,8 @@ use super::*;
 pub const DB_FILE: &str = "port25.db";
 
 /// Each step moves the schema one version up; never edit a shipped step, append one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (
     name   TEXT PRIMARY KEY,
     policy TEXT NOT NULL CHECK (policy IN ('blocked', 'unblocked')),
@@ -66,7 +67,16 @@ CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"#];
+"#,
+    r#"
+-- The time of the last event (up, change, down) per session id, live or gone, so that an
+-- older `session sync` snapshot never undoes a newer event. Pruned after an hour.
+CREATE TABLE session_events (
+    id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL
+);
+"#,
+];
 
 pub struct SqliteStore {
     conn: Connection,
@@ -176,6 +186,17 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 
 struct SqliteTx<'a> {
     tx: Transaction<'a>,
+}
+
+impl SqliteStore {
+    /// A read transaction (deferred: it takes no write lock, so it also works on a read-only
+    /// connection and never waits for, or holds up, the writer).
+    pub fn read(&mut self) -> Result<Box<dyn Tx + '_>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        Ok(Box::new(SqliteTx { tx }))
+    }
 }
 
 impl Store for SqliteStore {
@@ -358,6 +379,31 @@ impl Tx for SqliteTx<'_> {
             .execute("DELETE FROM session_addrs WHERE session_id = ?1", [id])?;
         self.tx
             .execute("DELETE FROM sessions WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    fn last_event(&self, id: &str) -> Result<Option<Timestamp>> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT at FROM session_events WHERE id = ?1")?;
+        Ok(st
+            .query_row([id], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(from_ts))
+    }
+
+    fn put_event(&mut self, id: &str, at: Timestamp) -> Result<()> {
+        self.tx.execute(
+            "INSERT INTO session_events (id, at) VALUES (?1, ?2)
+             ON CONFLICT(id) DO UPDATE SET at = max(at, excluded.at)",
+            params![id, ts(at)],
+        )?;
+        Ok(())
+    }
+
+    fn prune_events(&mut self, before: Timestamp) -> Result<()> {
+        self.tx
+            .execute("DELETE FROM session_events WHERE at < ?1", [ts(before)])?;
         Ok(())
     }
 

@@ -1,0 +1,156 @@
+//! Ownership (DESIGN "Ownership", issue 8 §3.3): an address held by a live session follows
+//! its user's policy only; a wider prefix of another user (a static binding, a stale
+//! delegated prefix) never exempts it. Both orders of events, real connections, the real
+//! daemon and maps, on XDP and TC.
+
+use port25_tests::{
+    lab::{self, Lab},
+    require_root, text,
+};
+
+fn ok(lab: &Lab, args: &[&str]) -> String {
+    let o = lab.ctl(args);
+    assert!(o.status.success(), "port25-ctl {args:?}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn smtp(lab: &Lab, src: &str) -> bool {
+    let src: std::net::IpAddr = src.parse().unwrap();
+    let dst = if src.is_ipv4() {
+        lab::v4().ext
+    } else {
+        lab::v6().ext
+    };
+    lab.can_connect(src, dst, 25)
+}
+
+/// The blocked user's address is blocked (connection and `check`); the unblocked user's
+/// wider prefix still opens what no live session of anyone else holds.
+fn assert_owner_decides(lab: &Lab, blocked: &str, other_in_prefix: Option<&str>, what: &str) {
+    assert!(
+        !smtp(lab, blocked),
+        "{what}: {blocked} of the blocked user passed"
+    );
+    let dst = if blocked.contains(':') {
+        "2001:db8:ff::80"
+    } else {
+        "203.0.113.80"
+    };
+    let c = ok(lab, &["check", blocked, dst]);
+    assert!(c.contains("BLOCK"), "{what}: {c}");
+    if let Some(o) = other_in_prefix {
+        assert!(
+            smtp(lab, o),
+            "{what}: the unblocked user's prefix still opens {o}"
+        );
+    }
+}
+
+#[test]
+fn a_wider_prefix_of_another_user_never_exempts_a_live_session() {
+    require_root!();
+    for hook in [
+        "  - name: rs\n    hook: xdp\n    xdp_mode: native",
+        "  - name: rs\n    hook: tc\n    direction: ingress",
+    ] {
+        let mut lab = Lab::new(hook);
+        lab.start_daemon();
+        ok(&lab, &["unblock", "xavier", "--new"]);
+        ok(&lab, &["user", "add", "yvonne"]);
+
+        // Binding first, then the blocked user's session inside it.
+        ok(&lab, &["user", "bind", "xavier", "100.64.0.0/24"]);
+        ok(
+            &lab,
+            &["session", "up", "yvonne", "100.64.0.2", "--id", "y1"],
+        );
+        assert_owner_decides(&lab, "100.64.0.2", Some("100.64.0.3"), "bind, then session");
+        // Her session going down gives the address back to the binding.
+        ok(&lab, &["session", "down", "--id", "y1"]);
+        assert!(
+            smtp(&lab, "100.64.0.2"),
+            "no session holds it: the binding applies"
+        );
+        ok(&lab, &["user", "unbind", "xavier", "100.64.0.0/24"]);
+
+        // Session first, then the binding around it.
+        ok(
+            &lab,
+            &["session", "up", "yvonne", "100.64.0.2", "--id", "y2"],
+        );
+        ok(&lab, &["user", "bind", "xavier", "100.64.0.0/24"]);
+        assert_owner_decides(&lab, "100.64.0.2", Some("100.64.0.3"), "session, then bind");
+        // Unblocking her opens her address; blocking her closes it again under the binding.
+        ok(&lab, &["unblock", "yvonne"]);
+        assert!(smtp(&lab, "100.64.0.2"));
+        ok(&lab, &["block", "yvonne"]);
+        assert_owner_decides(&lab, "100.64.0.2", None, "blocked again");
+        ok(&lab, &["session", "down", "--id", "y2"]);
+        ok(&lab, &["user", "unbind", "xavier", "100.64.0.0/24"]);
+
+        // A stale delegated /56 of xavier (its down event lost), then yvonne gets an
+        // address and a /64 inside it.
+        ok(
+            &lab,
+            &[
+                "session",
+                "up",
+                "xavier",
+                "2001:db8:1a0::/56",
+                "--id",
+                "x-pd",
+            ],
+        );
+        assert!(smtp(&lab, "2001:db8:1a0:5::7"));
+        ok(
+            &lab,
+            &["session", "up", "yvonne", "2001:db8:1a0:5::7", "--id", "y3"],
+        );
+        assert_owner_decides(&lab, "2001:db8:1a0:5::7", None, "stale /56, then /128");
+        ok(&lab, &["session", "down", "--id", "y3"]);
+        ok(
+            &lab,
+            &[
+                "session",
+                "up",
+                "yvonne",
+                "2001:db8:1a0:5::/64",
+                "--id",
+                "y4",
+            ],
+        );
+        assert_owner_decides(&lab, "2001:db8:1a0:5::7", None, "stale /56, then /64");
+        ok(&lab, &["session", "down", "--id", "y4"]);
+        ok(&lab, &["session", "down", "--id", "x-pd"]);
+
+        // The other order: yvonne's /64 first, then xavier's /56 around it.
+        ok(
+            &lab,
+            &[
+                "session",
+                "up",
+                "yvonne",
+                "2001:db8:1a0:5::/64",
+                "--id",
+                "y5",
+            ],
+        );
+        ok(
+            &lab,
+            &[
+                "session",
+                "up",
+                "xavier",
+                "2001:db8:1a0::/56",
+                "--id",
+                "x-pd2",
+            ],
+        );
+        assert_owner_decides(&lab, "2001:db8:1a0:5::7", None, "/64, then stale /56");
+
+        // A restart rebuilds the same maps from the registry.
+        lab.kill9();
+        lab.start_daemon();
+        assert_owner_decides(&lab, "2001:db8:1a0:5::7", None, "after a restart");
+    }
+}

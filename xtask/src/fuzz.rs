@@ -1,0 +1,14 @@
+//! `cargo xtask fuzz --frames N [--seed S]`: builds everything, then runs the differential
+//! fuzz binary as root (see tests/src/fuzz.rs).
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::build::{self, root};
+
+pub fn run(args: &[String]) -> Result<()> {
+    build::all()?;
+    build::ensure_root()?;
+    build::run(Command::new(root().join("target/release/port25-fuzz")).args(args))
+}

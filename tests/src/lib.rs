@@ -5,6 +5,7 @@ pub mod frame;
 pub mod fuzz;
 pub mod fuzzgen;
 pub mod lab;
+pub mod leakgen;
 pub mod sniff;
 pub mod table;
 

@@ -121,12 +121,22 @@ pub fn ensure_root() -> Result<()> {
     Ok(())
 }
 
-/// The namespace lab turns veth offloads off (see tests/src/lab.rs), which needs ethtool.
+/// The namespace lab turns veth offloads off (see tests/src/lab.rs), which needs ethtool; the
+/// leak fuzz counts on the far side with nft.
 pub fn ensure_lab_tools() -> Result<()> {
     ensure_root()?;
-    if Command::new("ethtool").arg("--version").output().is_err() {
+    // (binary, Debian package): ethtool for the lab's veth offloads, nft for the leak fuzz's
+    // far-side counter (the internet namespace's own kernel counts what got through).
+    let missing: Vec<&str> = [("ethtool", "ethtool"), ("nft", "nftables")]
+        .into_iter()
+        .filter(|(bin, _)| Command::new(bin).arg("--version").output().is_err())
+        .map(|(_, pkg)| pkg)
+        .collect();
+    if !missing.is_empty() {
         run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get").args(["install", "-y", "ethtool"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(&missing))?;
     }
     Ok(())
 }

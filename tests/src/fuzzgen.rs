@@ -1100,6 +1100,17 @@ impl Gen {
         )
     }
 
+    /// A PPP protocol field: `ppp_decompress_proto` takes an odd first byte as the whole
+    /// (PFC) field, negotiated or not, so the data protocols below 0x100 come in both forms.
+    fn ppp_proto(&mut self, out: &mut Vec<u8>, proto: u16) {
+        if proto < 0x100 && self.pct(30) {
+            out.push(proto as u8);
+            self.tag("ppp-pfc-other");
+        } else {
+            out.extend(proto.to_be_bytes());
+        }
+    }
+
     /// A PPP frame (protocol field onwards) carrying the packet, how much of it the kernel
     /// needs, and whether it must be blocked. Mirrors ppp_generic.c's receive path.
     fn ppp(&mut self, flow: &Flow, ip: Ip) -> (Vec<u8>, usize, bool) {
@@ -1136,7 +1147,7 @@ impl Gen {
             // Multilink (ppp_receive_mp_frame): short or long sequence header, then a PPP frame.
             25..=32 if all => {
                 self.tag("ppp-multilink");
-                out.extend(0x003du16.to_be_bytes());
+                self.ppp_proto(&mut out, 0x003d);
                 let be = *[0xc0u8, 0x80, 0x40, 0x00].get(self.range(0, 3)).unwrap();
                 if self.pct(50) {
                     out.extend([be, 0, 0, self.rng.random()]);
@@ -1153,18 +1164,19 @@ impl Gen {
             // VJ uncompressed TCP (slhc_remember): the protocol byte holds the slot.
             33..=38 if all && !flow.v6 && flow.proto == 6 => {
                 self.tag("ppp-vj-uncompressed");
-                out.extend(0x002fu16.to_be_bytes());
+                self.ppp_proto(&mut out, 0x002f);
                 let mut b = ip.bytes.clone();
                 if b.len() > 9 {
                     b[9] = self.range(0, 15) as u8;
                 }
+                let off = out.len();
                 out.extend(b);
-                return (out, 2 + ip.need, flow.must_block);
+                return (out, off + ip.need, flow.must_block);
             }
             // VJ compressed TCP (slhc_uncompress): deltas against a slot's saved header.
             39..=44 if all && !flow.v6 && flow.proto == 6 => {
                 self.tag("ppp-vj-compressed");
-                out.extend(0x002du16.to_be_bytes());
+                self.ppp_proto(&mut out, 0x002d);
                 out.push(0x40 | (self.rng.random::<u8>() & 0x3f));
                 out.push(self.range(0, 15) as u8);
                 let n = self.range(2, 12);
@@ -1174,7 +1186,7 @@ impl Gen {
             // Compressed datagram (ppp_decompress_frame): opaque here.
             45..=49 if all => {
                 self.tag("ppp-compressed");
-                out.extend(0x00fdu16.to_be_bytes());
+                self.ppp_proto(&mut out, 0x00fd);
                 out.extend(self.rng.random::<u16>().to_be_bytes());
                 let n = self.range(4, 40);
                 out.extend(self.fill(n));
@@ -1272,6 +1284,7 @@ mod tests {
             "pppoe-len-long",
             "pppoe-len-zero",
             "ppp-pfc",
+            "ppp-pfc-other",
             "ppp-multilink",
             "ppp-vj-compressed",
             "ppp-vj-uncompressed",
@@ -1385,6 +1398,7 @@ mod tests {
                 !matches!(
                     *t,
                     "ppp-pfc"
+                        | "ppp-pfc-other"
                         | "ppp-multilink"
                         | "ppp-vj-compressed"
                         | "ppp-vj-uncompressed"

@@ -167,9 +167,14 @@ pub fn mpls_label(label: u32, bottom: bool) -> [u8; 4] {
 
 /// The protocol BPF_PROG_TEST_RUN gives an skb: `eth_type_trans` of the data's first 14
 /// bytes, whatever they are (for a raw IP packet: the first two bytes of the IPv4 source
-/// address, or bytes 4-5 of the IPv6 source address).
+/// address, or bytes 4-5 of the IPv6 source address). Below 0x0600 that is a length, and
+/// `eth_type_trans` says 802.3 (raw IPX, 0xffff after the header) or 802.2.
 pub fn test_run_protocol(data: &[u8]) -> u16 {
-    u16::from_be_bytes([data[12], data[13]])
+    match u16::from_be_bytes([data[12], data[13]]) {
+        p if p >= 0x0600 => p,
+        _ if data.get(14..16) == Some(&[0xff, 0xff]) => 0x0001,
+        _ => 0x0004,
+    }
 }
 
 pub fn v4(s: &str) -> [u8; 4] {

@@ -10,6 +10,8 @@
 //! and the address categories below must follow.
 
 use port25_common::parse::Link;
+
+use crate::frame::test_run_protocol;
 use rand::{Rng, RngExt, SeedableRng};
 use rand_xorshift::XorShiftRng;
 
@@ -19,24 +21,40 @@ interfaces:
   - name: fuzz0
     hook: tc
 blocked_ports: [25, 2525]
-subscriber_ranges: [100.64.0.0/10, "2001:db8:100::/40"]
+subscriber_ranges:
+  - 100.64.0.0/10
+  - "2001:db8:100::/40"
+  # Raw-IP frames: BPF_PROG_TEST_RUN gives the skb the protocol in bytes 12-13 of the data,
+  # the start of the IPv4 source (8.0 = 0x0800) or bytes 4-5 of the IPv6 source (0x86dd).
+  # 8.0.128.0/17 is left outside, still presenting 0x0800.
+  - 8.0.0.0/17
+  - "2001:db8:86dd::/48"
 mail_servers: [198.51.100.25/32, "2001:db8:25::/64"]
 exempt:
   - prefix: 100.64.9.9/32
   - prefix: 100.65.0.0/16
   - prefix: "2001:db8:100:9::9/128"
   - prefix: "2001:db8:101::/48"
+  - prefix: 8.0.9.9/32
+  - prefix: 8.0.65.0/24
+  - prefix: "2001:db8:86dd:9::9/128"
+  - prefix: "2001:db8:86dd:100::/56"
 "#;
 
 pub const BLOCKED_PORTS: [u16; 2] = [25, 2525];
 
 /// Runtime entries the fixture adds on top of [`CONFIG`] (the daemon's session and timed
-/// unblocks): an expired exempt address, a live timed one, and a delegated IPv6 /56.
+/// unblocks): an expired exempt address, a live timed one, and a delegated IPv6 /56; the
+/// same again inside the raw-IP ranges.
 pub struct FixtureEntries {
     pub expired4: [u8; 4],
     pub timed4: [u8; 4],
     pub expired6: [u8; 16],
     pub session56: [u8; 16],
+    pub raw_expired4: [u8; 4],
+    pub raw_timed4: [u8; 4],
+    pub raw_expired6: [u8; 16],
+    pub raw_session56: [u8; 16],
 }
 
 pub const fn fixture_entries() -> FixtureEntries {
@@ -45,6 +63,10 @@ pub const fn fixture_entries() -> FixtureEntries {
         timed4: [100, 64, 8, 8],
         expired6: v6_const([0x2001, 0xdb8, 0x100, 0x77, 0, 0, 0, 7]),
         session56: v6_const([0x2001, 0xdb8, 0x100, 0x5500, 0, 0, 0, 0]),
+        raw_expired4: [8, 0, 7, 7],
+        raw_timed4: [8, 0, 8, 8],
+        raw_expired6: v6_const([0x2001, 0xdb8, 0x86dd, 0x77, 0, 0, 0, 7]),
+        raw_session56: v6_const([0x2001, 0xdb8, 0x86dd, 0x5500, 0, 0, 0, 0]),
     }
 }
 
@@ -71,6 +93,11 @@ pub enum Truth {
     KernelDrops,
     /// Nothing to block: not TCP, an open port, an exempt or outside source, a mail server.
     Free,
+    /// A raw-IP frame whose bytes 12-13 (the skb protocol BPF_PROG_TEST_RUN derives from
+    /// them) are not the protocol the plan assumed: on a real ppp or tun device the protocol
+    /// would come from the link, so the plan says nothing about what the program sees. Either
+    /// verdict is fine; the kernel must still agree with the model.
+    ProtocolNotPlanned,
 }
 
 impl Truth {
@@ -79,6 +106,7 @@ impl Truth {
             Truth::MustBlock => "must-block",
             Truth::KernelDrops => "kernel drops: either verdict fine",
             Truth::Free => "free",
+            Truth::ProtocolNotPlanned => "raw, test-run protocol not planned: either fine",
         }
     }
 }
@@ -187,19 +215,20 @@ impl Gen {
     fn build(&mut self) -> Case {
         let raw = self.pct(15);
         // VJ forms exist for IPv4 only; decide the family first.
-        let mut flow = self.flow();
+        let mut flow = self.flow(raw);
         let l4 = self.l4(&mut flow);
         let ip = if flow.v6 {
             self.ipv6(&flow, l4)
         } else {
             self.ipv4(&flow, l4)
         };
-        let (mut bytes, need_end, pppoe, mut must_block, link) = if raw {
-            let (b, need, mb) = self.raw(&flow, ip);
-            (b, need, None, mb, Link::RawIp)
+        // For raw frames, the skb protocol the plan assumes.
+        let (mut bytes, need_end, pppoe, mut must_block, planned) = if raw {
+            let (b, need, mb, proto) = self.raw(&flow, ip);
+            (b, need, None, mb, Some(proto))
         } else {
             let (b, need, pppoe, mb) = self.ethernet(&flow, ip);
-            (b, need, pppoe, mb, Link::Ethernet)
+            (b, need, pppoe, mb, None)
         };
         // Truncation at a random byte; test runs need at least an Ethernet header's worth.
         if self.pct(6) && bytes.len() > 15 {
@@ -219,7 +248,22 @@ impl Gen {
         if must_block && self.drops {
             must_block = false;
         }
-        let truth = if must_block {
+        // What BPF_PROG_TEST_RUN will hand the raw program (no skb below 14 bytes).
+        let link = match planned {
+            None => Link::Ethernet,
+            Some(_) if bytes.len() < 14 => Link::RawProto(0),
+            Some(_) => Link::RawProto(test_run_protocol(&bytes)),
+        };
+        let unplanned = match (planned, link) {
+            (Some(want), Link::RawProto(got)) => bytes.len() < 14 || want != got,
+            _ => false,
+        };
+        if unplanned {
+            self.tag("raw-proto-unplanned");
+        }
+        let truth = if unplanned {
+            Truth::ProtocolNotPlanned
+        } else if must_block {
             Truth::MustBlock
         } else if self.drops {
             Truth::KernelDrops
@@ -234,9 +278,17 @@ impl Gen {
         }
     }
 
-    fn flow(&mut self) -> Flow {
+    /// `raw`: a raw-IP frame, whose source mostly comes from the raw ranges so that the
+    /// test run presents the family's protocol (see [`CONFIG`]).
+    fn flow(&mut self, raw: bool) -> Flow {
         let v6 = self.pct(45);
-        let (src, enforced) = if v6 { self.src6() } else { self.src4() };
+        let raw_src = raw && self.pct(90);
+        let (src, enforced) = match (v6, raw_src) {
+            (false, false) => self.src4(),
+            (true, false) => self.src6(),
+            (false, true) => self.raw_src4(),
+            (true, true) => self.raw_src6(),
+        };
         let (dst, mail) = if v6 { self.dst6() } else { self.dst4() };
         let proto = match self.range(0, 99) {
             0..=84 => 6,
@@ -297,6 +349,9 @@ impl Gen {
                 if a[0] == 100 {
                     a[0] = 101;
                 }
+                if a[..2] == [8, 0] {
+                    a[1] = 1; // the raw range
+                }
                 (a, false, "src-outside")
             }
         };
@@ -347,7 +402,83 @@ impl Gen {
                         a[4] = 0x02;
                     }
                 }
+                if a[..6] == [0x20, 0x01, 0x0d, 0xb8, 0x86, 0xdd] {
+                    a[5] = 0xde; // the raw range
+                }
                 (false, "src-outside")
+            }
+        };
+        self.tag(t);
+        (a.to_vec(), enforced)
+    }
+
+    /// A raw-IP IPv4 source: 8.0.x.x (protocol 0x0800) and whether it is enforced and not
+    /// exempt; the categories of [`Gen::src4`] inside 8.0.0.0/17.
+    fn raw_src4(&mut self) -> (Vec<u8>, bool) {
+        let e = fixture_entries();
+        let r: [u8; 2] = [self.rng.random(), self.rng.random()];
+        let (a, enforced, t) = match self.range(0, 99) {
+            // 8.0.0.0/17 without 8.0.65.0/24 and the exempt addresses.
+            0..=64 => {
+                let mut a = [8, 0, r[0] & 0x7f, r[1]];
+                if a[2] == 65 {
+                    a[2] = 66;
+                }
+                if a == [8, 0, 9, 9] || a == e.raw_timed4 {
+                    a[3] ^= 0x80;
+                }
+                (a, true, "src-raw-enforced")
+            }
+            65..=71 => (e.raw_expired4, true, "src-raw-expired-exempt"),
+            72..=76 => (e.raw_timed4, false, "src-raw-exempt-timed"),
+            77..=82 => ([8, 0, 9, 9], false, "src-raw-exempt-addr"),
+            83..=91 => ([8, 0, 65, r[1]], false, "src-raw-exempt-prefix"),
+            // Outside the range, still protocol 0x0800.
+            _ => ([8, 0, 0x80 | r[0], r[1]], false, "src-raw-outside"),
+        };
+        self.tag(t);
+        (a.to_vec(), enforced)
+    }
+
+    /// A raw-IP IPv6 source: bytes 4-5 0x86dd (the protocol), the categories of
+    /// [`Gen::src6`] inside 2001:db8:86dd::/48.
+    fn raw_src6(&mut self) -> (Vec<u8>, bool) {
+        let e = fixture_entries();
+        let mut a: [u8; 16] = self.rng.random();
+        a[..6].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0x86, 0xdd]);
+        let (enforced, t) = match self.range(0, 99) {
+            // Without 2001:db8:86dd:100::/56, the exempt address and the session /56.
+            0..=64 => {
+                if a[6] == 0x01 {
+                    a[6] = 0x02;
+                }
+                if a[6] == 0x55 {
+                    a[6] = 0x56;
+                }
+                (true, "src-raw-enforced")
+            }
+            65..=70 => {
+                a = e.raw_expired6;
+                (true, "src-raw-expired-exempt")
+            }
+            71..=75 => {
+                a = v6_const([0x2001, 0xdb8, 0x86dd, 9, 0, 0, 0, 9]);
+                (false, "src-raw-exempt-addr")
+            }
+            76..=81 => {
+                a[6] = 0x01;
+                (false, "src-raw-exempt-prefix")
+            }
+            82..=89 => {
+                a[6] = e.raw_session56[6];
+                (false, "src-raw-exempt-session")
+            }
+            // Outside 2001:db8::/32, still protocol 0x86dd.
+            _ => {
+                if a[..4] == [0x20, 0x01, 0x0d, 0xb8] {
+                    a[3] = 0xb9;
+                }
+                (false, "src-raw-outside")
             }
         };
         self.tag(t);
@@ -798,28 +929,45 @@ impl Gen {
     }
 
     /// A raw-IP device (ppp, tun): the packet itself, or with PPP forms an MPLS stack.
-    fn raw(&mut self, flow: &Flow, ip: Ip) -> (Vec<u8>, usize, bool) {
+    /// Returns the frame, how far Linux needs it, whether it must be blocked, and the skb
+    /// protocol the plan assumes the device gives it.
+    fn raw(&mut self, flow: &Flow, ip: Ip) -> (Vec<u8>, usize, bool, u16) {
         self.tag("raw");
         let mb = flow.must_block;
+        let family = if flow.v6 { 0x86dd } else { 0x0800 };
         if self.opts.ppp == PppForms::All && self.pct(10) {
+            // `ppp_receive_nonmp_frame` gives MPLS its own protocol; `mpls_forward` pops the
+            // labels and may route the IP packet inside. The 4th entry's label puts 0x8847
+            // (0x8848) in bytes 12-13, where the test run reads the protocol.
             self.tag("raw-mpls");
-            let mut b = self.mpls_stack();
+            let proto = if self.pct(80) { 0x8847u16 } else { 0x8848 };
+            let mut b = self.mpls_stack(4, 6);
+            b[12..14].copy_from_slice(&proto.to_be_bytes());
             let off = b.len();
             b.extend(ip.bytes);
-            return (b, off + ip.need, mb);
+            return (b, off + ip.need, mb, proto);
         }
+        let mut b = ip.bytes;
         if self.pct(3) {
-            // Not an IP version nibble: a ppp device never hands Linux's IP layer this.
-            let mut b = ip.bytes;
+            // Not an IP version nibble: ip_rcv/ipv6_rcv drop it.
             b[0] = (*[0u8, 1, 5, 8, 11, 15].get(self.range(0, 5)).unwrap() << 4) | (b[0] & 15);
             self.drop_here("raw-not-ip");
-            return (b, 0, mb);
+            return (b, 0, mb, family);
         }
-        (ip.bytes, ip.need, mb)
+        if self.pct(2) && b.len() >= 14 {
+            // The other family's protocol (bytes 12-13 rewritten): ip_rcv/ipv6_rcv drop the
+            // wrong version.
+            let other: u16 = if flow.v6 { 0x0800 } else { 0x86dd };
+            b[12..14].copy_from_slice(&other.to_be_bytes());
+            self.drop_here("raw-proto-wrong-family");
+            return (b, 0, mb, other);
+        }
+        (b, ip.need, mb, family)
     }
 
-    fn mpls_stack(&mut self) -> Vec<u8> {
-        let n = self.range(1, 3);
+    /// `lo..=hi` label stack entries, the last with the bottom-of-stack bit.
+    fn mpls_stack(&mut self, lo: usize, hi: usize) -> Vec<u8> {
+        let n = self.range(lo, hi);
         let mut b = Vec::new();
         for i in 0..n {
             let label: u32 = self.rng.random::<u32>() & 0xfffff;
@@ -952,6 +1100,17 @@ impl Gen {
         )
     }
 
+    /// A PPP protocol field: `ppp_decompress_proto` takes an odd first byte as the whole
+    /// (PFC) field, negotiated or not, so the data protocols below 0x100 come in both forms.
+    fn ppp_proto(&mut self, out: &mut Vec<u8>, proto: u16) {
+        if proto < 0x100 && self.pct(30) {
+            out.push(proto as u8);
+            self.tag("ppp-pfc-other");
+        } else {
+            out.extend(proto.to_be_bytes());
+        }
+    }
+
     /// A PPP frame (protocol field onwards) carrying the packet, how much of it the kernel
     /// needs, and whether it must be blocked. Mirrors ppp_generic.c's receive path.
     fn ppp(&mut self, flow: &Flow, ip: Ip) -> (Vec<u8>, usize, bool) {
@@ -988,7 +1147,7 @@ impl Gen {
             // Multilink (ppp_receive_mp_frame): short or long sequence header, then a PPP frame.
             25..=32 if all => {
                 self.tag("ppp-multilink");
-                out.extend(0x003du16.to_be_bytes());
+                self.ppp_proto(&mut out, 0x003d);
                 let be = *[0xc0u8, 0x80, 0x40, 0x00].get(self.range(0, 3)).unwrap();
                 if self.pct(50) {
                     out.extend([be, 0, 0, self.rng.random()]);
@@ -1005,18 +1164,19 @@ impl Gen {
             // VJ uncompressed TCP (slhc_remember): the protocol byte holds the slot.
             33..=38 if all && !flow.v6 && flow.proto == 6 => {
                 self.tag("ppp-vj-uncompressed");
-                out.extend(0x002fu16.to_be_bytes());
+                self.ppp_proto(&mut out, 0x002f);
                 let mut b = ip.bytes.clone();
                 if b.len() > 9 {
                     b[9] = self.range(0, 15) as u8;
                 }
+                let off = out.len();
                 out.extend(b);
-                return (out, 2 + ip.need, flow.must_block);
+                return (out, off + ip.need, flow.must_block);
             }
             // VJ compressed TCP (slhc_uncompress): deltas against a slot's saved header.
             39..=44 if all && !flow.v6 && flow.proto == 6 => {
                 self.tag("ppp-vj-compressed");
-                out.extend(0x002du16.to_be_bytes());
+                self.ppp_proto(&mut out, 0x002d);
                 out.push(0x40 | (self.rng.random::<u8>() & 0x3f));
                 out.push(self.range(0, 15) as u8);
                 let n = self.range(2, 12);
@@ -1026,7 +1186,7 @@ impl Gen {
             // Compressed datagram (ppp_decompress_frame): opaque here.
             45..=49 if all => {
                 self.tag("ppp-compressed");
-                out.extend(0x00fdu16.to_be_bytes());
+                self.ppp_proto(&mut out, 0x00fd);
                 out.extend(self.rng.random::<u16>().to_be_bytes());
                 let n = self.range(4, 40);
                 out.extend(self.fill(n));
@@ -1037,7 +1197,7 @@ impl Gen {
                 self.tag("ppp-mpls");
                 let p = if self.pct(80) { 0x0281u16 } else { 0x0283 };
                 out.extend(p.to_be_bytes());
-                out.extend(self.mpls_stack());
+                out.extend(self.mpls_stack(1, 3));
                 (out.len() + ip.need, flow.must_block)
             }
             _ => {
@@ -1124,6 +1284,7 @@ mod tests {
             "pppoe-len-long",
             "pppoe-len-zero",
             "ppp-pfc",
+            "ppp-pfc-other",
             "ppp-multilink",
             "ppp-vj-compressed",
             "ppp-vj-uncompressed",
@@ -1134,6 +1295,15 @@ mod tests {
             "raw",
             "raw-mpls",
             "raw-not-ip",
+            "raw-proto-wrong-family",
+            "raw-proto-unplanned",
+            "src-raw-enforced",
+            "src-raw-expired-exempt",
+            "src-raw-exempt-addr",
+            "src-raw-exempt-prefix",
+            "src-raw-exempt-session",
+            "src-raw-exempt-timed",
+            "src-raw-outside",
             "v4-options",
             "v4-ihl-below-5",
             "v4-ihl-too-big",
@@ -1178,6 +1348,48 @@ mod tests {
         }
     }
 
+    /// Raw frames are only must-block when the test run will present the protocol the plan
+    /// assumed, and enough of them are (MPLS among them) for the raw program's oracle to bite.
+    #[test]
+    fn raw_must_block_frames_present_their_protocol() {
+        let n = 50_000;
+        let (mut raw, mut must, mut unplanned) = (0u64, 0u64, 0u64);
+        let mut by_proto: BTreeMap<u16, u64> = BTreeMap::new();
+        for i in 0..n {
+            let c = case(7, i, &ALL);
+            let Link::RawProto(p) = c.link else { continue };
+            raw += 1;
+            assert_eq!(p, test_run_protocol(&c.bytes), "#{i}");
+            match c.truth {
+                Truth::MustBlock => {
+                    must += 1;
+                    *by_proto.entry(p).or_default() += 1;
+                    let nibble = c.bytes[0] >> 4;
+                    assert!(
+                        matches!(
+                            (p, nibble),
+                            (0x0800, 4) | (0x86dd, 6) | (0x8847 | 0x8848, _)
+                        ),
+                        "#{i}: {p:#x} {}",
+                        hex(&c.bytes)
+                    );
+                }
+                Truth::ProtocolNotPlanned => unplanned += 1,
+                _ => {}
+            }
+        }
+        eprintln!("raw {raw}, must-block {must} {by_proto:x?}, protocol not planned {unplanned}");
+        // As high a share as the Ethernet frames have (see the test above).
+        assert!(must * 100 / raw >= 12, "{must} of {raw}");
+        assert!(unplanned * 100 / raw <= 20, "{unplanned} of {raw}");
+        for p in [0x0800, 0x86dd, 0x8847, 0x8848] {
+            assert!(
+                by_proto.get(&p).copied().unwrap_or(0) >= 20,
+                "{p:#x}: {by_proto:?}"
+            );
+        }
+    }
+
     #[test]
     fn classic_leaves_out_the_ppp_forms_under_repair() {
         let (_, tags) = histogram(&CLASSIC, 20_000);
@@ -1186,6 +1398,7 @@ mod tests {
                 !matches!(
                     *t,
                     "ppp-pfc"
+                        | "ppp-pfc-other"
                         | "ppp-multilink"
                         | "ppp-vj-compressed"
                         | "ppp-vj-uncompressed"

@@ -12,11 +12,9 @@ use port25_tests::{
 const FRAMES: u64 = 40_000;
 const FRAMES_REJECT: u64 = 10_000;
 
-/// The PPP forms `ppp_generic.c` turns into IP (1-byte protocol, multilink, VJ, compressed,
-/// MPLS) leak on a parser that reads a fixed 2-byte protocol. Issue 8 section 1 repairs the
-/// parser; once it has landed, this is `PppForms::All`. `PORT25_FUZZ_PPP_FORMS=all|classic`
-/// overrides it.
-const PPP_FORMS: PppForms = PppForms::Classic;
+/// Every PPP form `ppp_generic.c` turns into IP (1-byte protocol, multilink, VJ, compressed,
+/// MPLS), as the parser now reads them. `PORT25_FUZZ_PPP_FORMS=all|classic` overrides it.
+const PPP_FORMS: PppForms = PppForms::All;
 
 fn ppp_forms() -> PppForms {
     match std::env::var("PORT25_FUZZ_PPP_FORMS").as_deref() {
@@ -64,6 +62,9 @@ fn run(ppp: PppForms, frames: u64, reject: bool) {
     );
     for (p, s) in &st.programs {
         assert!(s.block > 0 && s.pass > 0, "{p}: {s:?}");
+        // The raw program sees a sixth of the frames; its must-block ones present the
+        // protocol the plan assumed.
+        assert!(s.must_block > frames / 100, "{p}: {s:?}");
     }
 }
 

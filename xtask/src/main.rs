@@ -44,13 +44,16 @@ enum Cmd {
         /// Index of the first frame: `--seed S --skip I --frames 1` replays one frame.
         #[arg(long, default_value_t = 0)]
         skip: u64,
-        /// `classic` leaves out the PPP forms the parser is being taught (1-byte protocol,
-        /// multilink, VJ, compressed, MPLS); `all` includes them.
+        /// `all` includes every PPP form the kernel turns into IP (1-byte protocol,
+        /// multilink, VJ, compressed, MPLS); `classic` only the 2-byte IPv4/IPv6 protocol.
         #[arg(long, default_value = "all", value_parser = ["all", "classic"])]
         ppp_forms: String,
         /// `reject` answers blocked segments with a TCP RST, as `action: reject` does.
         #[arg(long, default_value = "drop", value_parser = ["drop", "reject"])]
         action: String,
+        /// Failing frames printed in full.
+        #[arg(long, default_value_t = 20)]
+        show: usize,
     },
 }
 
@@ -66,12 +69,14 @@ fn main() -> Result<()> {
             skip,
             ppp_forms,
             action,
+            show,
         } => {
             let mut args = vec![
                 format!("--frames={frames}"),
                 format!("--skip={skip}"),
                 format!("--ppp-forms={ppp_forms}"),
                 format!("--action={action}"),
+                format!("--show={show}"),
             ];
             args.extend(seed.map(|s| format!("--seed={s}")));
             fuzz::run(&args)

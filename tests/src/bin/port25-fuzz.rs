@@ -22,7 +22,8 @@ struct Args {
     /// Index of the first frame (replay one frame: --seed S --skip I --frames 1).
     #[arg(long, default_value_t = 0)]
     skip: u64,
-    /// PPP forms: `all` includes the 1-byte protocol, multilink, VJ, compressed and MPLS.
+    /// PPP forms: `all` includes the 1-byte protocol, multilink, VJ, compressed and MPLS;
+    /// `classic` only the 2-byte IPv4/IPv6 protocol.
     #[arg(long, value_enum, default_value_t = Ppp::All)]
     ppp_forms: Ppp,
     /// `reject` answers blocked segments with a RST (XDP_TX / redirect): still a block.

@@ -584,13 +584,16 @@ pub fn session_sync(
         Ok(tx.last_event(id)?.is_some_and(|t| t > taken))
     };
     let mut out = SyncOutcome::default();
+    // By id, so the pass over the registry's sessions stays linear (a BRAS lists 100k).
+    let by_id: std::collections::HashMap<&str, &SyncSession> =
+        list.iter().map(|s| (s.id.as_str(), s)).collect();
     // Gone or changed sessions leave first, so the new list's addresses are free to take.
     for old in tx.sessions()? {
         if newer(tx, &old.id)? {
             out.newer += 1;
             continue;
         }
-        let (what, count) = match list.iter().find(|s| s.id == old.id) {
+        let (what, count) = match by_id.get(old.id.as_str()) {
             Some(s) if s.user == old.user && s.addrs == old.addrs => {
                 out.unchanged += 1;
                 continue;
@@ -612,6 +615,7 @@ pub fn session_sync(
             None,
         )?;
     }
+    drop(by_id);
     for mut s in list {
         if tx.session(&s.id)?.is_some() {
             continue;

@@ -156,6 +156,52 @@ impl Wall {
         Ok(())
     }
 
+    /// At start, with the clock behind the registry: a timed unblock that ends after the
+    /// newest recorded time may or may not have ended in real time (the box may have been off
+    /// for a day), and nothing here can tell. Each one is ended, fail closed and audited; the
+    /// next POP login or helpdesk call opens it again, measured from a time that is never
+    /// ahead of real time. Unblocks made while this daemon runs are measured from the same
+    /// derived time, which is never ahead of real time, so they are kept.
+    fn close_uncertain_unblocks(&mut self, store: &mut SqliteStore) -> Result<usize> {
+        let now = self.now();
+        if !self.behind {
+            return Ok(0);
+        }
+        let mut tx = store.begin()?;
+        let uncertain: Vec<_> = tx
+            .users()?
+            .into_iter()
+            .filter(|u| u.policy == crate::store::Policy::Unblocked)
+            .filter(|u| u.until.is_some_and(|t| t > self.floor))
+            .collect();
+        let actor = crate::registry::Actor {
+            uid: 0,
+            name: "port25 daemon".into(),
+            on_behalf_of: None,
+        };
+        for u in &uncertain {
+            crate::registry::block(
+                &mut *tx,
+                &actor,
+                &u.name,
+                Some(format!(
+                    "the clock is behind the registry at start: cannot tell whether the unblock until {} has ended",
+                    u.until.unwrap()
+                )),
+                false,
+                now,
+            )?;
+        }
+        tx.commit()?;
+        if !uncertain.is_empty() {
+            error!(
+                count = uncertain.len(),
+                "timed unblocks that may have ended while the clock was wrong are closed (audited)"
+            );
+        }
+        Ok(uncertain.len())
+    }
+
     fn now(&mut self) -> jiff::Timestamp {
         let raw = jiff::Timestamp::now()
             .checked_add(self.shift)
@@ -261,6 +307,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     };
     let mut live = LiveMaps::open(&map_pins)?;
     let mut wall = Wall::new(&mut store)?;
+    wall.close_uncertain_unblocks(&mut store)?;
     let clock = Clock::sample_at(wall.now());
     // Policy before programs: a fresh attach never runs on empty maps. A change committed
     // by an earlier daemon that died before applying it is applied here.

@@ -239,6 +239,14 @@ static STARTED: std::sync::LazyLock<jiff::Timestamp> =
 fn main() -> ExitCode {
     std::sync::LazyLock::force(&STARTED);
     let cli = Cli::parse();
+    if !matches!(cli.verb, Verb::Daemon { .. }) {
+        // Rust ignores SIGPIPE, so `port25-ctl user list | head` panicked on the closed pipe
+        // (exit 101). A client ends quietly instead, like any Unix tool; its socket writes
+        // use MSG_NOSIGNAL. The daemon keeps SIGPIPE ignored: a client hanging up must not
+        // kill it.
+        // SAFETY: single-threaded here, before anything else runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PORT25_LOG")

@@ -450,3 +450,57 @@ fn a_client_cannot_stall_the_writer() {
     let st = lab.ctl(&["status"]);
     assert!(st.status.success(), "{}", text(&st));
 }
+
+/// Review findings: a client's errors name the real problem. A non-root caller was told
+/// "the daemon is not running" (it is; the socket is root's), `| head` made every verb panic
+/// (exit 101), and `status` after a detach claimed "enforcement continues from the pins".
+#[test]
+fn client_errors_name_the_real_problem() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.start_daemon();
+    assert!(lab.ctl(&["user", "add", "alice"]).status.success());
+
+    let nobody = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(lab::ctl_binary())
+        .arg("--config")
+        .arg(&lab.config)
+        .args(["user", "list"])
+        .output()
+        .expect("setpriv");
+    let err = String::from_utf8_lossy(&nobody.stderr);
+    assert!(!nobody.status.success(), "{err}");
+    assert!(
+        err.contains("Permission denied") && !err.contains("not running"),
+        "a permission problem is not an absent daemon: {err}"
+    );
+
+    // The reader is gone before the answer is printed: end quietly, never a panic.
+    let mut child = Command::new(lab::ctl_binary())
+        .arg("--config")
+        .arg(&lab.config)
+        .args(["audit", "--limit", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && out.status.code() != Some(101),
+        "a closed stdout: {err}"
+    );
+
+    let d = lab.ctl(&["detach"]);
+    assert!(d.status.success(), "detach: {}", text(&d));
+    assert!(lab.wait_daemon_exit(Duration::from_secs(5)));
+    let st = lab.ctl(&["status"]);
+    let out = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        !out.contains("enforcement continues") && out.contains("NOT blocked"),
+        "status after a detach must not claim enforcement: {out}"
+    );
+    assert!(lab.ctl(&["attach"]).status.success());
+}

@@ -256,7 +256,10 @@ pub fn run(config_path: &Path, attach: bool) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(config_path.to_owned(), cfg, attach))
+    // Absolute, so `reload` can tell a client that names another file (its --config) that
+    // this is not the file the daemon reads.
+    let config_path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
+    rt.block_on(serve(config_path, cfg, attach))
 }
 
 /// Idle clients each hold a descriptor: systemd's default soft limit (1024) would turn a

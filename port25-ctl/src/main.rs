@@ -290,6 +290,19 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Verb::Daemon { .. } => unreachable!(),
         Verb::Status | Verb::Check { .. } | Verb::Detach | Verb::Attach => local(cli),
         Verb::Reload => {
+            // The daemon re-reads the file it was started with; a --config naming another
+            // file would otherwise be silently ignored and the reply read as "applied".
+            let info = proto::call(&socket(), Op::Info, CALL_TIMEOUT)?;
+            let theirs = info.data["config"].as_str().map(PathBuf::from);
+            if let (Some(theirs), Ok(mine)) = (&theirs, std::fs::canonicalize(&cli.config)) {
+                if *theirs != mine {
+                    bail!(
+                        "the daemon reads {}, not {}: nothing was reloaded (edit {0}, or restart the daemon with --config {1})",
+                        theirs.display(),
+                        mine.display()
+                    );
+                }
+            }
             let r = proto::call(&socket(), Op::Reload, CALL_TIMEOUT)?;
             if !r.ok {
                 bail!(
@@ -300,7 +313,12 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             if cli.json {
                 print_json(&r.data)?;
             } else {
-                println!("reloaded: {} map writes", r.data["writes"]);
+                match &theirs {
+                    Some(t) => {
+                        println!("reloaded {}: {} map writes", t.display(), r.data["writes"])
+                    }
+                    None => println!("reloaded: {} map writes", r.data["writes"]),
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

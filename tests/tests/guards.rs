@@ -386,3 +386,35 @@ fn a_wall_clock_behind_closes_timed_unblocks_it_cannot_judge() {
         "a new unblock works at once"
     );
 }
+
+/// `reload` re-reads the daemon's own file: a client naming another one with --config is
+/// told so and nothing changes (it used to print "reloaded").
+#[test]
+fn reload_with_another_config_file_is_refused_not_ignored() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.start_daemon();
+    let other = lab.dir.join("other.yaml");
+    std::fs::write(&other, "this: is not the daemon's file\n").unwrap();
+    let out = std::process::Command::new(port25_tests::lab::ctl_binary())
+        .arg("--config")
+        .arg(&other)
+        .arg("--socket")
+        .arg(&lab.socket)
+        .arg("reload")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("nothing was reloaded"),
+        "{}",
+        text(&out)
+    );
+    let out = lab.ctl(&["reload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&lab.config.canonicalize().unwrap().display().to_string()),
+        "the reply names the file: {}",
+        text(&out)
+    );
+}

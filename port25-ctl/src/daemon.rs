@@ -414,6 +414,9 @@ async fn accept_loop(
 ) {
     let max = max_connections();
     let slots = Arc::new(Semaphore::new(max));
+    // Peers other than root (the read-only group) may hold at most half the slots, so they
+    // can never lock the hooks (root) out of the socket.
+    let others = Arc::new(Semaphore::new(max / 2));
     let mut last_warn: Option<Instant> = None;
     let mut suppressed = 0u64;
     let mut warn_rarely = |msg: String| {
@@ -427,26 +430,36 @@ async fn accept_loop(
     };
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => match slots.clone().try_acquire_owned() {
-                Ok(slot) => {
+            Ok((stream, _)) => match (
+                slots.clone().try_acquire_owned(),
+                stream.peer_cred().map(|c| c.uid()),
+            ) {
+                (Ok(slot), Ok(uid)) => {
+                    let other = if uid == 0 {
+                        None
+                    } else {
+                        match others.clone().try_acquire_owned() {
+                            Ok(p) => Some(p),
+                            Err(_) => {
+                                warn_rarely(format!(
+                                    "{} control connections of non-root peers open: refusing more",
+                                    max / 2
+                                ));
+                                busy(stream, max / 2);
+                                continue;
+                            }
+                        }
+                    };
                     let (jobs, reader) = (jobs.clone(), reader.clone());
                     tokio::spawn(async move {
                         connection(stream, jobs, reader, read_gid).await;
-                        drop(slot);
+                        drop((slot, other));
                     });
                 }
-                Err(_) => {
+                (_, Err(_)) => {}
+                (Err(_), _) => {
                     warn_rarely(format!("{max} control connections open: refusing more"));
-                    // Small enough for an empty socket buffer: a non-blocking write of it
-                    // never waits.
-                    if let (Ok(frame), Ok(mut s)) = (
-                        proto::encode(&Response::err(format!(
-                            "busy: {max} control connections are open; try again"
-                        ))),
-                        stream.into_std(),
-                    ) {
-                        let _ = std::io::Write::write(&mut s, &frame);
-                    }
+                    busy(stream, max);
                 }
             },
             Err(e) => {
@@ -456,6 +469,19 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Answers "busy" and closes. Small enough for an empty socket buffer: a non-blocking
+/// write of it never waits.
+fn busy(stream: UnixStream, max: usize) {
+    if let (Ok(frame), Ok(mut s)) = (
+        proto::encode(&Response::err(format!(
+            "busy: {max} control connections are open; try again"
+        ))),
+        stream.into_std(),
+    ) {
+        let _ = std::io::Write::write(&mut s, &frame);
     }
 }
 

@@ -504,3 +504,54 @@ fn client_errors_name_the_real_problem() {
     );
     assert!(lab.ctl(&["attach"]).status.success());
 }
+
+/// The read-only group cannot lock root (the hooks) out: its peers hold at most half of
+/// the connection slots.
+#[test]
+fn read_only_peers_cannot_take_every_connection_slot() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("read_group: nogroup\n");
+    // The daemon raises its open-file limit: 4,096 connection slots, 2,048 of them for
+    // peers that are not root.
+    set_nofile(8192);
+    lab.start_daemon();
+    let r = lab.ctl(&["user", "add", "alice"]);
+    assert!(r.status.success(), "{}", text(&r));
+    for p in [&lab.dir, &lab.config] {
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    // Perl is in every Debian base system (python may sit under root's home).
+    let script = "use IO::Socket::UNIX; my @s; for (1..4200) { push @s, IO::Socket::UNIX->new(Peer => $ARGV[0], Type => SOCK_STREAM) or die \"connect: $!\"; } $| = 1; print \"open\\n\"; sleep 60;";
+    let mut hog = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "/usr/bin/perl",
+            "-e",
+        ])
+        .arg(script)
+        .arg(&lab.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv perl");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hog.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "open", "the read-only peer could not connect");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = lab.ctl(&["unblock", "alice", "--for", "1h"]);
+    let _ = hog.kill();
+    let _ = hog.wait();
+    assert!(
+        r.status.success(),
+        "root locked out by 4,200 read-only connections: {}",
+        text(&r)
+    );
+}

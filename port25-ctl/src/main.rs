@@ -258,6 +258,18 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("port25-ctl: error: {e:#}");
+            // A truncated or emptied config sends clients to the default socket: say so,
+            // rather than leave "not running" as the only clue.
+            if e.downcast_ref::<proto::DaemonDown>().is_some()
+                && cli.socket.is_none()
+                && cli.config.exists()
+                && config::socket_named(&cli.config).is_none()
+            {
+                eprintln!(
+                    "port25-ctl: note: {} names no `socket:` (is it truncated?), so the default socket was tried; give --socket",
+                    cli.config.display()
+                );
+            }
             if e.downcast_ref::<detached::Detached>().is_some() {
                 // The unit's RestartPreventExitStatus: a detach is not undone by a restart.
                 return ExitCode::from(detached::EXIT_CODE);

@@ -418,3 +418,25 @@ fn reload_with_another_config_file_is_refused_not_ignored() {
         text(&out)
     );
 }
+
+/// A client whose config names no socket (emptied, truncated) is told so, not only that the
+/// daemon is not running.
+#[test]
+fn a_config_without_socket_is_named_when_the_daemon_is_not_found() {
+    let dir = std::env::temp_dir().join(port25_tests::unique("p25cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("port25.yaml");
+    std::fs::write(&cfg, "# truncated by config management\n").unwrap();
+    let out = std::process::Command::new(port25_tests::lab::ctl_binary())
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("PORT25_SOCKET")
+        .args(["user", "list"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "{}", text(&out));
+    if !std::path::Path::new("/run/port25/ctl.sock").exists() {
+        assert!(text(&out).contains("names no `socket:`"), "{}", text(&out));
+    }
+}

@@ -474,12 +474,19 @@ impl Config {
             });
         }
         let cfg: Config = serde_yaml::from_str(text).map_err(|e| match e.location() {
-            Some(l) => ConfigError::Syntax {
-                path: path.to_owned(),
-                line: l.line(),
-                column: l.column(),
-                msg: strip_location(&e.to_string()),
-            },
+            Some(l) => {
+                let msg = strip_location(&e.to_string());
+                // serde_yaml points at the mapping that holds a duplicate key; the operator
+                // needs the duplicate's own line.
+                let (line, column) = duplicate_at(text, &msg, l.line(), l.column())
+                    .unwrap_or((l.line(), l.column()));
+                ConfigError::Syntax {
+                    path: path.to_owned(),
+                    line,
+                    column,
+                    msg,
+                }
+            }
             // Whole-file errors (several documents, ...) have no position: never print 0:0.
             None => ConfigError::Invalid {
                 path: path.to_owned(),
@@ -624,3 +631,37 @@ mod tests;
 
 #[cfg(test)]
 mod proptests;
+
+/// For "duplicate field `K`" reported at the mapping starting at (`line`, `column`): the
+/// line and column of the second `K:` at that mapping's indentation (a block mapping, or
+/// the first entry of a list item `- K:`).
+fn duplicate_at(text: &str, msg: &str, line: usize, column: usize) -> Option<(usize, usize)> {
+    let key = msg.split("duplicate field `").nth(1)?.split('`').next()?;
+    let col = column.checked_sub(1)?;
+    let mut seen = 0;
+    for (i, l) in text.lines().enumerate().skip(line.checked_sub(1)?) {
+        let (before, rest) = (l.get(..col), l.get(col..));
+        if let (Some(before), Some(rest)) = (before, rest) {
+            let is_key = before.chars().all(|c| c == ' ' || c == '-')
+                && rest
+                    .strip_prefix(key)
+                    .is_some_and(|r| r.trim_start().starts_with(':'));
+            if is_key {
+                seen += 1;
+                if seen == 2 {
+                    return Some((i + 1, column));
+                }
+            }
+        }
+        // A line indented less than the mapping's keys ends the mapping.
+        let content = l.trim_start_matches([' ', '-']);
+        if i + 1 > line
+            && !content.is_empty()
+            && !content.starts_with('#')
+            && l.len() - content.len() < col
+        {
+            break;
+        }
+    }
+    None
+}

@@ -75,12 +75,17 @@ fn unknown_key_is_refused_with_location() {
 
 #[test]
 fn duplicate_key_is_refused() {
-    let e = err("action: drop\naction: drop\n");
-    // serde_yaml points at the mapping that holds the duplicate and names the key.
+    // The error points at the duplicate itself, not at the mapping that holds it (which is
+    // where serde_yaml points).
+    let e = err("action: drop\nblocked_ports: [25]\naction: drop\n");
     assert!(
-        e.starts_with("test.yaml:1:") && e.contains("duplicate field `action`"),
+        e.starts_with("test.yaml:3:1:") && e.contains("duplicate field `action`"),
         "{e}"
     );
+    let e = err(
+        "interfaces:\n  - name: eth1\n    hook: xdp\n    hook: tc\n  - name: eth2\n    hook: xdp\n",
+    );
+    assert!(e.starts_with("test.yaml:4:5:"), "{e}");
 }
 
 #[test]

@@ -318,9 +318,31 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     policy::check_fits(&live, &want)?;
     let applied = policy::apply(&mut live, &want)?;
     info!(writes = applied.writes, "policy applied");
+    // A first start that cannot attach leaves nothing behind; a tree that already enforces
+    // keeps every link it has (and its maps), whatever fails now.
+    let fresh = pins.pinned_links().is_empty();
     for iface in &cfg.interfaces {
         // A pinned link whose interface went away is replaced, not swapped into.
-        let how = datapath::attach(&mut ebpf, &pins, iface)?;
+        let how = match datapath::attach(&mut ebpf, &pins, iface) {
+            Ok(how) => how,
+            Err(e) => {
+                let busy = format!("{e:#}").contains("busy");
+                if fresh {
+                    if let Err(e2) = datapath::detach_all(&pins) {
+                        warn!("removing the pins of this failed first start: {e2:#}");
+                    }
+                }
+                let e = e.context(format!("attaching {}", iface.attach_point()));
+                return Err(if busy {
+                    e.context(format!(
+                        "{} already has a program attached (another port25 pin tree, or another XDP program?)",
+                        iface.name
+                    ))
+                } else {
+                    e
+                });
+            }
+        };
         info!(interface = %iface.name, point = %iface.attach_point(), ?how, "enforcing");
     }
     for gone in datapath::detach_stale(&pins, &cfg)? {

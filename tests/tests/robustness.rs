@@ -555,3 +555,50 @@ fn read_only_peers_cannot_take_every_connection_slot() {
         text(&r)
     );
 }
+
+/// A second daemon with its own pins and socket on an interface the first one enforces is
+/// refused with the reason named, and leaves no pin tree behind; the first keeps enforcing.
+#[test]
+fn a_second_pin_tree_on_an_enforced_interface_is_refused_and_cleaned_up() {
+    require_root!();
+    let mut lab = Lab::new("  - name: rs\n    hook: xdp\n    xdp_mode: native");
+    lab.start_daemon();
+    let other_pins = format!("/sys/fs/bpf/{}", port25_tests::unique("p25second"));
+    let other = lab.dir.join("second");
+    std::fs::create_dir_all(&other).unwrap();
+    let cfg = other.join("port25.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "interfaces:\n{}\n{}state_dir: {}\nsocket: {}\npin_dir: {}\n",
+            lab.interfaces,
+            port25_tests::lab::POLICY,
+            other.display(),
+            other.join("ctl.sock").display(),
+            other_pins
+        ),
+    )
+    .unwrap();
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.rtr))
+        .arg(port25_tests::lab::ctl_binary())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("daemon")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the second daemon started");
+    assert!(
+        text(&out).contains("already has a program attached"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !std::path::Path::new(&other_pins).exists(),
+        "the refused daemon left {other_pins} behind"
+    );
+    assert!(
+        !lab.can_connect(lab::v4().sub, lab::v4().ext, 25),
+        "the first daemon stopped enforcing"
+    );
+}

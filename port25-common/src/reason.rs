@@ -44,6 +44,9 @@ pub enum Reason {
     /// MPLS (PPP 0x0281/0x0283, Ethernet or skb protocol 0x8847/0x8848): labels the stack
     /// may pop to route the IP packet inside.
     BlockMpls = 18,
+    /// A tunnel inside the tunnel (IPIP, 6in4, GRE, VXLAN, GENEVE two levels deep): the
+    /// parser looks one level in.
+    BlockTunnelDepth = 19,
 }
 
 /// Entries of the per-CPU counter array: room to append reasons without a layout change.
@@ -51,7 +54,7 @@ pub enum Reason {
 pub const NUM_REASONS: u32 = 32;
 
 impl Reason {
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::PassNotIp,
         Reason::PassNotTcp,
         Reason::PassPortOpen,
@@ -71,6 +74,7 @@ impl Reason {
         Reason::BlockPppCompressed,
         Reason::BlockPppVj,
         Reason::BlockMpls,
+        Reason::BlockTunnelDepth,
     ];
 
     #[inline(always)]
@@ -104,6 +108,7 @@ impl Reason {
             Reason::BlockPppCompressed => "block_ppp_compressed",
             Reason::BlockPppVj => "block_ppp_vj",
             Reason::BlockMpls => "block_mpls",
+            Reason::BlockTunnelDepth => "block_tunnel_depth",
         }
     }
 
@@ -139,6 +144,7 @@ impl Reason {
                 "PPP VJ-compressed TCP, rebuilt only by the kernel (fail closed; enforce with TC on ppp*)"
             }
             Reason::BlockMpls => "MPLS whose inner packet cannot be told (fail closed)",
+            Reason::BlockTunnelDepth => "tunnel inside a tunnel, too deep to inspect (fail closed)",
         }
     }
 }
@@ -162,5 +168,6 @@ mod tests {
         assert_eq!(Reason::BlockEncap as u32, 14);
         assert_eq!(Reason::BlockPppMultilink as u32, 15);
         assert_eq!(Reason::BlockMpls as u32, 18);
+        assert_eq!(Reason::BlockTunnelDepth as u32, 19);
     }
 }

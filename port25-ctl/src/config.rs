@@ -338,13 +338,16 @@ fn default_state_dir() -> PathBuf {
 /// top-level `socket:` is read, leniently, so a half-edited file (syntax errors, unknown
 /// keys, bad values elsewhere) still finds the daemon. Unreadable or absent: the default.
 pub fn socket_of(path: &Path) -> PathBuf {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return default_socket();
-    };
+    socket_named(path).unwrap_or_else(default_socket)
+}
+
+/// The `socket:` the config file at `path` names, if it names one (see [`socket_of`]).
+pub fn socket_named(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
     if let Ok(serde_yaml::Value::Mapping(m)) = serde_yaml::from_str::<serde_yaml::Value>(&text) {
         return match m.get("socket") {
-            Some(serde_yaml::Value::String(s)) if !s.is_empty() => PathBuf::from(s),
-            _ => default_socket(),
+            Some(serde_yaml::Value::String(s)) if !s.is_empty() => Some(PathBuf::from(s)),
+            _ => None,
         };
     }
     // Not YAML as a whole: the last top-level `socket:` line, as YAML would take it.
@@ -361,7 +364,6 @@ pub fn socket_of(path: &Path) -> PathBuf {
             (!v.is_empty()).then(|| PathBuf::from(v))
         })
         .next()
-        .unwrap_or_else(default_socket)
 }
 
 fn default_socket() -> PathBuf {

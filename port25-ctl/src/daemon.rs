@@ -156,6 +156,52 @@ impl Wall {
         Ok(())
     }
 
+    /// At start, with the clock behind the registry: a timed unblock that ends after the
+    /// newest recorded time may or may not have ended in real time (the box may have been off
+    /// for a day), and nothing here can tell. Each one is ended, fail closed and audited; the
+    /// next POP login or helpdesk call opens it again, measured from a time that is never
+    /// ahead of real time. Unblocks made while this daemon runs are measured from the same
+    /// derived time, which is never ahead of real time, so they are kept.
+    fn close_uncertain_unblocks(&mut self, store: &mut SqliteStore) -> Result<usize> {
+        let now = self.now();
+        if !self.behind {
+            return Ok(0);
+        }
+        let mut tx = store.begin()?;
+        let uncertain: Vec<_> = tx
+            .users()?
+            .into_iter()
+            .filter(|u| u.policy == crate::store::Policy::Unblocked)
+            .filter(|u| u.until.is_some_and(|t| t > self.floor))
+            .collect();
+        let actor = crate::registry::Actor {
+            uid: 0,
+            name: "port25 daemon".into(),
+            on_behalf_of: None,
+        };
+        for u in &uncertain {
+            crate::registry::block(
+                &mut *tx,
+                &actor,
+                &u.name,
+                Some(format!(
+                    "the clock is behind the registry at start: cannot tell whether the unblock until {} has ended",
+                    u.until.unwrap()
+                )),
+                false,
+                now,
+            )?;
+        }
+        tx.commit()?;
+        if !uncertain.is_empty() {
+            error!(
+                count = uncertain.len(),
+                "timed unblocks that may have ended while the clock was wrong are closed (audited)"
+            );
+        }
+        Ok(uncertain.len())
+    }
+
     fn now(&mut self) -> jiff::Timestamp {
         let raw = jiff::Timestamp::now()
             .checked_add(self.shift)
@@ -210,7 +256,10 @@ pub fn run(config_path: &Path, attach: bool) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(config_path.to_owned(), cfg, attach))
+    // Absolute, so `reload` can tell a client that names another file (its --config) that
+    // this is not the file the daemon reads.
+    let config_path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
+    rt.block_on(serve(config_path, cfg, attach))
 }
 
 /// Idle clients each hold a descriptor: systemd's default soft limit (1024) would turn a
@@ -261,6 +310,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     };
     let mut live = LiveMaps::open(&map_pins)?;
     let mut wall = Wall::new(&mut store)?;
+    wall.close_uncertain_unblocks(&mut store)?;
     let clock = Clock::sample_at(wall.now());
     // Policy before programs: a fresh attach never runs on empty maps. A change committed
     // by an earlier daemon that died before applying it is applied here.
@@ -364,6 +414,9 @@ async fn accept_loop(
 ) {
     let max = max_connections();
     let slots = Arc::new(Semaphore::new(max));
+    // Peers other than root (the read-only group) may hold at most half the slots, so they
+    // can never lock the hooks (root) out of the socket.
+    let others = Arc::new(Semaphore::new(max / 2));
     let mut last_warn: Option<Instant> = None;
     let mut suppressed = 0u64;
     let mut warn_rarely = |msg: String| {
@@ -377,26 +430,36 @@ async fn accept_loop(
     };
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => match slots.clone().try_acquire_owned() {
-                Ok(slot) => {
+            Ok((stream, _)) => match (
+                slots.clone().try_acquire_owned(),
+                stream.peer_cred().map(|c| c.uid()),
+            ) {
+                (Ok(slot), Ok(uid)) => {
+                    let other = if uid == 0 {
+                        None
+                    } else {
+                        match others.clone().try_acquire_owned() {
+                            Ok(p) => Some(p),
+                            Err(_) => {
+                                warn_rarely(format!(
+                                    "{} control connections of non-root peers open: refusing more",
+                                    max / 2
+                                ));
+                                busy(stream, max / 2);
+                                continue;
+                            }
+                        }
+                    };
                     let (jobs, reader) = (jobs.clone(), reader.clone());
                     tokio::spawn(async move {
                         connection(stream, jobs, reader, read_gid).await;
-                        drop(slot);
+                        drop((slot, other));
                     });
                 }
-                Err(_) => {
+                (_, Err(_)) => {}
+                (Err(_), _) => {
                     warn_rarely(format!("{max} control connections open: refusing more"));
-                    // Small enough for an empty socket buffer: a non-blocking write of it
-                    // never waits.
-                    if let (Ok(frame), Ok(mut s)) = (
-                        proto::encode(&Response::err(format!(
-                            "busy: {max} control connections are open; try again"
-                        ))),
-                        stream.into_std(),
-                    ) {
-                        let _ = std::io::Write::write(&mut s, &frame);
-                    }
+                    busy(stream, max);
                 }
             },
             Err(e) => {
@@ -406,6 +469,19 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Answers "busy" and closes. Small enough for an empty socket buffer: a non-blocking
+/// write of it never waits.
+fn busy(stream: UnixStream, max: usize) {
+    if let (Ok(frame), Ok(mut s)) = (
+        proto::encode(&Response::err(format!(
+            "busy: {max} control connections are open; try again"
+        ))),
+        stream.into_std(),
+    ) {
+        let _ = std::io::Write::write(&mut s, &frame);
     }
 }
 

@@ -45,6 +45,24 @@ impl Slot {
         }
     }
 
+    /// Where a session's address or prefix lives. An IPv4 session prefix (a routed
+    /// Framed-Route) is written as one exact entry per address: exact entries are read
+    /// before the LPM, so another user's narrower binding inside it never decides for an
+    /// address the session holds (DESIGN "Ownership"); IPv4 has no per-length session hash.
+    /// The registry keeps such prefixes at most [`crate::registry::MAX_SESSION_PREFIX4`] wide.
+    pub fn of_session(p: &Prefix) -> Vec<Slot> {
+        match p.addr {
+            IpAddr::V4(a) if !p.is_host() => {
+                let base = u32::from(a);
+                let count = 1u64 << (32 - p.len as u32);
+                (0..count)
+                    .map(|i| Slot::Ip4((base.wrapping_add(i as u32)).to_be_bytes()))
+                    .collect()
+            }
+            _ => vec![Slot::of(p, true)],
+        }
+    }
+
     fn get(&self, d: &Desired) -> Option<Exempt> {
         match self {
             Slot::Ip4(k) => d.exip4.get(k),
@@ -145,7 +163,9 @@ pub fn user_slots(
     };
     let mut out: BTreeMap<Slot, Exempt> = BTreeMap::new();
     for p in sessions.iter().flat_map(|s| s.addrs.iter()) {
-        out.insert(Slot::of(p, true), owner);
+        for slot in Slot::of_session(p) {
+            out.insert(slot, owner);
+        }
     }
     if let Some(expires_ns) = expires_ns {
         let v = Exempt {

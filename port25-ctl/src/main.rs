@@ -239,6 +239,14 @@ static STARTED: std::sync::LazyLock<jiff::Timestamp> =
 fn main() -> ExitCode {
     std::sync::LazyLock::force(&STARTED);
     let cli = Cli::parse();
+    if !matches!(cli.verb, Verb::Daemon { .. }) {
+        // Rust ignores SIGPIPE, so `port25-ctl user list | head` panicked on the closed pipe
+        // (exit 101). A client ends quietly instead, like any Unix tool; its socket writes
+        // use MSG_NOSIGNAL. The daemon keeps SIGPIPE ignored: a client hanging up must not
+        // kill it.
+        // SAFETY: single-threaded here, before anything else runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PORT25_LOG")
@@ -250,6 +258,18 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("port25-ctl: error: {e:#}");
+            // A truncated or emptied config sends clients to the default socket: say so,
+            // rather than leave "not running" as the only clue.
+            if e.downcast_ref::<proto::DaemonDown>().is_some()
+                && cli.socket.is_none()
+                && cli.config.exists()
+                && config::socket_named(&cli.config).is_none()
+            {
+                eprintln!(
+                    "port25-ctl: note: {} names no `socket:` (is it truncated?), so the default socket was tried; give --socket",
+                    cli.config.display()
+                );
+            }
             if e.downcast_ref::<detached::Detached>().is_some() {
                 // The unit's RestartPreventExitStatus: a detach is not undone by a restart.
                 return ExitCode::from(detached::EXIT_CODE);
@@ -282,6 +302,19 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Verb::Daemon { .. } => unreachable!(),
         Verb::Status | Verb::Check { .. } | Verb::Detach | Verb::Attach => local(cli),
         Verb::Reload => {
+            // The daemon re-reads the file it was started with; a --config naming another
+            // file would otherwise be silently ignored and the reply read as "applied".
+            let info = proto::call(&socket(), Op::Info, CALL_TIMEOUT)?;
+            let theirs = info.data["config"].as_str().map(PathBuf::from);
+            if let (Some(theirs), Ok(mine)) = (&theirs, std::fs::canonicalize(&cli.config)) {
+                if *theirs != mine {
+                    bail!(
+                        "the daemon reads {}, not {}: nothing was reloaded (edit {0}, or restart the daemon with --config {1})",
+                        theirs.display(),
+                        mine.display()
+                    );
+                }
+            }
             let r = proto::call(&socket(), Op::Reload, CALL_TIMEOUT)?;
             if !r.ok {
                 bail!(
@@ -292,7 +325,12 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             if cli.json {
                 print_json(&r.data)?;
             } else {
-                println!("reloaded: {} map writes", r.data["writes"]);
+                match &theirs {
+                    Some(t) => {
+                        println!("reloaded {}: {} map writes", t.display(), r.data["writes"])
+                    }
+                    None => println!("reloaded: {} map writes", r.data["writes"]),
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

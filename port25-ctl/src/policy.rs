@@ -286,6 +286,47 @@ fn put_all<T: Table>(t: &mut T, p: &Plan<T::K, T::V>, name: &str) -> Result<usiz
     Ok(p.put.len())
 }
 
+/// An entry that closes its address: a session of a user who is not unblocked.
+fn blocks(e: &Exempt) -> bool {
+    e.owns() && e.expires_ns == crate::incremental::BLOCKED_NS
+}
+
+fn put_where<T: Table<V = Exempt>>(
+    t: &mut T,
+    p: &Plan<T::K, Exempt>,
+    name: &str,
+    pred: impl Fn(&Exempt) -> bool,
+) -> Result<usize> {
+    let mut n = 0;
+    for (k, v) in p.put.iter().filter(|(_, v)| pred(v)) {
+        t.put(*k, *v)
+            .with_context(|| format!("{name}: writing {k:?}"))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// `s` probing the session prefix lengths of `old` too (longest first), when both fit.
+fn with_lens_of(s: Settings, old: Option<Settings>) -> Settings {
+    use port25_common::maps::MAX_SESSION_PREFIX_LENS;
+    let Some(old) = old else { return s };
+    let mut lens = std::collections::BTreeSet::new();
+    for x in [&s, &old] {
+        let n = (x.session_prefix_count as usize).min(MAX_SESSION_PREFIX_LENS);
+        lens.extend(x.session_prefix_lens[..n].iter().copied());
+    }
+    if lens.len() > MAX_SESSION_PREFIX_LENS {
+        return s;
+    }
+    let mut out = s;
+    out.session_prefix_lens = [0; MAX_SESSION_PREFIX_LENS];
+    for (i, l) in lens.iter().rev().enumerate() {
+        out.session_prefix_lens[i] = *l;
+    }
+    out.session_prefix_count = lens.len() as u32;
+    out
+}
+
 fn del_all<T: Table>(t: &mut T, p: &Plan<T::K, T::V>, name: &str) -> Result<usize> {
     for k in &p.del {
         t.del(*k)
@@ -384,6 +425,25 @@ pub fn write_slots(
     slots: &[(Slot, Option<Exempt>)],
     settings: Option<Settings>,
 ) -> Result<()> {
+    // As in a full apply: old and new prefix lengths probed, blocked sessions' entries in,
+    // then deletes, then entries that open, then the new lengths alone.
+    if let Some(s) = settings {
+        let early = with_lens_of(s, live.settings.get(&0, 0).ok());
+        if early != s {
+            live.settings.set(0, early, 0).context("writing settings")?;
+        }
+    }
+    for (slot, v) in slots {
+        let Some(v) = v.filter(blocks) else { continue };
+        match slot {
+            Slot::Ip4(k) => live.exip4.put(*k, v),
+            Slot::Ip6(k) => live.exip6.put(*k, v),
+            Slot::Pfx4(k) => live.expfx4.put(*k, v),
+            Slot::Pfx6(k) => live.expfx6.put(*k, v),
+            Slot::Net6(k) => live.exnet6.put(*k, v),
+        }
+        .with_context(|| format!("writing {slot:?}"))?;
+    }
     for (slot, _) in slots.iter().filter(|(_, v)| v.is_none()) {
         match slot {
             Slot::Ip4(k) => live.exip4.del(*k),
@@ -395,13 +455,15 @@ pub fn write_slots(
         .with_context(|| format!("deleting {slot:?}"))?;
     }
     for (slot, v) in slots {
-        let Some(v) = v else { continue };
+        let Some(v) = v.filter(|v| !blocks(v)) else {
+            continue;
+        };
         match slot {
-            Slot::Ip4(k) => live.exip4.put(*k, *v),
-            Slot::Ip6(k) => live.exip6.put(*k, *v),
-            Slot::Pfx4(k) => live.expfx4.put(*k, *v),
-            Slot::Pfx6(k) => live.expfx6.put(*k, *v),
-            Slot::Net6(k) => live.exnet6.put(*k, *v),
+            Slot::Ip4(k) => live.exip4.put(*k, v),
+            Slot::Ip6(k) => live.exip6.put(*k, v),
+            Slot::Pfx4(k) => live.expfx4.put(*k, v),
+            Slot::Pfx6(k) => live.expfx6.put(*k, v),
+            Slot::Net6(k) => live.exnet6.put(*k, v),
         }
         .with_context(|| format!("writing {slot:?}"))?;
     }
@@ -498,6 +560,9 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
             | (want.settings.flags & old.map_or(0, |o| o.flags) & LISTED_MASK),
         ..want.settings
     };
+    // Session prefix lengths: old and new both probed until the entries have moved, so a
+    // blocked session's entry is seen from the moment it is written.
+    let early = with_lens_of(early, old);
     let mut writes = 0;
 
     writes += put_all(&mut live.ports, &ports, m::PORTS)?;
@@ -507,6 +572,13 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
         live.settings.set(0, early, 0).context("writing settings")?;
         writes += 1;
     }
+    // Blocked sessions' entries close an address, so they go in before anything is deleted:
+    // deleting one (or a pass entry) can only then expose what the new state holds.
+    writes += put_where(&mut live.exip4, &e4, m::EXIP4, blocks)?;
+    writes += put_where(&mut live.exip6, &e6, m::EXIP6, blocks)?;
+    writes += put_where(&mut live.expfx4, &p4, m::EXPFX4, blocks)?;
+    writes += put_where(&mut live.expfx6, &p6, m::EXPFX6, blocks)?;
+    writes += put_where(&mut live.exnet6, &n6, m::EXNET6, blocks)?;
     writes += del_all(&mut live.mail4, &m4, m::MAIL4)?;
     writes += del_all(&mut live.mail6, &m6, m::MAIL6)?;
     writes += del_all(&mut live.exip4, &e4, m::EXIP4)?;
@@ -516,11 +588,12 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
     writes += del_all(&mut live.exnet6, &n6, m::EXNET6)?;
     writes += put_all(&mut live.mail4, &m4, m::MAIL4)?;
     writes += put_all(&mut live.mail6, &m6, m::MAIL6)?;
-    writes += put_all(&mut live.exip4, &e4, m::EXIP4)?;
-    writes += put_all(&mut live.exip6, &e6, m::EXIP6)?;
-    writes += put_all(&mut live.expfx4, &p4, m::EXPFX4)?;
-    writes += put_all(&mut live.expfx6, &p6, m::EXPFX6)?;
-    writes += put_all(&mut live.exnet6, &n6, m::EXNET6)?;
+    let opens = |e: &Exempt| !blocks(e);
+    writes += put_where(&mut live.exip4, &e4, m::EXIP4, opens)?;
+    writes += put_where(&mut live.exip6, &e6, m::EXIP6, opens)?;
+    writes += put_where(&mut live.expfx4, &p4, m::EXPFX4, opens)?;
+    writes += put_where(&mut live.expfx6, &p6, m::EXPFX6, opens)?;
+    writes += put_where(&mut live.exnet6, &n6, m::EXNET6, opens)?;
     if early != want.settings {
         live.settings
             .set(0, want.settings, 0)
@@ -537,6 +610,28 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
 mod tests {
     use super::*;
     use crate::store::{Policy, Session, User};
+
+    /// While entries move between prefix lengths, both lengths are probed (so a blocked
+    /// session's new entry is seen as soon as it is written), unless they do not fit.
+    #[test]
+    fn old_and_new_session_prefix_lengths_are_probed_together() {
+        let lens = |l: &[u8]| {
+            let mut s = Settings::default();
+            s.session_prefix_lens[..l.len()].copy_from_slice(l);
+            s.session_prefix_count = l.len() as u32;
+            s
+        };
+        let s = with_lens_of(lens(&[64]), Some(lens(&[128, 56])));
+        assert_eq!(s.session_prefix_count, 3);
+        assert_eq!(&s.session_prefix_lens[..3], &[128, 64, 56]);
+        let full = lens(&[64, 63, 62, 61, 60, 59, 58, 57]);
+        assert_eq!(
+            with_lens_of(full, Some(lens(&[48]))),
+            full,
+            "9 do not fit: the new set"
+        );
+        assert_eq!(with_lens_of(lens(&[56]), None), lens(&[56]));
+    }
 
     fn user(name: &str, policy: Policy, until: Option<&str>) -> User {
         User {

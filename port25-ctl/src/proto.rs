@@ -1,12 +1,7 @@
 //! The control socket's wire format: a 4-byte big-endian length, then one JSON object.
 //! Requests carry a protocol version; frames over [`MAX_FRAME`] are refused unread.
 
-use std::{
-    io::{Read, Write},
-    os::unix::net::UnixStream,
-    path::Path,
-    time::Duration,
-};
+use std::{io::Read, os::unix::net::UnixStream, path::Path, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use jiff::Timestamp;
@@ -214,25 +209,62 @@ pub fn decode_request(body: &[u8]) -> Result<Request> {
     Ok(req)
 }
 
+/// No daemon listens on the socket (absent, or nothing accepting): not a permission problem.
 #[derive(Debug, thiserror::Error)]
-#[error("the port25 daemon is not running (no answer on {path}): {source}; enforcement continues from the pinned programs")]
+#[error("the port25 daemon is not running (no answer on {path}: {cause}); enforcement continues from the pinned programs (`port25-ctl status`)")]
 pub struct DaemonDown {
     pub path: String,
-    #[source]
-    pub source: std::io::Error,
+    // Not `source`: the message already names it, and `{:#}` would print it twice.
+    pub cause: std::io::Error,
+}
+
+/// Connecting failed for another reason than an absent daemon (most often permissions):
+/// saying "not running" then would send the operator the wrong way.
+fn connect(socket: &Path) -> Result<UnixStream> {
+    use std::io::ErrorKind;
+    UnixStream::connect(socket).map_err(|e| match e.kind() {
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused => DaemonDown {
+            path: socket.display().to_string(),
+            cause: e,
+        }
+        .into(),
+        ErrorKind::PermissionDenied => anyhow!(
+            "cannot connect to the port25 daemon on {}: {e}: the control socket is root's \
+             (members of `read_group` may use the read-only verbs); run as root, e.g. with sudo",
+            socket.display()
+        ),
+        _ => anyhow!(
+            "cannot connect to the port25 daemon on {}: {e}",
+            socket.display()
+        ),
+    })
+}
+
+/// Writes the whole request without raising SIGPIPE: the CLI restores SIGPIPE's default
+/// (so `port25-ctl ... | head` ends quietly), and a daemon that closes early must surface
+/// as an error here, not kill the client before it reads the daemon's answer.
+fn send_all(s: &UnixStream, mut buf: &[u8]) -> std::io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
+    use std::os::fd::AsRawFd as _;
+    while !buf.is_empty() {
+        match send(s.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// One request, one response, over a blocking socket (the CLI side).
 pub fn call(socket: &Path, op: Op, timeout: Duration) -> Result<Response> {
-    let mut s = UnixStream::connect(socket).map_err(|source| DaemonDown {
-        path: socket.display().to_string(),
-        source,
-    })?;
+    let mut s = connect(socket)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     // A daemon that refuses a peer answers and closes without reading the request, so the
     // write may fail (EPIPE) while the answer is waiting: read it before reporting the write.
-    let written = s.write_all(&encode(&Request::new(op))?);
+    let written = send_all(&s, &encode(&Request::new(op))?);
     let mut header = [0u8; 4];
     if let Err(e) = s.read_exact(&mut header) {
         written?;

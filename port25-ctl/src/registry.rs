@@ -365,9 +365,18 @@ fn check_session(id: &str, addrs: &[Prefix]) -> Result<()> {
         if !seen.insert(*p) {
             bail!("{p} is listed twice");
         }
+        if p.addr.is_ipv4() && p.len < MAX_SESSION_PREFIX4 {
+            bail!(
+                "{p}: an IPv4 session prefix may be at most /{MAX_SESSION_PREFIX4} ({} addresses): each address is a map entry of its own",
+                1u32 << (32 - MAX_SESSION_PREFIX4)
+            );
+        }
     }
     Ok(())
 }
+
+/// The widest IPv4 session prefix (a routed Framed-Route): written address by address.
+pub const MAX_SESSION_PREFIX4: u8 = 22;
 
 /// `session up USER ADDR... [--id ID]`. A user not seen before is registered, blocked. An
 /// address held by another session is a reused dynamic address: it leaves that session (a

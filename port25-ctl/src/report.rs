@@ -169,7 +169,11 @@ pub fn print_status(s: &Status) {
             "daemon:     running (pid {}, up {}s, {} reconciles, {} drifted entries repaired)",
             d["pid"], d["uptime_s"], d["reconciles"], d["drift_repaired"]
         ),
-        None => println!("daemon:     DOWN (enforcement continues from the pins; figures below are read from them)"),
+        None if s.interfaces.iter().any(|i| i.attached) || !s.unconfigured_links.is_empty() => {
+            println!("daemon:     DOWN (enforcement continues from the pins; figures below are read from them)")
+        }
+        // After a detach (or before the first start) nothing enforces: never claim it does.
+        None => println!("daemon:     DOWN, and no program is attached: port 25 is NOT blocked"),
     }
     if let Some(d) = &s.detached {
         println!(

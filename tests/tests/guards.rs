@@ -342,3 +342,101 @@ fn a_wall_clock_behind_the_registry_does_not_revive_expired_unblocks() {
     let out = lab.ctl(&["--json", "audit", "--user", "alice"]);
     assert!(text(&out).contains("unblock.ended"), "{}", text(&out));
 }
+
+/// The clock is behind at start and the end of a timed unblock was never recorded (the
+/// daemon died before its reconcile, or the box was off): nothing can tell whether it has
+/// ended, so it is closed, fail closed and audited; a new unblock works at once.
+#[test]
+fn a_wall_clock_behind_closes_timed_unblocks_it_cannot_judge() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("reconcile_interval: 600s\n");
+    lab.start_daemon();
+    let (sub, exempt, ext) = (lab::v4().sub, lab::v4().exempt, lab::v4().ext);
+    for args in [
+        vec!["unblock", "erin", "--new", "--for", "3s"],
+        vec!["session", "up", "erin", "100.64.0.2", "--id", "e1"],
+        vec!["unblock", "finn", "--new", "--for", "1h"],
+        vec!["session", "up", "finn", "100.64.0.3", "--id", "f1"],
+    ] {
+        let out = lab.ctl(&args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    assert!(lab.can_connect(exempt, ext, 25), "finn's unblock not live");
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(!lab.can_connect(sub, ext, 25), "erin's unblock did not end");
+    // Killed before any reconcile recorded the end of erin's unblock.
+    lab.kill9();
+    lab.try_start_daemon_env(&[(port25_ctl::daemon::FAKE_WALL_SHIFT, "-86400")])
+        .unwrap();
+    assert!(
+        !lab.can_connect(sub, ext, 25),
+        "a clock a day behind revived erin's ended unblock"
+    );
+    assert!(
+        !lab.can_connect(exempt, ext, 25),
+        "finn's unblock, which cannot be judged with this clock, stayed open"
+    );
+    let out = lab.ctl(&["--json", "audit", "--user", "finn"]);
+    assert!(text(&out).contains("clock is behind"), "{}", text(&out));
+    let out = lab.ctl(&["unblock", "finn", "--for", "1h"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        lab.can_connect(exempt, ext, 25),
+        "a new unblock works at once"
+    );
+}
+
+/// `reload` re-reads the daemon's own file: a client naming another one with --config is
+/// told so and nothing changes (it used to print "reloaded").
+#[test]
+fn reload_with_another_config_file_is_refused_not_ignored() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.start_daemon();
+    let other = lab.dir.join("other.yaml");
+    std::fs::write(&other, "this: is not the daemon's file\n").unwrap();
+    let out = std::process::Command::new(port25_tests::lab::ctl_binary())
+        .arg("--config")
+        .arg(&other)
+        .arg("--socket")
+        .arg(&lab.socket)
+        .arg("reload")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("nothing was reloaded"),
+        "{}",
+        text(&out)
+    );
+    let out = lab.ctl(&["reload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&lab.config.canonicalize().unwrap().display().to_string()),
+        "the reply names the file: {}",
+        text(&out)
+    );
+}
+
+/// A client whose config names no socket (emptied, truncated) is told so, not only that the
+/// daemon is not running.
+#[test]
+fn a_config_without_socket_is_named_when_the_daemon_is_not_found() {
+    let dir = std::env::temp_dir().join(port25_tests::unique("p25cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("port25.yaml");
+    std::fs::write(&cfg, "# truncated by config management\n").unwrap();
+    let out = std::process::Command::new(port25_tests::lab::ctl_binary())
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("PORT25_SOCKET")
+        .args(["user", "list"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "{}", text(&out));
+    if !std::path::Path::new("/run/port25/ctl.sock").exists() {
+        assert!(text(&out).contains("names no `socket:`"), "{}", text(&out));
+    }
+}

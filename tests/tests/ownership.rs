@@ -213,3 +213,45 @@ fn the_operators_exempt_still_opens_a_blocked_users_session() {
         assert_owner_decides(&lab, "100.64.0.2", None, "after a restart");
     }
 }
+
+/// An IPv4 session prefix (a routed Framed-Route) belongs to its session's user too: a
+/// narrower binding of another user inside it, written before or after, never opens it.
+#[test]
+fn a_narrower_binding_never_opens_a_blocked_ipv4_session_prefix() {
+    require_root!();
+    let mut lab = Lab::new("  - name: rs\n    hook: xdp\n    xdp_mode: generic");
+    lab.start_daemon();
+    ok(&lab, &["user", "add", "bea"]);
+    ok(&lab, &["unblock", "ulf", "--new"]);
+
+    // Session first, then the narrower binding.
+    ok(
+        &lab,
+        &["session", "up", "bea", "100.64.0.0/29", "--id", "b1"],
+    );
+    ok(&lab, &["user", "bind", "ulf", "100.64.0.0/30"]);
+    assert_owner_decides(&lab, "100.64.0.2", None, "session /29, then binding /30");
+    ok(&lab, &["session", "down", "--id", "b1"]);
+    assert!(
+        smtp(&lab, "100.64.0.2"),
+        "no session holds it: the binding applies"
+    );
+
+    // Binding first, then the session around it.
+    ok(
+        &lab,
+        &["session", "up", "bea", "100.64.0.0/29", "--id", "b2"],
+    );
+    assert_owner_decides(&lab, "100.64.0.2", None, "binding /30, then session /29");
+    // Unblocking bea opens her whole prefix.
+    ok(&lab, &["unblock", "bea"]);
+    assert!(smtp(&lab, "100.64.0.3"));
+    ok(&lab, &["block", "bea"]);
+    assert_owner_decides(&lab, "100.64.0.3", None, "blocked again");
+
+    // Too wide to be written address by address: refused, nothing changes.
+    let o = lab.ctl(&["session", "up", "bea", "100.64.0.0/21", "--id", "b3"]);
+    assert!(!o.status.success(), "a /21 session prefix was accepted");
+    assert!(text(&o).contains("/22"), "{}", text(&o));
+    assert_owner_decides(&lab, "100.64.0.3", None, "after the refusal");
+}

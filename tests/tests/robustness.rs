@@ -450,3 +450,108 @@ fn a_client_cannot_stall_the_writer() {
     let st = lab.ctl(&["status"]);
     assert!(st.status.success(), "{}", text(&st));
 }
+
+/// Review findings: a client's errors name the real problem. A non-root caller was told
+/// "the daemon is not running" (it is; the socket is root's), `| head` made every verb panic
+/// (exit 101), and `status` after a detach claimed "enforcement continues from the pins".
+#[test]
+fn client_errors_name_the_real_problem() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.start_daemon();
+    assert!(lab.ctl(&["user", "add", "alice"]).status.success());
+
+    let nobody = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(lab::ctl_binary())
+        .arg("--config")
+        .arg(&lab.config)
+        .args(["user", "list"])
+        .output()
+        .expect("setpriv");
+    let err = String::from_utf8_lossy(&nobody.stderr);
+    assert!(!nobody.status.success(), "{err}");
+    assert!(
+        err.contains("Permission denied") && !err.contains("not running"),
+        "a permission problem is not an absent daemon: {err}"
+    );
+
+    // The reader is gone before the answer is printed: end quietly, never a panic.
+    let mut child = Command::new(lab::ctl_binary())
+        .arg("--config")
+        .arg(&lab.config)
+        .args(["audit", "--limit", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && out.status.code() != Some(101),
+        "a closed stdout: {err}"
+    );
+
+    let d = lab.ctl(&["detach"]);
+    assert!(d.status.success(), "detach: {}", text(&d));
+    assert!(lab.wait_daemon_exit(Duration::from_secs(5)));
+    let st = lab.ctl(&["status"]);
+    let out = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        !out.contains("enforcement continues") && out.contains("NOT blocked"),
+        "status after a detach must not claim enforcement: {out}"
+    );
+    assert!(lab.ctl(&["attach"]).status.success());
+}
+
+/// The read-only group cannot lock root (the hooks) out: its peers hold at most half of
+/// the connection slots.
+#[test]
+fn read_only_peers_cannot_take_every_connection_slot() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("read_group: nogroup\n");
+    // The daemon raises its open-file limit: 4,096 connection slots, 2,048 of them for
+    // peers that are not root.
+    set_nofile(8192);
+    lab.start_daemon();
+    let r = lab.ctl(&["user", "add", "alice"]);
+    assert!(r.status.success(), "{}", text(&r));
+    for p in [&lab.dir, &lab.config] {
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    // Perl is in every Debian base system (python may sit under root's home).
+    let script = "use IO::Socket::UNIX; my @s; for (1..4200) { push @s, IO::Socket::UNIX->new(Peer => $ARGV[0], Type => SOCK_STREAM) or die \"connect: $!\"; } $| = 1; print \"open\\n\"; sleep 60;";
+    let mut hog = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "/usr/bin/perl",
+            "-e",
+        ])
+        .arg(script)
+        .arg(&lab.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv perl");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hog.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "open", "the read-only peer could not connect");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = lab.ctl(&["unblock", "alice", "--for", "1h"]);
+    let _ = hog.kill();
+    let _ = hog.wait();
+    assert!(
+        r.status.success(),
+        "root locked out by 4,200 read-only connections: {}",
+        text(&r)
+    );
+}

@@ -82,6 +82,19 @@ impl Reason {
         (self as u32) < Reason::BlockPort as u32
     }
 
+    /// `v` as a reason with one comparison, not one per reason (the verifier would walk the
+    /// code after it once per value). Anything not a reason is a block (`BlockBadIpHeader`).
+    #[inline(always)]
+    pub fn from_u32_or_block(v: u32) -> Reason {
+        if v < Reason::ALL.len() as u32 {
+            // SAFETY: `Reason` is `repr(u32)` and its values are 0..ALL.len() without gaps
+            // (`reasons_are_dense_and_fit_the_counter_map`).
+            unsafe { core::mem::transmute::<u32, Reason>(v) }
+        } else {
+            Reason::BlockBadIpHeader
+        }
+    }
+
     pub fn from_u32(v: u32) -> Option<Reason> {
         Reason::ALL.iter().copied().find(|r| *r as u32 == v)
     }

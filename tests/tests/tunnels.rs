@@ -1,8 +1,9 @@
-//! Review finding: a subscriber reaches port 25 from its own (enforced) address through an
-//! open decapsulator on the Internet. The parser reads the outer packet only (UDP 4789 here;
-//! IPIP, GRE, 6in4 are the same class: `NotTcp`), the far side's kernel turns the inner frame
-//! into a TCP segment to port 25 from the subscriber's address, and the answer comes back to
-//! the subscriber natively, so the whole SMTP session works. Real daemon, real kernels.
+//! Tunnels to an open decapsulator: a subscriber sends a SYN to port 25 from its own
+//! (enforced) address inside VXLAN to a host on the Internet that takes in VXLAN from anyone;
+//! that kernel turns the inner frame into a TCP segment from the subscriber's address, and the
+//! answer comes back natively. The parser looks one level into the tunnel and blocks it
+//! (it read the outer UDP only before: the whole SMTP session worked). Real daemon, real
+//! kernels; skipped when the kernel cannot make a vxlan device.
 
 use std::time::Duration;
 
@@ -19,6 +20,18 @@ fn ip(ns: &str, args: &str) {
         "ip {args}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `ip` that may fail (the vxlan module may be missing): whether it worked, and why not.
+fn try_ip(ns: &str, args: &str) -> Result<(), String> {
+    let mut a = vec!["-n", ns];
+    a.extend(args.split(' '));
+    let out = std::process::Command::new("ip").args(&a).output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
 }
 
 fn sysctl(ns: &str, kv: &[&str]) {
@@ -39,10 +52,13 @@ fn tunnelled_syn_from_enforced_source_reaches_port_25() {
     require_root!();
     let mut lab = Lab::new(XDP_GENERIC);
     // The far side: a VXLAN endpoint that accepts any sender (an open decapsulator).
-    ip(
+    if let Err(e) = try_ip(
         &lab.net,
         "link add vx0 type vxlan id 5 dstport 4789 local 192.0.2.2",
-    );
+    ) {
+        eprintln!("skipped: cannot create a vxlan device ({e})");
+        return;
+    }
     ip(&lab.net, "link set vx0 address 02:00:00:00:25:02");
     ip(&lab.net, "addr add 10.99.0.1/24 dev vx0");
     ip(&lab.net, "link set vx0 up");

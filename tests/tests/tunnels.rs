@@ -48,7 +48,7 @@ fn sysctl(ns: &str, kv: &[&str]) {
 }
 
 #[test]
-fn tunnelled_syn_from_enforced_source_reaches_port_25() {
+fn tunnelled_syn_from_enforced_source_is_blocked() {
     require_root!();
     let mut lab = Lab::new(XDP_GENERIC);
     // The far side: a VXLAN endpoint that accepts any sender (an open decapsulator).

@@ -45,7 +45,10 @@ fn fixture() -> Fixture {
     let pins = Pins::new(&cfg.pin_dir);
     let ebpf = datapath::load(&cfg, &pins).expect("load");
     for (name, prog) in ebpf.programs() {
-        let insns = prog.info().ok().and_then(|i| i.verified_instruction_count());
+        let insns = prog
+            .info()
+            .ok()
+            .and_then(|i| i.verified_instruction_count());
         eprintln!("{name}: verified {insns:?} instructions");
     }
     let mut live = LiveMaps::open(&pins).unwrap();

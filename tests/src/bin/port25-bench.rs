@@ -100,7 +100,10 @@ fn datapath_bench() {
         for (what, f) in [
             ("TCP to 443 (not a blocked port)", syn([100, 64, 1, 2], 443)),
             ("SYN to 25, IPv4, blocked", syn([100, 64, 1, 2], 25)),
-            ("UDP to 53, IPv4 (not TCP, not a tunnel port)", udp53.clone()),
+            (
+                "UDP to 53, IPv4 (not TCP, not a tunnel port)",
+                udp53.clone(),
+            ),
             ("SYN to 25, IPv4 exempt address", syn([100, 64, 0, 7], 25)),
             (
                 "SYN to 25, PPPoE with a 1-byte protocol, blocked",

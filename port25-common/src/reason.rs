@@ -44,6 +44,9 @@ pub enum Reason {
     /// MPLS (PPP 0x0281/0x0283, Ethernet or skb protocol 0x8847/0x8848): labels the stack
     /// may pop to route the IP packet inside.
     BlockMpls = 18,
+    /// A tunnel inside the tunnel (IPIP, 6in4, GRE, VXLAN, GENEVE two levels deep): the
+    /// parser looks one level in.
+    BlockTunnelDepth = 19,
 }
 
 /// Entries of the per-CPU counter array: room to append reasons without a layout change.
@@ -51,7 +54,7 @@ pub enum Reason {
 pub const NUM_REASONS: u32 = 32;
 
 impl Reason {
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::PassNotIp,
         Reason::PassNotTcp,
         Reason::PassPortOpen,
@@ -71,11 +74,25 @@ impl Reason {
         Reason::BlockPppCompressed,
         Reason::BlockPppVj,
         Reason::BlockMpls,
+        Reason::BlockTunnelDepth,
     ];
 
     #[inline(always)]
     pub const fn is_pass(self) -> bool {
         (self as u32) < Reason::BlockPort as u32
+    }
+
+    /// `v` as a reason with one comparison, not one per reason (the verifier would walk the
+    /// code after it once per value). Anything not a reason is a block (`BlockBadIpHeader`).
+    #[inline(always)]
+    pub fn from_u32_or_block(v: u32) -> Reason {
+        if v < Reason::ALL.len() as u32 {
+            // SAFETY: `Reason` is `repr(u32)` and its values are 0..ALL.len() without gaps
+            // (`reasons_are_dense_and_fit_the_counter_map`).
+            unsafe { core::mem::transmute::<u32, Reason>(v) }
+        } else {
+            Reason::BlockBadIpHeader
+        }
     }
 
     pub fn from_u32(v: u32) -> Option<Reason> {
@@ -104,6 +121,7 @@ impl Reason {
             Reason::BlockPppCompressed => "block_ppp_compressed",
             Reason::BlockPppVj => "block_ppp_vj",
             Reason::BlockMpls => "block_mpls",
+            Reason::BlockTunnelDepth => "block_tunnel_depth",
         }
     }
 
@@ -139,6 +157,7 @@ impl Reason {
                 "PPP VJ-compressed TCP, rebuilt only by the kernel (fail closed; enforce with TC on ppp*)"
             }
             Reason::BlockMpls => "MPLS whose inner packet cannot be told (fail closed)",
+            Reason::BlockTunnelDepth => "tunnel inside a tunnel, too deep to inspect (fail closed)",
         }
     }
 }
@@ -162,5 +181,6 @@ mod tests {
         assert_eq!(Reason::BlockEncap as u32, 14);
         assert_eq!(Reason::BlockPppMultilink as u32, 15);
         assert_eq!(Reason::BlockMpls as u32, 18);
+        assert_eq!(Reason::BlockTunnelDepth as u32, 19);
     }
 }

@@ -1,9 +1,9 @@
 //! The verdict of DESIGN.md, over any implementation of the policy maps.
 
 use crate::{
-    addr::{mask, Addr},
+    addr::mask,
     maps::{Exempt, NetKey6, Settings, MAX_SESSION_PREFIX_LENS},
-    parse::{parse, Frame, Link, Packet},
+    parse::{parse_flat, Frame, Link, Packet, Parsed, Shape},
     reason::Reason,
 };
 
@@ -30,48 +30,57 @@ pub trait Maps {
 /// Parses a frame and decides it.
 #[inline(always)]
 pub fn classify<F: Frame + ?Sized, M: Maps>(frame: &F, link: Link, maps: &M) -> Reason {
-    decide(&parse(frame, link), maps)
+    decide_parsed(&parse_flat(frame, link), maps)
 }
 
 #[inline(always)]
 pub fn decide<M: Maps>(pkt: &Packet, maps: &M) -> Reason {
-    match *pkt {
-        Packet::NotIp => Reason::PassNotIp,
-        Packet::NotTcp => Reason::PassNotTcp,
-        Packet::Tcp { src, dst, dport } => {
-            if !maps.port_blocked(dport) {
+    decide_parsed(&Parsed::from_packet(pkt), maps)
+}
+
+/// The verdict on the datapath's form of a parse (no enum with data: see [`Parsed`]).
+#[inline(always)]
+pub fn decide_parsed<M: Maps>(p: &Parsed, maps: &M) -> Reason {
+    match p.shape {
+        Shape::NotIp => Reason::PassNotIp,
+        Shape::NotTcp => Reason::PassNotTcp,
+        Shape::Tcp => {
+            if !maps.port_blocked(p.dport) {
                 return Reason::PassPortOpen;
             }
-            address_rules(src, dst, maps).unwrap_or(Reason::BlockPort)
+            address_rules(p, maps).unwrap_or(Reason::BlockPort)
         }
         // The port is unknown, so only the address rules can pass it.
-        Packet::Doubt {
-            reason,
-            src: Some(src),
-            dst: Some(dst),
-        } => address_rules(src, dst, maps).unwrap_or(reason),
-        Packet::Doubt { reason, .. } => reason,
+        Shape::Doubt if p.addrs => address_rules(p, maps).unwrap_or(p.reason),
+        Shape::Doubt => p.reason,
     }
+}
+
+#[inline(always)]
+fn v4(a: &[u8; 16]) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
 }
 
 /// Rules 3 to 5: the ones that depend only on addresses. `None` = no rule lets it pass.
 #[inline(always)]
-fn address_rules<M: Maps>(src: Addr, dst: Addr, maps: &M) -> Option<Reason> {
+fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
     let settings = maps.settings();
     // Per family: a family with no listed range is enforced whole (its flag is clear), so
     // listing only IPv4 ranges never leaves every IPv6 source open. Unreadable settings
     // enforce every source.
-    let enforced = match (src, settings) {
-        (_, None) => true,
-        (Addr::V4(a), Some(s)) => !s.listed(false) || maps.in_ranges4(a),
-        (Addr::V6(a), Some(s)) => !s.listed(true) || maps.in_ranges6(a),
+    let (v6, src, dst) = (p.v6, &p.src, &p.dst);
+    let enforced = match settings {
+        None => true,
+        Some(s) if v6 => !s.listed(true) || maps.in_ranges6(*src),
+        Some(s) => !s.listed(false) || maps.in_ranges4(v4(src)),
     };
     if !enforced {
         return Some(Reason::PassNotSubscriber);
     }
-    let mail = match dst {
-        Addr::V4(a) => maps.mail_server4(a),
-        Addr::V6(a) => maps.mail_server6(a),
+    let mail = if v6 {
+        maps.mail_server6(*dst)
+    } else {
+        maps.mail_server4(v4(dst))
     };
     if mail {
         return Some(Reason::PassMailServer);
@@ -80,15 +89,18 @@ fn address_rules<M: Maps>(src: Addr, dst: Addr, maps: &M) -> Option<Reason> {
     // Most specific first: the exact address, the session prefixes (longest first), then the
     // LPM. A live session's entry decides alone, so a wider prefix of another user (a
     // binding, a stale delegated prefix) never exempts an address a blocked user holds.
-    let decided = match src {
-        Addr::V4(a) => entry(maps.exempt_ip4(a), now, Reason::PassExemptAddr)
-            .or_else(|| entry(maps.exempt_prefix4(a), now, Reason::PassExemptPrefix)),
-        Addr::V6(a) => entry(maps.exempt_ip6(a), now, Reason::PassExemptAddr)
+    let decided = if v6 {
+        let a = *src;
+        entry(maps.exempt_ip6(a), now, Reason::PassExemptAddr)
             .or_else(|| match settings {
                 Some(s) => session_prefix(a, &s, maps, now),
                 None => None,
             })
-            .or_else(|| entry(maps.exempt_prefix6(a), now, Reason::PassExemptPrefix)),
+            .or_else(|| entry(maps.exempt_prefix6(a), now, Reason::PassExemptPrefix))
+    } else {
+        let a = v4(src);
+        entry(maps.exempt_ip4(a), now, Reason::PassExemptAddr)
+            .or_else(|| entry(maps.exempt_prefix4(a), now, Reason::PassExemptPrefix))
     };
     match decided {
         Some(Decided::Pass(r)) => Some(r),
@@ -98,9 +110,10 @@ fn address_rules<M: Maps>(src: Addr, dst: Addr, maps: &M) -> Option<Reason> {
         // customer's sessions are reported. Only the longest LPM match is visible; when it
         // is not the operator's, the block stands (fail closed).
         Some(Decided::Block) => {
-            let e = match src {
-                Addr::V4(a) => maps.exempt_prefix4(a),
-                Addr::V6(a) => maps.exempt_prefix6(a),
+            let e = if v6 {
+                maps.exempt_prefix6(*src)
+            } else {
+                maps.exempt_prefix4(v4(src))
             };
             match e {
                 Some(e) if e.operator() && e.live(now) => Some(Reason::PassExemptPrefix),

@@ -10,6 +10,8 @@
 mod maps;
 mod reject;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
     cty::c_void,
@@ -30,7 +32,10 @@ struct XdpFrame<'a>(&'a XdpContext);
 impl Frame for XdpFrame<'_> {
     #[inline(always)]
     fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let mut buf = [0u8; N];
+        // Not zeroed first: the helper writes all N bytes or fails (the verifier takes
+        // uninitialised stack for its buffer), and a zeroing loop per read costs the
+        // verifier dearly.
+        let mut buf = MaybeUninit::<[u8; N]>::uninit();
         // The helper bound-checks against the whole frame (multi-buffer included) and fails
         // rather than read short.
         let ret = unsafe {
@@ -42,10 +47,15 @@ impl Frame for XdpFrame<'_> {
             )
         };
         if ret == 0 {
-            Some(buf)
+            Some(unsafe { buf.assume_init() })
         } else {
             None
         }
+    }
+
+    #[inline(always)]
+    fn forget(&self, a: usize, b: usize) -> Option<(usize, usize)> {
+        maps::forget(a, b)
     }
 }
 
@@ -54,8 +64,9 @@ struct SkbFrame<'a>(&'a TcContext);
 impl Frame for SkbFrame<'_> {
     #[inline(always)]
     fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let mut buf = [0u8; N];
-        // Reads non-linear data too; fails when the skb is shorter than offset + N.
+        let mut buf = MaybeUninit::<[u8; N]>::uninit();
+        // Reads non-linear data too; fails when the skb is shorter than offset + N. Writes
+        // all N bytes on success (see `XdpFrame`).
         let ret = unsafe {
             bpf_skb_load_bytes(
                 self.0.skb.skb as *const c_void,
@@ -65,10 +76,15 @@ impl Frame for SkbFrame<'_> {
             )
         };
         if ret == 0 {
-            Some(buf)
+            Some(unsafe { buf.assume_init() })
         } else {
             None
         }
+    }
+
+    #[inline(always)]
+    fn forget(&self, a: usize, b: usize) -> Option<(usize, usize)> {
+        maps::forget(a, b)
     }
 }
 

@@ -122,3 +122,19 @@ impl Maps for KernelMaps {
         unsafe { bpf_ktime_get_boot_ns() }
     }
 }
+
+/// Scratch slot for [`port25_common::parse::Frame::forget`]: a value read back from a map is
+/// one the verifier knows nothing about. Not pinned: private to each load.
+#[map(name = "P25_SCRATCH")]
+static SCRATCH: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn forget(a: usize, b: usize) -> Option<(usize, usize)> {
+    let p = SCRATCH.get_ptr_mut(0)?;
+    // Volatile: the compiler must not forward the stored values past the map.
+    let v = unsafe {
+        core::ptr::write_volatile(p, [a as u64, b as u64]);
+        core::ptr::read_volatile(p)
+    };
+    Some((v[0] as usize, v[1] as usize))
+}

@@ -110,6 +110,7 @@ pub fn cases() -> Vec<Case> {
     mpls(&mut t);
     truncations(&mut t);
     raw(&mut t);
+    tunnels(&mut t);
     t.0
 }
 
@@ -1263,4 +1264,512 @@ fn raw(t: &mut Table) {
             BlockTruncated,
         );
     }
+}
+
+/// The far end of a tunnel: an open decapsulator on the Internet.
+const DECAP: [u8; 4] = [192, 0, 2, 2];
+const DECAP6: &str = "2001:db8:ff::2";
+
+/// A GRE header: `flags` (C, K, S bits of the first byte; second byte 0) and the optional
+/// fields they call for.
+fn gre(flags: u8, proto: u16) -> Vec<u8> {
+    let mut h = vec![flags, 0];
+    h.extend_from_slice(&proto.to_be_bytes());
+    for bit in [0x80u8, 0x20, 0x10] {
+        if flags & bit != 0 {
+            h.extend_from_slice(&[0, 0, 0, 7]);
+        }
+    }
+    h
+}
+
+fn udp(dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = vec![0xc0, 0x00];
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+fn vxlan(inner_eth: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x08, 0, 0, 0, 0, 0, 5, 0];
+    v.extend_from_slice(inner_eth);
+    udp(4789, &v)
+}
+
+/// GENEVE with `opt_words` 4-byte words of options.
+fn geneve(proto: u16, opt_words: u8, payload: &[u8]) -> Vec<u8> {
+    let mut g = vec![opt_words & 0x3f, 0];
+    g.extend_from_slice(&proto.to_be_bytes());
+    g.extend_from_slice(&[0, 0, 5, 0]);
+    for w in 0..opt_words {
+        g.extend_from_slice(&[0x01, 0x02, 0x80 | w, 0]);
+    }
+    g.extend_from_slice(payload);
+    udp(6081, &g)
+}
+
+/// Outer IPv4 (subscriber to the decapsulator) carrying `payload` as protocol `proto`.
+fn outer4(proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = V4::new(SUB, DECAP);
+    v.proto = proto;
+    v.frame(payload)
+}
+
+fn outer6(nh: u8, payload: &[u8]) -> Vec<u8> {
+    v6_frame(v6(SUB6), v6(DECAP6), nh, payload)
+}
+
+/// Inner packets: (name, IP packet, is IPv6, want).
+fn inner_flows() -> Vec<(&'static str, Vec<u8>, bool, Reason)> {
+    use Reason::*;
+    vec![
+        ("inner SYN to :25", ip4(SUB, EXT, 25), false, BlockPort),
+        ("inner SYN to :587", ip4(SUB, EXT, 587), false, PassPortOpen),
+        (
+            "inner non-subscriber to :25",
+            ip4(NONSUB, EXT, 25),
+            false,
+            PassNotSubscriber,
+        ),
+        (
+            "inner exempt to :25",
+            ip4([100, 64, 9, 9], EXT, 25),
+            false,
+            PassExemptAddr,
+        ),
+        (
+            "inner to the mail server:25",
+            ip4(SUB, MAIL, 25),
+            false,
+            PassMailServer,
+        ),
+        (
+            "inner SYN with data offset 4",
+            V4::new(SUB, EXT).packet(
+                &Tcp {
+                    doff: 4,
+                    ..Tcp::to(25)
+                }
+                .bytes(),
+            ),
+            false,
+            BlockBadTcpHeader,
+        ),
+        (
+            "inner TCP header cut",
+            {
+                let mut p = ip4(SUB, EXT, 25);
+                p.truncate(30);
+                p[2..4].copy_from_slice(&30u16.to_be_bytes());
+                p
+            },
+            false,
+            BlockTruncated,
+        ),
+        (
+            "inner IPv4 header cut",
+            ip4(SUB, EXT, 25)[..12].to_vec(),
+            false,
+            BlockTruncated,
+        ),
+        (
+            "inner UDP to :25",
+            {
+                let mut v = V4::new(SUB, EXT);
+                v.proto = 17;
+                v.packet(&[0x9c, 0x40, 0, 25, 0, 8, 0, 0])
+            },
+            false,
+            PassNotTcp,
+        ),
+        (
+            "inner IPv6 SYN to :25",
+            ip6(SUB6, EXT6, 25),
+            true,
+            BlockPort,
+        ),
+        (
+            "inner IPv6 SYN to :587",
+            ip6(SUB6, EXT6, 587),
+            true,
+            PassPortOpen,
+        ),
+        (
+            "inner IPv6 non-subscriber to :25",
+            ip6(NONSUB6, EXT6, 25),
+            true,
+            PassNotSubscriber,
+        ),
+        (
+            "inner IPv6 exempt to :25",
+            ip6("2001:db8:100:9::9", EXT6, 25),
+            true,
+            PassExemptAddr,
+        ),
+        (
+            "inner IPv6 header cut",
+            ip6(SUB6, EXT6, 25)[..30].to_vec(),
+            true,
+            BlockTruncated,
+        ),
+    ]
+}
+
+/// One level into the tunnels an open decapsulator takes in; the inner packet decides.
+fn tunnels(t: &mut Table) {
+    use Reason::*;
+    let et = |v6: bool| if v6 { 0x86dd } else { 0x0800 };
+    // (name, wrap(inner IP packet, inner is v6) -> frame, carries inner IPv6?)
+    type W = Box<dyn Fn(&[u8], bool) -> Vec<u8>>;
+    let forms: Vec<(&str, W, bool, bool)> = vec![
+        // (name, wrap, carries IPv4, carries IPv6)
+        ("IPIP", Box::new(|p: &[u8], _| outer4(4, p)), true, false),
+        ("6in4", Box::new(|p: &[u8], _| outer4(41, p)), false, true),
+        (
+            "IPv6 next header 4",
+            Box::new(|p: &[u8], _| outer6(4, p)),
+            true,
+            false,
+        ),
+        (
+            "IPv6 next header 41",
+            Box::new(|p: &[u8], _| outer6(41, p)),
+            false,
+            true,
+        ),
+        (
+            "IPv6 hop-by-hop then 41",
+            Box::new(|p: &[u8], _| outer6(0, &[ext(41), p.to_vec()].concat())),
+            false,
+            true,
+        ),
+        (
+            "GRE",
+            Box::new(move |p: &[u8], v6| outer4(47, &[gre(0, et(v6)), p.to_vec()].concat())),
+            true,
+            true,
+        ),
+        (
+            "GRE with key",
+            Box::new(move |p: &[u8], v6| outer4(47, &[gre(0x20, et(v6)), p.to_vec()].concat())),
+            true,
+            true,
+        ),
+        (
+            "GRE with checksum, key and sequence",
+            Box::new(move |p: &[u8], v6| outer4(47, &[gre(0xb0, et(v6)), p.to_vec()].concat())),
+            true,
+            true,
+        ),
+        (
+            "GRE transparent Ethernet bridging",
+            Box::new(move |p: &[u8], v6| outer4(47, &[gre(0x20, 0x6558), eth(et(v6), p)].concat())),
+            true,
+            true,
+        ),
+        (
+            "GRE in IPv6",
+            Box::new(move |p: &[u8], v6| outer6(47, &[gre(0x10, et(v6)), p.to_vec()].concat())),
+            true,
+            true,
+        ),
+        (
+            "GRE WCCPv2",
+            Box::new(|p: &[u8], _| {
+                outer4(
+                    47,
+                    &[gre(0, 0x883e), vec![0x00, 0, 0, 0], p.to_vec()].concat(),
+                )
+            }),
+            true,
+            false,
+        ),
+        (
+            "VXLAN",
+            Box::new(move |p: &[u8], v6| outer4(17, &vxlan(&eth(et(v6), p)))),
+            true,
+            true,
+        ),
+        (
+            "VXLAN, inner VLAN",
+            Box::new(move |p: &[u8], v6| outer4(17, &vxlan(&vlan(&eth(et(v6), p), &[0x8100])))),
+            true,
+            true,
+        ),
+        (
+            "VXLAN in IPv6",
+            Box::new(move |p: &[u8], v6| outer6(17, &vxlan(&eth(et(v6), p)))),
+            true,
+            true,
+        ),
+        (
+            "GENEVE Ethernet, 2 option words",
+            Box::new(move |p: &[u8], v6| outer4(17, &geneve(0x6558, 2, &eth(et(v6), p)))),
+            true,
+            true,
+        ),
+        (
+            "GENEVE IP (inner_proto_inherit)",
+            Box::new(move |p: &[u8], v6| outer4(17, &geneve(et(v6), 0, p))),
+            true,
+            true,
+        ),
+        (
+            "GENEVE in IPv6, 1 option word",
+            Box::new(move |p: &[u8], v6| outer6(17, &geneve(0x6558, 1, &eth(et(v6), p)))),
+            true,
+            true,
+        ),
+    ];
+    for (form, wrap, carries4, carries6) in &forms {
+        for (flow, packet, v6, want) in inner_flows() {
+            if (v6 && !carries6) || (!v6 && !carries4) {
+                continue;
+            }
+            t.eth(format!("tunnel {form} / {flow}"), wrap(&packet, v6), want);
+        }
+        // The outer source does not matter: the decapsulator sends from the inner one.
+        let spoofed = {
+            let mut f = wrap(&ip4(SUB, EXT, 25), false);
+            if *carries4 {
+                f[26..30].copy_from_slice(&NONSUB);
+            }
+            f
+        };
+        if *carries4 && f_is_v4(&spoofed) {
+            t.eth(
+                format!("tunnel {form} / outer source not a subscriber, inner SYN to :25"),
+                spoofed,
+                BlockPort,
+            );
+        }
+        // Nested: the second level is not looked into.
+        if *carries4 {
+            t.eth(
+                format!("tunnel {form} / inner IPIP (nested)"),
+                wrap(
+                    &{
+                        let mut v = V4::new(NONSUB, DECAP);
+                        v.proto = 4;
+                        v.packet(&ip4(SUB, EXT, 25))
+                    },
+                    false,
+                ),
+                BlockTunnelDepth,
+            );
+            t.eth(
+                format!("tunnel {form} / inner VXLAN (nested)"),
+                wrap(
+                    &{
+                        let mut v = V4::new(NONSUB, DECAP);
+                        v.proto = 17;
+                        v.packet(&vxlan(&eth(0x0800, &ip4(SUB, EXT, 587))))
+                    },
+                    false,
+                ),
+                BlockTunnelDepth,
+            );
+        }
+        if *carries6 {
+            t.eth(
+                format!("tunnel {form} / inner IPv6 GRE (nested)"),
+                wrap(
+                    &v6_packet(
+                        v6(NONSUB6),
+                        v6(DECAP6),
+                        47,
+                        &[gre(0, 0x0800), ip4(SUB, EXT, 25)].concat(),
+                        None,
+                    ),
+                    true,
+                ),
+                BlockTunnelDepth,
+            );
+        }
+    }
+    // GRE as `gre_rcv`/`gre_parse_header` drop it: routing bit, version 1 (PPTP), 7.
+    for (what, b0, b1) in [
+        ("routing bit", 0x40u8, 0u8),
+        ("version 1", 0, 1),
+        ("version 7", 0, 7),
+    ] {
+        let mut g = gre(0, 0x0800);
+        g[0] |= b0;
+        g[1] |= b1;
+        t.eth(
+            format!("tunnel GRE {what} (dropped by the far side)"),
+            outer4(47, &[g, ip4(SUB, EXT, 25)].concat()),
+            PassNotTcp,
+        );
+    }
+    t.eth(
+        "tunnel GRE carrying ARP",
+        outer4(47, &[gre(0, 0x0806), vec![0u8; 28]].concat()),
+        PassNotIp,
+    );
+    t.eth(
+        "tunnel GRE carrying MPLS",
+        outer4(47, &[gre(0, 0x8847), ip4(SUB, EXT, 25)].concat()),
+        BlockMpls,
+    );
+    t.eth(
+        "tunnel GRE IPv4 protocol, IPv6 inside",
+        outer4(47, &[gre(0, 0x0800), ip6(SUB6, EXT6, 25)].concat()),
+        BlockBadIpHeader,
+    );
+    t.eth("tunnel GRE header cut", outer4(47, &[0, 0]), BlockTruncated);
+    t.eth(
+        "tunnel GRE key announced, not there",
+        outer4(47, &[0x20, 0, 0x08, 0x00]),
+        BlockTruncated,
+    );
+    t.eth(
+        "tunnel VXLAN without the I flag (dropped by the far side)",
+        outer4(17, &{
+            let mut u = vxlan(&eth(0x0800, &ip4(SUB, EXT, 25)));
+            u[8] = 0;
+            u
+        }),
+        PassNotTcp,
+    );
+    t.eth(
+        "tunnel VXLAN header cut",
+        outer4(17, &udp(4789, &[0x08, 0, 0])),
+        BlockTruncated,
+    );
+    t.eth(
+        "tunnel VXLAN inner frame shorter than Ethernet",
+        outer4(17, &vxlan(&[0u8; 10])),
+        PassNotIp,
+    );
+    t.eth(
+        "tunnel VXLAN inner ARP",
+        outer4(17, &vxlan(&eth(0x0806, &[0u8; 28]))),
+        PassNotIp,
+    );
+    t.eth(
+        "tunnel VXLAN, three inner VLAN tags",
+        outer4(
+            17,
+            &vxlan(&vlan(
+                &eth(0x0800, &ip4(SUB, EXT, 25)),
+                &[0x8100, 0x8100, 0x8100],
+            )),
+        ),
+        BlockEncap,
+    );
+    t.eth(
+        "tunnel GENEVE version 1 (dropped by the far side)",
+        outer4(17, &{
+            let mut u = geneve(0x6558, 0, &eth(0x0800, &ip4(SUB, EXT, 25)));
+            u[8] |= 0x40;
+            u
+        }),
+        PassNotTcp,
+    );
+    t.eth(
+        "tunnel GENEVE options reach past the datagram",
+        outer4(17, &{
+            let mut u = geneve(0x6558, 0, &eth(0x0800, &ip4(SUB, EXT, 25)));
+            u[8] = 0x3f;
+            u
+        }),
+        BlockTruncated,
+    );
+    t.eth(
+        "UDP to :53 with VXLAN bytes (not a tunnel port)",
+        outer4(17, &{
+            let mut u = vxlan(&eth(0x0800, &ip4(SUB, EXT, 25)));
+            u[2..4].copy_from_slice(&53u16.to_be_bytes());
+            u
+        }),
+        PassNotTcp,
+    );
+    t.eth(
+        "tunnel VXLAN, UDP length beyond the datagram (dropped)",
+        outer4(17, &{
+            let mut u = vxlan(&eth(0x0800, &ip4(SUB, EXT, 25)));
+            u[4..6].copy_from_slice(&1400u16.to_be_bytes());
+            u
+        }),
+        PassNotTcp,
+    );
+    t.eth(
+        "tunnel VXLAN, UDP length cuts the inner SYN",
+        outer4(17, &{
+            let mut u = vxlan(&eth(0x0800, &ip4(SUB, EXT, 25)));
+            let l = (u.len() - 10) as u16;
+            u[4..6].copy_from_slice(&l.to_be_bytes());
+            u
+        }),
+        BlockTruncated,
+    );
+    // Outer fragments: a later fragment holds no tunnel header (the first decides); a first
+    // fragment that cuts the inner header is a doubt.
+    t.eth(
+        "tunnel IPIP, outer non-first fragment",
+        {
+            let mut v = V4::new(SUB, DECAP);
+            v.proto = 4;
+            v.frag = 0x0020;
+            v.frame(&[0u8; 24])
+        },
+        PassNotTcp,
+    );
+    t.eth(
+        "tunnel IPIP, outer first fragment cutting the inner TCP header",
+        {
+            let mut v = V4::new(SUB, DECAP);
+            v.proto = 4;
+            v.frag = 0x2000;
+            v.frame(&ip4(SUB, EXT, 25)[..32])
+        },
+        BlockTruncated,
+    );
+    t.eth(
+        "tunnel IPv6 41, outer non-first fragment",
+        outer6(44, &[frag6(41, 8, false), vec![0u8; 24]].concat()),
+        BlockFragment,
+    );
+    t.eth(
+        "tunnel IPv6 hop-by-hop chain too long before 41",
+        outer6(
+            0,
+            &[
+                (0..MAX_EXT).map(|_| ext(0)).collect::<Vec<_>>().concat(),
+                ext(41),
+            ]
+            .concat(),
+        ),
+        BlockExtChain,
+    );
+    // Every cut of a tunnelled SYN from a subscriber blocks.
+    for (what, full) in [
+        (
+            "VXLAN",
+            outer4(17, &vxlan(&eth(0x0800, &ip4(SUB, EXT, 25)))),
+        ),
+        (
+            "GRE with key",
+            outer4(47, &[gre(0x20, 0x0800), ip4(SUB, EXT, 25)].concat()),
+        ),
+        ("IPv6 in IPv6", outer6(41, &ip6(SUB6, EXT6, 25))),
+    ] {
+        for len in 14..full.len() {
+            t.eth(
+                format!("tunnel {what} SYN cut to {len} bytes"),
+                full[..len].to_vec(),
+                BlockTruncated,
+            );
+        }
+    }
+}
+
+const MAX_EXT: usize = port25_common::parse::MAX_EXT_HEADERS;
+
+/// The frame's outer header is IPv4 (so bytes 26..30 are its source).
+fn f_is_v4(f: &[u8]) -> bool {
+    f[12..14] == [0x08, 0x00]
 }

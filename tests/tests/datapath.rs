@@ -44,6 +44,13 @@ fn fixture() -> Fixture {
     cfg.pin_dir = pin_dir.into();
     let pins = Pins::new(&cfg.pin_dir);
     let ebpf = datapath::load(&cfg, &pins).expect("load");
+    for (name, prog) in ebpf.programs() {
+        let insns = prog
+            .info()
+            .ok()
+            .and_then(|i| i.verified_instruction_count());
+        eprintln!("{name}: verified {insns:?} instructions");
+    }
     let mut live = LiveMaps::open(&pins).unwrap();
     let now = boot_ns();
     let mut want = Desired::from_config_now(&cfg);

@@ -51,11 +51,9 @@ impl Frame for [u8] {
 pub enum Link {
     /// Ethernet II, possibly VLAN/QinQ tagged, possibly PPPoE session.
     Ethernet,
-    /// No link header, and nothing but the version nibble says what follows (a tun device
-    /// without packet information: `tun_get_user` sets the protocol from that nibble).
-    RawIp,
     /// No link header (ppp, tun); the skb's `protocol` (ethertype, host order) says what the
-    /// stack will take the frame for. `ppp_receive_nonmp_frame` sets it from the PPP protocol
+    /// stack will take the frame for (a tun device without packet information sets it from
+    /// the version nibble in `tun_get_user`). `ppp_receive_nonmp_frame` sets it from the PPP protocol
     /// (`npindex_to_ethertype`), so an MPLS frame can start with the nibble 4.
     RawProto(u16),
 }
@@ -151,8 +149,6 @@ struct Next {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// IP with nothing but the version nibble to tell the family ([`Link::RawIp`]).
-    RawIp,
     /// An Ethernet frame: the frame itself, or one inside a tunnel (VXLAN, GENEVE, gretap).
     Eth,
     /// An IP packet of a given protocol: a raw device's ([`Link::RawProto`]), or inside a
@@ -349,12 +345,6 @@ pub fn parse_flat<F: Frame + ?Sized>(frame: &F, link: Link) -> Parsed {
     let mut next = match link {
         Link::Ethernet => Next::eth(0, usize::MAX),
         Link::RawProto(proto) => Next::ip(proto, 0, usize::MAX),
-        Link::RawIp => Next {
-            kind: Kind::RawIp,
-            proto: 0,
-            off: 0,
-            limit: usize::MAX,
-        },
     };
     // The inner packet is itself a tunnel the far side would take in: its inner source,
     // not the one read so far, is what a decapsulator would send from.
@@ -425,13 +415,6 @@ fn start<F: Frame + ?Sized>(frame: &F, next: Next) -> Result<Option<(L3, usize, 
         limit,
     } = next;
     let (l3, off, limit) = match kind {
-        Kind::RawIp => match frame.bytes::<1>(0) {
-            Some([b]) if b >> 4 == 4 => (L3::V4, 0, usize::MAX),
-            Some([b]) if b >> 4 == 6 => (L3::V6, 0, usize::MAX),
-            // A raw-IP device carries only IP; anything else cannot be inspected.
-            Some(_) => return Err(Reason::BlockBadIpHeader),
-            None => return Ok(None),
-        },
         Kind::Eth => ethernet(frame, off, limit)?,
         Kind::Ip => (raw(frame, off, limit, proto)?, off, limit),
         Kind::Done => return Ok(None),

@@ -27,7 +27,7 @@ pub const fn rst_len(at: Located) -> usize {
 pub fn locate<F: Frame + ?Sized>(frame: &F, link: Link) -> Option<Located> {
     let (proto, l3) = match link {
         // Only a `BlockPort` verdict is answered, so a raw frame's protocol and nibble agree.
-        Link::RawIp | Link::RawProto(_) => match frame.bytes::<1>(0)?[0] >> 4 {
+        Link::RawProto(_) => match frame.bytes::<1>(0)?[0] >> 4 {
             4 => (ETH_P_IPV4, 0),
             6 => (ETH_P_IPV6, 0),
             _ => return None,
@@ -267,7 +267,7 @@ mod tests {
         raw[0] = 0x45;
         raw[9] = 6;
         assert_eq!(
-            locate(&raw[..], Link::RawIp),
+            locate(&raw[..], Link::RawProto(ETH_P_IPV4)),
             Some(Located { l3: 0, v6: false })
         );
     }

@@ -318,8 +318,8 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     policy::check_fits(&live, &want)?;
     let applied = policy::apply(&mut live, &want)?;
     info!(writes = applied.writes, "policy applied");
-    // A first start that cannot attach leaves nothing behind; a tree that already enforces
-    // keeps every link it has (and its maps), whatever fails now.
+    // A first start that cannot attach anything leaves nothing behind; a tree with any link
+    // (from before, or attached by this start on another interface) keeps it and its maps.
     let fresh = pins.pinned_links().is_empty();
     for iface in &cfg.interfaces {
         // A pinned link whose interface went away is replaced, not swapped into.
@@ -327,7 +327,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
             Ok(how) => how,
             Err(e) => {
                 let busy = format!("{e:#}").contains("busy");
-                if fresh {
+                if fresh && pins.pinned_links().is_empty() {
                     if let Err(e2) = datapath::detach_all(&pins) {
                         warn!("removing the pins of this failed first start: {e2:#}");
                     }

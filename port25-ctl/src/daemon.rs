@@ -318,16 +318,15 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     policy::check_fits(&live, &want)?;
     let applied = policy::apply(&mut live, &want)?;
     info!(writes = applied.writes, "policy applied");
-    // A first start that cannot attach anything leaves nothing behind; a tree with any link
-    // (from before, or attached by this start on another interface) keeps it and its maps.
-    let fresh = pins.pinned_links().is_empty();
     for iface in &cfg.interfaces {
         // A pinned link whose interface went away is replaced, not swapped into.
         let how = match datapath::attach(&mut ebpf, &pins, iface) {
             Ok(how) => how,
             Err(e) => {
                 let busy = format!("{e:#}").contains("busy");
-                if fresh && pins.pinned_links().is_empty() {
+                // A start that attached nothing leaves nothing behind; a tree with any link
+                // (from before, or attached now on another interface) keeps it and its maps.
+                if pins.pinned_links().is_empty() {
                     if let Err(e2) = datapath::detach_all(&pins) {
                         warn!("removing the pins of this failed first start: {e2:#}");
                     }

@@ -9,7 +9,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use port25_common::{
     maps::{Exempt, NetKey6, FLAG_REJECT, ORIGIN_SESSION},
     model::Model,
@@ -81,20 +80,7 @@ pub fn fixture() -> Fixture {
     want.settings.session_prefix_lens[0] = 56;
     want.settings.session_prefix_count = 1;
     policy::apply(&mut live, &want).unwrap();
-    let model = Model {
-        settings: Some(want.settings),
-        ports: want.ports.keys().copied().collect(),
-        ranges4: want.ranges4.keys().copied().collect(),
-        ranges6: want.ranges6.keys().copied().collect(),
-        mail4: want.mail4.keys().copied().collect(),
-        mail6: want.mail6.keys().copied().collect(),
-        exip4: want.exip4.clone(),
-        exip6: want.exip6.clone(),
-        expfx4: want.expfx4.iter().map(|((a, l), e)| (*a, *l, *e)).collect(),
-        expfx6: want.expfx6.iter().map(|((a, l), e)| (*a, *l, *e)).collect(),
-        exnet6: want.exnet6.iter().map(|(k, e)| (*k, *e)).collect(),
-        now_ns: now,
-    };
+    let model = crate::kernel::model_of(&want, now);
     Fixture {
         ebpf,
         live,
@@ -212,20 +198,7 @@ impl Counters {
 }
 
 fn test_run(f: &mut Fixture, prog: &str, data: &[u8]) -> Result<u32, String> {
-    let opts = TestRunOptions {
-        data_in: Some(data),
-        ..Default::default()
-    };
-    let p = f.ebpf.program_mut(prog).unwrap();
-    let ret = if prog == PROG_XDP {
-        let p: &Xdp = (&*p).try_into().unwrap();
-        p.test_run(opts)
-    } else {
-        let p: &SchedClassifier = (&*p).try_into().unwrap();
-        p.test_run(opts)
-    };
-    ret.map(|r| r.return_value)
-        .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
+    crate::kernel::test_run(&mut f.ebpf, prog, data)
 }
 
 /// Pass (true) or block (false), from a program's return value.

@@ -4,6 +4,7 @@
 pub mod frame;
 pub mod fuzz;
 pub mod fuzzgen;
+pub mod kernel;
 pub mod lab;
 pub mod leakgen;
 pub mod sniff;

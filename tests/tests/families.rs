@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use port25_common::{model::Model, parse::Link, verdict::classify, Reason};
 use port25_ctl::{
     config::Config,
@@ -37,34 +36,13 @@ fn fixture(policy: &str) -> Fixture {
     let mut live = LiveMaps::open(&pins).unwrap();
     let want = Desired::from_config_now(&cfg);
     policy::apply(&mut live, &want).unwrap();
-    let model = Model {
-        settings: Some(want.settings),
-        ports: want.ports.keys().copied().collect(),
-        ranges4: want.ranges4.keys().copied().collect(),
-        ranges6: want.ranges6.keys().copied().collect(),
-        mail4: want.mail4.keys().copied().collect(),
-        mail6: want.mail6.keys().copied().collect(),
-        now_ns: boot_ns(),
-        ..Default::default()
-    };
+    let model = port25_tests::kernel::model_of(&want, boot_ns());
     Fixture { ebpf, model, pins }
 }
 
 fn run(f: &mut Fixture, prog: &str, data: &[u8]) -> u32 {
-    let opts = TestRunOptions {
-        data_in: Some(data),
-        ..Default::default()
-    };
-    let p = f.ebpf.program_mut(prog).unwrap();
-    let ret = if prog == PROG_XDP {
-        let p: &Xdp = (&*p).try_into().unwrap();
-        p.test_run(opts)
-    } else {
-        let p: &SchedClassifier = (&*p).try_into().unwrap();
-        p.test_run(opts)
-    };
-    ret.unwrap_or_else(|e| panic!("{prog} test_run: {e}"))
-        .return_value
+    port25_tests::kernel::test_run(&mut f.ebpf, prog, data)
+        .unwrap_or_else(|e| panic!("{prog} test_run: {e}"))
 }
 
 const XDP_DROP: u32 = 1;

@@ -47,7 +47,13 @@ pub fn check_user_name(name: &str) -> Result<()> {
         bail!(
             "`{}` is not a valid user name: it holds {} (U+{:04X}); no spaces, control, bidi or zero-width characters",
             name.escape_debug(),
-            if c.is_whitespace() { "a space" } else { "an invisible character" },
+            if c.is_control() {
+                "a control character"
+            } else if c.is_whitespace() {
+                "a space"
+            } else {
+                "an invisible character"
+            },
             c as u32
         );
     }

@@ -1,18 +1,13 @@
-//! The port25 controller library; `main.rs` is the CLI edge.
+//! The port25 controller library; `main.rs` is the binary's edge.
+//!
+//! The folders are the architecture, and depend one way only (README, "Layout"):
+//! `cli` → `control` → `policy` → `bpf`, with `registry` (rules and store) beside `policy`,
+//! and `config`/`net` as the vocabulary everyone shares.
 
-pub mod cli_parse;
+pub mod bpf;
+pub mod cli;
 pub mod config;
-pub mod daemon;
-pub mod datapath;
-pub mod detached;
-pub mod incremental;
-pub mod linkinfo;
-pub mod livemaps;
+pub mod control;
 pub mod net;
-pub mod pins;
 pub mod policy;
-pub mod proto;
 pub mod registry;
-pub mod report;
-pub mod store;
-pub mod sys;

@@ -17,10 +17,10 @@ use port25_common::{
     Reason, NUM_REASONS,
 };
 use port25_ctl::{
+    bpf::datapath::{self, PROG_TC, PROG_TC_RAW, PROG_XDP},
+    bpf::livemaps::{boot_ns, LiveMaps},
+    bpf::pins::Pins,
     config::Config,
-    datapath::{self, PROG_TC, PROG_TC_RAW, PROG_XDP},
-    livemaps::{boot_ns, LiveMaps},
-    pins::Pins,
     policy::{self, Desired},
 };
 

@@ -3,7 +3,7 @@
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use port25_common::model::Model;
-use port25_ctl::{datapath::PROG_XDP, policy::Desired};
+use port25_ctl::{bpf::datapath::PROG_XDP, policy::Desired};
 
 /// The model of the maps `want` was applied to, at boot time `now_ns`.
 pub fn model_of(want: &Desired, now_ns: u64) -> Model {

@@ -347,9 +347,9 @@ impl Lab {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             // An answer, not a connect: the daemon binds its socket only once it enforces.
-            if let Ok(r) = port25_ctl::proto::call(
+            if let Ok(r) = port25_ctl::control::proto::call(
                 &self.socket,
-                port25_ctl::proto::Op::Info,
+                port25_ctl::control::proto::Op::Info,
                 Duration::from_secs(5),
             ) {
                 assert!(r.ok, "daemon info: {:?}", r.error);
@@ -455,7 +455,8 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.kill9();
-        let _ = port25_ctl::datapath::detach_all(&port25_ctl::pins::Pins::new(&self.pin_dir));
+        let _ =
+            port25_ctl::bpf::datapath::detach_all(&port25_ctl::bpf::pins::Pins::new(&self.pin_dir));
         for ns in [&self.sub, &self.rtr, &self.net] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }

@@ -27,7 +27,7 @@ macro_rules! require_root {
 /// A bpffs at /sys/fs/bpf in this (host) mount namespace.
 pub fn ensure_bpffs() {
     let p = std::path::Path::new("/sys/fs/bpf");
-    if !port25_ctl::pins::is_bpffs(p) {
+    if !port25_ctl::bpf::pins::is_bpffs(p) {
         nix::mount::mount(
             Some("bpf"),
             p,

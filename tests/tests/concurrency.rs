@@ -5,11 +5,11 @@
 use std::{collections::BTreeSet, process::Command, sync::Arc, time::Instant};
 
 use port25_ctl::{
+    bpf::livemaps::{LiveMaps, Table},
+    bpf::pins::Pins,
     config::Config,
-    livemaps::{LiveMaps, Table},
-    pins::Pins,
     policy::Desired,
-    store::{sqlite::SqliteStore, Store},
+    registry::store::{sqlite::SqliteStore, Store},
 };
 use port25_tests::{lab::Lab, require_root};
 
@@ -119,7 +119,7 @@ fn concurrent_writers_leave_registry_maps_and_audit_in_agreement() {
         &cfg,
         &snap,
         jiff::Timestamp::now(),
-        port25_ctl::livemaps::boot_ns(),
+        port25_ctl::bpf::livemaps::boot_ns(),
     )
     .unwrap();
     let live = LiveMaps::open(&Pins::new(&cfg.pin_dir)).unwrap();

@@ -12,10 +12,10 @@ use port25_common::{
     Reason,
 };
 use port25_ctl::{
+    bpf::datapath::{self, PROG_TC, PROG_TC_RAW, PROG_XDP},
+    bpf::livemaps::{boot_ns, LiveMaps},
+    bpf::pins::Pins,
     config::Config,
-    datapath::{self, PROG_TC, PROG_TC_RAW, PROG_XDP},
-    livemaps::{boot_ns, LiveMaps},
-    pins::Pins,
     policy::{self, Desired},
 };
 use port25_tests::{
@@ -386,7 +386,7 @@ fn reject_answers_a_well_formed_blocked_segment_with_a_rst() {
 #[test]
 fn batch_reads_return_every_entry_across_chunks() {
     require_root!();
-    use port25_ctl::livemaps::{hash_entries_one_by_one, Table};
+    use port25_ctl::bpf::livemaps::{hash_entries_one_by_one, Table};
     let mut f = fixture();
     let e = Exempt {
         expires_ns: 7,

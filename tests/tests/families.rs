@@ -6,10 +6,10 @@ use std::path::Path;
 
 use port25_common::{model::Model, parse::Link, verdict::classify, Reason};
 use port25_ctl::{
+    bpf::datapath::{self, PROG_TC, PROG_TC_RAW, PROG_XDP},
+    bpf::livemaps::{boot_ns, LiveMaps},
+    bpf::pins::Pins,
     config::Config,
-    datapath::{self, PROG_TC, PROG_TC_RAW, PROG_XDP},
-    livemaps::{boot_ns, LiveMaps},
-    pins::Pins,
     policy::{self, Desired},
 };
 use port25_tests::{frame::*, require_root};

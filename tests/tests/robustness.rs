@@ -385,9 +385,9 @@ fn vm_size_kib(pid: u32) -> u64 {
 }
 
 fn daemon_pid(lab: &Lab) -> u32 {
-    let r = port25_ctl::proto::call(
+    let r = port25_ctl::control::proto::call(
         &lab.socket,
-        port25_ctl::proto::Op::Info,
+        port25_ctl::control::proto::Op::Info,
         Duration::from_secs(5),
     )
     .unwrap();

@@ -1,7 +1,7 @@
 //! The rules against a real SQLite file on disk.
 
 use super::*;
-use crate::store::{sqlite::SqliteStore, AuditQuery, Store};
+use crate::registry::store::{sqlite::SqliteStore, AuditQuery, Store};
 
 fn actor() -> Actor {
     Actor {

@@ -20,10 +20,10 @@ use aya::{
 };
 use port25_common::maps::{Exempt, NetKey6, ORIGIN_SESSION};
 use port25_ctl::{
+    bpf::datapath::{self, PROG_TC, PROG_XDP},
+    bpf::livemaps::{LiveMaps, Table},
+    bpf::pins::Pins,
     config::Config,
-    datapath::{self, PROG_TC, PROG_XDP},
-    livemaps::{LiveMaps, Table},
-    pins::Pins,
     policy::{self, Desired},
 };
 use port25_tests::{
@@ -181,7 +181,7 @@ fn datapath_bench() {
     // The periodic reconcile reads every exempt entry back: batch reads against aya's
     // per-entry iteration (two syscalls an entry), same map, same run.
     let t = Instant::now();
-    let one_by_one = port25_ctl::livemaps::hash_entries_one_by_one(&live.exip4).unwrap();
+    let one_by_one = port25_ctl::bpf::livemaps::hash_entries_one_by_one(&live.exip4).unwrap();
     let slow = t.elapsed();
     let t = Instant::now();
     let batched = live.exip4.entries().unwrap();
@@ -260,7 +260,7 @@ fn unblock_bench() {
                     .entries()
                     .map(|e| e.contains_key(&key.octets()))
                     .unwrap_or(false)
-                    || port25_ctl::report::check(
+                    || port25_ctl::cli::report::check(
                         &cfg,
                         key.into(),
                         "203.0.113.80".parse().unwrap(),

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::{net::Prefix, registry::SyncSession, store::EntryKind};
+use crate::{net::Prefix, registry::store::EntryKind, registry::SyncSession};
 
 pub const VERSION: u32 = 1;
 /// Large enough for a `session sync` of ~200k sessions; larger frames are refused unread.

@@ -5,6 +5,8 @@
 //! go before their additions. A change that would overfill any map is refused before the first
 //! write, so a full map fails the whole change and nothing is half applied.
 
+pub mod index;
+
 use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{bail, Context as _, Result};
@@ -14,11 +16,11 @@ use port25_common::maps::{
 };
 
 use crate::{
+    bpf::livemaps::{boot_ns, LiveMaps, Table},
     config::{Action, Config},
-    incremental::{Index, Slot},
-    livemaps::{boot_ns, LiveMaps, Table},
     net::Prefix,
-    store::{EntryKind, Snapshot},
+    policy::index::{Index, Slot},
+    registry::store::{EntryKind, Snapshot},
 };
 
 type P4 = ([u8; 4], u32);
@@ -156,7 +158,7 @@ impl Desired {
     fn exempt(&mut self, p: &Prefix, expires_ns: u64, origin: u32) {
         fn merge<K: Ord>(t: &mut BTreeMap<K, Exempt>, k: K, v: Exempt) {
             let e = t.entry(k).or_insert(v);
-            *e = crate::incremental::longer(*e, v);
+            *e = crate::policy::index::longer(*e, v);
         }
         let v = Exempt {
             expires_ns,
@@ -174,7 +176,7 @@ impl Desired {
     /// Config plus the registry's runtime servers and exempt entries: everything but users.
     pub fn base(
         cfg: &Config,
-        entries: &[crate::store::Entry],
+        entries: &[crate::registry::store::Entry],
         now_wall: jiff::Timestamp,
         now_boot: u64,
     ) -> Desired {
@@ -288,7 +290,7 @@ fn put_all<T: Table>(t: &mut T, p: &Plan<T::K, T::V>, name: &str) -> Result<usiz
 
 /// An entry that closes its address: a session of a user who is not unblocked.
 fn blocks(e: &Exempt) -> bool {
-    e.owns() && e.expires_ns == crate::incremental::BLOCKED_NS
+    e.owns() && e.expires_ns == crate::policy::index::BLOCKED_NS
 }
 
 fn put_where<T: Table<V = Exempt>>(
@@ -609,7 +611,7 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Policy, Session, User};
+    use crate::registry::store::{Policy, Session, User};
 
     /// While entries move between prefix lengths, both lengths are probed (so a blocked
     /// session's new entry is seen as soon as it is written), unless they do not fit.
@@ -694,7 +696,7 @@ mod tests {
         );
         assert_eq!(
             d.exip4[&ip4("100.64.0.3")].expires_ns,
-            crate::incremental::BLOCKED_NS,
+            crate::policy::index::BLOCKED_NS,
             "bob's address is there, blocking: no wider prefix may exempt it"
         );
         assert_eq!(d.exip4.len(), 4);

@@ -27,15 +27,16 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    bpf::datapath,
+    bpf::detached,
+    bpf::livemaps::LiveMaps,
+    bpf::pins::Pins,
     config::Config,
-    datapath, detached,
-    incremental::{changed_users, Index},
-    livemaps::LiveMaps,
-    pins::Pins,
+    control::proto::{self, Op, Request, Response},
+    policy::index::{changed_users, Index},
     policy::{self, Clock, Desired},
-    proto::{self, Op, Request, Response},
+    registry::store::{sqlite::SqliteStore, Recording, Store, Tx},
     registry::Actor,
-    store::{sqlite::SqliteStore, Recording, Store, Tx},
 };
 
 mod ops;
@@ -104,7 +105,7 @@ impl Wall {
     fn new(store: &mut SqliteStore) -> Result<Wall> {
         let newest = store
             .begin()?
-            .audit(&crate::store::AuditQuery {
+            .audit(&crate::registry::store::AuditQuery {
                 subject: None,
                 since: None,
                 limit: 1,
@@ -120,7 +121,7 @@ impl Wall {
         };
         Ok(Wall {
             floor: newest.unwrap_or(jiff::Timestamp::UNIX_EPOCH),
-            floor_boot: crate::livemaps::boot_ns(),
+            floor_boot: crate::bpf::livemaps::boot_ns(),
             shift,
             behind: false,
             noted: None,
@@ -136,11 +137,11 @@ impl Wall {
         let ended: Vec<_> = tx
             .users()?
             .into_iter()
-            .filter(|u| u.policy == crate::store::Policy::Unblocked)
+            .filter(|u| u.policy == crate::registry::store::Policy::Unblocked)
             .filter(|u| u.until.is_some_and(|t| t > since && t <= now))
             .collect();
         for u in &ended {
-            tx.append_audit(&crate::store::AuditRecord {
+            tx.append_audit(&crate::registry::store::AuditRecord {
                 id: 0,
                 at: now,
                 actor: "port25 daemon".into(),
@@ -171,7 +172,7 @@ impl Wall {
         let uncertain: Vec<_> = tx
             .users()?
             .into_iter()
-            .filter(|u| u.policy == crate::store::Policy::Unblocked)
+            .filter(|u| u.policy == crate::registry::store::Policy::Unblocked)
             .filter(|u| u.until.is_some_and(|t| t > self.floor))
             .collect();
         let actor = crate::registry::Actor {
@@ -206,7 +207,7 @@ impl Wall {
         let raw = jiff::Timestamp::now()
             .checked_add(self.shift)
             .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-        let since = crate::livemaps::boot_ns().saturating_sub(self.floor_boot);
+        let since = crate::bpf::livemaps::boot_ns().saturating_sub(self.floor_boot);
         let derived = self
             .floor
             .checked_add(jiff::SignedDuration::from_nanos(
@@ -648,7 +649,7 @@ fn audit_forced_wide(store: &mut SqliteStore, cfg: &Config, path: &Path) -> Resu
     let mut tx = store.begin()?;
     for (key, p) in forced {
         warn!(%p, key, "the config forces an allow-list prefix wider than its floor");
-        tx.append_audit(&crate::store::AuditRecord {
+        tx.append_audit(&crate::registry::store::AuditRecord {
             id: 0,
             at: now,
             actor: format!("config {}", path.display()),
@@ -1016,7 +1017,7 @@ impl Daemon {
         let mut rec = Recording::new(self.store.begin()?);
         let r = f(&mut rec, now)?;
         if rec.entries {
-            let snap = crate::store::snapshot_of(&rec)?;
+            let snap = crate::registry::store::snapshot_of(&rec)?;
             let (index, want) = Desired::build_indexed(&self.cfg, &snap, wall, boot)?;
             policy::check_fits(&self.live, &want)?;
             rec.commit()?;

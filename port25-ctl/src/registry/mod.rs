@@ -2,6 +2,8 @@
 //! a timed unblock may change, what gets audited. Every function refuses bad input before
 //! its first write, and every write it makes is audited in the same transaction.
 
+pub mod store;
+
 use std::collections::BTreeSet;
 
 use anyhow::{bail, Result};
@@ -10,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     net::Prefix,
-    store::{AuditRecord, Binding, Entry, EntryKind, Policy, Session, Tx, User},
+    registry::store::{AuditRecord, Binding, Entry, EntryKind, Policy, Session, Tx, User},
 };
 
 /// Who asked: the peer's uid as the kernel reported it, its name, and who it says it acts

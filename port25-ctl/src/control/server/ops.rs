@@ -6,12 +6,12 @@ use serde_json::{json, Value};
 
 use super::Daemon;
 use crate::{
+    bpf::datapath,
     config::{check_storable, Config, Limits},
-    datapath,
+    control::proto::Op,
     net::Prefix,
-    proto::Op,
+    registry::store::{AuditQuery, AuditRecord, Tx, User},
     registry::{self, Actor},
-    store::{AuditQuery, AuditRecord, Tx, User},
 };
 
 /// Refuses allow-list prefixes wider than the `limits` floor unless forced; a forced one is
@@ -95,7 +95,7 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
         Op::Reload => d.reload()?,
         Op::Detach => {
             // The marker first: a detach that a restart could undo is no detach.
-            crate::detached::mark(&d.cfg.state_dir, &actor.to_string())?;
+            crate::bpf::detached::mark(&d.cfg.state_dir, &actor.to_string())?;
             let points = datapath::detach_all(&d.pins)?;
             tracing::info!(?points, "detached everything; exiting");
             json!({ "detached": points })
@@ -226,12 +226,12 @@ pub(super) fn read(tx: &dyn Tx, cfg: &Config, op: Op) -> Result<Value> {
                 })
                 .collect();
             let config: Vec<Value> = match kind {
-                crate::store::EntryKind::Server => cfg
+                crate::registry::store::EntryKind::Server => cfg
                     .mail_servers
                     .iter()
                     .map(|m| json!({ "prefix": m.prefix, "source": "config", "force": m.force }))
                     .collect(),
-                crate::store::EntryKind::Exempt => cfg
+                crate::registry::store::EntryKind::Exempt => cfg
                     .exempt
                     .iter()
                     .map(|e| json!({ "prefix": e.prefix, "until": e.until, "note": e.note, "source": "config",

@@ -13,7 +13,7 @@ use port25_common::{
     Reason,
 };
 
-use crate::pins::Pins;
+use crate::bpf::pins::Pins;
 
 pub struct LiveMaps {
     pub settings: Array<MapData, Settings>,
@@ -211,7 +211,7 @@ impl<K: Pod + Ord + std::fmt::Debug, V: Pod + PartialEq> Table for HashMap<MapDa
     type V = V;
     fn entries(&self) -> Result<BTreeMap<K, V>> {
         // A million exempt entries are read in ~130 batch calls instead of 2M lookups.
-        if let Ok(all) = crate::sys::lookup_all::<K, V>(aya::maps::IterableMap::map(self)) {
+        if let Ok(all) = crate::bpf::sys::lookup_all::<K, V>(aya::maps::IterableMap::map(self)) {
             return Ok(all.into_iter().collect());
         }
         hash_entries_one_by_one(self)

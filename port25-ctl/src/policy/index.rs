@@ -16,7 +16,7 @@ use port25_common::maps::{
 use crate::{
     net::Prefix,
     policy::{expiry_ns, Desired},
-    store::{Session, Snapshot, User},
+    registry::store::{Session, Snapshot, User},
 };
 
 /// One key in one of the exempt tables.
@@ -187,11 +187,11 @@ pub const BLOCKED_NS: u64 = 1;
 
 /// The new entries of every user a recorded transaction touched.
 pub fn changed_users(
-    rec: &crate::store::Recording,
+    rec: &crate::registry::store::Recording,
     now_wall: jiff::Timestamp,
     now_boot: u64,
 ) -> Result<Vec<(String, Vec<(Slot, Exempt)>)>> {
-    use crate::store::Tx;
+    use crate::registry::store::Tx;
     let mut out = Vec::with_capacity(rec.users.len());
     for name in &rec.users {
         let slots = match rec.user(name)? {

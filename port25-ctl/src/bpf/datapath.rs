@@ -17,8 +17,8 @@ use aya::{
 use port25_common::maps as m;
 
 use crate::{
+    bpf::pins::Pins,
     config::{Config, Direction, Hook, Interface, Limits, XdpMode},
-    pins::Pins,
 };
 
 /// The kernel programs, built by build.rs and embedded.
@@ -252,11 +252,11 @@ pub enum Attached {
 
 /// Why a pinned link does not enforce on the interface the config names; None when it does.
 pub fn link_problem(pins: &Pins, iface: &Interface) -> Option<String> {
-    let info = match crate::linkinfo::read(&pins.link(&iface.attach_point())) {
+    let info = match crate::bpf::linkinfo::read(&pins.link(&iface.attach_point())) {
         Ok(i) => i,
         Err(_) => return Some("no pinned link".into()),
     };
-    let want = crate::linkinfo::ifindex(&iface.name);
+    let want = crate::bpf::linkinfo::ifindex(&iface.name);
     if want == 0 {
         Some("interface not found in this network namespace".into())
     } else if info.ifindex == 0 {

@@ -7,12 +7,12 @@ use port25_common::{parse::Packet, verdict::decide, Addr, Reason};
 use serde::Serialize;
 
 use crate::{
+    bpf::linkinfo,
+    bpf::livemaps::LiveMaps,
+    bpf::pins::Pins,
     config::{Config, Hook},
-    linkinfo,
-    livemaps::LiveMaps,
-    pins::Pins,
     registry,
-    store::{sqlite::SqliteStore, Store},
+    registry::store::{sqlite::SqliteStore, Store},
 };
 
 #[derive(Debug, Serialize)]
@@ -44,7 +44,7 @@ pub struct Status {
     pub maps: Vec<MapFill>,
     pub counters: Vec<(String, u64)>,
     /// Users and sessions in the registry (None before any daemon created it).
-    pub registry: Option<crate::store::sqlite::Counts>,
+    pub registry: Option<crate::registry::store::sqlite::Counts>,
     /// Detached on purpose (who, when): daemon starts refuse to attach until `attach`.
     pub detached: Option<serde_json::Value>,
     /// How each family's sources are enforced, read from the pinned settings (None when
@@ -150,7 +150,7 @@ pub fn status(cfg: &Config, daemon: Option<serde_json::Value>) -> Result<Status>
         .and_then(|s| s.counts(jiff::Timestamp::now()))
         .ok();
     Ok(Status {
-        detached: crate::detached::read(&cfg.state_dir),
+        detached: crate::bpf::detached::read(&cfg.state_dir),
         registry,
         daemon,
         pin_dir: pins.root.display().to_string(),

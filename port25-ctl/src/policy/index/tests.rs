@@ -7,8 +7,8 @@ use proptest::prelude::*;
 use super::*;
 use crate::{
     config::Config,
+    registry::store::{snapshot_of, sqlite::SqliteStore, Recording, Store},
     registry::{self, Actor},
-    store::{snapshot_of, sqlite::SqliteStore, Recording, Store},
 };
 
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn run(tx: &mut dyn crate::store::Tx, op: &Op, now: jiff::Timestamp) -> Result<()> {
+fn run(tx: &mut dyn crate::registry::store::Tx, op: &Op, now: jiff::Timestamp) -> Result<()> {
     let a = Actor {
         uid: 0,
         name: "root".into(),

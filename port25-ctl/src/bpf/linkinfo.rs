@@ -9,7 +9,7 @@ use std::{
 use anyhow::{anyhow, Result};
 use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
 
-use crate::sys::sys_bpf;
+use crate::bpf::sys::sys_bpf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PinnedLinkInfo {

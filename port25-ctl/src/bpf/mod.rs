@@ -1,0 +1,9 @@
+//! The kernel side seen from userspace: loading and attaching the programs, the pin tree,
+//! link info, raw syscalls and the live maps.
+
+pub mod datapath;
+pub mod detached;
+pub mod linkinfo;
+pub mod livemaps;
+pub mod pins;
+pub mod sys;

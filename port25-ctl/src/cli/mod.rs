@@ -1,0 +1,594 @@
+//! `port25-ctl`: the daemon and its clients.
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use crate::{
+    bpf::datapath,
+    bpf::detached,
+    bpf::pins::Pins,
+    config::{self, Config, DEFAULT_CONFIG},
+    control::proto::{self, DaemonDown, Op},
+    control::server,
+    net::{parse_addr, Prefix},
+    registry::store::EntryKind,
+};
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+pub mod parse;
+mod render;
+pub mod report;
+
+/// Outbound SMTP (TCP port 25) control for Linux access routers, enforced in XDP/TC.
+#[derive(Parser)]
+#[command(name = "port25-ctl", version)]
+struct Cli {
+    /// Config file.
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG, env = "PORT25_CONFIG")]
+    config: PathBuf,
+    /// Control socket for client verbs (default: `socket:` from the config file, read
+    /// leniently, or /run/port25/ctl.sock).
+    #[arg(long, global = true, env = "PORT25_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Load, pin and attach the programs, apply the policy, serve the control socket.
+    /// Refuses to start (exit 10) after `detach` until started with `--attach`.
+    Daemon {
+        /// Start enforcing although an operator detached, and lift the detach marker.
+        #[arg(long)]
+        attach: bool,
+    },
+    /// Re-read the config; a bad file leaves the running policy untouched.
+    Reload,
+    /// Attachments, program ids, map fill levels and counters (works with the daemon down).
+    /// Exits 3 when a configured attachment is missing.
+    Status,
+    /// The verdict for TCP from SRC to DST:PORT on the live maps, and the rule that decided it.
+    Check {
+        src: String,
+        dst: String,
+        #[arg(long, default_value_t = 25)]
+        port: u16,
+    },
+    /// Remove the programs and every pin: port 25 is no longer blocked. Durable: later
+    /// daemon starts refuse to attach until `attach` (or `daemon --attach`).
+    Detach,
+    /// Lift a detach: the next daemon start attaches again (then start the service).
+    Attach,
+    /// Reopen port 25 for a user (their live and future sessions' addresses).
+    Unblock {
+        #[arg(value_parser = parse::user_name)]
+        user: String,
+        /// A timed unblock, e.g. 90m (POP-before-SMTP), 2d. Never shortens a longer one.
+        #[arg(long = "for", value_name = "DURATION", value_parser = parse::duration_secs, conflicts_with = "until")]
+        for_secs: Option<u64>,
+        /// End of the unblock: RFC 3339 time or a date (midnight UTC).
+        #[arg(long, value_parser = parse::timestamp)]
+        until: Option<jiff::Timestamp>,
+        /// Why (a ticket number): kept with the user and in the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Register the user if unknown (e.g. offline when the helpdesk acts).
+        #[arg(long)]
+        new: bool,
+    },
+    /// Close port 25 for a user again, at once, live sessions included.
+    Block {
+        #[arg(value_parser = parse::user_name)]
+        user: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Register the user if unknown.
+        #[arg(long)]
+        new: bool,
+    },
+    /// Users: show, list, add, remove, and static prefix bindings.
+    #[command(subcommand)]
+    User(UserVerb),
+    /// Sessions as the access server reports them (PPP/DHCP up and down, full sync).
+    #[command(subcommand)]
+    Session(SessionVerb),
+    /// The ISP's mail servers added at runtime (beside `mail_servers` in the config).
+    #[command(subcommand)]
+    Server(ServerVerb),
+    /// Exempt prefixes added at runtime (beside `exempt` in the config).
+    #[command(subcommand)]
+    Exempt(ExemptVerb),
+    /// The audit log: who changed what, when, and why.
+    Audit {
+        #[arg(long)]
+        user: Option<String>,
+        /// RFC 3339 time or a date.
+        #[arg(long, value_parser = parse::timestamp)]
+        since: Option<jiff::Timestamp>,
+        /// At most this many (the newest), 0 = all.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserVerb {
+    /// Policy, time left, live sessions and addresses, recent audit.
+    Show {
+        #[arg(value_parser = parse::user_name)]
+        user: String,
+    },
+    /// All users, or only the unblocked or the expiring (timed) ones.
+    List {
+        #[arg(long)]
+        unblocked: bool,
+        #[arg(long)]
+        expiring: bool,
+    },
+    /// Register a user (blocked).
+    Add {
+        #[arg(value_parser = parse::user_name)]
+        user: String,
+    },
+    /// Forget a user, their sessions and bindings.
+    Remove {
+        #[arg(value_parser = parse::user_name)]
+        user: String,
+    },
+    /// Bind a static prefix to a user (business customers): exempt while the user is unblocked.
+    Bind {
+        #[arg(value_parser = parse::user_name)]
+        user: String,
+        #[arg(value_parser = parse::prefix)]
+        prefix: Prefix,
+        /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
+        #[arg(long)]
+        force_wide: bool,
+    },
+    /// Remove a static binding.
+    Unbind {
+        #[arg(value_parser = parse::user_name)]
+        user: String,
+        #[arg(value_parser = parse::prefix)]
+        prefix: Prefix,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionVerb {
+    /// A session came up: its IPv4 address and IPv6 prefixes (framed /64, delegated /56).
+    Up {
+        #[arg(value_parser = parse::user_name)]
+        user: String,
+        #[arg(required = true, value_parser = parse::prefix)]
+        addrs: Vec<Prefix>,
+        /// The access server's session id (Acct-Session-Id); default USER@first-address.
+        #[arg(long)]
+        id: Option<String>,
+        /// What reports it (recorded with the session).
+        #[arg(long)]
+        source: Option<String>,
+        /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
+        #[arg(long)]
+        force_wide: bool,
+    },
+    /// A session went down: by id, or by user and address.
+    Down {
+        #[arg(long, conflicts_with_all = ["user", "addr"])]
+        id: Option<String>,
+        #[arg(requires = "addr", value_parser = parse::user_name)]
+        user: Option<String>,
+        #[arg(value_parser = parse::prefix)]
+        addr: Option<Prefix>,
+    },
+    /// The full list of live sessions (`ID USER ADDR...` per line; `-` = stdin); others go.
+    Sync {
+        file: PathBuf,
+        /// When the list was taken (RFC 3339, sub-second allowed): events after it are kept
+        /// over the list. Default: when this command started. At most an hour old.
+        #[arg(long, value_parser = parse::timestamp)]
+        taken_at: Option<jiff::Timestamp>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServerVerb {
+    Add {
+        #[arg(value_parser = parse::prefix)]
+        prefix: Prefix,
+        #[arg(long)]
+        note: Option<String>,
+        /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
+        #[arg(long)]
+        force_wide: bool,
+    },
+    Remove {
+        #[arg(value_parser = parse::prefix)]
+        prefix: Prefix,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum ExemptVerb {
+    Add {
+        #[arg(value_parser = parse::prefix)]
+        prefix: Prefix,
+        #[arg(long, value_parser = parse::timestamp)]
+        until: Option<jiff::Timestamp>,
+        #[arg(long)]
+        note: Option<String>,
+        /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
+        #[arg(long)]
+        force_wide: bool,
+    },
+    Remove {
+        #[arg(value_parser = parse::prefix)]
+        prefix: Prefix,
+    },
+    List,
+}
+
+/// When this command started: the default time of a `session sync` list (the list cannot
+/// know of events after it was handed to us).
+static STARTED: std::sync::LazyLock<jiff::Timestamp> =
+    std::sync::LazyLock::new(jiff::Timestamp::now);
+
+pub fn main() -> ExitCode {
+    std::sync::LazyLock::force(&STARTED);
+    let cli = Cli::parse();
+    if !matches!(cli.verb, Verb::Daemon { .. }) {
+        // Rust ignores SIGPIPE, so `port25-ctl user list | head` panicked on the closed pipe
+        // (exit 101). A client ends quietly instead, like any Unix tool; its socket writes
+        // use MSG_NOSIGNAL. The daemon keeps SIGPIPE ignored: a client hanging up must not
+        // kill it.
+        // SAFETY: single-threaded here, before anything else runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PORT25_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("port25-ctl: error: {e:#}");
+            // A truncated or emptied config sends clients to the default socket: say so,
+            // rather than leave "not running" as the only clue.
+            if e.downcast_ref::<proto::DaemonDown>().is_some()
+                && cli.socket.is_none()
+                && cli.config.exists()
+                && config::socket_named(&cli.config).is_none()
+            {
+                eprintln!(
+                    "port25-ctl: note: {} names no `socket:` (is it truncated?), so the default socket was tried; give --socket",
+                    cli.config.display()
+                );
+            }
+            if e.downcast_ref::<detached::Detached>().is_some() {
+                // The unit's RestartPreventExitStatus: a detach is not undone by a restart.
+                return ExitCode::from(detached::EXIT_CODE);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn run(cli: &Cli) -> Result<ExitCode> {
+    if let Verb::Daemon { attach } = cli.verb {
+        server::run(&cli.config, attach)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Client verbs talk to the daemon only: they need the socket path and nothing else
+    // from the config, so a half-edited file never breaks a hook.
+    let socket = || {
+        cli.socket
+            .clone()
+            .unwrap_or_else(|| config::socket_of(&cli.config))
+    };
+    match &cli.verb {
+        Verb::Daemon { .. } => unreachable!(),
+        Verb::Status | Verb::Check { .. } | Verb::Detach | Verb::Attach => local(cli),
+        Verb::Reload => {
+            // The daemon re-reads the file it was started with; a --config naming another
+            // file would otherwise be silently ignored and the reply read as "applied".
+            let info = proto::call(&socket(), Op::Info, CALL_TIMEOUT)?;
+            let theirs = info.data["config"].as_str().map(PathBuf::from);
+            if let (Some(theirs), Ok(mine)) = (&theirs, std::fs::canonicalize(&cli.config)) {
+                if *theirs != mine {
+                    bail!(
+                        "the daemon reads {}, not {}: nothing was reloaded (edit {0}, or restart the daemon with --config {1})",
+                        theirs.display(),
+                        mine.display()
+                    );
+                }
+            }
+            let r = proto::call(&socket(), Op::Reload, CALL_TIMEOUT)?;
+            if !r.ok {
+                bail!(
+                    "reload refused, running policy unchanged: {}",
+                    r.error.unwrap_or_default()
+                );
+            }
+            if cli.json {
+                print_json(&r.data)?;
+            } else {
+                match &theirs {
+                    Some(t) => {
+                        println!("reloaded {}: {} map writes", t.display(), r.data["writes"])
+                    }
+                    None => println!("reloaded: {} map writes", r.data["writes"]),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        verb => {
+            let op = to_op(verb)?;
+            let r = proto::call(&socket(), op, CALL_TIMEOUT)?;
+            if !r.ok {
+                bail!("{}", r.error.unwrap_or_default());
+            }
+            if cli.json {
+                print_json(&r.data)?;
+            } else {
+                render::human(verb, &r.data);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Verbs that read the pins and the registry themselves: they need the whole config.
+fn local(cli: &Cli) -> Result<ExitCode> {
+    let mut cfg = Config::load(&cli.config)?;
+    if let Some(s) = &cli.socket {
+        cfg.socket = s.clone();
+    }
+    match &cli.verb {
+        Verb::Status => {
+            let daemon = match proto::call(&cfg.socket, Op::Info, Duration::from_secs(5)) {
+                Ok(r) if r.ok => Some(r.data),
+                _ => None,
+            };
+            let s = report::status(&cfg, daemon)?;
+            if cli.json {
+                print_json(&s)?;
+            } else {
+                report::print_status(&s);
+            }
+            if !s.healthy() {
+                return Ok(ExitCode::from(3));
+            }
+        }
+        Verb::Check { src, dst, port } => {
+            let src: IpAddr = parse_addr(src).map_err(anyhow::Error::msg)?;
+            let dst: IpAddr = parse_addr(dst).map_err(anyhow::Error::msg)?;
+            let r = report::check(&cfg, src, dst, *port)?;
+            if cli.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "{}: TCP {} -> {}:{}: {} ({})",
+                    r.verdict.to_uppercase(),
+                    r.src,
+                    r.dst,
+                    r.port,
+                    r.explanation,
+                    r.reason
+                );
+                if r.family_enforced_whole {
+                    println!(
+                        "{} sources are enforced whole: the config lists no subscriber range of this family",
+                        if r.src.is_ipv4() { "IPv4" } else { "IPv6" }
+                    );
+                }
+                match &r.holder {
+                    Some(h) => println!(
+                        "source {} is held by user {} ({}), who is {}",
+                        r.src, h.user, h.via, h.policy
+                    ),
+                    None if r.registry.is_some() => {
+                        println!("source {}: no known user holds it", r.src)
+                    }
+                    None => {}
+                }
+            }
+        }
+        Verb::Detach => {
+            let points = match proto::call(&cfg.socket, Op::Detach, CALL_TIMEOUT) {
+                Ok(r) if r.ok => r.data["detached"].clone(),
+                Ok(r) => bail!("detach failed: {}", r.error.unwrap_or_default()),
+                Err(e) if e.downcast_ref::<DaemonDown>().is_some() => {
+                    let pins = Pins::new(&cfg.pin_dir);
+                    // A daemon on another socket may still own these pins: never pull them
+                    // from under it.
+                    let _lock = if pins.root.exists() {
+                        Some(server::lock_pins(&pins)?)
+                    } else {
+                        None
+                    };
+                    let by = std::env::var("SUDO_USER")
+                        .unwrap_or_else(|_| format!("uid{}", nix::unistd::getuid()));
+                    detached::mark(&cfg.state_dir, &format!("{by} (offline detach)"))?;
+                    serde_json::to_value(datapath::detach_all(&pins)?)?
+                }
+                Err(e) => return Err(e),
+            };
+            if cli.json {
+                print_json(&serde_json::json!({ "detached": points }))?;
+            } else {
+                println!("detached: {points}; port 25 is no longer blocked by port25");
+            }
+        }
+        Verb::Attach => {
+            if detached::clear(&cfg.state_dir)? {
+                println!(
+                    "detach lifted: the next daemon start attaches (e.g. systemctl start port25)"
+                );
+            } else {
+                println!("not detached: nothing to lift");
+            }
+        }
+        _ => unreachable!("client verbs are handled in run"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The request for a client verb.
+fn to_op(verb: &Verb) -> Result<Op> {
+    Ok(match verb {
+        Verb::Unblock {
+            user,
+            for_secs,
+            until,
+            reason,
+            new,
+        } => Op::Unblock {
+            user: user.clone(),
+            for_secs: *for_secs,
+            until: *until,
+            reason: reason.clone(),
+            new: *new,
+        },
+        Verb::Block { user, reason, new } => Op::Block {
+            user: user.clone(),
+            reason: reason.clone(),
+            new: *new,
+        },
+        Verb::User(u) => match u {
+            UserVerb::Show { user } => Op::UserShow { user: user.clone() },
+            UserVerb::List {
+                unblocked,
+                expiring,
+            } => Op::UserList {
+                unblocked: *unblocked,
+                expiring: *expiring,
+            },
+            UserVerb::Add { user } => Op::UserAdd { user: user.clone() },
+            UserVerb::Remove { user } => Op::UserRemove { user: user.clone() },
+            UserVerb::Bind {
+                user,
+                prefix,
+                force_wide,
+            } => Op::UserBind {
+                user: user.clone(),
+                prefix: *prefix,
+                force_wide: *force_wide,
+            },
+            UserVerb::Unbind { user, prefix } => Op::UserUnbind {
+                user: user.clone(),
+                prefix: *prefix,
+            },
+        },
+        Verb::Session(s) => match s {
+            SessionVerb::Up {
+                user,
+                addrs,
+                id,
+                source,
+                force_wide,
+            } => Op::SessionUp {
+                user: user.clone(),
+                addrs: addrs.clone(),
+                id: id.clone(),
+                source: source.clone(),
+                force_wide: *force_wide,
+            },
+            SessionVerb::Down { id, user, addr } => {
+                if id.is_none() && addr.is_none() {
+                    bail!("session down takes --id ID, or USER ADDR");
+                }
+                Op::SessionDown {
+                    id: id.clone(),
+                    user: user.clone(),
+                    addr: *addr,
+                }
+            }
+            SessionVerb::Sync { file, taken_at } => {
+                let (text, origin) = if file.as_os_str() == "-" {
+                    let mut t = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
+                    (t, "stdin".to_string())
+                } else {
+                    (
+                        std::fs::read_to_string(file)
+                            .with_context(|| format!("reading {}", file.display()))?,
+                        file.display().to_string(),
+                    )
+                };
+                Op::SessionSync {
+                    sessions: parse::session_list(&text, &origin)?,
+                    taken_at: Some(taken_at.unwrap_or(*STARTED)),
+                }
+            }
+        },
+        Verb::Server(s) => match s {
+            ServerVerb::Add {
+                prefix,
+                note,
+                force_wide,
+            } => Op::EntryAdd {
+                kind: EntryKind::Server,
+                prefix: *prefix,
+                until: None,
+                note: note.clone(),
+                force_wide: *force_wide,
+            },
+            ServerVerb::Remove { prefix } => Op::EntryRemove {
+                kind: EntryKind::Server,
+                prefix: *prefix,
+            },
+            ServerVerb::List => Op::EntryList {
+                kind: EntryKind::Server,
+            },
+        },
+        Verb::Exempt(e) => match e {
+            ExemptVerb::Add {
+                prefix,
+                until,
+                note,
+                force_wide,
+            } => Op::EntryAdd {
+                kind: EntryKind::Exempt,
+                prefix: *prefix,
+                until: *until,
+                note: note.clone(),
+                force_wide: *force_wide,
+            },
+            ExemptVerb::Remove { prefix } => Op::EntryRemove {
+                kind: EntryKind::Exempt,
+                prefix: *prefix,
+            },
+            ExemptVerb::List => Op::EntryList {
+                kind: EntryKind::Exempt,
+            },
+        },
+        Verb::Audit { user, since, limit } => Op::Audit {
+            user: user.clone(),
+            since: *since,
+            limit: *limit,
+        },
+        Verb::Daemon { .. }
+        | Verb::Reload
+        | Verb::Status
+        | Verb::Check { .. }
+        | Verb::Detach
+        | Verb::Attach => {
+            unreachable!("handled above")
+        }
+    })
+}

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use port25_common::{
     maps::{Exempt, NetKey6, ORIGIN_SESSION},
     model::Model,
@@ -20,6 +19,7 @@ use port25_ctl::{
 };
 use port25_tests::{
     frame::*,
+    kernel::{self, RunOptions},
     require_root,
     table::{self, Case, CONFIG, EXT, RAW_SUB, SUB},
 };
@@ -226,23 +226,12 @@ fn raw_ip_program_agrees_with_the_model() {
 }
 
 fn run_out(f: &mut Fixture, prog: &str, data: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; data.len() + 256];
-    let opts = TestRunOptions {
-        data_in: Some(data),
-        data_out: Some(&mut out),
+    let opts = RunOptions {
+        data_out: true,
         ..Default::default()
     };
-    let p = f.ebpf.program_mut(prog).unwrap();
-    let r = if prog == PROG_XDP {
-        let p: &Xdp = (&*p).try_into().unwrap();
-        p.test_run(opts)
-    } else {
-        let p: &SchedClassifier = (&*p).try_into().unwrap();
-        p.test_run(opts)
-    }
-    .unwrap_or_else(|e| panic!("{prog}: {e}"));
-    let n = r.data_size_out as usize;
-    (r.return_value, out[..n].to_vec())
+    let r = kernel::run(&mut f.ebpf, prog, data, opts).unwrap_or_else(|e| panic!("{prog}: {e}"));
+    (r.ret, r.out)
 }
 
 const XDP_TX: u32 = 3;

@@ -14,10 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    maps::MapData,
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
-};
+use aya::maps::MapData;
 use port25_common::maps::{Exempt, NetKey6, ORIGIN_SESSION};
 use port25_ctl::{
     bpf::datapath::{self, PROG_TC, PROG_XDP},
@@ -28,29 +25,22 @@ use port25_ctl::{
 };
 use port25_tests::{
     frame::*,
+    kernel::{self, RunOptions},
     lab::{self, Lab},
 };
 
 const REPEAT: u32 = 2_000_000;
 
 fn ns_per_packet(ebpf: &mut aya::Ebpf, prog: &str, frame: &[u8]) -> f64 {
-    let opts = || TestRunOptions {
-        data_in: Some(frame),
+    let opts = RunOptions {
         repeat: REPEAT,
         ..Default::default()
     };
-    let p = ebpf.program_mut(prog).unwrap();
     // Best of 3: the least disturbed by the other core's work.
     (0..3)
         .map(|_| {
-            let r = if prog == PROG_XDP {
-                let p: &Xdp = (&*p).try_into().unwrap();
-                p.test_run(opts())
-            } else {
-                let p: &SchedClassifier = (&*p).try_into().unwrap();
-                p.test_run(opts())
-            };
-            r.expect("test_run").duration.as_nanos() as f64
+            let r = kernel::run(ebpf, prog, frame, opts).expect("test_run");
+            r.duration.as_nanos() as f64
         })
         .fold(f64::MAX, f64::min)
 }

@@ -1,4 +1,5 @@
-//! The verdict of DESIGN.md, over any implementation of the policy maps.
+//! The verdict the README's "What it decides" describes, over any implementation of the
+//! policy maps.
 
 use crate::{
     addr::mask,

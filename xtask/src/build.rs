@@ -51,8 +51,8 @@ fn ensure_rust_src() -> Result<()> {
     Ok(())
 }
 
-/// bpf-linker 0.13 against the nightly toolchain's own libLLVM 22 (DESIGN.md "Build"), with an
-/// rpath to that library so it also runs outside `cargo +nightly`.
+/// bpf-linker 0.13 links against LLVM 22, which the nightly toolchain ships as its own
+/// libLLVM: build against that, with an rpath to it so it also runs outside `cargo +nightly`.
 fn ensure_bpf_linker() -> Result<()> {
     if Command::new("bpf-linker")
         .arg("--version")

@@ -94,7 +94,8 @@ pub struct Exempt {
 
 pub const ORIGIN_CONFIG: u32 = 1;
 pub const ORIGIN_RUNTIME: u32 = 2;
-/// An address or prefix of a live session. It decides alone (DESIGN "Ownership"): live =
+/// An address or prefix of a live session. It decides alone (an address a live session holds
+/// follows that session's user only): live =
 /// pass, expired = block (a blocked user's session is written already expired), and no
 /// wider prefix of another user is looked at.
 pub const ORIGIN_SESSION: u32 = 3;

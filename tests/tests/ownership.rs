@@ -1,4 +1,4 @@
-//! Ownership (DESIGN "Ownership", issue 8 §3.3): an address held by a live session follows
+//! Ownership (issue 8 §3.3): an address held by a live session follows
 //! its user's policy only; a wider prefix of another user (a static binding, a stale
 //! delegated prefix) never exempts it. Both orders of events, real connections, the real
 //! daemon and maps, on XDP and TC.

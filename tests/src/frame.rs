@@ -29,6 +29,7 @@ pub fn pppoe(ppp_proto: u16, payload: &[u8]) -> Vec<u8> {
     eth(0x8864, &p)
 }
 
+#[derive(Clone)]
 pub struct Tcp {
     pub dport: u16,
     pub flags: u8,
@@ -57,6 +58,7 @@ impl Tcp {
     }
 }
 
+#[derive(Clone)]
 pub struct V4 {
     pub src: [u8; 4],
     pub dst: [u8; 4],
@@ -179,4 +181,245 @@ pub fn test_run_protocol(data: &[u8]) -> u16 {
 
 pub fn v4(s: &str) -> [u8; 4] {
     s.parse::<std::net::Ipv4Addr>().unwrap().octets()
+}
+
+/// A frame built outside in, read as it goes on the wire:
+/// `Frame::eth().vlan(0x8100).ipv4(SUB, EXT).tcp(25).syn().build()`.
+/// Built on the free functions above, so both give the same bytes.
+#[derive(Clone)]
+pub struct Frame {
+    /// `None`: a raw IP packet (ppp, tun), no link header.
+    link: Option<Vec<LinkLayer>>,
+    ip: Option<Ip>,
+    l4: L4,
+    /// The IP protocol / last next header, when it must not match the transport.
+    proto: Option<u8>,
+}
+
+#[derive(Clone)]
+enum LinkLayer {
+    Vlan(u16),
+    /// PPPoE session with this PPP protocol field (`None`: 2-byte IPv4/IPv6 by the IP version).
+    Pppoe(Option<Vec<u8>>),
+}
+
+#[derive(Clone)]
+enum Ip {
+    V4(V4),
+    V6 {
+        src: [u8; 16],
+        dst: [u8; 16],
+        /// Extension headers before the transport, as (kind, encoded header) pairs.
+        chain: Vec<(u8, Vec<u8>)>,
+        payload_len: Option<u16>,
+        nibble: Option<u8>,
+    },
+}
+
+#[derive(Clone)]
+enum L4 {
+    None,
+    Tcp(Tcp),
+    Bytes { proto: u8, bytes: Vec<u8> },
+}
+
+impl Frame {
+    /// An Ethernet frame; its ethertype is what the next layer is.
+    pub fn eth() -> Frame {
+        Frame {
+            link: Some(Vec::new()),
+            ip: None,
+            l4: L4::None,
+            proto: None,
+        }
+    }
+    /// A raw IP packet, as a raw-IP device delivers it.
+    pub fn raw() -> Frame {
+        Frame {
+            link: None,
+            ip: None,
+            l4: L4::None,
+            proto: None,
+        }
+    }
+    /// A VLAN tag with this TPID (outermost first).
+    pub fn vlan(mut self, tpid: u16) -> Frame {
+        self.link_mut().push(LinkLayer::Vlan(tpid));
+        self
+    }
+    /// A PPPoE session header with the 2-byte PPP protocol of the IP version that follows.
+    pub fn pppoe(mut self) -> Frame {
+        self.link_mut().push(LinkLayer::Pppoe(None));
+        self
+    }
+    /// A PPPoE session header with the PPP protocol field written as given (`[0x21]`: PFC).
+    pub fn pppoe_proto(mut self, proto: &[u8]) -> Frame {
+        self.link_mut().push(LinkLayer::Pppoe(Some(proto.to_vec())));
+        self
+    }
+    pub fn ipv4(mut self, src: [u8; 4], dst: [u8; 4]) -> Frame {
+        self.ip = Some(Ip::V4(V4::new(src, dst)));
+        self
+    }
+    pub fn ipv6(mut self, src: &str, dst: &str) -> Frame {
+        self.ip = Some(Ip::V6 {
+            src: v6(src),
+            dst: v6(dst),
+            chain: Vec::new(),
+            payload_len: None,
+            nibble: None,
+        });
+        self
+    }
+    /// Changes the IPv4 header (IHL, total length, fragment field, version...).
+    pub fn v4_with(mut self, f: impl FnOnce(&mut V4)) -> Frame {
+        match &mut self.ip {
+            Some(Ip::V4(v)) => f(v),
+            _ => panic!("v4_with without ipv4"),
+        }
+        self
+    }
+    /// IPv4 options: `bytes` of NOPs, IHL to match.
+    pub fn options(self, bytes: usize) -> Frame {
+        self.v4_with(|v| *v = v.clone().with_options(bytes))
+    }
+    /// An 8-octet IPv6 extension header of this kind before what follows.
+    pub fn ext(mut self, kind: u8) -> Frame {
+        match &mut self.ip {
+            Some(Ip::V6 { chain, .. }) => chain.push((kind, vec![0, 0, 1, 4, 0, 0, 0, 0])),
+            _ => panic!("ext without ipv6"),
+        }
+        self
+    }
+    /// The IPv6 payload length field (`None` = exactly what follows).
+    pub fn payload_len(mut self, len: u16) -> Frame {
+        match &mut self.ip {
+            Some(Ip::V6 { payload_len, .. }) => *payload_len = Some(len),
+            _ => panic!("payload_len without ipv6"),
+        }
+        self
+    }
+    /// The first nibble of the IPv6 header, when it must lie.
+    pub fn ip_version(mut self, version: u8) -> Frame {
+        match &mut self.ip {
+            Some(Ip::V6 { nibble, .. }) => *nibble = Some(version),
+            Some(Ip::V4(v)) => v.version = version,
+            None => panic!("ip_version without an IP header"),
+        }
+        self
+    }
+    /// A TCP header to `dport` (SYN, no options, 20 bytes).
+    pub fn tcp(mut self, dport: u16) -> Frame {
+        self.l4 = L4::Tcp(Tcp::to(dport));
+        self
+    }
+    pub fn syn(self) -> Frame {
+        self.flags(SYN)
+    }
+    pub fn flags(self, flags: u8) -> Frame {
+        self.tcp_with(|t| t.flags = flags)
+    }
+    /// The TCP data offset, in 32-bit words.
+    pub fn doff(self, doff: u8) -> Frame {
+        self.tcp_with(|t| t.doff = doff)
+    }
+    /// How many bytes of the TCP header are there (cut short, or options zero-filled).
+    pub fn tcp_bytes(self, n: usize) -> Frame {
+        self.tcp_with(|t| t.header_bytes = n)
+    }
+    fn tcp_with(mut self, f: impl FnOnce(&mut Tcp)) -> Frame {
+        match &mut self.l4 {
+            L4::Tcp(t) => f(t),
+            _ => panic!("a TCP field without tcp()"),
+        }
+        self
+    }
+    /// The IP protocol (or the last next header) whatever the transport is.
+    pub fn proto(mut self, proto: u8) -> Frame {
+        self.proto = Some(proto);
+        self
+    }
+    /// Any transport as raw bytes under IP protocol / next header `proto`.
+    pub fn l4(mut self, proto: u8, bytes: &[u8]) -> Frame {
+        self.l4 = L4::Bytes {
+            proto,
+            bytes: bytes.to_vec(),
+        };
+        self
+    }
+    fn link_mut(&mut self) -> &mut Vec<LinkLayer> {
+        self.link.as_mut().expect("a link layer on a raw IP packet")
+    }
+
+    /// The IP packet (or the transport bytes alone when there is no IP header).
+    fn packet(&self) -> (Vec<u8>, bool) {
+        let (proto, l4) = match &self.l4 {
+            L4::None => (59, Vec::new()),
+            L4::Tcp(t) => (6, t.bytes()),
+            L4::Bytes { proto, bytes } => (*proto, bytes.clone()),
+        };
+        let proto = self.proto.unwrap_or(proto);
+        match &self.ip {
+            None => (l4, false),
+            Some(Ip::V4(v)) => {
+                let mut v = v.clone();
+                if !matches!(self.l4, L4::None) || self.proto.is_some() {
+                    v.proto = proto;
+                }
+                (v.packet(&l4), false)
+            }
+            Some(Ip::V6 {
+                src,
+                dst,
+                chain,
+                payload_len,
+                nibble,
+            }) => {
+                // Each extension header names the next one; the last names the transport.
+                let mut bytes = Vec::new();
+                for (i, (_, h)) in chain.iter().enumerate() {
+                    let mut h = h.clone();
+                    h[0] = chain.get(i + 1).map_or(proto, |(k, _)| *k);
+                    bytes.extend(h);
+                }
+                bytes.extend(l4);
+                let first = chain.first().map_or(proto, |(k, _)| *k);
+                let mut p = v6_packet(*src, *dst, first, &bytes, *payload_len);
+                if let Some(n) = nibble {
+                    p[0] = (n << 4) | (p[0] & 0x0f);
+                }
+                (p, true)
+            }
+        }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let (packet, is_v6) = self.packet();
+        let Some(link) = &self.link else {
+            return packet;
+        };
+        let et = if is_v6 { 0x86dd } else { 0x0800 };
+        // Innermost first: PPPoE wraps the packet, tags go in after the MACs.
+        let mut frame = match link.iter().find_map(|l| match l {
+            LinkLayer::Pppoe(p) => Some(p),
+            _ => None,
+        }) {
+            Some(proto) => {
+                let two = if is_v6 { [0x00, 0x57] } else { [0x00, 0x21] };
+                pppoe_with(proto.as_deref().unwrap_or(&two), &packet, None)
+            }
+            None => eth(et, &packet),
+        };
+        let tags: Vec<u16> = link
+            .iter()
+            .filter_map(|l| match l {
+                LinkLayer::Vlan(t) => Some(*t),
+                _ => None,
+            })
+            .collect();
+        if !tags.is_empty() {
+            frame = vlan(&frame, &tags);
+        }
+        frame
+    }
 }

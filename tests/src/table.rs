@@ -40,37 +40,102 @@ pub const NONSUB6: &str = "2001:db8:200::2";
 pub const RAW_SUB: [u8; 4] = [8, 0, 1, 2];
 pub const RAW_SUB6: &str = "2001:db8:86dd::2";
 
+/// One row: a frame, the link it arrives on, and what the model and each program must make
+/// of it.
 pub struct Case {
     pub name: String,
     pub link: Link,
     pub frame: Vec<u8>,
+    /// The reference model's reason.
     pub want: Reason,
+    /// What the XDP program does with it (Ethernet links).
+    pub xdp: HookWant,
+    /// What the TC program does with it (Ethernet links).
+    pub tc: HookWant,
+    /// What the raw-IP TC program does with it (raw-IP links).
+    pub raw_tc: HookWant,
+}
+
+/// What one program must do with a row's frame under BPF_PROG_TEST_RUN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookWant {
+    /// The program is not attached to this kind of link: not run.
+    NotAttached,
+    /// The program returns the verdict of this reason and counts it.
+    Decides(Reason),
+    /// BPF_PROG_TEST_RUN refuses the input, so the model decides alone: any frame shorter
+    /// than an Ethernet header, and for skb programs (TC, raw TC) also a frame whose
+    /// protocol is IPv4 or IPv6 but whose IP header is not all there.
+    Refused,
+}
+
+impl Case {
+    /// XDP and TC both refuse it (shorter than an Ethernet header).
+    fn refused(&mut self) -> &mut Case {
+        self.xdp = HookWant::Refused;
+        self.tc = HookWant::Refused;
+        self
+    }
+    /// The skb programs refuse it (IP protocol, IP header incomplete); XDP decides.
+    fn skb_refuses(&mut self) -> &mut Case {
+        if self.link == Link::Ethernet {
+            self.tc = HookWant::Refused;
+        } else {
+            self.raw_tc = HookWant::Refused;
+        }
+        self
+    }
 }
 
 #[derive(Default)]
 struct Table(Vec<Case>);
 
 impl Table {
-    fn eth(&mut self, name: impl Into<String>, frame: Vec<u8>, want: Reason) {
+    /// An Ethernet frame, decided alike by the model, XDP and TC.
+    fn eth(&mut self, name: impl Into<String>, frame: Vec<u8>, want: Reason) -> &mut Case {
         self.0.push(Case {
             name: name.into(),
             link: Link::Ethernet,
             frame,
             want,
+            xdp: HookWant::Decides(want),
+            tc: HookWant::Decides(want),
+            raw_tc: HookWant::NotAttached,
         });
+        self.0.last_mut().unwrap()
     }
     /// A raw-IP device; the skb's protocol is what BPF_PROG_TEST_RUN will give it.
-    fn raw(&mut self, name: impl Into<String>, packet: Vec<u8>, want: Reason) {
+    fn raw(&mut self, name: impl Into<String>, packet: Vec<u8>, want: Reason) -> &mut Case {
         let proto = test_run_protocol(&packet);
-        self.raw_as(name, proto, packet, want);
+        self.raw_as(name, proto, packet, want)
     }
-    fn raw_as(&mut self, name: impl Into<String>, proto: u16, packet: Vec<u8>, want: Reason) {
+    fn raw_as(
+        &mut self,
+        name: impl Into<String>,
+        proto: u16,
+        packet: Vec<u8>,
+        want: Reason,
+    ) -> &mut Case {
         self.0.push(Case {
             name: format!("raw {}", name.into()),
             link: Link::RawProto(proto),
             frame: packet,
             want,
+            xdp: HookWant::NotAttached,
+            tc: HookWant::NotAttached,
+            raw_tc: HookWant::Decides(want),
         });
+        self.0.last_mut().unwrap()
+    }
+}
+
+/// The bytes an skb test run insists on for a frame of this ethertype: the Ethernet header,
+/// and the IP header after it when the ethertype says IP.
+fn skb_minimum(ethertype: u16) -> usize {
+    match ethertype {
+        0x0800 => 14 + 20,
+        0x86dd => 14 + 40,
+        _ => 14,
     }
 }
 
@@ -126,7 +191,8 @@ fn basics(t: &mut Table) {
         "frame shorter than an Ethernet header",
         vec![0u8; 10],
         PassNotIp,
-    );
+    )
+    .refused();
     t.eth(
         "subscriber SYN to external:25",
         syn4(SUB, EXT, 25),
@@ -449,11 +515,8 @@ fn cross_product(t: &mut Table) {
 
 fn ipv4_forms(t: &mut Table) {
     use Reason::*;
-    let with = |f: &dyn Fn(&mut V4), port: u16| {
-        let mut v = V4::new(SUB, EXT);
-        f(&mut v);
-        v.frame(&syn(port))
-    };
+    let with =
+        |f: &dyn Fn(&mut V4), port: u16| Frame::eth().ipv4(SUB, EXT).tcp(port).v4_with(f).build();
     for ihl in 0..5u8 {
         t.eth(
             format!("IHL {ihl} to :587"),
@@ -463,11 +526,11 @@ fn ipv4_forms(t: &mut Table) {
     }
     t.eth(
         "IHL 4 from a non-subscriber",
-        {
-            let mut v = V4::new(NONSUB, EXT);
-            v.ihl = 4;
-            v.frame(&syn(25))
-        },
+        Frame::eth()
+            .ipv4(NONSUB, EXT)
+            .tcp(25)
+            .v4_with(|v| v.ihl = 4)
+            .build(),
         PassNotSubscriber,
     );
     for words in 1..=10usize {
@@ -485,11 +548,12 @@ fn ipv4_forms(t: &mut Table) {
     }
     t.eth(
         "IHL 15 but total length 40",
-        {
-            let mut v = V4::new(SUB, EXT).with_options(40);
-            v.tot_len = Some(40);
-            v.frame(&syn(587))
-        },
+        Frame::eth()
+            .ipv4(SUB, EXT)
+            .options(40)
+            .v4_with(|v| v.tot_len = Some(40))
+            .tcp(587)
+            .build(),
         BlockBadIpHeader,
     );
     for version in [0u8, 1, 2, 3, 5, 6, 7, 8, 15] {
@@ -544,9 +608,11 @@ fn ipv4_forms(t: &mut Table) {
         );
     }
     let nonfirst = |src, dst| {
-        let mut v = V4::new(src, dst);
-        v.frag = 0x0010;
-        v.frame(&[0u8; 16])
+        Frame::eth()
+            .ipv4(src, dst)
+            .v4_with(|v| v.frag = 0x0010)
+            .l4(6, &[0u8; 16])
+            .build()
     };
     t.eth("non-first fragment", nonfirst(SUB, EXT), BlockFragment);
     t.eth(
@@ -567,7 +633,7 @@ fn ipv4_forms(t: &mut Table) {
     for (proto, name) in [(17u8, "UDP"), (1, "ICMP"), (132, "SCTP"), (136, "UDP-Lite")] {
         t.eth(
             format!("IPv4 {name} to :25"),
-            with(&|v| v.proto = proto, 25),
+            Frame::eth().ipv4(SUB, EXT).tcp(25).proto(proto).build(),
             PassNotTcp,
         );
     }
@@ -709,26 +775,30 @@ fn ipv6_forms(t: &mut Table) {
     }
     t.eth(
         "IPv6 payload length beyond the frame",
-        eth(
-            0x86dd,
-            &v6_packet(v6(SUB6), v6(EXT6), 6, &syn(25), Some(200)),
-        ),
+        Frame::eth()
+            .ipv6(SUB6, EXT6)
+            .tcp(25)
+            .payload_len(200)
+            .build(),
         BlockTruncated,
     );
     t.eth(
         "IPv6 payload length 0 (jumbogram) with hop-by-hop",
-        eth(
-            0x86dd,
-            &v6_packet(v6(SUB6), v6(EXT6), 0, &[ext(6), syn(25)].concat(), Some(0)),
-        ),
+        Frame::eth()
+            .ipv6(SUB6, EXT6)
+            .ext(0)
+            .tcp(25)
+            .payload_len(0)
+            .build(),
         BlockTruncated,
     );
     t.eth(
         "IPv6 payload length short of the TCP header",
-        eth(
-            0x86dd,
-            &v6_packet(v6(SUB6), v6(EXT6), 6, &syn(25), Some(12)),
-        ),
+        Frame::eth()
+            .ipv6(SUB6, EXT6)
+            .tcp(25)
+            .payload_len(12)
+            .build(),
         BlockTruncated,
     );
     t.eth(
@@ -741,23 +811,16 @@ fn ipv6_forms(t: &mut Table) {
     }
     t.eth(
         "IP version 4 in an IPv6 ethertype",
-        eth(0x86dd, &{
-            let mut p = ip6(SUB6, EXT6, 587);
-            p[0] = 0x40;
-            p
-        }),
+        Frame::eth().ipv6(SUB6, EXT6).tcp(587).ip_version(4).build(),
         BlockBadIpHeader,
     );
 }
 
 fn tcp_forms(t: &mut Table) {
     use Reason::*;
+    let v4 = || Frame::eth().ipv4(SUB, EXT);
+    let v6 = || Frame::eth().ipv6(SUB6, EXT6);
     for doff in 0..=15u8 {
-        let tcp = Tcp {
-            doff,
-            header_bytes: (doff as usize * 4).max(20),
-            ..Tcp::to(25)
-        };
         let want = if doff < 5 {
             BlockBadTcpHeader
         } else {
@@ -765,37 +828,29 @@ fn tcp_forms(t: &mut Table) {
         };
         t.eth(
             format!("TCP data offset {doff} to :25"),
-            V4::new(SUB, EXT).frame(&tcp.bytes()),
+            v4().tcp(25)
+                .doff(doff)
+                .tcp_bytes((doff as usize * 4).max(20))
+                .build(),
             want,
         );
     }
     for doff in [0u8, 4] {
-        let tcp = Tcp {
-            doff,
-            ..Tcp::to(587)
-        };
         t.eth(
             format!("TCP data offset {doff} to :587"),
-            V4::new(SUB, EXT).frame(&tcp.bytes()),
+            v4().tcp(587).doff(doff).build(),
             BlockBadTcpHeader,
         );
     }
     for doff in [6u8, 10, 15] {
-        let tcp = Tcp {
-            doff,
-            ..Tcp::to(25)
-        };
         t.eth(
             format!("TCP data offset {doff} beyond the datagram"),
-            V4::new(SUB, EXT).frame(&tcp.bytes()),
+            v4().tcp(25).doff(doff).build(),
             BlockTruncated,
         );
         t.eth(
             format!("IPv6 TCP data offset {doff} beyond the datagram"),
-            eth(
-                0x86dd,
-                &v6_packet(v6(SUB6), v6(EXT6), 6, &tcp.bytes(), None),
-            ),
+            v6().tcp(25).doff(doff).build(),
             BlockTruncated,
         );
     }
@@ -803,21 +858,14 @@ fn tcp_forms(t: &mut Table) {
         0x00u8, 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0x03, 0x06, 0x11, 0x12, 0x14, 0x18,
         0x29, 0xc2, 0xff,
     ] {
-        let tcp = Tcp {
-            flags,
-            ..Tcp::to(25)
-        };
         t.eth(
             format!("TCP flags {flags:#04x} to :25"),
-            V4::new(SUB, EXT).frame(&tcp.bytes()),
+            v4().tcp(25).flags(flags).build(),
             BlockPort,
         );
         t.eth(
             format!("IPv6 TCP flags {flags:#04x} to :25"),
-            eth(
-                0x86dd,
-                &v6_packet(v6(SUB6), v6(EXT6), 6, &tcp.bytes(), None),
-            ),
+            v6().tcp(25).flags(flags).build(),
             BlockPort,
         );
     }
@@ -826,13 +874,9 @@ fn tcp_forms(t: &mut Table) {
         ("19 bytes", 19),
         ("4 bytes (ports only)", 4),
     ] {
-        let tcp = Tcp {
-            header_bytes: bytes,
-            ..Tcp::to(25)
-        };
         t.eth(
             format!("TCP header cut to {what}"),
-            V4::new(SUB, EXT).frame(&tcp.bytes()),
+            v4().tcp(25).tcp_bytes(bytes).build(),
             BlockTruncated,
         );
     }
@@ -1146,7 +1190,12 @@ fn truncations(t: &mut Table) {
                 f[18..20].copy_from_slice(&l.to_be_bytes());
             }
             let want = if len < 14 { PassNotIp } else { BlockTruncated };
-            t.eth(format!("{what} cut to {len} bytes"), f, want);
+            let row = t.eth(format!("{what} cut to {len} bytes"), f, want);
+            if len < 14 {
+                row.refused();
+            } else if len < skb_minimum(u16::from_be_bytes([full[12], full[13]])) {
+                row.skb_refuses();
+            }
         }
     }
 }
@@ -1162,13 +1211,16 @@ fn raw(t: &mut Table) {
         raw_v4(RAW_SUB, MAIL, 25),
         PassMailServer,
     );
+    // 28 bytes: short of the 14 + 20 an skb test run wants for protocol IPv4.
     t.raw(
         "IPv4 UDP to :25",
-        {
-            let mut v = V4::new(RAW_SUB, EXT);
-            v.proto = 17;
-            v.packet(&[0u8; 8])
-        },
+        Frame::raw().ipv4(RAW_SUB, EXT).l4(17, &[0u8; 8]).build(),
+        PassNotTcp,
+    )
+    .skb_refuses();
+    t.raw(
+        "IPv4 UDP to :25, with a payload",
+        Frame::raw().ipv4(RAW_SUB, EXT).l4(17, &[0u8; 16]).build(),
         PassNotTcp,
     );
     t.raw(
@@ -1220,9 +1272,19 @@ fn raw(t: &mut Table) {
         ip6("2001:db8:800::1", EXT6, 587),
         BlockBadIpHeader,
     );
+    // 40 bytes: short of the 14 + 40 an skb test run wants for protocol IPv6.
     t.raw(
         "protocol IPv6, nibble 4 (134.221 = 0x86dd)",
         raw_v4([134, 221, 0, 1], EXT, 587),
+        BlockBadIpHeader,
+    )
+    .skb_refuses();
+    t.raw(
+        "protocol IPv6, nibble 4, 60 bytes",
+        Frame::raw()
+            .ipv4([134, 221, 0, 1], EXT)
+            .l4(6, &[syn(587), vec![0; 20]].concat())
+            .build(),
         BlockBadIpHeader,
     );
     t.raw(
@@ -1257,12 +1319,17 @@ fn raw(t: &mut Table) {
     );
     let full = raw_v4(RAW_SUB, EXT, 25);
     for len in 0..full.len() {
-        t.raw_as(
+        let row = t.raw_as(
             format!("IPv4 SYN (protocol IPv4) cut to {len} bytes"),
             0x0800,
             full[..len].to_vec(),
             BlockTruncated,
         );
+        // Below 14 bytes there is no "Ethernet header" for the test run to read the
+        // protocol from; from there on it reads 0x0800 and wants the IP header.
+        if len < skb_minimum(0x0800) {
+            row.skb_refuses();
+        }
     }
 }
 
@@ -1758,11 +1825,14 @@ fn tunnels(t: &mut Table) {
         ("IPv6 in IPv6", outer6(41, &ip6(SUB6, EXT6, 25))),
     ] {
         for len in 14..full.len() {
-            t.eth(
+            let row = t.eth(
                 format!("tunnel {what} SYN cut to {len} bytes"),
                 full[..len].to_vec(),
                 BlockTruncated,
             );
+            if len < skb_minimum(u16::from_be_bytes([full[12], full[13]])) {
+                row.skb_refuses();
+            }
         }
     }
 }

@@ -4,7 +4,8 @@
 //! padding, sizes asserted at compile time. Changing any of them is a layout change: bump
 //! [`LAYOUT_VERSION`] so a daemon refuses a pinned map of the old layout instead of reusing it.
 
-/// Written into [`Settings::layout`]; checked against pinned maps at start.
+/// Written into [`Settings::layout`]; read from the pinned settings at daemon start: a newer
+/// version is refused and left alone, an older one is migrated to new maps.
 pub const LAYOUT_VERSION: u32 = 1;
 
 // Map names (kernel object names are limited to 15 characters). They double as pin file names.

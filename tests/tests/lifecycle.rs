@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use port25_common::maps::{Settings, LAYOUT_VERSION};
+use port25_ctl::bpf::livemaps::LiveMaps;
 use port25_tests::{
     lab::{self, Lab},
     require_root, text,
@@ -185,4 +187,57 @@ fn lifecycle() {
         "no pin left under {}",
         lab.pin_dir.display()
     );
+}
+
+/// Every pin in the tree with the kernel id behind it, and the settings record: what a
+/// refused start must leave exactly as it was.
+fn pin_snapshot(pins: &port25_ctl::bpf::pins::Pins) -> (Vec<(String, u32)>, Vec<String>, Settings) {
+    use aya::maps::MapInfo;
+    let maps = port25_ctl::bpf::datapath::ALL_MAPS
+        .iter()
+        .map(|n| {
+            let info = MapInfo::from_pin(pins.map(n)).unwrap_or_else(|e| panic!("{n}: {e}"));
+            (n.to_string(), info.id())
+        })
+        .collect();
+    let live = LiveMaps::open(pins).expect("open the pins");
+    let settings = live.settings.get(&0, 0).expect("settings");
+    (maps, pins.pinned_links(), settings)
+}
+
+/// A pin tree written by a newer version (settings layout LAYOUT_VERSION + 1, as after an
+/// upgrade that a rollback now meets) is refused at start, with a clear error, and left
+/// exactly as it was: the older daemon neither reuses nor migrates maps it does not
+/// understand, and enforcement goes on from the pins.
+#[test]
+fn a_newer_pinned_layout_is_refused_at_start_and_left_alone() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.start_daemon();
+    lab.kill9();
+    let pins = port25_ctl::bpf::pins::Pins::new(&lab.pin_dir);
+    {
+        let mut live = LiveMaps::open(&pins).expect("open the pins");
+        let mut s = live.settings.get(&0, 0).unwrap();
+        assert_eq!(
+            s.layout, LAYOUT_VERSION,
+            "the daemon writes its layout version"
+        );
+        s.layout = LAYOUT_VERSION + 1;
+        live.settings.set(0, s, 0).unwrap();
+    }
+    let before = pin_snapshot(&pins);
+    let err = lab
+        .try_start_daemon()
+        .expect_err("a daemon must refuse pins of a newer layout");
+    assert!(
+        err.contains(&format!("layout version {}", LAYOUT_VERSION + 1)) && err.contains("newer"),
+        "the error says why: {err}"
+    );
+    assert_eq!(
+        pin_snapshot(&pins),
+        before,
+        "the refused start changed the pins"
+    );
+    assert_blocked(&lab, "refused start, enforcing from the pins");
 }

@@ -137,12 +137,56 @@ fn mismatches(
     Ok(out)
 }
 
-/// The pinned maps whose layout differs from the one this daemon would create, described.
+/// The layout version the pinned settings record claims: its first field, read as raw bytes
+/// so that a record of any size (any version) gives it. `None`: no settings pinned, or a
+/// record never written (0, a fresh map), which claims nothing.
+pub fn pinned_layout_version(pins: &Pins) -> Result<Option<u32>> {
+    let path = pins.map(m::SETTINGS);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let what = || format!("reading the pinned settings {}", path.display());
+    let info = MapInfo::from_pin(&path).with_context(what)?;
+    let map = aya::maps::MapData::from_pin(&path).with_context(what)?;
+    let value = crate::bpf::sys::lookup_raw(&map, &0u32.to_ne_bytes(), info.value_size() as usize)
+        .with_context(what)?;
+    let version = value
+        .get(..4)
+        .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
+        .ok_or_else(|| anyhow!("{}: a settings record shorter than its version", what()))?;
+    Ok((version != 0).then_some(version))
+}
+
+/// Refuses a pin tree written by a newer port25 (a rollback meeting an upgrade's maps): this
+/// version can neither reuse maps it does not understand nor migrate them safely, so it
+/// changes nothing.
+pub fn refuse_newer_layout(pins: &Pins) -> Result<()> {
+    match pinned_layout_version(pins)? {
+        Some(v) if v > m::LAYOUT_VERSION => bail!(
+            "the maps pinned in {} have layout version {v}, newer than this port25-ctl's {}: \
+             refusing to reuse or replace them. Run the newer port25-ctl, or detach with it \
+             first",
+            pins.maps_dir().display(),
+            m::LAYOUT_VERSION
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The pinned maps whose layout differs from the one this daemon would create, described;
+/// Err for a pin tree of a newer layout version, which is never migrated.
 pub fn layout_changes(pins: &Pins, limits: &Limits) -> Result<Vec<String>> {
-    Ok(mismatches(pins, limits)?
+    refuse_newer_layout(pins)?;
+    let mut changes: Vec<String> = mismatches(pins, limits)?
         .into_iter()
         .map(|(name, _, have, want)| format!("{name}: {have} -> {want}"))
-        .collect())
+        .collect();
+    // An older version's maps are migrated even when their shapes happen to match: their
+    // meaning changed.
+    if let Some(v) = pinned_layout_version(pins)?.filter(|v| *v < m::LAYOUT_VERSION) {
+        changes.push(format!("layout version {v} -> {}", m::LAYOUT_VERSION));
+    }
+    Ok(changes)
 }
 
 /// Starts a map migration: fresh maps, pinned in the staging directory (a stale one, left
@@ -178,6 +222,7 @@ pub fn commit_staged_maps(pins: &Pins) -> Result<()> {
 
 /// Refuses pinned maps whose layout is not the one this daemon would create.
 pub fn check_pinned_layouts(pins: &Pins, limits: &Limits) -> Result<()> {
+    refuse_newer_layout(pins)?;
     if let Some((_, path, have, want)) = mismatches(pins, limits)?.into_iter().next() {
         let only_capacity = have.max_entries != want.max_entries
             && (Layout {

@@ -1,5 +1,6 @@
 //! The raw bpf(2) calls aya 0.14 does not offer: link details (the interface a pinned link is
-//! on) and batch map reads (aya-rs/aya#1124).
+//! on), batch map reads (aya-rs/aya#1124) and an element read of a value whose type is
+//! not known in advance (a pinned record of another version).
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -70,4 +71,17 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> std::io::Result<Vec<(K, V)>>
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The value at `key` as raw bytes (`value_size` of them, as the map declares), whatever
+/// type a version of port25 gave it.
+pub fn lookup_raw(map: &MapData, key: &[u8], value_size: usize) -> std::io::Result<Vec<u8>> {
+    let mut value = vec![0u8; value_size];
+    // SAFETY: bpf_attr is plain data; zeroed is its valid empty state.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.__bindgen_anon_2.map_fd = map.fd().as_fd().as_raw_fd() as u32;
+    attr.__bindgen_anon_2.key = key.as_ptr() as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = value.as_mut_ptr() as u64;
+    sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+    Ok(value)
 }

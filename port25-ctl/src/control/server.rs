@@ -290,6 +290,9 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     let _lock = lock_instance(&cfg.socket)?;
     pins.prepare()?;
     let _pin_lock = lock_pins(&pins)?;
+    // Before anything is written (marker, registry, maps): a newer version's pin tree is
+    // refused with everything left as it was.
+    datapath::refuse_newer_layout(&pins)?;
     if attach && detached::clear(&cfg.state_dir)? {
         info!("the detach marker is lifted (--attach)");
     }

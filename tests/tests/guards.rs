@@ -324,7 +324,7 @@ fn a_wall_clock_behind_the_registry_does_not_revive_expired_unblocks() {
         "unblock did not end"
     );
     lab.kill9();
-    lab.try_start_daemon_env(&[(port25_ctl::control::server::FAKE_WALL_SHIFT, "-86400")])
+    lab.try_start_daemon_env(&[(port25_ctl::control::testing::FAKE_WALL_SHIFT, "-86400")])
         .unwrap();
     assert!(
         !lab.can_connect(sub, lab::v4().ext, 25),
@@ -367,7 +367,7 @@ fn a_wall_clock_behind_closes_timed_unblocks_it_cannot_judge() {
     assert!(!lab.can_connect(sub, ext, 25), "erin's unblock did not end");
     // Killed before any reconcile recorded the end of erin's unblock.
     lab.kill9();
-    lab.try_start_daemon_env(&[(port25_ctl::control::server::FAKE_WALL_SHIFT, "-86400")])
+    lab.try_start_daemon_env(&[(port25_ctl::control::testing::FAKE_WALL_SHIFT, "-86400")])
         .unwrap();
     assert!(
         !lab.can_connect(sub, ext, 25),

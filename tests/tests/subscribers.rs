@@ -230,7 +230,7 @@ fn a_crash_between_commit_and_apply_is_repaired_at_start() {
     lab.start_daemon();
     ok(&lab, &["session", "up", "alice", ALICE4, "--id", "1"]);
     lab.kill9();
-    lab.try_start_daemon_env(&[(port25_ctl::control::server::FAILPOINT_AFTER_COMMIT, "1")])
+    lab.try_start_daemon_env(&[(port25_ctl::control::testing::FAILPOINT_AFTER_COMMIT, "1")])
         .unwrap();
     // The daemon commits, then dies before touching the maps: the CLI sees no answer.
     let o = lab.ctl(&["unblock", "alice"]);

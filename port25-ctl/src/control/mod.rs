@@ -2,3 +2,4 @@
 
 pub mod proto;
 pub mod server;
+pub mod testing;

@@ -56,9 +56,9 @@ pub mod limits {
     pub const NOFILE: u64 = 65536;
 }
 
-/// Set in the daemon's environment, the daemon aborts right after its first committed change
-/// (before the maps are written): the crash-consistency test uses it.
-pub const FAILPOINT_AFTER_COMMIT: &str = "PORT25_FAILPOINT_AFTER_COMMIT";
+// The test hooks (a failpoint, a clock shift) are in `control::testing`, with why they are
+// safe in production.
+use super::testing::failpoint_after_commit;
 
 struct Daemon {
     config_path: PathBuf,
@@ -84,10 +84,6 @@ struct Daemon {
     link_errors: std::collections::HashMap<String, String>,
 }
 
-/// Test hook: seconds added to the system's wall clock as the daemon reads it (negative =
-/// a clock behind real time, as after a boot without RTC before NTP has synced).
-pub const FAKE_WALL_SHIFT: &str = "PORT25_TEST_WALL_SHIFT_S";
-
 /// The wall clock as the daemon uses it for expiries: never behind the newest time the
 /// registry has recorded (its newest audit record), advanced from there on the boot-time
 /// clock. A boot with the clock behind real time would otherwise read an unblock that has
@@ -112,13 +108,7 @@ impl Wall {
             })?
             .pop()
             .map(|r| r.at);
-        let shift = match std::env::var(FAKE_WALL_SHIFT) {
-            Ok(s) => jiff::SignedDuration::from_secs(
-                s.parse()
-                    .with_context(|| format!("{FAKE_WALL_SHIFT}={s}"))?,
-            ),
-            Err(_) => jiff::SignedDuration::ZERO,
-        };
+        let shift = super::testing::wall_shift()?;
         Ok(Wall {
             floor: newest.unwrap_or(jiff::Timestamp::UNIX_EPOCH),
             floor_boot: crate::bpf::livemaps::boot_ns(),
@@ -664,13 +654,6 @@ fn audit_forced_wide(store: &mut SqliteStore, cfg: &Config, path: &Path) -> Resu
         })?;
     }
     tx.commit()
-}
-
-fn failpoint_after_commit() {
-    if std::env::var_os(FAILPOINT_AFTER_COMMIT).is_some() {
-        // Test hook: dies where a crash hurts most, committed but not yet in the maps.
-        std::process::abort();
-    }
 }
 
 fn create_parent(path: &Path) -> Result<()> {

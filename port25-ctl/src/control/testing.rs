@@ -1,0 +1,39 @@
+//! The daemon's only test hooks, both read from its environment, both used by the kernel
+//! and end-to-end tests in `tests/` (which run the shipped binary, so a cargo feature would
+//! test a different program than the one that ships).
+//!
+//! Why they are safe in production: each acts only when its variable is set in the daemon's
+//! own environment, which only root (or the unit file) controls, and root can kill the daemon
+//! or move the clock anyway. Neither opens port 25: the failpoint aborts with the change
+//! committed (the next start applies it; the links keep enforcing from the pins meanwhile),
+//! and the clock shift only moves when timed unblocks end, exactly as a wrong system clock
+//! would, which the daemon already guards against (see `Wall`).
+
+use anyhow::{Context as _, Result};
+
+/// Set: the daemon aborts right after its first committed change, before the maps are
+/// written (where a crash hurts most). The crash-consistency test uses it.
+pub const FAILPOINT_AFTER_COMMIT: &str = "PORT25_FAILPOINT_AFTER_COMMIT";
+
+/// Seconds added to the system's wall clock as the daemon reads it (negative = a clock
+/// behind real time, as after a boot without RTC before NTP has synced). The clock guard
+/// tests use it.
+pub const FAKE_WALL_SHIFT: &str = "PORT25_TEST_WALL_SHIFT_S";
+
+/// Aborts when [`FAILPOINT_AFTER_COMMIT`] is set.
+pub fn failpoint_after_commit() {
+    if std::env::var_os(FAILPOINT_AFTER_COMMIT).is_some() {
+        std::process::abort();
+    }
+}
+
+/// The shift [`FAKE_WALL_SHIFT`] asks for (zero when unset); Err when it is not a number.
+pub fn wall_shift() -> Result<jiff::SignedDuration> {
+    match std::env::var(FAKE_WALL_SHIFT) {
+        Ok(s) => Ok(jiff::SignedDuration::from_secs(
+            s.parse()
+                .with_context(|| format!("{FAKE_WALL_SHIFT}={s}"))?,
+        )),
+        Err(_) => Ok(jiff::SignedDuration::ZERO),
+    }
+}

@@ -9,6 +9,7 @@ mod lab;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+/// The project's own tooling: build, test, lab, bench and fuzz, runnable on a fresh machine.
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -31,6 +32,8 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Speed and memory, as ratios against baselines measured in the same run (root).
+    ///
+    /// `PORT25_BENCH_QUICK=1`: the datapath only, with empty exempt maps.
     Bench,
     /// Differential fuzz: generated frames through every program (BPF_PROG_TEST_RUN) and the
     /// reference model; fails on any mismatch or any blocked-port frame passed (root).

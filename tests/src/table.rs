@@ -655,7 +655,7 @@ fn ipv6_forms(t: &mut Table) {
         for (port, want) in [(25u16, BlockPort), (587, PassPortOpen)] {
             t.eth(
                 format!("IPv6 {name} header, TCP to :{port}"),
-                v6_chain(kind, &[ext(6), syn(port)].concat()),
+                Frame::eth().ipv6(SUB6, EXT6).ext(kind).tcp(port).build(),
                 want,
             );
         }
@@ -744,16 +744,13 @@ fn ipv6_forms(t: &mut Table) {
     // Chains at the bound: up to MAX_EXT_HEADERS - 1 = 7 extension headers before TCP.
     let kinds = [0u8, 60, 43, 60, 135, 139, 140, 253, 254, 60, 60];
     for n in 1..=10usize {
-        let mut c = Vec::new();
-        for i in 0..n {
-            let next = if i + 1 == n { 6 } else { kinds[i + 1] };
-            c.extend(ext(next));
-        }
-        c.extend(syn(587));
+        let chain = kinds[..n]
+            .iter()
+            .fold(Frame::eth().ipv6(SUB6, EXT6), |f, k| f.ext(*k));
         let want = if n <= 7 { PassPortOpen } else { BlockExtChain };
         t.eth(
             format!("IPv6 chain of {n} extension headers, TCP to :587"),
-            v6_chain(0, &c),
+            chain.tcp(587).build(),
             want,
         );
     }

@@ -82,10 +82,6 @@ fn fixture() -> Fixture {
     }
 }
 
-fn syn6(src: &str, dst: &str, port: u16) -> Vec<u8> {
-    v6_frame(v6(src), v6(dst), 6, &Tcp::to(port).bytes())
-}
-
 fn counter(live: &LiveMaps, reason: Reason) -> u64 {
     live.counters()
         .unwrap()
@@ -270,11 +266,19 @@ fn reject_answers_a_well_formed_blocked_segment_with_a_rst() {
     let mut s = f.live.settings.get(&0, 0).unwrap();
     s.flags |= port25_common::maps::FLAG_REJECT;
     f.live.settings.set(0, s, 0).unwrap();
-    let mut syn = Tcp::to(25);
-    syn.flags = SYN;
-    let syn4 = V4::new(SUB, EXT).frame(&syn.bytes());
-    let syn6 = syn6("2001:db8:100::2", "2001:db8:ff::80", 25);
-    let tagged = vlan(&syn4, &[0x8100]);
+    let v4 = || Frame::eth().ipv4(SUB, EXT);
+    let syn4 = v4().tcp(25).syn().build();
+    let syn6 = Frame::eth()
+        .ipv6("2001:db8:100::2", "2001:db8:ff::80")
+        .tcp(25)
+        .syn()
+        .build();
+    let tagged = Frame::eth()
+        .vlan(0x8100)
+        .ipv4(SUB, EXT)
+        .tcp(25)
+        .syn()
+        .build();
     for prog in [PROG_XDP, PROG_TC] {
         let answered = if prog == PROG_XDP {
             XDP_TX
@@ -312,31 +316,25 @@ fn reject_answers_a_well_formed_blocked_segment_with_a_rst() {
                 "{prog} {what}: checksums: {out:?}"
             );
         }
-        let mut rst = Tcp::to(25);
-        rst.flags = 0x04;
-        let mut opts = V4::new(SUB, EXT);
-        opts = opts.with_options(4);
-        let mut short = Tcp::to(25);
-        short.header_bytes = 12;
         for (what, input) in [
-            ("a RST", V4::new(SUB, EXT).frame(&rst.bytes())),
-            ("IPv4 options", opts.frame(&syn.bytes())),
+            ("a RST", v4().tcp(25).flags(0x04).build()),
+            ("IPv4 options", v4().options(4).tcp(25).syn().build()),
             (
                 "PPPoE",
-                pppoe(0x0021, &V4::new(SUB, EXT).packet(&syn.bytes())),
+                Frame::eth().pppoe().ipv4(SUB, EXT).tcp(25).syn().build(),
             ),
             (
                 "IPv6 extension header",
-                v6_frame(
-                    v6("2001:db8:100::2"),
-                    v6("2001:db8:ff::80"),
-                    0,
-                    &[ext(6), syn.bytes()].concat(),
-                ),
+                Frame::eth()
+                    .ipv6("2001:db8:100::2", "2001:db8:ff::80")
+                    .ext(0)
+                    .tcp(25)
+                    .syn()
+                    .build(),
             ),
             (
                 "truncated TCP (a doubt)",
-                V4::new(SUB, EXT).frame(&short.bytes()),
+                v4().tcp(25).tcp_bytes(12).build(),
             ),
         ] {
             let (ret, out) = run_out(&mut f, prog, &input);
@@ -348,7 +346,7 @@ fn reject_answers_a_well_formed_blocked_segment_with_a_rst() {
             assert_eq!(ret, drop, "{prog} {what}: dropped, not answered");
             assert_eq!(out, input, "{prog} {what}: untouched");
         }
-        let to_587 = V4::new(SUB, EXT).frame(&Tcp::to(587).bytes());
+        let to_587 = v4().tcp(587).build();
         let (ret, out) = run_out(&mut f, prog, &to_587);
         let pass = if prog == PROG_XDP {
             XDP_PASS
@@ -358,7 +356,7 @@ fn reject_answers_a_well_formed_blocked_segment_with_a_rst() {
         assert_eq!((ret, &out), (pass, &to_587), "{prog}: a pass is untouched");
     }
     // Source 8.0.x.x: BPF_PROG_TEST_RUN reads it as skb protocol 0x0800.
-    let raw = V4::new(RAW_SUB, EXT).packet(&syn.bytes());
+    let raw = Frame::raw().ipv4(RAW_SUB, EXT).tcp(25).syn().build();
     let (ret, out) = run_out(&mut f, PROG_TC_RAW, &raw);
     assert_eq!(ret, TC_ACT_REDIRECT, "raw IP answered");
     assert_eq!(out.len(), 40);

@@ -423,3 +423,53 @@ impl Frame {
         frame
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The builder writes the bytes the free functions write (the table relies on both).
+    #[test]
+    fn builder_matches_the_free_functions() {
+        let (s, d) = ([100, 64, 1, 2], [203, 0, 113, 80]);
+        let syn = Tcp::to(25).bytes();
+        assert_eq!(
+            Frame::eth().ipv4(s, d).tcp(25).build(),
+            V4::new(s, d).frame(&syn)
+        );
+        assert_eq!(
+            Frame::eth()
+                .vlan(0x88a8)
+                .vlan(0x8100)
+                .ipv4(s, d)
+                .tcp(25)
+                .build(),
+            vlan(&V4::new(s, d).frame(&syn), &[0x88a8, 0x8100])
+        );
+        assert_eq!(
+            Frame::eth()
+                .vlan(0x8100)
+                .pppoe_proto(&[0x21])
+                .ipv4(s, d)
+                .tcp(25)
+                .build(),
+            vlan(
+                &pppoe_with(&[0x21], &V4::new(s, d).packet(&syn), None),
+                &[0x8100]
+            )
+        );
+        let (s6, d6) = ("2001:db8:100::2", "2001:db8:ff::80");
+        assert_eq!(
+            Frame::eth().ipv6(s6, d6).ext(0).ext(60).tcp(25).build(),
+            v6_frame(v6(s6), v6(d6), 0, &[ext(60), ext(6), syn.clone()].concat())
+        );
+        assert_eq!(
+            Frame::raw().ipv4(s, d).options(8).l4(17, &[0; 8]).build(),
+            V4 {
+                proto: 17,
+                ..V4::new(s, d).with_options(8)
+            }
+            .packet(&[0; 8])
+        );
+    }
+}

@@ -98,9 +98,7 @@ impl V4 {
         h[9] = self.proto;
         h[12..16].copy_from_slice(&self.src);
         h[16..20].copy_from_slice(&self.dst);
-        for o in 20..h.len() {
-            h[o] = 1; // NOP options
-        }
+        h[20..].fill(1); // NOP options
         h.extend_from_slice(payload);
         h
     }

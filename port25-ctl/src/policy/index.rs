@@ -19,6 +19,9 @@ use crate::{
     registry::store::{Session, Snapshot, User},
 };
 
+/// A user's map entries, one per exempt key, in key order.
+pub type UserEntries = Vec<(Slot, Exempt)>;
+
 /// What a user puts in the maps. Every live session address and prefix, whatever the
 /// policy, as an owner entry: with the unblock's expiry while unblocked, already expired
 /// (= block) otherwise, so that no other user's wider prefix exempts it. Static bindings
@@ -35,7 +38,7 @@ pub fn user_slots(
     bindings: &[Prefix],
     now_wall: jiff::Timestamp,
     now_boot: u64,
-) -> Vec<(Slot, Exempt)> {
+) -> UserEntries {
     let Some(u) = user else {
         return vec![];
     };
@@ -76,7 +79,7 @@ pub fn changed_users(
     rec: &crate::registry::store::Recording,
     now_wall: jiff::Timestamp,
     now_boot: u64,
-) -> Result<Vec<(String, Vec<(Slot, Exempt)>)>> {
+) -> Result<Vec<(String, UserEntries)>> {
     use crate::registry::store::Tx;
     let mut out = Vec::with_capacity(rec.users.len());
     for name in &rec.users {
@@ -99,14 +102,14 @@ pub fn changed_users(
 #[derive(Debug, Default, Clone)]
 pub struct Index {
     base: Desired,
-    per_user: HashMap<String, Vec<(Slot, Exempt)>>,
+    per_user: HashMap<String, UserEntries>,
     holders: HashMap<Slot, BTreeMap<String, Exempt>>,
 }
 
 /// A change computed but not yet made: the users' new entries and each slot's new value.
 #[derive(Debug, Default)]
 pub struct Change {
-    users: Vec<(String, Vec<(Slot, Exempt)>)>,
+    users: Vec<(String, UserEntries)>,
     pub slots: Vec<(Slot, Option<Exempt>)>,
     lens: Option<Vec<u8>>,
 }
@@ -195,11 +198,7 @@ impl Index {
 
     /// The change that gives `changed` users their new entries, checked (prefix lengths)
     /// against `applied` but not made.
-    pub fn plan(
-        &self,
-        applied: &Desired,
-        changed: Vec<(String, Vec<(Slot, Exempt)>)>,
-    ) -> Result<Change> {
+    pub fn plan(&self, applied: &Desired, changed: Vec<(String, UserEntries)>) -> Result<Change> {
         let mut affected: BTreeMap<Slot, BTreeMap<String, Exempt>> = BTreeMap::new();
         // Every slot a changed user held or will hold, with all its current holders first
         // (users may share a slot), then the changed users' old entries out, new ones in.

@@ -167,8 +167,6 @@ where
     }
 }
 
-type SettingsMap = Arr<Settings>;
-
 macro_rules! per_map {
     (
         $sf:ident: $sn:ident = $st:ty;
@@ -181,7 +179,7 @@ macro_rules! per_map {
             live: &'a mut LiveMaps,
             known: Option<&Desired>,
             want: &Desired,
-        ) -> Result<(&'a mut SettingsMap, Vec<Box<dyn Pending + 'a>>)> {
+        ) -> Result<(&'a mut $st, Vec<Box<dyn Pending + 'a>>)> {
             let LiveMaps { $sf, $( $( $f, )* )* .. } = live;
             let maps: Vec<Box<dyn Pending + 'a>> = vec![
                 $( $(

@@ -1,6 +1,9 @@
 //! The BPF maps and the kernel's answers to the verdict's lookups.
 //!
 //! Capacities here are defaults; the controller sets them from the config's `limits` at load.
+//! Every pinned map here is one entry of the controller's map list (`port25-ctl/src/bpf/
+//! maps.rs`, `map_list!`), and every other map is named there as kernel-private; a test
+//! there compares names, types, key and value sizes, capacities and flags with this file.
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_boot_ns,

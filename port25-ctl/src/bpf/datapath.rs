@@ -14,7 +14,6 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use port25_common::maps as m;
 
 use crate::{
     bpf::pins::Pins,
@@ -28,32 +27,8 @@ pub const PROG_XDP: &str = "port25_xdp";
 pub const PROG_TC: &str = "port25_tc";
 pub const PROG_TC_RAW: &str = "port25_tc_raw";
 
-pub const ALL_MAPS: [&str; 12] = [
-    m::SETTINGS,
-    m::PORTS,
-    m::RANGES4,
-    m::RANGES6,
-    m::MAIL4,
-    m::MAIL6,
-    m::EXIP4,
-    m::EXIP6,
-    m::EXPFX4,
-    m::EXPFX6,
-    m::EXNET6,
-    m::COUNTERS,
-];
-
-/// The capacity the config asks for, for the maps whose size it sets.
-pub fn capacity(name: &str, l: &Limits) -> Option<u32> {
-    Some(match name {
-        m::RANGES4 | m::RANGES6 => l.subscriber_ranges,
-        m::MAIL4 | m::MAIL6 => l.mail_servers,
-        m::EXIP4 | m::EXIP6 => l.exempt_ips,
-        m::EXPFX4 | m::EXPFX6 => l.exempt_prefixes,
-        m::EXNET6 => l.session_prefixes,
-        _ => return None,
-    })
-}
+/// The map list's names and capacities, where they were before the list existed.
+pub use crate::bpf::maps::{capacity, ALL_MAPS};
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub struct Layout {

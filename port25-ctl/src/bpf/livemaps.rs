@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError},
     Pod,
 };
 use port25_common::{
@@ -13,22 +13,46 @@ use port25_common::{
     Reason,
 };
 
-use crate::bpf::pins::Pins;
+use crate::bpf::{
+    maps::{decl::*, map_list},
+    pins::Pins,
+};
 
-pub struct LiveMaps {
-    pub settings: Array<MapData, Settings>,
-    pub ports: Array<MapData, u8>,
-    pub ranges4: LpmTrie<MapData, [u8; 4], u8>,
-    pub ranges6: LpmTrie<MapData, [u8; 16], u8>,
-    pub mail4: LpmTrie<MapData, [u8; 4], u8>,
-    pub mail6: LpmTrie<MapData, [u8; 16], u8>,
-    pub exip4: HashMap<MapData, [u8; 4], Exempt>,
-    pub exip6: HashMap<MapData, [u8; 16], Exempt>,
-    pub expfx4: LpmTrie<MapData, [u8; 4], Exempt>,
-    pub expfx6: LpmTrie<MapData, [u8; 16], Exempt>,
-    pub exnet6: HashMap<MapData, NetKey6, Exempt>,
-    pub counters: PerCpuArray<MapData, u64>,
+macro_rules! live_maps {
+    (
+        $sf:ident: $sn:ident = $st:ty;
+        policy { $( $stage:ident { $( $f:ident: $n:ident = $t:ty, $cap:expr $(, $slot:ident)?; )* } )* }
+        $cf:ident: $cn:ident = $ct:ty, $ccap:expr;
+    ) => {
+        /// Every pinned map, opened: one field per entry of the map list.
+        pub struct LiveMaps {
+            pub $sf: $st,
+            $( $( pub $f: $t, )* )*
+            pub $cf: $ct,
+        }
+
+        impl LiveMaps {
+            pub fn open(pins: &Pins) -> Result<LiveMaps> {
+                Ok(LiveMaps {
+                    $sf: open(pins, m::$sn)?,
+                    $( $( $f: open(pins, m::$n)?, )* )*
+                    $cf: open(pins, m::$cn)?,
+                })
+            }
+
+            /// (map name, entries, capacity) for every policy map.
+            pub fn fill(&self) -> Result<Vec<(&'static str, usize, u32)>> {
+                Ok(vec![
+                    $( $( (m::$n, self.$f.entries()?.len(), self.$f.capacity()), )* )*
+                ])
+            }
+        }
+    };
 }
+map_list!(live_maps);
+
+/// A policy map's contents as a plain collection: what `policy::Desired` holds per map.
+pub type Contents<T> = BTreeMap<<T as Table>::K, <T as Table>::V>;
 
 fn open<T>(pins: &Pins, name: &str) -> Result<T>
 where
@@ -46,23 +70,6 @@ where
 }
 
 impl LiveMaps {
-    pub fn open(pins: &Pins) -> Result<LiveMaps> {
-        Ok(LiveMaps {
-            settings: open(pins, m::SETTINGS)?,
-            ports: open(pins, m::PORTS)?,
-            ranges4: open(pins, m::RANGES4)?,
-            ranges6: open(pins, m::RANGES6)?,
-            mail4: open(pins, m::MAIL4)?,
-            mail6: open(pins, m::MAIL6)?,
-            exip4: open(pins, m::EXIP4)?,
-            exip6: open(pins, m::EXIP6)?,
-            expfx4: open(pins, m::EXPFX4)?,
-            expfx6: open(pins, m::EXPFX6)?,
-            exnet6: open(pins, m::EXNET6)?,
-            counters: open(pins, m::COUNTERS)?,
-        })
-    }
-
     /// Packets per reason, summed over CPUs. A counter map pinned by an older version has
     /// fewer entries (until the daemon migrates it at start): only the reasons it has.
     pub fn counters(&self) -> Result<Vec<(Reason, u64)>> {
@@ -78,42 +85,6 @@ impl LiveMaps {
                 Ok((*r, per_cpu.iter().sum()))
             })
             .collect()
-    }
-
-    /// (map name, entries, capacity) for every policy map.
-    pub fn fill(&self) -> Result<Vec<(&'static str, usize, u32)>> {
-        Ok(vec![
-            (m::PORTS, self.ports.entries()?.len(), m::PORTS_ENTRIES),
-            (
-                m::RANGES4,
-                self.ranges4.entries()?.len(),
-                self.ranges4.capacity(),
-            ),
-            (
-                m::RANGES6,
-                self.ranges6.entries()?.len(),
-                self.ranges6.capacity(),
-            ),
-            (m::MAIL4, self.mail4.entries()?.len(), self.mail4.capacity()),
-            (m::MAIL6, self.mail6.entries()?.len(), self.mail6.capacity()),
-            (m::EXIP4, self.exip4.entries()?.len(), self.exip4.capacity()),
-            (m::EXIP6, self.exip6.entries()?.len(), self.exip6.capacity()),
-            (
-                m::EXPFX4,
-                self.expfx4.entries()?.len(),
-                self.expfx4.capacity(),
-            ),
-            (
-                m::EXPFX6,
-                self.expfx6.entries()?.len(),
-                self.expfx6.capacity(),
-            ),
-            (
-                m::EXNET6,
-                self.exnet6.entries()?.len(),
-                self.exnet6.capacity(),
-            ),
-        ])
     }
 }
 

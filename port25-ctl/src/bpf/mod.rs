@@ -1,9 +1,10 @@
 //! The kernel side seen from userspace: loading and attaching the programs, the pin tree,
-//! link info, raw syscalls and the live maps.
+//! link info, raw syscalls, the one list of maps and the live maps.
 
 pub mod datapath;
 pub mod detached;
 pub mod linkinfo;
 pub mod livemaps;
+pub mod maps;
 pub mod pins;
 pub mod sys;

@@ -1,134 +1,26 @@
 //! The map entries each user contributes, kept so that a change recomputes only the users it
 //! touched: an `unblock` costs the same with ten or a million subscribers. The full build
-//! ([`Index::build`]) and the per-change update ([`Index::plan`], [`Index::apply`]) share one
-//! definition of a user's entries ([`user_slots`]); a property test holds them equal.
+//! ([`Index::build`], [`Desired::build`]) and the per-change update ([`Index::plan`],
+//! [`Index::apply`]) share one definition of a user's entries ([`user_slots`]); a property
+//! test holds them equal.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
-};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::{bail, Result};
-use port25_common::maps::{
-    Exempt, NetKey6, MAX_SESSION_PREFIX_LENS, ORIGIN_BINDING, ORIGIN_SESSION,
-};
+use port25_common::maps::{Exempt, MAX_SESSION_PREFIX_LENS, ORIGIN_BINDING, ORIGIN_SESSION};
 
 use crate::{
+    config::Config,
     net::Prefix,
-    policy::{expiry_ns, Desired},
+    policy::{
+        desired::{expiry_ns, Desired},
+        slot::{longer, Slot, BLOCKED_NS},
+    },
     registry::store::{Session, Snapshot, User},
 };
 
-/// One key in one of the exempt tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Slot {
-    Ip4([u8; 4]),
-    Ip6([u8; 16]),
-    Pfx4(([u8; 4], u32)),
-    Pfx6(([u8; 16], u32)),
-    Net6(NetKey6),
-}
-
-impl Slot {
-    /// Where a prefix lives: exact addresses in the hashes, IPv6 session prefixes in the
-    /// per-length hash, other prefixes in the LPM tries.
-    pub fn of(p: &Prefix, session: bool) -> Slot {
-        match (p.addr, p.is_host()) {
-            (IpAddr::V4(a), true) => Slot::Ip4(a.octets()),
-            (IpAddr::V6(a), true) => Slot::Ip6(a.octets()),
-            (IpAddr::V4(a), false) => Slot::Pfx4((a.octets(), p.len as u32)),
-            (IpAddr::V6(a), false) if session => Slot::Net6(NetKey6 {
-                prefix_len: p.len as u32,
-                addr: a.octets(),
-            }),
-            (IpAddr::V6(a), false) => Slot::Pfx6((a.octets(), p.len as u32)),
-        }
-    }
-
-    /// Where a session's address or prefix lives. An IPv4 session prefix (a routed
-    /// Framed-Route) is written as one exact entry per address: exact entries are read
-    /// before the LPM, so another user's narrower binding inside it never decides for an
-    /// address the session holds (DESIGN "Ownership"); IPv4 has no per-length session hash.
-    /// The registry keeps such prefixes at most [`crate::registry::MAX_SESSION_PREFIX4`] wide.
-    pub fn of_session(p: &Prefix) -> Vec<Slot> {
-        match p.addr {
-            IpAddr::V4(a) if !p.is_host() => {
-                let base = u32::from(a);
-                let count = 1u64 << (32 - p.len as u32);
-                (0..count)
-                    .map(|i| Slot::Ip4((base.wrapping_add(i as u32)).to_be_bytes()))
-                    .collect()
-            }
-            _ => vec![Slot::of(p, true)],
-        }
-    }
-
-    fn get(&self, d: &Desired) -> Option<Exempt> {
-        match self {
-            Slot::Ip4(k) => d.exip4.get(k),
-            Slot::Ip6(k) => d.exip6.get(k),
-            Slot::Pfx4(k) => d.expfx4.get(k),
-            Slot::Pfx6(k) => d.expfx6.get(k),
-            Slot::Net6(k) => d.exnet6.get(k),
-        }
-        .copied()
-    }
-
-    fn set(&self, d: &mut Desired, v: Option<Exempt>) {
-        fn put<K: Ord + Copy>(t: &mut BTreeMap<K, Exempt>, k: &K, v: Option<Exempt>) {
-            match v {
-                Some(v) => t.insert(*k, v),
-                None => t.remove(k),
-            };
-        }
-        match self {
-            Slot::Ip4(k) => put(&mut d.exip4, k, v),
-            Slot::Ip6(k) => put(&mut d.exip6, k, v),
-            Slot::Pfx4(k) => put(&mut d.expfx4, k, v),
-            Slot::Pfx6(k) => put(&mut d.expfx6, k, v),
-            Slot::Net6(k) => put(&mut d.exnet6, k, v),
-        }
-    }
-}
-
-/// Of two entries for one key, the one that wins, as a maximum over one total order (so
-/// the merge is commutative and associative: the result never depends on the order sources
-/// are merged in). From the top:
-/// 1. live session entries and the operator's own exempts (config, `exempt add`), the one
-///    that lasts longer (0 = no expiry), the operator's on a tie: a session entry decides
-///    for its address, but the operator's exempt is policy for the address whoever holds it;
-/// 2. a blocked user's session entry ([`BLOCKED_NS`]): it beats every user's binding, so no
-///    other user's prefix exempts the address (DESIGN "Ownership");
-/// 3. bindings, the one that lasts longer.
-///
-/// Two session entries for one key are not expected (an address has one holder).
-pub fn longer(a: Exempt, b: Exempt) -> Exempt {
-    let until = |e: &Exempt| {
-        if e.expires_ns == 0 {
-            u64::MAX
-        } else {
-            e.expires_ns
-        }
-    };
-    let rank = |e: &Exempt| {
-        let class = match (e.owns(), e.operator()) {
-            (true, _) if e.expires_ns == BLOCKED_NS => 1,
-            (true, _) | (false, true) => 2,
-            (false, false) => 0,
-        };
-        (
-            class,
-            if class == 1 { 0 } else { until(e) },
-            e.operator(),
-            std::cmp::Reverse(e.origin),
-        )
-    };
-    if rank(&a) >= rank(&b) {
-        a
-    } else {
-        b
-    }
-}
+/// A user's map entries, one per exempt key, in key order.
+pub type UserEntries = Vec<(Slot, Exempt)>;
 
 /// What a user puts in the maps. Every live session address and prefix, whatever the
 /// policy, as an owner entry: with the unblock's expiry while unblocked, already expired
@@ -146,7 +38,7 @@ pub fn user_slots(
     bindings: &[Prefix],
     now_wall: jiff::Timestamp,
     now_boot: u64,
-) -> Vec<(Slot, Exempt)> {
+) -> UserEntries {
     let Some(u) = user else {
         return vec![];
     };
@@ -182,15 +74,12 @@ pub fn user_slots(
     out.into_iter().collect()
 }
 
-/// The expiry of a blocked user's session entries: over since boot.
-pub const BLOCKED_NS: u64 = 1;
-
 /// The new entries of every user a recorded transaction touched.
 pub fn changed_users(
     rec: &crate::registry::store::Recording,
     now_wall: jiff::Timestamp,
     now_boot: u64,
-) -> Result<Vec<(String, Vec<(Slot, Exempt)>)>> {
+) -> Result<Vec<(String, UserEntries)>> {
     use crate::registry::store::Tx;
     let mut out = Vec::with_capacity(rec.users.len());
     for name in &rec.users {
@@ -213,16 +102,42 @@ pub fn changed_users(
 #[derive(Debug, Default, Clone)]
 pub struct Index {
     base: Desired,
-    per_user: HashMap<String, Vec<(Slot, Exempt)>>,
+    per_user: HashMap<String, UserEntries>,
     holders: HashMap<Slot, BTreeMap<String, Exempt>>,
 }
 
 /// A change computed but not yet made: the users' new entries and each slot's new value.
 #[derive(Debug, Default)]
-pub struct Plan {
-    users: Vec<(String, Vec<(Slot, Exempt)>)>,
+pub struct Change {
+    users: Vec<(String, UserEntries)>,
     pub slots: Vec<(Slot, Option<Exempt>)>,
     lens: Option<Vec<u8>>,
+}
+
+impl Desired {
+    /// Config plus registry: runtime entries, and the session addresses and static bindings
+    /// of users unblocked at `now_wall`. IPv6 session prefixes go to the hash probed per
+    /// prefix length; more distinct lengths than the datapath probes is an error. (Here, not
+    /// in `desired.rs`: the full build is the index's, so both builds are one.)
+    pub fn build(
+        cfg: &Config,
+        snap: &Snapshot,
+        now_wall: jiff::Timestamp,
+        now_boot: u64,
+    ) -> Result<Desired> {
+        Ok(Desired::build_indexed(cfg, snap, now_wall, now_boot)?.1)
+    }
+
+    /// As [`Desired::build`], with the per-user index that later changes update.
+    pub fn build_indexed(
+        cfg: &Config,
+        snap: &Snapshot,
+        now_wall: jiff::Timestamp,
+        now_boot: u64,
+    ) -> Result<(Index, Desired)> {
+        let base = Desired::base(cfg, &snap.entries, now_wall, now_boot);
+        Index::build(base, snap, now_wall, now_boot)
+    }
 }
 
 impl Index {
@@ -266,11 +181,11 @@ impl Index {
                     .entry(*slot)
                     .or_default()
                     .insert(u.name.clone(), *v);
-                let merged = match slot.get(&d) {
+                let merged = match d.slot(slot) {
                     Some(have) => longer(have, *v),
                     None => *v,
                 };
-                slot.set(&mut d, Some(merged));
+                d.set_slot(slot, Some(merged));
             }
             if !slots.is_empty() {
                 index.per_user.insert(u.name.clone(), slots);
@@ -283,11 +198,7 @@ impl Index {
 
     /// The change that gives `changed` users their new entries, checked (prefix lengths)
     /// against `applied` but not made.
-    pub fn plan(
-        &self,
-        applied: &Desired,
-        changed: Vec<(String, Vec<(Slot, Exempt)>)>,
-    ) -> Result<Plan> {
+    pub fn plan(&self, applied: &Desired, changed: Vec<(String, UserEntries)>) -> Result<Change> {
         let mut affected: BTreeMap<Slot, BTreeMap<String, Exempt>> = BTreeMap::new();
         // Every slot a changed user held or will hold, with all its current holders first
         // (users may share a slot), then the changed users' old entries out, new ones in.
@@ -312,9 +223,9 @@ impl Index {
             let merged = holders
                 .values()
                 .copied()
-                .chain(slot.get(&self.base))
+                .chain(self.base.slot(slot))
                 .reduce(longer);
-            let now = slot.get(applied);
+            let now = applied.slot(slot);
             if merged != now {
                 if let Slot::Net6(k) = slot {
                     *net6_delta.entry(k.prefix_len).or_default() +=
@@ -341,7 +252,7 @@ impl Index {
             check_lens(&in_use)?;
             lens = Some(in_use.into_iter().rev().collect());
         }
-        Ok(Plan {
+        Ok(Change {
             users: changed,
             slots,
             lens,
@@ -357,7 +268,7 @@ impl Index {
 
     /// Makes a planned change in the index and in `applied` (the maps are written by the
     /// caller from `plan.slots`). Returns whether the settings (prefix lengths) changed.
-    pub fn apply(&mut self, applied: &mut Desired, plan: &Plan) -> bool {
+    pub fn apply(&mut self, applied: &mut Desired, plan: &Change) -> bool {
         for (user, new) in &plan.users {
             if let Some(old) = self.per_user.remove(user) {
                 for (slot, _) in old {
@@ -380,7 +291,7 @@ impl Index {
             }
         }
         for (slot, v) in &plan.slots {
-            slot.set(applied, *v);
+            applied.set_slot(slot, *v);
         }
         match &plan.lens {
             Some(lens) => {

@@ -1,13 +1,13 @@
 //! The per-change update must always equal the full build: random operations through the
 //! real rules on SQLite on disk, the daemon's per-change step after each, compared with a
-//! build from scratch.
+//! build from scratch. And the full build itself, on a hand-made registry.
 
 use proptest::prelude::*;
 
 use super::*;
 use crate::{
     config::Config,
-    registry::store::{snapshot_of, sqlite::SqliteStore, Recording, Store},
+    registry::store::{snapshot_of, sqlite::SqliteStore, Policy, Recording, Store},
     registry::{self, Actor},
 };
 
@@ -166,4 +166,110 @@ fn merging_entries_for_one_key_is_order_independent() {
         longer(e(0, ORIGIN_SESSION), e(0, ORIGIN_BINDING)),
         e(0, ORIGIN_SESSION)
     );
+}
+
+// The full build, from config and registry.
+
+fn user(name: &str, policy: Policy, until: Option<&str>) -> User {
+    User {
+        name: name.into(),
+        policy,
+        until: until.map(|t| t.parse().unwrap()),
+        reason: None,
+        set_by: "root".into(),
+        set_at: jiff::Timestamp::UNIX_EPOCH,
+    }
+}
+
+fn session(id: &str, user: &str, addrs: &[&str]) -> Session {
+    Session {
+        id: id.into(),
+        user: user.into(),
+        addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        since: jiff::Timestamp::UNIX_EPOCH,
+        source: "test".into(),
+    }
+}
+
+#[test]
+fn unblocked_sessions_and_only_those_become_exempt() {
+    let cfg = Config::parse(
+        "exempt: [{prefix: 100.64.0.2/32, until: 2026-11-23T10:30:00Z}]\n",
+        std::path::Path::new("t"),
+    )
+    .unwrap();
+    let now: jiff::Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+    let boot = 1_000_000_000_000;
+    let snap = Snapshot {
+        users: vec![
+            user("alice", Policy::Unblocked, None),
+            user("bob", Policy::Blocked, None),
+            user("carol", Policy::Unblocked, Some("2026-11-23T09:00:00Z")),
+            user("dave", Policy::Unblocked, Some("2026-11-23T11:00:00Z")),
+        ],
+        sessions: vec![
+            session(
+                "1",
+                "alice",
+                &["100.64.0.2", "2001:db8:1a0::/56", "2001:db8:100:1::/64"],
+            ),
+            session("2", "bob", &["100.64.0.3", "2001:db8:1a1::/56"]),
+            session("3", "carol", &["100.64.0.4"]),
+            session("4", "dave", &["100.64.0.5", "2001:db8:100:2::9"]),
+        ],
+        ..Default::default()
+    };
+    let d = Desired::build(&cfg, &snap, now, boot).unwrap();
+    let ip4 = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap().octets();
+    fn live<K>(t: &BTreeMap<K, Exempt>, boot: u64) -> usize {
+        t.values().filter(|e| e.live(boot)).count()
+    }
+    assert_eq!(
+        live(&d.exip4, boot),
+        2,
+        "alice and dave; bob blocked, carol's unblock over"
+    );
+    assert_eq!(
+        d.exip4[&ip4("100.64.0.3")].expires_ns,
+        BLOCKED_NS,
+        "bob's address is there, blocking: no wider prefix may exempt it"
+    );
+    assert_eq!(d.exip4.len(), 4);
+    assert_eq!(
+        d.exip4[&ip4("100.64.0.2")].expires_ns,
+        0,
+        "permanent beats the config's 30 min"
+    );
+    assert_eq!(
+        d.exip4[&ip4("100.64.0.5")].expires_ns,
+        boot + 3600 * 1_000_000_000
+    );
+    assert_eq!(d.exip6.len(), 1, "dave's /128");
+    assert_eq!(live(&d.exnet6, boot), 2, "alice's /56 and /64");
+    assert_eq!(d.exnet6.len(), 3, "and bob's /56, blocking");
+    assert_eq!(d.settings.session_prefix_count, 2);
+    assert_eq!(
+        &d.settings.session_prefix_lens[..2],
+        &[64, 56],
+        "longest first"
+    );
+}
+
+#[test]
+fn more_prefix_lengths_than_the_datapath_probes_are_refused() {
+    let cfg = Config::parse("interfaces: []\n", std::path::Path::new("t")).unwrap();
+    let now: jiff::Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+    let addrs: Vec<String> = (48..=56).map(|l| format!("2001:db8:1a0::/{l}")).collect();
+    let sessions = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| session(&i.to_string(), "alice", &[a]))
+        .collect();
+    let snap = Snapshot {
+        users: vec![user("alice", Policy::Unblocked, None)],
+        sessions,
+        ..Default::default()
+    };
+    let e = Desired::build(&cfg, &snap, now, 1).unwrap_err().to_string();
+    assert!(e.contains("distinct IPv6 prefix lengths"), "{e}");
 }

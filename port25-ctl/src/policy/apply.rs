@@ -1,0 +1,364 @@
+//! Writing the desired state to the maps, in an order that never opens port 25 on the way.
+//!
+//! Every map's writes follow its stage in the map list ([`Stage`]): additions that restrict
+//! (blocked ports, enforced ranges) go first and their removals last; removals of allow
+//! entries (mail servers, exempt) go before their additions, except exempt entries that
+//! close an address (a blocked user's session), which go in before anything is removed. A
+//! change that would overfill any map is refused before the first write
+//! ([`crate::bpf::maps::fits`]), so a full map fails the whole change and nothing is half
+//! applied.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use port25_common::maps::{self as m, Exempt, Settings, LISTED_MASK, MAX_SESSION_PREFIX_LENS};
+
+use crate::{
+    bpf::{
+        livemaps::{LiveMaps, Table},
+        maps::{decl::*, fits, map_list, Stage, ALL_MAPS},
+    },
+    policy::{
+        desired::Desired,
+        slot::{closes, Slot},
+    },
+};
+
+/// How many map writes an apply made; on a reconcile, each one is repaired drift.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub writes: usize,
+}
+
+/// Makes the maps equal to `want`, reading them first (start, reload, reconcile).
+pub fn apply(live: &mut LiveMaps, want: &Desired) -> Result<Applied> {
+    apply_from(live, None, want)
+}
+
+/// Moves the maps from `have` (the state last applied) to `want` without reading them: the
+/// per-change path. Drift from `have` is left to the periodic reconcile.
+pub fn apply_delta(live: &mut LiveMaps, have: &Desired, want: &Desired) -> Result<Applied> {
+    apply_from(live, Some(have), want)
+}
+
+/// A value whose write can close an address rather than open one.
+trait Closes {
+    fn closes(&self) -> bool;
+}
+
+impl Closes for u8 {
+    fn closes(&self) -> bool {
+        false
+    }
+}
+
+impl Closes for Exempt {
+    fn closes(&self) -> bool {
+        closes(self)
+    }
+}
+
+/// What one map needs: entries to write (new or changed) and keys to delete.
+struct Diff<K, V> {
+    put: Vec<(K, V)>,
+    del: Vec<K>,
+}
+
+/// Which of a diff's additions a step writes.
+#[derive(Clone, Copy)]
+enum Puts {
+    All,
+    Closing,
+    Opening,
+}
+
+/// One map's pending change with the map borrowed to make it, so that one loop per step of
+/// the apply serves every map.
+trait Pending {
+    fn stage(&self) -> Stage;
+    fn put(&mut self, which: Puts) -> Result<usize>;
+    fn del(&mut self) -> Result<usize>;
+}
+
+struct MapDiff<'a, T: Table> {
+    name: &'static str,
+    stage: Stage,
+    map: &'a mut T,
+    diff: Diff<T::K, T::V>,
+}
+
+impl<'a, T: Table> MapDiff<'a, T> {
+    /// `known`: what the map holds, when the caller knows it (the last applied state);
+    /// `None` reads the map (a reconcile, which also finds drift). Refuses a change whose
+    /// peak (removals first for allow maps, last for restrict maps) does not fit.
+    fn new(
+        map: &'a mut T,
+        name: &'static str,
+        stage: Stage,
+        want: &BTreeMap<T::K, T::V>,
+        known: Option<&BTreeMap<T::K, T::V>>,
+    ) -> Result<Self> {
+        let read;
+        let have = match known {
+            Some(k) => k,
+            None => {
+                read = map.entries().with_context(|| format!("reading {name}"))?;
+                &read
+            }
+        };
+        let put: Vec<_> = want
+            .iter()
+            .filter(|(k, v)| have.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let del: Vec<_> = have
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        let new = put.iter().filter(|(k, _)| !have.contains_key(k)).count();
+        let peak = match stage {
+            Stage::Allow => have.len() - del.len() + new,
+            _ => have.len() + new,
+        };
+        fits(name, peak, map.capacity())?;
+        Ok(MapDiff {
+            name,
+            stage,
+            map,
+            diff: Diff { put, del },
+        })
+    }
+}
+
+impl<T: Table> Pending for MapDiff<'_, T>
+where
+    T::V: Closes,
+{
+    fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    fn put(&mut self, which: Puts) -> Result<usize> {
+        let mut n = 0;
+        for (k, v) in &self.diff.put {
+            let take = match which {
+                Puts::All => true,
+                Puts::Closing => v.closes(),
+                Puts::Opening => !v.closes(),
+            };
+            if take {
+                self.map
+                    .put(*k, *v)
+                    .with_context(|| format!("{}: writing {k:?}", self.name))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn del(&mut self) -> Result<usize> {
+        for k in &self.diff.del {
+            self.map
+                .del(*k)
+                .with_context(|| format!("{}: deleting {k:?}", self.name))?;
+        }
+        Ok(self.diff.del.len())
+    }
+}
+
+macro_rules! per_map {
+    (
+        $sf:ident: $sn:ident = $st:ty;
+        policy { $( $stage:ident { $( $f:ident: $n:ident = $t:ty, $cap:expr $(, $slot:ident)?; )* } )* }
+        $cf:ident: $cn:ident = $ct:ty, $ccap:expr;
+    ) => {
+        /// Every policy map's diff, in list order, computed before anything is written (a
+        /// map that would overflow stops the change here), and the settings map beside them.
+        fn diff_all<'a>(
+            live: &'a mut LiveMaps,
+            known: Option<&Desired>,
+            want: &Desired,
+        ) -> Result<(&'a mut $st, Vec<Box<dyn Pending + 'a>>)> {
+            let LiveMaps { $sf, $( $( $f, )* )* .. } = live;
+            let maps: Vec<Box<dyn Pending + 'a>> = vec![
+                $( $(
+                    Box::new(MapDiff::new($f, m::$n, Stage::$stage, &want.$f, known.map(|k| &k.$f))?),
+                )* )*
+            ];
+            Ok(($sf, maps))
+        }
+
+        /// Refuses a state that cannot fit the maps, before anything is written or committed.
+        pub fn check_fits(live: &LiveMaps, want: &Desired) -> Result<()> {
+            $( $( fits(m::$n, want.$f.len(), live.$f.capacity())?; )* )*
+            Ok(())
+        }
+    };
+}
+map_list!(per_map);
+
+fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> Result<Applied> {
+    let old = match known {
+        Some(k) => Some(k.settings),
+        None => live.settings.get(&0, 0).ok(),
+    };
+    let (settings, mut maps) = diff_all(live, known, want)?;
+    // Enforcing a whole family is the restrictive direction: early on, a family stays
+    // narrowed to its listed ranges only if it is narrowed both before and after (one family
+    // may narrow while the other widens); the wanted flags follow once the ranges are in.
+    let early = Settings {
+        flags: (want.settings.flags & !LISTED_MASK)
+            | (want.settings.flags & old.map_or(0, |o| o.flags) & LISTED_MASK),
+        ..want.settings
+    };
+    // Session prefix lengths: old and new both probed until the entries have moved, so a
+    // blocked session's entry is seen from the moment it is written.
+    let early = with_lens_of(early, old);
+    let mut writes = 0;
+
+    for p in in_stage(&mut maps, Stage::Restrict) {
+        writes += p.put(Puts::All)?;
+    }
+    if old != Some(early) {
+        settings.set(0, early, 0).context("writing settings")?;
+        writes += 1;
+    }
+    // Blocked sessions' entries close an address, so they go in before anything is deleted:
+    // deleting one (or a pass entry) can only then expose what the new state holds.
+    for p in in_stage(&mut maps, Stage::Allow) {
+        writes += p.put(Puts::Closing)?;
+    }
+    for p in in_stage(&mut maps, Stage::Allow) {
+        writes += p.del()?;
+    }
+    for p in in_stage(&mut maps, Stage::Allow) {
+        writes += p.put(Puts::Opening)?;
+    }
+    if early != want.settings {
+        settings
+            .set(0, want.settings, 0)
+            .context("writing settings")?;
+        writes += 1;
+    }
+    for p in in_stage(&mut maps, Stage::Restrict) {
+        writes += p.del()?;
+    }
+    Ok(Applied { writes })
+}
+
+fn in_stage<'m, 'a>(
+    maps: &'m mut [Box<dyn Pending + 'a>],
+    s: Stage,
+) -> impl Iterator<Item = &'m mut Box<dyn Pending + 'a>> {
+    maps.iter_mut().filter(move |p| p.stage() == s)
+}
+
+/// Refuses a per-change plan that would overfill an exempt map, before anything is written.
+pub fn check_slots_fit(
+    live: &LiveMaps,
+    applied: &Desired,
+    slots: &[(Slot, Option<Exempt>)],
+) -> Result<()> {
+    // Per map, in list order: (entries after the change, capacity).
+    let mut after: BTreeMap<(usize, &str), (usize, u32)> = BTreeMap::new();
+    for (slot, v) in slots {
+        let order = ALL_MAPS.iter().position(|n| *n == slot.map()).unwrap_or(0);
+        let n = after
+            .entry((order, slot.map()))
+            .or_insert_with(|| (applied.slot_map_len(slot), slot.capacity(live)));
+        match (applied.slot(slot).is_some(), v.is_some()) {
+            (false, true) => n.0 += 1,
+            (true, false) => n.0 -= 1,
+            _ => {}
+        }
+    }
+    for ((_, name), (n, cap)) in after {
+        fits(name, n, cap)?;
+    }
+    Ok(())
+}
+
+/// `s` probing the session prefix lengths of `old` too (longest first), when both fit.
+fn with_lens_of(s: Settings, old: Option<Settings>) -> Settings {
+    let Some(old) = old else { return s };
+    let mut lens = std::collections::BTreeSet::new();
+    for x in [&s, &old] {
+        let n = (x.session_prefix_count as usize).min(MAX_SESSION_PREFIX_LENS);
+        lens.extend(x.session_prefix_lens[..n].iter().copied());
+    }
+    if lens.len() > MAX_SESSION_PREFIX_LENS {
+        return s;
+    }
+    let mut out = s;
+    out.session_prefix_lens = [0; MAX_SESSION_PREFIX_LENS];
+    for (i, l) in lens.iter().rev().enumerate() {
+        out.session_prefix_lens[i] = *l;
+    }
+    out.session_prefix_count = lens.len() as u32;
+    out
+}
+
+/// Writes a per-change plan: removals first (never opens anything), then additions, then the
+/// probed prefix lengths (so a new length is probed only once its entries are in).
+pub fn write_slots(
+    live: &mut LiveMaps,
+    slots: &[(Slot, Option<Exempt>)],
+    settings: Option<Settings>,
+) -> Result<()> {
+    // As in a full apply: old and new prefix lengths probed, blocked sessions' entries in,
+    // then deletes, then entries that open, then the new lengths alone.
+    if let Some(s) = settings {
+        let early = with_lens_of(s, live.settings.get(&0, 0).ok());
+        if early != s {
+            live.settings.set(0, early, 0).context("writing settings")?;
+        }
+    }
+    for (slot, v) in slots {
+        let Some(v) = v.filter(closes) else { continue };
+        slot.put(live, v)
+            .with_context(|| format!("writing {slot:?}"))?;
+    }
+    for (slot, _) in slots.iter().filter(|(_, v)| v.is_none()) {
+        slot.del(live)
+            .with_context(|| format!("deleting {slot:?}"))?;
+    }
+    for (slot, v) in slots {
+        let Some(v) = v.filter(|v| !closes(v)) else {
+            continue;
+        };
+        slot.put(live, v)
+            .with_context(|| format!("writing {slot:?}"))?;
+    }
+    if let Some(s) = settings {
+        live.settings.set(0, s, 0).context("writing settings")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While entries move between prefix lengths, both lengths are probed (so a blocked
+    /// session's new entry is seen as soon as it is written), unless they do not fit.
+    #[test]
+    fn old_and_new_session_prefix_lengths_are_probed_together() {
+        let lens = |l: &[u8]| {
+            let mut s = Settings::default();
+            s.session_prefix_lens[..l.len()].copy_from_slice(l);
+            s.session_prefix_count = l.len() as u32;
+            s
+        };
+        let s = with_lens_of(lens(&[64]), Some(lens(&[128, 56])));
+        assert_eq!(s.session_prefix_count, 3);
+        assert_eq!(&s.session_prefix_lens[..3], &[128, 64, 56]);
+        let full = lens(&[64, 63, 62, 61, 60, 59, 58, 57]);
+        assert_eq!(
+            with_lens_of(full, Some(lens(&[48]))),
+            full,
+            "9 do not fit: the new set"
+        );
+        assert_eq!(with_lens_of(lens(&[56]), None), lens(&[56]));
+    }
+}

@@ -19,6 +19,7 @@ use crate::{
     bpf::pins::Pins,
     config::{Config, Direction, Hook, Interface, Limits, XdpMode},
 };
+use port25_common::maps as m;
 
 /// The kernel programs, built by build.rs and embedded.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/port25"));

@@ -76,7 +76,8 @@ impl Slot {
     /// Where a session's address or prefix lives. An IPv4 session prefix (a routed
     /// Framed-Route) is written as one exact entry per address: exact entries are read
     /// before the LPM, so another user's narrower binding inside it never decides for an
-    /// address the session holds (DESIGN "Ownership"); IPv4 has no per-length session hash.
+    /// address the session holds (README, "Subscribers and the helpdesk"); IPv4 has no
+    /// per-length session hash.
     /// The registry keeps such prefixes at most [`crate::registry::MAX_SESSION_PREFIX4`] wide.
     pub fn of_session(p: &Prefix) -> Vec<Slot> {
         match p.addr {
@@ -107,7 +108,7 @@ pub fn closes(e: &Exempt) -> bool {
 ///    that lasts longer (0 = no expiry), the operator's on a tie: a session entry decides
 ///    for its address, but the operator's exempt is policy for the address whoever holds it;
 /// 2. a blocked user's session entry ([`BLOCKED_NS`]): it beats every user's binding, so no
-///    other user's prefix exempts the address (DESIGN "Ownership");
+///    other user's prefix exempts the address;
 /// 3. bindings, the one that lasts longer.
 ///
 /// Two session entries for one key are not expected (an address has one holder).

@@ -116,7 +116,7 @@ proptest! {
 }
 
 /// `longer` is a maximum over one order: every way of merging the same entries for one key
-/// gives the same winner, and the winners are the ones DESIGN "Ownership" asks for.
+/// gives the same winner, and the winners are the ones `longer` documents.
 #[test]
 fn merging_entries_for_one_key_is_order_independent() {
     use port25_common::maps::{ORIGIN_BINDING, ORIGIN_CONFIG, ORIGIN_RUNTIME, ORIGIN_SESSION};

@@ -289,3 +289,7 @@ pub(super) fn read(tx: &dyn Tx, cfg: &Config, op: Op) -> Result<Value> {
         other => bail!("{other:?} is not a read verb"),
     })
 }
+
+#[cfg(test)]
+#[path = "capture.rs"]
+mod capture;

@@ -348,11 +348,15 @@ fn run(cli: &Cli) -> Result<ExitCode> {
 }
 
 /// Prints a reply: as JSON with `--json`, else as text.
-fn show<R: serde::Serialize>(cli: &Cli, r: &R, human: impl FnOnce(&R)) -> Result<ExitCode> {
+fn show<R: serde::Serialize>(
+    cli: &Cli,
+    r: &R,
+    human: impl FnOnce(&R) -> String,
+) -> Result<ExitCode> {
     if cli.json {
         print_json(r)?;
     } else {
-        human(r);
+        print!("{}", human(r));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,7 +1,10 @@
 //! Human output of the client verbs, one function per reply type (`--json` prints the reply
-//! itself).
+//! itself). Each returns the text, so tests can hold it to what it was.
 
-use std::{fmt::Display, path::Path};
+use std::{
+    fmt::{Display, Write as _},
+    path::Path,
+};
 
 use jiff::Timestamp;
 
@@ -14,6 +17,13 @@ use crate::{
     net::Prefix,
     registry::store::{AuditRecord, EntryKind, Policy, Session},
 };
+
+/// One line of output (writing to a `String` cannot fail).
+macro_rules! out {
+    ($o:expr, $($t:tt)*) => {{
+        let _ = writeln!($o, $($t)*);
+    }};
+}
 
 /// Times to the second (stored to the nanosecond).
 fn time(t: Timestamp) -> String {
@@ -97,28 +107,34 @@ fn join(v: &[impl Display]) -> String {
         .join(" ")
 }
 
-pub fn unblocked(user: &str, r: &PolicyChange) {
+pub fn unblocked(user: &str, r: &PolicyChange) -> String {
+    let mut o = String::new();
     if r.changed {
-        println!("{user}: {}", policy_line(&r.user));
+        out!(o, "{user}: {}", policy_line(&r.user));
     } else {
-        println!("{user}: {}", text(&r.note));
+        out!(o, "{user}: {}", text(&r.note));
     }
+    o
 }
 
-pub fn blocked(user: &str, r: &PolicyChange) {
-    println!("{user}: {}", policy_line(&r.user));
+pub fn blocked(user: &str, r: &PolicyChange) -> String {
+    let mut o = String::new();
+    out!(o, "{user}: {}", policy_line(&r.user));
+    o
 }
 
-pub fn user_detail(d: &UserDetail) {
+pub fn user_detail(d: &UserDetail) -> String {
+    let mut o = String::new();
     let u = &d.user;
-    println!("user:      {}", text(&u.name));
-    println!("policy:    {}", policy_line(u));
-    println!("set by:    {} at {}", text(&u.set_by), time(u.set_at));
+    out!(o, "user:      {}", text(&u.name));
+    out!(o, "policy:    {}", policy_line(u));
+    out!(o, "set by:    {} at {}", text(&u.set_by), time(u.set_at));
     if d.sessions.is_empty() {
-        println!("sessions:  none live");
+        out!(o, "sessions:  none live");
     }
     for x in &d.sessions {
-        println!(
+        out!(
+            o,
             "session:   {}  {}  since {} ({})",
             text(&x.id),
             addrs(x),
@@ -127,77 +143,108 @@ pub fn user_detail(d: &UserDetail) {
         );
     }
     for b in &d.bindings {
-        println!("binding:   {b}");
+        out!(o, "binding:   {b}");
     }
-    println!("recent audit:");
+    out!(o, "recent audit:");
     for r in &d.audit {
-        println!("  {}", audit_line(r));
+        out!(o, "  {}", audit_line(r));
     }
+    o
 }
 
-pub fn user_list(d: &UserList) {
-    println!("{:<24} {:>8}  POLICY", "USER", "SESSIONS");
+pub fn user_list(d: &UserList) -> String {
+    let mut o = String::new();
+    out!(o, "{:<24} {:>8}  POLICY", "USER", "SESSIONS");
     for u in &d.users {
-        println!(
+        out!(
+            o,
             "{:<24} {:>8}  {}",
             text(&u.user.name),
             u.sessions,
             policy_line(&u.user)
         );
     }
-    println!("{} user(s)", d.users.len());
+    out!(o, "{} user(s)", d.users.len());
+    o
 }
 
-pub fn user_added(user: &str, _: &UserAdded) {
-    println!("{user}: registered (blocked)");
+pub fn user_added(user: &str, _: &UserAdded) -> String {
+    let mut o = String::new();
+    out!(o, "{user}: registered (blocked)");
+    o
 }
 
-pub fn user_removed(user: &str, r: &UserRemoved) {
-    println!(
+pub fn user_removed(user: &str, r: &UserRemoved) -> String {
+    let mut o = String::new();
+    out!(
+        o,
         "{user}: removed, with {} live session(s)",
         r.sessions_removed
     );
+    o
 }
 
-pub fn bound(r: &Bound) {
-    println!("{}: {} bound", r.user, r.bound);
+pub fn bound(r: &Bound) -> String {
+    let mut o = String::new();
+    out!(o, "{}: {} bound", r.user, r.bound);
+    o
 }
 
-pub fn unbound(r: &Unbound) {
-    println!("{}: {} unbound", r.user, r.unbound);
+pub fn unbound(r: &Unbound) -> String {
+    let mut o = String::new();
+    out!(o, "{}: {} unbound", r.user, r.unbound);
+    o
 }
 
-pub fn session_up(user: &str, d: &SessionUp) {
+pub fn session_up(user: &str, d: &SessionUp) -> String {
+    let mut o = String::new();
     let sess = &d.session;
-    println!("session {} of {user} up: {}", text(&sess.id), addrs(sess));
+    out!(
+        o,
+        "session {} of {user} up: {}",
+        text(&sess.id),
+        addrs(sess)
+    );
     if d.user_created {
-        println!("{user}: new user, blocked");
+        out!(o, "{user}: new user, blocked");
     }
     for t in &d.taken_over {
-        println!(
+        out!(
+            o,
             "{} was held by session {} of {}: reassigned",
             t.prefix,
             text(&t.session),
             text(&t.user)
         );
     }
+    o
 }
 
-pub fn session_down(d: &SessionDown) {
+pub fn session_down(d: &SessionDown) -> String {
+    let mut o = String::new();
     let sess = &d.down;
-    println!(
+    out!(
+        o,
         "session {} of {} down: {}",
         text(&sess.id),
         text(&sess.user),
         addrs(sess)
     );
+    o
 }
 
-pub fn sync_summary(d: &SyncSummary) {
-    println!(
+pub fn sync_summary(d: &SyncSummary) -> String {
+    let mut o = String::new();
+    out!(
+        o,
         "sync: {} added, {} changed, {} removed, {} unchanged, {} kept (newer events)",
-        d.added, d.changed, d.removed, d.unchanged, d.newer
+        d.added,
+        d.changed,
+        d.removed,
+        d.unchanged,
+        d.newer
     );
+    o
 }
 
 fn entry_name(kind: EntryKind) -> &'static str {
@@ -207,15 +254,20 @@ fn entry_name(kind: EntryKind) -> &'static str {
     }
 }
 
-pub fn entry_added(prefix: &Prefix, r: &EntryAdded) {
-    println!("{} {prefix} added", entry_name(r.added.kind));
+pub fn entry_added(prefix: &Prefix, r: &EntryAdded) -> String {
+    let mut o = String::new();
+    out!(o, "{} {prefix} added", entry_name(r.added.kind));
+    o
 }
 
-pub fn entry_removed(r: &EntryRemoved) {
-    println!("{} {} removed", entry_name(r.kind), r.removed);
+pub fn entry_removed(r: &EntryRemoved) -> String {
+    let mut o = String::new();
+    out!(o, "{} {} removed", entry_name(r.kind), r.removed);
+    o
 }
 
-pub fn entry_list(d: &EntryList) {
+pub fn entry_list(d: &EntryList) -> String {
+    let mut o = String::new();
     for e in &d.entries {
         let mut line = format!("{:<28} {:<8}", e.prefix.to_string(), e.source.as_str());
         if let Some(t) = e.until() {
@@ -227,27 +279,38 @@ pub fn entry_list(d: &EntryList) {
         if let Some(n) = e.note() {
             line.push_str(&format!("  {}", text(n)));
         }
-        println!("{line}");
+        out!(o, "{line}");
     }
+    o
 }
 
-pub fn audit_log(d: &AuditLog) {
+pub fn audit_log(d: &AuditLog) -> String {
+    let mut o = String::new();
     for r in &d.records {
-        println!("{}", audit_line(r));
+        out!(o, "{}", audit_line(r));
     }
+    o
 }
 
 /// `theirs`: the config file the daemon reads, when it said.
-pub fn reloaded(theirs: Option<&Path>, r: &Reloaded) {
+pub fn reloaded(theirs: Option<&Path>, r: &Reloaded) -> String {
+    let mut o = String::new();
     match theirs {
-        Some(t) => println!("reloaded {}: {} map writes", t.display(), r.writes),
-        None => println!("reloaded: {} map writes", r.writes),
+        Some(t) => out!(o, "reloaded {}: {} map writes", t.display(), r.writes),
+        None => out!(o, "reloaded: {} map writes", r.writes),
     }
+    o
 }
 
-pub fn detached(r: &Detached) {
-    println!(
+pub fn detached(r: &Detached) -> String {
+    let mut o = String::new();
+    out!(
+        o,
         "detached: {}; port 25 is no longer blocked by port25",
         serde_json::to_string(&r.detached).unwrap_or_default()
     );
+    o
 }
+
+#[cfg(test)]
+mod tests;

@@ -60,6 +60,9 @@ pub enum Error {
     /// A frame over the size limit (either way).
     #[error("{0}")]
     Frame(String),
+    /// A request the daemon cannot read (not JSON, unknown op or field, other version).
+    #[error("{0}")]
+    BadRequest(String),
     /// The answer is not what the op answers.
     #[error("decoding the daemon's answer: {0}")]
     Decode(#[from] serde_json::Error),
@@ -74,6 +77,7 @@ impl Error {
         match self {
             Error::Daemon { kind, .. } => *kind,
             Error::PermissionDenied { .. } => ErrorKind::Denied,
+            Error::BadRequest(_) => ErrorKind::Refused,
             _ => ErrorKind::Internal,
         }
     }
@@ -93,4 +97,23 @@ pub struct DaemonDown {
     pub path: String,
     // Not `source`: the message already names it, and `{:#}` would print it twice.
     pub cause: std::io::Error,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rule_refuses_and_the_machinery_fails() {
+        let refusal = anyhow::anyhow!("a session id must be 1 to 128 characters");
+        assert_eq!(ErrorKind::of(&refusal), ErrorKind::Refused);
+        let io = anyhow::Error::from(std::io::Error::other("disk gone")).context("committing");
+        assert_eq!(ErrorKind::of(&io), ErrorKind::Internal);
+        let sql = anyhow::Error::from(rusqlite::Error::InvalidQuery).context("reading users");
+        assert_eq!(ErrorKind::of(&sql), ErrorKind::Internal);
+        assert_eq!(
+            serde_json::to_string(&ErrorKind::Internal).unwrap(),
+            "\"internal\""
+        );
+    }
 }

@@ -5,7 +5,6 @@ use std::{io::Read, os::unix::net::UnixStream, path::Path, time::Duration};
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Result};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -317,13 +316,13 @@ impl Response {
     }
 }
 
-pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
-    let body = serde_json::to_vec(msg)?;
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
+    let body = serde_json::to_vec(msg).map_err(|e| Error::Frame(format!("encoding: {e}")))?;
     if body.len() > MAX_FRAME {
-        bail!(
+        return Err(Error::Frame(format!(
             "message of {} bytes is over the {MAX_FRAME}-byte limit",
             body.len()
-        );
+        )));
     }
     let mut out = (body.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(&body);
@@ -331,21 +330,25 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
 }
 
 /// Length of the frame announced by a 4-byte header, refused when over the limit.
-pub fn frame_len(header: [u8; 4]) -> Result<usize> {
+pub fn frame_len(header: [u8; 4]) -> Result<usize, Error> {
     let len = u32::from_be_bytes(header) as usize;
     if len > MAX_FRAME {
-        bail!("frame of {len} bytes is over the {MAX_FRAME}-byte limit");
+        return Err(Error::Frame(format!(
+            "frame of {len} bytes is over the {MAX_FRAME}-byte limit"
+        )));
     }
     Ok(len)
 }
 
-pub fn decode_request(body: &[u8]) -> Result<Request> {
-    let req: Request = serde_json::from_slice(body).map_err(|e| anyhow!("bad request: {e}"))?;
+/// The daemon's side: a request it can serve, or why not ([`Error::BadRequest`]).
+pub fn decode_request(body: &[u8]) -> Result<Request, Error> {
+    let req: Request =
+        serde_json::from_slice(body).map_err(|e| Error::BadRequest(format!("bad request: {e}")))?;
     if req.v != VERSION {
-        bail!(
+        return Err(Error::BadRequest(format!(
             "protocol version {} is not supported (this daemon speaks {VERSION})",
             req.v
-        );
+        )));
     }
     Ok(req)
 }
@@ -410,7 +413,7 @@ impl Client {
             .map_err(io("setting the socket timeout"))?;
         s.set_write_timeout(Some(self.timeout))
             .map_err(io("setting the socket timeout"))?;
-        let frame = encode(&Request::new(op)).map_err(|e| Error::Frame(format!("{e:#}")))?;
+        let frame = encode(&Request::new(op))?;
         // A daemon that refuses a peer answers and closes without reading the request, so
         // the write may fail (EPIPE) while the answer is waiting: read it before reporting
         // the write.
@@ -420,7 +423,7 @@ impl Client {
             written.map_err(io("sending the request"))?;
             return Err(io("reading the daemon's answer")(e));
         }
-        let len = frame_len(header).map_err(|e| Error::Frame(format!("{e:#}")))?;
+        let len = frame_len(header)?;
         let mut body = vec![0u8; len];
         s.read_exact(&mut body)
             .map_err(io("reading the daemon's answer"))?;

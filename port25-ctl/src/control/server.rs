@@ -1098,7 +1098,7 @@ async fn read_request(s: &mut UnixStream) -> Result<proto::Request> {
     if got != len {
         bail!("the request ended after {got} of its {len} bytes");
     }
-    proto::decode_request(&body)
+    Ok(proto::decode_request(&body)?)
 }
 
 /// The frame for an answer; one over the size limit becomes an error that says so, never

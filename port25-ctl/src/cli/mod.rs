@@ -289,12 +289,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
-/// `--json` prints the reply as the daemon sent it: a JSON object with its keys in order.
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&serde_json::to_value(v)?)?
-    );
+    println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -354,7 +350,9 @@ fn show<R: serde::Serialize>(
     human: impl FnOnce(&R) -> String,
 ) -> Result<ExitCode> {
     if cli.json {
-        print_json(r)?;
+        // As the daemon sends it: an object with its keys in name order (as before the
+        // replies were typed), whatever the order of the type's fields.
+        print_json(&serde_json::to_value(r)?)?;
     } else {
         print!("{}", human(r));
     }

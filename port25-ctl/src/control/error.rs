@@ -64,11 +64,18 @@ pub enum Error {
     #[error("{0}")]
     BadRequest(String),
     /// The answer is not what the op answers.
+    // Not `#[from]` (a source): the message names it, and `{:#}` would print it twice.
     #[error("decoding the daemon's answer: {0}")]
-    Decode(#[from] serde_json::Error),
+    Decode(serde_json::Error),
     /// The daemon answered with an error.
     #[error("{message}")]
     Daemon { kind: ErrorKind, message: String },
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Error {
+        Error::Decode(e)
+    }
 }
 
 impl Error {
@@ -111,6 +118,10 @@ mod tests {
         assert_eq!(ErrorKind::of(&io), ErrorKind::Internal);
         let sql = anyhow::Error::from(rusqlite::Error::InvalidQuery).context("reading users");
         assert_eq!(ErrorKind::of(&sql), ErrorKind::Internal);
+        // The CLI prints `{:#}`: each cause once.
+        let bad = serde_json::from_str::<u32>("x").unwrap_err().to_string();
+        let e = anyhow::Error::from(Error::from(serde_json::from_str::<u32>("x").unwrap_err()));
+        assert_eq!(format!("{e:#}").matches(&bad).count(), 1, "{e:#}");
         assert_eq!(
             serde_json::to_string(&ErrorKind::Internal).unwrap(),
             "\"internal\""

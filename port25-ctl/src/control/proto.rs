@@ -1,5 +1,11 @@
 //! The control socket's wire format: a 4-byte big-endian length, then one JSON object.
 //! Requests carry a protocol version; frames over [`MAX_FRAME`] are refused unread.
+//!
+//! Each op is a request struct tied to its reply type ([`Call`]): [`Client::call`] sends one
+//! and decodes its reply ([`super::reply`]) or a typed [`Error`]. Adding a verb: a request
+//! struct and an [`Op`] variant and a `calls!` line here, its reply in `reply.rs`, its
+//! handler in `server/ops.rs`, its clap arguments and dispatch arm in `cli/mod.rs`, its
+//! renderer in `cli/render.rs`.
 
 use std::{io::Read, os::unix::net::UnixStream, path::Path, time::Duration};
 

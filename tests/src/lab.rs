@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use port25_ctl::control::proto;
 use socket2::{Domain, Socket, Type};
 
 pub const PORTS: [u16; 4] = [25, 587, 465, 2525];
@@ -292,6 +293,42 @@ impl Lab {
         self.connect(src, dst, port, Duration::from_millis(1500))
     }
 
+    /// The control socket's client, from the test's side (no CLI in between).
+    pub fn client(&self) -> proto::Client {
+        proto::Client::new(&self.socket, Duration::from_secs(10))
+    }
+
+    /// Runs a client verb with `--json` and decodes its reply as the CLI's contract says
+    /// (`port25_ctl::control::reply`); panics when the verb fails.
+    pub fn reply<R: serde::de::DeserializeOwned>(&self, args: &[&str]) -> R {
+        let o = self.ctl(&[&["--json"], args].concat());
+        assert!(
+            o.status.success(),
+            "port25-ctl {args:?} should succeed: {}",
+            crate::text(&o)
+        );
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "port25-ctl {args:?}: not its reply ({e}): {}",
+                crate::text(&o)
+            )
+        })
+    }
+
+    /// Runs a verb that must fail with exit `code` (1: refused or failed, 2: usage, clap's)
+    /// and returns its stderr. The daemon's error kind is checked over the socket
+    /// ([`Lab::client`]), where it is.
+    pub fn fails_with(&self, args: &[&str], code: i32) -> String {
+        let o = self.ctl(args);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "port25-ctl {args:?} should exit {code}: {}",
+            crate::text(&o)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
     pub fn ctl(&self, args: &[&str]) -> Output {
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.rtr))
@@ -347,13 +384,10 @@ impl Lab {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             // An answer, not a connect: the daemon binds its socket only once it enforces.
-            if let Ok(r) = port25_ctl::control::proto::call(
-                &self.socket,
-                port25_ctl::control::proto::Op::Info,
-                Duration::from_secs(5),
-            ) {
-                assert!(r.ok, "daemon info: {:?}", r.error);
-                return Ok(());
+            match self.client().call(proto::Info) {
+                Ok(_) => return Ok(()),
+                Err(e @ proto::Error::Daemon { .. }) => panic!("daemon info: {e}"),
+                Err(_) => {}
             }
             if let Some(Ok(Some(st))) = self.daemon.as_mut().map(|c| c.try_wait()) {
                 self.daemon = None;

@@ -3,7 +3,11 @@
 
 use std::time::Duration;
 
-use port25_ctl::control::proto::{self, Op};
+use port25_ctl::control::{
+    proto::{self, ErrorKind},
+    reply::{AuditLog, PolicyChange, UserDetail},
+};
+use port25_ctl::registry::store::Policy;
 use port25_tests::{
     lab::{self, Lab},
     require_root, text,
@@ -104,7 +108,13 @@ fn wide_prefixes_need_an_audited_force() {
             assert!(out.status.success(), "{args:?}: {}", text(&out));
             continue;
         }
-        assert!(!out.status.success(), "{args:?} accepted: {}", text(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?} accepted: {}",
+            text(&out)
+        );
+        // The message names the way out on purpose.
         let t = text(&out);
         assert!(
             t.contains("wider than") && t.contains("--force-wide"),
@@ -186,49 +196,45 @@ fn until_after_2262_is_refused_everywhere() {
     }
     // The socket does not go through the CLI's parser.
     let until: jiff::Timestamp = "2300-01-01T00:00:00Z".parse().unwrap();
-    for op in [
-        Op::Unblock {
+    let c = lab.client();
+    let refusals = [
+        c.call(proto::Unblock {
             user: "carol".into(),
             for_secs: None,
             until: Some(until),
             reason: None,
             new: true,
-        },
-        Op::EntryAdd {
+        })
+        .map(drop),
+        c.call(proto::EntryAdd {
             kind: port25_ctl::registry::store::EntryKind::Exempt,
             prefix: "100.64.0.2/32".parse().unwrap(),
             until: Some(until),
             note: None,
             force_wide: false,
-        },
-    ] {
-        let r = proto::call(&lab.socket, op.clone(), Duration::from_secs(10)).unwrap();
-        assert!(!r.ok, "{op:?} accepted over the socket: {r:?}");
-        assert!(
-            r.error
-                .as_deref()
-                .unwrap_or_default()
-                .contains("latest time"),
-            "{r:?}"
-        );
+        })
+        .map(drop),
+    ];
+    for r in refusals {
+        match r {
+            Err(proto::Error::Daemon {
+                kind: ErrorKind::Refused,
+                message,
+            }) => assert!(message.contains("latest time"), "{message}"),
+            other => panic!("accepted over the socket, or not refused: {other:?}"),
+        }
     }
     assert!(blocked(&lab));
     // Nothing was stored: carol is unknown.
-    let out = lab.ctl(&["user", "show", "carol"]);
-    assert!(!out.status.success(), "{}", text(&out));
+    lab.fails_with(&["user", "show", "carol"], 1);
     // A time that fits is accepted and shown as given.
-    let out = lab.ctl(&[
-        "--json",
-        "unblock",
-        "carol",
-        "--new",
-        "--until",
-        "2262-04-11",
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["user"]["until"], "2262-04-11T00:00:00Z", "{v}");
-    assert_eq!(v["user"]["effective"], "unblocked", "{v}");
+    let r: PolicyChange = lab.reply(&["unblock", "carol", "--new", "--until", "2262-04-11"]);
+    assert_eq!(
+        r.user.until,
+        Some("2262-04-11T00:00:00Z".parse().unwrap()),
+        "{r:?}"
+    );
+    assert_eq!(r.user.effective, Policy::Unblocked, "{r:?}");
 }
 
 /// Item 13: client verbs need the socket path only. A half-edited config (syntax error,
@@ -330,17 +336,19 @@ fn a_wall_clock_behind_the_registry_does_not_revive_expired_unblocks() {
         !lab.can_connect(sub, lab::v4().ext, 25),
         "a clock a day behind revived alice's expired unblock"
     );
-    let out = lab.ctl(&["--json", "user", "show", "alice"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["user"]["effective"], "blocked", "{v}");
+    let show: UserDetail = lab.reply(&["user", "show", "alice"]);
+    assert_eq!(show.user.effective, Policy::Blocked, "{show:?}");
     // A new timed unblock is measured from the recorded time, not from the stale clock.
     let out = lab.ctl(&["unblock", "alice", "--for", "1h"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(lab.can_connect(sub, lab::v4().ext, 25));
     let log = lab.daemon_log();
     assert!(log.contains("wall clock is behind"), "{log}");
-    let out = lab.ctl(&["--json", "audit", "--user", "alice"]);
-    assert!(text(&out).contains("unblock.ended"), "{}", text(&out));
+    let log: AuditLog = lab.reply(&["audit", "--user", "alice"]);
+    assert!(
+        log.records.iter().any(|r| r.action == "unblock.ended"),
+        "{log:?}"
+    );
 }
 
 /// The clock is behind at start and the end of a timed unblock was never recorded (the

@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use port25_ctl::{control::reply::UserDetail, registry::store::Policy};
 use port25_tests::{
     lab::{self, Lab},
     require_root,
@@ -54,9 +55,16 @@ fn smtp(lab: &Lab, src: &str) -> bool {
     lab.can_connect(src, dst, 25)
 }
 
-fn show(lab: &Lab, user: &str) -> serde_json::Value {
+/// The user's reply to `user show`; None while the user is unknown.
+fn show(lab: &Lab, user: &str) -> Option<UserDetail> {
     let o = lab.ctl(&["--json", "user", "show", user]);
-    serde_json::from_slice(&o.stdout).unwrap_or_default()
+    o.status
+        .success()
+        .then(|| serde_json::from_slice(&o.stdout).unwrap())
+}
+
+fn effective(lab: &Lab, user: &str) -> Option<Policy> {
+    show(lab, user).map(|d| d.user.effective)
 }
 
 #[test]
@@ -78,26 +86,24 @@ fn pppd_hooks_with_a_radius_unblock_and_a_delegated_prefix() {
         let o = run(&lab, script, &env, &[], None);
         assert!(o.status.success(), "{script}: {o:?}");
     }
-    let js = show(&lab, "alice");
+    let js = show(&lab, "alice").unwrap();
     assert_eq!(
-        js["user"]["effective"], "unblocked",
-        "RADIUS attribute unblocked: {js}"
+        js.user.effective,
+        Policy::Unblocked,
+        "RADIUS attribute unblocked: {js:?}"
     );
-    assert_eq!(js["sessions"].as_array().unwrap().len(), 2, "{js}");
+    assert_eq!(js.sessions.len(), 2, "{js:?}");
     assert!(smtp(&lab, "100.64.0.2") && smtp(&lab, "2001:db8:1a0:5::7"));
     // ip-up again for the same interface (ip-down was lost): no duplicate, still one session.
     assert!(run(&lab, "pppd/port25-ip-up", &env, &[], None)
         .status
         .success());
-    assert_eq!(show(&lab, "alice")["sessions"].as_array().unwrap().len(), 2);
+    assert_eq!(show(&lab, "alice").unwrap().sessions.len(), 2);
     for script in ["pppd/port25-ip-down", "pppd/port25-ipv6-down"] {
         assert!(run(&lab, script, &env, &[], None).status.success());
     }
     assert!(!smtp(&lab, "100.64.0.2") && !smtp(&lab, "2001:db8:1a0:5::7"));
-    assert!(show(&lab, "alice")["sessions"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(show(&lab, "alice").unwrap().sessions.is_empty());
     // A hook never fails the PPP session, even with the daemon gone.
     lab.kill9();
     let o = run(&lab, "pppd/port25-ip-up", &env, &[], None);
@@ -118,13 +124,7 @@ fn accel_ppp_hooks_and_sync() {
     assert!(run(&lab, "accel-ppp/port25-ip-up", &env, &[], None)
         .status
         .success());
-    assert_eq!(
-        show(&lab, "bob")["sessions"][0]["addrs"]
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(show(&lab, "bob").unwrap().sessions[0].addrs.len(), 2);
     // The delegated prefix arrives later; the periodic sync picks it up.
     // As accel-cmd prints it: cells padded to the column widths that the separator gives.
     let accel_cmd = " ifname | username |     ip     |         ip6         |       ip6-dp\n\
@@ -144,13 +144,7 @@ fn accel_ppp_hooks_and_sync() {
         out.contains("1 added") && out.contains("1 changed"),
         "{out}"
     );
-    assert_eq!(
-        show(&lab, "bob")["sessions"][0]["addrs"]
-            .as_array()
-            .unwrap()
-            .len(),
-        3
-    );
+    assert_eq!(show(&lab, "bob").unwrap().sessions[0].addrs.len(), 3);
     let o = lab.ctl(&["unblock", "bob"]);
     assert!(o.status.success(), "{o:?}");
     let c = lab.ctl(&["check", "2001:db8:1a1:5::9", "2001:db8:ff::80"]);
@@ -190,14 +184,14 @@ fn dovecot_post_login_unblocks_and_never_fails_a_login() {
         "the login is not delayed: {took:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(5);
-    while show(&lab, "carol")["user"]["effective"] != "unblocked" && Instant::now() < deadline {
+    while effective(&lab, "carol") != Some(Policy::Unblocked) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let js = show(&lab, "carol");
-    assert_eq!(js["user"]["effective"], "unblocked", "{js}");
+    let js = show(&lab, "carol").unwrap();
+    assert_eq!(js.user.effective, Policy::Unblocked, "{js:?}");
     assert!(
-        js["user"]["seconds_left"].as_i64().unwrap() > 85 * 60,
-        "about 90 minutes: {js}"
+        js.user.seconds_left.unwrap() > 85 * 60,
+        "about 90 minutes: {js:?}"
     );
     assert!(smtp(&lab, "100.64.0.2"));
     // Unknown user, then the daemon down: the login still continues at once.

@@ -4,6 +4,7 @@
 
 use std::{path::PathBuf, process::Output};
 
+use port25_ctl::control::reply::{UserDetail, UserList};
 use port25_tests::{
     lab::{self, Lab},
     require_root, text,
@@ -66,29 +67,22 @@ fn smtp(lab: &Lab, src: &str) -> bool {
     lab.can_connect(src.parse().unwrap(), lab::v4().ext, 25)
 }
 
-fn sessions(lab: &Lab) -> Vec<serde_json::Value> {
-    let o = lab.ctl(&["--json", "user", "list"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let js: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    js["users"].as_array().cloned().unwrap_or_default()
-}
-
 fn user_names(lab: &Lab) -> Vec<String> {
-    sessions(lab)
-        .iter()
-        .map(|u| u["name"].as_str().unwrap_or_default().to_string())
-        .collect()
+    let list: UserList = lab.reply(&["user", "list"]);
+    list.users.into_iter().map(|u| u.user.name).collect()
 }
 
 fn addrs_of(lab: &Lab, user: &str) -> Vec<String> {
+    // An unknown user has none.
     let o = lab.ctl(&["--json", "user", "show", user]);
-    let js: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-    js["sessions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|s| s["addrs"].as_array().cloned().unwrap_or_default())
-        .map(|a| a.as_str().unwrap().to_string())
+    if !o.status.success() {
+        return vec![];
+    }
+    let d: UserDetail = serde_json::from_slice(&o.stdout).unwrap();
+    d.sessions
+        .iter()
+        .flat_map(|s| &s.addrs)
+        .map(|a| a.to_string())
         .collect()
 }
 

@@ -385,13 +385,10 @@ fn vm_size_kib(pid: u32) -> u64 {
 }
 
 fn daemon_pid(lab: &Lab) -> u32 {
-    let r = port25_ctl::control::proto::call(
-        &lab.socket,
-        port25_ctl::control::proto::Op::Info,
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    r.data["pid"].as_u64().unwrap() as u32
+    lab.client()
+        .call(port25_ctl::control::proto::Info)
+        .unwrap()
+        .pid
 }
 
 /// Item 9: idle connections, slow clients and big announced frames do not stall the writer.

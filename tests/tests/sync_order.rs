@@ -1,6 +1,7 @@
 //! `session sync` against newer events (issue 8 §3.4): a list taken before an address moved
 //! or a session went down never undoes that event. Real daemon, real connections.
 
+use port25_ctl::control::reply::UserDetail;
 use port25_tests::{
     lab::{self, Lab},
     require_root, text,
@@ -29,14 +30,13 @@ fn smtp(lab: &Lab, src: &str) -> bool {
 }
 
 fn sessions_of(lab: &Lab, user: &str) -> Vec<String> {
+    // An unknown user has none.
     let o = lab.ctl(&["--json", "user", "show", user]);
-    let js: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-    js["sessions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect()
+    if !o.status.success() {
+        return vec![];
+    }
+    let d: UserDetail = serde_json::from_slice(&o.stdout).unwrap();
+    d.sessions.into_iter().map(|s| s.id).collect()
 }
 
 fn now() -> String {

@@ -7,8 +7,8 @@ use crate::{
     bpf::detached,
     bpf::pins::Pins,
     config::{self, Config, DEFAULT_CONFIG},
-    control::proto::{self, DaemonDown, Op},
-    control::server,
+    control::proto::{self, Client},
+    control::{reply, server},
     net::{parse_addr, Prefix},
     registry::store::EntryKind,
 };
@@ -262,7 +262,7 @@ pub fn main() -> ExitCode {
             eprintln!("port25-ctl: error: {e:#}");
             // A truncated or emptied config sends clients to the default socket: say so,
             // rather than leave "not running" as the only clue.
-            if e.downcast_ref::<proto::DaemonDown>().is_some()
+            if matches!(e.downcast_ref(), Some(proto::Error::DaemonDown(_)))
                 && cli.socket.is_none()
                 && cli.config.exists()
                 && config::socket_named(&cli.config).is_none()
@@ -272,12 +272,20 @@ pub fn main() -> ExitCode {
                     cli.config.display()
                 );
             }
-            if e.downcast_ref::<detached::Detached>().is_some() {
-                // The unit's RestartPreventExitStatus: a detach is not undone by a restart.
-                return ExitCode::from(detached::EXIT_CODE);
-            }
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// The exit code of a failed verb.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<detached::Detached>().is_some() {
+        // The unit's RestartPreventExitStatus: a detach is not undone by a restart.
+        return detached::EXIT_CODE;
+    }
+    match e.downcast_ref::<proto::Error>() {
+        Some(e) => e.exit_code(),
+        None => 1,
     }
 }
 
@@ -295,10 +303,13 @@ fn run(cli: &Cli) -> Result<ExitCode> {
     }
     // Client verbs talk to the daemon only: they need the socket path and nothing else
     // from the config, so a half-edited file never breaks a hook.
-    let socket = || {
-        cli.socket
-            .clone()
-            .unwrap_or_else(|| config::socket_of(&cli.config))
+    let client = || {
+        Client::new(
+            cli.socket
+                .clone()
+                .unwrap_or_else(|| config::socket_of(&cli.config)),
+            CALL_TIMEOUT,
+        )
     };
     match &cli.verb {
         Verb::Daemon { .. } => unreachable!(),
@@ -306,8 +317,11 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Verb::Reload => {
             // The daemon re-reads the file it was started with; a --config naming another
             // file would otherwise be silently ignored and the reply read as "applied".
-            let info = proto::call(&socket(), Op::Info, CALL_TIMEOUT)?;
-            let theirs = info.data["config"].as_str().map(PathBuf::from);
+            let theirs = match client().call(proto::Info) {
+                Ok(info) => Some(PathBuf::from(info.config)),
+                Err(proto::Error::Daemon { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
             if let (Some(theirs), Ok(mine)) = (&theirs, std::fs::canonicalize(&cli.config)) {
                 if *theirs != mine {
                     bail!(
@@ -317,39 +331,32 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                     );
                 }
             }
-            let r = proto::call(&socket(), Op::Reload, CALL_TIMEOUT)?;
-            if !r.ok {
-                bail!(
-                    "reload refused, running policy unchanged: {}",
-                    r.error.unwrap_or_default()
-                );
-            }
-            if cli.json {
-                print_json(&r.data)?;
-            } else {
-                match &theirs {
-                    Some(t) => {
-                        println!("reloaded {}: {} map writes", t.display(), r.data["writes"])
-                    }
-                    None => println!("reloaded: {} map writes", r.data["writes"]),
+            let r = match client().call(proto::Reload) {
+                Err(proto::Error::Daemon { message, .. }) => {
+                    bail!("reload refused, running policy unchanged: {message}")
                 }
-            }
-            Ok(ExitCode::SUCCESS)
+                r => r?,
+            };
+            show(cli, &r, |r| render::reloaded(theirs.as_deref(), r))
         }
-        verb => {
-            let op = to_op(verb)?;
-            let r = proto::call(&socket(), op, CALL_TIMEOUT)?;
-            if !r.ok {
-                bail!("{}", r.error.unwrap_or_default());
-            }
-            if cli.json {
-                print_json(&r.data)?;
-            } else {
-                render::human(verb, &r.data);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        verb => client_verb(cli, &client(), verb),
     }
+}
+
+/// Prints a reply: as JSON with `--json`, else as text.
+fn show<R: serde::Serialize>(
+    cli: &Cli,
+    r: &R,
+    human: impl FnOnce(&R) -> String,
+) -> Result<ExitCode> {
+    if cli.json {
+        // As the daemon sends it: an object with its keys in name order (as before the
+        // replies were typed), whatever the order of the type's fields.
+        print_json(&serde_json::to_value(r)?)?;
+    } else {
+        print!("{}", human(r));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Verbs that read the pins and the registry themselves: they need the whole config.
@@ -360,10 +367,9 @@ fn local(cli: &Cli) -> Result<ExitCode> {
     }
     match &cli.verb {
         Verb::Status => {
-            let daemon = match proto::call(&cfg.socket, Op::Info, Duration::from_secs(5)) {
-                Ok(r) if r.ok => Some(r.data),
-                _ => None,
-            };
+            let daemon = Client::new(&cfg.socket, Duration::from_secs(5))
+                .call(proto::Info)
+                .ok();
             let s = report::status(&cfg, daemon)?;
             if cli.json {
                 print_json(&s)?;
@@ -409,10 +415,10 @@ fn local(cli: &Cli) -> Result<ExitCode> {
             }
         }
         Verb::Detach => {
-            let points = match proto::call(&cfg.socket, Op::Detach, CALL_TIMEOUT) {
-                Ok(r) if r.ok => r.data["detached"].clone(),
-                Ok(r) => bail!("detach failed: {}", r.error.unwrap_or_default()),
-                Err(e) if e.downcast_ref::<DaemonDown>().is_some() => {
+            let r = match Client::new(&cfg.socket, CALL_TIMEOUT).call(proto::Detach) {
+                Ok(r) => r,
+                Err(proto::Error::Daemon { message, .. }) => bail!("detach failed: {message}"),
+                Err(proto::Error::DaemonDown(_)) => {
                     let pins = Pins::new(&cfg.pin_dir);
                     // A daemon on another socket may still own these pins: never pull them
                     // from under it.
@@ -424,15 +430,13 @@ fn local(cli: &Cli) -> Result<ExitCode> {
                     let by = std::env::var("SUDO_USER")
                         .unwrap_or_else(|_| format!("uid{}", nix::unistd::getuid()));
                     detached::mark(&cfg.state_dir, &format!("{by} (offline detach)"))?;
-                    serde_json::to_value(datapath::detach_all(&pins)?)?
+                    reply::Detached {
+                        detached: datapath::detach_all(&pins)?,
+                    }
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
-            if cli.json {
-                print_json(&serde_json::json!({ "detached": points }))?;
-            } else {
-                println!("detached: {points}; port 25 is no longer blocked by port25");
-            }
+            return show(cli, &r, render::detached);
         }
         Verb::Attach => {
             if detached::clear(&cfg.state_dir)? {
@@ -448,51 +452,75 @@ fn local(cli: &Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The request for a client verb.
-fn to_op(verb: &Verb) -> Result<Op> {
-    Ok(match verb {
+/// A verb the daemon answers: its request, the typed reply, and how to show it.
+fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
+    match verb {
         Verb::Unblock {
             user,
             for_secs,
             until,
             reason,
             new,
-        } => Op::Unblock {
-            user: user.clone(),
-            for_secs: *for_secs,
-            until: *until,
-            reason: reason.clone(),
-            new: *new,
-        },
-        Verb::Block { user, reason, new } => Op::Block {
-            user: user.clone(),
-            reason: reason.clone(),
-            new: *new,
-        },
+        } => {
+            let r = client.call(proto::Unblock {
+                user: user.clone(),
+                for_secs: *for_secs,
+                until: *until,
+                reason: reason.clone(),
+                new: *new,
+            })?;
+            show(cli, &r, |r| render::unblocked(user, r))
+        }
+        Verb::Block { user, reason, new } => {
+            let r = client.call(proto::Block {
+                user: user.clone(),
+                reason: reason.clone(),
+                new: *new,
+            })?;
+            show(cli, &r, |r| render::blocked(user, r))
+        }
         Verb::User(u) => match u {
-            UserVerb::Show { user } => Op::UserShow { user: user.clone() },
+            UserVerb::Show { user } => {
+                let r = client.call(proto::UserShow { user: user.clone() })?;
+                show(cli, &r, render::user_detail)
+            }
             UserVerb::List {
                 unblocked,
                 expiring,
-            } => Op::UserList {
-                unblocked: *unblocked,
-                expiring: *expiring,
-            },
-            UserVerb::Add { user } => Op::UserAdd { user: user.clone() },
-            UserVerb::Remove { user } => Op::UserRemove { user: user.clone() },
+            } => {
+                let r = client.call(proto::UserList {
+                    unblocked: *unblocked,
+                    expiring: *expiring,
+                })?;
+                show(cli, &r, render::user_list)
+            }
+            UserVerb::Add { user } => {
+                let r = client.call(proto::UserAdd { user: user.clone() })?;
+                show(cli, &r, |r| render::user_added(user, r))
+            }
+            UserVerb::Remove { user } => {
+                let r = client.call(proto::UserRemove { user: user.clone() })?;
+                show(cli, &r, |r| render::user_removed(user, r))
+            }
             UserVerb::Bind {
                 user,
                 prefix,
                 force_wide,
-            } => Op::UserBind {
-                user: user.clone(),
-                prefix: *prefix,
-                force_wide: *force_wide,
-            },
-            UserVerb::Unbind { user, prefix } => Op::UserUnbind {
-                user: user.clone(),
-                prefix: *prefix,
-            },
+            } => {
+                let r = client.call(proto::UserBind {
+                    user: user.clone(),
+                    prefix: *prefix,
+                    force_wide: *force_wide,
+                })?;
+                show(cli, &r, render::bound)
+            }
+            UserVerb::Unbind { user, prefix } => {
+                let r = client.call(proto::UserUnbind {
+                    user: user.clone(),
+                    prefix: *prefix,
+                })?;
+                show(cli, &r, render::unbound)
+            }
         },
         Verb::Session(s) => match s {
             SessionVerb::Up {
@@ -501,22 +529,26 @@ fn to_op(verb: &Verb) -> Result<Op> {
                 id,
                 source,
                 force_wide,
-            } => Op::SessionUp {
-                user: user.clone(),
-                addrs: addrs.clone(),
-                id: id.clone(),
-                source: source.clone(),
-                force_wide: *force_wide,
-            },
+            } => {
+                let r = client.call(proto::SessionUp {
+                    user: user.clone(),
+                    addrs: addrs.clone(),
+                    id: id.clone(),
+                    source: source.clone(),
+                    force_wide: *force_wide,
+                })?;
+                show(cli, &r, |r| render::session_up(user, r))
+            }
             SessionVerb::Down { id, user, addr } => {
                 if id.is_none() && addr.is_none() {
                     bail!("session down takes --id ID, or USER ADDR");
                 }
-                Op::SessionDown {
+                let r = client.call(proto::SessionDown {
                     id: id.clone(),
                     user: user.clone(),
                     addr: *addr,
-                }
+                })?;
+                show(cli, &r, render::session_down)
             }
             SessionVerb::Sync { file, taken_at } => {
                 let (text, origin) = if file.as_os_str() == "-" {
@@ -530,10 +562,11 @@ fn to_op(verb: &Verb) -> Result<Op> {
                         file.display().to_string(),
                     )
                 };
-                Op::SessionSync {
+                let r = client.call(proto::SessionSync {
                     sessions: parse::session_list(&text, &origin)?,
                     taken_at: Some(taken_at.unwrap_or(*STARTED)),
-                }
+                })?;
+                show(cli, &r, render::sync_summary)
             }
         },
         Verb::Server(s) => match s {
@@ -541,20 +574,29 @@ fn to_op(verb: &Verb) -> Result<Op> {
                 prefix,
                 note,
                 force_wide,
-            } => Op::EntryAdd {
-                kind: EntryKind::Server,
-                prefix: *prefix,
-                until: None,
-                note: note.clone(),
-                force_wide: *force_wide,
-            },
-            ServerVerb::Remove { prefix } => Op::EntryRemove {
-                kind: EntryKind::Server,
-                prefix: *prefix,
-            },
-            ServerVerb::List => Op::EntryList {
-                kind: EntryKind::Server,
-            },
+            } => {
+                let r = client.call(proto::EntryAdd {
+                    kind: EntryKind::Server,
+                    prefix: *prefix,
+                    until: None,
+                    note: note.clone(),
+                    force_wide: *force_wide,
+                })?;
+                show(cli, &r, |r| render::entry_added(prefix, r))
+            }
+            ServerVerb::Remove { prefix } => {
+                let r = client.call(proto::EntryRemove {
+                    kind: EntryKind::Server,
+                    prefix: *prefix,
+                })?;
+                show(cli, &r, render::entry_removed)
+            }
+            ServerVerb::List => {
+                let r = client.call(proto::EntryList {
+                    kind: EntryKind::Server,
+                })?;
+                show(cli, &r, render::entry_list)
+            }
         },
         Verb::Exempt(e) => match e {
             ExemptVerb::Add {
@@ -562,26 +604,38 @@ fn to_op(verb: &Verb) -> Result<Op> {
                 until,
                 note,
                 force_wide,
-            } => Op::EntryAdd {
-                kind: EntryKind::Exempt,
-                prefix: *prefix,
-                until: *until,
-                note: note.clone(),
-                force_wide: *force_wide,
-            },
-            ExemptVerb::Remove { prefix } => Op::EntryRemove {
-                kind: EntryKind::Exempt,
-                prefix: *prefix,
-            },
-            ExemptVerb::List => Op::EntryList {
-                kind: EntryKind::Exempt,
-            },
+            } => {
+                let r = client.call(proto::EntryAdd {
+                    kind: EntryKind::Exempt,
+                    prefix: *prefix,
+                    until: *until,
+                    note: note.clone(),
+                    force_wide: *force_wide,
+                })?;
+                show(cli, &r, |r| render::entry_added(prefix, r))
+            }
+            ExemptVerb::Remove { prefix } => {
+                let r = client.call(proto::EntryRemove {
+                    kind: EntryKind::Exempt,
+                    prefix: *prefix,
+                })?;
+                show(cli, &r, render::entry_removed)
+            }
+            ExemptVerb::List => {
+                let r = client.call(proto::EntryList {
+                    kind: EntryKind::Exempt,
+                })?;
+                show(cli, &r, render::entry_list)
+            }
         },
-        Verb::Audit { user, since, limit } => Op::Audit {
-            user: user.clone(),
-            since: *since,
-            limit: *limit,
-        },
+        Verb::Audit { user, since, limit } => {
+            let r = client.call(proto::Audit {
+                user: user.clone(),
+                since: *since,
+                limit: *limit,
+            })?;
+            show(cli, &r, render::audit_log)
+        }
         Verb::Daemon { .. }
         | Verb::Reload
         | Verb::Status
@@ -590,5 +644,5 @@ fn to_op(verb: &Verb) -> Result<Op> {
         | Verb::Attach => {
             unreachable!("handled above")
         }
-    })
+    }
 }

@@ -1,26 +1,52 @@
-//! Human output of the client verbs (`--json` prints the daemon's data as is).
+//! Human output of the client verbs, one function per reply type (`--json` prints the reply
+//! itself). Each returns the text, so tests can hold it to what it was.
 
-use serde_json::Value;
+use std::{
+    fmt::{Display, Write as _},
+    path::Path,
+};
 
-use super::{ExemptVerb, ServerVerb, SessionVerb, UserVerb, Verb};
+use jiff::Timestamp;
 
-/// Values as text; RFC 3339 times to the second (stored to the nanosecond).
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => match s.parse::<jiff::Timestamp>() {
-            Ok(t) if s.contains('T') => t
-                .round(jiff::Unit::Second)
-                .map(|t| t.to_string())
-                .unwrap_or_else(|_| s.clone()),
-            _ => s.clone(),
-        },
-        Value::Null => "-".into(),
-        v => v.to_string(),
+use crate::{
+    control::reply::{
+        AuditLog, Bound, Detached, EntryAdded, EntryList, EntryRemoved, PolicyChange, Reloaded,
+        SessionDown, SessionUp, SyncSummary, Unbound, UserAdded, UserDetail, UserList, UserRemoved,
+        UserView,
+    },
+    net::Prefix,
+    registry::store::{AuditRecord, EntryKind, Policy, Session},
+};
+
+/// One line of output (writing to a `String` cannot fail).
+macro_rules! out {
+    ($o:expr, $($t:tt)*) => {{
+        let _ = writeln!($o, $($t)*);
+    }};
+}
+
+/// Times to the second (stored to the nanosecond).
+fn time(t: Timestamp) -> String {
+    t.round(jiff::Unit::Second)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// Free text as it always printed: a value that is a time is shown to the second.
+fn text(s: &str) -> String {
+    match s.parse::<Timestamp>() {
+        Ok(t) if s.contains('T') => time(t),
+        _ => s.to_string(),
     }
 }
 
-fn left(secs: &Value) -> String {
-    let Some(n) = secs.as_i64() else {
+/// An optional value, `-` when absent.
+fn opt<T>(v: Option<T>, f: impl FnOnce(T) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "-".into())
+}
+
+fn left(secs: Option<i64>) -> String {
+    let Some(n) = secs else {
         return String::new();
     };
     let (h, m, sec) = (n / 3600, (n % 3600) / 60, n % 60);
@@ -33,157 +59,258 @@ fn left(secs: &Value) -> String {
     }
 }
 
-fn policy_line(u: &Value) -> String {
-    let mut line = s(&u["effective"]);
-    if u["effective"] == "unblocked" {
-        match &u["until"] {
-            Value::Null => line.push_str(" (no end)"),
-            t => line.push_str(&format!(" until {} ({})", s(t), left(&u["seconds_left"]))),
+fn policy_line(u: &UserView) -> String {
+    let mut line = u.effective.as_str().to_string();
+    if u.effective == Policy::Unblocked {
+        match u.until {
+            None => line.push_str(" (no end)"),
+            Some(t) => line.push_str(&format!(" until {} ({})", time(t), left(u.seconds_left))),
         }
-    } else if u["policy"] == "unblocked" {
-        line.push_str(&format!(" (the timed unblock ended {})", s(&u["until"])));
+    } else if u.policy == Policy::Unblocked {
+        line.push_str(&format!(
+            " (the timed unblock ended {})",
+            opt(u.until, time)
+        ));
     }
-    if !u["reason"].is_null() {
-        line.push_str(&format!("; reason: {}", s(&u["reason"])));
+    if let Some(r) = &u.reason {
+        line.push_str(&format!("; reason: {}", text(r)));
     }
     line
 }
 
-fn audit_line(r: &Value) -> String {
+fn audit_line(r: &AuditRecord) -> String {
+    let t = |v: &Option<String>| opt(v.as_deref(), text);
     let mut line = format!(
         "{}  {:<16} {:<14} {}",
-        s(&r["at"]),
-        s(&r["action"]),
-        s(&r["subject"]),
-        s(&r["actor"])
+        time(r.at),
+        text(&r.action),
+        text(&r.subject),
+        text(&r.actor)
     );
-    if !r["old"].is_null() || !r["new"].is_null() {
-        line.push_str(&format!(": {} -> {}", s(&r["old"]), s(&r["new"])));
+    if r.old.is_some() || r.new.is_some() {
+        line.push_str(&format!(": {} -> {}", t(&r.old), t(&r.new)));
     }
-    if !r["reason"].is_null() {
-        line.push_str(&format!(" ({})", s(&r["reason"])));
+    if r.reason.is_some() {
+        line.push_str(&format!(" ({})", t(&r.reason)));
     }
     line
 }
 
-fn addrs(session: &Value) -> String {
-    session["addrs"]
-        .as_array()
-        .map(|a| a.iter().map(s).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
+fn addrs(session: &Session) -> String {
+    join(&session.addrs)
 }
 
-pub fn human(verb: &Verb, d: &Value) {
-    match verb {
-        Verb::Unblock { user, .. } | Verb::Block { user, .. } => {
-            if d["changed"] == false && matches!(verb, Verb::Unblock { .. }) {
-                println!("{user}: {}", s(&d["note"]));
-            } else {
-                println!("{user}: {}", policy_line(&d["user"]));
-            }
-        }
-        Verb::User(UserVerb::Show { .. }) => {
-            let u = &d["user"];
-            println!("user:      {}", s(&u["name"]));
-            println!("policy:    {}", policy_line(u));
-            println!("set by:    {} at {}", s(&u["set_by"]), s(&u["set_at"]));
-            let sessions = d["sessions"].as_array().cloned().unwrap_or_default();
-            if sessions.is_empty() {
-                println!("sessions:  none live");
-            }
-            for x in &sessions {
-                println!(
-                    "session:   {}  {}  since {} ({})",
-                    s(&x["id"]),
-                    addrs(x),
-                    s(&x["since"]),
-                    s(&x["source"])
-                );
-            }
-            for b in d["bindings"].as_array().cloned().unwrap_or_default() {
-                println!("binding:   {}", s(&b));
-            }
-            println!("recent audit:");
-            for r in d["audit"].as_array().cloned().unwrap_or_default() {
-                println!("  {}", audit_line(&r));
-            }
-        }
-        Verb::User(UserVerb::List { .. }) => {
-            let users = d["users"].as_array().cloned().unwrap_or_default();
-            println!("{:<24} {:>8}  POLICY", "USER", "SESSIONS");
-            for u in &users {
-                println!(
-                    "{:<24} {:>8}  {}",
-                    s(&u["name"]),
-                    s(&u["sessions"]),
-                    policy_line(u)
-                );
-            }
-            println!("{} user(s)", users.len());
-        }
-        Verb::User(UserVerb::Add { user }) => println!("{user}: registered (blocked)"),
-        Verb::User(UserVerb::Remove { user }) => println!(
-            "{user}: removed, with {} live session(s)",
-            s(&d["sessions_removed"])
-        ),
-        Verb::User(UserVerb::Bind { user, prefix, .. }) => println!("{user}: {prefix} bound"),
-        Verb::User(UserVerb::Unbind { user, prefix }) => println!("{user}: {prefix} unbound"),
-        Verb::Session(SessionVerb::Up { user, .. }) => {
-            let sess = &d["session"];
-            println!("session {} of {user} up: {}", s(&sess["id"]), addrs(sess));
-            if d["user_created"] == true {
-                println!("{user}: new user, blocked");
-            }
-            for t in d["taken_over"].as_array().cloned().unwrap_or_default() {
-                println!(
-                    "{} was held by session {} of {}: reassigned",
-                    s(&t[2]),
-                    s(&t[0]),
-                    s(&t[1])
-                );
-            }
-        }
-        Verb::Session(SessionVerb::Down { .. }) => {
-            let sess = &d["down"];
-            println!(
-                "session {} of {} down: {}",
-                s(&sess["id"]),
-                s(&sess["user"]),
-                addrs(sess)
-            );
-        }
-        Verb::Session(SessionVerb::Sync { .. }) => println!(
-            "sync: {} added, {} changed, {} removed, {} unchanged, {} kept (newer events)",
-            s(&d["added"]),
-            s(&d["changed"]),
-            s(&d["removed"]),
-            s(&d["unchanged"]),
-            s(&d["newer"])
-        ),
-        Verb::Server(ServerVerb::Add { prefix, .. }) => println!("mail server {prefix} added"),
-        Verb::Exempt(ExemptVerb::Add { prefix, .. }) => println!("exempt {prefix} added"),
-        Verb::Server(ServerVerb::Remove { prefix }) => println!("mail server {prefix} removed"),
-        Verb::Exempt(ExemptVerb::Remove { prefix }) => println!("exempt {prefix} removed"),
-        Verb::Server(ServerVerb::List) | Verb::Exempt(ExemptVerb::List) => {
-            for e in d["entries"].as_array().cloned().unwrap_or_default() {
-                let mut line = format!("{:<28} {:<8}", s(&e["prefix"]), s(&e["source"]));
-                if !e["until"].is_null() {
-                    line.push_str(&format!(" until {}", s(&e["until"])));
-                }
-                if e["expired"] == true {
-                    line.push_str(" (expired)");
-                }
-                if !e["note"].is_null() {
-                    line.push_str(&format!("  {}", s(&e["note"])));
-                }
-                println!("{line}");
-            }
-        }
-        Verb::Audit { .. } => {
-            for r in d["records"].as_array().cloned().unwrap_or_default() {
-                println!("{}", audit_line(&r));
-            }
-        }
-        _ => println!("{}", serde_json::to_string_pretty(d).unwrap_or_default()),
+fn join(v: &[impl Display]) -> String {
+    v.iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn unblocked(user: &str, r: &PolicyChange) -> String {
+    let mut o = String::new();
+    if r.changed {
+        out!(o, "{user}: {}", policy_line(&r.user));
+    } else {
+        out!(o, "{user}: {}", text(&r.note));
+    }
+    o
+}
+
+pub fn blocked(user: &str, r: &PolicyChange) -> String {
+    let mut o = String::new();
+    out!(o, "{user}: {}", policy_line(&r.user));
+    o
+}
+
+pub fn user_detail(d: &UserDetail) -> String {
+    let mut o = String::new();
+    let u = &d.user;
+    out!(o, "user:      {}", text(&u.name));
+    out!(o, "policy:    {}", policy_line(u));
+    out!(o, "set by:    {} at {}", text(&u.set_by), time(u.set_at));
+    if d.sessions.is_empty() {
+        out!(o, "sessions:  none live");
+    }
+    for x in &d.sessions {
+        out!(
+            o,
+            "session:   {}  {}  since {} ({})",
+            text(&x.id),
+            addrs(x),
+            time(x.since),
+            text(&x.source)
+        );
+    }
+    for b in &d.bindings {
+        out!(o, "binding:   {b}");
+    }
+    out!(o, "recent audit:");
+    for r in &d.audit {
+        out!(o, "  {}", audit_line(r));
+    }
+    o
+}
+
+pub fn user_list(d: &UserList) -> String {
+    let mut o = String::new();
+    out!(o, "{:<24} {:>8}  POLICY", "USER", "SESSIONS");
+    for u in &d.users {
+        out!(
+            o,
+            "{:<24} {:>8}  {}",
+            text(&u.user.name),
+            u.sessions,
+            policy_line(&u.user)
+        );
+    }
+    out!(o, "{} user(s)", d.users.len());
+    o
+}
+
+pub fn user_added(user: &str, _: &UserAdded) -> String {
+    let mut o = String::new();
+    out!(o, "{user}: registered (blocked)");
+    o
+}
+
+pub fn user_removed(user: &str, r: &UserRemoved) -> String {
+    let mut o = String::new();
+    out!(
+        o,
+        "{user}: removed, with {} live session(s)",
+        r.sessions_removed
+    );
+    o
+}
+
+pub fn bound(r: &Bound) -> String {
+    let mut o = String::new();
+    out!(o, "{}: {} bound", r.user, r.bound);
+    o
+}
+
+pub fn unbound(r: &Unbound) -> String {
+    let mut o = String::new();
+    out!(o, "{}: {} unbound", r.user, r.unbound);
+    o
+}
+
+pub fn session_up(user: &str, d: &SessionUp) -> String {
+    let mut o = String::new();
+    let sess = &d.session;
+    out!(
+        o,
+        "session {} of {user} up: {}",
+        text(&sess.id),
+        addrs(sess)
+    );
+    if d.user_created {
+        out!(o, "{user}: new user, blocked");
+    }
+    for t in &d.taken_over {
+        out!(
+            o,
+            "{} was held by session {} of {}: reassigned",
+            t.prefix,
+            text(&t.session),
+            text(&t.user)
+        );
+    }
+    o
+}
+
+pub fn session_down(d: &SessionDown) -> String {
+    let mut o = String::new();
+    let sess = &d.down;
+    out!(
+        o,
+        "session {} of {} down: {}",
+        text(&sess.id),
+        text(&sess.user),
+        addrs(sess)
+    );
+    o
+}
+
+pub fn sync_summary(d: &SyncSummary) -> String {
+    let mut o = String::new();
+    out!(
+        o,
+        "sync: {} added, {} changed, {} removed, {} unchanged, {} kept (newer events)",
+        d.added,
+        d.changed,
+        d.removed,
+        d.unchanged,
+        d.newer
+    );
+    o
+}
+
+fn entry_name(kind: EntryKind) -> &'static str {
+    match kind {
+        EntryKind::Server => "mail server",
+        EntryKind::Exempt => "exempt",
     }
 }
+
+pub fn entry_added(prefix: &Prefix, r: &EntryAdded) -> String {
+    let mut o = String::new();
+    out!(o, "{} {prefix} added", entry_name(r.added.kind));
+    o
+}
+
+pub fn entry_removed(r: &EntryRemoved) -> String {
+    let mut o = String::new();
+    out!(o, "{} {} removed", entry_name(r.kind), r.removed);
+    o
+}
+
+pub fn entry_list(d: &EntryList) -> String {
+    let mut o = String::new();
+    for e in &d.entries {
+        let mut line = format!("{:<28} {:<8}", e.prefix.to_string(), e.source.as_str());
+        if let Some(t) = e.until() {
+            line.push_str(&format!(" until {}", time(t)));
+        }
+        if e.expired() {
+            line.push_str(" (expired)");
+        }
+        if let Some(n) = e.note() {
+            line.push_str(&format!("  {}", text(n)));
+        }
+        out!(o, "{line}");
+    }
+    o
+}
+
+pub fn audit_log(d: &AuditLog) -> String {
+    let mut o = String::new();
+    for r in &d.records {
+        out!(o, "{}", audit_line(r));
+    }
+    o
+}
+
+/// `theirs`: the config file the daemon reads, when it said.
+pub fn reloaded(theirs: Option<&Path>, r: &Reloaded) -> String {
+    let mut o = String::new();
+    match theirs {
+        Some(t) => out!(o, "reloaded {}: {} map writes", t.display(), r.writes),
+        None => out!(o, "reloaded: {} map writes", r.writes),
+    }
+    o
+}
+
+pub fn detached(r: &Detached) -> String {
+    let mut o = String::new();
+    out!(
+        o,
+        "detached: {}; port 25 is no longer blocked by port25",
+        serde_json::to_string(&r.detached).unwrap_or_default()
+    );
+    o
+}
+
+#[cfg(test)]
+mod tests;

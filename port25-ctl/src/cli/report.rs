@@ -35,7 +35,7 @@ pub struct MapFill {
 
 #[derive(Debug, Serialize)]
 pub struct Status {
-    pub daemon: Option<serde_json::Value>,
+    pub daemon: Option<crate::control::reply::Info>,
     pub pin_dir: String,
     pub loaded: bool,
     pub interfaces: Vec<IfaceStatus>,
@@ -83,7 +83,7 @@ impl Status {
     }
 }
 
-pub fn status(cfg: &Config, daemon: Option<serde_json::Value>) -> Result<Status> {
+pub fn status(cfg: &Config, daemon: Option<crate::control::reply::Info>) -> Result<Status> {
     let pins = Pins::new(&cfg.pin_dir);
     let mut interfaces = Vec::new();
     for i in &cfg.interfaces {
@@ -167,7 +167,7 @@ pub fn print_status(s: &Status) {
     match &s.daemon {
         Some(d) => println!(
             "daemon:     running (pid {}, up {}s, {} reconciles, {} drifted entries repaired)",
-            d["pid"], d["uptime_s"], d["reconciles"], d["drift_repaired"]
+            d.pid, d.uptime_s, d.reconciles, d.drift_repaired
         ),
         None if s.interfaces.iter().any(|i| i.attached) || !s.unconfigured_links.is_empty() => {
             println!("daemon:     DOWN (enforcement continues from the pins; figures below are read from them)")

@@ -1,12 +1,21 @@
 //! The control socket's wire format: a 4-byte big-endian length, then one JSON object.
 //! Requests carry a protocol version; frames over [`MAX_FRAME`] are refused unread.
+//!
+//! Each op is a request struct tied to its reply type ([`Call`]): [`Client::call`] sends one
+//! and decodes its reply ([`super::reply`]) or a typed [`Error`]. Adding a verb: a request
+//! struct and an [`Op`] variant and a `calls!` line here, its reply in `reply.rs`, its
+//! handler in `server/ops.rs`, its clap arguments and dispatch arm in `cli/mod.rs`, its
+//! renderer in `cli/render.rs`.
 
 use std::{io::Read, os::unix::net::UnixStream, path::Path, time::Duration};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use std::path::PathBuf;
+
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+pub use super::error::{DaemonDown, Error, ErrorKind};
+use super::reply;
 use crate::{net::Prefix, registry::store::EntryKind, registry::SyncSession};
 
 pub const VERSION: u32 = 1;
@@ -34,6 +43,8 @@ impl Request {
     }
 }
 
+/// The requests, one struct per op (the wire form is `{"op_name": {fields}}`, or a bare
+/// `"op_name"` for those without fields). Each says what it answers through [`Call`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Op {
@@ -41,99 +52,222 @@ pub enum Op {
     Info,
     Reload,
     Detach,
-    Unblock {
-        user: String,
-        #[serde(default)]
-        for_secs: Option<u64>,
-        #[serde(default)]
-        until: Option<Timestamp>,
-        #[serde(default)]
-        reason: Option<String>,
-        #[serde(default)]
-        new: bool,
-    },
-    Block {
-        user: String,
-        #[serde(default)]
-        reason: Option<String>,
-        #[serde(default)]
-        new: bool,
-    },
-    UserShow {
-        user: String,
-    },
-    UserList {
-        #[serde(default)]
-        unblocked: bool,
-        #[serde(default)]
-        expiring: bool,
-    },
-    UserAdd {
-        user: String,
-    },
-    UserRemove {
-        user: String,
-    },
-    UserBind {
-        user: String,
-        prefix: Prefix,
-        /// Accepts a prefix wider than the `limits` floor; audited.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        force_wide: bool,
-    },
-    UserUnbind {
-        user: String,
-        prefix: Prefix,
-    },
-    SessionUp {
-        user: String,
-        addrs: Vec<Prefix>,
-        #[serde(default)]
-        id: Option<String>,
-        #[serde(default)]
-        source: Option<String>,
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        force_wide: bool,
-    },
-    SessionDown {
-        #[serde(default)]
-        id: Option<String>,
-        #[serde(default)]
-        user: Option<String>,
-        #[serde(default)]
-        addr: Option<Prefix>,
-    },
-    SessionSync {
-        sessions: Vec<SyncSession>,
-        /// When the list was taken; events after it win over the list. Default: now.
-        #[serde(default)]
-        taken_at: Option<Timestamp>,
-    },
-    EntryAdd {
-        kind: EntryKind,
-        prefix: Prefix,
-        #[serde(default)]
-        until: Option<Timestamp>,
-        #[serde(default)]
-        note: Option<String>,
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        force_wide: bool,
-    },
-    EntryRemove {
-        kind: EntryKind,
-        prefix: Prefix,
-    },
-    EntryList {
-        kind: EntryKind,
-    },
-    Audit {
-        #[serde(default)]
-        user: Option<String>,
-        #[serde(default)]
-        since: Option<Timestamp>,
-        #[serde(default)]
-        limit: usize,
-    },
+    Unblock(Unblock),
+    Block(Block),
+    UserShow(UserShow),
+    UserList(UserList),
+    UserAdd(UserAdd),
+    UserRemove(UserRemove),
+    UserBind(UserBind),
+    UserUnbind(UserUnbind),
+    SessionUp(SessionUp),
+    SessionDown(SessionDown),
+    SessionSync(SessionSync),
+    EntryAdd(EntryAdd),
+    EntryRemove(EntryRemove),
+    EntryList(EntryList),
+    Audit(Audit),
+}
+
+/// A request and the type of its answer's `data`: a client that sends a `C` decodes a
+/// `C::Reply`, and the daemon's handler for `C` returns one.
+pub trait Call: Into<Op> {
+    type Reply: Serialize + serde::de::DeserializeOwned;
+}
+
+/// The answer type of request `C`.
+pub type ReplyOf<C> = <C as Call>::Reply;
+
+/// Ties each request to its reply type and its [`Op`] variant.
+macro_rules! calls {
+    ($($req:ident => $reply:ty),* $(,)?) => {$(
+        impl Call for $req {
+            type Reply = $reply;
+        }
+        impl From<$req> for Op {
+            fn from(r: $req) -> Op {
+                Op::$req(r)
+            }
+        }
+    )*};
+}
+
+calls! {
+    Unblock => reply::PolicyChange,
+    Block => reply::PolicyChange,
+    UserShow => reply::UserDetail,
+    UserList => reply::UserList,
+    UserAdd => reply::UserAdded,
+    UserRemove => reply::UserRemoved,
+    UserBind => reply::Bound,
+    UserUnbind => reply::Unbound,
+    SessionUp => reply::SessionUp,
+    SessionDown => reply::SessionDown,
+    SessionSync => reply::SyncSummary,
+    EntryAdd => reply::EntryAdded,
+    EntryRemove => reply::EntryRemoved,
+    EntryList => reply::EntryList,
+    Audit => reply::AuditLog,
+}
+
+/// The ops without fields.
+macro_rules! unit_calls {
+    ($($req:ident => $reply:ty),* $(,)?) => {$(
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        pub struct $req;
+        impl Call for $req {
+            type Reply = $reply;
+        }
+        impl From<$req> for Op {
+            fn from(_: $req) -> Op {
+                Op::$req
+            }
+        }
+    )*};
+}
+
+unit_calls! {
+    Info => reply::Info,
+    Reload => reply::Reloaded,
+    Detach => reply::Detached,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Unblock {
+    pub user: String,
+    #[serde(default)]
+    pub for_secs: Option<u64>,
+    #[serde(default)]
+    pub until: Option<Timestamp>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub new: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Block {
+    pub user: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub new: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserShow {
+    pub user: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserList {
+    #[serde(default)]
+    pub unblocked: bool,
+    #[serde(default)]
+    pub expiring: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserAdd {
+    pub user: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserRemove {
+    pub user: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserBind {
+    pub user: String,
+    pub prefix: Prefix,
+    /// Accepts a prefix wider than the `limits` floor; audited.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force_wide: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserUnbind {
+    pub user: String,
+    pub prefix: Prefix,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionUp {
+    pub user: String,
+    pub addrs: Vec<Prefix>,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force_wide: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionDown {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub addr: Option<Prefix>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSync {
+    pub sessions: Vec<SyncSession>,
+    /// When the list was taken; events after it win over the list. Default: now.
+    #[serde(default)]
+    pub taken_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EntryAdd {
+    pub kind: EntryKind,
+    pub prefix: Prefix,
+    #[serde(default)]
+    pub until: Option<Timestamp>,
+    #[serde(default)]
+    pub note: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force_wide: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EntryRemove {
+    pub kind: EntryKind,
+    pub prefix: Prefix,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EntryList {
+    pub kind: EntryKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub since: Option<Timestamp>,
+    #[serde(default)]
+    pub limit: usize,
 }
 
 impl Op {
@@ -141,11 +275,7 @@ impl Op {
     pub fn read_only(&self) -> bool {
         matches!(
             self,
-            Op::Info
-                | Op::UserShow { .. }
-                | Op::UserList { .. }
-                | Op::EntryList { .. }
-                | Op::Audit { .. }
+            Op::Info | Op::UserShow(_) | Op::UserList(_) | Op::EntryList(_) | Op::Audit(_)
         )
     }
 }
@@ -155,6 +285,9 @@ pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Of an error: lets a client tell a refusal from a failure (absent from older daemons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ErrorKind>,
     #[serde(default)]
     pub data: serde_json::Value,
 }
@@ -164,25 +297,38 @@ impl Response {
         Response {
             ok: true,
             error: None,
+            kind: None,
             data,
         }
     }
-    pub fn err(msg: impl Into<String>) -> Response {
+    pub fn err(kind: ErrorKind, msg: impl Into<String>) -> Response {
         Response {
             ok: false,
             error: Some(msg.into()),
+            kind: Some(kind),
             data: serde_json::Value::Null,
         }
     }
+
+    /// The reply of a `C`, or the daemon's error.
+    pub fn reply<C: Call>(self) -> Result<C::Reply, Error> {
+        if !self.ok {
+            return Err(Error::Daemon {
+                kind: self.kind.unwrap_or(ErrorKind::Refused),
+                message: self.error.unwrap_or_default(),
+            });
+        }
+        Ok(serde_json::from_value(self.data)?)
+    }
 }
 
-pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
-    let body = serde_json::to_vec(msg)?;
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
+    let body = serde_json::to_vec(msg).map_err(|e| Error::Frame(format!("encoding: {e}")))?;
     if body.len() > MAX_FRAME {
-        bail!(
+        return Err(Error::Frame(format!(
             "message of {} bytes is over the {MAX_FRAME}-byte limit",
             body.len()
-        );
+        )));
     }
     let mut out = (body.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(&body);
@@ -190,53 +336,40 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
 }
 
 /// Length of the frame announced by a 4-byte header, refused when over the limit.
-pub fn frame_len(header: [u8; 4]) -> Result<usize> {
+pub fn frame_len(header: [u8; 4]) -> Result<usize, Error> {
     let len = u32::from_be_bytes(header) as usize;
     if len > MAX_FRAME {
-        bail!("frame of {len} bytes is over the {MAX_FRAME}-byte limit");
+        return Err(Error::Frame(format!(
+            "frame of {len} bytes is over the {MAX_FRAME}-byte limit"
+        )));
     }
     Ok(len)
 }
 
-pub fn decode_request(body: &[u8]) -> Result<Request> {
-    let req: Request = serde_json::from_slice(body).map_err(|e| anyhow!("bad request: {e}"))?;
+/// The daemon's side: a request it can serve, or why not ([`Error::BadRequest`]).
+pub fn decode_request(body: &[u8]) -> Result<Request, Error> {
+    let req: Request =
+        serde_json::from_slice(body).map_err(|e| Error::BadRequest(format!("bad request: {e}")))?;
     if req.v != VERSION {
-        bail!(
+        return Err(Error::BadRequest(format!(
             "protocol version {} is not supported (this daemon speaks {VERSION})",
             req.v
-        );
+        )));
     }
     Ok(req)
 }
 
-/// No daemon listens on the socket (absent, or nothing accepting): not a permission problem.
-#[derive(Debug, thiserror::Error)]
-#[error("the port25 daemon is not running (no answer on {path}: {cause}); enforcement continues from the pinned programs (`port25-ctl status`)")]
-pub struct DaemonDown {
-    pub path: String,
-    // Not `source`: the message already names it, and `{:#}` would print it twice.
-    pub cause: std::io::Error,
-}
-
 /// Connecting failed for another reason than an absent daemon (most often permissions):
 /// saying "not running" then would send the operator the wrong way.
-fn connect(socket: &Path) -> Result<UnixStream> {
-    use std::io::ErrorKind;
-    UnixStream::connect(socket).map_err(|e| match e.kind() {
-        ErrorKind::NotFound | ErrorKind::ConnectionRefused => DaemonDown {
-            path: socket.display().to_string(),
-            cause: e,
+fn connect(socket: &Path) -> Result<UnixStream, Error> {
+    use std::io::ErrorKind as Io;
+    UnixStream::connect(socket).map_err(|cause| {
+        let path = socket.display().to_string();
+        match cause.kind() {
+            Io::NotFound | Io::ConnectionRefused => DaemonDown { path, cause }.into(),
+            Io::PermissionDenied => Error::PermissionDenied { path, cause },
+            _ => Error::Connect { path, cause },
         }
-        .into(),
-        ErrorKind::PermissionDenied => anyhow!(
-            "cannot connect to the port25 daemon on {}: {e}: the control socket is root's \
-             (members of `read_group` may use the read-only verbs); run as root, e.g. with sudo",
-            socket.display()
-        ),
-        _ => anyhow!(
-            "cannot connect to the port25 daemon on {}: {e}",
-            socket.display()
-        ),
     })
 }
 
@@ -257,23 +390,51 @@ fn send_all(s: &UnixStream, mut buf: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// One request, one response, over a blocking socket (the CLI side).
-pub fn call(socket: &Path, op: Op, timeout: Duration) -> Result<Response> {
-    let mut s = connect(socket)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    // A daemon that refuses a peer answers and closes without reading the request, so the
-    // write may fail (EPIPE) while the answer is waiting: read it before reporting the write.
-    let written = send_all(&s, &encode(&Request::new(op))?);
-    let mut header = [0u8; 4];
-    if let Err(e) = s.read_exact(&mut header) {
-        written?;
-        return Err(e).context("reading the daemon's answer");
+/// The daemon's control socket, from the client side: one request, one answer, over a
+/// blocking socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub socket: PathBuf,
+    pub timeout: Duration,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>, timeout: Duration) -> Client {
+        Client {
+            socket: socket.into(),
+            timeout,
+        }
     }
-    let mut body = vec![0u8; frame_len(header)?];
-    s.read_exact(&mut body)
-        .context("reading the daemon's answer")?;
-    serde_json::from_slice(&body).context("decoding the daemon's answer")
+
+    /// Sends `c` and decodes its reply; a refusal is [`Error::Daemon`].
+    pub fn call<C: Call>(&self, c: C) -> Result<C::Reply, Error> {
+        self.exchange(c.into())?.reply::<C>()
+    }
+
+    /// Sends any op and returns the answer undecoded.
+    pub fn exchange(&self, op: Op) -> Result<Response, Error> {
+        let io = |context| move |cause| Error::Io { context, cause };
+        let mut s = connect(&self.socket)?;
+        s.set_read_timeout(Some(self.timeout))
+            .map_err(io("setting the socket timeout"))?;
+        s.set_write_timeout(Some(self.timeout))
+            .map_err(io("setting the socket timeout"))?;
+        let frame = encode(&Request::new(op))?;
+        // A daemon that refuses a peer answers and closes without reading the request, so
+        // the write may fail (EPIPE) while the answer is waiting: read it before reporting
+        // the write.
+        let written = send_all(&s, &frame);
+        let mut header = [0u8; 4];
+        if let Err(e) = s.read_exact(&mut header) {
+            written.map_err(io("sending the request"))?;
+            return Err(io("reading the daemon's answer")(e));
+        }
+        let len = frame_len(header)?;
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body)
+            .map_err(io("reading the daemon's answer"))?;
+        Ok(serde_json::from_slice(&body)?)
+    }
 }
 
 #[cfg(test)]

@@ -32,7 +32,8 @@ use crate::{
     bpf::livemaps::LiveMaps,
     bpf::pins::Pins,
     config::Config,
-    control::proto::{self, Op, Request, Response},
+    control::proto::{self, ErrorKind, Op, Request, Response},
+    control::reply,
     policy::index::{changed_users, Index},
     policy::{self, Clock, Desired},
     registry::store::{sqlite::SqliteStore, Recording, Store, Tx},
@@ -491,9 +492,10 @@ async fn accept_loop(
 /// write of it never waits.
 fn busy(stream: UnixStream, max: usize) {
     if let (Ok(frame), Ok(mut s)) = (
-        proto::encode(&Response::err(format!(
-            "busy: {max} control connections are open; try again"
-        ))),
+        proto::encode(&Response::err(
+            ErrorKind::Busy,
+            format!("busy: {max} control connections are open; try again"),
+        )),
         stream.into_std(),
     ) {
         let _ = std::io::Write::write(&mut s, &frame);
@@ -776,22 +778,27 @@ async fn connection(
             uid = cred.uid(),
             "refused a control connection from a peer that is not allowed"
         );
-        write(&mut s, &Response::err("permission denied: root only")).await;
+        write(
+            &mut s,
+            &Response::err(ErrorKind::Denied, "permission denied: root only"),
+        )
+        .await;
         return;
     };
     let req = match tokio::time::timeout(limits::REQUEST_DEADLINE, read_request(&mut s)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            write(&mut s, &Response::err(format!("{e:#}"))).await;
+            write(&mut s, &Response::err(ErrorKind::Refused, format!("{e:#}"))).await;
             return;
         }
         Err(_) => {
             let secs = limits::REQUEST_DEADLINE.as_secs();
             write(
                 &mut s,
-                &Response::err(format!(
-                    "timed out: a request must arrive whole within {secs} s"
-                )),
+                &Response::err(
+                    ErrorKind::Refused,
+                    format!("timed out: a request must arrive whole within {secs} s"),
+                ),
             )
             .await;
             return;
@@ -801,7 +808,10 @@ async fn connection(
         warn!(uid = cred.uid(), "refused a change from a read-only peer");
         write(
             &mut s,
-            &Response::err("permission denied: the read-only group may not change anything"),
+            &Response::err(
+                ErrorKind::Denied,
+                "permission denied: the read-only group may not change anything",
+            ),
         )
         .await;
         return;
@@ -817,7 +827,11 @@ async fn connection(
     let actor = actor(cred.uid(), req.on_behalf_of.clone());
     let (reply, answer) = oneshot::channel();
     if jobs.send(Job { req, actor, reply }).await.is_err() {
-        write(&mut s, &Response::err("the daemon is shutting down")).await;
+        write(
+            &mut s,
+            &Response::err(ErrorKind::Internal, "the daemon is shutting down"),
+        )
+        .await;
         return;
     }
     if let Ok((resp, written)) = answer.await {
@@ -835,36 +849,36 @@ async fn connection(
 /// An error answer; an unknown user gets the close names, looked up off the writer.
 async fn explained(e: anyhow::Error, reader: &Reader) -> Response {
     let msg = format!("{e:#}");
+    let kind = ErrorKind::of(&e);
     let Some(unknown) = e.downcast_ref::<crate::registry::UnknownUser>() else {
-        return Response::err(msg);
+        return Response::err(kind, msg);
     };
     let close: Vec<String> = match reader.ask(ReadJob::Suggest(unknown.name.clone())).await {
         Ok(v) => serde_json::from_value(v).unwrap_or_default(),
         Err(_) => vec![],
     };
-    Response::err(crate::registry::with_suggestions(
-        &msg,
-        &unknown.name,
-        &close,
-    ))
+    Response::err(
+        kind,
+        crate::registry::with_suggestions(&msg, &unknown.name, &close),
+    )
 }
 
 impl Daemon {
-    fn info(&self) -> serde_json::Value {
-        json!({
-            "pid": std::process::id(),
-            "uptime_s": self.started.elapsed().as_secs(),
-            "config": self.config_path.display().to_string(),
-            "registry": self.store.path.display().to_string(),
-            "reconciles": self.reconciles,
-            "drift_repaired": self.drift_repaired,
-        })
+    fn info(&self) -> reply::Info {
+        reply::Info {
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            config: self.config_path.display().to_string(),
+            registry: self.store.path.display().to_string(),
+            reconciles: self.reconciles,
+            drift_repaired: self.drift_repaired,
+        }
     }
 
     /// A reload applies whole or not at all: everything that can be checked is checked
     /// first; new attachments are made while the maps still hold the old policy, and taken
     /// back if a later step fails; the maps are restored if writing them fails.
-    fn reload(&mut self) -> Result<serde_json::Value> {
+    fn reload(&mut self) -> Result<reply::Reloaded> {
         let new = Config::load(&self.config_path)?;
         if new.pin_dir != self.cfg.pin_dir
             || new.socket != self.cfg.socket
@@ -919,7 +933,11 @@ impl Daemon {
         self.cfg = new;
         self.cfg_tx.send_replace(Arc::new(self.cfg.clone()));
         info!(writes = applied.writes, ?added, ?detached, "reloaded");
-        Ok(json!({ "writes": applied.writes, "attached": added, "detached": detached }))
+        Ok(reply::Reloaded {
+            writes: applied.writes,
+            attached: added,
+            detached,
+        })
     }
 
     /// Removes the attachments a refused reload made.
@@ -1066,7 +1084,7 @@ async fn read_request(s: &mut UnixStream) -> Result<proto::Request> {
     if got != len {
         bail!("the request ended after {got} of its {len} bytes");
     }
-    proto::decode_request(&body)
+    Ok(proto::decode_request(&body)?)
 }
 
 /// The frame for an answer; one over the size limit becomes an error that says so, never
@@ -1076,9 +1094,12 @@ fn answer_frame(r: &Response) -> Vec<u8> {
         Ok(f) => f,
         Err(e) => {
             warn!("an answer was too large to send: {e:#}");
-            proto::encode(&Response::err(format!(
-                "the answer is too large to send ({e:#}); ask for less (e.g. `audit --limit`)"
-            )))
+            proto::encode(&Response::err(
+                ErrorKind::Refused,
+                format!(
+                    "the answer is too large to send ({e:#}); ask for less (e.g. `audit --limit`)"
+                ),
+            ))
             .expect("a short error fits")
         }
     }

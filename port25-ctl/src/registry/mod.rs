@@ -545,7 +545,7 @@ pub struct SyncSession {
     pub addrs: Vec<Prefix>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SyncOutcome {
     pub added: usize,
     pub changed: usize,

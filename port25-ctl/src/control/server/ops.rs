@@ -2,15 +2,16 @@
 
 use anyhow::{bail, Result};
 use jiff::{SignedDuration, Timestamp};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::Daemon;
 use crate::{
     bpf::datapath,
     config::{check_storable, Config, Limits},
-    control::proto::Op,
+    control::proto::{self, Op, ReplyOf},
+    control::reply::{self, EntryDetail, EntryRow, EntrySource, UserRow, UserView},
     net::Prefix,
-    registry::store::{AuditQuery, AuditRecord, Tx, User},
+    registry::store::{AuditQuery, AuditRecord, EntryKind, Tx},
     registry::{self, Actor},
 };
 
@@ -53,25 +54,6 @@ fn storable(until: Option<Timestamp>) -> Result<Option<Timestamp>> {
     Ok(until)
 }
 
-/// `user show` / `user list` view of one user.
-fn user_view(u: &User, now: Timestamp) -> Value {
-    let unblocked = u.unblocked_at(now);
-    let left = match (unblocked, u.until) {
-        (true, Some(t)) => Some(t.duration_since(now).as_secs()),
-        _ => None,
-    };
-    json!({
-        "name": u.name,
-        "policy": u.policy,
-        "effective": if unblocked { "unblocked" } else { "blocked" },
-        "until": u.until,
-        "seconds_left": left,
-        "reason": u.reason,
-        "set_by": u.set_by,
-        "set_at": u.set_at,
-    })
-}
-
 fn until_from(
     for_secs: Option<u64>,
     until: Option<Timestamp>,
@@ -88,204 +70,317 @@ fn until_from(
     }
 }
 
+/// Runs a writer op; the typed reply becomes the answer's `data`.
 pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
-    let limits = d.cfg.limits;
-    Ok(match op {
-        Op::Info => d.info(),
-        Op::Reload => d.reload()?,
-        Op::Detach => {
-            // The marker first: a detach that a restart could undo is no detach.
-            crate::bpf::detached::mark(&d.cfg.state_dir, &actor.to_string())?;
-            let points = datapath::detach_all(&d.pins)?;
-            tracing::info!(?points, "detached everything; exiting");
-            json!({ "detached": points })
+    match op {
+        Op::Info => data(Ok(d.info())),
+        Op::Reload => data(d.reload()),
+        Op::Detach => data(detach(d, actor)),
+        Op::Unblock(r) => data(unblock(d, r, actor)),
+        Op::Block(r) => data(block(d, r, actor)),
+        Op::UserAdd(r) => data(user_add(d, r, actor)),
+        Op::UserRemove(r) => data(user_remove(d, r, actor)),
+        Op::UserBind(r) => data(user_bind(d, r, actor)),
+        Op::UserUnbind(r) => data(user_unbind(d, r, actor)),
+        Op::SessionUp(r) => data(session_up(d, r, actor)),
+        Op::SessionDown(r) => data(session_down(d, r, actor)),
+        Op::SessionSync(r) => data(session_sync(d, r, actor)),
+        Op::EntryAdd(r) => data(entry_add(d, r, actor)),
+        Op::EntryRemove(r) => data(entry_remove(d, r, actor)),
+        // Served by the reader, off this loop; kept here so the writer can answer too.
+        op @ (Op::EntryList(_) | Op::UserShow(_) | Op::UserList(_) | Op::Audit(_)) => {
+            read(&*d.store.read()?, &d.cfg, op)
         }
-        Op::Unblock {
-            user,
-            for_secs,
-            until,
-            reason,
-            new,
-        } => {
-            let out = d.change(|tx, now| {
-                let until = until_from(for_secs, until, now)?;
-                registry::unblock(tx, actor, &user, until, reason, new, now)
-            })?;
-            json!({ "user": user_view(&out.user, d.wall.now()), "changed": out.changed, "note": out.note })
-        }
-        Op::Block { user, reason, new } => {
-            let out = d.change(|tx, now| registry::block(tx, actor, &user, reason, new, now))?;
-            json!({ "user": user_view(&out.user, d.wall.now()), "changed": out.changed, "note": out.note })
-        }
-        Op::UserAdd { user } => {
-            let u = d.change(|tx, now| registry::user_add(tx, actor, &user, now))?;
-            json!({ "user": user_view(&u, d.wall.now()) })
-        }
-        Op::UserRemove { user } => {
-            let n = d.change(|tx, now| registry::user_remove(tx, actor, &user, now))?;
-            json!({ "removed": user, "sessions_removed": n })
-        }
-        Op::UserBind {
-            user,
-            prefix,
-            force_wide,
-        } => {
-            d.change(|tx, now| {
-                guard_wide(tx, actor, &limits, "user bind", &[prefix], force_wide, now)?;
-                registry::bind(tx, actor, &user, prefix, now)
-            })?;
-            json!({ "user": user, "bound": prefix })
-        }
-        Op::UserUnbind { user, prefix } => {
-            d.change(|tx, now| registry::unbind(tx, actor, &user, prefix, now))?;
-            json!({ "user": user, "unbound": prefix })
-        }
-        Op::SessionUp {
-            user,
-            addrs,
-            id,
-            source,
-            force_wide,
-        } => {
-            let out = d.change(|tx, now| {
-                guard_wide(tx, actor, &limits, "session up", &addrs, force_wide, now)?;
-                registry::session_up(
-                    tx,
-                    actor,
-                    &user,
-                    id.as_deref(),
-                    addrs,
-                    source.as_deref().unwrap_or("cli"),
-                    now,
-                )
-            })?;
-            serde_json::to_value(out)?
-        }
-        Op::SessionDown { id, user, addr } => {
-            let s = d.change(|tx, now| match (id, user, addr) {
-                (Some(id), None, None) => registry::session_down_id(tx, actor, &id, now),
-                (None, Some(user), Some(addr)) => {
-                    registry::session_down_addr(tx, actor, &user, &addr, now)
-                }
-                _ => bail!("session down takes --id ID, or USER ADDR"),
-            })?;
-            json!({ "down": s })
-        }
-        Op::SessionSync { sessions, taken_at } => {
-            let out = d.change(|tx, now| {
-                // A sync has no force: a wide prefix in an access server's list is refused.
-                for s in &sessions {
-                    guard_wide(tx, actor, &limits, "session sync", &s.addrs, false, now)?;
-                }
-                registry::session_sync(tx, actor, sessions, taken_at, now)
-            })?;
-            serde_json::to_value(out)?
-        }
-        Op::EntryAdd {
-            kind,
-            prefix,
-            until,
-            note,
-            force_wide,
-        } => {
-            let until = storable(until)?;
-            let what = format!("{} add", kind.as_str());
-            let e = d.change(|tx, now| {
-                guard_wide(tx, actor, &limits, &what, &[prefix], force_wide, now)?;
-                registry::entry_add(tx, actor, kind, prefix, until, note, now)
-            })?;
-            json!({ "added": e })
-        }
-        Op::EntryRemove { kind, prefix } => {
-            d.change(|tx, now| registry::entry_remove(tx, actor, kind, prefix, now))?;
-            json!({ "removed": prefix, "kind": kind })
-        }
-        op @ (Op::EntryList { .. }
-        | Op::UserShow { .. }
-        | Op::UserList { .. }
-        | Op::Audit { .. }) => {
-            // Served by the reader, off this loop; kept here so the writer can answer too.
-            read(&*d.store.read()?, &d.cfg, op)?
-        }
-    })
+    }
 }
 
 /// The read verbs: a registry read transaction and the config, nothing of the writer's.
 pub(super) fn read(tx: &dyn Tx, cfg: &Config, op: Op) -> Result<Value> {
-    Ok(match op {
-        Op::EntryList { kind } => {
-            let now = Timestamp::now();
-            let runtime: Vec<Value> = tx
-                .entries()?
-                .into_iter()
-                .filter(|e| e.kind == kind)
-                .map(|e| {
-                    json!({ "prefix": e.prefix, "until": e.until, "note": e.note, "added_by": e.added_by,
-                            "added_at": e.added_at, "source": "runtime",
-                            "expired": e.until.is_some_and(|t| t <= now) })
-                })
-                .collect();
-            let config: Vec<Value> = match kind {
-                crate::registry::store::EntryKind::Server => cfg
-                    .mail_servers
-                    .iter()
-                    .map(|m| json!({ "prefix": m.prefix, "source": "config", "force": m.force }))
-                    .collect(),
-                crate::registry::store::EntryKind::Exempt => cfg
-                    .exempt
-                    .iter()
-                    .map(|e| json!({ "prefix": e.prefix, "until": e.until, "note": e.note, "source": "config",
-                                     "expired": e.until.is_some_and(|t| t <= now) }))
-                    .collect(),
-            };
-            json!({ "kind": kind, "entries": config.into_iter().chain(runtime).collect::<Vec<_>>() })
-        }
-        Op::UserShow { user } => {
-            let now = Timestamp::now();
-            registry::check_user_name(&user)?;
-            let Some(u) = tx.user(&user)? else {
-                return Err(registry::unknown_user(tx, &user));
-            };
-            let sessions = tx.sessions_of(&user)?;
-            let bindings = tx.bindings_of(&user)?;
-            let audit = tx.audit(&AuditQuery {
-                subject: Some(user.clone()),
-                since: None,
-                limit: 10,
-            })?;
-            json!({ "user": user_view(&u, now), "sessions": sessions, "bindings": bindings, "audit": audit })
-        }
-        Op::UserList {
-            unblocked,
-            expiring,
-        } => {
-            let now = Timestamp::now();
-            let mut per_user = std::collections::HashMap::<String, usize>::new();
-            for s in tx.sessions()? {
-                *per_user.entry(s.user).or_default() += 1;
-            }
-            let users: Vec<Value> = tx
-                .users()?
-                .into_iter()
-                .filter(|u| !unblocked || u.unblocked_at(now))
-                .filter(|u| !expiring || (u.unblocked_at(now) && u.until.is_some()))
-                .map(|u| {
-                    let n = per_user.get(&u.name).copied().unwrap_or(0);
-                    let mut v = user_view(&u, now);
-                    v["sessions"] = json!(n);
-                    v
-                })
-                .collect();
-            json!({ "users": users })
-        }
-        Op::Audit { user, since, limit } => {
-            let records = tx.audit(&AuditQuery {
-                subject: user,
-                since,
-                limit,
-            })?;
-            json!({ "records": records })
-        }
+    let now = Timestamp::now();
+    match op {
+        Op::EntryList(r) => data(entry_list(tx, cfg, r, now)),
+        Op::UserShow(r) => data(user_show(tx, r, now)),
+        Op::UserList(r) => data(user_list(tx, r, now)),
+        Op::Audit(r) => data(audit(tx, r)),
         other => bail!("{other:?} is not a read verb"),
+    }
+}
+
+/// A reply as the answer's `data`.
+fn data<R: serde::Serialize>(r: Result<R>) -> Result<Value> {
+    Ok(serde_json::to_value(r?)?)
+}
+
+fn detach(d: &mut Daemon, actor: &Actor) -> Result<ReplyOf<proto::Detach>> {
+    // The marker first: a detach that a restart could undo is no detach.
+    crate::bpf::detached::mark(&d.cfg.state_dir, &actor.to_string())?;
+    let points = datapath::detach_all(&d.pins)?;
+    tracing::info!(?points, "detached everything; exiting");
+    Ok(reply::Detached { detached: points })
+}
+
+fn unblock(d: &mut Daemon, r: proto::Unblock, actor: &Actor) -> Result<ReplyOf<proto::Unblock>> {
+    let proto::Unblock {
+        user,
+        for_secs,
+        until,
+        reason,
+        new,
+    } = r;
+    let out = d.change(|tx, now| {
+        let until = until_from(for_secs, until, now)?;
+        registry::unblock(tx, actor, &user, until, reason, new, now)
+    })?;
+    Ok(policy_change(out, d.wall.now()))
+}
+
+fn block(d: &mut Daemon, r: proto::Block, actor: &Actor) -> Result<ReplyOf<proto::Block>> {
+    let out = d.change(|tx, now| registry::block(tx, actor, &r.user, r.reason, r.new, now))?;
+    Ok(policy_change(out, d.wall.now()))
+}
+
+fn policy_change(out: registry::PolicyOutcome, now: Timestamp) -> reply::PolicyChange {
+    reply::PolicyChange {
+        user: UserView::new(&out.user, now),
+        changed: out.changed,
+        note: out.note,
+    }
+}
+
+fn user_add(d: &mut Daemon, r: proto::UserAdd, actor: &Actor) -> Result<ReplyOf<proto::UserAdd>> {
+    let u = d.change(|tx, now| registry::user_add(tx, actor, &r.user, now))?;
+    Ok(reply::UserAdded {
+        user: UserView::new(&u, d.wall.now()),
     })
 }
+
+fn user_remove(
+    d: &mut Daemon,
+    r: proto::UserRemove,
+    actor: &Actor,
+) -> Result<ReplyOf<proto::UserRemove>> {
+    let n = d.change(|tx, now| registry::user_remove(tx, actor, &r.user, now))?;
+    Ok(reply::UserRemoved {
+        removed: r.user,
+        sessions_removed: n,
+    })
+}
+
+fn user_bind(
+    d: &mut Daemon,
+    r: proto::UserBind,
+    actor: &Actor,
+) -> Result<ReplyOf<proto::UserBind>> {
+    let limits = d.cfg.limits;
+    d.change(|tx, now| {
+        guard_wide(
+            tx,
+            actor,
+            &limits,
+            "user bind",
+            &[r.prefix],
+            r.force_wide,
+            now,
+        )?;
+        registry::bind(tx, actor, &r.user, r.prefix, now)
+    })?;
+    Ok(reply::Bound {
+        user: r.user,
+        bound: r.prefix,
+    })
+}
+
+fn user_unbind(
+    d: &mut Daemon,
+    r: proto::UserUnbind,
+    actor: &Actor,
+) -> Result<ReplyOf<proto::UserUnbind>> {
+    d.change(|tx, now| registry::unbind(tx, actor, &r.user, r.prefix, now))?;
+    Ok(reply::Unbound {
+        user: r.user,
+        unbound: r.prefix,
+    })
+}
+
+fn session_up(
+    d: &mut Daemon,
+    r: proto::SessionUp,
+    actor: &Actor,
+) -> Result<ReplyOf<proto::SessionUp>> {
+    let limits = d.cfg.limits;
+    let out = d.change(|tx, now| {
+        guard_wide(
+            tx,
+            actor,
+            &limits,
+            "session up",
+            &r.addrs,
+            r.force_wide,
+            now,
+        )?;
+        registry::session_up(
+            tx,
+            actor,
+            &r.user,
+            r.id.as_deref(),
+            r.addrs,
+            r.source.as_deref().unwrap_or("cli"),
+            now,
+        )
+    })?;
+    Ok(out.into())
+}
+
+fn session_down(
+    d: &mut Daemon,
+    r: proto::SessionDown,
+    actor: &Actor,
+) -> Result<ReplyOf<proto::SessionDown>> {
+    let down = d.change(|tx, now| match (r.id, r.user, r.addr) {
+        (Some(id), None, None) => registry::session_down_id(tx, actor, &id, now),
+        (None, Some(user), Some(addr)) => registry::session_down_addr(tx, actor, &user, &addr, now),
+        _ => bail!("session down takes --id ID, or USER ADDR"),
+    })?;
+    Ok(reply::SessionDown { down })
+}
+
+fn session_sync(
+    d: &mut Daemon,
+    r: proto::SessionSync,
+    actor: &Actor,
+) -> Result<ReplyOf<proto::SessionSync>> {
+    let limits = d.cfg.limits;
+    d.change(|tx, now| {
+        // A sync has no force: a wide prefix in an access server's list is refused.
+        for s in &r.sessions {
+            guard_wide(tx, actor, &limits, "session sync", &s.addrs, false, now)?;
+        }
+        registry::session_sync(tx, actor, r.sessions, r.taken_at, now)
+    })
+}
+
+fn entry_add(
+    d: &mut Daemon,
+    r: proto::EntryAdd,
+    actor: &Actor,
+) -> Result<ReplyOf<proto::EntryAdd>> {
+    let limits = d.cfg.limits;
+    let until = storable(r.until)?;
+    let what = format!("{} add", r.kind.as_str());
+    let added = d.change(|tx, now| {
+        guard_wide(tx, actor, &limits, &what, &[r.prefix], r.force_wide, now)?;
+        registry::entry_add(tx, actor, r.kind, r.prefix, until, r.note, now)
+    })?;
+    Ok(reply::EntryAdded { added })
+}
+
+fn entry_remove(
+    d: &mut Daemon,
+    r: proto::EntryRemove,
+    actor: &Actor,
+) -> Result<ReplyOf<proto::EntryRemove>> {
+    d.change(|tx, now| registry::entry_remove(tx, actor, r.kind, r.prefix, now))?;
+    Ok(reply::EntryRemoved {
+        removed: r.prefix,
+        kind: r.kind,
+    })
+}
+
+fn entry_list(
+    tx: &dyn Tx,
+    cfg: &Config,
+    r: proto::EntryList,
+    now: Timestamp,
+) -> Result<ReplyOf<proto::EntryList>> {
+    let expired = |until: Option<Timestamp>| until.is_some_and(|t| t <= now);
+    let config: Vec<EntryRow> = match r.kind {
+        EntryKind::Server => cfg
+            .mail_servers
+            .iter()
+            .map(|m| EntryRow {
+                prefix: m.prefix,
+                source: EntrySource::Config,
+                detail: EntryDetail::ConfigServer { force: m.force },
+            })
+            .collect(),
+        EntryKind::Exempt => cfg
+            .exempt
+            .iter()
+            .map(|e| EntryRow {
+                prefix: e.prefix,
+                source: EntrySource::Config,
+                detail: EntryDetail::ConfigExempt {
+                    until: e.until,
+                    note: e.note.clone(),
+                    expired: expired(e.until),
+                },
+            })
+            .collect(),
+    };
+    let runtime = tx
+        .entries()?
+        .into_iter()
+        .filter(|e| e.kind == r.kind)
+        .map(|e| EntryRow {
+            prefix: e.prefix,
+            source: EntrySource::Runtime,
+            detail: EntryDetail::Runtime {
+                expired: expired(e.until),
+                until: e.until,
+                note: e.note,
+                added_by: e.added_by,
+                added_at: e.added_at,
+            },
+        });
+    Ok(reply::EntryList {
+        kind: r.kind,
+        entries: config.into_iter().chain(runtime).collect(),
+    })
+}
+
+fn user_show(tx: &dyn Tx, r: proto::UserShow, now: Timestamp) -> Result<ReplyOf<proto::UserShow>> {
+    registry::check_user_name(&r.user)?;
+    let Some(u) = tx.user(&r.user)? else {
+        return Err(registry::unknown_user(tx, &r.user));
+    };
+    Ok(reply::UserDetail {
+        user: UserView::new(&u, now),
+        sessions: tx.sessions_of(&r.user)?,
+        bindings: tx.bindings_of(&r.user)?,
+        audit: tx.audit(&AuditQuery {
+            subject: Some(r.user.clone()),
+            since: None,
+            limit: 10,
+        })?,
+    })
+}
+
+fn user_list(tx: &dyn Tx, r: proto::UserList, now: Timestamp) -> Result<ReplyOf<proto::UserList>> {
+    let mut per_user = std::collections::HashMap::<String, usize>::new();
+    for s in tx.sessions()? {
+        *per_user.entry(s.user).or_default() += 1;
+    }
+    let users = tx
+        .users()?
+        .into_iter()
+        .filter(|u| !r.unblocked || u.unblocked_at(now))
+        .filter(|u| !r.expiring || (u.unblocked_at(now) && u.until.is_some()))
+        .map(|u| UserRow {
+            sessions: per_user.get(&u.name).copied().unwrap_or(0),
+            user: UserView::new(&u, now),
+        })
+        .collect();
+    Ok(reply::UserList { users })
+}
+
+fn audit(tx: &dyn Tx, r: proto::Audit) -> Result<ReplyOf<proto::Audit>> {
+    let records = tx.audit(&AuditQuery {
+        subject: r.user,
+        since: r.since,
+        limit: r.limit,
+    })?;
+    Ok(reply::AuditLog { records })
+}
+
+#[cfg(test)]
+mod tests;

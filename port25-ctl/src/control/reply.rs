@@ -1,0 +1,292 @@
+//! What each op answers: the `data` of a successful [`Response`](super::proto::Response).
+//! The daemon builds these, the CLI decodes them and `--json` prints them; the JSON field
+//! names are a promise to hooks and operator scripts (`testdata/golden.json` holds them).
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    net::Prefix,
+    registry::store::{AuditRecord, EntryKind, Policy, Session, User},
+};
+
+/// The sync summary is the registry's own outcome, sent as is.
+pub use crate::registry::SyncOutcome as SyncSummary;
+
+/// One user as `user show`, `user list`, `unblock` and `block` present it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserView {
+    pub name: String,
+    /// What was set; a timed unblock that ran out is still `unblocked` here...
+    pub policy: Policy,
+    /// ...and `blocked` here: what the datapath does now.
+    pub effective: Policy,
+    pub until: Option<Timestamp>,
+    /// Of a running timed unblock only.
+    pub seconds_left: Option<i64>,
+    pub reason: Option<String>,
+    pub set_by: String,
+    pub set_at: Timestamp,
+}
+
+impl UserView {
+    pub fn new(u: &User, now: Timestamp) -> UserView {
+        let unblocked = u.unblocked_at(now);
+        UserView {
+            name: u.name.clone(),
+            policy: u.policy,
+            effective: if unblocked {
+                Policy::Unblocked
+            } else {
+                Policy::Blocked
+            },
+            until: u.until,
+            seconds_left: match (unblocked, u.until) {
+                (true, Some(t)) => Some(t.duration_since(now).as_secs()),
+                _ => None,
+            },
+            reason: u.reason.clone(),
+            set_by: u.set_by.clone(),
+            set_at: u.set_at,
+        }
+    }
+}
+
+/// `unblock` / `block`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyChange {
+    pub user: UserView,
+    /// False when the user already had that policy (or a longer unblock): see `note`.
+    pub changed: bool,
+    pub note: String,
+}
+
+/// `user add`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserAdded {
+    pub user: UserView,
+}
+
+/// `user remove`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserRemoved {
+    pub removed: String,
+    pub sessions_removed: usize,
+}
+
+/// `user bind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Bound {
+    pub user: String,
+    pub bound: Prefix,
+}
+
+/// `user unbind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unbound {
+    pub user: String,
+    pub unbound: Prefix,
+}
+
+/// `user show`: the user, live sessions, static bindings and the latest audit records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserDetail {
+    pub user: UserView,
+    pub sessions: Vec<Session>,
+    pub bindings: Vec<Prefix>,
+    pub audit: Vec<AuditRecord>,
+}
+
+/// A `user list` row: the user and how many live sessions it has.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserRow {
+    #[serde(flatten)]
+    pub user: UserView,
+    pub sessions: usize,
+}
+
+/// `user list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserList {
+    pub users: Vec<UserRow>,
+}
+
+/// An address a session took from another one (a reused dynamic address). On the wire a
+/// `[session id, user, prefix]` triple.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "(String, String, Prefix)", into = "(String, String, Prefix)")]
+pub struct TakenOver {
+    pub session: String,
+    pub user: String,
+    pub prefix: Prefix,
+}
+
+impl From<(String, String, Prefix)> for TakenOver {
+    fn from((session, user, prefix): (String, String, Prefix)) -> TakenOver {
+        TakenOver {
+            session,
+            user,
+            prefix,
+        }
+    }
+}
+
+impl From<TakenOver> for (String, String, Prefix) {
+    fn from(t: TakenOver) -> Self {
+        (t.session, t.user, t.prefix)
+    }
+}
+
+/// `session up`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionUp {
+    pub session: Session,
+    pub user_created: bool,
+    pub taken_over: Vec<TakenOver>,
+}
+
+impl From<crate::registry::SessionUpOutcome> for SessionUp {
+    fn from(o: crate::registry::SessionUpOutcome) -> SessionUp {
+        SessionUp {
+            session: o.session,
+            user_created: o.user_created,
+            taken_over: o.taken_over.into_iter().map(TakenOver::from).collect(),
+        }
+    }
+}
+
+/// `session down`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionDown {
+    pub down: Session,
+}
+
+/// `server add` / `exempt add`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntryAdded {
+    pub added: crate::registry::store::Entry,
+}
+
+/// `server remove` / `exempt remove`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntryRemoved {
+    pub removed: Prefix,
+    pub kind: EntryKind,
+}
+
+/// Where a listed entry comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntrySource {
+    /// The config file (`mail_servers`, `exempt`).
+    Config,
+    /// Added with `server add` / `exempt add`, kept in the registry.
+    Runtime,
+}
+
+impl EntrySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntrySource::Config => "config",
+            EntrySource::Runtime => "runtime",
+        }
+    }
+}
+
+/// A `server list` / `exempt list` row. The fields beyond prefix and source differ by where
+/// the entry comes from (a config mail server has only `force`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntryRow {
+    pub prefix: Prefix,
+    pub source: EntrySource,
+    #[serde(flatten)]
+    pub detail: EntryDetail,
+}
+
+/// Untagged: told apart by their fields, the richest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EntryDetail {
+    Runtime {
+        until: Option<Timestamp>,
+        note: Option<String>,
+        added_by: String,
+        added_at: Timestamp,
+        expired: bool,
+    },
+    ConfigExempt {
+        until: Option<Timestamp>,
+        note: Option<String>,
+        expired: bool,
+    },
+    ConfigServer {
+        force: bool,
+    },
+}
+
+impl EntryRow {
+    pub fn until(&self) -> Option<Timestamp> {
+        match &self.detail {
+            EntryDetail::Runtime { until, .. } | EntryDetail::ConfigExempt { until, .. } => *until,
+            EntryDetail::ConfigServer { .. } => None,
+        }
+    }
+    pub fn note(&self) -> Option<&str> {
+        match &self.detail {
+            EntryDetail::Runtime { note, .. } | EntryDetail::ConfigExempt { note, .. } => {
+                note.as_deref()
+            }
+            EntryDetail::ConfigServer { .. } => None,
+        }
+    }
+    pub fn expired(&self) -> bool {
+        match &self.detail {
+            EntryDetail::Runtime { expired, .. } | EntryDetail::ConfigExempt { expired, .. } => {
+                *expired
+            }
+            EntryDetail::ConfigServer { .. } => false,
+        }
+    }
+}
+
+/// `server list` / `exempt list`: the config's entries, then the runtime ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntryList {
+    pub kind: EntryKind,
+    pub entries: Vec<EntryRow>,
+}
+
+/// `audit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditLog {
+    pub records: Vec<AuditRecord>,
+}
+
+/// Daemon facts for `status` and `reload`. Fields in name order: `status --json` embeds
+/// this struct, and printed it as a sorted JSON object before it was typed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Info {
+    /// The config file the daemon reads (absolute).
+    pub config: String,
+    pub drift_repaired: u64,
+    pub pid: u32,
+    pub reconciles: u64,
+    pub registry: String,
+    pub uptime_s: u64,
+}
+
+/// `reload`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reloaded {
+    pub writes: usize,
+    /// Attach points new in this config.
+    pub attached: Vec<String>,
+    /// Attach points the config no longer names.
+    pub detached: Vec<String>,
+}
+
+/// `detach`: the attach points that were removed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detached {
+    pub detached: Vec<String>,
+}

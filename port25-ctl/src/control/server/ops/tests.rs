@@ -1,0 +1,329 @@
+//! Wire compatibility: every op's reply, built by the code, equals the JSON the untyped
+//! `json!` code sent (captured before the replies were typed: `testdata/golden.json`), and
+//! every reply type decodes that JSON and encodes it back unchanged.
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::{json, Value};
+
+use super::*;
+use crate::control::proto::{Audit, Response, UserShow};
+use crate::registry::store::{sqlite::SqliteStore, Binding, Entry, Policy, Session, Store, User};
+use crate::registry::{SessionUpOutcome, SyncOutcome};
+
+const GOLDEN: &str = include_str!("../../testdata/golden.json");
+
+fn ts(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+/// The fixed registry, config and replies the golden file was captured from.
+fn replies() -> serde_json::Map<String, Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let alice = User {
+        name: "alice".into(),
+        policy: Policy::Unblocked,
+        until: None,
+        reason: Some("ticket 1".into()),
+        set_by: "root".into(),
+        set_at: ts("2026-01-02T03:04:05Z"),
+    };
+    let bob = User {
+        name: "bob".into(),
+        policy: Policy::Unblocked,
+        until: Some(ts("2001-01-01T00:00:00Z")),
+        reason: None,
+        set_by: "root (sudo carol)".into(),
+        set_at: ts("2000-01-02T03:04:05.123456789Z"),
+    };
+    let sess = Session {
+        id: "s1".into(),
+        user: "alice".into(),
+        addrs: vec![
+            "100.64.0.2/32".parse().unwrap(),
+            "2001:db8:100::/56".parse().unwrap(),
+        ],
+        since: ts("2026-01-02T03:04:06Z"),
+        source: "hook".into(),
+    };
+    let rec = AuditRecord {
+        id: 0,
+        at: ts("2026-01-02T03:04:07Z"),
+        actor: "root".into(),
+        action: "unblock".into(),
+        subject: "alice".into(),
+        old: Some("blocked".into()),
+        new: Some("unblocked".into()),
+        reason: Some("ticket 1".into()),
+    };
+    let e1 = Entry {
+        kind: EntryKind::Exempt,
+        prefix: "203.0.113.0/24".parse().unwrap(),
+        until: Some(ts("2000-01-01T00:00:00Z")),
+        note: Some("acme".into()),
+        added_by: "root".into(),
+        added_at: ts("2026-01-02T03:04:08Z"),
+    };
+    let e2 = Entry {
+        kind: EntryKind::Server,
+        prefix: "198.51.100.1/32".parse().unwrap(),
+        until: None,
+        note: None,
+        added_by: "root".into(),
+        added_at: ts("2026-01-02T03:04:09Z"),
+    };
+    {
+        let mut tx = store.begin().unwrap();
+        tx.put_user(&alice).unwrap();
+        tx.put_user(&bob).unwrap();
+        tx.put_session(&sess).unwrap();
+        tx.put_binding(&Binding {
+            user: "alice".into(),
+            prefix: "192.0.2.0/28".parse().unwrap(),
+        })
+        .unwrap();
+        tx.append_audit(&rec).unwrap();
+        tx.put_entry(&e1).unwrap();
+        tx.put_entry(&e2).unwrap();
+        tx.commit().unwrap();
+    }
+    let cfg = Config::parse(
+        "mail_servers:\n  - 198.51.100.25/32\n  - prefix: 2001:db8:25::/64\n    force: true\nexempt:\n  - prefix: 203.0.113.16/28\n    note: \"ACME\"\n    until: 2200-12-31T00:00:00Z\n  - prefix: 192.0.2.128/25\n",
+        std::path::Path::new("t.yaml"),
+    ).unwrap();
+    let tx = store.read().unwrap();
+    let mut out = serde_json::Map::new();
+    let mut put = |name: &str, v: Value| {
+        out.insert(name.into(), v);
+    };
+    let now = ts("2026-01-02T04:00:00Z");
+    let timed = User {
+        until: Some(ts("2026-01-02T05:30:00Z")),
+        ..alice.clone()
+    };
+    let value = |v: &dyn erased::Ser| v.value();
+    put("user_view_timed", value(&UserView::new(&timed, now)));
+    put("user_view_ended", value(&UserView::new(&bob, now)));
+    for (name, op) in [
+        (
+            "entry_list_exempt",
+            Op::EntryList(proto::EntryList {
+                kind: EntryKind::Exempt,
+            }),
+        ),
+        (
+            "entry_list_server",
+            Op::EntryList(proto::EntryList {
+                kind: EntryKind::Server,
+            }),
+        ),
+        (
+            "user_show",
+            Op::UserShow(UserShow {
+                user: "alice".into(),
+            }),
+        ),
+        (
+            "user_list",
+            Op::UserList(proto::UserList {
+                unblocked: false,
+                expiring: false,
+            }),
+        ),
+        (
+            "audit",
+            Op::Audit(Audit {
+                user: None,
+                since: None,
+                limit: 0,
+            }),
+        ),
+    ] {
+        put(name, read(&*tx, &cfg, op).unwrap());
+    }
+    // The writer's ops need a daemon: their replies from the same parts ops.rs uses.
+    let prefix: Prefix = "192.0.2.0/28".parse().unwrap();
+    let outcome = |user: &User, changed: bool, note: &str| registry::PolicyOutcome {
+        user: user.clone(),
+        changed,
+        note: note.into(),
+    };
+    put(
+        "unblock",
+        value(&policy_change(
+            outcome(&timed, true, "unblocked until 2026-01-02T05:30:00Z"),
+            now,
+        )),
+    );
+    put(
+        "block",
+        value(&policy_change(outcome(&bob, false, "already blocked"), now)),
+    );
+    put(
+        "user_add",
+        value(&reply::UserAdded {
+            user: UserView::new(&bob, now),
+        }),
+    );
+    put(
+        "user_remove",
+        value(&reply::UserRemoved {
+            removed: "alice".into(),
+            sessions_removed: 2,
+        }),
+    );
+    put(
+        "user_bind",
+        value(&reply::Bound {
+            user: "alice".into(),
+            bound: prefix,
+        }),
+    );
+    put(
+        "user_unbind",
+        value(&reply::Unbound {
+            user: "alice".into(),
+            unbound: prefix,
+        }),
+    );
+    put(
+        "session_up",
+        value(&reply::SessionUp::from(SessionUpOutcome {
+            session: sess.clone(),
+            user_created: true,
+            taken_over: vec![("s0".into(), "bob".into(), "100.64.0.2/32".parse().unwrap())],
+        })),
+    );
+    put("session_down", value(&reply::SessionDown { down: sess }));
+    put(
+        "session_sync",
+        value(&SyncOutcome {
+            added: 1,
+            changed: 2,
+            removed: 3,
+            unchanged: 4,
+            newer: 5,
+        }),
+    );
+    put("entry_add", value(&reply::EntryAdded { added: e1 }));
+    put(
+        "entry_remove",
+        value(&reply::EntryRemoved {
+            removed: prefix,
+            kind: EntryKind::Exempt,
+        }),
+    );
+    put(
+        "detach",
+        value(&reply::Detached {
+            detached: vec!["xdp/eth1".into(), "tc-egress/eth2".into()],
+        }),
+    );
+    put(
+        "reload",
+        value(&reply::Reloaded {
+            writes: 7,
+            attached: vec!["xdp/eth3".into()],
+            detached: vec![],
+        }),
+    );
+    put(
+        "info",
+        value(&reply::Info {
+            pid: 4242,
+            uptime_s: 60,
+            config: "/etc/port25/port25.yaml".into(),
+            registry: "/var/lib/port25/registry.sqlite".into(),
+            reconciles: 3,
+            drift_repaired: 1,
+        }),
+    );
+    out
+}
+
+/// Serialising without naming the type, so one table can hold every reply.
+mod erased {
+    pub trait Ser {
+        fn value(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn value(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap()
+        }
+    }
+}
+
+#[test]
+fn every_reply_is_the_json_sent_before_it_was_typed() {
+    let golden: serde_json::Map<String, Value> = serde_json::from_str(GOLDEN).unwrap();
+    let now = replies();
+    assert_eq!(
+        now.keys().collect::<Vec<_>>(),
+        golden.keys().collect::<Vec<_>>(),
+        "one golden reply per op"
+    );
+    for (name, want) in &golden {
+        assert_eq!(&now[name], want, "{name}: the reply's JSON changed");
+    }
+}
+
+/// Decodes the golden JSON as `T` and encodes it back: nothing lost, nothing added.
+fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(v: &Value) {
+    let t: T = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"));
+    assert_eq!(&serde_json::to_value(&t).unwrap(), v);
+    let again: T = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+    assert_eq!(again, t);
+}
+
+#[test]
+fn every_reply_type_round_trips() {
+    let g: serde_json::Map<String, Value> = serde_json::from_str(GOLDEN).unwrap();
+    use proto::ReplyOf;
+    round_trip::<UserView>(&g["user_view_timed"]);
+    round_trip::<UserView>(&g["user_view_ended"]);
+    round_trip::<ReplyOf<proto::EntryList>>(&g["entry_list_exempt"]);
+    round_trip::<ReplyOf<proto::EntryList>>(&g["entry_list_server"]);
+    round_trip::<ReplyOf<proto::UserShow>>(&g["user_show"]);
+    round_trip::<ReplyOf<proto::UserList>>(&g["user_list"]);
+    round_trip::<ReplyOf<proto::Audit>>(&g["audit"]);
+    round_trip::<ReplyOf<proto::Unblock>>(&g["unblock"]);
+    round_trip::<ReplyOf<proto::Block>>(&g["block"]);
+    round_trip::<ReplyOf<proto::UserAdd>>(&g["user_add"]);
+    round_trip::<ReplyOf<proto::UserRemove>>(&g["user_remove"]);
+    round_trip::<ReplyOf<proto::UserBind>>(&g["user_bind"]);
+    round_trip::<ReplyOf<proto::UserUnbind>>(&g["user_unbind"]);
+    round_trip::<ReplyOf<proto::SessionUp>>(&g["session_up"]);
+    round_trip::<ReplyOf<proto::SessionDown>>(&g["session_down"]);
+    round_trip::<ReplyOf<proto::SessionSync>>(&g["session_sync"]);
+    round_trip::<ReplyOf<proto::EntryAdd>>(&g["entry_add"]);
+    round_trip::<ReplyOf<proto::EntryRemove>>(&g["entry_remove"]);
+    round_trip::<ReplyOf<proto::Detach>>(&g["detach"]);
+    round_trip::<ReplyOf<proto::Reload>>(&g["reload"]);
+    round_trip::<ReplyOf<proto::Info>>(&g["info"]);
+}
+
+#[test]
+fn an_error_answer_names_its_kind_and_old_answers_still_decode() {
+    let r = Response::err(
+        crate::control::proto::ErrorKind::Refused,
+        "unknown user `x`",
+    );
+    assert_eq!(
+        serde_json::to_value(&r).unwrap(),
+        json!({ "ok": false, "error": "unknown user `x`", "kind": "refused", "data": null })
+    );
+    // A daemon from before `kind`: a refusal.
+    let old: Response = serde_json::from_str(r#"{"ok":false,"error":"no"}"#).unwrap();
+    match old.reply::<proto::Info>() {
+        Err(crate::control::proto::Error::Daemon { kind, message }) => {
+            assert_eq!(kind, crate::control::proto::ErrorKind::Refused);
+            assert_eq!(message, "no");
+        }
+        other => panic!("{other:?}"),
+    }
+    // An answer that is not the op's reply is a decoding error, not a success.
+    let wrong = Response::ok(json!({ "records": [] }));
+    assert!(matches!(
+        wrong.reply::<proto::Info>(),
+        Err(crate::control::proto::Error::Decode(_))
+    ));
+}

@@ -5,6 +5,7 @@ mod bench;
 mod build;
 mod fuzz;
 mod lab;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -21,6 +22,17 @@ enum Cmd {
     Build,
     /// Build, then run every test (unit, kernel, end-to-end). Root needed for kernel tests.
     Test {
+        /// Run in a QEMU VM on Debian's cloud kernel KERNEL (6.1 or 6.12) instead of this
+        /// machine's kernel.
+        #[arg(long, value_name = "KERNEL")]
+        vm: Option<String>,
+        /// With --vm: a test binary (tests/tests/NAME.rs) to run, repeatable; default: the
+        /// kernel tables, e2e, lifecycle and subscribers.
+        #[arg(long = "vm-test", value_name = "NAME", requires = "vm")]
+        vm_tests: Vec<String>,
+        /// With --vm: give up (and fail) after this many seconds.
+        #[arg(long, default_value_t = 2400, requires = "vm")]
+        vm_timeout: u64,
         /// Extra arguments for the test harness (e.g. a test name filter).
         args: Vec<String>,
     },
@@ -60,7 +72,18 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Build => build::all(),
-        Cmd::Test { args } => build::test(&args),
+        Cmd::Test {
+            vm: Some(kernel),
+            vm_tests,
+            vm_timeout,
+            args,
+        } => vm::test(&vm::Opts {
+            kernel: &kernel,
+            tests: &vm_tests,
+            args: &args,
+            timeout: std::time::Duration::from_secs(vm_timeout),
+        }),
+        Cmd::Test { args, .. } => build::test(&args),
         Cmd::Lab { args } => lab::run(&args),
         Cmd::Bench => bench::run(),
         Cmd::Fuzz {

@@ -145,15 +145,6 @@ fn kernel_tree(cache: &Path, series: &str) -> Result<Kernel> {
         run(Command::new("apt-get").arg("update"))?;
         pkg = kernel_package(series)?;
     }
-    if pkg.is_none() && series == "6.12" && is_bookworm() {
-        // Debian 12 has 6.12 only in bookworm-backports.
-        std::fs::write(
-            "/etc/apt/sources.list.d/port25-vm-backports.list",
-            "deb http://deb.debian.org/debian bookworm-backports main\n",
-        )?;
-        run(Command::new("apt-get").arg("update"))?;
-        pkg = kernel_package(series)?;
-    }
     let pkg = pkg.with_context(|| format!("no linux-image-{series}*-cloud-amd64 in apt"))?;
     let dir = cache.join(&pkg);
     let tree = dir.join("tree");
@@ -183,11 +174,6 @@ fn kernel_tree(cache: &Path, series: &str) -> Result<Kernel> {
     let modules = find(&tree.join("lib/modules"), "")?.join("kernel");
     eprintln!("xtask: kernel {}", vmlinuz.display());
     Ok(Kernel { vmlinuz, modules })
-}
-
-fn is_bookworm() -> bool {
-    std::fs::read_to_string("/etc/os-release")
-        .is_ok_and(|s| s.contains("VERSION_CODENAME=bookworm"))
 }
 
 struct Binaries {
@@ -368,7 +354,8 @@ passed=0
 for t in $(cat /tests/list); do
     echo "P25VM test binary $t"
     start=$(date +%s)
-    /tests/$t $(cat /tests/args) > /tmp/$t.out 2>&1
+    # --show-output: what passing tests print too (the verifier's instruction counts).
+    /tests/$t --show-output $(cat /tests/args) > /tmp/$t.out 2>&1
     rc=$?
     cat /tmp/$t.out
     p=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/) s += $i } END { print s + 0 }' /tmp/$t.out)
@@ -378,6 +365,7 @@ for t in $(cat /tests/list); do
     passed=$((passed + p)); failed=$((failed + f))
 done
 touch /tmp/skipped
+cat /tmp/*.out | grep -a ': verified .* instructions$' | sort -u | sed 's/^/P25VM verifier: /'
 whole=$(awk -F '\t' '$2 == "whole"' /tmp/skipped | wc -l)
 skipped=$(wc -l < /tmp/skipped)
 awk -F '\t' '{ print "P25VM SKIPPED " $1 ($2 == "whole" ? "" : " (" $2 ")") ": " $3 }' /tmp/skipped

@@ -106,3 +106,43 @@ fn main() -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_options_parse_with_and_without_vm() {
+        let plain = Cli::try_parse_from(["xtask", "test", "filter"]).unwrap();
+        assert!(matches!(plain.cmd, Cmd::Test { vm: None, ref args, .. } if args == &["filter"]));
+        let vm = Cli::try_parse_from([
+            "xtask",
+            "test",
+            "--vm",
+            "6.1",
+            "--vm-test",
+            "e2e",
+            "--vm-test",
+            "lifecycle",
+            "--",
+            "--test-threads=1",
+        ])
+        .unwrap();
+        let Cmd::Test {
+            vm: Some(k),
+            vm_tests,
+            vm_timeout,
+            args,
+        } = vm.cmd
+        else {
+            panic!("not test --vm");
+        };
+        assert_eq!(k, "6.1");
+        assert_eq!(vm_tests, ["e2e", "lifecycle"]);
+        assert_eq!(vm_timeout, 2400);
+        assert_eq!(args, ["--test-threads=1"]);
+        // VM-only options without --vm are an error, not silently ignored.
+        assert!(Cli::try_parse_from(["xtask", "test", "--vm-test", "e2e"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "test", "--vm-timeout", "5"]).is_err());
+    }
+}

@@ -43,9 +43,6 @@ const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "act_bpf", "vxlan",
 /// Host tools the tests call (busybox's `ip` cannot make namespaces or veth pairs).
 const HOST_TOOLS: &[&str] = &["ip", "tc", "nsenter", "setpriv", "ethtool"];
 
-/// The last console line /init prints: `N passed, M failed, K skipped`.
-const SUMMARY: &str = " passed, ";
-
 pub struct Opts<'a> {
     pub kernel: &'a str,
     pub tests: &'a [String],
@@ -498,11 +495,8 @@ fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> Result<()> {
                     uname = Some(r.to_string());
                     booted = Some(start.elapsed());
                 }
-                if line.contains(SUMMARY)
-                    && line.ends_with(" skipped")
-                    && !line.starts_with("P25VM")
-                {
-                    summary = Some(line);
+                if let Some(s) = parse_summary(&line) {
+                    summary = Some((line, s));
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -520,17 +514,56 @@ fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> Result<()> {
         uname.as_deref().unwrap_or("?"),
         booted.unwrap_or_default()
     );
-    let summary = summary.context("the VM printed no summary (boot or /init failed)")?;
-    let nums: Vec<u64> = summary
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    let [passed, failed, _skipped] = nums[..] else {
-        bail!("unreadable summary {summary:?}");
-    };
+    let (summary, [passed, failed, _skipped]) =
+        summary.context("the VM printed no summary (boot or /init failed)")?;
     println!("{summary}");
     if failed > 0 || passed == 0 {
         bail!("VM tests: {summary}");
     }
     Ok(())
+}
+
+/// The last line /init prints, `N passed, M failed, K skipped`, as [N, M, K].
+fn parse_summary(line: &str) -> Option<[u64; 3]> {
+    let mut out = [0; 3];
+    let mut parts = line.split(", ");
+    for (n, word) in out.iter_mut().zip(["passed", "failed", "skipped"]) {
+        let (num, w) = parts.next()?.split_once(' ')?;
+        if w != word {
+            return None;
+        }
+        *n = num.parse().ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_is_the_exact_line_only() {
+        assert_eq!(
+            parse_summary("23 passed, 0 failed, 6 skipped"),
+            Some([23, 0, 6])
+        );
+        for other in [
+            "test result: ok. 5 passed; 0 failed; 0 ignored",
+            "P25VM e2e: 7 passed, 0 failed in 45 s",
+            "23 passed, 0 failed",
+            "x passed, 0 failed, 0 skipped",
+            "1 passed, 0 failed, 0 skipped, 2 more",
+            "[  3.1] 1 passed, 0 failed, 0 skipped",
+        ] {
+            assert_eq!(parse_summary(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn module_dependencies_come_from_modinfo() {
+        let ko = b"\x7fELF...\0license=GPL\0depends=udp_tunnel,ip6-udp-tunnel\0intree=Y\0";
+        assert_eq!(module_depends(ko), ["udp_tunnel", "ip6_udp_tunnel"]);
+        assert!(module_depends(b"\0depends=\0name=veth\0").is_empty());
+        assert!(module_depends(b"\0name=veth\0").is_empty());
+    }
 }

@@ -59,3 +59,61 @@ pub fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// Why this kernel cannot run a `hook: tc` test, if it cannot. The daemon attaches TC through
+/// tcx only (a pinnable bpf_link, Linux 6.6+) and refuses to start without it. Probed, not read
+/// from the version: BPF_PROG_QUERY on a tcx attach type is EINVAL on a kernel without tcx.
+pub fn tcx_missing() -> Option<String> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    // union bpf_attr's `query`: target_ifindex, attach_type, then zeros (no id buffers).
+    let mut attr = [0u32; 32];
+    attr[0] = 1; // lo, which every network namespace has
+    attr[1] = BPF_TCX_INGRESS;
+    // SAFETY: attr is a zeroed bpf_attr-sized buffer that outlives the call; the kernel writes
+    // only the count fields inside it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    (rc != 0 && err.raw_os_error() == Some(libc::EINVAL)).then(|| {
+        "this kernel has no tcx (BPF_PROG_QUERY on BPF_TCX_INGRESS: EINVAL), and `hook: tc` \
+         attaches only through tcx until netlink TC lands (issue 13 part 2)"
+            .to_string()
+    })
+}
+
+/// Reports that the running test (or `part` of it) cannot run on this kernel, and why: on
+/// stderr, and as a line `test<TAB>part<TAB>reason` in `$PORT25_SKIP_LOG` when set, which the VM
+/// runner (`cargo xtask test --vm`) counts as skipped rather than passed.
+pub fn skip(part: Option<&str>, reason: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("?");
+    eprintln!("SKIP {test} {}: {reason}", part.unwrap_or(""));
+    if let Some(path) = std::env::var_os("PORT25_SKIP_LOG") {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open PORT25_SKIP_LOG");
+        writeln!(f, "{test}\t{}\t{reason}", part.unwrap_or("whole"))
+            .expect("write PORT25_SKIP_LOG");
+    }
+}
+
+/// Skips the calling test, with the reason, on a kernel without tcx (see [`tcx_missing`]).
+#[macro_export]
+macro_rules! require_tcx {
+    () => {
+        if let Some(why) = $crate::tcx_missing() {
+            $crate::skip(None, &why);
+            return;
+        }
+    };
+}

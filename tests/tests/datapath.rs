@@ -414,6 +414,7 @@ fn counters_read_from_an_older_smaller_counter_map() {
 #[test]
 fn raw_tc_on_a_live_tun_device_decides_by_skb_protocol() {
     require_root!();
+    port25_tests::require_tcx!();
     use port25_ctl::config::{Direction, Hook, Interface, XdpMode};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let mut f = fixture();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use port25_tests::{
     lab::{self, Lab},
-    require_root,
+    require_root, require_tcx,
 };
 
 const XDP: &str = "  - name: rs\n    hook: xdp\n    xdp_mode: native";
@@ -81,12 +81,14 @@ fn xdp_generic_matrix() {
 #[test]
 fn tc_ingress_matrix() {
     require_root!();
+    require_tcx!();
     matrix(TC);
 }
 
 #[test]
 fn tc_egress_upstream_matrix() {
     require_root!();
+    require_tcx!();
     matrix(TC_EGRESS);
 }
 
@@ -138,11 +140,13 @@ fn xdp_generic_reject() {
 #[test]
 fn tc_ingress_reject() {
     require_root!();
+    require_tcx!();
     reject(TC);
 }
 
 #[test]
 fn tc_egress_upstream_reject() {
     require_root!();
+    require_tcx!();
     reject(TC_EGRESS);
 }

@@ -72,6 +72,12 @@ fn started(hook: &str) -> Lab {
 fn unblock_follows_the_session() {
     require_root!();
     for hook in [XDP, TC] {
+        if hook == TC {
+            if let Some(why) = port25_tests::tcx_missing() {
+                port25_tests::skip(Some("hook: tc"), &why);
+                continue;
+            }
+        }
         let lab = started(hook);
         ok(
             &lab,
@@ -172,7 +178,6 @@ fn a_timed_unblock_ends_on_time_with_the_daemon_dead() {
         &lab,
         &["session", "up", "alice", ALICE4, ALICE_PD, "--id", "7"],
     );
-    let t0 = Instant::now();
     let out: PolicyChange = lab.reply(&[
         "unblock",
         "alice",
@@ -181,6 +186,9 @@ fn a_timed_unblock_ends_on_time_with_the_daemon_dead() {
         "--reason",
         "pop-before-smtp",
     ]);
+    // From the answer, not the request: the daemon takes its clock in between, which took
+    // over 0.5 s in a TCG VM (`cargo xtask test --vm`), so 4.5 s from the request raced.
+    let t0 = Instant::now();
     let left = out
         .user
         .seconds_left

@@ -5,6 +5,7 @@ mod bench;
 mod build;
 mod fuzz;
 mod lab;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -22,6 +23,17 @@ enum Cmd {
     Build,
     /// Build, then run every test (unit, kernel, end-to-end). Root needed for kernel tests.
     Test {
+        /// Run in a QEMU VM on Debian's cloud kernel KERNEL (6.1 or 6.12) instead of this
+        /// machine's kernel.
+        #[arg(long, value_name = "KERNEL")]
+        vm: Option<String>,
+        /// With --vm: a test binary (tests/tests/NAME.rs) to run, repeatable; default: the
+        /// kernel tables, e2e, lifecycle and subscribers.
+        #[arg(long = "vm-test", value_name = "NAME", requires = "vm")]
+        vm_tests: Vec<String>,
+        /// With --vm: give up (and fail) after this many seconds.
+        #[arg(long, default_value_t = 2400, requires = "vm")]
+        vm_timeout: u64,
         /// Extra arguments for the test harness (e.g. a test name filter).
         args: Vec<String>,
     },
@@ -63,7 +75,18 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Build => build::all(),
-        Cmd::Test { args } => build::test(&args),
+        Cmd::Test {
+            vm: Some(kernel),
+            vm_tests,
+            vm_timeout,
+            args,
+        } => vm::test(&vm::Opts {
+            kernel: &kernel,
+            tests: &vm_tests,
+            args: &args,
+            timeout: std::time::Duration::from_secs(vm_timeout),
+        }),
+        Cmd::Test { args, .. } => build::test(&args),
         Cmd::Lab { args } => lab::run(&args),
         Cmd::Bench => bench::run(),
         Cmd::Fuzz {
@@ -84,5 +107,45 @@ fn main() -> Result<()> {
             args.extend(seed.map(|s| format!("--seed={s}")));
             fuzz::run(&args)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_options_parse_with_and_without_vm() {
+        let plain = Cli::try_parse_from(["xtask", "test", "filter"]).unwrap();
+        assert!(matches!(plain.cmd, Cmd::Test { vm: None, ref args, .. } if args == &["filter"]));
+        let vm = Cli::try_parse_from([
+            "xtask",
+            "test",
+            "--vm",
+            "6.1",
+            "--vm-test",
+            "e2e",
+            "--vm-test",
+            "lifecycle",
+            "--",
+            "--test-threads=1",
+        ])
+        .unwrap();
+        let Cmd::Test {
+            vm: Some(k),
+            vm_tests,
+            vm_timeout,
+            args,
+        } = vm.cmd
+        else {
+            panic!("not test --vm");
+        };
+        assert_eq!(k, "6.1");
+        assert_eq!(vm_tests, ["e2e", "lifecycle"]);
+        assert_eq!(vm_timeout, 2400);
+        assert_eq!(args, ["--test-threads=1"]);
+        // VM-only options without --vm are an error, not silently ignored.
+        assert!(Cli::try_parse_from(["xtask", "test", "--vm-test", "e2e"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "test", "--vm-timeout", "5"]).is_err());
     }
 }

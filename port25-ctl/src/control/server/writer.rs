@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
@@ -46,7 +46,7 @@ impl Daemon {
             || new.state_dir != self.cfg.state_dir
             || new.read_group != self.cfg.read_group
         {
-            bail!("pin_dir, socket, state_dir and read_group cannot change on reload; restart the daemon");
+            crate::registry::refuse!("pin_dir, socket, state_dir and read_group cannot change on reload; restart the daemon");
         }
         datapath::check_pinned_layouts(&self.pins, &new.limits)?;
         for i in &new.interfaces {

@@ -394,6 +394,24 @@ fn a_full_map_refuses_the_whole_change() {
         ],
     );
     assert!(e.contains("map full"), "{e}");
+    // Over the socket a full map is a refusal (the same change fails again), not a failure.
+    let full = lab
+        .client()
+        .call(proto::SessionUp {
+            user: "u2".into(),
+            addrs: vec!["100.64.1.3".parse().unwrap(), "100.64.1.4".parse().unwrap()],
+            id: Some("s2".into()),
+            source: None,
+            force_wide: false,
+        })
+        .unwrap_err();
+    match full {
+        proto::Error::Daemon {
+            kind: ErrorKind::Refused,
+            message,
+        } => assert!(message.contains("map full"), "{message}"),
+        other => panic!("not a refusal: {other:?}"),
+    }
     let show: UserDetail = lab.reply(&["user", "show", "u1"]);
     assert_eq!(show.user.effective, Policy::Unblocked);
     let o = lab.ctl(&["--json", "user", "show", "u2"]);

@@ -11,7 +11,7 @@
 //! literals that cannot come from Rust constants; the tests below hold the embedded object's
 //! maps equal to this list, so a map declared on one side only fails a test.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use aya::Pod;
 use aya_obj::generated::{bpf_map_type, BPF_F_NO_PREALLOC};
 
@@ -199,11 +199,24 @@ pub fn capacity(name: &str, l: &Limits) -> Option<u32> {
 /// write, so a full map fails the whole change and nothing is half applied.
 pub fn fits(name: &str, n: usize, cap: u32) -> Result<()> {
     if n > cap as usize {
-        bail!(
-            "{name}: {n} entries do not fit its capacity of {cap} (map full); nothing was changed"
-        );
+        return Err(MapFull {
+            name: name.to_string(),
+            n,
+            cap,
+        }
+        .into());
     }
     Ok(())
+}
+
+/// What [`fits`] refuses: typed, so the control socket answers it as a refusal (the same
+/// change fails again until the config's `limits` grow), not as the daemon failing.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {n} entries do not fit its capacity of {cap} (map full); nothing was changed")]
+pub struct MapFull {
+    pub name: String,
+    pub n: usize,
+    pub cap: u32,
 }
 
 #[cfg(test)]

@@ -21,17 +21,26 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    /// The kind of an error the daemon's ops raised. Rules refuse with messages of their own;
-    /// a failure of the machinery under them (SQLite, the file system, a BPF map) is the
-    /// daemon's, not the caller's.
+    /// The kind of an error the daemon's ops raised, by type: `refused` if anything in its
+    /// chain is a refusal (a rule's [`Refused`](crate::registry::Refused) or
+    /// [`UnknownUser`](crate::registry::UnknownUser), an invalid config, a map that cannot
+    /// hold the result), `internal` otherwise. A failure nobody typed is the daemon's: it must
+    /// never read to a client as "your request is wrong, do not retry".
     pub fn of(e: &anyhow::Error) -> ErrorKind {
-        let internal = e.chain().any(|c| {
-            c.is::<rusqlite::Error>() || c.is::<std::io::Error>() || c.is::<aya::maps::MapError>()
+        use crate::config::ConfigError;
+        let refused = e.chain().any(|c| {
+            c.is::<crate::registry::Refused>()
+                || c.is::<crate::registry::UnknownUser>()
+                || c.is::<crate::bpf::maps::MapFull>()
+                || matches!(
+                    c.downcast_ref::<ConfigError>(),
+                    Some(ConfigError::Syntax { .. } | ConfigError::Invalid { .. })
+                )
         });
-        if internal {
-            ErrorKind::Internal
-        } else {
+        if refused {
             ErrorKind::Refused
+        } else {
+            ErrorKind::Internal
         }
     }
 }
@@ -110,14 +119,57 @@ pub struct DaemonDown {
 mod tests {
     use super::*;
 
+    fn actor() -> crate::registry::Actor {
+        crate::registry::Actor {
+            uid: 0,
+            name: "root".into(),
+            on_behalf_of: None,
+        }
+    }
+
     #[test]
     fn a_rule_refuses_and_the_machinery_fails() {
-        let refusal = anyhow::anyhow!("a session id must be 1 to 128 characters");
-        assert_eq!(ErrorKind::of(&refusal), ErrorKind::Refused);
+        use crate::registry::store::{sqlite::SqliteStore, Store};
+        let now: jiff::Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let mut tx = store.begin().unwrap();
+        crate::registry::user_add(&mut *tx, &actor(), "alice", now).unwrap();
+        // A rule's refusal, with its message unchanged.
+        let again = crate::registry::user_add(&mut *tx, &actor(), "alice", now).unwrap_err();
+        assert_eq!(format!("{again:#}"), "user `alice` already exists");
+        assert_eq!(ErrorKind::of(&again), ErrorKind::Refused);
+        let unknown = crate::registry::block(&mut *tx, &actor(), "bob", None, false, now);
+        assert_eq!(ErrorKind::of(&unknown.unwrap_err()), ErrorKind::Refused);
+        let bad_name = crate::registry::user_add(&mut *tx, &actor(), "-x", now).unwrap_err();
+        assert_eq!(ErrorKind::of(&bad_name), ErrorKind::Refused);
+        tx.commit().unwrap();
+        // The same rule failing in the store under it (a read-only connection) is internal.
+        let mut ro = SqliteStore::open_read_only(dir.path()).unwrap();
+        let mut rtx = ro.begin().unwrap();
+        let e = crate::registry::user_add(&mut *rtx, &actor(), "carol", now).unwrap_err();
+        assert_eq!(ErrorKind::of(&e), ErrorKind::Internal, "{e:#}");
+        // Config validation refuses; a config that cannot be read is the daemon's problem.
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, "interfaces: []\n").unwrap();
+        let e = anyhow::Error::from(crate::config::Config::load(&bad).unwrap_err());
+        assert_eq!(ErrorKind::of(&e), ErrorKind::Refused, "{e:#}");
+        let e = crate::config::Config::load(&dir.path().join("absent.yaml")).unwrap_err();
+        assert_eq!(ErrorKind::of(&e.into()), ErrorKind::Internal);
+        // Untyped is internal: only a refusal type makes a refusal.
+        let plain = anyhow::anyhow!("a session id must be 1 to 128 characters");
+        assert_eq!(ErrorKind::of(&plain), ErrorKind::Internal);
         let io = anyhow::Error::from(std::io::Error::other("disk gone")).context("committing");
         assert_eq!(ErrorKind::of(&io), ErrorKind::Internal);
         let sql = anyhow::Error::from(rusqlite::Error::InvalidQuery).context("reading users");
         assert_eq!(ErrorKind::of(&sql), ErrorKind::Internal);
+        // A map that cannot hold the result refuses the change.
+        let full = crate::bpf::maps::fits("exempt_v4", 2, 1).unwrap_err();
+        assert!(format!("{full:#}").ends_with("(map full); nothing was changed"));
+        assert_eq!(ErrorKind::of(&full), ErrorKind::Refused);
+        // A refusal under context is still one.
+        let wrapped = again.context("running user add");
+        assert_eq!(ErrorKind::of(&wrapped), ErrorKind::Refused);
         // The CLI prints `{:#}`: each cause once.
         let bad = serde_json::from_str::<u32>("x").unwrap_err().to_string();
         let e = anyhow::Error::from(Error::from(serde_json::from_str::<u32>("x").unwrap_err()));

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use port25_common::maps::{Exempt, MAX_SESSION_PREFIX_LENS, ORIGIN_BINDING, ORIGIN_SESSION};
 
 use crate::{
@@ -306,7 +306,8 @@ impl Index {
 
 fn check_lens(lens: &BTreeSet<u8>) -> Result<()> {
     if lens.len() > MAX_SESSION_PREFIX_LENS {
-        bail!(
+        // A refusal, as a full map is: the same session up fails again until others go down.
+        crate::registry::refuse!(
             "live sessions would use {} distinct IPv6 prefix lengths ({:?}); the datapath probes at most {MAX_SESSION_PREFIX_LENS}",
             lens.len(),
             lens

@@ -6,7 +6,7 @@ pub mod store;
 
 use std::collections::BTreeSet;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +14,23 @@ use crate::{
     net::Prefix,
     registry::store::{AuditRecord, Binding, Entry, EntryKind, Policy, Session, Tx, User},
 };
+
+/// A caller's mistake that a rule refuses: a name that is not one, an address another user
+/// holds, a time not in the future... Asking again unchanged fails again, so the daemon
+/// answers it as `refused`; any other error out of a rule is the store's failure under it.
+/// The ops' own argument checks and config validation on reload are refusals of this kind
+/// too.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// `bail!` for refusals: returns a [`Refused`] with the formatted message.
+macro_rules! refuse {
+    ($($arg:tt)*) => {
+        return Err($crate::registry::Refused(format!($($arg)*)).into())
+    };
+}
+pub(crate) use refuse;
 
 /// Who asked: the peer's uid as the kernel reported it, its name, and who it says it acts
 /// for (`SUDO_USER`, a helpdesk tool's operator), recorded but not trusted.
@@ -43,10 +60,10 @@ impl std::fmt::Display for Actor {
 /// sync), so a name is always one plain word.
 pub fn check_user_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 253 {
-        bail!("a user name must be 1 to 253 bytes");
+        refuse!("a user name must be 1 to 253 bytes");
     }
     if let Some(c) = name.chars().find(|c| hidden_char(*c)) {
-        bail!(
+        refuse!(
             "`{}` is not a valid user name: it holds {} (U+{:04X}); no spaces, control, bidi or zero-width characters",
             name.escape_debug(),
             if c.is_control() {
@@ -60,7 +77,7 @@ pub fn check_user_name(name: &str) -> Result<()> {
         );
     }
     if name.starts_with('-') || name.starts_with('#') {
-        bail!(
+        refuse!(
             "`{}` is not a valid user name: it must not start with `-` or `#`",
             name.escape_debug()
         );
@@ -83,7 +100,7 @@ fn hidden_char(c: char) -> bool {
 fn check_text(what: &str, s: &Option<String>) -> Result<()> {
     if let Some(s) = s {
         if s.len() > 1024 || s.chars().any(|c| c.is_control() && c != '\t') {
-            bail!("{what} must be at most 1024 characters, without control characters");
+            refuse!("{what} must be at most 1024 characters, without control characters");
         }
     }
     Ok(())
@@ -212,7 +229,7 @@ pub fn unblock(
     check_text("a reason", &reason)?;
     if let Some(t) = until {
         if t <= now {
-            bail!("the unblock would end at {t}, which is not in the future");
+            refuse!("the unblock would end at {t}, which is not in the future");
         }
     }
     let (old, created) = user_or_new(tx, actor, name, create, now)?;
@@ -303,7 +320,7 @@ pub fn block(
 pub fn user_add(tx: &mut dyn Tx, actor: &Actor, name: &str, now: Timestamp) -> Result<User> {
     check_user_name(name)?;
     if tx.user(name)?.is_some() {
-        bail!("user `{name}` already exists");
+        refuse!("user `{name}` already exists");
     }
     let u = new_user(name, actor, now);
     tx.put_user(&u)?;
@@ -363,18 +380,18 @@ pub struct SessionUpOutcome {
 
 fn check_session(id: &str, addrs: &[Prefix]) -> Result<()> {
     if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        bail!("a session id must be 1 to 128 characters without spaces");
+        refuse!("a session id must be 1 to 128 characters without spaces");
     }
     if addrs.is_empty() {
-        bail!("a session needs at least one address or prefix");
+        refuse!("a session needs at least one address or prefix");
     }
     let mut seen = BTreeSet::new();
     for p in addrs {
         if !seen.insert(*p) {
-            bail!("{p} is listed twice");
+            refuse!("{p} is listed twice");
         }
         if p.addr.is_ipv4() && p.len < MAX_SESSION_PREFIX4 {
-            bail!(
+            refuse!(
                 "{p}: an IPv4 session prefix may be at most /{MAX_SESSION_PREFIX4} ({} addresses): each address is a map entry of its own",
                 1u32 << (32 - MAX_SESSION_PREFIX4)
             );
@@ -423,7 +440,7 @@ fn session_up_at(
     };
     check_session(&id, &addrs)?;
     if let Some(old) = tx.session(&id)? {
-        bail!(
+        refuse!(
             "duplicate session id `{id}`: it is already up for {} ({}); send `session down --id {id}` first",
             old.user,
             fmt_addrs(&old.addrs)
@@ -501,7 +518,7 @@ pub fn session_down_id(
     now: Timestamp,
 ) -> Result<Session> {
     let Some(s) = tx.session(id)? else {
-        bail!("no live session with id `{id}` (already down, or its addresses were taken over)");
+        refuse!("no live session with id `{id}` (already down, or its addresses were taken over)");
     };
     tx.delete_session(id)?;
     tx.put_event(id, now)?;
@@ -529,12 +546,12 @@ pub fn session_down_addr(
     check_user_name(user)?;
     match tx.session_holding(addr)? {
         Some(s) if s.user == user => session_down_id(tx, actor, &s.id, now),
-        Some(s) => bail!(
+        Some(s) => refuse!(
             "{addr} is held by session {} of {}, not by {user}: nothing removed (a late down event?)",
             s.id,
             s.user
         ),
-        None => bail!("no live session of {user} holds {addr}"),
+        None => refuse!("no live session of {user} holds {addr}"),
     }
 }
 
@@ -575,10 +592,10 @@ pub fn session_sync(
 ) -> Result<SyncOutcome> {
     let taken = taken_at.unwrap_or(now);
     if taken > now {
-        bail!("the snapshot's time {taken} is in the future (now {now}); nothing was changed");
+        refuse!("the snapshot's time {taken} is in the future (now {now}); nothing was changed");
     }
     if taken < now - SYNC_HORIZON {
-        bail!(
+        refuse!(
             "the snapshot was taken at {taken}, more than an hour ago: take a new one (nothing was changed)"
         );
     }
@@ -588,11 +605,11 @@ pub fn session_sync(
         check_user_name(&s.user)?;
         check_session(&s.id, &s.addrs)?;
         if !ids.insert(s.id.as_str()) {
-            bail!("session id `{}` appears twice in the list", s.id);
+            refuse!("session id `{}` appears twice in the list", s.id);
         }
         for p in &s.addrs {
             if !addrs.insert(*p) {
-                bail!("{p} appears in two sessions of the list");
+                refuse!("{p} appears in two sessions of the list");
             }
         }
     }
@@ -672,7 +689,7 @@ pub fn bind(
 ) -> Result<()> {
     get_user(tx, user)?;
     if let Some(b) = tx.bindings()?.into_iter().find(|b| b.prefix == prefix) {
-        bail!("{prefix} is already bound to {}", b.user);
+        refuse!("{prefix} is already bound to {}", b.user);
     }
     tx.put_binding(&Binding {
         user: user.into(),
@@ -702,7 +719,7 @@ pub fn unbind(
         user: user.into(),
         prefix,
     })? {
-        bail!("{prefix} is not bound to {user}");
+        refuse!("{prefix} is not bound to {user}");
     }
     audit(
         tx,
@@ -729,7 +746,7 @@ pub fn entry_add(
     check_text("a note", &note)?;
     if let Some(t) = until {
         if t <= now {
-            bail!("--until {t} is not in the future");
+            refuse!("--until {t} is not in the future");
         }
     }
     let old = tx
@@ -770,7 +787,7 @@ pub fn entry_remove(
     now: Timestamp,
 ) -> Result<()> {
     if !tx.delete_entry(kind, &prefix)? {
-        bail!(
+        refuse!(
             "{prefix} is not a runtime {} entry (entries from the config file are changed there)",
             kind.as_str()
         );

@@ -12,7 +12,7 @@ use crate::{
     control::reply::{self, EntryDetail, EntryRow, EntrySource, UserRow, UserView},
     net::Prefix,
     registry::store::{AuditQuery, AuditRecord, EntryKind, Tx},
-    registry::{self, Actor},
+    registry::{self, refuse, Actor, Refused},
 };
 
 /// Refuses allow-list prefixes wider than the `limits` floor unless forced; a forced one is
@@ -27,9 +27,7 @@ fn guard_wide(
     now: Timestamp,
 ) -> Result<()> {
     for p in prefixes {
-        limits
-            .check_wide(what, p, force)
-            .map_err(anyhow::Error::msg)?;
+        limits.check_wide(what, p, force).map_err(Refused)?;
         if let Some(floor) = limits.too_wide(p) {
             tx.append_audit(&AuditRecord {
                 id: 0,
@@ -49,7 +47,7 @@ fn guard_wide(
 /// Refuses an expiry that the registry (i64 nanoseconds) cannot hold: it would wrap.
 fn storable(until: Option<Timestamp>) -> Result<Option<Timestamp>> {
     if let Some(t) = until {
-        check_storable(t).map_err(anyhow::Error::msg)?;
+        check_storable(t).map_err(Refused)?;
     }
     Ok(until)
 }
@@ -60,8 +58,8 @@ fn until_from(
     now: Timestamp,
 ) -> Result<Option<Timestamp>> {
     match (for_secs, until) {
-        (Some(_), Some(_)) => bail!("give --for or --until, not both"),
-        (Some(0), None) => bail!("--for must be longer than zero"),
+        (Some(_), Some(_)) => refuse!("give --for or --until, not both"),
+        (Some(0), None) => refuse!("--for must be longer than zero"),
         (Some(s), None) => {
             let d = SignedDuration::from_secs(s.min(100 * 365 * 86400) as i64);
             Ok(Some(now.checked_add(d)?.round(jiff::Unit::Second)?))
@@ -239,7 +237,7 @@ fn session_down(
     let down = d.change(|tx, now| match (r.id, r.user, r.addr) {
         (Some(id), None, None) => registry::session_down_id(tx, actor, &id, now),
         (None, Some(user), Some(addr)) => registry::session_down_addr(tx, actor, &user, &addr, now),
-        _ => bail!("session down takes --id ID, or USER ADDR"),
+        _ => refuse!("session down takes --id ID, or USER ADDR"),
     })?;
     Ok(reply::SessionDown { down })
 }

@@ -273,3 +273,15 @@ fn more_prefix_lengths_than_the_datapath_probes_are_refused() {
     let e = Desired::build(&cfg, &snap, now, 1).unwrap_err().to_string();
     assert!(e.contains("distinct IPv6 prefix lengths"), "{e}");
 }
+
+#[test]
+fn too_many_prefix_lengths_is_a_refusal() {
+    // Typed, so the socket answers it as `refused`, as it did when kinds were guessed.
+    let lens: std::collections::BTreeSet<u8> = (64..=64 + MAX_SESSION_PREFIX_LENS as u8).collect();
+    let e = check_lens(&lens).unwrap_err();
+    assert!(e.is::<crate::registry::Refused>(), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("distinct IPv6 prefix lengths"),
+        "{e:#}"
+    );
+}

@@ -327,3 +327,16 @@ fn an_error_answer_names_its_kind_and_old_answers_still_decode() {
         Err(crate::control::proto::Error::Decode(_))
     ));
 }
+
+#[test]
+fn the_ops_argument_checks_are_refusals() {
+    use crate::control::error::ErrorKind;
+    let now: Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+    let both = until_from(Some(60), Some(now), now).unwrap_err();
+    assert_eq!(format!("{both:#}"), "give --for or --until, not both");
+    assert_eq!(ErrorKind::of(&both), ErrorKind::Refused);
+    let zero = until_from(Some(0), None, now).unwrap_err();
+    assert_eq!(ErrorKind::of(&zero), ErrorKind::Refused);
+    let far = storable(Some(Timestamp::MAX)).unwrap_err();
+    assert_eq!(ErrorKind::of(&far), ErrorKind::Refused, "{far:#}");
+}

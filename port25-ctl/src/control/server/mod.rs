@@ -1,0 +1,327 @@
+//! `port25-ctl daemon`: the single writer. Loads and pins, applies the policy, attaches,
+//! then serves the control socket, reloads on SIGHUP and repairs drift periodically.
+//! Exiting (signal, crash, kill -9) leaves the pinned programs enforcing.
+//!
+//! Connections are served concurrently (reading, peer checks, framing), but every change
+//! is executed by one loop, in arrival order: a change is committed to the registry, then
+//! applied to the maps, then acknowledged. Read verbs are answered by a reader thread with
+//! its own read-only registry connection, so no read, however large, holds up a change.
+//! Every connection is bounded in number, time and memory (see [`limits`]).
+
+//!
+//! Its parts: `socket` (the locks that make this daemon the only one, the socket it binds),
+//! `conn` (connections: limits, peer roles, frames), `writer` (the single writer: changes,
+//! reloads, reconciles), `ops` (what each op does), `reader` (the read verbs' thread),
+//! `links` (attachments kept alive), `wall` (the wall clock never behind the registry).
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use anyhow::Result;
+use aya::Ebpf;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, oneshot, watch},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    bpf::datapath,
+    bpf::detached,
+    bpf::livemaps::LiveMaps,
+    bpf::pins::Pins,
+    config::Config,
+    control::reply,
+    policy::index::Index,
+    policy::{self, Clock, Desired},
+    registry::store::{sqlite::SqliteStore, Store},
+};
+
+use conn::accept_loop;
+use links::LinkEvents;
+use reader::Reader;
+use socket::{bind_socket, lock_instance, read_gid};
+use wall::Wall;
+use writer::Job;
+
+mod conn;
+mod links;
+mod ops;
+mod reader;
+mod socket;
+mod wall;
+mod writer;
+
+pub use socket::lock_pins;
+
+/// How much one client may take of the daemon.
+pub mod limits {
+    use std::time::Duration;
+    /// Connections served at once; more are answered "busy" and closed at once.
+    pub const MAX_CONNECTIONS: usize = 4096;
+    /// A request must arrive whole within this time of the connection being accepted.
+    pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+    /// An answer must be taken by the client within this time.
+    pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+    /// The body buffer grows as bytes arrive, from at most this much up front.
+    pub const INITIAL_BODY: usize = 64 << 10;
+    /// The open-file limit the daemon raises itself to (bounded by the hard limit).
+    pub const NOFILE: u64 = 65536;
+}
+
+struct Daemon {
+    config_path: PathBuf,
+    cfg: Config,
+    pins: Pins,
+    ebpf: Ebpf,
+    live: LiveMaps,
+    store: SqliteStore,
+    /// What the maps were last made equal to; per-change applies move from here.
+    applied: Desired,
+    /// Each user's entries in `applied`, so a change recomputes only the users it touched.
+    index: Index,
+    clock: Clock,
+    wall: Wall,
+    started: Instant,
+    reconciles: u64,
+    drift_repaired: u64,
+    /// A committed change whose map apply failed: the next tick does a full reconcile.
+    dirty: bool,
+    /// The config the reader answers from, replaced on reload.
+    cfg_tx: watch::Sender<Arc<Config>>,
+    /// The last failure logged per attach point, so link events do not repeat it.
+    link_errors: std::collections::HashMap<String, String>,
+}
+
+/// `attach`: start even though an operator detached (`daemon --attach`), lifting the marker.
+pub fn run(config_path: &Path, attach: bool) -> Result<()> {
+    let cfg = Config::load(config_path)?;
+    raise_nofile();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Absolute, so `reload` can tell a client that names another file (its --config) that
+    // this is not the file the daemon reads.
+    let config_path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
+    rt.block_on(serve(config_path, cfg, attach))
+}
+
+/// Idle clients each hold a descriptor: systemd's default soft limit (1024) would turn a
+/// thousand of them into EMFILE for everyone else.
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = limits::NOFILE.min(hard);
+        if want > soft {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                warn!("raising the open-file limit to {want}: {e}");
+            }
+        }
+    }
+}
+
+async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
+    // An operator's detach holds until an operator attaches again: a supervisor's restart
+    // is not one.
+    if !attach {
+        detached::refuse_if_marked(&cfg.state_dir)?;
+    }
+    let pins = Pins::new(&cfg.pin_dir);
+    // One daemon per socket and one per pin tree, held for the process lifetime (the kernel
+    // drops them on any exit). Two daemons with different sockets on the same pins would
+    // rewrite each other's maps and detach each other's links.
+    let _lock = lock_instance(&cfg.socket)?;
+    pins.prepare()?;
+    let _pin_lock = lock_pins(&pins)?;
+    // Before anything is written (marker, registry, maps): a newer version's pin tree is
+    // refused with everything left as it was.
+    datapath::refuse_newer_layout(&pins)?;
+    if attach && detached::clear(&cfg.state_dir)? {
+        info!("the detach marker is lifted (--attach)");
+    }
+    let mut store = SqliteStore::open(&cfg.state_dir)?;
+    audit_forced_wide(&mut store, &cfg, &config_path)?;
+    // Pinned maps of another layout (changed `limits`, a new version) are replaced, never
+    // reused: new maps are filled first, every link then swaps atomically to a program that
+    // uses them, and only then do their pins replace the old ones.
+    let changes = datapath::layout_changes(&pins, &cfg.limits)?;
+    let migrating = !changes.is_empty();
+    let (mut ebpf, map_pins) = if migrating {
+        warn!(
+            ?changes,
+            "pinned maps differ from this config: migrating to new maps"
+        );
+        (datapath::load_staged(&cfg, &pins)?, pins.staging())
+    } else {
+        (datapath::load(&cfg, &pins)?, pins.clone())
+    };
+    let mut live = LiveMaps::open(&map_pins)?;
+    let mut wall = Wall::new(&mut store)?;
+    wall.close_uncertain_unblocks(&mut store)?;
+    let clock = Clock::sample_at(wall.now());
+    // Policy before programs: a fresh attach never runs on empty maps. A change committed
+    // by an earlier daemon that died before applying it is applied here.
+    let (index, want) = desired(&cfg, &mut store, &clock, wall.now())?;
+    policy::check_fits(&live, &want)?;
+    let applied = policy::apply(&mut live, &want)?;
+    info!(writes = applied.writes, "policy applied");
+    for iface in &cfg.interfaces {
+        // A pinned link whose interface went away is replaced, not swapped into.
+        let how = match datapath::attach(&mut ebpf, &pins, iface) {
+            Ok(how) => how,
+            Err(e) => {
+                let busy = format!("{e:#}").contains("busy");
+                // A start that attached nothing leaves nothing behind; a tree with any link
+                // (from before, or attached now on another interface) keeps it and its maps.
+                if pins.pinned_links().is_empty() {
+                    if let Err(e2) = datapath::detach_all(&pins) {
+                        warn!("removing the pins of this failed first start: {e2:#}");
+                    }
+                }
+                let e = e.context(format!("attaching {}", iface.attach_point()));
+                return Err(if busy {
+                    e.context(format!(
+                        "{} already has a program attached (another port25 pin tree, or another XDP program?)",
+                        iface.name
+                    ))
+                } else {
+                    e
+                });
+            }
+        };
+        info!(interface = %iface.name, point = %iface.attach_point(), ?how, "enforcing");
+    }
+    for gone in datapath::detach_stale(&pins, &cfg)? {
+        info!(point = %gone, "detached: no longer in the config");
+    }
+    if migrating {
+        datapath::commit_staged_maps(&pins)?;
+        info!("maps migrated; the old maps are released (packet counters start from zero)");
+    }
+    // The socket is bound only now: a client (or systemd, or a lab) that gets an answer knows
+    // the programs are attached and enforcing, not merely that a process has started.
+    let listener = bind_socket(&cfg.socket, cfg.read_group.as_deref())?;
+    let read_gid = read_gid(cfg.read_group.as_deref())?;
+    let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg.clone()));
+    let reader = Reader::start(cfg.state_dir.clone(), cfg_rx)?;
+    let mut d = Daemon {
+        config_path,
+        cfg,
+        pins,
+        ebpf,
+        live,
+        store,
+        applied: want,
+        index,
+        clock,
+        wall,
+        started: Instant::now(),
+        reconciles: 0,
+        drift_repaired: 0,
+        dirty: false,
+        cfg_tx,
+        link_errors: Default::default(),
+    };
+    let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1024);
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(d.cfg.reconcile_interval);
+    tick.tick().await;
+    let mut quick = tokio::time::interval(std::time::Duration::from_secs(1));
+    // Interfaces coming and going (a re-created one leaves its pinned link dead): repair at
+    // once rather than at the next reconcile.
+    let links = match LinkEvents::open() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!("no link events ({e:#}): dead attachments are repaired at each reconcile only");
+            None
+        }
+    };
+    // Accepting lives in its own task: an accept error (EMFILE) pauses it, never this loop.
+    let acceptor = tokio::spawn(accept_loop(listener, jobs_tx, reader, read_gid));
+    info!(socket = %d.cfg.socket.display(), "ready");
+    // Type=notify units are "started" only once enforcement is in place.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    loop {
+        tokio::select! {
+            Some(job) = jobs.recv() => {
+                let (resp, exit) = d.execute(job.req, &job.actor);
+                if exit {
+                    let (written, wait) = oneshot::channel();
+                    if job.reply.send((resp, Some(written))).is_ok() {
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), wait).await;
+                    }
+                    break;
+                }
+                let _ = job.reply.send((resp, None));
+            }
+            _ = hup.recv() => {
+                if let Err(e) = d.reload() {
+                    error!("reload refused, running policy unchanged: {e:#}");
+                }
+            }
+            _ = LinkEvents::next(links.as_ref()) => d.repair_links(),
+            _ = tick.tick() => d.reconcile(),
+            _ = quick.tick(), if d.dirty => d.reconcile(),
+            _ = term.recv() => { info!("SIGTERM: exiting; the pinned programs keep enforcing"); break; }
+            _ = int.recv() => { info!("SIGINT: exiting; the pinned programs keep enforcing"); break; }
+        }
+    }
+    acceptor.abort();
+    let _ = std::fs::remove_file(&d.cfg.socket);
+    Ok(())
+}
+
+impl Daemon {
+    fn info(&self) -> reply::Info {
+        reply::Info {
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            config: self.config_path.display().to_string(),
+            registry: self.store.path.display().to_string(),
+            reconciles: self.reconciles,
+            drift_repaired: self.drift_repaired,
+        }
+    }
+}
+
+/// The desired map state from the config and a registry snapshot, with its per-user index.
+fn desired(
+    cfg: &Config,
+    store: &mut SqliteStore,
+    clock: &Clock,
+    now: jiff::Timestamp,
+) -> Result<(Index, Desired)> {
+    let snap = store.snapshot()?;
+    let (wall, boot) = clock.at(now);
+    Desired::build_indexed(cfg, &snap, wall, boot)
+}
+
+/// Records the config's forced wide allow-list entries in the audit log (each start and
+/// reload that applies them), and says so loudly.
+fn audit_forced_wide(store: &mut SqliteStore, cfg: &Config, path: &Path) -> Result<()> {
+    let forced = cfg.forced_wide();
+    if forced.is_empty() {
+        return Ok(());
+    }
+    let now = jiff::Timestamp::now();
+    let mut tx = store.begin()?;
+    for (key, p) in forced {
+        warn!(%p, key, "the config forces an allow-list prefix wider than its floor");
+        tx.append_audit(&crate::registry::store::AuditRecord {
+            id: 0,
+            at: now,
+            actor: format!("config {}", path.display()),
+            action: "force_wide".into(),
+            subject: p.to_string(),
+            old: None,
+            new: Some(format!("{key}: {p} (force: true)")),
+            reason: None,
+        })?;
+    }
+    tx.commit()
+}

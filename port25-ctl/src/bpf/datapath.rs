@@ -186,10 +186,13 @@ fn discard_staging(pins: &Pins) -> Result<()> {
 }
 
 /// Ends a migration: the staged maps' pins replace the old ones (each rename is atomic; a
-/// crash halfway leaves a mismatch that the next start migrates again).
+/// crash halfway leaves a mismatch that the next start migrates again). The settings record
+/// moves last: it carries the layout version, so until every other map has moved the old
+/// version stays pinned and a change of version alone is still seen as one.
 pub fn commit_staged_maps(pins: &Pins) -> Result<()> {
     let staging = pins.staging();
-    for name in ALL_MAPS {
+    let others = ALL_MAPS.iter().filter(|n| **n != m::SETTINGS);
+    for name in others.chain([&m::SETTINGS]) {
         std::fs::rename(staging.map(name), pins.map(name))
             .with_context(|| format!("moving the new {name} into place"))?;
     }
@@ -468,5 +471,56 @@ pub fn link_is_ethernet(ifname: &str) -> Result<bool> {
             return Err(err).with_context(|| format!("interface {ifname}"));
         }
         Ok(req.ifr_ifru.ifru_hwaddr.sa_family == libc::ARPHRD_ETHER)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The settings record carries the layout version a start compares; if it moved first, a
+    /// crash halfway through the commit would leave the new version beside old maps, and a
+    /// layout change that kept every map's shape would not be migrated again.
+    #[test]
+    fn a_commit_that_stops_halfway_leaves_the_old_settings_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = Pins::new(dir.path());
+        let staging = pins.staging();
+        std::fs::create_dir_all(pins.maps_dir()).unwrap();
+        std::fs::create_dir_all(staging.maps_dir()).unwrap();
+        for name in ALL_MAPS {
+            std::fs::write(pins.map(name), "old").unwrap();
+        }
+        // One staged map missing: the commit stops at it.
+        for name in ALL_MAPS.iter().filter(|n| **n != m::COUNTERS) {
+            std::fs::write(staging.map(name), "new").unwrap();
+        }
+        assert!(commit_staged_maps(&pins).is_err());
+        assert_eq!(
+            std::fs::read_to_string(pins.map(m::SETTINGS)).unwrap(),
+            "old"
+        );
+    }
+
+    #[test]
+    fn a_commit_moves_every_staged_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = Pins::new(dir.path());
+        let staging = pins.staging();
+        std::fs::create_dir_all(pins.maps_dir()).unwrap();
+        std::fs::create_dir_all(staging.maps_dir()).unwrap();
+        for name in ALL_MAPS {
+            std::fs::write(pins.map(name), "old").unwrap();
+            std::fs::write(staging.map(name), "new").unwrap();
+        }
+        commit_staged_maps(&pins).unwrap();
+        for name in ALL_MAPS {
+            assert_eq!(
+                std::fs::read_to_string(pins.map(name)).unwrap(),
+                "new",
+                "{name}"
+            );
+        }
+        assert!(!staging.maps_dir().exists());
     }
 }

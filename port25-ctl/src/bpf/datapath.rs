@@ -114,8 +114,9 @@ fn mismatches(
 }
 
 /// The layout version the pinned settings record claims: its first field, read as raw bytes
-/// so that a record of any size (any version) gives it. `None`: no settings pinned, or a
-/// record never written (0, a fresh map), which claims nothing.
+/// so that a record of any size (any version) gives it. `None`: no settings pinned, a
+/// record never written (0, a fresh map), or a settings map that is not a one-record array
+/// (as every version has pinned): those claim nothing, and their shape mismatch is migrated.
 pub fn pinned_layout_version(pins: &Pins) -> Result<Option<u32>> {
     let path = pins.map(m::SETTINGS);
     if !path.exists() {
@@ -123,6 +124,15 @@ pub fn pinned_layout_version(pins: &Pins) -> Result<Option<u32>> {
     }
     let what = || format!("reading the pinned settings {}", path.display());
     let info = MapInfo::from_pin(&path).with_context(what)?;
+    // Another map type has no element 0 to read with a 4-byte key, and a per-CPU array
+    // would copy one value per CPU into a buffer sized for one.
+    let array = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32;
+    if info.map_type().map(|t| t as u32).ok() != Some(array)
+        || info.key_size() != 4
+        || info.value_size() < 4
+    {
+        return Ok(None);
+    }
     let map = aya::maps::MapData::from_pin(&path).with_context(what)?;
     let value = crate::bpf::sys::lookup_raw(&map, &0u32.to_ne_bytes(), info.value_size() as usize)
         .with_context(what)?;
@@ -186,10 +196,13 @@ fn discard_staging(pins: &Pins) -> Result<()> {
 }
 
 /// Ends a migration: the staged maps' pins replace the old ones (each rename is atomic; a
-/// crash halfway leaves a mismatch that the next start migrates again).
+/// crash halfway leaves a mismatch that the next start migrates again). The settings record
+/// moves last: it carries the layout version, so until every other map has moved the old
+/// version stays pinned and a change of version alone is still seen as one.
 pub fn commit_staged_maps(pins: &Pins) -> Result<()> {
     let staging = pins.staging();
-    for name in ALL_MAPS {
+    let others = ALL_MAPS.iter().filter(|n| **n != m::SETTINGS);
+    for name in others.chain([&m::SETTINGS]) {
         std::fs::rename(staging.map(name), pins.map(name))
             .with_context(|| format!("moving the new {name} into place"))?;
     }
@@ -468,5 +481,110 @@ pub fn link_is_ethernet(ifname: &str) -> Result<bool> {
             return Err(err).with_context(|| format!("interface {ifname}"));
         }
         Ok(req.ifr_ifru.ifru_hwaddr.sa_family == libc::ARPHRD_ETHER)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The settings record carries the layout version a start compares; if it moved first, a
+    /// crash halfway through the commit would leave the new version beside old maps, and a
+    /// layout change that kept every map's shape would not be migrated again.
+    #[test]
+    fn a_commit_that_stops_halfway_leaves_the_old_settings_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = Pins::new(dir.path());
+        let staging = pins.staging();
+        std::fs::create_dir_all(pins.maps_dir()).unwrap();
+        std::fs::create_dir_all(staging.maps_dir()).unwrap();
+        for name in ALL_MAPS {
+            std::fs::write(pins.map(name), "old").unwrap();
+        }
+        // One staged map missing: the commit stops at it.
+        for name in ALL_MAPS.iter().filter(|n| **n != m::COUNTERS) {
+            std::fs::write(staging.map(name), "new").unwrap();
+        }
+        assert!(commit_staged_maps(&pins).is_err());
+        assert_eq!(
+            std::fs::read_to_string(pins.map(m::SETTINGS)).unwrap(),
+            "old"
+        );
+    }
+
+    /// Creates a map with raw bpf(2) and pins it at `path`.
+    fn pin_map(path: &std::path::Path, map_type: u32, key: u32, value: u32) {
+        use aya_obj::generated::{bpf_attr, bpf_cmd};
+        use std::os::unix::ffi::OsStrExt as _;
+        // SAFETY: bpf_attr is plain data; zeroed is its valid empty state.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        let a = unsafe { &mut attr.__bindgen_anon_1 };
+        a.map_type = map_type;
+        a.key_size = key;
+        a.value_size = value;
+        a.max_entries = 4;
+        let fd = crate::bpf::sys::sys_bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr).expect("map create");
+        let name = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        attr.__bindgen_anon_4.pathname = name.as_ptr() as u64;
+        attr.__bindgen_anon_4.bpf_fd = fd as u32;
+        crate::bpf::sys::sys_bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr).expect("pin");
+        // SAFETY: fd is ours and no longer used.
+        unsafe { libc::close(fd as i32) };
+    }
+
+    /// A pinned settings map of another shape (not the one-entry array of every release)
+    /// claims no version: it is a layout mismatch, migrated like any other, as before the
+    /// version was read. Reading it as a record would fail the start (a hash has no key 0)
+    /// or, for a per-CPU array, write past the buffer.
+    #[test]
+    fn a_settings_map_of_another_shape_claims_no_version() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to pin maps");
+            return;
+        }
+        let root = std::path::Path::new("/sys/fs/bpf").join(format!(
+            "p25unit{}x{}",
+            std::process::id(),
+            line!()
+        ));
+        let pins = Pins::new(&root);
+        std::fs::create_dir_all(pins.maps_dir()).unwrap();
+        use aya_obj::generated::bpf_map_type as t;
+        let shapes = [
+            (t::BPF_MAP_TYPE_HASH as u32, 8, 24),
+            (t::BPF_MAP_TYPE_PERCPU_ARRAY as u32, 4, 24),
+            (t::BPF_MAP_TYPE_ARRAY as u32, 4, 2),
+        ];
+        let mut got = vec![];
+        for (ty, k, v) in shapes {
+            let _ = std::fs::remove_file(pins.map(m::SETTINGS));
+            pin_map(&pins.map(m::SETTINGS), ty, k, v);
+            got.push(pinned_layout_version(&pins).map_err(|e| format!("{e:#}")));
+        }
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(got, vec![Ok(None), Ok(None), Ok(None)]);
+    }
+
+    #[test]
+    fn a_commit_moves_every_staged_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = Pins::new(dir.path());
+        let staging = pins.staging();
+        std::fs::create_dir_all(pins.maps_dir()).unwrap();
+        std::fs::create_dir_all(staging.maps_dir()).unwrap();
+        for name in ALL_MAPS {
+            std::fs::write(pins.map(name), "old").unwrap();
+            std::fs::write(staging.map(name), "new").unwrap();
+        }
+        commit_staged_maps(&pins).unwrap();
+        for name in ALL_MAPS {
+            assert_eq!(
+                std::fs::read_to_string(pins.map(name)).unwrap(),
+                "new",
+                "{name}"
+            );
+        }
+        assert!(!staging.maps_dir().exists());
     }
 }

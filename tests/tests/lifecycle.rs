@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use port25_common::maps::{Settings, LAYOUT_VERSION};
-use port25_ctl::bpf::livemaps::LiveMaps;
+use port25_ctl::{
+    bpf::livemaps::LiveMaps,
+    control::proto::{self, ErrorKind},
+};
 use port25_tests::{
     lab::{self, Lab},
     require_root, text,
@@ -125,6 +128,14 @@ fn lifecycle() {
         err.contains("P25_MAIL4") && err.contains("Restart the daemon"),
         "the refusal names the map and the way out: {err}"
     );
+    // Over the socket it is a refusal (the same reload fails again), not a daemon failure.
+    match lab.client().call(proto::Reload) {
+        Err(proto::Error::Daemon {
+            kind: ErrorKind::Refused,
+            message,
+        }) => assert!(message.contains("P25_MAIL4"), "{message}"),
+        other => panic!("not a refusal: {other:?}"),
+    }
     assert_blocked(&lab, "after a refused reload");
     // ...and a restart moves to new maps with no SYN to port 25 crossing meanwhile.
     lab.kill9();

@@ -48,9 +48,13 @@ impl Daemon {
         {
             crate::registry::refuse!("pin_dir, socket, state_dir and read_group cannot change on reload; restart the daemon");
         }
-        datapath::check_pinned_layouts(&self.pins, &new.limits)?;
+        // What the new config asks of the kernel side (other `limits`, XDP on a device that
+        // cannot take it) is the operator's request refused, not a failure of the daemon.
+        let refused =
+            |e: anyhow::Error| anyhow::Error::from(crate::registry::Refused(format!("{e:#}")));
+        datapath::check_pinned_layouts(&self.pins, &new.limits).map_err(refused)?;
         for i in &new.interfaces {
-            datapath::preflight(i)?;
+            datapath::preflight(i).map_err(refused)?;
         }
         let now = self.wall.now();
         let (index, want) = desired(&new, &mut self.store, &self.clock, now)?;

@@ -422,6 +422,55 @@ fn a_full_map_refuses_the_whole_change() {
     );
 }
 
+/// A blocked user's session entries close their addresses, so they go in before anything
+/// is removed: a sync that replaces sessions needs room for the new entries while the old
+/// ones are still there. A map too full for that moment refuses the change before anything
+/// is written (it used to pass the check and fail on the kernel's write, after the registry
+/// had taken it).
+#[test]
+fn a_full_map_counts_closing_entries_before_removals() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("limits:\n  exempt_ips: 3\n");
+    lab.start_daemon();
+    let addrs = |a: &[&str]| -> Vec<port25_ctl::net::Prefix> {
+        a.iter().map(|a| a.parse().unwrap()).collect()
+    };
+    lab.client()
+        .call(proto::SessionUp {
+            user: "u1".into(),
+            addrs: addrs(&[ALICE4, BOB4, "100.64.1.3"]),
+            id: Some("s1".into()),
+            source: None,
+            force_wide: false,
+        })
+        .expect("three entries fit three");
+    // The list has u1 on one new address: three entries go, one comes, and it comes first.
+    let sync = lab.client().call(proto::SessionSync {
+        sessions: vec![port25_ctl::registry::SyncSession {
+            id: "s2".into(),
+            user: "u1".into(),
+            addrs: addrs(&["100.64.1.4"]),
+        }],
+        taken_at: None,
+    });
+    match sync {
+        Err(proto::Error::Daemon {
+            kind: ErrorKind::Refused,
+            message,
+        }) => assert!(message.contains("map full"), "{message}"),
+        other => panic!("not a map-full refusal: {other:?}"),
+    }
+    let show: UserDetail = lab.reply(&["user", "show", "u1"]);
+    let held: Vec<_> = show.sessions.iter().flat_map(|s| s.addrs.clone()).collect();
+    assert_eq!(
+        held,
+        addrs(&[ALICE4, BOB4, "100.64.1.3"]),
+        "the refused change is not in the registry: {show:?}"
+    );
+    assert!(!smtp(&lab, ALICE4), "still blocked");
+}
+
 #[test]
 fn the_socket_refuses_peers_that_are_not_allowed() {
     require_root!();

@@ -87,10 +87,15 @@ struct MapDiff<'a, T: Table> {
     diff: Diff<T::K, T::V>,
 }
 
-impl<'a, T: Table> MapDiff<'a, T> {
+impl<'a, T: Table> MapDiff<'a, T>
+where
+    T::V: Closes,
+{
     /// `known`: what the map holds, when the caller knows it (the last applied state);
     /// `None` reads the map (a reconcile, which also finds drift). Refuses a change whose
-    /// peak (removals first for allow maps, last for restrict maps) does not fit.
+    /// peak does not fit: restrict maps remove last; allow maps take the entries that close
+    /// an address before any removal and the rest after them, so their peak is the larger
+    /// of those two moments.
     fn new(
         map: &'a mut T,
         name: &'static str,
@@ -117,8 +122,12 @@ impl<'a, T: Table> MapDiff<'a, T> {
             .copied()
             .collect();
         let new = put.iter().filter(|(k, _)| !have.contains_key(k)).count();
+        let new_closing = put
+            .iter()
+            .filter(|(k, v)| !have.contains_key(k) && v.closes())
+            .count();
         let peak = match stage {
-            Stage::Allow => have.len() - del.len() + new,
+            Stage::Allow => (have.len() + new_closing).max(have.len() - del.len() + new),
             _ => have.len() + new,
         };
         fits(name, peak, map.capacity())?;
@@ -260,21 +269,28 @@ pub fn check_slots_fit(
     applied: &Desired,
     slots: &[(Slot, Option<Exempt>)],
 ) -> Result<()> {
-    // Per map, in list order: (entries after the change, capacity).
-    let mut after: BTreeMap<(usize, &str), (usize, u32)> = BTreeMap::new();
+    // Per map, in list order: (entries after the change, entries once the closing ones are
+    // in and nothing is removed yet, capacity). `write_slots` writes closing entries first.
+    let mut after: BTreeMap<(usize, &str), (usize, usize, u32)> = BTreeMap::new();
     for (slot, v) in slots {
         let order = ALL_MAPS.iter().position(|n| *n == slot.map()).unwrap_or(0);
-        let n = after
-            .entry((order, slot.map()))
-            .or_insert_with(|| (applied.slot_map_len(slot), slot.capacity(live)));
-        match (applied.slot(slot).is_some(), v.is_some()) {
-            (false, true) => n.0 += 1,
-            (true, false) => n.0 -= 1,
+        let n = after.entry((order, slot.map())).or_insert_with(|| {
+            let len = applied.slot_map_len(slot);
+            (len, len, slot.capacity(live))
+        });
+        match (applied.slot(slot).is_some(), v) {
+            (false, Some(v)) => {
+                n.0 += 1;
+                if closes(v) {
+                    n.1 += 1;
+                }
+            }
+            (true, None) => n.0 -= 1,
             _ => {}
         }
     }
-    for ((_, name), (n, cap)) in after {
-        fits(name, n, cap)?;
+    for ((_, name), (n, early, cap)) in after {
+        fits(name, n.max(early), cap)?;
     }
     Ok(())
 }

@@ -37,8 +37,26 @@ pub const DEFAULT_TESTS: &[&str] = &[
 
 /// Modules the tests need (with their dependencies, resolved from each module's .modinfo):
 /// veth for the lab, clsact and cls_bpf for netlink TC, vxlan for the tunnel test, tun for
-/// the raw-IP device test.
-const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "act_bpf", "vxlan", "tun"];
+/// the raw-IP device test; 8021q, pppoe (pppox, ppp_generic, slhc) for the real VLAN and PPPoE
+/// devices (`tests/realdev.rs`).
+const MODULES: &[&str] = &[
+    "veth",
+    "sch_ingress",
+    "cls_bpf",
+    "act_bpf",
+    "vxlan",
+    "tun",
+    "8021q",
+    "pppoe",
+];
+
+/// PPP for `tests/realdev.rs`, on their Debian paths (pppoe-server runs `/usr/sbin/pppd` and
+/// its `-k` loads `/etc/ppp/plugins/rp-pppoe.so`): Debian's `ppp` and `pppoe` packages.
+const PPP_FILES: &[&str] = &[
+    "/usr/sbin/pppd",
+    "/usr/sbin/pppoe-server",
+    "/usr/sbin/pppoe",
+];
 
 /// Host tools the tests call (busybox's `ip` cannot make namespaces or veth pairs).
 const HOST_TOOLS: &[&str] = &["ip", "tc", "nsenter", "setpriv", "ethtool"];
@@ -85,6 +103,8 @@ fn ensure_host_tools() -> Result<()> {
         ("/bin/busybox", "busybox-static"),
         ("/usr/sbin/ethtool", "ethtool"),
         ("/usr/bin/setpriv", "util-linux"),
+        ("/usr/sbin/pppd", "ppp"),
+        ("/usr/sbin/pppoe-server", "pppoe"),
     ]
     .into_iter()
     .filter(|(bin, _)| !Path::new(bin).exists())
@@ -396,6 +416,7 @@ fn initramfs(dir: &Path, k: &Kernel, bins: &Binaries, args: &[String]) -> Result
             install(&lib, &tree, &lib.to_string_lossy())?;
         }
     }
+    ppp(&tree)?;
     std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
     std::fs::write(tree.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
     let mut order = String::new();
@@ -450,6 +471,40 @@ fn initramfs(dir: &Path, k: &Kernel, bins: &Binaries, args: &[String]) -> Result
         ),
     ]))?;
     Ok(initrd)
+}
+
+/// pppd, the rp-pppoe plugin and pppoe-server with their libraries, and an /etc/ppp whose
+/// options file is empty: Debian's asks for `auth`, a modem and a lock, and the tests pass
+/// their options on the command line.
+fn ppp(tree: &Path) -> Result<()> {
+    let mut files: Vec<PathBuf> = PPP_FILES.iter().map(PathBuf::from).collect();
+    // /usr/lib/pppd/<version>/: the plugins, built for that pppd only.
+    for dir in std::fs::read_dir("/usr/lib/pppd")?.flatten() {
+        for so in std::fs::read_dir(dir.path())?.flatten() {
+            let name = so.file_name();
+            if name == "rp-pppoe.so" || name == "pppoe.so" {
+                files.push(so.path());
+            }
+        }
+    }
+    let plugin = files
+        .iter()
+        .find(|p| p.ends_with("rp-pppoe.so"))
+        .context("no /usr/lib/pppd/*/rp-pppoe.so (Debian package pppoe)")?
+        .clone();
+    for f in &files {
+        install(f, tree, &f.to_string_lossy())?;
+        for lib in libraries(f)? {
+            install(&lib, tree, &lib.to_string_lossy())?;
+        }
+    }
+    install(&plugin, tree, "/etc/ppp/plugins/rp-pppoe.so")?;
+    std::fs::write(
+        tree.join("etc/ppp/options"),
+        "# port25 VM: the tests give pppd its options\n",
+    )?;
+    std::fs::create_dir_all(tree.join("var/lock"))?;
+    Ok(())
 }
 
 /// Boots the VM, streams its console, and reads the verdict from it (QEMU exits 0 on poweroff

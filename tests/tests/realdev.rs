@@ -1,6 +1,6 @@
 //! Real devices that a router has and this host's kernel lacks: an 802.1Q VLAN subinterface
-//! and a PPPoE session (`pppoe-server -k` on the BRAS, `pppd` with the rp-pppoe plugin on the
-//! subscriber, both from Debian's `ppp` and `pppoe` packages). Real daemon, real TCP from the
+//! and a PPPoE session (`pppoe-server` on the BRAS, `pppd` with the rp-pppoe plugin, i.e. the
+//! kernel's pppoe module, on the subscriber, both from Debian's `ppp` and `pppoe` packages). Real daemon, real TCP from the
 //! subscriber: port 25 to the external MX is blocked, 587 passes. Run in the VM
 //! (`cargo xtask test --vm 6.1 --vm-test realdev`, which carries the modules and binaries);
 //! skipped, with the reason, on a kernel without 8021q or pppoe, or without pppd.
@@ -164,12 +164,17 @@ const PPPOE_SERVER: &str = "/usr/sbin/pppoe-server";
 /// Why this machine cannot run a PPPoE session, if it cannot.
 fn pppoe_missing() -> Option<String> {
     if !Path::new("/proc/net/pppoe").exists() {
-        return Some("this kernel has no PPPoE (module pppoe: no /proc/net/pppoe)".into());
+        return Some(
+            "this kernel has no PPPoE (no /proc/net/pppoe: module pppoe; Debian's cloud-amd64 \
+             kernels are built without PPP, `cargo xtask test --vm 6.1 --vm-flavour generic` \
+             has it)"
+                .into(),
+        );
     }
     if !Path::new("/dev/ppp").exists() {
         return Some("no /dev/ppp (module ppp_generic)".into());
     }
-    for bin in [PPPD, PPPOE_SERVER, "/etc/ppp/plugins/rp-pppoe.so"] {
+    for bin in [PPPD, PPPOE_SERVER, "/usr/sbin/pppoe"] {
         if !Path::new(bin).exists() {
             return Some(format!(
                 "no {bin} (Debian packages ppp and pppoe; the VM carries them)"
@@ -251,7 +256,9 @@ fn pppoe_session(lab: &Lab) -> Option<Session> {
         namespaces: [lab.rtr.clone(), lab.sub.clone()],
         bras_dev: String::new(),
     };
-    // -k: kernel-mode PPPoE (the rp-pppoe plugin in the BRAS's pppd), as a BRAS runs it.
+    // Debian's pppoe-server has no kernel mode (`-k`): each session is a pppd on a pty with
+    // the user-space `pppoe` relaying frames from `rs`. XDP on `rs` runs before that packet
+    // socket sees a frame; the BRAS's ppp device is a real one either way.
     session.children.push(
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", lab.rtr))

@@ -50,8 +50,9 @@ const MODULES: &[&str] = &[
     "pppoe",
 ];
 
-/// PPP for `tests/realdev.rs`, on their Debian paths (pppoe-server runs `/usr/sbin/pppd` and
-/// its `-k` loads `/etc/ppp/plugins/rp-pppoe.so`): Debian's `ppp` and `pppoe` packages.
+/// PPP for `tests/realdev.rs`, on their Debian paths (pppoe-server runs `/usr/sbin/pppd` with
+/// `pty /usr/sbin/pppoe`: Debian builds it without kernel mode `-k`, whose plugin path
+/// `/etc/ppp/plugins/rp-pppoe.so` is carried too): Debian's `ppp` and `pppoe` packages.
 const PPP_FILES: &[&str] = &[
     "/usr/sbin/pppd",
     "/usr/sbin/pppoe-server",
@@ -63,6 +64,8 @@ const HOST_TOOLS: &[&str] = &["ip", "tc", "nsenter", "setpriv", "ethtool"];
 
 pub struct Opts<'a> {
     pub kernel: &'a str,
+    /// `cloud` (linux-image-*-cloud-amd64) or `generic` (linux-image-*-amd64).
+    pub flavour: &'a str,
     pub tests: &'a [String],
     pub args: &'a [String],
     pub timeout: Duration,
@@ -72,7 +75,7 @@ pub fn test(o: &Opts) -> Result<()> {
     ensure_root()?;
     ensure_host_tools()?;
     let cache = root().join("target/vm");
-    let kernel = kernel_tree(&cache, o.kernel)?;
+    let kernel = kernel_tree(&cache, o.kernel, o.flavour)?;
     let tests: Vec<String> = if o.tests.is_empty() {
         DEFAULT_TESTS.iter().map(|s| s.to_string()).collect()
     } else {
@@ -80,7 +83,10 @@ pub fn test(o: &Opts) -> Result<()> {
     };
     let bins = build_binaries(&tests)?;
     let initrd = initramfs(
-        &cache.join(format!("initrd-{}", o.kernel)),
+        &cache.join(match o.flavour {
+            "cloud" => format!("initrd-{}", o.kernel),
+            f => format!("initrd-{}-{f}", o.kernel),
+        }),
         &kernel,
         &bins,
         o.args,
@@ -129,10 +135,16 @@ fn ensure_host_tools() -> Result<()> {
     Ok(())
 }
 
-/// The apt package of Debian's cloud kernel `series` (6.1, 6.12): the newest ABI.
-fn kernel_package(series: &str) -> Result<Option<String>> {
+/// The apt package of Debian's kernel `series` (6.1, 6.12) of `flavour` (`cloud`: the
+/// cloud-amd64 kernel; `generic`: the amd64 one, which has PPP): the newest ABI.
+fn kernel_package(series: &str, flavour: &str) -> Result<Option<String>> {
+    let suffix = match flavour {
+        "cloud" => "-cloud-amd64",
+        "generic" => "-amd64",
+        f => bail!("unknown kernel flavour {f} (cloud or generic)"),
+    };
     let re = format!(
-        "^linux-image-{}[.-][0-9][^ ]*-cloud-amd64$",
+        "^linux-image-{}[.-][0-9][^ ]*{suffix}$",
         series.replace('.', "\\.")
     );
     let found = output(Command::new("apt-cache").args(["search", "--names-only", &re]))?;
@@ -145,6 +157,8 @@ fn kernel_package(series: &str) -> Result<Option<String>> {
         .lines()
         .filter_map(|l| l.split(' ').next())
         .filter(|n| !n.ends_with("-dbg") && !n.ends_with("-unsigned"))
+        // `-amd64` also ends the cloud and realtime flavours' names.
+        .filter(|n| flavour != "generic" || !(n.contains("-cloud-") || n.contains("-rt-")))
         .map(str::to_string)
         .max_by_key(|n| key(n)))
 }
@@ -156,13 +170,13 @@ struct Kernel {
 }
 
 /// Downloads and unpacks the kernel package once; later runs reuse the tree.
-fn kernel_tree(cache: &Path, series: &str) -> Result<Kernel> {
-    let mut pkg = kernel_package(series)?;
+fn kernel_tree(cache: &Path, series: &str, flavour: &str) -> Result<Kernel> {
+    let mut pkg = kernel_package(series, flavour)?;
     if pkg.is_none() {
         run(Command::new("apt-get").arg("update"))?;
-        pkg = kernel_package(series)?;
+        pkg = kernel_package(series, flavour)?;
     }
-    let pkg = pkg.with_context(|| format!("no linux-image-{series}*-cloud-amd64 in apt"))?;
+    let pkg = pkg.with_context(|| format!("no linux-image-{series}* ({flavour}) in apt"))?;
     let dir = cache.join(&pkg);
     let tree = dir.join("tree");
     if !dir.join("unpacked").exists() {
@@ -355,6 +369,8 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# pppoe-server's pppd talks to its session's pppoe through a pseudo-tty.
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 mount -t bpf bpf /sys/fs/bpf
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run

@@ -263,9 +263,7 @@ fn pppoe_session(lab: &Lab) -> Option<Session> {
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", lab.rtr))
             .arg(PPPOE_SERVER)
-            .args([
-                "-F", "-k", "-I", "rs", "-L", PPP_BRAS, "-R", PPP_SUB, "-N", "4",
-            ])
+            .args(["-F", "-I", "rs", "-L", PPP_BRAS, "-R", PPP_SUB, "-N", "4"])
             .arg("-O")
             .arg(&opts)
             .stdout(log("pppoe-server.log"))

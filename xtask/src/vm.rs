@@ -38,7 +38,7 @@ pub const DEFAULT_TESTS: &[&str] = &[
 /// Modules the tests need (with their dependencies, resolved from each module's .modinfo):
 /// veth for the lab, clsact and cls_bpf for netlink TC, vxlan for the tunnel test, tun for
 /// the raw-IP device test; 8021q, pppoe (pppox, ppp_generic, slhc) for the real VLAN and PPPoE
-/// devices (`tests/realdev.rs`).
+/// devices (`tests/realdev.rs`), and ppp_async, the tty discipline of pppoe-server's sessions.
 const MODULES: &[&str] = &[
     "veth",
     "sch_ingress",
@@ -48,6 +48,7 @@ const MODULES: &[&str] = &[
     "tun",
     "8021q",
     "pppoe",
+    "ppp_async",
 ];
 
 /// PPP for `tests/realdev.rs`, on their Debian paths (pppoe-server runs `/usr/sbin/pppd` with

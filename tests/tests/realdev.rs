@@ -369,6 +369,13 @@ fn pppoe_tc_on_bras_ppp_device() {
     );
     lab.write_config("");
     if let Err(log) = lab.try_start_daemon() {
+        // One line for the skip log: the daemon's last (its error).
+        let log = log
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .to_string();
         match tcx_missing() {
             Some(why) => {
                 skip(

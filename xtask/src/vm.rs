@@ -37,14 +37,36 @@ pub const DEFAULT_TESTS: &[&str] = &[
 
 /// Modules the tests need (with their dependencies, resolved from each module's .modinfo):
 /// veth for the lab, clsact and cls_bpf for netlink TC, vxlan for the tunnel test, tun for
-/// the raw-IP device test.
-const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "act_bpf", "vxlan", "tun"];
+/// the raw-IP device test; 8021q, pppoe (pppox, ppp_generic, slhc) for the real VLAN and PPPoE
+/// devices (`tests/realdev.rs`), and ppp_async, the tty discipline of pppoe-server's sessions.
+const MODULES: &[&str] = &[
+    "veth",
+    "sch_ingress",
+    "cls_bpf",
+    "act_bpf",
+    "vxlan",
+    "tun",
+    "8021q",
+    "pppoe",
+    "ppp_async",
+];
+
+/// PPP for `tests/realdev.rs`, on their Debian paths (pppoe-server runs `/usr/sbin/pppd` with
+/// `pty /usr/sbin/pppoe`: Debian builds it without kernel mode `-k`, whose plugin path
+/// `/etc/ppp/plugins/rp-pppoe.so` is carried too): Debian's `ppp` and `pppoe` packages.
+const PPP_FILES: &[&str] = &[
+    "/usr/sbin/pppd",
+    "/usr/sbin/pppoe-server",
+    "/usr/sbin/pppoe",
+];
 
 /// Host tools the tests call (busybox's `ip` cannot make namespaces or veth pairs).
 const HOST_TOOLS: &[&str] = &["ip", "tc", "nsenter", "setpriv", "ethtool"];
 
 pub struct Opts<'a> {
     pub kernel: &'a str,
+    /// `cloud` (linux-image-*-cloud-amd64) or `generic` (linux-image-*-amd64).
+    pub flavour: &'a str,
     pub tests: &'a [String],
     pub args: &'a [String],
     pub timeout: Duration,
@@ -54,7 +76,7 @@ pub fn test(o: &Opts) -> Result<()> {
     ensure_root()?;
     ensure_host_tools()?;
     let cache = root().join("target/vm");
-    let kernel = kernel_tree(&cache, o.kernel)?;
+    let kernel = kernel_tree(&cache, o.kernel, o.flavour)?;
     let tests: Vec<String> = if o.tests.is_empty() {
         DEFAULT_TESTS.iter().map(|s| s.to_string()).collect()
     } else {
@@ -62,7 +84,10 @@ pub fn test(o: &Opts) -> Result<()> {
     };
     let bins = build_binaries(&tests)?;
     let initrd = initramfs(
-        &cache.join(format!("initrd-{}", o.kernel)),
+        &cache.join(match o.flavour {
+            "cloud" => format!("initrd-{}", o.kernel),
+            f => format!("initrd-{}-{f}", o.kernel),
+        }),
         &kernel,
         &bins,
         o.args,
@@ -85,6 +110,8 @@ fn ensure_host_tools() -> Result<()> {
         ("/bin/busybox", "busybox-static"),
         ("/usr/sbin/ethtool", "ethtool"),
         ("/usr/bin/setpriv", "util-linux"),
+        ("/usr/sbin/pppd", "ppp"),
+        ("/usr/sbin/pppoe-server", "pppoe"),
     ]
     .into_iter()
     .filter(|(bin, _)| !Path::new(bin).exists())
@@ -109,10 +136,16 @@ fn ensure_host_tools() -> Result<()> {
     Ok(())
 }
 
-/// The apt package of Debian's cloud kernel `series` (6.1, 6.12): the newest ABI.
-fn kernel_package(series: &str) -> Result<Option<String>> {
+/// The apt package of Debian's kernel `series` (6.1, 6.12) of `flavour` (`cloud`: the
+/// cloud-amd64 kernel; `generic`: the amd64 one, which has PPP): the newest ABI.
+fn kernel_package(series: &str, flavour: &str) -> Result<Option<String>> {
+    let suffix = match flavour {
+        "cloud" => "-cloud-amd64",
+        "generic" => "-amd64",
+        f => bail!("unknown kernel flavour {f} (cloud or generic)"),
+    };
     let re = format!(
-        "^linux-image-{}[.-][0-9][^ ]*-cloud-amd64$",
+        "^linux-image-{}[.-][0-9][^ ]*{suffix}$",
         series.replace('.', "\\.")
     );
     let found = output(Command::new("apt-cache").args(["search", "--names-only", &re]))?;
@@ -125,6 +158,8 @@ fn kernel_package(series: &str) -> Result<Option<String>> {
         .lines()
         .filter_map(|l| l.split(' ').next())
         .filter(|n| !n.ends_with("-dbg") && !n.ends_with("-unsigned"))
+        // `-amd64` also ends the cloud and realtime flavours' names.
+        .filter(|n| flavour != "generic" || !(n.contains("-cloud-") || n.contains("-rt-")))
         .map(str::to_string)
         .max_by_key(|n| key(n)))
 }
@@ -136,13 +171,13 @@ struct Kernel {
 }
 
 /// Downloads and unpacks the kernel package once; later runs reuse the tree.
-fn kernel_tree(cache: &Path, series: &str) -> Result<Kernel> {
-    let mut pkg = kernel_package(series)?;
+fn kernel_tree(cache: &Path, series: &str, flavour: &str) -> Result<Kernel> {
+    let mut pkg = kernel_package(series, flavour)?;
     if pkg.is_none() {
         run(Command::new("apt-get").arg("update"))?;
-        pkg = kernel_package(series)?;
+        pkg = kernel_package(series, flavour)?;
     }
-    let pkg = pkg.with_context(|| format!("no linux-image-{series}*-cloud-amd64 in apt"))?;
+    let pkg = pkg.with_context(|| format!("no linux-image-{series}* ({flavour}) in apt"))?;
     let dir = cache.join(&pkg);
     let tree = dir.join("tree");
     if !dir.join("unpacked").exists() {
@@ -335,6 +370,8 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# pppoe-server's pppd talks to its session's pppoe through a pseudo-tty.
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 mount -t bpf bpf /sys/fs/bpf
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
@@ -396,6 +433,7 @@ fn initramfs(dir: &Path, k: &Kernel, bins: &Binaries, args: &[String]) -> Result
             install(&lib, &tree, &lib.to_string_lossy())?;
         }
     }
+    ppp(&tree)?;
     std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
     std::fs::write(tree.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
     let mut order = String::new();
@@ -450,6 +488,40 @@ fn initramfs(dir: &Path, k: &Kernel, bins: &Binaries, args: &[String]) -> Result
         ),
     ]))?;
     Ok(initrd)
+}
+
+/// pppd, the rp-pppoe plugin and pppoe-server with their libraries, and an /etc/ppp whose
+/// options file is empty: Debian's asks for `auth`, a modem and a lock, and the tests pass
+/// their options on the command line.
+fn ppp(tree: &Path) -> Result<()> {
+    let mut files: Vec<PathBuf> = PPP_FILES.iter().map(PathBuf::from).collect();
+    // /usr/lib/pppd/<version>/: the plugins, built for that pppd only.
+    for dir in std::fs::read_dir("/usr/lib/pppd")?.flatten() {
+        for so in std::fs::read_dir(dir.path())?.flatten() {
+            let name = so.file_name();
+            if name == "rp-pppoe.so" || name == "pppoe.so" {
+                files.push(so.path());
+            }
+        }
+    }
+    let plugin = files
+        .iter()
+        .find(|p| p.ends_with("rp-pppoe.so"))
+        .context("no /usr/lib/pppd/*/rp-pppoe.so (Debian package pppoe)")?
+        .clone();
+    for f in &files {
+        install(f, tree, &f.to_string_lossy())?;
+        for lib in libraries(f)? {
+            install(&lib, tree, &lib.to_string_lossy())?;
+        }
+    }
+    install(&plugin, tree, "/etc/ppp/plugins/rp-pppoe.so")?;
+    std::fs::write(
+        tree.join("etc/ppp/options"),
+        "# port25 VM: the tests give pppd its options\n",
+    )?;
+    std::fs::create_dir_all(tree.join("var/lock"))?;
+    Ok(())
 }
 
 /// Boots the VM, streams its console, and reads the verdict from it (QEMU exits 0 on poweroff

@@ -1,9 +1,10 @@
 //! Writing the desired state to the maps, in an order that never opens port 25 on the way.
 //!
 //! Every map's writes follow its stage in the map list ([`Stage`]): additions that restrict
-//! (blocked ports, enforced ranges) go first and their removals last; removals of allow
-//! entries (mail servers, exempt) go before their additions, except exempt entries that
-//! close an address (a blocked user's session), which go in before anything is removed. A
+//! (blocked ports, enforced ranges) go first and their removals last. Allow maps (mail
+//! servers, exempt): exempt entries that close an address (a blocked user's session) go in
+//! before anything is removed; then removals of entries that open, the settings, removals
+//! of entries that close, and last additions that open. A
 //! change that would overfill any map is refused before the first write
 //! ([`crate::bpf::maps::fits`]), so a full map fails the whole change and nothing is half
 //! applied.
@@ -58,13 +59,15 @@ impl Closes for Exempt {
     }
 }
 
-/// What one map needs: entries to write (new or changed) and keys to delete.
+/// What one map needs: entries to write (new or changed) and keys to delete, each with
+/// whether the value it removes closes an address.
 struct Diff<K, V> {
     put: Vec<(K, V)>,
-    del: Vec<K>,
+    del: Vec<(K, bool)>,
 }
 
-/// Which of a diff's additions a step writes.
+/// Which of a diff's additions or removals a step makes: by whether the value written (or
+/// the value removed) closes an address.
 #[derive(Clone, Copy)]
 enum Puts {
     All,
@@ -72,12 +75,22 @@ enum Puts {
     Opening,
 }
 
+impl Puts {
+    fn takes(self, closes: bool) -> bool {
+        match self {
+            Puts::All => true,
+            Puts::Closing => closes,
+            Puts::Opening => !closes,
+        }
+    }
+}
+
 /// One map's pending change with the map borrowed to make it, so that one loop per step of
 /// the apply serves every map.
 trait Pending {
     fn stage(&self) -> Stage;
     fn put(&mut self, which: Puts) -> Result<usize>;
-    fn del(&mut self) -> Result<usize>;
+    fn del(&mut self, which: Puts) -> Result<usize>;
 }
 
 struct MapDiff<'a, T: Table> {
@@ -117,9 +130,9 @@ where
             .map(|(k, v)| (*k, *v))
             .collect();
         let del: Vec<_> = have
-            .keys()
-            .filter(|k| !want.contains_key(k))
-            .copied()
+            .iter()
+            .filter(|(k, _)| !want.contains_key(k))
+            .map(|(k, v)| (*k, v.closes()))
             .collect();
         let new = put.iter().filter(|(k, _)| !have.contains_key(k)).count();
         let new_closing = put
@@ -151,12 +164,7 @@ where
     fn put(&mut self, which: Puts) -> Result<usize> {
         let mut n = 0;
         for (k, v) in &self.diff.put {
-            let take = match which {
-                Puts::All => true,
-                Puts::Closing => v.closes(),
-                Puts::Opening => !v.closes(),
-            };
-            if take {
+            if which.takes(v.closes()) {
                 self.map
                     .put(*k, *v)
                     .with_context(|| format!("{}: writing {k:?}", self.name))?;
@@ -166,13 +174,17 @@ where
         Ok(n)
     }
 
-    fn del(&mut self) -> Result<usize> {
-        for k in &self.diff.del {
-            self.map
-                .del(*k)
-                .with_context(|| format!("{}: deleting {k:?}", self.name))?;
+    fn del(&mut self, which: Puts) -> Result<usize> {
+        let mut n = 0;
+        for (k, closes) in &self.diff.del {
+            if which.takes(*closes) {
+                self.map
+                    .del(*k)
+                    .with_context(|| format!("{}: deleting {k:?}", self.name))?;
+                n += 1;
+            }
         }
-        Ok(self.diff.del.len())
+        Ok(n)
     }
 }
 
@@ -229,17 +241,26 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
     for p in in_stage(&mut maps, Stage::Restrict) {
         writes += p.put(Puts::All)?;
     }
-    if old != Some(early) {
-        settings.set(0, early, 0).context("writing settings")?;
-        writes += 1;
-    }
-    // Blocked sessions' entries close an address, so they go in before anything is deleted:
-    // deleting one (or a pass entry) can only then expose what the new state holds.
+    // Blocked sessions' entries close an address, so they go in before anything is deleted,
+    // and entries that open go out next: removing an allow never opens anything.
     for p in in_stage(&mut maps, Stage::Allow) {
         writes += p.put(Puts::Closing)?;
     }
     for p in in_stage(&mut maps, Stage::Allow) {
-        writes += p.del()?;
+        writes += p.del(Puts::Opening)?;
+    }
+    // Only now the probed prefix lengths may change: when old and new lengths together are
+    // more than the datapath probes, the new set alone is written, and an old length that
+    // goes out of sight then hides only entries the new state no longer has, with every
+    // allow that the new state drops already gone and every closing entry it keeps in place.
+    if old != Some(early) {
+        settings.set(0, early, 0).context("writing settings")?;
+        writes += 1;
+    }
+    // Removing an entry that closes an address can open it, but only to an allow the new
+    // state keeps.
+    for p in in_stage(&mut maps, Stage::Allow) {
+        writes += p.del(Puts::Closing)?;
     }
     for p in in_stage(&mut maps, Stage::Allow) {
         writes += p.put(Puts::Opening)?;
@@ -251,7 +272,7 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
         writes += 1;
     }
     for p in in_stage(&mut maps, Stage::Restrict) {
-        writes += p.del()?;
+        writes += p.del(Puts::All)?;
     }
     Ok(Applied { writes })
 }
@@ -315,27 +336,36 @@ fn with_lens_of(s: Settings, old: Option<Settings>) -> Settings {
     out
 }
 
-/// Writes a per-change plan: removals first (never opens anything), then additions, then the
-/// probed prefix lengths (so a new length is probed only once its entries are in).
+/// Writes a per-change plan in the order of a full apply. `old`: what each slot held before
+/// the change (the last applied state), in `slots` order.
 pub fn write_slots(
     live: &mut LiveMaps,
     slots: &[(Slot, Option<Exempt>)],
+    old: &[Option<Exempt>],
     settings: Option<Settings>,
 ) -> Result<()> {
-    // As in a full apply: old and new prefix lengths probed, blocked sessions' entries in,
-    // then deletes, then entries that open, then the new lengths alone.
+    debug_assert_eq!(slots.len(), old.len());
+    let was_closing = |i: usize| old.get(i).copied().flatten().is_some_and(|e| closes(&e));
+    // Blocked sessions' entries in, then removals of allows, then old and new prefix
+    // lengths probed, then removals of closing entries, entries that open, and the new
+    // lengths alone (see `apply_from`).
+    for (slot, v) in slots {
+        let Some(v) = v.filter(closes) else { continue };
+        slot.put(live, v)
+            .with_context(|| format!("writing {slot:?}"))?;
+    }
+    let dels = || slots.iter().enumerate().filter(|(_, (_, v))| v.is_none());
+    for (_, (slot, _)) in dels().filter(|(i, _)| !was_closing(*i)) {
+        slot.del(live)
+            .with_context(|| format!("deleting {slot:?}"))?;
+    }
     if let Some(s) = settings {
         let early = with_lens_of(s, live.settings.get(&0, 0).ok());
         if early != s {
             live.settings.set(0, early, 0).context("writing settings")?;
         }
     }
-    for (slot, v) in slots {
-        let Some(v) = v.filter(closes) else { continue };
-        slot.put(live, v)
-            .with_context(|| format!("writing {slot:?}"))?;
-    }
-    for (slot, _) in slots.iter().filter(|(_, v)| v.is_none()) {
+    for (_, (slot, _)) in dels().filter(|(i, _)| was_closing(*i)) {
         slot.del(live)
             .with_context(|| format!("deleting {slot:?}"))?;
     }

@@ -169,9 +169,14 @@ impl Daemon {
         policy::check_slots_fit(&self.live, &self.applied, &plan.slots)?;
         rec.commit()?;
         failpoint_after_commit();
+        let before: Vec<_> = plan
+            .slots
+            .iter()
+            .map(|(s, _)| self.applied.slot(s))
+            .collect();
         let settings_changed = self.index.apply(&mut self.applied, &plan);
         let settings = settings_changed.then_some(self.applied.settings);
-        if let Err(e) = policy::write_slots(&mut self.live, &plan.slots, settings) {
+        if let Err(e) = policy::write_slots(&mut self.live, &plan.slots, &before, settings) {
             self.apply_failed(e);
         }
         Ok(r)

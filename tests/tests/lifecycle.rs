@@ -360,6 +360,57 @@ fn netlink_tc_lifecycle() {
     );
 }
 
+/// The kind changes by reload (tcx to netlink and back): the new attachment is in place
+/// before the old one goes, and the old one does go (no filter left over tcx, no tcx link
+/// left under the filter's record).
+#[test]
+fn tc_attach_kind_changes_by_reload() {
+    require_root!();
+    port25_tests::require_tcx!();
+    let tc_auto = TC_NETLINK.replace("\n    tc_attach: netlink", "");
+    let mut lab = Lab::new(&tc_auto);
+    lab.start_daemon();
+    let kind = |lab: &Lab| {
+        let st = lab.ctl(&["status", "--json"]);
+        assert!(st.status.success(), "status: {}", text(&st));
+        let js: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+        js["interfaces"][0]["kind"].as_str().unwrap().to_string()
+    };
+    assert_eq!(kind(&lab), "tcx");
+    assert_eq!(own_filters(&lab), 0, "{}", tc_filters(&lab));
+    let tcx_link = port25_ctl::bpf::linkinfo::read(&lab.pin_dir.join("links/tc-ingress:rs"))
+        .unwrap()
+        .link_id;
+
+    lab.interfaces = TC_NETLINK.to_string();
+    lab.write_config("");
+    let r = lab.ctl(&["reload"]);
+    assert!(r.status.success(), "reload: {}", text(&r));
+    assert_eq!(kind(&lab), "netlink");
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    // The tcx link was released with its pin: the kernel no longer has it.
+    assert!(
+        !aya::programs::loaded_links()
+            .flatten()
+            .any(|l| l.id() == tcx_link),
+        "tcx link {tcx_link} still there"
+    );
+    assert_blocked(&lab, "after tcx -> netlink");
+
+    lab.interfaces = tc_auto;
+    lab.write_config("");
+    let r = lab.ctl(&["reload"]);
+    assert!(r.status.success(), "reload: {}", text(&r));
+    assert_eq!(kind(&lab), "tcx");
+    assert_eq!(
+        own_filters(&lab),
+        0,
+        "the filter went: {}",
+        tc_filters(&lab)
+    );
+    assert_blocked(&lab, "after netlink -> tcx");
+}
+
 /// Every pin in the tree with the kernel id behind it, and the settings record: what a
 /// refused start must leave exactly as it was.
 fn pin_snapshot(pins: &port25_ctl::bpf::pins::Pins) -> (Vec<(String, u32)>, Vec<String>, Settings) {

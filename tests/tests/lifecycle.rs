@@ -231,12 +231,15 @@ fn foreign_filter(lab: &Lab, prio: &str) {
     );
 }
 
-/// port25's own filters: at its fixed priority and handle.
+/// port25's own filters: at its fixed priority and handle, in direct-action mode.
 fn own_filters(lab: &Lab) -> usize {
     tc_filters(lab)
         .lines()
         .filter(|l| {
-            l.contains("pref 25 bpf") && l.contains("handle 0x25") && l.contains("port25_tc")
+            l.contains("pref 25 bpf")
+                && l.contains("handle 0x25")
+                && l.contains("port25_tc")
+                && l.contains("direct-action")
         })
         .count()
 }

@@ -412,6 +412,26 @@ fn tc_attach_kind_changes_by_reload() {
         tc_filters(&lab)
     );
     assert_blocked(&lab, "after netlink -> tcx");
+
+    // A filter whose record was lost (a crash between the steps of a move to tcx) goes too.
+    lab.interfaces = TC_NETLINK.to_string();
+    lab.write_config("");
+    let r = lab.ctl(&["reload"]);
+    assert!(r.status.success(), "reload: {}", text(&r));
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    lab.kill9();
+    std::fs::remove_file(lab.pin_dir.join("links").join("tc-ingress:rs")).unwrap();
+    lab.interfaces = TC_NETLINK.replace("\n    tc_attach: netlink", "");
+    lab.write_config("");
+    lab.start_daemon();
+    assert_eq!(kind(&lab), "tcx");
+    assert_eq!(
+        own_filters(&lab),
+        0,
+        "the orphan filter went: {}",
+        tc_filters(&lab)
+    );
+    assert_blocked(&lab, "after a start that found an orphan filter");
 }
 
 /// Every pin in the tree with the kernel id behind it, and the settings record: what a

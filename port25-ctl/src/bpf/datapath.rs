@@ -391,14 +391,27 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attache
         std::fs::remove_file(&path).with_context(|| format!("moving {point} off netlink"))?;
     }
     let outcome = attach_link(ebpf, pins, iface);
-    if let Some(rec) = old_filter {
-        match &outcome {
-            Ok(_) => crate::bpf::tc::detach(&rec)?,
-            Err(_) => crate::bpf::tc::write_record(&path, &rec)?,
-        }
-        return outcome.map(|_| Attached::Replaced);
+    if let (Some(rec), Err(_)) = (old_filter, &outcome) {
+        crate::bpf::tc::write_record(&path, &rec)?;
     }
-    outcome
+    let outcome = outcome?;
+    if iface.hook == Hook::Tc {
+        // port25's filter at its place goes once the link is in place: the recorded one, and
+        // one whose record a crash lost between the two steps.
+        let here = crate::bpf::tc::Record::ours(
+            crate::bpf::linkinfo::ifindex(&iface.name),
+            iface.direction,
+        );
+        for rec in old_filter.into_iter().chain([here]) {
+            if let Err(e) = crate::bpf::tc::detach(&rec) {
+                tracing::warn!(%point, "removing port25's netlink filter after moving to tcx: {e:#}");
+            }
+        }
+    }
+    Ok(match (old_filter, outcome) {
+        (Some(_), _) => Attached::Replaced,
+        (None, how) => how,
+    })
 }
 
 /// TC through a netlink filter: ours is given the program in place when it is there.

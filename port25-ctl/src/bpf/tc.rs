@@ -54,6 +54,16 @@ pub struct Record {
 }
 
 impl Record {
+    /// port25's place on one hook of an interface.
+    pub fn ours(ifindex: u32, direction: Direction) -> Record {
+        Record {
+            ifindex,
+            direction,
+            priority: PRIORITY,
+            handle: HANDLE,
+        }
+    }
+
     fn target(&self) -> String {
         format!(
             "{RECORD_PREFIX}{}:{}:{}:{:#x}",
@@ -196,15 +206,7 @@ pub fn attach(prog: &mut SchedClassifier, iface: &Interface) -> Result<(Record, 
     };
     // Dropping the link would delete the filter: it must outlive the daemon.
     std::mem::forget(prog.take_link(id)?);
-    Ok((
-        Record {
-            ifindex,
-            direction: iface.direction,
-            priority: PRIORITY,
-            handle: HANDLE,
-        },
-        swap,
-    ))
+    Ok((Record::ours(ifindex, iface.direction), swap))
 }
 
 /// Why the recorded filter does not enforce (None when it does).

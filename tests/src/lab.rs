@@ -489,8 +489,11 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.kill9();
-        let _ =
-            port25_ctl::bpf::datapath::detach_all(&port25_ctl::bpf::pins::Pins::new(&self.pin_dir));
+        // In the router's namespace: a netlink filter is deleted by its ifindex there.
+        let pins = port25_ctl::bpf::pins::Pins::new(&self.pin_dir);
+        let _ = in_ns(&self.rtr, move || {
+            port25_ctl::bpf::datapath::detach_all(&pins).ok()
+        });
         for ns in [&self.sub, &self.rtr, &self.net] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }

@@ -60,9 +60,9 @@ pub fn text(o: &std::process::Output) -> String {
     )
 }
 
-/// Why this kernel cannot run a `hook: tc` test, if it cannot. The daemon attaches TC through
-/// tcx only (a pinnable bpf_link, Linux 6.6+) and refuses to start without it. Probed, not read
-/// from the version: BPF_PROG_QUERY on a tcx attach type is EINVAL on a kernel without tcx.
+/// Why this kernel cannot run a test that needs tcx (a pinnable bpf_link, Linux 6.6+), if it
+/// cannot; without it the daemon attaches TC as a netlink clsact filter. Probed, not read from
+/// the version: BPF_PROG_QUERY on a tcx attach type is EINVAL on a kernel without tcx.
 pub fn tcx_missing() -> Option<String> {
     const BPF_PROG_QUERY: libc::c_long = 16;
     const BPF_TCX_INGRESS: u32 = 46;
@@ -81,11 +81,8 @@ pub fn tcx_missing() -> Option<String> {
         )
     };
     let err = std::io::Error::last_os_error();
-    (rc != 0 && err.raw_os_error() == Some(libc::EINVAL)).then(|| {
-        "this kernel has no tcx (BPF_PROG_QUERY on BPF_TCX_INGRESS: EINVAL), and `hook: tc` \
-         attaches only through tcx until netlink TC lands (issue 13 part 2)"
-            .to_string()
-    })
+    (rc != 0 && err.raw_os_error() == Some(libc::EINVAL))
+        .then(|| "this kernel has no tcx (BPF_PROG_QUERY on BPF_TCX_INGRESS: EINVAL)".to_string())
 }
 
 /// Reports that the running test (or `part` of it) cannot run on this kernel, and why: on

@@ -414,7 +414,6 @@ fn counters_read_from_an_older_smaller_counter_map() {
 #[test]
 fn raw_tc_on_a_live_tun_device_decides_by_skb_protocol() {
     require_root!();
-    port25_tests::require_tcx!();
     use port25_ctl::config::{Direction, Hook, Interface, XdpMode};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let mut f = fixture();
@@ -444,6 +443,7 @@ fn raw_tc_on_a_live_tun_device_decides_by_skb_protocol() {
         hook: Hook::Tc,
         xdp_mode: XdpMode::default(),
         direction: Direction::Ingress,
+        tc_attach: Default::default(),
     };
     datapath::attach(&mut f.ebpf, &f.pins, &iface).expect("attach raw TC to the tun device");
     // The packets: an IPv4 SYN to :587 (a pass as IPv4), a subscriber's SYN

@@ -5,13 +5,18 @@ use std::time::Duration;
 
 use port25_tests::{
     lab::{self, Lab},
-    require_root, require_tcx,
+    require_root,
 };
 
 const XDP: &str = "  - name: rs\n    hook: xdp\n    xdp_mode: native";
 const XDP_GENERIC: &str = "  - name: rs\n    hook: xdp\n    xdp_mode: generic";
 const TC: &str = "  - name: rs\n    hook: tc\n    direction: ingress";
 const TC_EGRESS: &str = "  - name: ru\n    hook: tc\n    direction: egress";
+// The netlink clsact filter that kernels without tcx get, forced where tcx exists.
+const TC_NETLINK: &str =
+    "  - name: rs\n    hook: tc\n    direction: ingress\n    tc_attach: netlink";
+const TC_EGRESS_NETLINK: &str =
+    "  - name: ru\n    hook: tc\n    direction: egress\n    tc_attach: netlink";
 const EXEMPT: &str = "exempt:\n  - prefix: 100.64.0.3/32\n  - prefix: \"2001:db8:100::3/128\"\n";
 
 fn matrix(interfaces: &str) {
@@ -58,12 +63,22 @@ fn matrix(interfaces: &str) {
             a.ext
         );
     }
-    let st = lab.ctl(&["status"]);
+    let st = lab.ctl(&["status", "--json"]);
     assert!(
         st.status.success(),
         "status: {}",
         String::from_utf8_lossy(&st.stdout)
     );
+    // The kind status reports is the one asked for (auto: tcx where the kernel has it).
+    let js: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let want = if interfaces.contains("hook: xdp") {
+        "xdp"
+    } else if interfaces.contains("tc_attach: netlink") || port25_tests::tcx_missing().is_some() {
+        "netlink"
+    } else {
+        "tcx"
+    };
+    assert_eq!(js["interfaces"][0]["kind"], want, "{js}");
 }
 
 #[test]
@@ -81,15 +96,25 @@ fn xdp_generic_matrix() {
 #[test]
 fn tc_ingress_matrix() {
     require_root!();
-    require_tcx!();
     matrix(TC);
 }
 
 #[test]
 fn tc_egress_upstream_matrix() {
     require_root!();
-    require_tcx!();
     matrix(TC_EGRESS);
+}
+
+#[test]
+fn tc_ingress_netlink_matrix() {
+    require_root!();
+    matrix(TC_NETLINK);
+}
+
+#[test]
+fn tc_egress_upstream_netlink_matrix() {
+    require_root!();
+    matrix(TC_EGRESS_NETLINK);
 }
 
 /// `action: reject`: the subscriber's connect is refused at once by a RST from the router,
@@ -140,13 +165,17 @@ fn xdp_generic_reject() {
 #[test]
 fn tc_ingress_reject() {
     require_root!();
-    require_tcx!();
     reject(TC);
+}
+
+#[test]
+fn tc_ingress_netlink_reject() {
+    require_root!();
+    reject(TC_NETLINK);
 }
 
 #[test]
 fn tc_egress_upstream_reject() {
     require_root!();
-    require_tcx!();
     reject(TC_EGRESS);
 }

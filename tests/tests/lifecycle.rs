@@ -200,6 +200,251 @@ fn lifecycle() {
     );
 }
 
+const TC_NETLINK: &str =
+    "  - name: rs\n    hook: tc\n    direction: ingress\n    tc_attach: netlink";
+
+/// `tc filter show` on the router's subscriber side, ingress.
+fn tc_filters(lab: &Lab) -> String {
+    let o = std::process::Command::new("tc")
+        .args(["-n", &lab.rtr, "filter", "show", "dev", "rs", "ingress"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "tc filter show: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn tc(lab: &Lab, args: &[&str]) {
+    let o = std::process::Command::new("tc")
+        .args(["-n", &lab.rtr])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "tc {args:?}: {}", text(&o));
+}
+
+/// Another user's filter at `prio`: classic BPF that matches nothing (`ret 0`), so packets
+/// go on to the next filter; a `bpf` filter like port25's, but not port25's.
+fn foreign_filter(lab: &Lab, prio: &str) {
+    tc(
+        lab,
+        &[
+            "filter",
+            "add",
+            "dev",
+            "rs",
+            "ingress",
+            "prio",
+            prio,
+            "bpf",
+            "bytecode",
+            "1,6 0 0 0,",
+        ],
+    );
+}
+
+/// port25's own filters: at its fixed priority and handle, in direct-action mode.
+fn own_filters(lab: &Lab) -> usize {
+    tc_filters(lab)
+        .lines()
+        .filter(|l| {
+            l.contains("pref 25 bpf")
+                && l.contains("handle 0x25")
+                && l.contains("port25_tc")
+                && l.contains("direct-action")
+        })
+        .count()
+}
+
+/// TC through a netlink clsact filter (what kernels without tcx get; forced here so a
+/// kernel with tcx tests it too): the filter outlives the daemon, a restart under a SYN
+/// stream replaces its program in place with none to port 25 through and never a second
+/// filter, a lost filter is reported and repaired, and detach removes exactly port25's
+/// filter while another user's filter on the same hook stays.
+#[test]
+fn netlink_tc_lifecycle() {
+    require_root!();
+    let mut lab = Lab::new(TC_NETLINK);
+    // Other users of clsact, one before port25 (pref 10) and one after it (pref 30).
+    tc(&lab, &["qdisc", "add", "dev", "rs", "clsact"]);
+    foreign_filter(&lab, "10");
+    foreign_filter(&lab, "30");
+    lab.start_daemon();
+    assert_blocked(&lab, "fresh start");
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    let st = lab.ctl(&["status", "--json"]);
+    assert!(st.status.success(), "status: {}", text(&st));
+    let js: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let i = &js["interfaces"][0];
+    assert_eq!(i["kind"], "netlink", "{js}");
+    assert_eq!(i["priority"], 25, "{js}");
+    assert_eq!(i["handle"], "0x25", "{js}");
+    let human = text(&lab.ctl(&["status"]));
+    assert!(human.contains("netlink pref 25 handle 0x25"), "{human}");
+
+    // kill -9: the filter stays and enforces; status reads it with the daemon down.
+    lab.kill9();
+    assert_blocked(&lab, "after kill -9");
+    let st = lab.ctl(&["status", "--json"]);
+    assert!(st.status.success(), "status, daemon down: {}", text(&st));
+
+    // A restart under a stream of SYNs: the program is replaced in place.
+    let (to25, to587) = lab.start_daemon_under_syn_stream();
+    assert!(to587 > 0, "the sniffer sees the control SYNs");
+    assert_eq!(to25, 0, "no SYN to port 25 crossed during the restart");
+    assert!(
+        lab.daemon_log().contains("Swapped"),
+        "the restart adopted the filter: {}",
+        lab.daemon_log()
+    );
+    assert_eq!(
+        own_filters(&lab),
+        1,
+        "never a second filter: {}",
+        tc_filters(&lab)
+    );
+    assert_blocked(&lab, "after restart");
+
+    // A restart with the record lost: the filter is found by its place, not stacked.
+    lab.kill9();
+    std::fs::remove_file(lab.pin_dir.join("links").join("tc-ingress:rs")).unwrap();
+    lab.start_daemon();
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    assert_blocked(&lab, "after a start without the record");
+
+    // A lost filter: status says so and exits 3; a reload repairs it.
+    tc(
+        &lab,
+        &[
+            "filter", "del", "dev", "rs", "ingress", "prio", "25", "handle", "0x25", "bpf",
+        ],
+    );
+    let st = lab.ctl(&["status"]);
+    assert_eq!(st.status.code(), Some(3), "{}", text(&st));
+    assert!(text(&st).contains("missing"), "{}", text(&st));
+    let r = lab.ctl(&["reload"]);
+    assert!(r.status.success(), "reload: {}", text(&r));
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    assert_blocked(&lab, "after the repair");
+
+    // A filter of another user at port25's priority is refused, not grouped with ours.
+    lab.kill9();
+    tc(
+        &lab,
+        &[
+            "filter", "del", "dev", "rs", "ingress", "prio", "25", "handle", "0x25", "bpf",
+        ],
+    );
+    foreign_filter(&lab, "25");
+    let e = lab
+        .try_start_daemon()
+        .expect_err("a foreign filter at priority 25 is refused");
+    assert!(e.contains("priority 25"), "{e}");
+    tc(
+        &lab,
+        &["filter", "del", "dev", "rs", "ingress", "prio", "25"],
+    );
+    lab.start_daemon();
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+
+    // detach: port25's filter goes, the other users' stay.
+    let d = lab.ctl(&["detach"]);
+    assert!(d.status.success(), "detach: {}", text(&d));
+    assert!(
+        lab.wait_daemon_exit(Duration::from_secs(5)),
+        "the daemon exits on detach"
+    );
+    let left = tc_filters(&lab);
+    assert_eq!(own_filters(&lab), 0, "{left}");
+    for p in ["pref 10 bpf", "pref 30 bpf"] {
+        assert!(left.contains(p), "the foreign filter at {p} stays: {left}");
+    }
+    let (v4, v6) = (lab::v4(), lab::v6());
+    for a in [v4, v6] {
+        assert!(
+            lab.can_connect(a.sub, a.ext, 25),
+            "after detach {} -> {}:25",
+            a.sub,
+            a.ext
+        );
+    }
+    assert!(
+        !lab.pin_dir.exists(),
+        "no pin left under {}",
+        lab.pin_dir.display()
+    );
+}
+
+/// The kind changes by reload (tcx to netlink and back): the new attachment is in place
+/// before the old one goes, and the old one does go (no filter left over tcx, no tcx link
+/// left under the filter's record).
+#[test]
+fn tc_attach_kind_changes_by_reload() {
+    require_root!();
+    port25_tests::require_tcx!();
+    let tc_auto = TC_NETLINK.replace("\n    tc_attach: netlink", "");
+    let mut lab = Lab::new(&tc_auto);
+    lab.start_daemon();
+    let kind = |lab: &Lab| {
+        let st = lab.ctl(&["status", "--json"]);
+        assert!(st.status.success(), "status: {}", text(&st));
+        let js: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+        js["interfaces"][0]["kind"].as_str().unwrap().to_string()
+    };
+    assert_eq!(kind(&lab), "tcx");
+    assert_eq!(own_filters(&lab), 0, "{}", tc_filters(&lab));
+    let tcx_link = port25_ctl::bpf::linkinfo::read(&lab.pin_dir.join("links/tc-ingress:rs"))
+        .unwrap()
+        .link_id;
+
+    lab.interfaces = TC_NETLINK.to_string();
+    lab.write_config("");
+    let r = lab.ctl(&["reload"]);
+    assert!(r.status.success(), "reload: {}", text(&r));
+    assert_eq!(kind(&lab), "netlink");
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    // The tcx link was released with its pin: the kernel no longer has it.
+    assert!(
+        !aya::programs::loaded_links()
+            .flatten()
+            .any(|l| l.id() == tcx_link),
+        "tcx link {tcx_link} still there"
+    );
+    assert_blocked(&lab, "after tcx -> netlink");
+
+    lab.interfaces = tc_auto;
+    lab.write_config("");
+    let r = lab.ctl(&["reload"]);
+    assert!(r.status.success(), "reload: {}", text(&r));
+    assert_eq!(kind(&lab), "tcx");
+    assert_eq!(
+        own_filters(&lab),
+        0,
+        "the filter went: {}",
+        tc_filters(&lab)
+    );
+    assert_blocked(&lab, "after netlink -> tcx");
+
+    // A filter whose record was lost (a crash between the steps of a move to tcx) goes too.
+    lab.interfaces = TC_NETLINK.to_string();
+    lab.write_config("");
+    let r = lab.ctl(&["reload"]);
+    assert!(r.status.success(), "reload: {}", text(&r));
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    lab.kill9();
+    std::fs::remove_file(lab.pin_dir.join("links").join("tc-ingress:rs")).unwrap();
+    lab.interfaces = TC_NETLINK.replace("\n    tc_attach: netlink", "");
+    lab.write_config("");
+    lab.start_daemon();
+    assert_eq!(kind(&lab), "tcx");
+    assert_eq!(
+        own_filters(&lab),
+        0,
+        "the orphan filter went: {}",
+        tc_filters(&lab)
+    );
+    assert_blocked(&lab, "after a start that found an orphan filter");
+}
+
 /// Every pin in the tree with the kernel id behind it, and the settings record: what a
 /// refused start must leave exactly as it was.
 fn pin_snapshot(pins: &port25_ctl::bpf::pins::Pins) -> (Vec<(String, u32)>, Vec<String>, Settings) {

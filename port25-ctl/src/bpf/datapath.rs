@@ -284,14 +284,49 @@ pub enum Attached {
     Replaced,
 }
 
-/// Why a pinned link does not enforce on the interface the config names; None when it does.
-pub fn link_problem(pins: &Pins, iface: &Interface) -> Option<String> {
-    let info = match crate::bpf::linkinfo::read(&pins.link(&iface.attach_point())) {
+/// How an attach point is attached, as `status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attachment {
+    /// `xdp` or `tcx` (a pinned bpf_link), or `netlink` (a recorded TC filter).
+    pub kind: &'static str,
+    pub link_id: Option<u32>,
+    pub prog_id: Option<u32>,
+    /// netlink only: the filter's priority and handle.
+    pub priority: Option<u16>,
+    pub handle: Option<u32>,
+}
+
+/// What is attached at the interface's attach point, and why it does not enforce there
+/// (None when it does).
+pub fn inspect(pins: &Pins, iface: &Interface) -> (Option<Attachment>, Option<String>) {
+    let path = pins.link(&iface.attach_point());
+    if let Some(rec) = crate::bpf::tc::read_record(&path) {
+        let filter = crate::bpf::tc::find(&rec).ok().flatten();
+        let a = Attachment {
+            kind: "netlink",
+            link_id: None,
+            prog_id: filter.and_then(|f| f.prog_id),
+            priority: Some(rec.priority),
+            handle: Some(rec.handle),
+        };
+        return (Some(a), crate::bpf::tc::problem(&rec, &iface.name));
+    }
+    let info = match crate::bpf::linkinfo::read(&path) {
         Ok(i) => i,
-        Err(_) => return Some("no pinned link".into()),
+        Err(_) => return (None, Some("no pinned link".into())),
+    };
+    let a = Attachment {
+        kind: if iface.hook == Hook::Xdp {
+            "xdp"
+        } else {
+            "tcx"
+        },
+        link_id: Some(info.link_id),
+        prog_id: Some(info.prog_id),
+        ..Default::default()
     };
     let want = crate::bpf::linkinfo::ifindex(&iface.name);
-    if want == 0 {
+    let problem = if want == 0 {
         Some("interface not found in this network namespace".into())
     } else if info.ifindex == 0 {
         Some(format!(
@@ -305,6 +340,26 @@ pub fn link_problem(pins: &Pins, iface: &Interface) -> Option<String> {
         ))
     } else {
         None
+    };
+    (Some(a), problem)
+}
+
+/// Why the attachment does not enforce on the interface the config names, or is not of
+/// the kind the config asks for; None when all is well.
+pub fn link_problem(pins: &Pins, iface: &Interface) -> Option<String> {
+    let (a, problem) = inspect(pins, iface);
+    if problem.is_some() || iface.hook != Hook::Tc {
+        return problem;
+    }
+    let have_netlink = a.is_some_and(|a| a.kind == "netlink");
+    match crate::bpf::tc::uses_netlink(iface) {
+        Ok(want) if want != have_netlink => Some(format!(
+            "attached through {}, the config asks for {}",
+            if have_netlink { "netlink" } else { "tcx" },
+            if want { "netlink" } else { "tcx" }
+        )),
+        Ok(_) => None,
+        Err(e) => Some(format!("{e:#}")),
     }
 }
 
@@ -317,9 +372,13 @@ pub fn preflight(iface: &Interface) -> Result<()> {
     Ok(())
 }
 
-/// Unpins one attach point's link (detaching it unless something else holds it).
+/// Unpins one attach point's link (detaching it unless something else holds it); for a
+/// netlink record, deletes port25's filter first, then the record.
 pub fn unpin(pins: &Pins, point: &str) -> Result<()> {
     let path = pins.link(point);
+    if let Some(rec) = crate::bpf::tc::read_record(&path) {
+        crate::bpf::tc::detach(&rec).with_context(|| format!("detaching {point}"))?;
+    }
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("unpinning link {point}"))
@@ -334,6 +393,66 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attache
     let point = iface.attach_point();
     let path = pins.link(&point);
     preflight(iface)?;
+    let netlink = iface.hook == Hook::Tc && crate::bpf::tc::uses_netlink(iface)?;
+    if netlink {
+        return attach_netlink(ebpf, &path, iface);
+    }
+    // A netlink filter recorded here (the kind changed): it keeps enforcing until the new
+    // link is pinned, then goes.
+    let old_filter = crate::bpf::tc::read_record(&path);
+    if old_filter.is_some() {
+        std::fs::remove_file(&path).with_context(|| format!("moving {point} off netlink"))?;
+    }
+    let outcome = attach_link(ebpf, pins, iface);
+    if let (Some(rec), Err(_)) = (old_filter, &outcome) {
+        crate::bpf::tc::write_record(&path, &rec)?;
+    }
+    let outcome = outcome?;
+    if iface.hook == Hook::Tc {
+        // port25's filter at its place goes once the link is in place: the recorded one, and
+        // one whose record a crash lost between the two steps.
+        let here = crate::bpf::tc::Record::ours(
+            crate::bpf::linkinfo::ifindex(&iface.name),
+            iface.direction,
+        );
+        for rec in old_filter.into_iter().chain([here]) {
+            if let Err(e) = crate::bpf::tc::detach(&rec) {
+                tracing::warn!(%point, "removing port25's netlink filter after moving to tcx: {e:#}");
+            }
+        }
+    }
+    Ok(match (old_filter, outcome) {
+        (Some(_), _) => Attached::Replaced,
+        (None, how) => how,
+    })
+}
+
+/// TC through a netlink filter: ours is given the program in place when it is there.
+fn attach_netlink(ebpf: &mut Ebpf, path: &std::path::Path, iface: &Interface) -> Result<Attached> {
+    let name = if link_is_ethernet(&iface.name)? {
+        PROG_TC
+    } else {
+        PROG_TC_RAW
+    };
+    let old = crate::bpf::tc::read_record(path);
+    // A tcx link pinned here (the kind changed) is released by the record's rename, once
+    // the filter is in place.
+    let other_kind = old.is_none() && crate::bpf::tc::occupied(path);
+    let (rec, swapped) = crate::bpf::tc::attach(program_tc(ebpf, name)?, iface)?;
+    crate::bpf::tc::write_record(path, &rec)?;
+    Ok(if swapped {
+        Attached::Swapped
+    } else if other_kind || old.is_some() {
+        Attached::Replaced
+    } else {
+        Attached::New
+    })
+}
+
+/// XDP, or TC through tcx: a pinned bpf_link.
+fn attach_link(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attached> {
+    let point = iface.attach_point();
+    let path = pins.link(&point);
     let mut replaced = false;
     let pinned = if path.exists() {
         if let Some(problem) = link_problem(pins, iface) {
@@ -410,9 +529,16 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attache
                         Direction::Ingress => TcAttachType::Ingress,
                         Direction::Egress => TcAttachType::Egress,
                     };
-                    let id = prog.attach(&iface.name, ty).with_context(|| {
-                        format!("attaching TC {} to {}", iface.direction, iface.name)
-                    })?;
+                    // tcx explicitly: aya's `attach` picks by kernel version alone.
+                    let id = prog
+                        .attach_with_options(
+                            &iface.name,
+                            ty,
+                            aya::programs::tc::TcAttachOptions::TcxOrder(Default::default()),
+                        )
+                        .with_context(|| {
+                            format!("attaching TC {} to {} (tcx)", iface.direction, iface.name)
+                        })?;
                     let link = prog.take_link(id)?;
                     let fd = FdLink::try_from(link).map_err(|_| {
                         anyhow!(
@@ -452,7 +578,7 @@ pub fn detach_stale(pins: &Pins, cfg: &Config) -> Result<Vec<String>> {
 pub fn detach_all(pins: &Pins) -> Result<Vec<String>> {
     let points = pins.pinned_links();
     for p in &points {
-        std::fs::remove_file(pins.link(p)).with_context(|| format!("unpinning link {p}"))?;
+        unpin(pins, p)?;
     }
     pins.remove_tree()?;
     Ok(points)

@@ -8,3 +8,4 @@ pub mod livemaps;
 pub mod maps;
 pub mod pins;
 pub mod sys;
+pub mod tc;

@@ -4,7 +4,9 @@
 //! <pin_dir>/            (default /sys/fs/bpf/port25, mode 0700)
 //!   maps/P25_*          one pin per map (names in port25_common::maps)
 //!   links/xdp:<if>      one pin per attach point: xdp:<if>, tc-ingress:<if>, tc-egress:<if>
-//!                       (<if> with `.` and `%` %-escaped: bpffs refuses dots)
+//!                       (<if> with `.` and `%` %-escaped: bpffs refuses dots); for TC
+//!                       through netlink (no tcx), a symlink recording the filter instead
+//!                       (see bpf::tc)
 //!   maps-next/P25_*     only during a map migration: the new maps, filled before any
 //!                       program uses them, then renamed over maps/
 //! ```
@@ -27,6 +29,8 @@ pub struct Pins {
 
 pub const MAPS_DIR: &str = "maps";
 pub const STAGING_MAPS_DIR: &str = "maps-next";
+/// A link entry being written, renamed over its attach point's name when complete.
+pub const TMP_PREFIX: &str = "new~";
 
 impl Pins {
     pub fn new(root: &Path) -> Self {
@@ -62,6 +66,7 @@ impl Pins {
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with(TMP_PREFIX))
             .collect();
         v.sort();
         v

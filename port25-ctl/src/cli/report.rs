@@ -7,7 +7,7 @@ use port25_common::{parse::Packet, verdict::decide, Addr, Reason};
 use serde::Serialize;
 
 use crate::{
-    bpf::linkinfo,
+    bpf::datapath,
     bpf::livemaps::LiveMaps,
     bpf::pins::Pins,
     config::{Config, Hook},
@@ -21,8 +21,15 @@ pub struct IfaceStatus {
     pub hook: String,
     pub attach_point: String,
     pub attached: bool,
+    /// `xdp`, `tcx` or `netlink` (None when nothing is attached).
+    pub kind: Option<&'static str>,
     pub link_id: Option<u32>,
     pub prog_id: Option<u32>,
+    /// netlink only: port25's filter priority and handle (`tc filter show`'s pref, handle).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handle: Option<String>,
     pub problem: Option<String>,
 }
 
@@ -92,34 +99,20 @@ pub fn status(cfg: &Config, daemon: Option<crate::control::reply::Info>) -> Resu
             Hook::Xdp => format!("xdp ({:?})", i.xdp_mode).to_lowercase(),
             Hook::Tc => format!("tc {}", i.direction),
         };
-        let mut s = IfaceStatus {
+        let (a, problem) = datapath::inspect(&pins, i);
+        let a = a.unwrap_or_default();
+        interfaces.push(IfaceStatus {
             name: i.name.clone(),
             hook,
-            attach_point: point.clone(),
-            attached: false,
-            link_id: None,
-            prog_id: None,
-            problem: None,
-        };
-        match linkinfo::read(&pins.link(&point)) {
-            Err(_) => s.problem = Some("no pinned link".into()),
-            Ok(info) => {
-                s.link_id = Some(info.link_id);
-                s.prog_id = Some(info.prog_id);
-                let want = linkinfo::ifindex(&i.name);
-                if want == 0 {
-                    s.problem = Some("interface not found in this network namespace".into());
-                } else if info.ifindex != want {
-                    s.problem = Some(format!(
-                        "link is on ifindex {} but {} is ifindex {want} (defunct link?)",
-                        info.ifindex, i.name
-                    ));
-                } else {
-                    s.attached = true;
-                }
-            }
-        }
-        interfaces.push(s);
+            attach_point: point,
+            attached: problem.is_none(),
+            kind: (!a.kind.is_empty()).then_some(a.kind),
+            link_id: a.link_id,
+            prog_id: a.prog_id,
+            priority: a.priority,
+            handle: a.handle.map(|h| format!("{h:#x}")),
+            problem,
+        });
     }
     let configured: Vec<String> = cfg.interfaces.iter().map(|i| i.attach_point()).collect();
     let unconfigured_links = pins
@@ -202,8 +195,12 @@ pub fn print_status(s: &Status) {
     }
     for i in &s.interfaces {
         let state = if i.attached { "attached" } else { "MISSING" };
-        let ids = match (i.link_id, i.prog_id) {
-            (Some(l), Some(p)) => format!(" link {l} prog {p}"),
+        let ids = match (i.kind, i.link_id, i.prog_id, i.priority, &i.handle) {
+            (Some(k), Some(l), Some(p), _, _) => format!(" {k} link {l} prog {p}"),
+            (Some(k), None, p, Some(pref), Some(h)) => format!(
+                " {k} pref {pref} handle {h}{}",
+                p.map(|p| format!(" prog {p}")).unwrap_or_default()
+            ),
             _ => String::new(),
         };
         let problem = i

@@ -55,6 +55,8 @@ pub struct Interface {
     pub hook: Hook,
     pub xdp_mode: XdpMode,
     pub direction: Direction,
+    /// Extension, hook: tc only: how the TC program is attached (tcx when the kernel has it).
+    pub tc_attach: TcAttach,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -66,6 +68,8 @@ struct RawInterface {
     xdp_mode: Option<XdpMode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     direction: Option<Direction>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tc_attach: Option<TcAttach>,
 }
 
 /// Written back as it is read: only the keys of its hook.
@@ -74,6 +78,7 @@ impl From<Interface> for RawInterface {
         RawInterface {
             xdp_mode: (i.hook == Hook::Xdp).then_some(i.xdp_mode),
             direction: (i.hook == Hook::Tc).then_some(i.direction),
+            tc_attach: (i.hook == Hook::Tc && i.tc_attach != TcAttach::Auto).then_some(i.tc_attach),
             name: i.name,
             hook: i.hook,
         }
@@ -98,11 +103,16 @@ impl TryFrom<RawInterface> for Interface {
                 "interface {}: `xdp_mode` is for hook: xdp only",
                 r.name
             )),
+            Hook::Xdp if r.tc_attach.is_some() => Err(format!(
+                "interface {}: `tc_attach` is for hook: tc only",
+                r.name
+            )),
             _ => Ok(Interface {
                 name: r.name,
                 hook: r.hook,
                 xdp_mode: r.xdp_mode.unwrap_or_default(),
                 direction: r.direction.unwrap_or_default(),
+                tc_attach: r.tc_attach.unwrap_or_default(),
             }),
         }
     }
@@ -151,6 +161,18 @@ impl fmt::Display for Direction {
             Direction::Egress => "egress",
         })
     }
+}
+
+/// How a `hook: tc` program is attached: `auto` probes the running kernel for tcx (never
+/// its version: RHEL 9.4+ backports tcx onto 5.14) and falls back to a netlink clsact filter;
+/// `tcx` and `netlink` force one (`netlink` lets a kernel with tcx test the fallback).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TcAttach {
+    #[default]
+    Auto,
+    Tcx,
+    Netlink,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]

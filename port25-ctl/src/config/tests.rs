@@ -137,6 +137,24 @@ fn hook_specific_keys_are_checked() {
             .contains("twice")
     );
     assert!(err("interfaces:\n  - name: a/b\n    hook: xdp\n").contains("not a valid interface"));
+    assert!(
+        err("interfaces:\n  - name: eth1\n    hook: xdp\n    tc_attach: netlink\n")
+            .contains("tc only")
+    );
+    assert!(
+        err("interfaces:\n  - name: eth1\n    hook: tc\n    tc_attach: legacy\n")
+            .contains("unknown variant")
+    );
+}
+
+#[test]
+fn tc_attach_defaults_to_auto_and_is_written_back_only_when_set() {
+    let c = parse("interfaces:\n  - name: a\n    hook: tc\n  - name: b\n    hook: tc\n    tc_attach: netlink\n  - name: c\n    hook: tc\n    tc_attach: tcx\n").unwrap();
+    let kinds: Vec<_> = c.interfaces.iter().map(|i| i.tc_attach).collect();
+    assert_eq!(kinds, [TcAttach::Auto, TcAttach::Netlink, TcAttach::Tcx]);
+    let yaml = serde_yaml::to_string(&c.interfaces).unwrap();
+    assert_eq!(yaml.matches("tc_attach").count(), 2, "{yaml}");
+    assert!(yaml.contains("tc_attach: netlink"), "{yaml}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use port25_tests::{lab::Lab, require_root, skip, tcx_missing};
+use port25_tests::{lab::Lab, require_root, skip};
 
 /// The external MX of the lab (listening on 25, 587, 465, 2525 in the internet namespace).
 const EXT: &str = "203.0.113.80";
@@ -354,8 +354,8 @@ fn pppoe_xdp_native_on_bras_ethernet() {
     pppoe_xdp("native");
 }
 
-/// TC on the BRAS's ppp device (raw IP: only TC can see it). On a kernel without tcx the
-/// daemon refuses `hook: tc` until netlink TC lands: skipped with its message.
+/// TC on the BRAS's ppp device (raw IP: only TC can see it): tcx where the kernel has it,
+/// a netlink clsact filter where it does not (6.1).
 #[test]
 fn pppoe_tc_on_bras_ppp_device() {
     require_root!();
@@ -369,27 +369,7 @@ fn pppoe_tc_on_bras_ppp_device() {
     );
     lab.write_config("");
     if let Err(log) = lab.try_start_daemon() {
-        // One line for the skip log: the daemon's last (its error).
-        let log = log
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .to_string();
-        match tcx_missing() {
-            Some(why) => {
-                skip(
-                    None,
-                    &format!(
-                        "{why}; the daemon refused TC on {}: {}",
-                        session.bras_dev,
-                        log.trim()
-                    ),
-                );
-                return;
-            }
-            None => panic!("daemon refused TC on {}: {log}", session.bras_dev),
-        }
+        panic!("daemon refused TC on {}: {log}", session.bras_dev);
     }
     assert_enforced(
         &lab,

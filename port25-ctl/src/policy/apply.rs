@@ -93,14 +93,14 @@ trait Pending {
     fn del(&mut self, which: Puts) -> Result<usize>;
 }
 
-struct MapDiff<'a, T: Table> {
+struct MapDiff<'a, T: Table + ?Sized> {
     name: &'static str,
     stage: Stage,
     map: &'a mut T,
     diff: Diff<T::K, T::V>,
 }
 
-impl<'a, T: Table> MapDiff<'a, T>
+impl<'a, T: Table + ?Sized> MapDiff<'a, T>
 where
     T::V: Closes,
 {
@@ -153,7 +153,7 @@ where
     }
 }
 
-impl<T: Table> Pending for MapDiff<'_, T>
+impl<T: Table + ?Sized> Pending for MapDiff<'_, T>
 where
     T::V: Closes,
 {
@@ -188,20 +188,63 @@ where
     }
 }
 
+/// The settings record as the apply reads and writes it.
+pub trait SettingsCell {
+    fn read(&self) -> Option<Settings>;
+    fn write(&mut self, s: Settings) -> Result<()>;
+}
+
+impl SettingsCell for Arr<Settings> {
+    fn read(&self) -> Option<Settings> {
+        self.get(&0, 0).ok()
+    }
+    fn write(&mut self, s: Settings) -> Result<()> {
+        self.set(0, s, 0).context("writing settings")
+    }
+}
+
 macro_rules! per_map {
     (
         $sf:ident: $sn:ident = $st:ty;
         policy { $( $stage:ident { $( $f:ident: $n:ident = $t:ty, $cap:expr $(, $slot:ident)?; )* } )* }
         $cf:ident: $cn:ident = $ct:ty, $ccap:expr;
     ) => {
+        /// Every map an apply writes, as tables: the live maps ([`LiveMaps::tables`]), or
+        /// plain collections in the test that checks the order against the reference model.
+        pub struct Tables<'a> {
+            pub $sf: &'a mut dyn SettingsCell,
+            $( $( pub $f: &'a mut dyn Table<K = <$t as Table>::K, V = <$t as Table>::V>, )* )*
+        }
+
+        impl LiveMaps {
+            pub fn tables(&mut self) -> Tables<'_> {
+                let LiveMaps { $sf, $( $( $f, )* )* .. } = self;
+                Tables { $sf, $( $( $f, )* )* }
+            }
+        }
+
+        impl Tables<'_> {
+            fn put_slot(&mut self, s: &Slot, v: Exempt) -> Result<()> {
+                match s {
+                    $( $( $( Slot::$slot(k) => self.$f.put(*k, v), )? )* )*
+                }
+            }
+
+            fn del_slot(&mut self, s: &Slot) -> Result<()> {
+                match s {
+                    $( $( $( Slot::$slot(k) => self.$f.del(*k), )? )* )*
+                }
+            }
+        }
+
         /// Every policy map's diff, in list order, computed before anything is written (a
         /// map that would overflow stops the change here), and the settings map beside them.
         fn diff_all<'a>(
-            live: &'a mut LiveMaps,
+            t: Tables<'a>,
             known: Option<&Desired>,
             want: &Desired,
-        ) -> Result<(&'a mut $st, Vec<Box<dyn Pending + 'a>>)> {
-            let LiveMaps { $sf, $( $( $f, )* )* .. } = live;
+        ) -> Result<(&'a mut dyn SettingsCell, Vec<Box<dyn Pending + 'a>>)> {
+            let Tables { $sf, $( $( $f, )* )* } = t;
             let maps: Vec<Box<dyn Pending + 'a>> = vec![
                 $( $(
                     Box::new(MapDiff::new($f, m::$n, Stage::$stage, &want.$f, known.map(|k| &k.$f))?),
@@ -220,11 +263,16 @@ macro_rules! per_map {
 map_list!(per_map);
 
 fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> Result<Applied> {
+    apply_to(live.tables(), known, want)
+}
+
+/// The apply's order of writes, over any tables.
+fn apply_to(t: Tables<'_>, known: Option<&Desired>, want: &Desired) -> Result<Applied> {
     let old = match known {
         Some(k) => Some(k.settings),
-        None => live.settings.get(&0, 0).ok(),
+        None => t.settings.read(),
     };
-    let (settings, mut maps) = diff_all(live, known, want)?;
+    let (settings, mut maps) = diff_all(t, known, want)?;
     // Enforcing a whole family is the restrictive direction: early on, a family stays
     // narrowed to its listed ranges only if it is narrowed both before and after (one family
     // may narrow while the other widens); the wanted flags follow once the ranges are in.
@@ -254,7 +302,7 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
     // goes out of sight then hides only entries the new state no longer has, with every
     // allow that the new state drops already gone and every closing entry it keeps in place.
     if old != Some(early) {
-        settings.set(0, early, 0).context("writing settings")?;
+        settings.write(early)?;
         writes += 1;
     }
     // Removing an entry that closes an address can open it, but only to an allow the new
@@ -266,9 +314,7 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
         writes += p.put(Puts::Opening)?;
     }
     if early != want.settings {
-        settings
-            .set(0, want.settings, 0)
-            .context("writing settings")?;
+        settings.write(want.settings)?;
         writes += 1;
     }
     for p in in_stage(&mut maps, Stage::Restrict) {
@@ -344,6 +390,16 @@ pub fn write_slots(
     old: &[Option<Exempt>],
     settings: Option<Settings>,
 ) -> Result<()> {
+    write_slots_to(live.tables(), slots, old, settings)
+}
+
+/// [`write_slots`]' order of writes, over any tables.
+fn write_slots_to(
+    mut t: Tables<'_>,
+    slots: &[(Slot, Option<Exempt>)],
+    old: &[Option<Exempt>],
+    settings: Option<Settings>,
+) -> Result<()> {
     debug_assert_eq!(slots.len(), old.len());
     let was_closing = |i: usize| old.get(i).copied().flatten().is_some_and(|e| closes(&e));
     // Blocked sessions' entries in, then removals of allows, then old and new prefix
@@ -351,33 +407,33 @@ pub fn write_slots(
     // lengths alone (see `apply_from`).
     for (slot, v) in slots {
         let Some(v) = v.filter(closes) else { continue };
-        slot.put(live, v)
+        t.put_slot(slot, v)
             .with_context(|| format!("writing {slot:?}"))?;
     }
     let dels = || slots.iter().enumerate().filter(|(_, (_, v))| v.is_none());
     for (_, (slot, _)) in dels().filter(|(i, _)| !was_closing(*i)) {
-        slot.del(live)
+        t.del_slot(slot)
             .with_context(|| format!("deleting {slot:?}"))?;
     }
     if let Some(s) = settings {
-        let early = with_lens_of(s, live.settings.get(&0, 0).ok());
+        let early = with_lens_of(s, t.settings.read());
         if early != s {
-            live.settings.set(0, early, 0).context("writing settings")?;
+            t.settings.write(early)?;
         }
     }
     for (_, (slot, _)) in dels().filter(|(i, _)| was_closing(*i)) {
-        slot.del(live)
+        t.del_slot(slot)
             .with_context(|| format!("deleting {slot:?}"))?;
     }
     for (slot, v) in slots {
         let Some(v) = v.filter(|v| !closes(v)) else {
             continue;
         };
-        slot.put(live, v)
+        t.put_slot(slot, v)
             .with_context(|| format!("writing {slot:?}"))?;
     }
     if let Some(s) = settings {
-        live.settings.set(0, s, 0).context("writing settings")?;
+        t.settings.write(s)?;
     }
     Ok(())
 }

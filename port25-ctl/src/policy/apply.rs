@@ -6,10 +6,10 @@
 //! before anything is removed; then (when old and new prefix lengths are probed together)
 //! the settings and the bindings in the exempt tries ([`Class::Hiding`]), removals of
 //! entries that open (the operator's before bindings), the settings otherwise, removals of
-//! entries that close, and last additions that open. `order` (tests) checks each write
-//! against the reference model. A change that would overfill any map is refused before the first write
-//! ([`crate::bpf::maps::fits`]), so a full map fails the whole change and nothing is half
-//! applied.
+//! entries that close, and last additions that open. The test module `order` checks every
+//! write of both paths against the reference model. A change that would overfill any map
+//! is refused before the first write ([`crate::bpf::maps::fits`]), so a full map fails the
+//! whole change and nothing is half applied.
 
 use std::collections::BTreeMap;
 

@@ -3,11 +3,13 @@
 //! Every map's writes follow its stage in the map list ([`Stage`]): additions that restrict
 //! (blocked ports, enforced ranges) go first and their removals last. Allow maps (mail
 //! servers, exempt): exempt entries that close an address (a blocked user's session) go in
-//! before anything is removed; then removals of entries that open, the settings, removals
-//! of entries that close, and last additions that open. A
-//! change that would overfill any map is refused before the first write
-//! ([`crate::bpf::maps::fits`]), so a full map fails the whole change and nothing is half
-//! applied.
+//! before anything is removed; then (when old and new prefix lengths are probed together)
+//! the settings and the bindings in the exempt tries ([`Class::Hiding`]), removals of
+//! entries that open (the operator's before bindings), the settings otherwise, removals of
+//! entries that close, and last additions that open. The test module `order` checks every
+//! write of both paths against the reference model. A change that would overfill any map
+//! is refused before the first write ([`crate::bpf::maps::fits`]), so a full map fails the
+//! whole change and nothing is half applied.
 
 use std::collections::BTreeMap;
 
@@ -42,45 +44,66 @@ pub fn apply_delta(live: &mut LiveMaps, have: &Desired, want: &Desired) -> Resul
     apply_from(live, Some(have), want)
 }
 
-/// A value whose write can close an address rather than open one.
-trait Closes {
-    fn closes(&self) -> bool;
+/// What writing or removing an entry can do to port 25 for the addresses it covers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Class {
+    /// A blocked user's session entry: closes its address.
+    Closing,
+    /// A user's binding in an exempt trie: it opens addresses that have no session entry,
+    /// and for a blocked session's address it can only hide a shorter operator exempt (the
+    /// verdict sees the longest match only) or, removed, reveal one.
+    Hiding,
+    /// Everything else: opens (the operator's exempts, live sessions, mail servers).
+    Opening,
 }
 
-impl Closes for u8 {
-    fn closes(&self) -> bool {
-        false
+/// A value's [`Class`] in a map; `trie`: one of the exempt tries.
+trait Classify {
+    fn class(&self, trie: bool) -> Class;
+}
+
+impl Classify for u8 {
+    fn class(&self, _: bool) -> Class {
+        Class::Opening
     }
 }
 
-impl Closes for Exempt {
-    fn closes(&self) -> bool {
-        closes(self)
+impl Classify for Exempt {
+    fn class(&self, trie: bool) -> Class {
+        class(self, trie)
+    }
+}
+
+fn class(e: &Exempt, trie: bool) -> Class {
+    if closes(e) {
+        Class::Closing
+    } else if trie && !e.operator() {
+        Class::Hiding
+    } else {
+        Class::Opening
     }
 }
 
 /// What one map needs: entries to write (new or changed) and keys to delete, each with
-/// whether the value it removes closes an address.
+/// the class of the value it removes.
 struct Diff<K, V> {
     put: Vec<(K, V)>,
-    del: Vec<(K, bool)>,
+    del: Vec<(K, Class)>,
 }
 
-/// Which of a diff's additions or removals a step makes: by whether the value written (or
-/// the value removed) closes an address.
+/// Which of a diff's additions or removals a step makes: by the class of the value written
+/// (or removed).
 #[derive(Clone, Copy)]
 enum Puts {
     All,
-    Closing,
-    Opening,
+    Only(Class),
 }
 
 impl Puts {
-    fn takes(self, closes: bool) -> bool {
+    fn takes(self, c: Class) -> bool {
         match self {
             Puts::All => true,
-            Puts::Closing => closes,
-            Puts::Opening => !closes,
+            Puts::Only(x) => x == c,
         }
     }
 }
@@ -93,25 +116,28 @@ trait Pending {
     fn del(&mut self, which: Puts) -> Result<usize>;
 }
 
-struct MapDiff<'a, T: Table> {
+struct MapDiff<'a, T: Table + ?Sized> {
     name: &'static str,
     stage: Stage,
     map: &'a mut T,
+    /// An exempt trie, where an entry can hide another ([`Class::Hiding`]).
+    trie: bool,
     diff: Diff<T::K, T::V>,
 }
 
-impl<'a, T: Table> MapDiff<'a, T>
+impl<'a, T: Table + ?Sized> MapDiff<'a, T>
 where
-    T::V: Closes,
+    T::V: Classify,
 {
     /// `known`: what the map holds, when the caller knows it (the last applied state);
     /// `None` reads the map (a reconcile, which also finds drift). Refuses a change whose
     /// peak does not fit: restrict maps remove last; allow maps take the entries that close
-    /// an address before any removal and the rest after them, so their peak is the larger
-    /// of those two moments.
+    /// an address (and bindings in the tries) before any removal and the rest after them,
+    /// so their peak is the larger of those two moments.
     fn new(
         map: &'a mut T,
         name: &'static str,
+        trie: bool,
         stage: Stage,
         want: &BTreeMap<T::K, T::V>,
         known: Option<&BTreeMap<T::K, T::V>>,
@@ -132,15 +158,15 @@ where
         let del: Vec<_> = have
             .iter()
             .filter(|(k, _)| !want.contains_key(k))
-            .map(|(k, v)| (*k, v.closes()))
+            .map(|(k, v)| (*k, v.class(trie)))
             .collect();
         let new = put.iter().filter(|(k, _)| !have.contains_key(k)).count();
-        let new_closing = put
+        let new_early = put
             .iter()
-            .filter(|(k, v)| !have.contains_key(k) && v.closes())
+            .filter(|(k, v)| !have.contains_key(k) && v.class(trie) != Class::Opening)
             .count();
         let peak = match stage {
-            Stage::Allow => (have.len() + new_closing).max(have.len() - del.len() + new),
+            Stage::Allow => (have.len() + new_early).max(have.len() - del.len() + new),
             _ => have.len() + new,
         };
         fits(name, peak, map.capacity())?;
@@ -148,14 +174,15 @@ where
             name,
             stage,
             map,
+            trie,
             diff: Diff { put, del },
         })
     }
 }
 
-impl<T: Table> Pending for MapDiff<'_, T>
+impl<T: Table + ?Sized> Pending for MapDiff<'_, T>
 where
-    T::V: Closes,
+    T::V: Classify,
 {
     fn stage(&self) -> Stage {
         self.stage
@@ -164,7 +191,7 @@ where
     fn put(&mut self, which: Puts) -> Result<usize> {
         let mut n = 0;
         for (k, v) in &self.diff.put {
-            if which.takes(v.closes()) {
+            if which.takes(v.class(self.trie)) {
                 self.map
                     .put(*k, *v)
                     .with_context(|| format!("{}: writing {k:?}", self.name))?;
@@ -176,8 +203,8 @@ where
 
     fn del(&mut self, which: Puts) -> Result<usize> {
         let mut n = 0;
-        for (k, closes) in &self.diff.del {
-            if which.takes(*closes) {
+        for (k, class) in &self.diff.del {
+            if which.takes(*class) {
                 self.map
                     .del(*k)
                     .with_context(|| format!("{}: deleting {k:?}", self.name))?;
@@ -188,23 +215,66 @@ where
     }
 }
 
+/// The settings record as the apply reads and writes it.
+pub trait SettingsCell {
+    fn read(&self) -> Option<Settings>;
+    fn write(&mut self, s: Settings) -> Result<()>;
+}
+
+impl SettingsCell for Arr<Settings> {
+    fn read(&self) -> Option<Settings> {
+        self.get(&0, 0).ok()
+    }
+    fn write(&mut self, s: Settings) -> Result<()> {
+        self.set(0, s, 0).context("writing settings")
+    }
+}
+
 macro_rules! per_map {
     (
         $sf:ident: $sn:ident = $st:ty;
         policy { $( $stage:ident { $( $f:ident: $n:ident = $t:ty, $cap:expr $(, $slot:ident)?; )* } )* }
         $cf:ident: $cn:ident = $ct:ty, $ccap:expr;
     ) => {
+        /// Every map an apply writes, as tables: the live maps ([`LiveMaps::tables`]), or
+        /// plain collections in the test that checks the order against the reference model.
+        pub struct Tables<'a> {
+            pub $sf: &'a mut dyn SettingsCell,
+            $( $( pub $f: &'a mut dyn Table<K = <$t as Table>::K, V = <$t as Table>::V>, )* )*
+        }
+
+        impl LiveMaps {
+            pub fn tables(&mut self) -> Tables<'_> {
+                let LiveMaps { $sf, $( $( $f, )* )* .. } = self;
+                Tables { $sf, $( $( $f, )* )* }
+            }
+        }
+
+        impl Tables<'_> {
+            fn put_slot(&mut self, s: &Slot, v: Exempt) -> Result<()> {
+                match s {
+                    $( $( $( Slot::$slot(k) => self.$f.put(*k, v), )? )* )*
+                }
+            }
+
+            fn del_slot(&mut self, s: &Slot) -> Result<()> {
+                match s {
+                    $( $( $( Slot::$slot(k) => self.$f.del(*k), )? )* )*
+                }
+            }
+        }
+
         /// Every policy map's diff, in list order, computed before anything is written (a
         /// map that would overflow stops the change here), and the settings map beside them.
         fn diff_all<'a>(
-            live: &'a mut LiveMaps,
+            t: Tables<'a>,
             known: Option<&Desired>,
             want: &Desired,
-        ) -> Result<(&'a mut $st, Vec<Box<dyn Pending + 'a>>)> {
-            let LiveMaps { $sf, $( $( $f, )* )* .. } = live;
+        ) -> Result<(&'a mut dyn SettingsCell, Vec<Box<dyn Pending + 'a>>)> {
+            let Tables { $sf, $( $( $f, )* )* } = t;
             let maps: Vec<Box<dyn Pending + 'a>> = vec![
                 $( $(
-                    Box::new(MapDiff::new($f, m::$n, Stage::$stage, &want.$f, known.map(|k| &k.$f))?),
+                    Box::new(MapDiff::new($f, m::$n, trie(m::$n), Stage::$stage, &want.$f, known.map(|k| &k.$f))?),
                 )* )*
             ];
             Ok(($sf, maps))
@@ -219,12 +289,23 @@ macro_rules! per_map {
 }
 map_list!(per_map);
 
+/// The exempt tries: the maps where the verdict sees only the longest match, so a longer
+/// entry can hide a shorter one from a blocked session's address.
+fn trie(name: &str) -> bool {
+    name == m::EXPFX4 || name == m::EXPFX6
+}
+
 fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> Result<Applied> {
+    apply_to(live.tables(), known, want)
+}
+
+/// The apply's order of writes, over any tables.
+fn apply_to(t: Tables<'_>, known: Option<&Desired>, want: &Desired) -> Result<Applied> {
     let old = match known {
         Some(k) => Some(k.settings),
-        None => live.settings.get(&0, 0).ok(),
+        None => t.settings.read(),
     };
-    let (settings, mut maps) = diff_all(live, known, want)?;
+    let (settings, mut maps) = diff_all(t, known, want)?;
     // Enforcing a whole family is the restrictive direction: early on, a family stays
     // narrowed to its listed ranges only if it is narrowed both before and after (one family
     // may narrow while the other widens); the wanted flags follow once the ranges are in.
@@ -236,45 +317,68 @@ fn apply_from(live: &mut LiveMaps, known: Option<&Desired>, want: &Desired) -> R
     // Session prefix lengths: old and new both probed until the entries have moved, so a
     // blocked session's entry is seen from the moment it is written.
     let early = with_lens_of(early, old);
+    // Whether old and new lengths are probed together (no more than the datapath probes).
+    let together = probes_all(early, old);
     let mut writes = 0;
-
-    for p in in_stage(&mut maps, Stage::Restrict) {
-        writes += p.put(Puts::All)?;
+    let write_early = |settings: &mut dyn SettingsCell| -> Result<usize> {
+        Ok(if old != Some(early) {
+            settings.write(early)?;
+            1
+        } else {
+            0
+        })
+    };
+    let all = |maps: &mut [Box<dyn Pending + '_>], stage, del: bool, which| -> Result<usize> {
+        let mut n = 0;
+        for p in in_stage(maps, stage) {
+            n += if del { p.del(which)? } else { p.put(which)? };
+        }
+        Ok(n)
+    };
+    use Class::*;
+    writes += all(&mut maps, Stage::Restrict, false, Puts::All)?;
+    // Blocked sessions' entries close an address, so they go in before anything is deleted.
+    writes += all(&mut maps, Stage::Allow, false, Puts::Only(Closing))?;
+    if together {
+        // Every blocked session's entry, old and new, is seen from here on: a binding can
+        // now open only addresses the new state opens, and it goes in before any entry it
+        // replaces goes out, so no operator exempt it hides is revealed on the way.
+        writes += write_early(&mut *settings)?;
+        writes += all(&mut maps, Stage::Allow, false, Puts::Only(Hiding))?;
     }
-    // Blocked sessions' entries close an address, so they go in before anything is deleted,
-    // and entries that open go out next: removing an allow never opens anything.
-    for p in in_stage(&mut maps, Stage::Allow) {
-        writes += p.put(Puts::Closing)?;
-    }
-    for p in in_stage(&mut maps, Stage::Allow) {
-        writes += p.del(Puts::Opening)?;
-    }
-    // Only now the probed prefix lengths may change: when old and new lengths together are
-    // more than the datapath probes, the new set alone is written, and an old length that
-    // goes out of sight then hides only entries the new state no longer has, with every
-    // allow that the new state drops already gone and every closing entry it keeps in place.
-    if old != Some(early) {
-        settings.set(0, early, 0).context("writing settings")?;
-        writes += 1;
+    // Entries that open go out next, the operator's before the bindings that may hide them:
+    // removing an allow never opens an address without a session entry.
+    writes += all(&mut maps, Stage::Allow, true, Puts::Only(Opening))?;
+    writes += all(&mut maps, Stage::Allow, true, Puts::Only(Hiding))?;
+    if !together {
+        // More lengths than the datapath probes: the new set alone is written only now, and
+        // an old length that goes out of sight then hides only entries the new state no
+        // longer has, with every allow that the new state drops already gone and every
+        // closing entry it keeps in place.
+        writes += write_early(&mut *settings)?;
     }
     // Removing an entry that closes an address can open it, but only to an allow the new
     // state keeps.
-    for p in in_stage(&mut maps, Stage::Allow) {
-        writes += p.del(Puts::Closing)?;
+    writes += all(&mut maps, Stage::Allow, true, Puts::Only(Closing))?;
+    if !together {
+        writes += all(&mut maps, Stage::Allow, false, Puts::Only(Hiding))?;
     }
-    for p in in_stage(&mut maps, Stage::Allow) {
-        writes += p.put(Puts::Opening)?;
-    }
+    writes += all(&mut maps, Stage::Allow, false, Puts::Only(Opening))?;
     if early != want.settings {
-        settings
-            .set(0, want.settings, 0)
-            .context("writing settings")?;
+        settings.write(want.settings)?;
         writes += 1;
     }
-    for p in in_stage(&mut maps, Stage::Restrict) {
-        writes += p.del(Puts::All)?;
-    }
+    writes += all(&mut maps, Stage::Restrict, true, Puts::All)?;
     Ok(Applied { writes })
+}
+
+fn lens(s: &Settings) -> &[u8] {
+    &s.session_prefix_lens[..(s.session_prefix_count as usize).min(MAX_SESSION_PREFIX_LENS)]
+}
+
+/// Whether `s` probes every prefix length `old` probes.
+fn probes_all(s: Settings, old: Option<Settings>) -> bool {
+    old.is_none_or(|o| lens(&o).iter().all(|l| lens(&s).contains(l)))
 }
 
 fn in_stage<'m, 'a>(
@@ -290,8 +394,9 @@ pub fn check_slots_fit(
     applied: &Desired,
     slots: &[(Slot, Option<Exempt>)],
 ) -> Result<()> {
-    // Per map, in list order: (entries after the change, entries once the closing ones are
-    // in and nothing is removed yet, capacity). `write_slots` writes closing entries first.
+    // Per map, in list order: (entries after the change, entries once the closing ones (and
+    // the tries' bindings) are in and nothing is removed yet, capacity). `write_slots`
+    // writes those first.
     let mut after: BTreeMap<(usize, &str), (usize, usize, u32)> = BTreeMap::new();
     for (slot, v) in slots {
         let order = ALL_MAPS.iter().position(|n| *n == slot.map()).unwrap_or(0);
@@ -302,7 +407,7 @@ pub fn check_slots_fit(
         match (applied.slot(slot).is_some(), v) {
             (false, Some(v)) => {
                 n.0 += 1;
-                if closes(v) {
+                if class(v, trie(slot.map())) != Class::Opening {
                     n.1 += 1;
                 }
             }
@@ -344,40 +449,70 @@ pub fn write_slots(
     old: &[Option<Exempt>],
     settings: Option<Settings>,
 ) -> Result<()> {
+    write_slots_to(live.tables(), slots, old, settings)
+}
+
+/// [`write_slots`]' order of writes, over any tables.
+fn write_slots_to(
+    mut t: Tables<'_>,
+    slots: &[(Slot, Option<Exempt>)],
+    old: &[Option<Exempt>],
+    settings: Option<Settings>,
+) -> Result<()> {
     debug_assert_eq!(slots.len(), old.len());
-    let was_closing = |i: usize| old.get(i).copied().flatten().is_some_and(|e| closes(&e));
-    // Blocked sessions' entries in, then removals of allows, then old and new prefix
-    // lengths probed, then removals of closing entries, entries that open, and the new
-    // lengths alone (see `apply_from`).
-    for (slot, v) in slots {
-        let Some(v) = v.filter(closes) else { continue };
-        slot.put(live, v)
+    let trie = |s: &Slot| matches!(s, Slot::Pfx4(_) | Slot::Pfx6(_));
+    // The steps of `apply_to`, slot by slot.
+    let puts = |c: Class| {
+        slots
+            .iter()
+            .filter_map(move |(s, v)| v.filter(|v| class(v, trie(s)) == c).map(|v| (s, v)))
+    };
+    let dels = |c: Class| {
+        slots.iter().zip(old).filter_map(move |((s, v), o)| {
+            (v.is_none() && o.is_some_and(|o| class(&o, trie(s)) == c)).then_some(s)
+        })
+    };
+    let have = t.settings.read();
+    let early = settings.map(|s| with_lens_of(s, have));
+    let together = early.is_none_or(|e| probes_all(e, have));
+    let write_early = |t: &mut Tables<'_>| match early {
+        Some(e) if have != Some(e) => t.settings.write(e),
+        _ => Ok(()),
+    };
+    use Class::*;
+    for (slot, v) in puts(Closing) {
+        t.put_slot(slot, v)
             .with_context(|| format!("writing {slot:?}"))?;
     }
-    let dels = || slots.iter().enumerate().filter(|(_, (_, v))| v.is_none());
-    for (_, (slot, _)) in dels().filter(|(i, _)| !was_closing(*i)) {
-        slot.del(live)
-            .with_context(|| format!("deleting {slot:?}"))?;
-    }
-    if let Some(s) = settings {
-        let early = with_lens_of(s, live.settings.get(&0, 0).ok());
-        if early != s {
-            live.settings.set(0, early, 0).context("writing settings")?;
+    if together {
+        write_early(&mut t)?;
+        for (slot, v) in puts(Hiding) {
+            t.put_slot(slot, v)
+                .with_context(|| format!("writing {slot:?}"))?;
         }
     }
-    for (_, (slot, _)) in dels().filter(|(i, _)| was_closing(*i)) {
-        slot.del(live)
+    for slot in dels(Opening).chain(dels(Hiding)) {
+        t.del_slot(slot)
             .with_context(|| format!("deleting {slot:?}"))?;
     }
-    for (slot, v) in slots {
-        let Some(v) = v.filter(|v| !closes(v)) else {
-            continue;
-        };
-        slot.put(live, v)
+    if !together {
+        write_early(&mut t)?;
+    }
+    for slot in dels(Closing) {
+        t.del_slot(slot)
+            .with_context(|| format!("deleting {slot:?}"))?;
+    }
+    let late = if together {
+        vec![]
+    } else {
+        puts(Hiding).collect()
+    };
+    for (slot, v) in late.into_iter().chain(puts(Opening)) {
+        t.put_slot(slot, v)
             .with_context(|| format!("writing {slot:?}"))?;
     }
-    if let Some(s) = settings {
-        live.settings.set(0, s, 0).context("writing settings")?;
+    if let Some(s) = settings.filter(|s| early != Some(*s)) {
+        t.settings.write(s)?;
     }
     Ok(())
 }
@@ -408,3 +543,6 @@ mod tests {
         assert_eq!(with_lens_of(lens(&[56]), None), lens(&[56]));
     }
 }
+
+#[cfg(test)]
+mod order;

@@ -3,7 +3,6 @@
 
 use std::net::IpAddr;
 
-use anyhow::Result;
 use port25_common::maps::{self as m, Exempt, NetKey6};
 
 use crate::{
@@ -38,18 +37,6 @@ macro_rules! slots {
             pub fn capacity(&self, live: &LiveMaps) -> u32 {
                 match self {
                     $( $( $( Slot::$slot(_) => live.$f.capacity(), )? )* )*
-                }
-            }
-
-            pub fn put(&self, live: &mut LiveMaps, v: Exempt) -> Result<()> {
-                match self {
-                    $( $( $( Slot::$slot(k) => live.$f.put(*k, v), )? )* )*
-                }
-            }
-
-            pub fn del(&self, live: &mut LiveMaps) -> Result<()> {
-                match self {
-                    $( $( $( Slot::$slot(k) => live.$f.del(*k), )? )* )*
                 }
             }
         }

@@ -445,6 +445,47 @@ fn tc_attach_kind_changes_by_reload() {
     assert_blocked(&lab, "after a start that found an orphan filter");
 }
 
+/// Another tool removes port25's netlink filter under a running daemon (`tc qdisc del dev
+/// X clsact`, or `tc filter del`): unlike a tcx link, which `tc` cannot touch, the filter
+/// can go, and port 25 is open until the daemon puts it back. It must do so at once (on the
+/// kernel's TC notification), not at the next reconcile (60 s by default).
+#[test]
+fn netlink_filter_removed_under_the_daemon_is_put_back_at_once() {
+    require_root!();
+    let mut lab = Lab::new(TC_NETLINK);
+    lab.start_daemon();
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    for (what, args) in [
+        (
+            "the clsact qdisc",
+            &["qdisc", "del", "dev", "rs", "clsact"][..],
+        ),
+        (
+            "the filter",
+            &[
+                "filter", "del", "dev", "rs", "ingress", "prio", "25", "handle", "0x25", "bpf",
+            ][..],
+        ),
+    ] {
+        tc(&lab, args);
+        let t = std::time::Instant::now();
+        while own_filters(&lab) == 0 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            own_filters(&lab),
+            1,
+            "{what} removed: not put back within 5 s: {}\n{}",
+            tc_filters(&lab),
+            lab.daemon_log()
+        );
+        eprintln!("{what} removed: filter back after {:?}", t.elapsed());
+        assert_blocked(&lab, &format!("after {what} was removed and put back"));
+    }
+    let st = lab.ctl(&["status"]);
+    assert!(st.status.success(), "status: {}", text(&st));
+}
+
 /// Every pin in the tree with the kernel id behind it, and the settings record: what a
 /// refused start must leave exactly as it was.
 fn pin_snapshot(pins: &port25_ctl::bpf::pins::Pins) -> (Vec<(String, u32)>, Vec<String>, Settings) {

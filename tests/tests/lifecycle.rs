@@ -486,6 +486,56 @@ fn netlink_filter_removed_under_the_daemon_is_put_back_at_once() {
     assert!(st.status.success(), "status: {}", text(&st));
 }
 
+/// Ingress and egress of one device, both through netlink: one filter on each hook, each at
+/// port25's place, and `detach` removes both and nothing else.
+#[test]
+fn netlink_ingress_and_egress_on_one_device() {
+    require_root!();
+    let both = format!(
+        "{TC_NETLINK}\n{}",
+        TC_NETLINK.replace("direction: ingress", "direction: egress")
+    );
+    let mut lab = Lab::new(&both);
+    tc(&lab, &["qdisc", "add", "dev", "rs", "clsact"]);
+    foreign_filter(&lab, "30");
+    lab.start_daemon();
+    let egress = |lab: &Lab| {
+        let o = std::process::Command::new("tc")
+            .args(["-n", &lab.rtr, "filter", "show", "dev", "rs", "egress"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    let eg = egress(&lab);
+    assert_eq!(
+        eg.lines()
+            .filter(|l| l.contains("pref 25 bpf")
+                && l.contains("handle 0x25")
+                && l.contains("port25_tc"))
+            .count(),
+        1,
+        "{eg}"
+    );
+    assert_blocked(&lab, "ingress + egress");
+    let st = lab.ctl(&["status", "--json"]);
+    assert!(st.status.success(), "status: {}", text(&st));
+    let js: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    for i in 0..2 {
+        assert_eq!(js["interfaces"][i]["kind"], "netlink", "{js}");
+    }
+    let d = lab.ctl(&["detach"]);
+    assert!(d.status.success(), "detach: {}", text(&d));
+    assert!(lab.wait_daemon_exit(Duration::from_secs(5)));
+    assert_eq!(own_filters(&lab), 0, "{}", tc_filters(&lab));
+    assert!(!egress(&lab).contains("port25_tc"), "{}", egress(&lab));
+    assert!(
+        tc_filters(&lab).contains("pref 30 bpf"),
+        "{}",
+        tc_filters(&lab)
+    );
+}
+
 /// Every pin in the tree with the kernel id behind it, and the settings record: what a
 /// refused start must leave exactly as it was.
 fn pin_snapshot(pins: &port25_ctl::bpf::pins::Pins) -> (Vec<(String, u32)>, Vec<String>, Settings) {

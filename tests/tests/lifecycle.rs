@@ -538,6 +538,78 @@ fn netlink_ingress_and_egress_on_one_device() {
     );
 }
 
+/// A filter from another loader whose program is named like port25's (`port25_tc...`), but
+/// that is not at port25's exact place (handle 0x25, protocol all, chain 0): it is another
+/// user's filter at priority 25, refused at start rather than grouped (stacked) with ours or
+/// taken for ours.
+#[test]
+fn netlink_a_look_alike_filter_at_priority_25_is_refused() {
+    require_root!();
+    // The foreign loader: port25's own TC program, loaded apart and pinned as `port25_tc`,
+    // which tc names `port25_tc:[*fsobj]`.
+    let mut ebpf = aya::EbpfLoader::new()
+        .load(port25_ctl::bpf::datapath::EBPF_OBJECT)
+        .unwrap();
+    let prog: &mut aya::programs::SchedClassifier =
+        ebpf.program_mut("port25_tc").unwrap().try_into().unwrap();
+    prog.load().unwrap();
+    let dir = std::path::PathBuf::from("/sys/fs/bpf").join(port25_tests::unique("p25-lookalike-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pinned = dir.join("port25_tc");
+    prog.pin(&pinned).unwrap();
+    let pinned = pinned.to_str().unwrap().to_string();
+    let cases: [(&str, &[&str]); 3] = [
+        (
+            "another handle",
+            &["protocol", "all", "pref", "25", "handle", "0x7"],
+        ),
+        (
+            "protocol ip",
+            &["protocol", "ip", "pref", "25", "handle", "0x25"],
+        ),
+        (
+            "chain 1",
+            &[
+                "protocol", "all", "chain", "1", "pref", "25", "handle", "0x25",
+            ],
+        ),
+    ];
+    let mut lab = Lab::new(TC_NETLINK);
+    tc(&lab, &["qdisc", "add", "dev", "rs", "clsact"]);
+    for (what, place) in cases {
+        let mut args = vec!["filter", "add", "dev", "rs", "ingress"];
+        args.extend_from_slice(place);
+        args.extend_from_slice(&["bpf", "da", "object-pinned", &pinned]);
+        // Not `tc -n`: it mounts a fresh /sys, without the bpffs that holds the pin.
+        let o = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.rtr))
+            .arg("tc")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{what}: tc {args:?}: {}", text(&o));
+        let before = tc_filters(&lab);
+        assert!(before.contains("port25_tc:[*fsobj]"), "{what}: {before}");
+        let r = lab.try_start_daemon();
+        let after = tc_filters(&lab);
+        if r.is_ok() {
+            lab.kill9();
+        }
+        let e = r.expect_err(&format!(
+            "{what}: a look-alike at priority 25 is refused: {after}"
+        ));
+        assert!(e.contains("priority 25"), "{what}: {e}");
+        assert_eq!(
+            before, after,
+            "{what}: the foreign filter is left as it was"
+        );
+        let mut del = vec!["filter", "del", "dev", "rs", "ingress"];
+        del.extend_from_slice(&place[..place.len() - 2]);
+        tc(&lab, &del);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Every pin in the tree with the kernel id behind it, and the settings record: what a
 /// refused start must leave exactly as it was.
 fn pin_snapshot(pins: &port25_ctl::bpf::pins::Pins) -> (Vec<(String, u32)>, Vec<String>, Settings) {

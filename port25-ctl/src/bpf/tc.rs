@@ -40,8 +40,11 @@ use crate::{
 pub const PRIORITY: u16 = 25;
 /// port25's filter handle at [`PRIORITY`].
 pub const HANDLE: u32 = 0x25;
-/// Filters whose program name starts with this are port25's (`port25_tc`, `port25_tc_raw`).
+/// Filters whose program name starts with this are port25's (`port25_tc`, `port25_tc_raw`),
+/// when they are also at port25's place (see [`Filter::is_ours`]).
 const PROG_PREFIX: &str = "port25_tc";
+/// ETH_P_ALL in network byte order, as the kernel keeps a filter's protocol.
+const PROTOCOL_ALL: u16 = (libc::ETH_P_ALL as u16).to_be();
 const RECORD_PREFIX: &str = "netlink:";
 
 /// Where port25's netlink filter is: what a tcx link's pin would tell.
@@ -186,7 +189,7 @@ pub fn attach(prog: &mut SchedClassifier, iface: &Interface) -> Result<(Record, 
             iface.direction
         );
     }
-    let swap = at_ours.iter().any(|f| f.handle == HANDLE);
+    let swap = at_ours.iter().any(|f| f.is_ours());
     let id = if swap {
         let link = SchedClassifierLink::attached(&iface.name, ty, PRIORITY, HANDLE.into(), None)?;
         prog.attach_to_link(link).with_context(|| {
@@ -264,6 +267,8 @@ pub struct Filter {
     pub protocol: u16,
     /// 0 for the line that stands for a priority's classifier itself.
     pub handle: u32,
+    /// The filter chain (0 is the one packets enter; others only by `goto chain`).
+    pub chain: u32,
     pub kind: String,
     /// cls_bpf: the name given at attach (aya gives the program's).
     pub name: Option<String>,
@@ -271,12 +276,20 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// port25's filter: a `port25_tc*` bpf filter at port25's exact place. A look-alike
+    /// elsewhere (another handle at priority 25, another protocol, a chain packets never
+    /// enter without a `goto`) is another user's: never adopted, swapped or counted as
+    /// enforcing.
     pub fn is_ours(&self) -> bool {
         self.kind == "bpf"
             && self
                 .name
                 .as_deref()
                 .is_some_and(|n| n.starts_with(PROG_PREFIX))
+            && self.priority == PRIORITY
+            && self.handle == HANDLE
+            && self.protocol == PROTOCOL_ALL
+            && self.chain == 0
     }
 }
 
@@ -286,6 +299,7 @@ const RTM_GETTFILTER: u16 = 46;
 const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_NAME: u16 = 7;
+const TCA_CHAIN: u16 = 11;
 const TCA_BPF_ID: u16 = 11;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const NLMSG_HDR: usize = 16;
@@ -455,6 +469,7 @@ pub fn filters(ifindex: u32, d: Direction) -> io::Result<Vec<Filter>> {
             priority: (info >> 16) as u16,
             protocol: info as u16,
             handle,
+            chain: 0,
             kind: String::new(),
             name: None,
             prog_id: None,
@@ -462,6 +477,9 @@ pub fn filters(ifindex: u32, d: Direction) -> io::Result<Vec<Filter>> {
         for (ty, v) in attrs(&p[TCMSG..]) {
             match ty {
                 TCA_KIND => f.kind = c_string(v),
+                TCA_CHAIN if v.len() >= 4 => {
+                    f.chain = u32::from_ne_bytes(v[..4].try_into().unwrap())
+                }
                 TCA_OPTIONS => {
                     for (ty, v) in attrs(v) {
                         match ty {

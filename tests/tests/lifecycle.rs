@@ -610,6 +610,50 @@ fn netlink_a_look_alike_filter_at_priority_25_is_refused() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The record names an ifindex, which means something only in its network namespace. An
+/// offline `detach` (or `status`) run from another namespace (the host's, without `nsenter`)
+/// must not act on whatever has that ifindex there, nor drop the record and say "port 25 is
+/// no longer blocked" while the filter goes on in the daemon's namespace.
+#[test]
+fn netlink_record_from_another_netns_is_not_acted_on() {
+    require_root!();
+    let mut lab = Lab::new(TC_NETLINK);
+    lab.start_daemon();
+    lab.kill9();
+    let record = lab.pin_dir.join("links").join("tc-ingress:rs");
+    let target = std::fs::read_link(&record).unwrap();
+    // From the test's own (the host's) network namespace.
+    let here = |args: &[&str]| {
+        std::process::Command::new(port25_tests::lab::ctl_binary())
+            .arg("--config")
+            .arg(&lab.config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let st = here(&["status"]);
+    assert_eq!(st.status.code(), Some(3), "{}", text(&st));
+    assert!(text(&st).contains("network namespace"), "{}", text(&st));
+    let d = here(&["detach"]);
+    assert!(
+        !d.status.success(),
+        "detach from another netns: {}",
+        text(&d)
+    );
+    assert!(text(&d).contains("network namespace"), "{}", text(&d));
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    assert_eq!(
+        std::fs::read_link(&record).unwrap(),
+        target,
+        "the record stays"
+    );
+    assert_blocked(&lab, "after a refused detach");
+    // From the daemon's namespace it works (the refused detach left its marker: lift it).
+    let d = lab.ctl(&["detach"]);
+    assert!(d.status.success(), "detach: {}", text(&d));
+    assert_eq!(own_filters(&lab), 0, "{}", tc_filters(&lab));
+}
+
 /// Every pin in the tree with the kernel id behind it, and the settings record: what a
 /// refused start must leave exactly as it was.
 fn pin_snapshot(pins: &port25_ctl::bpf::pins::Pins) -> (Vec<(String, u32)>, Vec<String>, Settings) {

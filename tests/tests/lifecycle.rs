@@ -654,6 +654,26 @@ fn netlink_record_from_another_netns_is_not_acted_on() {
     assert_eq!(own_filters(&lab), 0, "{}", tc_filters(&lab));
 }
 
+/// Something at a TC attach point's path that is neither a pinned link nor a netlink record
+/// (a symlink with a garbage target, say from a hand edit): with tcx it is replaced by the
+/// link, never left to make every start and repair fail with "File exists".
+#[test]
+fn tcx_garbage_at_the_link_path_is_replaced() {
+    require_root!();
+    port25_tests::require_tcx!();
+    let tc_auto = TC_NETLINK.replace("\n    tc_attach: netlink", "");
+    let mut lab = Lab::new(&tc_auto);
+    let links = lab.pin_dir.join("links");
+    std::fs::create_dir_all(&links).unwrap();
+    std::os::unix::fs::symlink("netlink:garbage", links.join("tc-ingress:rs")).unwrap();
+    lab.start_daemon();
+    let st = lab.ctl(&["status", "--json"]);
+    assert!(st.status.success(), "status: {}", text(&st));
+    let js: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(js["interfaces"][0]["kind"], "tcx", "{js}");
+    assert_blocked(&lab, "after garbage at the link path");
+}
+
 /// Every pin in the tree with the kernel id behind it, and the settings record: what a
 /// refused start must leave exactly as it was.
 fn pin_snapshot(pins: &port25_ctl::bpf::pins::Pins) -> (Vec<(String, u32)>, Vec<String>, Settings) {

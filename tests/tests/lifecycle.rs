@@ -311,7 +311,10 @@ fn netlink_tc_lifecycle() {
     assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
     assert_blocked(&lab, "after a start without the record");
 
-    // A lost filter: status says so and exits 3; a reload repairs it.
+    // A filter lost while the daemon is down: status says so and exits 3; the start repairs
+    // it. (With the daemon up it is put back at once: see
+    // `netlink_filter_removed_under_the_daemon_is_put_back_at_once`.)
+    lab.kill9();
     tc(
         &lab,
         &[
@@ -321,8 +324,7 @@ fn netlink_tc_lifecycle() {
     let st = lab.ctl(&["status"]);
     assert_eq!(st.status.code(), Some(3), "{}", text(&st));
     assert!(text(&st).contains("missing"), "{}", text(&st));
-    let r = lab.ctl(&["reload"]);
-    assert!(r.status.success(), "reload: {}", text(&r));
+    lab.start_daemon();
     assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
     assert_blocked(&lab, "after the repair");
 
@@ -443,6 +445,233 @@ fn tc_attach_kind_changes_by_reload() {
         tc_filters(&lab)
     );
     assert_blocked(&lab, "after a start that found an orphan filter");
+}
+
+/// Another tool removes port25's netlink filter under a running daemon (`tc qdisc del dev
+/// X clsact`, or `tc filter del`): unlike a tcx link, which `tc` cannot touch, the filter
+/// can go, and port 25 is open until the daemon puts it back. It must do so at once (on the
+/// kernel's TC notification), not at the next reconcile (60 s by default).
+#[test]
+fn netlink_filter_removed_under_the_daemon_is_put_back_at_once() {
+    require_root!();
+    let mut lab = Lab::new(TC_NETLINK);
+    lab.start_daemon();
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    for (what, args) in [
+        (
+            "the clsact qdisc",
+            &["qdisc", "del", "dev", "rs", "clsact"][..],
+        ),
+        (
+            "the filter",
+            &[
+                "filter", "del", "dev", "rs", "ingress", "prio", "25", "handle", "0x25", "bpf",
+            ][..],
+        ),
+    ] {
+        tc(&lab, args);
+        let t = std::time::Instant::now();
+        while own_filters(&lab) == 0 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            own_filters(&lab),
+            1,
+            "{what} removed: not put back within 5 s: {}\n{}",
+            tc_filters(&lab),
+            lab.daemon_log()
+        );
+        eprintln!("{what} removed: filter back after {:?}", t.elapsed());
+        assert_blocked(&lab, &format!("after {what} was removed and put back"));
+    }
+    let st = lab.ctl(&["status"]);
+    assert!(st.status.success(), "status: {}", text(&st));
+}
+
+/// Ingress and egress of one device, both through netlink: one filter on each hook, each at
+/// port25's place, and `detach` removes both and nothing else.
+#[test]
+fn netlink_ingress_and_egress_on_one_device() {
+    require_root!();
+    let both = format!(
+        "{TC_NETLINK}\n{}",
+        TC_NETLINK.replace("direction: ingress", "direction: egress")
+    );
+    let mut lab = Lab::new(&both);
+    tc(&lab, &["qdisc", "add", "dev", "rs", "clsact"]);
+    foreign_filter(&lab, "30");
+    lab.start_daemon();
+    let egress = |lab: &Lab| {
+        let o = std::process::Command::new("tc")
+            .args(["-n", &lab.rtr, "filter", "show", "dev", "rs", "egress"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    let eg = egress(&lab);
+    assert_eq!(
+        eg.lines()
+            .filter(|l| l.contains("pref 25 bpf")
+                && l.contains("handle 0x25")
+                && l.contains("port25_tc"))
+            .count(),
+        1,
+        "{eg}"
+    );
+    assert_blocked(&lab, "ingress + egress");
+    let st = lab.ctl(&["status", "--json"]);
+    assert!(st.status.success(), "status: {}", text(&st));
+    let js: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    for i in 0..2 {
+        assert_eq!(js["interfaces"][i]["kind"], "netlink", "{js}");
+    }
+    let d = lab.ctl(&["detach"]);
+    assert!(d.status.success(), "detach: {}", text(&d));
+    assert!(lab.wait_daemon_exit(Duration::from_secs(5)));
+    assert_eq!(own_filters(&lab), 0, "{}", tc_filters(&lab));
+    assert!(!egress(&lab).contains("port25_tc"), "{}", egress(&lab));
+    assert!(
+        tc_filters(&lab).contains("pref 30 bpf"),
+        "{}",
+        tc_filters(&lab)
+    );
+}
+
+/// A filter from another loader whose program is named like port25's (`port25_tc...`), but
+/// that is not at port25's exact place (handle 0x25, protocol all, chain 0): it is another
+/// user's filter at priority 25, refused at start rather than grouped (stacked) with ours or
+/// taken for ours.
+#[test]
+fn netlink_a_look_alike_filter_at_priority_25_is_refused() {
+    require_root!();
+    // The foreign loader: port25's own TC program, loaded apart and pinned as `port25_tc`,
+    // which tc names `port25_tc:[*fsobj]`.
+    let mut ebpf = aya::EbpfLoader::new()
+        .load(port25_ctl::bpf::datapath::EBPF_OBJECT)
+        .unwrap();
+    let prog: &mut aya::programs::SchedClassifier =
+        ebpf.program_mut("port25_tc").unwrap().try_into().unwrap();
+    prog.load().unwrap();
+    let dir = std::path::PathBuf::from("/sys/fs/bpf").join(port25_tests::unique("p25-lookalike-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pinned = dir.join("port25_tc");
+    prog.pin(&pinned).unwrap();
+    let pinned = pinned.to_str().unwrap().to_string();
+    let cases: [(&str, &[&str]); 3] = [
+        (
+            "another handle",
+            &["protocol", "all", "pref", "25", "handle", "0x7"],
+        ),
+        (
+            "protocol ip",
+            &["protocol", "ip", "pref", "25", "handle", "0x25"],
+        ),
+        (
+            "chain 1",
+            &[
+                "protocol", "all", "chain", "1", "pref", "25", "handle", "0x25",
+            ],
+        ),
+    ];
+    let mut lab = Lab::new(TC_NETLINK);
+    tc(&lab, &["qdisc", "add", "dev", "rs", "clsact"]);
+    for (what, place) in cases {
+        let mut args = vec!["filter", "add", "dev", "rs", "ingress"];
+        args.extend_from_slice(place);
+        args.extend_from_slice(&["bpf", "da", "object-pinned", &pinned]);
+        // Not `tc -n`: it mounts a fresh /sys, without the bpffs that holds the pin.
+        let o = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.rtr))
+            .arg("tc")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{what}: tc {args:?}: {}", text(&o));
+        let before = tc_filters(&lab);
+        assert!(before.contains("port25_tc:[*fsobj]"), "{what}: {before}");
+        let r = lab.try_start_daemon();
+        let after = tc_filters(&lab);
+        if r.is_ok() {
+            lab.kill9();
+        }
+        let e = r.expect_err(&format!(
+            "{what}: a look-alike at priority 25 is refused: {after}"
+        ));
+        assert!(e.contains("priority 25"), "{what}: {e}");
+        assert_eq!(
+            before, after,
+            "{what}: the foreign filter is left as it was"
+        );
+        let mut del = vec!["filter", "del", "dev", "rs", "ingress"];
+        del.extend_from_slice(&place[..place.len() - 2]);
+        tc(&lab, &del);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The record names an ifindex, which means something only in its network namespace. An
+/// offline `detach` (or `status`) run from another namespace (the host's, without `nsenter`)
+/// must not act on whatever has that ifindex there, nor drop the record and say "port 25 is
+/// no longer blocked" while the filter goes on in the daemon's namespace.
+#[test]
+fn netlink_record_from_another_netns_is_not_acted_on() {
+    require_root!();
+    let mut lab = Lab::new(TC_NETLINK);
+    lab.start_daemon();
+    lab.kill9();
+    let record = lab.pin_dir.join("links").join("tc-ingress:rs");
+    let target = std::fs::read_link(&record).unwrap();
+    // From the test's own (the host's) network namespace.
+    let here = |args: &[&str]| {
+        std::process::Command::new(port25_tests::lab::ctl_binary())
+            .arg("--config")
+            .arg(&lab.config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let st = here(&["status"]);
+    assert_eq!(st.status.code(), Some(3), "{}", text(&st));
+    assert!(text(&st).contains("network namespace"), "{}", text(&st));
+    let d = here(&["detach"]);
+    assert!(
+        !d.status.success(),
+        "detach from another netns: {}",
+        text(&d)
+    );
+    assert!(text(&d).contains("network namespace"), "{}", text(&d));
+    assert_eq!(own_filters(&lab), 1, "{}", tc_filters(&lab));
+    assert_eq!(
+        std::fs::read_link(&record).unwrap(),
+        target,
+        "the record stays"
+    );
+    assert_blocked(&lab, "after a refused detach");
+    // From the daemon's namespace it works (the refused detach left its marker: lift it).
+    let d = lab.ctl(&["detach"]);
+    assert!(d.status.success(), "detach: {}", text(&d));
+    assert_eq!(own_filters(&lab), 0, "{}", tc_filters(&lab));
+}
+
+/// Something at a TC attach point's path that is neither a pinned link nor a netlink record
+/// (a symlink with a garbage target, say from a hand edit): with tcx it is replaced by the
+/// link, never left to make every start and repair fail with "File exists".
+#[test]
+fn tcx_garbage_at_the_link_path_is_replaced() {
+    require_root!();
+    port25_tests::require_tcx!();
+    let tc_auto = TC_NETLINK.replace("\n    tc_attach: netlink", "");
+    let mut lab = Lab::new(&tc_auto);
+    let links = lab.pin_dir.join("links");
+    std::fs::create_dir_all(&links).unwrap();
+    std::os::unix::fs::symlink("netlink:garbage", links.join("tc-ingress:rs")).unwrap();
+    lab.start_daemon();
+    let st = lab.ctl(&["status", "--json"]);
+    assert!(st.status.success(), "status: {}", text(&st));
+    let js: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(js["interfaces"][0]["kind"], "tcx", "{js}");
+    assert_blocked(&lab, "after garbage at the link path");
 }
 
 /// Every pin in the tree with the kernel id behind it, and the settings record: what a

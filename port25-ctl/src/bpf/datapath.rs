@@ -311,6 +311,16 @@ pub fn inspect(pins: &Pins, iface: &Interface) -> (Option<Attachment>, Option<St
         };
         return (Some(a), crate::bpf::tc::problem(&rec, &iface.name));
     }
+    // Any other symlink is garbage, never followed: it could lead to a link that is not ours.
+    if let Ok(target) = std::fs::read_link(&path) {
+        return (
+            None,
+            Some(format!(
+                "a symlink to {} is at the link path, neither a pinned link nor a netlink record",
+                target.display()
+            )),
+        );
+    }
     let info = match crate::bpf::linkinfo::read(&path) {
         Ok(i) => i,
         Err(_) => return (None, Some("no pinned link".into())),
@@ -454,7 +464,8 @@ fn attach_link(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attach
     let point = iface.attach_point();
     let path = pins.link(&point);
     let mut replaced = false;
-    let pinned = if path.exists() {
+    // Not `exists()`, which follows a symlink (a netlink record, or garbage) to nothing.
+    let pinned = if crate::bpf::tc::occupied(&path) {
         if let Some(problem) = link_problem(pins, iface) {
             tracing::warn!(%point, %problem, "replacing the pinned link");
             unpin(pins, &point)?;

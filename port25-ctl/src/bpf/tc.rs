@@ -11,7 +11,9 @@
 //! refused rather than grouped with ours.
 //!
 //! Where a tcx link would be pinned, a record is kept instead: a bpffs symlink
-//! `links/tc-<dir>:<if>` whose target is `netlink:<ifindex>:<dir>:<priority>:<handle>`. On
+//! `links/tc-<dir>:<if>` whose target is `netlink:<ifindex>:<dir>:<priority>:<handle>`,
+//! followed by `:net=<inode>`, the network namespace the ifindex belongs to (records written
+//! before it have none). On
 //! start the filter found there gets the new program in place (RTM_NEWTFILTER without
 //! CREATE: cls_bpf swaps it atomically), so there is no moment without a filter and never a
 //! second one.
@@ -40,8 +42,11 @@ use crate::{
 pub const PRIORITY: u16 = 25;
 /// port25's filter handle at [`PRIORITY`].
 pub const HANDLE: u32 = 0x25;
-/// Filters whose program name starts with this are port25's (`port25_tc`, `port25_tc_raw`).
+/// Filters whose program name starts with this are port25's (`port25_tc`, `port25_tc_raw`),
+/// when they are also at port25's place (see [`Filter::is_ours`]).
 const PROG_PREFIX: &str = "port25_tc";
+/// ETH_P_ALL in network byte order, as the kernel keeps a filter's protocol.
+const PROTOCOL_ALL: u16 = (libc::ETH_P_ALL as u16).to_be();
 const RECORD_PREFIX: &str = "netlink:";
 
 /// Where port25's netlink filter is: what a tcx link's pin would tell.
@@ -51,6 +56,8 @@ pub struct Record {
     pub direction: Direction,
     pub priority: u16,
     pub handle: u32,
+    /// The inode of the network namespace the ifindex is in (None: an older record).
+    pub netns: Option<u64>,
 }
 
 impl Record {
@@ -61,14 +68,27 @@ impl Record {
             direction,
             priority: PRIORITY,
             handle: HANDLE,
+            netns: current_netns(),
         }
     }
 
     fn target(&self) -> String {
+        let net = self.netns.map(|n| format!(":net={n}")).unwrap_or_default();
         format!(
-            "{RECORD_PREFIX}{}:{}:{}:{:#x}",
+            "{RECORD_PREFIX}{}:{}:{}:{:#x}{net}",
             self.ifindex, self.direction, self.priority, self.handle
         )
+    }
+
+    /// Why this record cannot be acted on from here: its ifindex is another namespace's.
+    fn elsewhere(&self) -> Option<String> {
+        let there = self.netns?;
+        (current_netns() != Some(there)).then(|| {
+            format!(
+                "port25's netlink filter is in another network namespace (net:[{there}]); run \
+                 this there (nsenter --net=...)"
+            )
+        })
     }
 
     fn parse(s: &str) -> Option<Record> {
@@ -81,13 +101,24 @@ impl Record {
         };
         let priority = f.next()?.parse().ok()?;
         let handle = u32::from_str_radix(f.next()?.strip_prefix("0x")?, 16).ok()?;
+        let netns = match f.next() {
+            None => None,
+            Some(n) => Some(n.strip_prefix("net=")?.parse().ok()?),
+        };
         f.next().is_none().then_some(Record {
             ifindex,
             direction,
             priority,
             handle,
+            netns,
         })
     }
+}
+
+/// The inode of this process's network namespace (what `ip netns identify` compares).
+fn current_netns() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self/ns/net").ok().map(|m| m.ino())
 }
 
 /// The record at a link path, if that path holds one (and not a pinned link).
@@ -186,7 +217,7 @@ pub fn attach(prog: &mut SchedClassifier, iface: &Interface) -> Result<(Record, 
             iface.direction
         );
     }
-    let swap = at_ours.iter().any(|f| f.handle == HANDLE);
+    let swap = at_ours.iter().any(|f| f.is_ours());
     let id = if swap {
         let link = SchedClassifierLink::attached(&iface.name, ty, PRIORITY, HANDLE.into(), None)?;
         prog.attach_to_link(link).with_context(|| {
@@ -211,6 +242,9 @@ pub fn attach(prog: &mut SchedClassifier, iface: &Interface) -> Result<(Record, 
 
 /// Why the recorded filter does not enforce (None when it does).
 pub fn problem(rec: &Record, iface_name: &str) -> Option<String> {
+    if let Some(e) = rec.elsewhere() {
+        return Some(e);
+    }
     let want = linkinfo::ifindex(iface_name);
     if want == 0 {
         return Some("interface not found in this network namespace".into());
@@ -234,14 +268,22 @@ pub fn problem(rec: &Record, iface_name: &str) -> Option<String> {
 
 /// port25's filter at the recorded place, if it is there.
 pub fn find(rec: &Record) -> io::Result<Option<Filter>> {
+    if rec.elsewhere().is_some() {
+        return Ok(None);
+    }
     Ok(filters(rec.ifindex, rec.direction)?
         .into_iter()
         .find(|f| f.priority == rec.priority && f.handle == rec.handle && f.is_ours()))
 }
 
 /// Deletes port25's filter at the recorded place, and nothing else: a filter there that is
-/// not port25's stays. Gone already (or its interface gone) is fine.
+/// not port25's stays. Gone already (or its interface gone) is fine. A record from another
+/// network namespace is refused: its ifindex means another device here, and dropping it
+/// would leave the filter there, unrecorded, while saying port 25 flows.
 pub fn detach(rec: &Record) -> Result<()> {
+    if let Some(e) = rec.elsewhere() {
+        bail!("{e}");
+    }
     let Some(f) = find(rec).context("listing TC filters")? else {
         return Ok(());
     };
@@ -264,6 +306,8 @@ pub struct Filter {
     pub protocol: u16,
     /// 0 for the line that stands for a priority's classifier itself.
     pub handle: u32,
+    /// The filter chain (0 is the one packets enter; others only by `goto chain`).
+    pub chain: u32,
     pub kind: String,
     /// cls_bpf: the name given at attach (aya gives the program's).
     pub name: Option<String>,
@@ -271,12 +315,20 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// port25's filter: a `port25_tc*` bpf filter at port25's exact place. A look-alike
+    /// elsewhere (another handle at priority 25, another protocol, a chain packets never
+    /// enter without a `goto`) is another user's: never adopted, swapped or counted as
+    /// enforcing.
     pub fn is_ours(&self) -> bool {
         self.kind == "bpf"
             && self
                 .name
                 .as_deref()
                 .is_some_and(|n| n.starts_with(PROG_PREFIX))
+            && self.priority == PRIORITY
+            && self.handle == HANDLE
+            && self.protocol == PROTOCOL_ALL
+            && self.chain == 0
     }
 }
 
@@ -286,6 +338,7 @@ const RTM_GETTFILTER: u16 = 46;
 const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_NAME: u16 = 7;
+const TCA_CHAIN: u16 = 11;
 const TCA_BPF_ID: u16 = 11;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const NLMSG_HDR: usize = 16;
@@ -455,6 +508,7 @@ pub fn filters(ifindex: u32, d: Direction) -> io::Result<Vec<Filter>> {
             priority: (info >> 16) as u16,
             protocol: info as u16,
             handle,
+            chain: 0,
             kind: String::new(),
             name: None,
             prog_id: None,
@@ -462,6 +516,9 @@ pub fn filters(ifindex: u32, d: Direction) -> io::Result<Vec<Filter>> {
         for (ty, v) in attrs(&p[TCMSG..]) {
             match ty {
                 TCA_KIND => f.kind = c_string(v),
+                TCA_CHAIN if v.len() >= 4 => {
+                    f.chain = u32::from_ne_bytes(v[..4].try_into().unwrap())
+                }
                 TCA_OPTIONS => {
                     for (ty, v) in attrs(v) {
                         match ty {
@@ -503,14 +560,23 @@ mod tests {
             direction: Direction::Egress,
             priority: PRIORITY,
             handle: HANDLE,
+            netns: None,
         };
         assert_eq!(r.target(), "netlink:7:egress:25:0x25");
+        assert_eq!(Record::parse(&r.target()), Some(r));
+        let r = Record {
+            netns: Some(4026531840),
+            ..r
+        };
+        assert_eq!(r.target(), "netlink:7:egress:25:0x25:net=4026531840");
         assert_eq!(Record::parse(&r.target()), Some(r));
         for bad in [
             "netlink:7:egress:25",
             "tcx:7:egress:25:0x25",
             "netlink:7:up:25:0x25",
             "netlink:7:egress:25:0x25:1",
+            "netlink:7:egress:25:0x25:net=x",
+            "netlink:7:egress:25:0x25:net=1:2",
         ] {
             assert_eq!(Record::parse(bad), None, "{bad}");
         }

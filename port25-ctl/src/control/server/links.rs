@@ -7,8 +7,10 @@ use tracing::{error, warn};
 use super::Daemon;
 use crate::bpf::datapath;
 
-/// rtnetlink link notifications (RTMGRP_LINK) of this network namespace; only their arrival
-/// matters, so they are drained unread.
+/// rtnetlink link and TC notifications (RTMGRP_LINK, RTMGRP_TC) of this network namespace;
+/// only their arrival matters, so they are drained unread. TC because a netlink filter, unlike
+/// a tcx link, can be removed by another tool (`tc qdisc del dev X clsact`): port 25 is open
+/// until it is put back, which must not wait for the next reconcile.
 pub(super) struct LinkEvents {
     fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
 }
@@ -19,6 +21,7 @@ impl LinkEvents {
             bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
         };
         const RTMGRP_LINK: u32 = 1;
+        const RTMGRP_TC: u32 = 8;
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Raw,
@@ -27,7 +30,7 @@ impl LinkEvents {
         )?;
         bind(
             std::os::fd::AsRawFd::as_raw_fd(&fd),
-            &NetlinkAddr::new(0, RTMGRP_LINK),
+            &NetlinkAddr::new(0, RTMGRP_LINK | RTMGRP_TC),
         )?;
         // SAFETY: an OwnedFd keeps its descriptor open and the same for its whole life.
         let fd = unsafe {

@@ -232,8 +232,8 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     let mut tick = tokio::time::interval(d.cfg.reconcile_interval);
     tick.tick().await;
     let mut quick = tokio::time::interval(std::time::Duration::from_secs(1));
-    // Interfaces coming and going (a re-created one leaves its pinned link dead): repair at
-    // once rather than at the next reconcile.
+    // Interfaces coming and going (a re-created one leaves its pinned link dead), and TC
+    // filters removed by another tool: repair at once rather than at the next reconcile.
     let links = match LinkEvents::open() {
         Ok(l) => Some(l),
         Err(e) => {

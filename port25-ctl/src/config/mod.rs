@@ -443,7 +443,8 @@ mod timestamp_opt {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
+    // The cause prints once, as the source: every caller prints the chain (`{:#}`).
+    #[error("{path}: cannot read")]
     Read {
         path: PathBuf,
         #[source]

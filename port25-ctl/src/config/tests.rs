@@ -311,3 +311,15 @@ fn socket_is_found_in_half_edited_files() {
         p("/run/port25/ctl.sock")
     );
 }
+
+/// The CLI prints the whole chain (`{:#}`): the OS error appears once, not twice.
+#[test]
+fn an_unreadable_config_names_its_cause_once() {
+    let e = anyhow::Error::from(Config::load(Path::new("/nonexistent/port25.yaml")).unwrap_err());
+    let text = format!("{e:#}");
+    assert_eq!(text.matches("No such file").count(), 1, "{text}");
+    assert!(
+        text.starts_with("/nonexistent/port25.yaml: cannot read: "),
+        "{text}"
+    );
+}

@@ -109,7 +109,7 @@ pub fn all() -> Result<()> {
     Ok(())
 }
 
-fn is_root() -> Result<bool> {
+pub fn is_root() -> Result<bool> {
     Ok(output(Command::new("id").arg("-u"))?.trim() == "0")
 }
 

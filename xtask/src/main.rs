@@ -21,12 +21,17 @@ struct Cli {
 enum Cmd {
     /// Install what is missing (rust-src, bpf-linker) and build everything (release).
     Build,
-    /// Build, then run every test (unit, kernel, end-to-end). Root needed for kernel tests.
+    /// Build, then run every test (unit, kernel, end-to-end) on this machine's kernel, then
+    /// again in a VM on Debian 12's Linux 6.1 (the kernel most access routers run). Root
+    /// needed for kernel tests and the VM.
     Test {
-        /// Run in a QEMU VM on Debian's cloud kernel KERNEL (6.1 or 6.12) instead of this
+        /// Run in a QEMU VM on Debian's kernel KERNEL (6.1 or 6.12) only, not on this
         /// machine's kernel.
-        #[arg(long, value_name = "KERNEL")]
+        #[arg(long, value_name = "KERNEL", conflicts_with = "host_only")]
         vm: Option<String>,
+        /// This machine's kernel only: skip the Linux 6.1 VM run.
+        #[arg(long)]
+        host_only: bool,
         /// With --vm: a test binary (tests/tests/NAME.rs) to run, repeatable; default: the
         /// kernel tables, e2e, lifecycle and subscribers.
         #[arg(long = "vm-test", value_name = "NAME", requires = "vm")]
@@ -40,7 +45,8 @@ enum Cmd {
         #[arg(long, value_name = "FLAVOUR", default_value = "cloud", requires = "vm",
               value_parser = ["cloud", "generic"])]
         vm_flavour: String,
-        /// Extra arguments for the test harness (e.g. a test name filter).
+        /// Extra arguments for the test harness (e.g. a test name filter), on the host and
+        /// in the VM.
         args: Vec<String>,
     },
     /// A three-namespace lab with the real daemon: blocked and allowed connections, explained.
@@ -87,6 +93,7 @@ fn main() -> Result<()> {
             vm_timeout,
             vm_flavour,
             args,
+            ..
         } => vm::test(&vm::Opts {
             kernel: &kernel,
             flavour: &vm_flavour,
@@ -94,7 +101,28 @@ fn main() -> Result<()> {
             args: &args,
             timeout: std::time::Duration::from_secs(vm_timeout),
         }),
-        Cmd::Test { args, .. } => build::test(&args),
+        Cmd::Test {
+            host_only, args, ..
+        } => {
+            build::test(&args)?;
+            if host_only {
+                return Ok(());
+            }
+            if !build::is_root()? {
+                eprintln!("xtask: not root: the Linux 6.1 VM run is skipped");
+                return Ok(());
+            }
+            // The kernel of Debian 12 access routers, in the flavour that has PPP (the cloud
+            // kernels lack it), with the real-device tests beside the default set.
+            let tests: Vec<String> = vm::DEFAULT_TESTS.iter().map(|s| s.to_string()).collect();
+            vm::test(&vm::Opts {
+                kernel: "6.1",
+                flavour: "generic",
+                tests: &tests,
+                args: &args,
+                timeout: std::time::Duration::from_secs(2400),
+            })
+        }
         Cmd::Lab { args } => lab::run(&args),
         Cmd::Bench => bench::run(),
         Cmd::Fuzz {
@@ -125,7 +153,19 @@ mod tests {
     #[test]
     fn test_options_parse_with_and_without_vm() {
         let plain = Cli::try_parse_from(["xtask", "test", "filter"]).unwrap();
-        assert!(matches!(plain.cmd, Cmd::Test { vm: None, ref args, .. } if args == &["filter"]));
+        assert!(
+            matches!(plain.cmd, Cmd::Test { vm: None, host_only: false, ref args, .. } if args == &["filter"])
+        );
+        let host = Cli::try_parse_from(["xtask", "test", "--host-only"]).unwrap();
+        assert!(matches!(
+            host.cmd,
+            Cmd::Test {
+                vm: None,
+                host_only: true,
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["xtask", "test", "--host-only", "--vm", "6.1"]).is_err());
         let vm = Cli::try_parse_from([
             "xtask",
             "test",
@@ -145,6 +185,7 @@ mod tests {
             vm_timeout,
             vm_flavour,
             args,
+            ..
         } = vm.cmd
         else {
             panic!("not test --vm");

@@ -56,6 +56,19 @@ impl Db {
     }
 }
 
+/// An unblock whose audited refusal (a hold) is an error too, as the daemon answers it.
+fn unblock_ok(
+    tx: &mut dyn Tx,
+    a: &Actor,
+    name: &str,
+    until: Option<Timestamp>,
+    reason: Option<String>,
+    create: bool,
+    now: Timestamp,
+) -> Result<PolicyOutcome> {
+    Ok(unblock(tx, a, name, until, reason, create, now)??)
+}
+
 fn up(d: &mut Db, user: &str, id: &str, addrs: &[&str]) -> Result<SessionUpOutcome> {
     let addrs = addrs.iter().map(|a| p(a)).collect();
     d.run(|tx| session_up(tx, &actor(), user, Some(id), addrs, "cli", t(NOW)))
@@ -107,12 +120,12 @@ fn unblock_rules() {
     let now = t(NOW);
     let a = actor();
     let e = d
-        .run(|tx| unblock(tx, &a, "alice", None, None, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alice", None, None, false, now))
         .unwrap_err();
     assert!(e.to_string().contains("unknown user"), "{e}");
     d.run(|tx| user_add(tx, &a, "alice", now)).unwrap();
     let e = d
-        .run(|tx| unblock(tx, &a, "alcie", None, None, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alcie", None, None, false, now))
         .unwrap_err();
     let name = &e.downcast_ref::<UnknownUser>().expect("typed").name;
     let close = d.run(|tx| Ok(suggest(tx, name))).unwrap();
@@ -120,7 +133,7 @@ fn unblock_rules() {
     let msg = with_suggestions(&e.to_string(), name, &close);
     assert!(msg.contains("did you mean alice?"), "{msg}");
     let e = d
-        .run(|tx| unblock(tx, &a, "alice", Some(now), None, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alice", Some(now), None, false, now))
         .unwrap_err();
     assert!(e.to_string().contains("not in the future"), "{e}");
 
@@ -128,42 +141,42 @@ fn unblock_rules() {
     let in10 = now.checked_add(mins(10)).unwrap();
     let pop = Some("pop".to_string());
     let o = d
-        .run(|tx| unblock(tx, &a, "alice", Some(in90), pop, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alice", Some(in90), pop, false, now))
         .unwrap();
     assert!(o.changed);
     let o = d
-        .run(|tx| unblock(tx, &a, "alice", Some(in10), None, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alice", Some(in10), None, false, now))
         .unwrap();
     assert!(!o.changed, "10m does not shorten 90m");
     assert_eq!(d.user("alice").until, Some(in90));
     let o = d
-        .run(|tx| unblock(tx, &a, "alice", None, None, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alice", None, None, false, now))
         .unwrap();
     assert!(o.changed, "permanent extends a timed one");
     let o = d
-        .run(|tx| unblock(tx, &a, "alice", Some(in90), None, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alice", Some(in90), None, false, now))
         .unwrap();
     assert!(!o.changed, "a timed one never shortens a permanent one");
     assert_eq!(d.user("alice").until, None);
-    d.run(|tx| block(tx, &a, "alice", None, false, now))
+    d.run(|tx| block(tx, &a, "alice", None, false, false, now))
         .unwrap();
     assert!(!d.user("alice").unblocked_at(now));
     // An unblock that ran out is a block: a new, shorter timed one applies.
-    d.run(|tx| unblock(tx, &a, "alice", Some(in90), None, false, now))
+    d.run(|tx| unblock_ok(tx, &a, "alice", Some(in90), None, false, now))
         .unwrap();
     let later = in90.checked_add(mins(1)).unwrap();
     assert!(!d.user("alice").unblocked_at(later));
     let until = later.checked_add(mins(10)).unwrap();
     let o = d
-        .run(|tx| unblock(tx, &a, "alice", Some(until), None, false, later))
+        .run(|tx| unblock_ok(tx, &a, "alice", Some(until), None, false, later))
         .unwrap();
     assert!(o.changed);
     // --new registers an unknown user.
-    d.run(|tx| unblock(tx, &a, "dave@isp.example", None, None, true, now))
+    d.run(|tx| unblock_ok(tx, &a, "dave@isp.example", None, None, true, now))
         .unwrap();
     assert!(d.user("dave@isp.example").unblocked_at(now));
     let e = d
-        .run(|tx| unblock(tx, &a, "bad name", None, None, true, now))
+        .run(|tx| unblock_ok(tx, &a, "bad name", None, None, true, now))
         .unwrap_err();
     assert!(e.to_string().contains("not a valid user name"), "{e}");
 }
@@ -267,7 +280,7 @@ fn every_change_is_audited_with_its_actor() {
     let a = actor();
     d.run(|tx| user_add(tx, &a, "alice", now)).unwrap();
     let why = Some("ticket 1".to_string());
-    d.run(|tx| unblock(tx, &a, "alice", None, why, false, now))
+    d.run(|tx| unblock_ok(tx, &a, "alice", None, why, false, now))
         .unwrap();
     let server = p("198.51.100.26/32");
     d.run(|tx| entry_add(tx, &a, EntryKind::Server, server, None, None, now))

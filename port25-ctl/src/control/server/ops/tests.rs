@@ -26,6 +26,7 @@ fn replies() -> serde_json::Map<String, Value> {
         reason: Some("ticket 1".into()),
         set_by: "root".into(),
         set_at: ts("2026-01-02T03:04:05Z"),
+        hold: None,
     };
     let bob = User {
         name: "bob".into(),
@@ -34,6 +35,7 @@ fn replies() -> serde_json::Map<String, Value> {
         reason: None,
         set_by: "root (sudo carol)".into(),
         set_at: ts("2000-01-02T03:04:05.123456789Z"),
+        hold: None,
     };
     let sess = Session {
         id: "s1".into(),
@@ -127,6 +129,7 @@ fn replies() -> serde_json::Map<String, Value> {
             Op::UserList(proto::UserList {
                 unblocked: false,
                 expiring: false,
+                held: false,
             }),
         ),
         (

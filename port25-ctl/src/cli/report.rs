@@ -182,8 +182,8 @@ pub fn print_status(s: &Status) {
     );
     if let Some(r) = &s.registry {
         println!(
-            "registry:   {} users, {} unblocked ({} timed), {} live sessions",
-            r.users, r.unblocked, r.timed, r.sessions
+            "registry:   {} users, {} unblocked ({} timed), {} live sessions, {} held",
+            r.users, r.unblocked, r.timed, r.sessions, r.held
         );
     }
     if let Some(e) = &s.enforced {

@@ -300,8 +300,19 @@ fn a_hold_keeps_port_25_closed_whatever_asks_until_unhold() {
     lab.fails_with(&["unblock", "mallory", "--for", "90m"], 1);
     assert!(!smtp(&lab), "still closed after the restart");
 
-    // An exempt entry for her very address is the operator's network-level decision: it
-    // stays, and the views say the hold does not take effect there.
+    // An exempt entry is the operator's network-level decision, for an address whoever
+    // holds it: it stays, and the views say the hold does not take effect there. A wider
+    // prefix (a business range) as well as one for her very address.
+    ok(&lab, &["exempt", "add", "100.64.0.0/24", "--note", "wide"]);
+    assert!(smtp(&lab), "the operator's exempt prefix opens the address");
+    let show: UserDetail = lab.reply(&["user", "show", "mallory"]);
+    let gaps: Vec<String> = show
+        .hold_not_effective
+        .iter()
+        .map(|g| g.exempt.to_string())
+        .collect();
+    assert_eq!(gaps, ["100.64.0.0/24"], "{show:?}");
+    ok(&lab, &["exempt", "remove", "100.64.0.0/24"]);
     ok(
         &lab,
         &["exempt", "add", &format!("{MAL4}/32"), "--note", "relay"],

@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 pub mod parse;
-mod render;
+pub(crate) mod render;
 pub mod report;
 
 /// Outbound SMTP (TCP port 25) control for Linux access routers, enforced in XDP/TC.

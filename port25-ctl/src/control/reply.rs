@@ -73,10 +73,9 @@ pub struct HoldGap {
 impl HoldGap {
     /// Where an exempt prefix (config or runtime, not expired) still opens a held user's
     /// addresses: the hold closes the user's own unblock, not the operator's network-level
-    /// exemptions. In the datapath the most specific entry decides, so a live session's
-    /// address is opened only by an exempt entry equal to it or inside it (a wider one loses
-    /// to the session's own blocked entry), while a static binding of a blocked user writes
-    /// nothing and is opened by any exempt prefix overlapping it.
+    /// exemptions, which the datapath applies to an address whoever holds it (a live
+    /// session's blocked entry gives way to them). Any overlap counts, wider or narrower
+    /// than the user's address or prefix: a false alarm beats a silent gap.
     pub fn find(
         tx: &dyn Tx,
         cfg: &Config,
@@ -97,16 +96,10 @@ impl HoldGap {
                 .filter(|e| e.kind == EntryKind::Exempt && live(e.until))
                 .map(|e| (e.prefix, EntrySource::Runtime, e.note)),
         );
-        let inside = |a: &Prefix, p: &Prefix| a.contains(p.addr) && p.len >= a.len;
-        let overlaps = |a: &Prefix, p: &Prefix| p.contains(a.addr) || a.contains(p.addr);
         let mut gaps = vec![];
-        let all = sessions
-            .iter()
-            .map(|a| (a, true))
-            .chain(bindings.iter().map(|a| (a, false)));
-        for (a, session) in all {
+        for a in sessions.iter().chain(bindings) {
             for (p, source, note) in &exempt {
-                if (session && inside(a, p)) || (!session && overlaps(a, p)) {
+                if p.contains(a.addr) || a.contains(p.addr) {
                     gaps.push(HoldGap {
                         addr: *a,
                         exempt: *p,

@@ -321,6 +321,7 @@ fn bad_input_changes_nothing() {
             user: "nobody".into(),
             reason: None,
             new: false,
+            hold: false,
         })
         .unwrap_err(),
         c.call(proto::UserAdd {
@@ -398,6 +399,8 @@ fn a_full_map_refuses_the_whole_change() {
             id: Some("s2".into()),
             source: None,
             force_wide: false,
+            unblock: false,
+            unblock_for_secs: None,
         })
         .unwrap_err();
     match full {
@@ -438,6 +441,8 @@ fn a_full_map_counts_closing_entries_before_removals() {
             id: Some("s1".into()),
             source: None,
             force_wide: false,
+            unblock: false,
+            unblock_for_secs: None,
         })
         .expect("three entries fit three");
     // The list has u1 on one new address: three entries go, one comes, and it comes first.

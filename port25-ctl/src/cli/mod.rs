@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 pub mod parse;
-mod render;
+pub(crate) mod render;
 pub mod report;
 
 /// Outbound SMTP (TCP port 25) control for Linux access routers, enforced in XDP/TC.
@@ -89,6 +89,18 @@ enum Verb {
         /// Register the user if unknown.
         #[arg(long)]
         new: bool,
+        /// Abuse hold (needs --reason): every unblock (CLI, hooks, RADIUS, POP logins) is
+        /// refused and audited until `unhold`.
+        #[arg(long, requires = "reason")]
+        hold: bool,
+    },
+    /// Lift an abuse hold (the user stays blocked; `unblock` is a separate step).
+    Unhold {
+        #[arg(value_parser = parse::user_name)]
+        user: String,
+        /// Why the hold is lifted (the machine was cleaned, a ticket).
+        #[arg(long, required = true)]
+        reason: String,
     },
     /// Users: show, list, add, remove, and static prefix bindings.
     #[command(subcommand)]
@@ -122,12 +134,15 @@ enum UserVerb {
         #[arg(value_parser = parse::user_name)]
         user: String,
     },
-    /// All users, or only the unblocked or the expiring (timed) ones.
+    /// All users, or only the unblocked, the expiring (timed) or the held ones.
     List {
         #[arg(long)]
         unblocked: bool,
         #[arg(long)]
         expiring: bool,
+        /// Only users on an abuse hold.
+        #[arg(long)]
+        held: bool,
     },
     /// Register a user (blocked).
     Add {
@@ -175,6 +190,14 @@ enum SessionVerb {
         /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
         #[arg(long)]
         force_wide: bool,
+        /// The access server's unblock attribute (RADIUS) came with the session: unblock
+        /// the user (registering them if unknown). Refused for a held user; the session is
+        /// recorded all the same.
+        #[arg(long)]
+        unblock: bool,
+        /// As --unblock, for this long (e.g. 90m).
+        #[arg(long, value_name = "DURATION", value_parser = parse::duration_secs)]
+        unblock_for: Option<u64>,
     },
     /// A session went down: by id, or by user and address.
     Down {
@@ -403,10 +426,21 @@ fn local(cli: &Cli) -> Result<ExitCode> {
                     );
                 }
                 match &r.holder {
-                    Some(h) => println!(
-                        "source {} is held by user {} ({}), who is {}",
-                        r.src, h.user, h.via, h.policy
-                    ),
+                    Some(h) => {
+                        println!(
+                            "source {} is held by user {} ({}), who is {}",
+                            r.src, h.user, h.via, h.policy
+                        );
+                        if let Some(hold) = &h.hold {
+                            println!("{} is on an abuse hold, {hold}", h.user);
+                        }
+                        if h.hold_not_effective {
+                            println!(
+                                "the hold is NOT effective on {}: an exempt entry (config `exempt` or `exempt add`) keeps port 25 open there",
+                                r.src
+                            );
+                        }
+                    }
                     None if r.registry.is_some() => {
                         println!("source {}: no known user holds it", r.src)
                     }
@@ -471,13 +505,26 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
             })?;
             show(cli, &r, |r| render::unblocked(user, r))
         }
-        Verb::Block { user, reason, new } => {
+        Verb::Block {
+            user,
+            reason,
+            new,
+            hold,
+        } => {
             let r = client.call(proto::Block {
                 user: user.clone(),
                 reason: reason.clone(),
                 new: *new,
+                hold: *hold,
             })?;
             show(cli, &r, |r| render::blocked(user, r))
+        }
+        Verb::Unhold { user, reason } => {
+            let r = client.call(proto::Unhold {
+                user: user.clone(),
+                reason: Some(reason.clone()),
+            })?;
+            show(cli, &r, |r| render::unheld(user, r))
         }
         Verb::User(u) => match u {
             UserVerb::Show { user } => {
@@ -487,10 +534,12 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
             UserVerb::List {
                 unblocked,
                 expiring,
+                held,
             } => {
                 let r = client.call(proto::UserList {
                     unblocked: *unblocked,
                     expiring: *expiring,
+                    held: *held,
                 })?;
                 show(cli, &r, render::user_list)
             }
@@ -529,6 +578,8 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
                 id,
                 source,
                 force_wide,
+                unblock,
+                unblock_for,
             } => {
                 let r = client.call(proto::SessionUp {
                     user: user.clone(),
@@ -536,6 +587,8 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
                     id: id.clone(),
                     source: source.clone(),
                     force_wide: *force_wide,
+                    unblock: *unblock,
+                    unblock_for_secs: *unblock_for,
                 })?;
                 show(cli, &r, |r| render::session_up(user, r))
             }

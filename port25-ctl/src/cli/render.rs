@@ -75,6 +75,9 @@ fn policy_line(u: &UserView) -> String {
     if let Some(r) = &u.reason {
         line.push_str(&format!("; reason: {}", text(r)));
     }
+    if let Some(h) = &u.hold {
+        line.push_str(&format!("; ON HOLD ({})", text(&h.reason)));
+    }
     line
 }
 
@@ -120,6 +123,15 @@ pub fn unblocked(user: &str, r: &PolicyChange) -> String {
 pub fn blocked(user: &str, r: &PolicyChange) -> String {
     let mut o = String::new();
     out!(o, "{user}: {}", policy_line(&r.user));
+    if r.user.hold.is_some() {
+        out!(o, "{user}: {}", text(&r.note));
+    }
+    o
+}
+
+pub fn unheld(user: &str, r: &PolicyChange) -> String {
+    let mut o = String::new();
+    out!(o, "{user}: {}", text(&r.note));
     o
 }
 
@@ -129,6 +141,29 @@ pub fn user_detail(d: &UserDetail) -> String {
     out!(o, "user:      {}", text(&u.name));
     out!(o, "policy:    {}", policy_line(u));
     out!(o, "set by:    {} at {}", text(&u.set_by), time(u.set_at));
+    if let Some(h) = &u.hold {
+        out!(
+            o,
+            "hold:      set by {} at {}: {}",
+            text(&h.by),
+            time(h.at),
+            text(&h.reason)
+        );
+        out!(
+            o,
+            "           every unblock is refused until `port25-ctl unhold`"
+        );
+    }
+    for g in &d.hold_not_effective {
+        out!(
+            o,
+            "hold NOT effective on {}: exempt prefix {} ({}{}) keeps port 25 open there",
+            g.addr,
+            g.exempt,
+            g.source.as_str(),
+            opt(g.note.as_deref(), |n| format!(", {}", text(n)))
+        );
+    }
     if d.sessions.is_empty() {
         out!(o, "sessions:  none live");
     }
@@ -216,6 +251,9 @@ pub fn session_up(user: &str, d: &SessionUp) -> String {
             text(&t.session),
             text(&t.user)
         );
+    }
+    if let Some(u) = &d.unblock {
+        out!(o, "{user}: {}", policy_line(&u.user));
     }
     o
 }

@@ -182,8 +182,8 @@ pub fn print_status(s: &Status) {
     );
     if let Some(r) = &s.registry {
         println!(
-            "registry:   {} users, {} unblocked ({} timed), {} live sessions",
-            r.users, r.unblocked, r.timed, r.sessions
+            "registry:   {} users, {} unblocked ({} timed), {} live sessions, {} held",
+            r.users, r.unblocked, r.timed, r.sessions, r.held
         );
     }
     if let Some(e) = &s.enforced {
@@ -241,6 +241,13 @@ pub struct Holder {
     pub user: String,
     pub via: String,
     pub policy: String,
+    /// The holder's abuse hold (who set it, when, why); absent when not held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold: Option<crate::registry::store::Hold>,
+    /// Held, yet the live maps pass SRC: an exempt entry (config `exempt` or `exempt add`)
+    /// keeps port 25 open on this address whatever the hold says.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub hold_not_effective: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -283,15 +290,33 @@ pub fn check(cfg: &Config, src: IpAddr, dst: IpAddr, port: u16) -> Result<CheckR
             let now = jiff::Timestamp::now();
             let holder = match registry::holder_of(&*tx, src)? {
                 Some((user, via)) => {
-                    let policy = match tx.user(&user)? {
+                    let u = tx.user(&user)?;
+                    let policy = match &u {
                         Some(u) => match (u.unblocked_at(now), u.until) {
                             (true, Some(t)) => format!("unblocked until {t}"),
                             (true, None) => "unblocked".to_string(),
+                            (false, _) if u.hold.is_some() => "blocked, on hold".to_string(),
                             (false, _) => "blocked".to_string(),
                         },
                         None => "unknown".into(),
                     };
-                    Some(Holder { user, via, policy })
+                    let hold = u.and_then(|u| u.hold);
+                    // Port 25 itself (not another port, not a mail server) passing from a
+                    // held user's address: only an exempt entry does that.
+                    let hold_not_effective = hold.is_some()
+                        && matches!(
+                            reason,
+                            Reason::PassExemptAddr
+                                | Reason::PassExemptPrefix
+                                | Reason::PassExemptSession
+                        );
+                    Some(Holder {
+                        user,
+                        via,
+                        policy,
+                        hold,
+                        hold_not_effective,
+                    })
                 }
                 None => None,
             };

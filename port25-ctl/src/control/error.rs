@@ -139,7 +139,7 @@ mod tests {
         let again = crate::registry::user_add(&mut *tx, &actor(), "alice", now).unwrap_err();
         assert_eq!(format!("{again:#}"), "user `alice` already exists");
         assert_eq!(ErrorKind::of(&again), ErrorKind::Refused);
-        let unknown = crate::registry::block(&mut *tx, &actor(), "bob", None, false, now);
+        let unknown = crate::registry::block(&mut *tx, &actor(), "bob", None, false, false, now);
         assert_eq!(ErrorKind::of(&unknown.unwrap_err()), ErrorKind::Refused);
         let bad_name = crate::registry::user_add(&mut *tx, &actor(), "-x", now).unwrap_err();
         assert_eq!(ErrorKind::of(&bad_name), ErrorKind::Refused);

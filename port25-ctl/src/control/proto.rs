@@ -54,6 +54,7 @@ pub enum Op {
     Detach,
     Unblock(Unblock),
     Block(Block),
+    Unhold(Unhold),
     UserShow(UserShow),
     UserList(UserList),
     UserAdd(UserAdd),
@@ -95,6 +96,7 @@ macro_rules! calls {
 calls! {
     Unblock => reply::PolicyChange,
     Block => reply::PolicyChange,
+    Unhold => reply::PolicyChange,
     UserShow => reply::UserDetail,
     UserList => reply::UserList,
     UserAdd => reply::UserAdded,
@@ -154,6 +156,18 @@ pub struct Block {
     pub reason: Option<String>,
     #[serde(default)]
     pub new: bool,
+    /// Also put the user on an abuse hold (needs `reason`): nothing reopens port 25 for
+    /// them until `unhold`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
+}
+
+/// Lifts an abuse hold; the user stays blocked.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Unhold {
+    pub user: String,
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -169,6 +183,9 @@ pub struct UserList {
     pub unblocked: bool,
     #[serde(default)]
     pub expiring: bool,
+    /// Only users on an abuse hold.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -211,6 +228,13 @@ pub struct SessionUp {
     pub source: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force_wide: bool,
+    /// The access server's unblock attribute (RADIUS) carried with the session: unblocks
+    /// the user, for `unblock_for_secs` if given. Refused for a held user (the session is
+    /// still recorded).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unblock: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unblock_for_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -552,7 +576,7 @@ mod proptests {
 
         #[test]
         fn arbitrary_ops_never_panic(op in json_value(), variant in prop::sample::select(vec![
-            "info", "reload", "detach", "unblock", "block", "user_show", "user_list", "user_add",
+            "info", "reload", "detach", "unblock", "block", "unhold", "user_show", "user_list", "user_add",
             "user_remove", "user_bind", "user_unbind", "session_up", "session_down",
             "session_sync", "entry_add", "entry_remove", "entry_list", "audit", "format_disk",
         ])) {

@@ -6,8 +6,9 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    config::Config,
     net::Prefix,
-    registry::store::{AuditRecord, EntryKind, Policy, Session, User},
+    registry::store::{AuditRecord, EntryKind, Hold, Policy, Session, Tx, User},
 };
 
 /// The sync summary is the registry's own outcome, sent as is.
@@ -27,6 +28,9 @@ pub struct UserView {
     pub reason: Option<String>,
     pub set_by: String,
     pub set_at: Timestamp,
+    /// An abuse hold (who set it, when, why); absent when not held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<Hold>,
 }
 
 impl UserView {
@@ -48,7 +52,64 @@ impl UserView {
             reason: u.reason.clone(),
             set_by: u.set_by.clone(),
             set_at: u.set_at,
+            hold: u.hold.clone(),
         }
+    }
+}
+
+/// An address of a held user that an exempt prefix (the config's `exempt`, or `exempt add`)
+/// still opens: the operator's network-level decision stands, so the hold does not close
+/// port 25 there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HoldGap {
+    /// The user's address or prefix (a session's or a binding's).
+    pub addr: Prefix,
+    /// The exempt prefix covering it.
+    pub exempt: Prefix,
+    pub source: EntrySource,
+    pub note: Option<String>,
+}
+
+impl HoldGap {
+    /// Where an exempt prefix (config or runtime, not expired) still opens a held user's
+    /// addresses: the hold closes the user's own unblock, not the operator's network-level
+    /// exemptions, which the datapath applies to an address whoever holds it (a live
+    /// session's blocked entry gives way to them). Any overlap counts, wider or narrower
+    /// than the user's address or prefix: a false alarm beats a silent gap.
+    pub fn find(
+        tx: &dyn Tx,
+        cfg: &Config,
+        sessions: &[Prefix],
+        bindings: &[Prefix],
+        now: Timestamp,
+    ) -> anyhow::Result<Vec<HoldGap>> {
+        let live = |until: Option<Timestamp>| until.is_none_or(|t| t > now);
+        let mut exempt: Vec<(Prefix, EntrySource, Option<String>)> = cfg
+            .exempt
+            .iter()
+            .filter(|e| live(e.until))
+            .map(|e| (e.prefix, EntrySource::Config, e.note.clone()))
+            .collect();
+        exempt.extend(
+            tx.entries()?
+                .into_iter()
+                .filter(|e| e.kind == EntryKind::Exempt && live(e.until))
+                .map(|e| (e.prefix, EntrySource::Runtime, e.note)),
+        );
+        let mut gaps = vec![];
+        for a in sessions.iter().chain(bindings) {
+            for (p, source, note) in &exempt {
+                if p.contains(a.addr) || a.contains(p.addr) {
+                    gaps.push(HoldGap {
+                        addr: *a,
+                        exempt: *p,
+                        source: *source,
+                        note: note.clone(),
+                    });
+                }
+            }
+        }
+        Ok(gaps)
     }
 }
 
@@ -95,6 +156,9 @@ pub struct UserDetail {
     pub sessions: Vec<Session>,
     pub bindings: Vec<Prefix>,
     pub audit: Vec<AuditRecord>,
+    /// Of a held user: addresses where an exempt prefix keeps port 25 open anyway.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hold_not_effective: Vec<HoldGap>,
 }
 
 /// A `user list` row: the user and how many live sessions it has.
@@ -143,6 +207,9 @@ pub struct SessionUp {
     pub session: Session,
     pub user_created: bool,
     pub taken_over: Vec<TakenOver>,
+    /// The unblock the session carried (`--unblock`), when it was applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unblock: Option<PolicyChange>,
 }
 
 impl From<crate::registry::SessionUpOutcome> for SessionUp {
@@ -151,6 +218,7 @@ impl From<crate::registry::SessionUpOutcome> for SessionUp {
             session: o.session,
             user_created: o.user_created,
             taken_over: o.taken_over.into_iter().map(TakenOver::from).collect(),
+            unblock: None,
         }
     }
 }

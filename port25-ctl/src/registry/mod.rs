@@ -12,8 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     net::Prefix,
-    registry::store::{AuditRecord, Binding, Entry, EntryKind, Policy, Session, Tx, User},
+    registry::store::{AuditRecord, Binding, Entry, EntryKind, Hold, Policy, Session, Tx, User},
 };
+
+/// A rule's answer when it refused after recording something that must stay: the audit row
+/// of a refusal (a held user's unblock), or a session whose unblock was refused. The caller
+/// commits the transaction, then fails with the [`Refused`].
+pub type Audited<T> = std::result::Result<T, Refused>;
 
 /// A caller's mistake that a rule refuses: a name that is not one, an address another user
 /// holds, a time not in the future... Asking again unchanged fails again, so the daemon
@@ -130,6 +135,9 @@ fn audit(
 }
 
 fn describe(u: &User, now: Timestamp) -> String {
+    if u.hold.is_some() {
+        return "blocked, on hold".into();
+    }
     match (u.policy, u.until) {
         (Policy::Blocked, _) => "blocked".into(),
         (Policy::Unblocked, None) => "unblocked".into(),
@@ -190,7 +198,36 @@ fn new_user(name: &str, actor: &Actor, now: Timestamp) -> User {
         reason: None,
         set_by: actor.to_string(),
         set_at: now,
+        hold: None,
     }
+}
+
+/// The refusal of `what` (an unblock, however it came) for a held user, audited as
+/// `<what>.refused` in the caller's transaction, which the caller commits.
+fn refuse_held(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    user: &User,
+    hold: &Hold,
+    what: &str,
+    reason: Option<String>,
+    now: Timestamp,
+) -> Result<Refused> {
+    audit(
+        tx,
+        actor,
+        now,
+        &format!("{what}.refused"),
+        &user.name,
+        Some(format!("on hold ({hold})")),
+        None,
+        reason,
+    )?;
+    Ok(Refused(format!(
+        "{what} refused: `{}` is on an abuse hold ({hold}); port 25 stays closed until \
+         `port25-ctl unhold {} --reason R` lifts it",
+        user.name, user.name
+    )))
 }
 
 /// The user, or with `create` a new (blocked, not yet stored) one: (user, created).
@@ -217,6 +254,8 @@ pub struct PolicyOutcome {
 }
 
 /// `unblock USER [--for|--until] [--reason]`. A timed unblock never shortens a longer one.
+/// A held user's unblock is refused and the refusal audited (hence [`Audited`]): hooks,
+/// RADIUS and POP logins all come through here.
 pub fn unblock(
     tx: &mut dyn Tx,
     actor: &Actor,
@@ -225,7 +264,7 @@ pub fn unblock(
     reason: Option<String>,
     create: bool,
     now: Timestamp,
-) -> Result<PolicyOutcome> {
+) -> Result<Audited<PolicyOutcome>> {
     check_text("a reason", &reason)?;
     if let Some(t) = until {
         if t <= now {
@@ -233,6 +272,11 @@ pub fn unblock(
         }
     }
     let (old, created) = user_or_new(tx, actor, name, create, now)?;
+    if let Some(hold) = &old.hold {
+        return Ok(Err(refuse_held(
+            tx, actor, &old, hold, "unblock", reason, now,
+        )?));
+    }
     let keeps = old.unblocked_at(now)
         && match (old.until, until) {
             (None, _) => true,
@@ -271,49 +315,117 @@ pub fn unblock(
         Some(describe(&user, now)),
         reason,
     )?;
-    Ok(PolicyOutcome {
+    Ok(Ok(PolicyOutcome {
         user,
         changed,
         note,
-    })
+    }))
 }
 
-/// `block USER`: revokes at once, timed or not, live sessions included.
+/// `block USER [--hold]`: revokes at once, timed or not, live sessions included. With
+/// `hold` (a reason required) the user is also put on an abuse hold; a block without it
+/// keeps a hold already set (only `unhold` lifts one).
 pub fn block(
     tx: &mut dyn Tx,
     actor: &Actor,
     name: &str,
     reason: Option<String>,
     create: bool,
+    hold: bool,
     now: Timestamp,
 ) -> Result<PolicyOutcome> {
     check_text("a reason", &reason)?;
+    let hold_reason = match (&reason, hold) {
+        (None, true) => {
+            refuse!("`block --hold` needs --reason (a ticket, what the abuse desk saw)")
+        }
+        (Some(r), true) if r.trim().is_empty() => {
+            refuse!("`block --hold` needs a non-empty --reason")
+        }
+        (r, true) => r.clone(),
+        (_, false) => None,
+    };
     let (old, created) = user_or_new(tx, actor, name, create, now)?;
+    let (new_hold, note) = match (&old.hold, hold_reason) {
+        (Some(h), Some(_)) => (Some(h.clone()), format!("blocked; already on hold ({h})")),
+        (None, Some(r)) => {
+            let h = Hold {
+                reason: r,
+                by: actor.to_string(),
+                at: now,
+            };
+            let note = format!("blocked and on hold ({h})");
+            (Some(h), note)
+        }
+        (Some(h), None) => (Some(h.clone()), format!("blocked; still on hold ({h})")),
+        (None, None) => (None, "blocked".into()),
+    };
+    let newly_held = new_hold.is_some() && old.hold.is_none();
     let user = User {
         policy: Policy::Blocked,
         until: None,
         reason: reason.clone(),
         set_by: actor.to_string(),
         set_at: now,
+        hold: new_hold,
         ..old.clone()
     };
-    let changed = old.unblocked_at(now) || created;
+    let changed = old.unblocked_at(now) || created || newly_held;
     tx.put_user(&user)?;
     let old_desc = (!created).then(|| describe(&old, now));
     audit(
         tx,
         actor,
         now,
-        "block",
+        if newly_held { "hold" } else { "block" },
         name,
         old_desc,
-        Some("blocked".into()),
+        Some(describe(&user, now)),
         reason,
     )?;
     Ok(PolicyOutcome {
-        note: "blocked".into(),
+        note,
         user,
         changed,
+    })
+}
+
+/// `unhold USER --reason R`: lifts an abuse hold. The user stays blocked: an unblock is a
+/// separate, later decision.
+pub fn unhold(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    name: &str,
+    reason: Option<String>,
+    now: Timestamp,
+) -> Result<PolicyOutcome> {
+    check_text("a reason", &reason)?;
+    if reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+        refuse!("`unhold` needs --reason (why the hold is lifted: the machine was cleaned...)");
+    }
+    let old = get_user(tx, name)?;
+    let Some(h) = &old.hold else {
+        refuse!("`{name}` is not on hold: nothing to lift");
+    };
+    let user = User {
+        hold: None,
+        ..old.clone()
+    };
+    tx.put_user(&user)?;
+    audit(
+        tx,
+        actor,
+        now,
+        "unhold",
+        name,
+        Some(describe(&old, now)),
+        Some(describe(&user, now)),
+        reason,
+    )?;
+    Ok(PolicyOutcome {
+        note: format!("hold lifted (it was {h}); still blocked: `unblock` reopens port 25"),
+        user,
+        changed: true,
     })
 }
 
@@ -338,8 +450,15 @@ pub fn user_add(tx: &mut dyn Tx, actor: &Actor, name: &str, now: Timestamp) -> R
 }
 
 /// Removes a user with their live sessions and bindings.
+/// A held user is not removed: registering the name again would lose the hold.
 pub fn user_remove(tx: &mut dyn Tx, actor: &Actor, name: &str, now: Timestamp) -> Result<usize> {
     let old = get_user(tx, name)?;
+    if let Some(h) = &old.hold {
+        refuse!(
+            "`{name}` is on an abuse hold ({h}): not removed (a new registration would lose the \
+             hold); `unhold` first"
+        );
+    }
     let sessions = tx.sessions_of(name)?;
     for s in &sessions {
         tx.delete_session(&s.id)?;
@@ -416,6 +535,33 @@ pub fn session_up(
     now: Timestamp,
 ) -> Result<SessionUpOutcome> {
     session_up_at(tx, actor, user, id, addrs, source, now, now)
+}
+
+/// `session up ... --unblock`: a session with its access server's unblock attribute (a
+/// RADIUS `Port25-Unblock`) in one transaction. The session is a fact and is recorded
+/// whatever the user's policy; for a held user only the unblock is refused (audited), and
+/// the refusal says the session was recorded.
+#[allow(clippy::too_many_arguments)]
+pub fn session_up_unblocking(
+    tx: &mut dyn Tx,
+    actor: &Actor,
+    user: &str,
+    id: Option<&str>,
+    addrs: Vec<Prefix>,
+    source: &str,
+    until: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<Audited<(SessionUpOutcome, PolicyOutcome)>> {
+    let up = session_up(tx, actor, user, id, addrs, source, now)?;
+    let why = Some(format!("session {} ({source})", up.session.id));
+    match unblock(tx, actor, user, until, why, true, now)? {
+        Ok(p) => Ok(Ok((up, p))),
+        Err(Refused(m)) => Ok(Err(Refused(format!(
+            "session `{}` of {user} recorded ({}); its {m}",
+            up.session.id,
+            fmt_addrs(&up.session.addrs)
+        )))),
+    }
 }
 
 /// As [`session_up`], for an event that happened at `event` (a sync's snapshot time).

@@ -56,6 +56,19 @@ impl Db {
     }
 }
 
+/// An unblock whose audited refusal (a hold) is an error too, as the daemon answers it.
+fn unblock_ok(
+    tx: &mut dyn Tx,
+    a: &Actor,
+    name: &str,
+    until: Option<Timestamp>,
+    reason: Option<String>,
+    create: bool,
+    now: Timestamp,
+) -> Result<PolicyOutcome> {
+    Ok(unblock(tx, a, name, until, reason, create, now)??)
+}
+
 fn up(d: &mut Db, user: &str, id: &str, addrs: &[&str]) -> Result<SessionUpOutcome> {
     let addrs = addrs.iter().map(|a| p(a)).collect();
     d.run(|tx| session_up(tx, &actor(), user, Some(id), addrs, "cli", t(NOW)))
@@ -107,12 +120,12 @@ fn unblock_rules() {
     let now = t(NOW);
     let a = actor();
     let e = d
-        .run(|tx| unblock(tx, &a, "alice", None, None, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alice", None, None, false, now))
         .unwrap_err();
     assert!(e.to_string().contains("unknown user"), "{e}");
     d.run(|tx| user_add(tx, &a, "alice", now)).unwrap();
     let e = d
-        .run(|tx| unblock(tx, &a, "alcie", None, None, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alcie", None, None, false, now))
         .unwrap_err();
     let name = &e.downcast_ref::<UnknownUser>().expect("typed").name;
     let close = d.run(|tx| Ok(suggest(tx, name))).unwrap();
@@ -120,7 +133,7 @@ fn unblock_rules() {
     let msg = with_suggestions(&e.to_string(), name, &close);
     assert!(msg.contains("did you mean alice?"), "{msg}");
     let e = d
-        .run(|tx| unblock(tx, &a, "alice", Some(now), None, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alice", Some(now), None, false, now))
         .unwrap_err();
     assert!(e.to_string().contains("not in the future"), "{e}");
 
@@ -128,42 +141,42 @@ fn unblock_rules() {
     let in10 = now.checked_add(mins(10)).unwrap();
     let pop = Some("pop".to_string());
     let o = d
-        .run(|tx| unblock(tx, &a, "alice", Some(in90), pop, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alice", Some(in90), pop, false, now))
         .unwrap();
     assert!(o.changed);
     let o = d
-        .run(|tx| unblock(tx, &a, "alice", Some(in10), None, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alice", Some(in10), None, false, now))
         .unwrap();
     assert!(!o.changed, "10m does not shorten 90m");
     assert_eq!(d.user("alice").until, Some(in90));
     let o = d
-        .run(|tx| unblock(tx, &a, "alice", None, None, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alice", None, None, false, now))
         .unwrap();
     assert!(o.changed, "permanent extends a timed one");
     let o = d
-        .run(|tx| unblock(tx, &a, "alice", Some(in90), None, false, now))
+        .run(|tx| unblock_ok(tx, &a, "alice", Some(in90), None, false, now))
         .unwrap();
     assert!(!o.changed, "a timed one never shortens a permanent one");
     assert_eq!(d.user("alice").until, None);
-    d.run(|tx| block(tx, &a, "alice", None, false, now))
+    d.run(|tx| block(tx, &a, "alice", None, false, false, now))
         .unwrap();
     assert!(!d.user("alice").unblocked_at(now));
     // An unblock that ran out is a block: a new, shorter timed one applies.
-    d.run(|tx| unblock(tx, &a, "alice", Some(in90), None, false, now))
+    d.run(|tx| unblock_ok(tx, &a, "alice", Some(in90), None, false, now))
         .unwrap();
     let later = in90.checked_add(mins(1)).unwrap();
     assert!(!d.user("alice").unblocked_at(later));
     let until = later.checked_add(mins(10)).unwrap();
     let o = d
-        .run(|tx| unblock(tx, &a, "alice", Some(until), None, false, later))
+        .run(|tx| unblock_ok(tx, &a, "alice", Some(until), None, false, later))
         .unwrap();
     assert!(o.changed);
     // --new registers an unknown user.
-    d.run(|tx| unblock(tx, &a, "dave@isp.example", None, None, true, now))
+    d.run(|tx| unblock_ok(tx, &a, "dave@isp.example", None, None, true, now))
         .unwrap();
     assert!(d.user("dave@isp.example").unblocked_at(now));
     let e = d
-        .run(|tx| unblock(tx, &a, "bad name", None, None, true, now))
+        .run(|tx| unblock_ok(tx, &a, "bad name", None, None, true, now))
         .unwrap_err();
     assert!(e.to_string().contains("not a valid user name"), "{e}");
 }
@@ -267,7 +280,7 @@ fn every_change_is_audited_with_its_actor() {
     let a = actor();
     d.run(|tx| user_add(tx, &a, "alice", now)).unwrap();
     let why = Some("ticket 1".to_string());
-    d.run(|tx| unblock(tx, &a, "alice", None, why, false, now))
+    d.run(|tx| unblock_ok(tx, &a, "alice", None, why, false, now))
         .unwrap();
     let server = p("198.51.100.26/32");
     d.run(|tx| entry_add(tx, &a, EntryKind::Server, server, None, None, now))
@@ -286,4 +299,225 @@ fn every_change_is_audited_with_its_actor() {
     assert_eq!(recs[1].reason.as_deref(), Some("ticket 1"));
     assert!(recs[1].actor.contains("root") && recs[1].actor.contains("helpdesk-7"));
     assert_eq!(d.audit_len(), 4);
+}
+
+/// Everything a held user's table row holds, to check that a refusal leaves it as it was.
+fn row(d: &mut Db, name: &str) -> (User, Vec<Session>) {
+    let u = d.user(name);
+    let s = d.store.begin().unwrap().sessions_of(name).unwrap();
+    (u, s)
+}
+
+fn last_audit(d: &mut Db) -> AuditRecord {
+    let tx = d.store.begin().unwrap();
+    tx.audit(&AuditQuery::default()).unwrap().pop().unwrap()
+}
+
+#[test]
+fn a_hold_needs_a_reason_and_ends_a_running_unblock() {
+    let mut d = db();
+    let now = t(NOW);
+    let a = actor();
+    up(&mut d, "mallory", "s1", &["100.64.0.9"]).unwrap();
+    let in90 = now.checked_add(mins(90)).unwrap();
+    d.run(|tx| unblock_ok(tx, &a, "mallory", Some(in90), None, false, now))
+        .unwrap();
+    let before = d.audit_len();
+    for reason in [None, Some("  ".to_string())] {
+        let e = d
+            .run(|tx| block(tx, &a, "mallory", reason, false, true, now))
+            .unwrap_err();
+        assert!(e.is::<Refused>(), "{e:#}");
+        assert!(format!("{e:#}").contains("--reason"), "{e:#}");
+    }
+    assert_eq!(d.audit_len(), before, "a refused hold writes nothing");
+    assert!(d.user("mallory").unblocked_at(now));
+    let why = Some("abuse ticket 77: spam bot".to_string());
+    let o = d
+        .run(|tx| block(tx, &a, "mallory", why, false, true, now))
+        .unwrap();
+    assert!(o.changed);
+    let u = d.user("mallory");
+    assert!(!u.unblocked_at(now), "the timed unblock ends at once");
+    assert_eq!(u.until, None);
+    let h = u.hold.expect("held, durably");
+    assert_eq!(h.reason, "abuse ticket 77: spam bot");
+    assert_eq!(h.at, now);
+    assert!(h.by.contains("root") && h.by.contains("uid 0"), "{}", h.by);
+    let rec = last_audit(&mut d);
+    assert_eq!(
+        (rec.action.as_str(), rec.new.as_deref()),
+        ("hold", Some("blocked, on hold"))
+    );
+}
+
+#[test]
+fn only_unhold_lifts_a_hold() {
+    let mut d = db();
+    let now = t(NOW);
+    let a = actor();
+    up(&mut d, "mallory", "s1", &["100.64.0.9"]).unwrap();
+    let why = || Some("abuse ticket 77".to_string());
+    d.run(|tx| block(tx, &a, "mallory", why(), false, true, now))
+        .unwrap();
+    let held = row(&mut d, "mallory");
+    let in90 = now.checked_add(mins(90)).unwrap();
+    // Every way an unblock comes: plain, timed, --until, --new, a POP hook's reason.
+    let tries: [(Option<Timestamp>, Option<String>, bool); 4] = [
+        (None, None, false),
+        (Some(in90), Some("pop-before-smtp".into()), false),
+        (Some(in90), None, true),
+        (None, Some("radius Port25-Unblock".into()), true),
+    ];
+    for (until, reason, new) in tries {
+        let before = d.audit_len();
+        let r = d
+            .run(|tx| unblock(tx, &a, "mallory", until, reason.clone(), new, now))
+            .unwrap();
+        let e = r.unwrap_err().0;
+        assert!(
+            e.contains("unblock refused")
+                && e.contains("abuse hold")
+                && e.contains("abuse ticket 77")
+                && e.contains("root (uid 0)")
+                && e.contains(&now.to_string())
+                && e.contains("unhold mallory"),
+            "{e}"
+        );
+        assert_eq!(
+            row(&mut d, "mallory"),
+            held,
+            "nothing but the audit changes"
+        );
+        assert_eq!(d.audit_len(), before + 1);
+        let rec = last_audit(&mut d);
+        assert_eq!(rec.action, "unblock.refused");
+        assert_eq!(rec.subject, "mallory");
+        assert_eq!(rec.reason, reason);
+        assert!(rec.old.unwrap().contains("abuse ticket 77"));
+    }
+    // A block without --hold, a session going down and up: the hold stays.
+    d.run(|tx| block(tx, &a, "mallory", None, false, false, now))
+        .unwrap();
+    d.run(|tx| session_down_id(tx, &a, "s1", now)).unwrap();
+    up(&mut d, "mallory", "s2", &["100.64.0.10"]).unwrap();
+    assert!(d.user("mallory").hold.is_some());
+    // A held user cannot be removed (a new registration would lose the hold).
+    let e = d.run(|tx| user_remove(tx, &a, "mallory", now)).unwrap_err();
+    assert!(
+        e.is::<Refused>() && format!("{e}").contains("hold"),
+        "{e:#}"
+    );
+    assert!(d.user("mallory").hold.is_some());
+    // Unhold needs a reason, and leaves the user blocked.
+    assert!(d
+        .run(|tx| unhold(tx, &a, "mallory", None, now))
+        .unwrap_err()
+        .is::<Refused>());
+    let o = d
+        .run(|tx| unhold(tx, &a, "mallory", Some("machine cleaned".into()), now))
+        .unwrap();
+    assert!(o.user.hold.is_none() && !o.user.unblocked_at(now));
+    assert_eq!(last_audit(&mut d).action, "unhold");
+    let e = d
+        .run(|tx| unhold(tx, &a, "mallory", Some("again".into()), now))
+        .unwrap_err();
+    assert!(format!("{e}").contains("not on hold"), "{e:#}");
+    d.run(|tx| unblock_ok(tx, &a, "mallory", Some(in90), None, false, now))
+        .unwrap();
+    assert!(
+        d.user("mallory").unblocked_at(now),
+        "unhold, then unblock works"
+    );
+}
+
+#[test]
+fn a_held_sessions_unblock_attribute_is_refused_but_the_session_is_recorded() {
+    let mut d = db();
+    let now = t(NOW);
+    let a = actor();
+    d.run(|tx| user_add(tx, &a, "mallory", now)).unwrap();
+    d.run(|tx| block(tx, &a, "mallory", Some("ticket 9".into()), false, true, now))
+        .unwrap();
+    let r = d
+        .run(|tx| {
+            session_up_unblocking(
+                tx,
+                &a,
+                "mallory",
+                Some("ppp:ppp0"),
+                vec![p("100.64.0.9/32")],
+                "pppd",
+                None,
+                now,
+            )
+        })
+        .unwrap();
+    let e = r.unwrap_err().0;
+    assert!(
+        e.contains("session `ppp:ppp0` of mallory recorded")
+            && e.contains("unblock refused")
+            && e.contains("ticket 9"),
+        "{e}"
+    );
+    let (u, s) = row(&mut d, "mallory");
+    assert!(!u.unblocked_at(now) && u.hold.is_some());
+    assert_eq!(s.len(), 1, "the session is a fact: recorded");
+    assert_eq!(last_audit(&mut d).action, "unblock.refused");
+    // Not held: the same request unblocks.
+    let o = d
+        .run(|tx| {
+            session_up_unblocking(
+                tx,
+                &a,
+                "bob",
+                None,
+                vec![p("100.64.0.7/32")],
+                "pppd",
+                None,
+                now,
+            )
+        })
+        .unwrap()
+        .unwrap();
+    assert!(o.0.user_created && o.1.user.unblocked_at(now));
+}
+
+#[test]
+fn a_hold_survives_reopen_and_a_half_cleared_row_stays_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = t(NOW);
+    {
+        let mut s = SqliteStore::open(dir.path()).unwrap();
+        let mut tx = s.begin().unwrap();
+        user_add(&mut *tx, &actor(), "mallory", now).unwrap();
+        block(
+            &mut *tx,
+            &actor(),
+            "mallory",
+            Some("t".into()),
+            false,
+            true,
+            now,
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let c = rusqlite::Connection::open(dir.path().join("port25.db")).unwrap();
+    let v: i64 = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 3);
+    // A hand edit that clears part of the hold and sets the policy to unblocked.
+    c.execute(
+        "UPDATE users SET hold_reason = NULL, hold_by = NULL, policy = 'unblocked'",
+        [],
+    )
+    .unwrap();
+    drop(c);
+    let mut s = SqliteStore::open(dir.path()).unwrap();
+    let u = s.begin().unwrap().user("mallory").unwrap().unwrap();
+    assert!(u.hold.is_some(), "any hold column set = held");
+    assert!(!u.unblocked_at(now), "a held user is never unblocked");
+    assert_eq!(s.counts(now).unwrap().held, 1);
 }

@@ -9,11 +9,18 @@ use crate::{
     bpf::datapath,
     config::{check_storable, Config, Limits},
     control::proto::{self, Op, ReplyOf},
-    control::reply::{self, EntryDetail, EntryRow, EntrySource, UserRow, UserView},
+    control::reply::{self, EntryDetail, EntryRow, EntrySource, HoldGap, UserRow, UserView},
     net::Prefix,
     registry::store::{AuditQuery, AuditRecord, EntryKind, Tx},
-    registry::{self, refuse, Actor, Refused},
+    registry::{self, refuse, Actor, Audited, Refused},
 };
+
+/// The answer of a change whose rule refused after recording (an audited refusal, a session
+/// whose unblock was refused): the transaction has been committed, then the refusal is the
+/// op's error, so it reads to the client as `refused` and exits non-zero.
+fn audited<R>(r: Result<Audited<R>>) -> Result<R> {
+    Ok(r??)
+}
 
 /// Refuses allow-list prefixes wider than the `limits` floor unless forced; a forced one is
 /// audited in the same transaction as the change it belongs to.
@@ -76,6 +83,7 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
         Op::Detach => data(detach(d, actor)),
         Op::Unblock(r) => data(unblock(d, r, actor)),
         Op::Block(r) => data(block(d, r, actor)),
+        Op::Unhold(r) => data(unhold(d, r, actor)),
         Op::UserAdd(r) => data(user_add(d, r, actor)),
         Op::UserRemove(r) => data(user_remove(d, r, actor)),
         Op::UserBind(r) => data(user_bind(d, r, actor)),
@@ -97,7 +105,7 @@ pub(super) fn read(tx: &dyn Tx, cfg: &Config, op: Op) -> Result<Value> {
     let now = Timestamp::now();
     match op {
         Op::EntryList(r) => data(entry_list(tx, cfg, r, now)),
-        Op::UserShow(r) => data(user_show(tx, r, now)),
+        Op::UserShow(r) => data(user_show(tx, cfg, r, now)),
         Op::UserList(r) => data(user_list(tx, r, now)),
         Op::Audit(r) => data(audit(tx, r)),
         other => bail!("{other:?} is not a read verb"),
@@ -125,15 +133,21 @@ fn unblock(d: &mut Daemon, r: proto::Unblock, actor: &Actor) -> Result<ReplyOf<p
         reason,
         new,
     } = r;
-    let out = d.change(|tx, now| {
+    let out = audited(d.change(|tx, now| {
         let until = until_from(for_secs, until, now)?;
         registry::unblock(tx, actor, &user, until, reason, new, now)
-    })?;
+    }))?;
     Ok(policy_change(out, d.wall.now()))
 }
 
 fn block(d: &mut Daemon, r: proto::Block, actor: &Actor) -> Result<ReplyOf<proto::Block>> {
-    let out = d.change(|tx, now| registry::block(tx, actor, &r.user, r.reason, r.new, now))?;
+    let out =
+        d.change(|tx, now| registry::block(tx, actor, &r.user, r.reason, r.new, r.hold, now))?;
+    Ok(policy_change(out, d.wall.now()))
+}
+
+fn unhold(d: &mut Daemon, r: proto::Unhold, actor: &Actor) -> Result<ReplyOf<proto::Unhold>> {
+    let out = d.change(|tx, now| registry::unhold(tx, actor, &r.user, r.reason, now))?;
     Ok(policy_change(out, d.wall.now()))
 }
 
@@ -206,7 +220,8 @@ fn session_up(
     actor: &Actor,
 ) -> Result<ReplyOf<proto::SessionUp>> {
     let limits = d.cfg.limits;
-    let out = d.change(|tx, now| {
+    let unblock = r.unblock || r.unblock_for_secs.is_some();
+    let (up, unblocked) = audited(d.change(|tx, now| {
         guard_wide(
             tx,
             actor,
@@ -216,17 +231,29 @@ fn session_up(
             r.force_wide,
             now,
         )?;
-        registry::session_up(
+        let source = r.source.as_deref().unwrap_or("cli");
+        if !unblock {
+            let up =
+                registry::session_up(tx, actor, &r.user, r.id.as_deref(), r.addrs, source, now)?;
+            return Ok(Ok((up, None)));
+        }
+        let until = until_from(r.unblock_for_secs, None, now)?;
+        Ok(registry::session_up_unblocking(
             tx,
             actor,
             &r.user,
             r.id.as_deref(),
             r.addrs,
-            r.source.as_deref().unwrap_or("cli"),
+            source,
+            until,
             now,
-        )
-    })?;
-    Ok(out.into())
+        )?
+        .map(|(up, p)| (up, Some(p))))
+    }))?;
+    let now = d.wall.now();
+    let mut out = reply::SessionUp::from(up);
+    out.unblock = unblocked.map(|p| policy_change(p, now));
+    Ok(out)
 }
 
 fn session_down(
@@ -336,20 +363,37 @@ fn entry_list(
     })
 }
 
-fn user_show(tx: &dyn Tx, r: proto::UserShow, now: Timestamp) -> Result<ReplyOf<proto::UserShow>> {
+fn user_show(
+    tx: &dyn Tx,
+    cfg: &Config,
+    r: proto::UserShow,
+    now: Timestamp,
+) -> Result<ReplyOf<proto::UserShow>> {
     registry::check_user_name(&r.user)?;
     let Some(u) = tx.user(&r.user)? else {
         return Err(registry::unknown_user(tx, &r.user));
     };
+    let sessions = tx.sessions_of(&r.user)?;
+    let bindings = tx.bindings_of(&r.user)?;
+    let hold_not_effective = if u.hold.is_some() {
+        let addrs: Vec<Prefix> = sessions
+            .iter()
+            .flat_map(|s| s.addrs.iter().copied())
+            .collect();
+        HoldGap::find(tx, cfg, &addrs, &bindings, now)?
+    } else {
+        vec![]
+    };
     Ok(reply::UserDetail {
         user: UserView::new(&u, now),
-        sessions: tx.sessions_of(&r.user)?,
-        bindings: tx.bindings_of(&r.user)?,
+        sessions,
+        bindings,
         audit: tx.audit(&AuditQuery {
             subject: Some(r.user.clone()),
             since: None,
             limit: 10,
         })?,
+        hold_not_effective,
     })
 }
 
@@ -363,6 +407,7 @@ fn user_list(tx: &dyn Tx, r: proto::UserList, now: Timestamp) -> Result<ReplyOf<
         .into_iter()
         .filter(|u| !r.unblocked || u.unblocked_at(now))
         .filter(|u| !r.expiring || (u.unblocked_at(now) && u.until.is_some()))
+        .filter(|u| !r.held || u.hold.is_some())
         .map(|u| UserRow {
             sessions: per_user.get(&u.name).copied().unwrap_or(0),
             user: UserView::new(&u, now),

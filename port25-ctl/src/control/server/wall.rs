@@ -106,6 +106,7 @@ impl Wall {
                     u.until.unwrap()
                 )),
                 false,
+                false,
                 now,
             )?;
         }

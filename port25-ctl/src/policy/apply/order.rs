@@ -271,6 +271,7 @@ fn user(i: usize, u: &U) -> User {
         reason: None,
         set_by: "root".into(),
         set_at: jiff::Timestamp::UNIX_EPOCH,
+        hold: None,
     }
 }
 

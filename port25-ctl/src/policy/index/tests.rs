@@ -74,7 +74,7 @@ fn run(tx: &mut dyn crate::registry::store::Tx, op: &Op, now: jiff::Timestamp) -
             });
             registry::unblock(tx, &a, USERS[*u], until, None, true, now).map(|_| ())
         }
-        Op::Block(u) => registry::block(tx, &a, USERS[*u], None, true, now).map(|_| ()),
+        Op::Block(u) => registry::block(tx, &a, USERS[*u], None, true, false, now).map(|_| ()),
         Op::Bind(u, b) => registry::bind(tx, &a, USERS[*u], p(BINDINGS[*b]), now),
         Op::Unbind(u, b) => registry::unbind(tx, &a, USERS[*u], p(BINDINGS[*b]), now),
         Op::Remove(u) => registry::user_remove(tx, &a, USERS[*u], now).map(|_| ()),
@@ -178,6 +178,7 @@ fn user(name: &str, policy: Policy, until: Option<&str>) -> User {
         reason: None,
         set_by: "root".into(),
         set_at: jiff::Timestamp::UNIX_EPOCH,
+        hold: None,
     }
 }
 

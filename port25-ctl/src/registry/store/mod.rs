@@ -36,12 +36,34 @@ pub struct User {
     pub reason: Option<String>,
     pub set_by: String,
     pub set_at: Timestamp,
+    /// An abuse hold: while set, nothing reopens port 25 for the user; only `unhold` lifts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<Hold>,
 }
 
 impl User {
-    /// Unblocked now (a timed unblock that has run out is a block).
+    /// Unblocked now (a timed unblock that has run out is a block). A held user never is,
+    /// whatever the stored policy says (a hand-edited row): the hold wins, fail closed.
     pub fn unblocked_at(&self, now: Timestamp) -> bool {
-        self.policy == Policy::Unblocked && self.until.is_none_or(|t| t > now)
+        self.hold.is_none()
+            && self.policy == Policy::Unblocked
+            && self.until.is_none_or(|t| t > now)
+    }
+}
+
+/// Who put a user on an abuse hold, when, and why (`block USER --hold --reason R`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hold {
+    pub reason: String,
+    /// The actor as the audit log records it (the socket peer's uid and name).
+    pub by: String,
+    pub at: Timestamp,
+}
+
+impl std::fmt::Display for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = self.at.round(jiff::Unit::Second).unwrap_or(self.at);
+        write!(f, "set by {} at {at}: {}", self.by, self.reason)
     }
 }
 

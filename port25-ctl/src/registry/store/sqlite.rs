@@ -76,6 +76,13 @@ CREATE TABLE session_events (
     at INTEGER NOT NULL
 );
 "#,
+    r#"
+-- An abuse hold (`block --hold`): while any of these is set, the user stays blocked whatever
+-- a hook, RADIUS or a POP login asks; only `unhold` clears them.
+ALTER TABLE users ADD COLUMN hold_reason TEXT;
+ALTER TABLE users ADD COLUMN hold_by TEXT;
+ALTER TABLE users ADD COLUMN hold_at INTEGER;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -148,6 +155,7 @@ pub struct Counts {
     pub unblocked: u64,
     pub timed: u64,
     pub sessions: u64,
+    pub held: u64,
 }
 
 impl SqliteStore {
@@ -164,6 +172,10 @@ impl SqliteStore {
             )?,
             timed: one("SELECT COUNT(*) FROM users WHERE policy = 'unblocked' AND until > ?1")?,
             sessions: one("SELECT COUNT(*) FROM sessions WHERE ?1 IS NOT NULL")?,
+            held: one(
+                "SELECT COUNT(*) FROM users WHERE ?1 IS NOT NULL AND \
+                 (hold_reason IS NOT NULL OR hold_by IS NOT NULL OR hold_at IS NOT NULL)",
+            )?,
         })
     }
 }
@@ -211,7 +223,8 @@ impl Store for SqliteStore {
     }
 }
 
-const USER_COLS: &str = "name, policy, until, reason, set_by, set_at";
+const USER_COLS: &str =
+    "name, policy, until, reason, set_by, set_at, hold_reason, hold_by, hold_at";
 
 fn user_row(r: &rusqlite::Row) -> rusqlite::Result<User> {
     let policy: String = r.get(1)?;
@@ -226,6 +239,21 @@ fn user_row(r: &rusqlite::Row) -> rusqlite::Result<User> {
         reason: r.get(3)?,
         set_by: r.get(4)?,
         set_at: from_ts(r.get(5)?),
+        hold: hold_of(r.get(6)?, r.get(7)?, r.get(8)?),
+    })
+}
+
+/// A hold with any of its columns set is a hold (a hand-edited, half-cleared row stays held):
+/// fail closed.
+fn hold_of(reason: Option<String>, by: Option<String>, at: Option<i64>) -> Option<Hold> {
+    if reason.is_none() && by.is_none() && at.is_none() {
+        return None;
+    }
+    let unknown = || "(unknown)".to_string();
+    Some(Hold {
+        reason: reason.unwrap_or_else(unknown),
+        by: by.unwrap_or_else(unknown),
+        at: at.map(from_ts).unwrap_or(Timestamp::UNIX_EPOCH),
     })
 }
 
@@ -274,14 +302,19 @@ impl Tx for SqliteTx<'_> {
 
     fn put_user(&mut self, u: &User) -> Result<()> {
         self.tx.execute(
-            &format!("INSERT OR REPLACE INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+            &format!(
+                "INSERT OR REPLACE INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+            ),
             params![
                 u.name,
                 u.policy.as_str(),
                 u.until.map(ts),
                 u.reason,
                 u.set_by,
-                ts(u.set_at)
+                ts(u.set_at),
+                u.hold.as_ref().map(|h| &h.reason),
+                u.hold.as_ref().map(|h| &h.by),
+                u.hold.as_ref().map(|h| ts(h.at)),
             ],
         )?;
         Ok(())

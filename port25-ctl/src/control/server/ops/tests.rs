@@ -26,6 +26,7 @@ fn replies() -> serde_json::Map<String, Value> {
         reason: Some("ticket 1".into()),
         set_by: "root".into(),
         set_at: ts("2026-01-02T03:04:05Z"),
+        hold: None,
     };
     let bob = User {
         name: "bob".into(),
@@ -34,6 +35,7 @@ fn replies() -> serde_json::Map<String, Value> {
         reason: None,
         set_by: "root (sudo carol)".into(),
         set_at: ts("2000-01-02T03:04:05.123456789Z"),
+        hold: None,
     };
     let sess = Session {
         id: "s1".into(),
@@ -127,6 +129,7 @@ fn replies() -> serde_json::Map<String, Value> {
             Op::UserList(proto::UserList {
                 unblocked: false,
                 expiring: false,
+                held: false,
             }),
         ),
         (
@@ -339,4 +342,140 @@ fn the_ops_argument_checks_are_refusals() {
     assert_eq!(ErrorKind::of(&zero), ErrorKind::Refused);
     let far = storable(Some(Timestamp::MAX)).unwrap_err();
     assert_eq!(ErrorKind::of(&far), ErrorKind::Refused, "{far:#}");
+}
+
+/// A held user's views: the hold in `user show` (JSON and text), `user list --held`, and
+/// where a live exempt entry (config or runtime) still opens an address: any overlapping a
+/// session's address or prefix or a binding, wider or narrower.
+#[test]
+fn a_held_users_views_name_the_hold_and_where_it_does_not_take_effect() {
+    use crate::registry::store::Hold;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let now = ts("2026-01-02T04:00:00Z");
+    let hold = Hold {
+        reason: "abuse ticket 77".into(),
+        by: "root (uid 0)".into(),
+        at: ts("2026-01-02T03:00:00Z"),
+    };
+    let user = |name: &str, hold: Option<Hold>| User {
+        name: name.into(),
+        policy: Policy::Blocked,
+        until: None,
+        reason: None,
+        set_by: "root".into(),
+        set_at: now,
+        hold,
+    };
+    {
+        let mut tx = store.begin().unwrap();
+        tx.put_user(&user("mallory", Some(hold.clone()))).unwrap();
+        tx.put_user(&user("alice", None)).unwrap();
+        tx.put_session(&Session {
+            id: "s1".into(),
+            user: "mallory".into(),
+            addrs: vec![
+                "100.64.0.2/32".parse().unwrap(),
+                "2001:db8:1a0::/56".parse().unwrap(),
+            ],
+            since: now,
+            source: "t".into(),
+        })
+        .unwrap();
+        tx.put_binding(&Binding {
+            user: "mallory".into(),
+            prefix: "192.0.2.16/28".parse().unwrap(),
+        })
+        .unwrap();
+        tx.put_entry(&Entry {
+            kind: EntryKind::Exempt,
+            prefix: "2001:db8:1a0:5::7/128".parse().unwrap(),
+            until: None,
+            note: Some("relay".into()),
+            added_by: "root".into(),
+            added_at: now,
+        })
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    // Wider than the session's /32, wider than the binding; an expired one (no gap).
+    let cfg = Config::parse(
+        "exempt:\n  - prefix: 100.64.0.0/24\n  - prefix: 192.0.2.0/24\n    note: \"ACME\"\n  - prefix: 100.64.0.2/32\n    until: 2001-01-01T00:00:00Z\n",
+        std::path::Path::new("t.yaml"),
+    )
+    .unwrap();
+    let tx = store.read().unwrap();
+    let show = user_show(
+        &*tx,
+        &cfg,
+        UserShow {
+            user: "mallory".into(),
+        },
+        now,
+    )
+    .unwrap();
+    assert_eq!(show.user.hold.as_ref(), Some(&hold));
+    let gaps: Vec<(String, String, EntrySource)> = show
+        .hold_not_effective
+        .iter()
+        .map(|g| (g.addr.to_string(), g.exempt.to_string(), g.source))
+        .collect();
+    assert_eq!(
+        gaps,
+        [
+            (
+                "100.64.0.2/32".into(),
+                "100.64.0.0/24".into(),
+                EntrySource::Config
+            ),
+            (
+                "2001:db8:1a0::/56".into(),
+                "2001:db8:1a0:5::7/128".into(),
+                EntrySource::Runtime
+            ),
+            (
+                "192.0.2.16/28".into(),
+                "192.0.2.0/24".into(),
+                EntrySource::Config
+            ),
+        ]
+    );
+    let text = crate::cli::render::user_detail(&show);
+    assert!(
+        text.contains("hold:      set by root (uid 0) at 2026-01-02T03:00:00Z: abuse ticket 77"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "hold NOT effective on 192.0.2.16/28: exempt prefix 192.0.2.0/24 (config, ACME)"
+        ),
+        "{text}"
+    );
+    let json = serde_json::to_value(&show).unwrap();
+    assert_eq!(json["user"]["hold"]["reason"], "abuse ticket 77", "{json}");
+    assert_eq!(json["user"]["hold"]["by"], "root (uid 0)", "{json}");
+    let held = user_list(
+        &*tx,
+        proto::UserList {
+            unblocked: false,
+            expiring: false,
+            held: true,
+        },
+        now,
+    )
+    .unwrap();
+    let names: Vec<&str> = held.users.iter().map(|u| u.user.name.as_str()).collect();
+    assert_eq!(names, ["mallory"]);
+    // Not held: no hold field at all (the JSON of other users is unchanged).
+    let alice = user_show(
+        &*tx,
+        &cfg,
+        UserShow {
+            user: "alice".into(),
+        },
+        now,
+    )
+    .unwrap();
+    let json = serde_json::to_value(&alice).unwrap();
+    assert!(json["user"].get("hold").is_none() && json.get("hold_not_effective").is_none());
 }

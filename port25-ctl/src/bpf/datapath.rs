@@ -17,7 +17,7 @@ use aya::{
 
 use crate::{
     bpf::pins::Pins,
-    config::{Config, Direction, Hook, Interface, Limits, XdpMode},
+    config::{Config, Direction, Hook, Interface, Limits, Target, XdpMode},
 };
 use port25_common::maps as m;
 
@@ -387,7 +387,15 @@ pub fn preflight(iface: &Interface) -> Result<()> {
 pub fn unpin(pins: &Pins, point: &str) -> Result<()> {
     let path = pins.link(point);
     if let Some(rec) = crate::bpf::tc::read_record(&path) {
-        crate::bpf::tc::detach(&rec).with_context(|| format!("detaching {point}"))?;
+        if let Err(e) = crate::bpf::tc::detach(&rec) {
+            // A filter goes with its device: a record whose ifindex is gone from this
+            // namespace has nothing left to delete (a glob device that went away).
+            let here = rec.netns.is_none() || rec.netns == crate::bpf::tc::current_netns();
+            let gone = here && crate::bpf::linkinfo::ifname(rec.ifindex).is_none();
+            if !gone {
+                return Err(e.context(format!("detaching {point}")));
+            }
+        }
     }
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -572,9 +580,11 @@ fn attach_link(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attach
     Ok(outcome)
 }
 
-/// Unpins (and so detaches) the links of attach points the config no longer names.
-pub fn detach_stale(pins: &Pins, cfg: &Config) -> Result<Vec<String>> {
-    let wanted: BTreeSet<String> = cfg.interfaces.iter().map(Interface::attach_point).collect();
+/// Unpins (and so detaches) the links of attach points the config no longer names, and
+/// those of glob devices that are gone: `targets` is what the config asks on the devices
+/// of this namespace ([`Config::targets`]).
+pub fn detach_stale(pins: &Pins, targets: &[Target]) -> Result<Vec<String>> {
+    let wanted: BTreeSet<String> = targets.iter().map(|t| t.iface.attach_point()).collect();
     let mut removed = Vec::new();
     for point in pins.pinned_links() {
         if !wanted.contains(&point) {

@@ -398,6 +398,7 @@ fn a_full_map_refuses_the_whole_change() {
             id: Some("s2".into()),
             source: None,
             force_wide: false,
+            iface: None,
         })
         .unwrap_err();
     match full {
@@ -438,6 +439,7 @@ fn a_full_map_counts_closing_entries_before_removals() {
             id: Some("s1".into()),
             source: None,
             force_wide: false,
+            iface: None,
         })
         .expect("three entries fit three");
     // The list has u1 on one new address: three entries go, one comes, and it comes first.

@@ -175,6 +175,10 @@ enum SessionVerb {
         /// Accept a prefix wider than the configured floor (limits.min_prefix_v4/v6); audited.
         #[arg(long)]
         force_wide: bool,
+        /// The session's device (pppN): when a glob entry governs it, it is attached before
+        /// the answer. Default: the device the first address is routed through.
+        #[arg(long)]
+        iface: Option<String>,
     },
     /// A session went down: by id, or by user and address.
     Down {
@@ -529,6 +533,7 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
                 id,
                 source,
                 force_wide,
+                iface,
             } => {
                 let r = client.call(proto::SessionUp {
                     user: user.clone(),
@@ -536,8 +541,14 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
                     id: id.clone(),
                     source: source.clone(),
                     force_wide: *force_wide,
+                    iface: iface.clone(),
                 })?;
-                show(cli, &r, |r| render::session_up(user, r))
+                let code = show(cli, &r, |r| render::session_up(user, r))?;
+                // Recorded, but port 25 is open on its device: the same code as `status`.
+                if r.device.as_ref().is_some_and(|d| d.error.is_some()) {
+                    return Ok(ExitCode::from(3));
+                }
+                Ok(code)
             }
             SessionVerb::Down { id, user, addr } => {
                 if id.is_none() && addr.is_none() {

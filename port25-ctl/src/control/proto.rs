@@ -211,6 +211,10 @@ pub struct SessionUp {
     pub source: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force_wide: bool,
+    /// The session's device (`pppN`): attached before the answer when a glob entry governs
+    /// it. Absent: the device the first address is routed through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iface: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -106,6 +106,7 @@ fn cases() -> Vec<(&'static str, Verb, &'static str, String)> {
             id: None,
             source: None,
             force_wide: false,
+            iface: None,
         }),
         "session_up",
         session_up("alice", &typed(&g["session_up"])),

@@ -317,6 +317,51 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// `session up`: the session's device (named, or the one its first address is routed
+    /// through), attached now when a glob entry governs it. None when no glob governs it.
+    pub(super) fn session_device(
+        &mut self,
+        named: Option<&str>,
+        addrs: &[crate::net::Prefix],
+    ) -> Option<crate::control::reply::SessionDevice> {
+        let name = match named {
+            Some(n) => n.to_owned(),
+            None => {
+                let addr = addrs.first()?.addr;
+                linkinfo::ifname(crate::bpf::route::oif(addr)?)?
+            }
+        };
+        let targets: Vec<Target> = self
+            .cfg
+            .targets_for(&name)
+            .into_iter()
+            .filter(|t| t.glob.is_some())
+            .collect();
+        if targets.is_empty() {
+            return None;
+        }
+        let mut attached = vec![];
+        let mut errors = vec![];
+        for t in &targets {
+            let point = t.iface.attach_point();
+            let before = datapath::link_problem(&self.pins, &t.iface);
+            if before.is_none() {
+                continue;
+            }
+            match self.repair(t) {
+                None => attached.push(point),
+                Some(e) => errors.push(format!("{point}: {e}")),
+            }
+        }
+        Some(crate::control::reply::SessionDevice {
+            name,
+            attached,
+            error: (!errors.is_empty()).then(|| errors.join("; ")),
+        })
+    }
+}
+
 /// Every target of `cfg` on the devices of this namespace.
 pub(super) fn targets_here(cfg: &Config) -> (Devices, Vec<Target>) {
     let devices = Devices::scan();

@@ -206,6 +206,11 @@ fn session_up(
     actor: &Actor,
 ) -> Result<ReplyOf<proto::SessionUp>> {
     let limits = d.cfg.limits;
+    // Before the answer, and before the exemption is written: the device a glob governs
+    // enforces when the client hears back. A failure is told in the answer, and the
+    // session recorded all the same: blocking is the default, only its exemption is at
+    // stake, and the access server's view of the session must not be lost.
+    let device = d.session_device(r.iface.as_deref(), &r.addrs);
     let out = d.change(|tx, now| {
         guard_wide(
             tx,
@@ -226,7 +231,10 @@ fn session_up(
             now,
         )
     })?;
-    Ok(out.into())
+    Ok(reply::SessionUp {
+        device,
+        ..out.into()
+    })
 }
 
 fn session_down(

@@ -23,7 +23,11 @@ fn ip(ns: &str, cmd: &str) {
     let mut c = Command::new("ip");
     c.args(["-n", ns]).args(cmd.split(' '));
     let out = c.output().expect("ip");
-    assert!(out.status.success(), "ip -n {ns} {cmd}: {}", port25_tests::text(&out));
+    assert!(
+        out.status.success(),
+        "ip -n {ns} {cmd}: {}",
+        port25_tests::text(&out)
+    );
 }
 
 /// The lab's internet side routes every subscriber address back through the router.
@@ -110,7 +114,11 @@ fn come_and_go(interfaces: &str, netlink: bool) {
     assert!(took.is_some(), "g1 attached: {}", lab.daemon_log());
     eprintln!("g1 attached {took:?} after it was up");
     let record = port25_ctl::bpf::tc::read_record(&pin(&lab, "tc-ingress:g1"));
-    assert_eq!(record.is_some(), netlink, "the attachment's kind (netlink record or tcx)");
+    assert_eq!(
+        record.is_some(),
+        netlink,
+        "the attachment's kind (netlink record or tcx)"
+    );
     blocks_25_passes_587(&lab, 1, "g1, created later");
     let (code, s) = status(&lab);
     assert_eq!(code, Some(0), "{s}");
@@ -141,7 +149,11 @@ fn come_and_go(interfaces: &str, netlink: bool) {
     ip(&lab.rtr, "link del g1");
     assert!(pinned(&lab, "tc-ingress:g1"));
     let (_, s) = status(&lab);
-    assert_eq!(s["unconfigured_links"], serde_json::json!([]), "not foreign: {s}");
+    assert_eq!(
+        s["unconfigured_links"],
+        serde_json::json!([]),
+        "not foreign: {s}"
+    );
     lab.start_daemon();
     assert!(!pinned(&lab, "tc-ingress:g1"), "released at start");
     assert!(pinned(&lab, "tc-ingress:g0"));
@@ -225,7 +237,9 @@ fn zero_syns_to_25_cross_a_new_device() {
         // Watched from just before the creation: the daemon's reaction, `ip` included.
         let path = pin(&lab, &point);
         let watch = std::thread::spawn(move || {
-            wait(Duration::from_secs(3), || std::fs::symlink_metadata(&path).is_ok())
+            wait(Duration::from_secs(3), || {
+                std::fs::symlink_metadata(&path).is_ok()
+            })
         });
         create(&lab, n);
         bring_up(&lab, n);
@@ -247,8 +261,34 @@ fn zero_syns_to_25_cross_a_new_device() {
         reaction[reaction.len() / 2],
         reaction[reaction.len() - 1]
     );
-    assert!(sniff.syns(587) > 20, "the probe reached the far side on 587");
+    assert!(
+        sniff.syns(587) > 20,
+        "the probe reached the far side on 587"
+    );
     assert_eq!(sniff.syns(25), 0, "SYNs to 25 crossed a new device");
+    // The control: the same on a device no glob matches, and the sniffer sees port 25 cross.
+    ip(
+        &lab.rtr,
+        &format!("link add x30 type veth peer name h30 netns {}", lab.sub),
+    );
+    ip(&lab.rtr, "addr add 100.64.40.1/24 dev x30");
+    ip(&lab.rtr, "link set x30 up");
+    ip(&lab.sub, "addr add 100.64.40.2/24 dev h30");
+    ip(&lab.sub, "link set h30 up");
+    ip(
+        &lab.sub,
+        "route replace 203.0.113.80/32 via 100.64.40.1 dev h30",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let probe = lab.syn_probe(src(30), lab::v4().ext, &[25], stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    probe.join().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        sniff.syns(25) > 0,
+        "the control: SYNs to 25 seen crossing an unenforced device"
+    );
 }
 
 /// `session up` names a device a glob governs that is not attached (its link was lost):
@@ -265,7 +305,9 @@ fn session_up_attaches_its_device_before_answering() {
     assert!(wait(Duration::from_secs(3), || pinned(&lab, point)).is_some());
     let lose = |lab: &Lab| {
         let pins = port25_ctl::bpf::pins::Pins::new(&lab.pin_dir);
-        lab::in_ns(&lab.rtr, move || port25_ctl::bpf::datapath::unpin(&pins, point).unwrap());
+        lab::in_ns(&lab.rtr, move || {
+            port25_ctl::bpf::datapath::unpin(&pins, point).unwrap()
+        });
         assert!(!pinned(lab, point));
     };
     lose(&lab);
@@ -273,7 +315,10 @@ fn session_up_attaches_its_device_before_answering() {
         lab.reply(&["session", "up", "alice", "100.64.11.2", "--iface", "g1"]);
     assert!(pinned(&lab, point), "attached when the answer arrives");
     let dev = r.device.expect("the device in the answer");
-    assert_eq!((dev.name.as_str(), dev.attached.clone()), ("g1", vec![point.to_string()]));
+    assert_eq!(
+        (dev.name.as_str(), dev.attached.clone()),
+        ("g1", vec![point.to_string()])
+    );
     assert_eq!(dev.error, None);
     lose(&lab);
     let r: reply::SessionUp = lab.reply(&["session", "up", "bob", "100.64.11.9"]);

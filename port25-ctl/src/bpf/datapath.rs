@@ -429,11 +429,10 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attache
     if iface.hook == Hook::Tc {
         // port25's filter at its place goes once the link is in place: the recorded one, and
         // one whose record a crash lost between the two steps.
-        let here = crate::bpf::tc::Record::ours(
-            crate::bpf::linkinfo::ifindex(&iface.name),
-            iface.direction,
-        );
-        for rec in old_filter.into_iter().chain([here]) {
+        // (A device already gone has no filter left: listing ifindex 0 would walk them all.)
+        let ifindex = crate::bpf::linkinfo::ifindex(&iface.name);
+        let here = (ifindex != 0).then(|| crate::bpf::tc::Record::ours(ifindex, iface.direction));
+        for rec in old_filter.into_iter().chain(here) {
             if let Err(e) = crate::bpf::tc::detach(&rec) {
                 tracing::warn!(%point, "removing port25's netlink filter after moving to tcx: {e:#}");
             }

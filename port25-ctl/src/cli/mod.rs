@@ -256,7 +256,11 @@ pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PORT25_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // netlink-packet-route warns on every link event whose attributes a newer
+                // kernel grew (IFLA_INET6_CONF); what port25 reads is not among them.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();

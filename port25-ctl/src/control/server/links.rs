@@ -210,6 +210,7 @@ impl Daemon {
                     let old = self.devices.0.insert(index, name.clone());
                     if let Some(old) = old.filter(|o| *o != name) {
                         info!(from = %old, to = %name, "interface renamed");
+                        self.renamed(&old, &name);
                         self.left(&old);
                     }
                     touched.insert(name);
@@ -230,6 +231,26 @@ impl Daemon {
             if self.devices.has(&name) {
                 for t in self.cfg.targets_for(&name) {
                     self.repair(&t);
+                }
+            }
+        }
+    }
+
+    /// A glob device renamed to a name a glob also governs keeps its attachment (same
+    /// ifindex): the pin moves to its new attach point. Releasing and attaching again would
+    /// leave it open meanwhile, and fail while the kernel frees the old link (it does so
+    /// asynchronously: the new tcx attach is EEXIST until then).
+    fn renamed(&mut self, old: &str, new: &str) {
+        for ((kind, from), (_, to)) in points_of(old).zip(points_of(new)) {
+            let was_glob = self.cfg.owner(old, kind).is_none_or(|e| e.is_glob());
+            let (from, to) = (self.pins.link(&from), self.pins.link(&to));
+            if was_glob
+                && self.cfg.owner(new, kind).is_some()
+                && crate::bpf::tc::occupied(&from)
+                && !crate::bpf::tc::occupied(&to)
+            {
+                if let Err(e) = std::fs::rename(&from, &to) {
+                    error!(from = %from.display(), "moving the pin of a renamed device: {e}");
                 }
             }
         }
@@ -269,14 +290,19 @@ impl Daemon {
         for t in &targets {
             self.repair(t);
         }
+        let here: std::collections::HashSet<&String> = self.devices.0.values().collect();
+        let mut gone = BTreeSet::new();
         for point in self.pins.pinned_links() {
             let Some((kind, device)) = crate::config::point_device(&point) else {
                 continue;
             };
             let glob_or_none = self.cfg.owner(&device, kind).is_none_or(|e| e.is_glob());
-            if glob_or_none && !self.devices.has(&device) {
-                self.left(&device);
+            if glob_or_none && !here.contains(&device) {
+                gone.insert(device);
             }
+        }
+        for device in gone {
+            self.left(&device);
         }
     }
 

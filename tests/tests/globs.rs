@@ -217,6 +217,15 @@ fn glob_xdp_and_a_device_it_cannot_take() {
     assert_eq!(s["globs"][0]["enforcing"], 2, "{s}");
     assert_eq!(s["globs"][0]["not_enforced"][0]["name"], "gt0", "{s}");
     assert!(lab.daemon_log().contains("XDP needs an Ethernet device"));
+    // A session on it: recorded, and the answer says port 25 is open there (exit 3).
+    let o = lab.ctl(&["session", "up", "dave", "100.64.0.9", "--iface", "gt0"]);
+    assert_eq!(o.status.code(), Some(3), "{}", port25_tests::text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("device gt0: port 25 NOT blocked there"));
+    let shown = lab.ctl(&["user", "show", "dave"]);
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains("100.64.0.9"),
+        "recorded"
+    );
     ip(&lab.rtr, "link del gt0");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(status(&lab).0, Some(0));

@@ -421,7 +421,7 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attache
     if old_filter.is_some() {
         std::fs::remove_file(&path).with_context(|| format!("moving {point} off netlink"))?;
     }
-    let outcome = attach_link(ebpf, pins, iface);
+    let outcome = retry_while_released(|| attach_link(ebpf, pins, iface));
     if let (Some(rec), Err(_)) = (old_filter, &outcome) {
         crate::bpf::tc::write_record(&path, &rec)?;
     }
@@ -441,6 +441,30 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attache
     Ok(match (old_filter, outcome) {
         (Some(_), _) => Attached::Replaced,
         (None, how) => how,
+    })
+}
+
+/// The kernel frees a link whose last pin went (a glob device's release, a lost pin)
+/// asynchronously, after an RCU grace period: until then a new tcx attach of the same
+/// program is EEXIST and a new XDP link EBUSY. A short wait, bounded, rather than a device
+/// left open until the next reconcile.
+fn retry_while_released(mut f: impl FnMut() -> Result<Attached>) -> Result<Attached> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match f() {
+            Err(e) if t0.elapsed() < std::time::Duration::from_millis(300) && in_use(&e) => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn in_use(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|n| n == libc::EEXIST || n == libc::EBUSY)
     })
 }
 

@@ -291,8 +291,12 @@ fn main() -> ExitCode {
         eprintln!("port25-bench: needs root (BPF, network namespaces)");
         return ExitCode::FAILURE;
     }
-    datapath_bench();
-    if !quick() {
+    // PORT25_BENCH_ONLY=globs: the glob-device figures alone.
+    let only_globs = std::env::var("PORT25_BENCH_ONLY").is_ok_and(|v| v == "globs");
+    if !only_globs {
+        datapath_bench();
+    }
+    if !quick() && !only_globs {
         unblock_bench();
     }
     glob_bench(false);

@@ -401,6 +401,7 @@ fn a_full_map_refuses_the_whole_change() {
             force_wide: false,
             unblock: false,
             unblock_for_secs: None,
+            iface: None,
         })
         .unwrap_err();
     match full {
@@ -443,6 +444,7 @@ fn a_full_map_counts_closing_entries_before_removals() {
             force_wide: false,
             unblock: false,
             unblock_for_secs: None,
+            iface: None,
         })
         .expect("three entries fit three");
     // The list has u1 on one new address: three entries go, one comes, and it comes first.

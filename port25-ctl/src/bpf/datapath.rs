@@ -17,7 +17,7 @@ use aya::{
 
 use crate::{
     bpf::pins::Pins,
-    config::{Config, Direction, Hook, Interface, Limits, XdpMode},
+    config::{Config, Direction, Hook, Interface, Limits, Target, XdpMode},
 };
 use port25_common::maps as m;
 
@@ -387,7 +387,15 @@ pub fn preflight(iface: &Interface) -> Result<()> {
 pub fn unpin(pins: &Pins, point: &str) -> Result<()> {
     let path = pins.link(point);
     if let Some(rec) = crate::bpf::tc::read_record(&path) {
-        crate::bpf::tc::detach(&rec).with_context(|| format!("detaching {point}"))?;
+        if let Err(e) = crate::bpf::tc::detach(&rec) {
+            // A filter goes with its device: a record whose ifindex is gone from this
+            // namespace has nothing left to delete (a glob device that went away).
+            let here = rec.netns.is_none() || rec.netns == crate::bpf::tc::current_netns();
+            let gone = here && crate::bpf::linkinfo::ifname(rec.ifindex).is_none();
+            if !gone {
+                return Err(e.context(format!("detaching {point}")));
+            }
+        }
     }
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -413,7 +421,7 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attache
     if old_filter.is_some() {
         std::fs::remove_file(&path).with_context(|| format!("moving {point} off netlink"))?;
     }
-    let outcome = attach_link(ebpf, pins, iface);
+    let outcome = retry_while_released(|| attach_link(ebpf, pins, iface));
     if let (Some(rec), Err(_)) = (old_filter, &outcome) {
         crate::bpf::tc::write_record(&path, &rec)?;
     }
@@ -421,11 +429,10 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attache
     if iface.hook == Hook::Tc {
         // port25's filter at its place goes once the link is in place: the recorded one, and
         // one whose record a crash lost between the two steps.
-        let here = crate::bpf::tc::Record::ours(
-            crate::bpf::linkinfo::ifindex(&iface.name),
-            iface.direction,
-        );
-        for rec in old_filter.into_iter().chain([here]) {
+        // (A device already gone has no filter left: listing ifindex 0 would walk them all.)
+        let ifindex = crate::bpf::linkinfo::ifindex(&iface.name);
+        let here = (ifindex != 0).then(|| crate::bpf::tc::Record::ours(ifindex, iface.direction));
+        for rec in old_filter.into_iter().chain(here) {
             if let Err(e) = crate::bpf::tc::detach(&rec) {
                 tracing::warn!(%point, "removing port25's netlink filter after moving to tcx: {e:#}");
             }
@@ -434,6 +441,30 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attache
     Ok(match (old_filter, outcome) {
         (Some(_), _) => Attached::Replaced,
         (None, how) => how,
+    })
+}
+
+/// The kernel frees a link whose last pin went (a glob device's release, a lost pin)
+/// asynchronously, after an RCU grace period: until then a new tcx attach of the same
+/// program is EEXIST and a new XDP link EBUSY. A short wait, bounded, rather than a device
+/// left open until the next reconcile.
+fn retry_while_released(mut f: impl FnMut() -> Result<Attached>) -> Result<Attached> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match f() {
+            Err(e) if t0.elapsed() < std::time::Duration::from_millis(300) && in_use(&e) => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn in_use(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|n| n == libc::EEXIST || n == libc::EBUSY)
     })
 }
 
@@ -572,9 +603,11 @@ fn attach_link(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attach
     Ok(outcome)
 }
 
-/// Unpins (and so detaches) the links of attach points the config no longer names.
-pub fn detach_stale(pins: &Pins, cfg: &Config) -> Result<Vec<String>> {
-    let wanted: BTreeSet<String> = cfg.interfaces.iter().map(Interface::attach_point).collect();
+/// Unpins (and so detaches) the links of attach points the config no longer names, and
+/// those of glob devices that are gone: `targets` is what the config asks on the devices
+/// of this namespace ([`Config::targets`]).
+pub fn detach_stale(pins: &Pins, targets: &[Target]) -> Result<Vec<String>> {
+    let wanted: BTreeSet<String> = targets.iter().map(|t| t.iface.attach_point()).collect();
     let mut removed = Vec::new();
     for point in pins.pinned_links() {
         if !wanted.contains(&point) {

@@ -57,3 +57,26 @@ pub fn ifindex(name: &str) -> u32 {
         Err(_) => 0,
     }
 }
+
+/// The name of an ifindex in this network namespace; None when there is none.
+pub fn ifname(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer has the IF_NAMESIZE bytes if_indextoname writes at most.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+    let c = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(c.to_string_lossy().into_owned())
+}
+
+/// Every device of this network namespace: (ifindex, name). Asked of the kernel through
+/// the process's own network namespace (sysfs may show another one).
+pub fn devices() -> Result<Vec<(u32, String)>> {
+    let list = nix::net::if_::if_nameindex().map_err(|e| anyhow!("listing interfaces: {e}"))?;
+    Ok(list
+        .iter()
+        .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+        .collect())
+}

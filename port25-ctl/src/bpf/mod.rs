@@ -7,5 +7,6 @@ pub mod linkinfo;
 pub mod livemaps;
 pub mod maps;
 pub mod pins;
+pub mod route;
 pub mod sys;
 pub mod tc;

@@ -116,7 +116,7 @@ impl Record {
 }
 
 /// The inode of this process's network namespace (what `ip netns identify` compares).
-fn current_netns() -> Option<u64> {
+pub fn current_netns() -> Option<u64> {
     use std::os::unix::fs::MetadataExt as _;
     std::fs::metadata("/proc/self/ns/net").ok().map(|m| m.ino())
 }

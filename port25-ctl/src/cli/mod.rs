@@ -198,6 +198,10 @@ enum SessionVerb {
         /// As --unblock, for this long (e.g. 90m).
         #[arg(long, value_name = "DURATION", value_parser = parse::duration_secs)]
         unblock_for: Option<u64>,
+        /// The session's device (pppN): when a glob entry governs it, it is attached before
+        /// the answer. Default: the device the first address is routed through.
+        #[arg(long)]
+        iface: Option<String>,
     },
     /// A session went down: by id, or by user and address.
     Down {
@@ -275,7 +279,11 @@ pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PORT25_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // netlink-packet-route warns on every link event whose attributes a newer
+                // kernel grew (IFLA_INET6_CONF); what port25 reads is not among them.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -580,6 +588,7 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
                 force_wide,
                 unblock,
                 unblock_for,
+                iface,
             } => {
                 let r = client.call(proto::SessionUp {
                     user: user.clone(),
@@ -589,8 +598,14 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
                     force_wide: *force_wide,
                     unblock: *unblock,
                     unblock_for_secs: *unblock_for,
+                    iface: iface.clone(),
                 })?;
-                show(cli, &r, |r| render::session_up(user, r))
+                let code = show(cli, &r, |r| render::session_up(user, r))?;
+                // Recorded, but port 25 is open on its device: the same code as `status`.
+                if r.device.as_ref().is_some_and(|d| d.error.is_some()) {
+                    return Ok(ExitCode::from(3));
+                }
+                Ok(code)
             }
             SessionVerb::Down { id, user, addr } => {
                 if id.is_none() && addr.is_none() {

@@ -243,6 +243,18 @@ pub fn session_up(user: &str, d: &SessionUp) -> String {
     if d.user_created {
         out!(o, "{user}: new user, blocked");
     }
+    if let Some(dev) = &d.device {
+        match (&dev.error, dev.attached.is_empty()) {
+            (Some(e), _) => out!(o, "device {}: port 25 NOT blocked there: {e}", dev.name),
+            (None, true) => out!(o, "device {}: already enforcing", dev.name),
+            (None, false) => out!(
+                o,
+                "device {}: attached ({})",
+                dev.name,
+                dev.attached.join(", ")
+            ),
+        }
+    }
     for t in &d.taken_over {
         out!(
             o,

@@ -33,6 +33,19 @@ pub struct IfaceStatus {
     pub problem: Option<String>,
 }
 
+/// One glob entry over the devices of this network namespace.
+#[derive(Debug, Serialize)]
+pub struct GlobStatus {
+    pub pattern: String,
+    pub hook: String,
+    /// Matching devices (this entry governs them) on which port25 enforces.
+    pub enforcing: usize,
+    /// Matching devices where it does not (exit 3).
+    pub not_enforced: Vec<IfaceStatus>,
+    /// Every device it governs, enforcing or not.
+    pub devices: Vec<String>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct MapFill {
     pub map: String,
@@ -46,6 +59,8 @@ pub struct Status {
     pub pin_dir: String,
     pub loaded: bool,
     pub interfaces: Vec<IfaceStatus>,
+    /// Glob entries: how many devices each enforces, and which matching ones it does not.
+    pub globs: Vec<GlobStatus>,
     /// Pinned links the config does not name (still enforcing).
     pub unconfigured_links: Vec<String>,
     pub maps: Vec<MapFill>,
@@ -86,39 +101,74 @@ fn enforced_of(live: &LiveMaps) -> Enforced {
 impl Status {
     /// Healthy = every configured attachment is in place.
     pub fn healthy(&self) -> bool {
-        self.loaded && self.interfaces.iter().all(|i| i.attached)
+        self.loaded
+            && self.interfaces.iter().all(|i| i.attached)
+            && self.globs.iter().all(|g| g.not_enforced.is_empty())
+    }
+}
+
+fn hook_text(i: &crate::config::Interface) -> String {
+    match i.hook {
+        Hook::Xdp => format!("xdp ({:?})", i.xdp_mode).to_lowercase(),
+        Hook::Tc => format!("tc {}", i.direction),
+    }
+}
+
+fn iface_status(pins: &Pins, i: &crate::config::Interface) -> IfaceStatus {
+    let (a, problem) = datapath::inspect(pins, i);
+    let a = a.unwrap_or_default();
+    IfaceStatus {
+        name: i.name.clone(),
+        hook: hook_text(i),
+        attach_point: i.attach_point(),
+        attached: problem.is_none(),
+        kind: (!a.kind.is_empty()).then_some(a.kind),
+        link_id: a.link_id,
+        prog_id: a.prog_id,
+        priority: a.priority,
+        handle: a.handle.map(|h| format!("{h:#x}")),
+        problem,
     }
 }
 
 pub fn status(cfg: &Config, daemon: Option<crate::control::reply::Info>) -> Result<Status> {
     let pins = Pins::new(&cfg.pin_dir);
-    let mut interfaces = Vec::new();
-    for i in &cfg.interfaces {
-        let point = i.attach_point();
-        let hook = match i.hook {
-            Hook::Xdp => format!("xdp ({:?})", i.xdp_mode).to_lowercase(),
-            Hook::Tc => format!("tc {}", i.direction),
-        };
-        let (a, problem) = datapath::inspect(&pins, i);
-        let a = a.unwrap_or_default();
-        interfaces.push(IfaceStatus {
-            name: i.name.clone(),
-            hook,
-            attach_point: point,
-            attached: problem.is_none(),
-            kind: (!a.kind.is_empty()).then_some(a.kind),
-            link_id: a.link_id,
-            prog_id: a.prog_id,
-            priority: a.priority,
-            handle: a.handle.map(|h| format!("{h:#x}")),
-            problem,
-        });
-    }
-    let configured: Vec<String> = cfg.interfaces.iter().map(|i| i.attach_point()).collect();
+    let interfaces: Vec<IfaceStatus> = cfg
+        .interfaces
+        .iter()
+        .filter(|i| !i.is_glob())
+        .map(|i| iface_status(&pins, i))
+        .collect();
+    let devices: Vec<String> = crate::bpf::linkinfo::devices()?
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
+    let targets = cfg.targets(&devices);
+    let globs = cfg
+        .interfaces
+        .iter()
+        .filter(|i| i.is_glob())
+        .map(|g| {
+            let mine: Vec<_> = targets
+                .iter()
+                .filter(|t| t.glob.as_deref() == Some(&g.name) && t.iface.kind() == g.kind())
+                .map(|t| iface_status(&pins, &t.iface))
+                .collect();
+            GlobStatus {
+                pattern: g.name.clone(),
+                hook: hook_text(g),
+                enforcing: mine.iter().filter(|i| i.attached).count(),
+                devices: mine.iter().map(|i| i.name.clone()).collect(),
+                not_enforced: mine.into_iter().filter(|i| !i.attached).collect(),
+            }
+        })
+        .collect();
+    let configured: Vec<String> = targets.iter().map(|t| t.iface.attach_point()).collect();
+    // A glob device's pin whose device is gone is the daemon's to release, not foreign.
     let unconfigured_links = pins
         .pinned_links()
         .into_iter()
-        .filter(|p| !configured.contains(p))
+        .filter(|p| !configured.contains(p) && cfg.glob_owner(p).is_none())
         .collect();
     let (loaded, maps, counters, enforced) = match LiveMaps::open(&pins) {
         Ok(live) => (
@@ -149,6 +199,7 @@ pub fn status(cfg: &Config, daemon: Option<crate::control::reply::Info>) -> Resu
         pin_dir: pins.root.display().to_string(),
         loaded,
         interfaces,
+        globs,
         unconfigured_links,
         maps,
         counters,
@@ -162,7 +213,10 @@ pub fn print_status(s: &Status) {
             "daemon:     running (pid {}, up {}s, {} reconciles, {} drifted entries repaired)",
             d.pid, d.uptime_s, d.reconciles, d.drift_repaired
         ),
-        None if s.interfaces.iter().any(|i| i.attached) || !s.unconfigured_links.is_empty() => {
+        None if s.interfaces.iter().any(|i| i.attached)
+            || s.globs.iter().any(|g| g.enforcing > 0)
+            || !s.unconfigured_links.is_empty() =>
+        {
             println!("daemon:     DOWN (enforcement continues from the pins; figures below are read from them)")
         }
         // After a detach (or before the first start) nothing enforces: never claim it does.
@@ -212,6 +266,24 @@ pub fn print_status(s: &Status) {
             "interface:  {:<12} {:<16} {state}{ids}{problem}",
             i.name, i.hook
         );
+    }
+    for g in &s.globs {
+        let missing = if g.not_enforced.is_empty() {
+            String::new()
+        } else {
+            format!(", {} NOT enforced", g.not_enforced.len())
+        };
+        println!(
+            "interface:  {:<12} {:<16} glob: enforcing on {} device{}{missing}",
+            g.pattern,
+            g.hook,
+            g.enforcing,
+            if g.enforcing == 1 { "" } else { "s" }
+        );
+        for i in &g.not_enforced {
+            let problem = i.problem.as_deref().unwrap_or("not attached");
+            println!("  {:<10} MISSING ({problem})", i.name);
+        }
     }
     for l in &s.unconfigured_links {
         println!("interface:  {l} pinned but not in the config (still enforcing)");

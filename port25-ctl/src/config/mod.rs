@@ -88,7 +88,9 @@ impl From<Interface> for RawInterface {
 impl TryFrom<RawInterface> for Interface {
     type Error = String;
     fn try_from(r: RawInterface) -> Result<Self, String> {
-        if r.name.is_empty()
+        if is_glob(&r.name) {
+            check_glob(&r.name)?;
+        } else if r.name.is_empty()
             || r.name.len() > 15
             || r.name.contains(['/', ':', ' ', '\t', '\n', '\0'])
         {
@@ -118,7 +120,96 @@ impl TryFrom<RawInterface> for Interface {
     }
 }
 
+/// A name with a glob metacharacter is a pattern over the devices of the namespace
+/// (`ppp*`, `tun?`, `[ab]*`); any other name is one concrete device, as before globs.
+pub fn is_glob(name: &str) -> bool {
+    name.contains(['*', '?', '['])
+}
+
+/// Refuses a pattern the glob crate cannot read, and one that can never match a valid
+/// interface name (a character Linux refuses in one, or more than 15 bytes at the least).
+fn check_glob(name: &str) -> Result<(), String> {
+    glob::Pattern::new(name)
+        .map_err(|e| format!("interface pattern `{name}`: {} (at {})", e.msg, e.pos))?;
+    if name.contains(['/', ':', ' ', '\t', '\n', '\0']) {
+        return Err(format!(
+            "interface pattern `{name}` can never match: interface names have no `/`, `:` or \
+             whitespace"
+        ));
+    }
+    let least = glob_min_len(name);
+    if least > 15 {
+        return Err(format!(
+            "interface pattern `{name}` can never match: it needs at least {least} bytes, an \
+             interface name has at most 15"
+        ));
+    }
+    Ok(())
+}
+
+/// The fewest bytes a name matching the pattern has: `*` none, `?` and a `[...]` class one,
+/// a literal its own length.
+fn glob_min_len(p: &str) -> usize {
+    let mut n = 0;
+    let mut chars = p.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' => {}
+            '?' => n += 1,
+            '[' => {
+                n += 1;
+                // glob: `[!` negates, and a `]` right after the opening is a member.
+                if chars.peek() == Some(&'!') {
+                    chars.next();
+                }
+                if chars.peek() == Some(&']') {
+                    chars.next();
+                }
+                for c in chars.by_ref() {
+                    if c == ']' {
+                        break;
+                    }
+                }
+            }
+            c => n += c.len_utf8(),
+        }
+    }
+    n
+}
+
 impl Interface {
+    /// A glob entry (see [`is_glob`]).
+    pub fn is_glob(&self) -> bool {
+        is_glob(&self.name)
+    }
+
+    /// Whether this entry names the device: equal for a concrete entry, matching for a glob.
+    pub fn matches(&self, device: &str) -> bool {
+        if self.is_glob() {
+            // Checked when the config was read.
+            glob::Pattern::new(&self.name).is_ok_and(|p| p.matches(device))
+        } else {
+            self.name == device
+        }
+    }
+
+    /// The entry applied to one device: its hook and options, the device's name.
+    pub fn for_device(&self, device: &str) -> Interface {
+        Interface {
+            name: device.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// What two entries compete for on one device: `xdp`, `tc-ingress` or `tc-egress`.
+    pub fn kind(&self) -> &'static str {
+        match (self.hook, self.direction) {
+            (Hook::Xdp, _) => "xdp",
+            (Hook::Tc, Direction::Ingress) => "tc-ingress",
+            (Hook::Tc, Direction::Egress) => "tc-egress",
+        }
+    }
+
     /// Name of the link pin, unique per attach point: `xdp:IF`, `tc-ingress:IF`, `tc-egress:IF`.
     /// bpffs refuses dots in names (EPERM), and VLAN devices have them (`eth1.100`), so `%` and
     /// `.` in the interface name are %-escaped; `:` cannot occur in an interface name.
@@ -461,7 +552,83 @@ pub enum ConfigError {
     Invalid { path: PathBuf, msg: String },
 }
 
+/// One attach point the daemon enforces: a concrete entry, or a glob entry applied to one
+/// device of the namespace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    /// The entry with the device's name (a concrete entry as it is).
+    pub iface: Interface,
+    /// The pattern of the glob entry it comes from.
+    pub glob: Option<String>,
+}
+
+/// Turns an attach point's pin name back into its interface name (see
+/// [`Interface::attach_point`]).
+pub fn point_device(point: &str) -> Option<(&str, String)> {
+    let (kind, name) = point.split_once(':')?;
+    Some((kind, name.replace("%2e", ".").replace("%25", "%")))
+}
+
 impl Config {
+    /// The entry that governs `device` at one attach kind (`xdp`, `tc-ingress`,
+    /// `tc-egress`): the concrete entry naming it, else the first glob in file order that
+    /// matches it.
+    pub fn owner(&self, device: &str, kind: &str) -> Option<&Interface> {
+        let mut of_kind = self.interfaces.iter().filter(|i| i.kind() == kind);
+        of_kind
+            .clone()
+            .find(|i| !i.is_glob() && i.name == device)
+            .or_else(|| of_kind.find(|i| i.is_glob() && i.matches(device)))
+    }
+
+    /// The entries that also match `device` at `kind` but lose to [`Config::owner`].
+    pub fn shadowed(&self, device: &str, kind: &str) -> Vec<&Interface> {
+        let owner = self.owner(device, kind);
+        self.interfaces
+            .iter()
+            .filter(|i| i.kind() == kind && i.matches(device))
+            .filter(|i| Some(*i) != owner)
+            .collect()
+    }
+
+    /// What the config asks on one device: one target per attach kind an entry claims.
+    pub fn targets_for(&self, device: &str) -> Vec<Target> {
+        ["xdp", "tc-ingress", "tc-egress"]
+            .into_iter()
+            .filter_map(|k| self.owner(device, k))
+            .map(|i| Target {
+                iface: i.for_device(device),
+                glob: i.is_glob().then(|| i.name.clone()),
+            })
+            .collect()
+    }
+
+    /// Every target: each concrete entry (whether its device exists or not), and each glob
+    /// entry on each of `devices` it governs.
+    pub fn targets(&self, devices: &[String]) -> Vec<Target> {
+        let mut out: Vec<Target> = self
+            .interfaces
+            .iter()
+            .filter(|i| !i.is_glob())
+            .map(|i| Target {
+                iface: i.clone(),
+                glob: None,
+            })
+            .collect();
+        if self.interfaces.iter().any(Interface::is_glob) {
+            for d in devices {
+                out.extend(self.targets_for(d).into_iter().filter(|t| t.glob.is_some()));
+            }
+        }
+        out
+    }
+
+    /// The glob entry an attach point's pin belongs to, when a glob governs its device.
+    pub fn glob_owner(&self, point: &str) -> Option<&Interface> {
+        let (kind, device) = point_device(point)?;
+        self.owner(&device, kind).filter(|i| i.is_glob())
+    }
+
     /// A config file as the daemon runs it (start, reload) and the CLI reads it. Beyond
     /// [`Config::parse`], a file must name at least one interface: a truncated write by
     /// config management must never read as "defaults, no interfaces" and detach everything.

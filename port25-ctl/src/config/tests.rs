@@ -323,3 +323,109 @@ fn an_unreadable_config_names_its_cause_once() {
         "{text}"
     );
 }
+
+const GLOBS: &str = "interfaces:
+  - name: ppp*
+    hook: tc
+  - name: ppp7
+    hook: tc
+  - name: p?p[0-9]*
+    hook: tc
+    tc_attach: netlink
+  - name: ppp*
+    hook: tc
+    direction: egress
+  - name: '[ab]*'
+    hook: xdp
+    xdp_mode: generic
+";
+
+#[test]
+fn a_glob_entry_keeps_its_hook_and_options() {
+    let c = parse(GLOBS).unwrap();
+    assert!(c.interfaces[0].is_glob() && !c.interfaces[1].is_glob());
+    let t = c.targets_for("ab1");
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].iface.name, "ab1");
+    assert_eq!(t[0].iface.hook, Hook::Xdp);
+    assert_eq!(t[0].iface.xdp_mode, XdpMode::Generic);
+    assert_eq!(t[0].glob.as_deref(), Some("[ab]*"));
+    assert_eq!(t[0].iface.attach_point(), "xdp:ab1");
+    assert!(c.targets_for("cab").is_empty());
+}
+
+/// A concrete entry wins over any glob; between globs the first in file order wins.
+#[test]
+fn concrete_first_then_the_first_glob_in_file_order() {
+    let c = parse(GLOBS).unwrap();
+    let ingress = |d: &str| c.owner(d, "tc-ingress").map(|i| i.name.clone());
+    assert_eq!(ingress("ppp7").as_deref(), Some("ppp7"));
+    assert_eq!(ingress("ppp8").as_deref(), Some("ppp*"));
+    assert_eq!(ingress("pap8").as_deref(), Some("p?p[0-9]*"));
+    assert_eq!(
+        c.owner("pap8", "tc-ingress").unwrap().tc_attach,
+        TcAttach::Netlink
+    );
+    assert_eq!(ingress("eth0"), None);
+    let shadowed: Vec<_> = c
+        .shadowed("ppp7", "tc-ingress")
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    assert_eq!(shadowed, vec!["ppp*", "p?p[0-9]*"]);
+    // Another kind is another attach point: both apply.
+    let kinds: Vec<_> = c
+        .targets_for("ppp7")
+        .iter()
+        .map(|t| t.iface.attach_point())
+        .collect();
+    assert_eq!(kinds, vec!["tc-ingress:ppp7", "tc-egress:ppp7"]);
+    let devs: Vec<String> = ["ppp1", "eth0", "ppp7", "b.1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let points: Vec<_> = c
+        .targets(&devs)
+        .iter()
+        .map(|t| t.iface.attach_point())
+        .collect();
+    assert_eq!(
+        points,
+        vec![
+            "tc-ingress:ppp7",
+            "tc-ingress:ppp1",
+            "tc-egress:ppp1",
+            "tc-egress:ppp7",
+            "xdp:b%2e1"
+        ]
+    );
+    assert_eq!(
+        c.glob_owner("xdp:b%2e1").map(|i| i.name.as_str()),
+        Some("[ab]*")
+    );
+    assert_eq!(c.glob_owner("tc-ingress:ppp7"), None);
+    assert_eq!(c.glob_owner("tc-ingress:eth0"), None);
+}
+
+#[test]
+fn bad_or_impossible_globs_are_refused() {
+    let one = |name: &str| err(&format!("interfaces:\n  - name: '{name}'\n    hook: tc\n"));
+    assert!(
+        one("ppp[").contains("interface pattern `ppp[`"),
+        "{}",
+        one("ppp[")
+    );
+    assert!(one("ppp[a-").contains("interface pattern"));
+    assert!(one("ppp/*").contains("can never match"));
+    assert!(one("a:*").contains("can never match"));
+    assert!(one("abcdefghijklmnop*").contains("at least 16 bytes"));
+    // Long as text, short as a match: accepted.
+    parse("interfaces:\n  - name: '[abcdefghijklmnopqrstuvwxyz]*'\n    hook: tc\n").unwrap();
+    parse("interfaces:\n  - name: 'abcdefghijklmn?'\n    hook: tc\n").unwrap();
+    assert!(one("abcdefghijklmno?").contains("at least 16"));
+    // The same glob twice for one hook is a duplicate like a name.
+    assert!(
+        err("interfaces:\n  - name: ppp*\n    hook: tc\n  - name: ppp*\n    hook: tc\n")
+            .contains("listed twice")
+    );
+}

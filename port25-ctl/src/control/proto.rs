@@ -235,6 +235,10 @@ pub struct SessionUp {
     pub unblock: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unblock_for_secs: Option<u64>,
+    /// The session's device (`pppN`): attached before the answer when a glob entry governs
+    /// it. Absent: the device the first address is routed through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iface: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -210,6 +210,21 @@ pub struct SessionUp {
     /// The unblock the session carried (`--unblock`), when it was applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unblock: Option<PolicyChange>,
+    /// The session's device when a glob entry governs it: whether port25 enforces there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<SessionDevice>,
+}
+
+/// A glob-governed device a `session up` made sure of before answering.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionDevice {
+    pub name: String,
+    /// Attach points attached for this session (empty: they already enforced).
+    pub attached: Vec<String>,
+    /// Why an attach point of it does not enforce: port 25 is open there (the session is
+    /// recorded all the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl From<crate::registry::SessionUpOutcome> for SessionUp {
@@ -219,6 +234,7 @@ impl From<crate::registry::SessionUpOutcome> for SessionUp {
             user_created: o.user_created,
             taken_over: o.taken_over.into_iter().map(TakenOver::from).collect(),
             unblock: None,
+            device: None,
         }
     }
 }

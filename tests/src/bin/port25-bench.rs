@@ -6,6 +6,9 @@
 //! 2. Map memory at full size, from the kernel's own accounting (fdinfo memlock).
 //! 3. `unblock`: CLI call to map entry present, p50/p99, against a read-only CLI round trip
 //!    (`user show`), with an empty registry and with 10,000 live sessions.
+//! 4. Glob devices: device creation (RTM_NEWLINK) until the kernel reports port25's program
+//!    on that ifindex, p50/p99, with devices created and destroyed in a loop and with them
+//!    all alive at once. Goal: p99 under 20 ms.
 
 use std::{
     os::fd::{AsFd, AsRawFd},
@@ -288,9 +291,172 @@ fn main() -> ExitCode {
         eprintln!("port25-bench: needs root (BPF, network namespaces)");
         return ExitCode::FAILURE;
     }
-    datapath_bench();
-    if !quick() {
+    // PORT25_BENCH_ONLY=globs: the glob-device figures alone.
+    let only_globs = std::env::var("PORT25_BENCH_ONLY").is_ok_and(|v| v == "globs");
+    if !only_globs {
+        datapath_bench();
+    }
+    if !quick() && !only_globs {
         unblock_bench();
     }
+    glob_bench(false);
+    glob_bench(true);
     ExitCode::SUCCESS
+}
+
+/// One rtnetlink request, answered by an ACK (or an error).
+fn rtnl(fd: &std::os::fd::OwnedFd, msg: netlink_packet_route::RouteNetlinkMessage, flags: u16) {
+    use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    let mut header = NetlinkHeader::default();
+    header.flags = flags | netlink_packet_core::NLM_F_REQUEST | netlink_packet_core::NLM_F_ACK;
+    let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+    m.finalize();
+    let mut buf = vec![0u8; m.buffer_len()];
+    m.serialize(&mut buf);
+    nix::sys::socket::send(fd.as_raw_fd(), &buf, nix::sys::socket::MsgFlags::empty()).unwrap();
+    let mut ans = vec![0u8; 8192];
+    let n = nix::sys::socket::recv(
+        fd.as_raw_fd(),
+        &mut ans,
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .unwrap();
+    let r = NetlinkMessage::<netlink_packet_route::RouteNetlinkMessage>::deserialize(&ans[..n])
+        .unwrap();
+    if let NetlinkPayload::Error(e) = r.payload {
+        assert!(e.code.is_none(), "rtnetlink: {e:?}");
+    }
+}
+
+/// A veth pair `name` <-> `peer` (dummy is not built into every kernel; veth is what the
+/// labs use anyway). Only `name` matches the bench's glob.
+fn veth(name: &str, peer: &str) -> netlink_packet_route::link::LinkMessage {
+    use netlink_packet_route::link::{
+        InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
+    };
+    let mut p = LinkMessage::default();
+    p.attributes.push(LinkAttribute::IfName(peer.into()));
+    let mut l = LinkMessage::default();
+    l.attributes.push(LinkAttribute::IfName(name.into()));
+    l.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Veth),
+        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
+    ]));
+    l
+}
+
+/// Programs the kernel reports on the ifindex's tcx ingress (BPF_PROG_QUERY, count only).
+fn tcx_count(ifindex: u32) -> u32 {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    let mut attr = [0u32; 32];
+    attr[0] = ifindex;
+    attr[1] = BPF_TCX_INGRESS;
+    // SAFETY: a zeroed bpf_attr-sized buffer; the kernel writes the count inside it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc != 0 {
+        return 0;
+    }
+    attr[6]
+}
+
+/// port25 enforces on the ifindex: its tcx program, or its netlink filter without tcx.
+fn enforcing(ifindex: u32, tcx: bool) -> bool {
+    if tcx {
+        tcx_count(ifindex) > 0
+    } else {
+        port25_ctl::bpf::tc::filters(ifindex, port25_ctl::config::Direction::Ingress)
+            .is_ok_and(|f| f.iter().any(|f| f.is_ours()))
+    }
+}
+
+/// `netlink`: the glob forces `tc_attach: netlink` (what kernels without tcx get).
+fn glob_bench(netlink: bool) {
+    let n: usize = if quick() { 100 } else { 1000 };
+    let mut lab = Lab::new(if netlink {
+        "  - name: 'p25d*'\n    hook: tc\n    tc_attach: netlink"
+    } else {
+        "  - name: 'p25d*'\n    hook: tc"
+    });
+    lab.start_daemon();
+    let tcx = !netlink && port25_tests::tcx_missing().is_none();
+    let rows = lab::in_ns(&lab.rtr.clone(), move || {
+        use netlink_packet_route::{link::LinkMessage, RouteNetlinkMessage as R};
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockProtocol, SockType};
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )
+        .unwrap();
+        let create = netlink_packet_core::NLM_F_CREATE | netlink_packet_core::NLM_F_EXCL;
+        // Creation sent until the program is on the device, polled tightly.
+        let timed = |name: &str| -> Duration {
+            let t0 = Instant::now();
+            rtnl(
+                &fd,
+                R::NewLink(veth(name, &name.replace("p25d", "p25e"))),
+                create,
+            );
+            let acked = t0.elapsed();
+            let index = port25_ctl::bpf::linkinfo::ifindex(name);
+            // Tight, but not a spin: the daemon needs the other core of a small machine.
+            while !enforcing(index, tcx) {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "{name} never enforced"
+                );
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            if std::env::var_os("PORT25_BENCH_TRACE").is_some() {
+                eprintln!("{name}: acked {acked:?} enforcing {:?}", t0.elapsed());
+            }
+            t0.elapsed()
+        };
+        let delete = |name: &str| {
+            let mut l = LinkMessage::default();
+            l.header.index = port25_ctl::bpf::linkinfo::ifindex(name);
+            rtnl(&fd, R::DelLink(l), 0);
+        };
+        let mut churn = Vec::with_capacity(n);
+        for i in 0..n {
+            let name = format!("p25d{i}");
+            churn.push(timed(&name));
+            delete(&name);
+        }
+        let mut alive = Vec::with_capacity(n);
+        for i in 0..n {
+            alive.push(timed(&format!("p25d{i}")));
+        }
+        for i in 0..n {
+            delete(&format!("p25d{i}"));
+        }
+        (churn, alive)
+    });
+    println!(
+        "glob devices (RTM_NEWLINK sent until port25's program is on the ifindex, {}; goal p99 < 20 ms):",
+        if tcx { "tcx" } else { "netlink filter" }
+    );
+    let (mut churn, mut alive) = rows;
+    for (what, v) in [
+        (format!("{n} created and destroyed in turn"), &mut churn),
+        (format!("{n} created, all kept alive"), &mut alive),
+    ] {
+        let (p50, p99) = (pct(v, 50), pct(v, 99));
+        let verdict = if p99 < Duration::from_millis(20) {
+            "ok"
+        } else {
+            "short"
+        };
+        println!("  {what:<40} p50 {p50:?} p99 {p99:?}  {verdict}");
+    }
+    lab.kill9();
 }

@@ -110,6 +110,7 @@ fn cases() -> Vec<(&'static str, Verb, &'static str, String)> {
             force_wide: false,
             unblock: false,
             unblock_for: None,
+            iface: None,
         }),
         "session_up",
         session_up("alice", &typed(&g["session_up"])),

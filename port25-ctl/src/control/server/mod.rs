@@ -94,6 +94,8 @@ struct Daemon {
     cfg_tx: watch::Sender<Arc<Config>>,
     /// The last failure logged per attach point, so link events do not repeat it.
     link_errors: std::collections::HashMap<String, String>,
+    /// The devices of the namespace, kept by link events (glob entries range over them).
+    devices: links::Devices,
 }
 
 /// `attach`: start even though an operator detached (`daemon --attach`), lifting the marker.
@@ -168,10 +170,33 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     policy::check_fits(&live, &want)?;
     let applied = policy::apply(&mut live, &want)?;
     info!(writes = applied.writes, "policy applied");
-    for iface in &cfg.interfaces {
+    // Interfaces coming and going (a re-created one leaves its pinned link dead), and TC
+    // filters removed by another tool: repair at once rather than at the next reconcile.
+    // Subscribed before the devices are listed: one created in between is in the queue.
+    let links = match LinkEvents::open() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!("no link events ({e:#}): dead attachments are repaired at each reconcile only");
+            None
+        }
+    };
+    // Glob entries over the devices there are now: attached, like concrete ones, before
+    // the socket answers.
+    let (devices, targets) = links::targets_here(&cfg);
+    let mut link_errors = std::collections::HashMap::new();
+    for t in &targets {
+        let iface = &t.iface;
         // A pinned link whose interface went away is replaced, not swapped into.
         let how = match datapath::attach(&mut ebpf, &pins, iface) {
             Ok(how) => how,
+            // One device of a glob that cannot take the hook (XDP on a tun) fails that
+            // device, not the start: `status` shows it (exit 3).
+            Err(e) if t.glob.is_some() => {
+                let msg = format!("{e:#}");
+                error!(point = %iface.attach_point(), glob = ?t.glob, "cannot attach, port 25 is not blocked there until it can: {msg}");
+                link_errors.insert(iface.attach_point(), msg);
+                continue;
+            }
             Err(e) => {
                 let busy = format!("{e:#}").contains("busy");
                 // A start that attached nothing leaves nothing behind; a tree with any link
@@ -192,10 +217,11 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
                 });
             }
         };
-        info!(interface = %iface.name, point = %iface.attach_point(), ?how, "enforcing");
+        info!(interface = %iface.name, point = %iface.attach_point(), glob = ?t.glob, ?how, "enforcing");
     }
-    for gone in datapath::detach_stale(&pins, &cfg)? {
-        info!(point = %gone, "detached: no longer in the config");
+    // Also the pins of glob devices that went while no daemon was watching.
+    for gone in datapath::detach_stale(&pins, &targets)? {
+        info!(point = %gone, "detached: no longer in the config, or its device is gone");
     }
     if migrating {
         datapath::commit_staged_maps(&pins)?;
@@ -223,7 +249,8 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
         drift_repaired: 0,
         dirty: false,
         cfg_tx,
-        link_errors: Default::default(),
+        link_errors,
+        devices,
     };
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1024);
     let mut hup = signal(SignalKind::hangup())?;
@@ -232,15 +259,6 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     let mut tick = tokio::time::interval(d.cfg.reconcile_interval);
     tick.tick().await;
     let mut quick = tokio::time::interval(std::time::Duration::from_secs(1));
-    // Interfaces coming and going (a re-created one leaves its pinned link dead), and TC
-    // filters removed by another tool: repair at once rather than at the next reconcile.
-    let links = match LinkEvents::open() {
-        Ok(l) => Some(l),
-        Err(e) => {
-            warn!("no link events ({e:#}): dead attachments are repaired at each reconcile only");
-            None
-        }
-    };
     // Accepting lives in its own task: an accept error (EMFILE) pauses it, never this loop.
     let acceptor = tokio::spawn(accept_loop(listener, jobs_tx, reader, read_gid));
     info!(socket = %d.cfg.socket.display(), "ready");
@@ -248,6 +266,9 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     loop {
         tokio::select! {
+            // Link events first: until a new device is attached, port 25 is open on it.
+            biased;
+            batch = LinkEvents::next(links.as_ref()) => d.link_events(batch),
             Some(job) = jobs.recv() => {
                 let (resp, exit) = d.execute(job.req, &job.actor);
                 if exit {
@@ -264,7 +285,6 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
                     error!("reload refused, running policy unchanged: {e:#}");
                 }
             }
-            _ = LinkEvents::next(links.as_ref()) => d.repair_links(),
             _ = tick.tick() => d.reconcile(),
             _ = quick.tick(), if d.dirty => d.reconcile(),
             _ = term.recv() => { info!("SIGTERM: exiting; the pinned programs keep enforcing"); break; }

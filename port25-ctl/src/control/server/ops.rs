@@ -221,6 +221,11 @@ fn session_up(
 ) -> Result<ReplyOf<proto::SessionUp>> {
     let limits = d.cfg.limits;
     let unblock = r.unblock || r.unblock_for_secs.is_some();
+    // Before the answer, and before the exemption is written: the device a glob governs
+    // enforces when the client hears back. A failure is told in the answer, and the
+    // session recorded all the same: blocking is the default, only its exemption is at
+    // stake, and the access server's view of the session must not be lost.
+    let device = d.session_device(r.iface.as_deref(), &r.addrs);
     let (up, unblocked) = audited(d.change(|tx, now| {
         guard_wide(
             tx,
@@ -253,6 +258,7 @@ fn session_up(
     let now = d.wall.now();
     let mut out = reply::SessionUp::from(up);
     out.unblock = unblocked.map(|p| policy_change(p, now));
+    out.device = device;
     Ok(out)
 }
 

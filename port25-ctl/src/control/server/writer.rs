@@ -53,25 +53,33 @@ impl Daemon {
         let refused =
             |e: anyhow::Error| anyhow::Error::from(crate::registry::Refused(format!("{e:#}")));
         datapath::check_pinned_layouts(&self.pins, &new.limits).map_err(refused)?;
-        for i in &new.interfaces {
-            datapath::preflight(i).map_err(refused)?;
+        let (_, targets) = super::links::targets_here(&new);
+        // A glob device that cannot take the hook fails that device only (as at start).
+        for t in targets.iter().filter(|t| t.glob.is_none()) {
+            datapath::preflight(&t.iface).map_err(refused)?;
         }
         let now = self.wall.now();
         let (index, want) = desired(&new, &mut self.store, &self.clock, now)?;
         policy::check_fits(&self.live, &want)?;
         let old_points: Vec<String> = self
             .cfg
-            .interfaces
+            .targets(&self.devices.names())
             .iter()
-            .map(|i| i.attach_point())
+            .map(|t| t.iface.attach_point())
             .collect();
         let mut added = Vec::new();
-        for iface in &new.interfaces {
+        for t in &targets {
+            let iface = &t.iface;
             let point = iface.attach_point();
             match datapath::attach(&mut self.ebpf, &self.pins, iface) {
                 Ok(datapath::Attached::Swapped) => {}
                 Ok(_) if old_points.contains(&point) => {}
                 Ok(_) => added.push(point),
+                Err(e) if t.glob.is_some() => {
+                    let msg = format!("{e:#}");
+                    error!(%point, "cannot attach, port 25 is not blocked there until it can: {msg}");
+                    self.link_errors.insert(point, msg);
+                }
                 Err(e) => {
                     self.take_back(&added);
                     return Err(e.context(format!("attaching {point}")));
@@ -91,7 +99,7 @@ impl Daemon {
         };
         self.applied = want;
         self.index = index;
-        let detached = datapath::detach_stale(&self.pins, &new)?;
+        let detached = datapath::detach_stale(&self.pins, &targets)?;
         if let Err(e) = audit_forced_wide(&mut self.store, &new, &self.config_path) {
             error!("auditing the config's forced wide prefixes failed: {e:#}");
         }

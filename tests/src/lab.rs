@@ -295,7 +295,7 @@ impl Lab {
 
     /// The control socket's client, from the test's side (no CLI in between).
     pub fn client(&self) -> proto::Client {
-        proto::Client::new(&self.socket, Duration::from_secs(10))
+        proto::Client::new(&self.socket, Duration::from_secs(10) * crate::patience())
     }
 
     /// Runs a client verb with `--json` and decodes its reply as the CLI's contract says
@@ -381,7 +381,7 @@ impl Lab {
             .spawn()
             .expect("spawn daemon");
         self.daemon = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(20) * crate::patience();
         while Instant::now() < deadline {
             // An answer, not a connect: the daemon binds its socket only once it enforces.
             match self.client().call(proto::Info) {

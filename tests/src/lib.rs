@@ -114,3 +114,16 @@ macro_rules! require_tcx {
         }
     };
 }
+
+/// How many times longer than on a real machine to wait for the daemon to come up or
+/// answer: `PORT25_TEST_PATIENCE` (default 1). The VM runner sets it, as a kernel emulated
+/// by TCG verifies the programs (hundreds of thousands of instructions on 6.1) several
+/// times slower, and slower still on a loaded host. Only waits that end early on success
+/// are scaled: a test cannot pass by waiting longer for something that should not happen.
+pub fn patience() -> u32 {
+    std::env::var("PORT25_TEST_PATIENCE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}

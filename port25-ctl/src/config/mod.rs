@@ -12,6 +12,9 @@ use serde::{de, Deserialize, Deserializer, Serialize};
 
 use crate::net::Prefix;
 
+mod metrics_listen;
+pub use metrics_listen::{MetricsListen, DEFAULT_METRICS_LISTEN};
+
 pub const DEFAULT_CONFIG: &str = "/etc/port25/port25.yaml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/port25";
 
@@ -46,6 +49,9 @@ pub struct Config {
     /// (`user show|list`, `audit`, `server|exempt list`); the socket becomes 0660 root:GROUP.
     #[serde(default)]
     pub read_group: Option<String>,
+    /// Extension: where the daemon serves Prometheus metrics (`GET /metrics`), or `off`.
+    #[serde(default)]
+    pub metrics_listen: MetricsListen,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -35,6 +35,7 @@ use crate::{
     bpf::pins::Pins,
     config::Config,
     control::reply,
+    metrics::{http::MetricsServer, DaemonMetrics, Sources},
     policy::index::Index,
     policy::{self, Clock, Desired},
     registry::store::{sqlite::SqliteStore, Store},
@@ -94,6 +95,9 @@ struct Daemon {
     cfg_tx: watch::Sender<Arc<Config>>,
     /// The last failure logged per attach point, so link events do not repeat it.
     link_errors: std::collections::HashMap<String, String>,
+    /// What the daemon counts for `/metrics` (reconciles, drift; requests in `conn`).
+    metrics: DaemonMetrics,
+    metrics_server: MetricsServer,
 }
 
 /// `attach`: start even though an operator detached (`daemon --attach`), lifting the marker.
@@ -206,7 +210,10 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     let listener = bind_socket(&cfg.socket, cfg.read_group.as_deref())?;
     let read_gid = read_gid(cfg.read_group.as_deref())?;
     let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg.clone()));
-    let reader = Reader::start(cfg.state_dir.clone(), cfg_rx)?;
+    let reader = Reader::start(cfg.state_dir.clone(), cfg_rx.clone())?;
+    let metrics = DaemonMetrics::default();
+    let metrics_server =
+        MetricsServer::start(Sources::new(metrics.clone(), cfg_rx), cfg.metrics_listen)?;
     let mut d = Daemon {
         config_path,
         cfg,
@@ -224,6 +231,8 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
         dirty: false,
         cfg_tx,
         link_errors: Default::default(),
+        metrics: metrics.clone(),
+        metrics_server,
     };
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1024);
     let mut hup = signal(SignalKind::hangup())?;
@@ -242,7 +251,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
         }
     };
     // Accepting lives in its own task: an accept error (EMFILE) pauses it, never this loop.
-    let acceptor = tokio::spawn(accept_loop(listener, jobs_tx, reader, read_gid));
+    let acceptor = tokio::spawn(accept_loop(listener, jobs_tx, reader, read_gid, metrics));
     info!(socket = %d.cfg.socket.display(), "ready");
     // Type=notify units are "started" only once enforcement is in place.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

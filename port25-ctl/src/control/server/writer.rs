@@ -97,6 +97,8 @@ impl Daemon {
         }
         self.cfg = new;
         self.cfg_tx.send_replace(Arc::new(self.cfg.clone()));
+        // Also when unchanged: a listener that could not bind before is tried again.
+        self.metrics_server.listen(self.cfg.metrics_listen);
         info!(writes = applied.writes, ?added, ?detached, "reloaded");
         Ok(reply::Reloaded {
             writes: applied.writes,
@@ -108,6 +110,7 @@ impl Daemon {
     /// Full comparison of maps and registry: repairs drift and drops what has expired.
     pub(super) fn reconcile(&mut self) {
         self.reconciles += 1;
+        self.metrics.reconciles.inc();
         self.repair_links();
         let now = self.wall.now();
         if self.clock.resync_at(now) {
@@ -127,6 +130,7 @@ impl Daemon {
             Ok(a) => {
                 if a.writes > 0 && !self.dirty {
                     self.drift_repaired += a.writes as u64;
+                    self.metrics.drift_repaired.inc_by(a.writes as u64);
                     warn!(
                         repaired = a.writes,
                         "maps had drifted from the registry; repaired"

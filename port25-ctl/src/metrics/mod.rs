@@ -1,0 +1,269 @@
+//! Prometheus metrics (`metrics_listen`, `GET /metrics`, OpenMetrics text).
+//!
+//! Two sources, so that a scrape never waits for, nor slows, the daemon's single writer:
+//! - the daemon's own counters ([`DaemonMetrics`]: requests, reconciles, drift), atomics the
+//!   daemon bumps and the scrape reads;
+//! - everything else read by the scrape itself, on the metrics thread ([`http`]): the kernel's
+//!   counters and the map fill levels from the pinned maps, the attachments from the pins,
+//!   the registry sizes from its own read-only SQLite connection (a WAL read snapshot: it
+//!   takes no lock the writer waits for).
+//!
+//! The kernel counts packets per reason in a per-CPU array, not per interface: the packet
+//! counter has a `reason` label (and `verdict`, derived from it), no `interface` label.
+
+use std::{path::PathBuf, sync::Arc};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    registry::Registry,
+};
+use tokio::sync::watch;
+
+use crate::{
+    bpf::{datapath, livemaps::LiveMaps, pins::Pins},
+    config::Config,
+    control::error::ErrorKind,
+    registry::store::sqlite::SqliteStore,
+};
+
+pub mod http;
+
+/// What the daemon itself counts; cloning shares the counters.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonMetrics {
+    requests: Family<RequestLabels, Counter>,
+    pub reconciles: Counter,
+    pub drift_repaired: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    verb: &'static str,
+    result: &'static str,
+}
+
+/// A request that failed before its op could be read (busy, denied peer, bad frame).
+pub const UNKNOWN_VERB: &str = "unknown";
+
+impl DaemonMetrics {
+    /// One answer on the control socket: `error` is None for a success.
+    pub fn request(&self, verb: &'static str, error: Option<ErrorKind>) {
+        let result = match error {
+            None => "ok",
+            Some(ErrorKind::Refused) => "refused",
+            Some(ErrorKind::Denied) => "denied",
+            Some(ErrorKind::Busy) => "busy",
+            Some(ErrorKind::Internal) => "internal",
+        };
+        self.requests
+            .get_or_create(&RequestLabels { verb, result })
+            .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PacketLabels {
+    reason: &'static str,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttachLabels {
+    point: String,
+    kind: &'static str,
+}
+
+/// What a scrape reads from: the daemon's counters and where the rest lives.
+pub struct Sources {
+    pub daemon: DaemonMetrics,
+    /// The running config (replaced on reload): interfaces, pin tree, state dir.
+    pub cfg: watch::Receiver<Arc<Config>>,
+    /// This thread's own read-only registry connection, opened on first use.
+    store: Option<(PathBuf, SqliteStore)>,
+}
+
+impl Sources {
+    pub fn new(daemon: DaemonMetrics, cfg: watch::Receiver<Arc<Config>>) -> Sources {
+        Sources {
+            daemon,
+            cfg,
+            store: None,
+        }
+    }
+
+    /// One scrape, encoded. What cannot be read (maps not loaded, registry unreadable) is left
+    /// out, and `port25_datapath_loaded` / `port25_registry_up` say so.
+    pub fn scrape(&mut self) -> String {
+        let cfg = self.cfg.borrow().clone();
+        let mut reg = Registry::default();
+        reg.register(
+            "port25_build",
+            "The running port25-ctl",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        self.kernel(&cfg, &mut reg);
+        attachments(&cfg, &mut reg);
+        self.registry(&cfg, &mut reg);
+        let d = &self.daemon;
+        reg.register(
+            "port25_requests",
+            "Control socket requests answered, by verb and result",
+            d.requests.clone(),
+        );
+        reg.register(
+            "port25_reconciles",
+            "Full reconciles of the maps to the registry",
+            d.reconciles.clone(),
+        );
+        reg.register(
+            "port25_drift_repaired",
+            "Map writes made by reconciles to repair drift from the registry",
+            d.drift_repaired.clone(),
+        );
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg)
+            .expect("encoding into a String cannot fail");
+        out
+    }
+
+    /// Packet counters and map fill levels, from the pinned maps (re-opened each scrape:
+    /// a migration at start replaces them).
+    fn kernel(&self, cfg: &Config, reg: &mut Registry) {
+        let loaded = Gauge::<i64>::default();
+        reg.register(
+            "port25_datapath_loaded",
+            "1 when the pinned maps could be read",
+            loaded.clone(),
+        );
+        let live = match LiveMaps::open(&Pins::new(&cfg.pin_dir)) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!("metrics: pinned maps not readable: {e:#}");
+                return;
+            }
+        };
+        loaded.set(1);
+        let packets = Family::<PacketLabels, Counter>::default();
+        match live.counters() {
+            Ok(counters) => {
+                for (r, n) in counters {
+                    let verdict = if r.is_pass() { "pass" } else { "block" };
+                    packets
+                        .get_or_create(&PacketLabels {
+                            reason: r.name(),
+                            verdict,
+                        })
+                        .inc_by(n);
+                }
+            }
+            Err(e) => tracing::warn!("metrics: reading the packet counters: {e:#}"),
+        }
+        reg.register(
+            "port25_packets",
+            "Packets seen by the port25 programs, by verdict reason (all interfaces together)",
+            packets,
+        );
+        let entries = Family::<MapLabels, Gauge<i64>>::default();
+        let capacity = Family::<MapLabels, Gauge<i64>>::default();
+        match live.fill() {
+            Ok(fill) => {
+                for (map, n, cap) in fill {
+                    let l = MapLabels { map };
+                    entries.get_or_create(&l).set(n as i64);
+                    capacity.get_or_create(&l).set(cap as i64);
+                }
+            }
+            Err(e) => tracing::warn!("metrics: reading the map fill levels: {e:#}"),
+        }
+        reg.register("port25_map_entries", "Entries in each policy map", entries);
+        reg.register(
+            "port25_map_capacity_entries",
+            "Capacity of each policy map (config `limits`)",
+            capacity,
+        );
+    }
+
+    /// Registry sizes, on this thread's own read-only connection.
+    fn registry(&mut self, cfg: &Config, reg: &mut Registry) {
+        let up = Gauge::<i64>::default();
+        reg.register(
+            "port25_registry_up",
+            "1 when the registry could be read",
+            up.clone(),
+        );
+        if self.store.as_ref().is_none_or(|(d, _)| *d != cfg.state_dir) {
+            self.store = SqliteStore::open_read_only(&cfg.state_dir)
+                .ok()
+                .map(|s| (cfg.state_dir.clone(), s));
+        }
+        let Some((_, store)) = &self.store else {
+            return;
+        };
+        let counts = match store.counts(jiff::Timestamp::now()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("metrics: reading the registry sizes: {e:#}");
+                self.store = None;
+                return;
+            }
+        };
+        up.set(1);
+        // Holds (issue 10, part 3) add `port25_registry_held_users` here, from `Counts`.
+        for (name, help, v) in [
+            (
+                "port25_registry_users",
+                "Users in the registry",
+                counts.users,
+            ),
+            (
+                "port25_registry_unblocked_users",
+                "Users whose port 25 is open now (timed unblocks included)",
+                counts.unblocked,
+            ),
+            (
+                "port25_registry_timed_unblocked_users",
+                "Users with a running timed unblock",
+                counts.timed,
+            ),
+            (
+                "port25_registry_sessions",
+                "Live sessions in the registry",
+                counts.sessions,
+            ),
+        ] {
+            let g = Gauge::<i64>::default();
+            g.set(v as i64);
+            reg.register(name, help, g);
+        }
+    }
+}
+
+/// Each configured attach point, 1 when it enforces, from the pins (as `status` reads them).
+fn attachments(cfg: &Config, reg: &mut Registry) {
+    let pins = Pins::new(&cfg.pin_dir);
+    let up = Family::<AttachLabels, Gauge<i64>>::default();
+    for iface in &cfg.interfaces {
+        let (a, problem) = datapath::inspect(&pins, iface);
+        let kind = a
+            .map(|a| a.kind)
+            .filter(|k| !k.is_empty())
+            .unwrap_or("none");
+        up.get_or_create(&AttachLabels {
+            point: iface.attach_point(),
+            kind,
+        })
+        .set(problem.is_none() as i64);
+    }
+    reg.register(
+        "port25_attachment_up",
+        "1 when the attach point's program is attached and enforcing, 0 when not; kind is \
+         xdp, tcx or netlink as attached (none when nothing is)",
+        up,
+    );
+}

@@ -204,6 +204,28 @@ fn packet_counters_equal_the_kernels_and_count_blocked_syns() {
     if std::env::var_os("PORT25_SHOW_SCRAPE").is_some() {
         eprintln!("{}", s.text);
     }
+    // The sample dashboard asks only for metrics that exist.
+    let dash = include_str!("../../deploy/grafana-port25.json");
+    serde_json::from_str::<serde_json::Value>(dash).expect("the dashboard is JSON");
+    let names: std::collections::BTreeSet<&str> =
+        s.samples.iter().map(|x| x.metric.as_str()).collect();
+    let used: Vec<&str> = dash
+        .match_indices("port25_")
+        .map(|(i, _)| {
+            let rest = &dash[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    assert!(used.len() > 10, "{used:?}");
+    for m in used {
+        assert!(
+            names.contains(m),
+            "the dashboard uses {m}, which /metrics lacks"
+        );
+    }
     s.must("port25_drift_repaired_total", &[]);
 }
 

@@ -508,6 +508,7 @@ impl Config {
                 // serde_yaml points at the mapping that holds a duplicate key; the operator
                 // needs the duplicate's own line.
                 let (line, column) = duplicate_at(text, &msg, l.line(), l.column())
+                    .or_else(|| top_level_value_at(text, &msg))
                     .unwrap_or((l.line(), l.column()));
                 ConfigError::Syntax {
                     path: path.to_owned(),
@@ -660,6 +661,24 @@ mod tests;
 
 #[cfg(test)]
 mod proptests;
+
+/// serde_yaml places a refused top-level value at the start of the document; for a message
+/// that names its key first (`metrics_listen ...`), the key's own line, as YAML takes it (the
+/// last one; duplicates are refused before this matters).
+fn top_level_value_at(text: &str, msg: &str) -> Option<(usize, usize)> {
+    const KEYS: [&str; 1] = ["metrics_listen"];
+    let key = KEYS
+        .iter()
+        .find(|k| msg.strip_prefix(**k).is_some_and(|r| r.starts_with(' ')))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            l.strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+        })
+        .last()
+        .map(|(i, _)| (i + 1, 1))
+}
 
 /// For "duplicate field `K`" reported at the mapping starting at (`line`, `column`): the
 /// line and column of the second `K:` at that mapping's indentation (a block mapping, or

@@ -25,6 +25,9 @@ const MAX_CONNECTIONS: usize = 16;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection (keep-alive included) lives at most this long; the scraper reconnects.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Scrapes start at least this far apart (later ones wait their turn): a scraper in a loop
+/// gets at most ten a second, a few per cent of a core, never the writer's CPU.
+const SCRAPE_SPACING: Duration = Duration::from_millis(100);
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -50,7 +53,7 @@ impl MetricsServer {
                     Ok(rt) => rt,
                     Err(e) => return error!("metrics: no runtime, serving no metrics: {e}"),
                 };
-                rt.block_on(serve(Arc::new(Mutex::new(sources)), rx));
+                rt.block_on(serve(sources, rx));
             })
             .context("starting the metrics thread")?;
         Ok(MetricsServer { tx })
@@ -72,7 +75,17 @@ struct Listening {
     listener: TcpListener,
 }
 
-async fn serve(sources: Arc<Mutex<Sources>>, mut rx: mpsc::UnboundedReceiver<MetricsListen>) {
+/// The sources and the time the next scrape may start.
+struct Shared {
+    sources: Mutex<Sources>,
+    next: Mutex<tokio::time::Instant>,
+}
+
+async fn serve(sources: Sources, mut rx: mpsc::UnboundedReceiver<MetricsListen>) {
+    let shared = Arc::new(Shared {
+        sources: Mutex::new(sources),
+        next: Mutex::new(tokio::time::Instant::now()),
+    });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut current: Option<Listening> = None;
     loop {
@@ -84,9 +97,9 @@ async fn serve(sources: Arc<Mutex<Sources>>, mut rx: mpsc::UnboundedReceiver<Met
             accepted = accept(current.as_ref()) => match accepted {
                 Ok(stream) => match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
-                        let sources = sources.clone();
+                        let shared = shared.clone();
                         tokio::spawn(async move {
-                            connection(stream, sources).await;
+                            connection(stream, shared).await;
                             drop(slot);
                         });
                     }
@@ -183,10 +196,10 @@ fn bind(addr: SocketAddr) -> std::io::Result<Listening> {
     })
 }
 
-async fn connection(stream: tokio::net::TcpStream, sources: Arc<Mutex<Sources>>) {
+async fn connection(stream: tokio::net::TcpStream, shared: Arc<Shared>) {
     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-        let sources = sources.clone();
-        async move { Ok::<_, Infallible>(answer(&req, &sources)) }
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(answer(&req, &shared).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -196,7 +209,7 @@ async fn connection(stream: tokio::net::TcpStream, sources: Arc<Mutex<Sources>>)
     let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
 }
 
-fn answer<B>(req: &Request<B>, sources: &Mutex<Sources>) -> Response<Full<Bytes>> {
+async fn answer<B>(req: &Request<B>, shared: &Shared) -> Response<Full<Bytes>> {
     let reply = |status: u16, ctype: &str, body: String| {
         Response::builder()
             .status(status)
@@ -210,7 +223,19 @@ fn answer<B>(req: &Request<B>, sources: &Mutex<Sources>) -> Response<Full<Bytes>
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(405, "text/plain", "GET /metrics\n".into());
     }
-    // One scrape at a time; a poisoned lock (a panicking scrape) still holds usable sources.
-    let text = sources.lock().unwrap_or_else(|p| p.into_inner()).scrape();
+    // Each scrape takes the next free start time, so waiting ones do not start together.
+    let at = {
+        let mut next = shared.next.lock().unwrap_or_else(|p| p.into_inner());
+        let at = (*next).max(tokio::time::Instant::now());
+        *next = at + SCRAPE_SPACING;
+        at
+    };
+    tokio::time::sleep_until(at).await;
+    // A poisoned lock (a panicking scrape) still holds usable sources.
+    let text = shared
+        .sources
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .scrape();
     reply(200, CONTENT_TYPE, text)
 }

@@ -256,6 +256,8 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     // Type=notify units are "started" only once enforcement is in place.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     loop {
+        // Whatever ran last (a change, reload, reconcile) may have changed the maps.
+        d.metrics.map_fill(&d.applied.fill());
         tokio::select! {
             Some(job) = jobs.recv() => {
                 let (resp, exit) = d.execute(job.req, &job.actor);

@@ -387,7 +387,29 @@ fn a_taken_address_leaves_the_daemon_enforcing_and_says_so() {
         log.contains("cannot listen on metrics_listen 127.0.0.1:9725"),
         "names the address: {log}"
     );
+    // A reload is not held up by it...
+    lab.reply::<serde_json::Value>(&["reload"]);
+    assert!(get(&lab, DEFAULT).is_err());
+    // ...but a reload that asks for another address that cannot be had is refused whole.
+    let other = in_ns(&lab.rtr, || std::net::TcpListener::bind("127.0.0.1:9727").unwrap());
+    let a = lab::v4();
+    assert!(lab.can_connect(a.sub, a.ext, 2525));
+    lab.write_config_policy(
+        &lab::POLICY.replace("blocked_ports: [25]", "blocked_ports: [25, 2525]"),
+        "metrics_listen: \"127.0.0.1:9727\"\n",
+    );
+    let err = lab.fails_with(&["reload"], 1);
+    assert!(
+        err.contains("metrics_listen 127.0.0.1:9727") && err.contains("in use"),
+        "{err}"
+    );
+    assert!(
+        lab.can_connect(a.sub, a.ext, 2525),
+        "the refused reload changed the policy"
+    );
+    drop(other);
     // Freed: a reload takes it.
+    lab.write_config("");
     drop(squatter);
     lab.reply::<serde_json::Value>(&["reload"]);
     parse(wait_for(&lab, DEFAULT));

@@ -33,8 +33,22 @@ const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset
 
 /// The daemon's handle on the metrics thread.
 pub struct MetricsServer {
-    tx: mpsc::UnboundedSender<MetricsListen>,
+    tx: mpsc::UnboundedSender<Listen>,
 }
+
+/// What the metrics thread is told to listen on.
+pub enum Listen {
+    /// Bind it there, or log why not and keep what it has (start; a reload that keeps the
+    /// address tries an unbound one again; a move to an address that needs the current one's
+    /// port).
+    Try(MetricsListen),
+    /// A listener the daemon bound (a reload's new address): serve it, drop the old one.
+    Bound(std::net::TcpListener),
+}
+
+/// A reload's new `metrics_listen`, bound (or found bindable) before the reload applies
+/// anything, handed to the thread by [`MetricsServer::commit`] once the reload succeeded.
+pub struct Prepared(Listen);
 
 impl MetricsServer {
     /// Starts the thread, listening where `listen` says. A failure to listen is logged by the
@@ -42,7 +56,7 @@ impl MetricsServer {
     /// never depend on metrics.
     pub fn start(sources: Sources, listen: MetricsListen) -> Result<MetricsServer> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tx.send(listen).expect("the receiver is alive");
+        tx.send(Listen::Try(listen)).expect("the receiver is alive");
         std::thread::Builder::new()
             .name("port25-metrics".into())
             .spawn(move || {
@@ -59,13 +73,34 @@ impl MetricsServer {
         Ok(MetricsServer { tx })
     }
 
-    /// Listen where `listen` says from now on (reload): the thread binds the new address
-    /// and only then lets the old one go; it logs what it did or why it could not.
-    pub fn listen(&self, listen: MetricsListen) {
-        if self.tx.send(listen).is_err() {
-            error!(
-                "metrics: the metrics thread has stopped; metrics_listen {listen} is not served"
-            );
+    /// A reload's `metrics_listen` (`old` is the running config's): a changed address is
+    /// bound now, so that a reload that asks for one that cannot be had is refused whole.
+    /// Only a change to an address that needs the current one's port (127.0.0.1:9725 to
+    /// 0.0.0.0:9725) cannot be tried while the current one listens: the thread moves it,
+    /// keeping the old if the new fails (logged).
+    pub fn prepare(old: MetricsListen, new: MetricsListen) -> Result<Prepared> {
+        let addr = match new.addr() {
+            Some(a) if new != old => a,
+            _ => return Ok(Prepared(Listen::Try(new))),
+        };
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => Ok(Prepared(Listen::Bound(l))),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && old.addr().is_some_and(|o| o.port() == addr.port()) =>
+            {
+                Ok(Prepared(Listen::Try(new)))
+            }
+            Err(e) => Err(anyhow::anyhow!(
+                "metrics_listen {addr}: cannot listen there: {e}"
+            )),
+        }
+    }
+
+    /// Hands a reload's prepared listener to the thread (never waits for it).
+    pub fn commit(&self, p: Prepared) {
+        if self.tx.send(p.0).is_err() {
+            error!("metrics: the metrics thread has stopped; no metrics are served");
         }
     }
 }
@@ -81,7 +116,7 @@ struct Shared {
     next: Mutex<tokio::time::Instant>,
 }
 
-async fn serve(sources: Sources, mut rx: mpsc::UnboundedReceiver<MetricsListen>) {
+async fn serve(sources: Sources, mut rx: mpsc::UnboundedReceiver<Listen>) {
     let shared = Arc::new(Shared {
         sources: Mutex::new(sources),
         next: Mutex::new(tokio::time::Instant::now()),
@@ -91,7 +126,14 @@ async fn serve(sources: Sources, mut rx: mpsc::UnboundedReceiver<MetricsListen>)
     loop {
         tokio::select! {
             want = rx.recv() => match want {
-                Some(want) => current = rebind(current, want),
+                Some(Listen::Try(want)) => current = rebind(current, want),
+                Some(Listen::Bound(l)) => match adopt(l) {
+                    Ok(l) => {
+                        info!(addr = %l.addr, "metrics: serving GET /metrics");
+                        current = Some(l);
+                    }
+                    Err(e) => error!("metrics: the new listener cannot be served: {e}"),
+                },
                 None => return,
             },
             accepted = accept(current.as_ref()) => match accepted {
@@ -188,10 +230,13 @@ fn rebind(current: Option<Listening>, want: MetricsListen) -> Option<Listening> 
 
 fn bind(addr: SocketAddr) -> std::io::Result<Listening> {
     // std sets SO_REUSEADDR: a restarted daemon binds again at once.
-    let l = std::net::TcpListener::bind(addr)?;
+    adopt(std::net::TcpListener::bind(addr)?)
+}
+
+fn adopt(l: std::net::TcpListener) -> std::io::Result<Listening> {
     l.set_nonblocking(true)?;
     Ok(Listening {
-        addr,
+        addr: l.local_addr()?,
         listener: TcpListener::from_std(l)?,
     })
 }

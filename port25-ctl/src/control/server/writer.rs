@@ -15,6 +15,7 @@ use crate::{
     control::reply,
     // The failpoint is a test hook; `control::testing` says why it is safe in production.
     control::testing::failpoint_after_commit,
+    metrics::http::MetricsServer,
     policy::index::changed_users,
     policy::{self, Desired},
     registry::store::{Recording, Store, Tx},
@@ -56,6 +57,9 @@ impl Daemon {
         for i in &new.interfaces {
             datapath::preflight(i).map_err(refused)?;
         }
+        // Bound now, handed over only if the reload succeeds (dropped, unbound, if not).
+        let metrics =
+            MetricsServer::prepare(self.cfg.metrics_listen, new.metrics_listen).map_err(refused)?;
         let now = self.wall.now();
         let (index, want) = desired(&new, &mut self.store, &self.clock, now)?;
         policy::check_fits(&self.live, &want)?;
@@ -98,7 +102,7 @@ impl Daemon {
         self.cfg = new;
         self.cfg_tx.send_replace(Arc::new(self.cfg.clone()));
         // Also when unchanged: a listener that could not bind before is tried again.
-        self.metrics_server.listen(self.cfg.metrics_listen);
+        self.metrics_server.commit(metrics);
         info!(writes = applied.writes, ?added, ?detached, "reloaded");
         Ok(reply::Reloaded {
             writes: applied.writes,

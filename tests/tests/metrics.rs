@@ -391,7 +391,9 @@ fn a_taken_address_leaves_the_daemon_enforcing_and_says_so() {
     lab.reply::<serde_json::Value>(&["reload"]);
     assert!(get(&lab, DEFAULT).is_err());
     // ...but a reload that asks for another address that cannot be had is refused whole.
-    let other = in_ns(&lab.rtr, || std::net::TcpListener::bind("127.0.0.1:9727").unwrap());
+    let other = in_ns(&lab.rtr, || {
+        std::net::TcpListener::bind("127.0.0.1:9727").unwrap()
+    });
     let a = lab::v4();
     assert!(lab.can_connect(a.sub, a.ext, 2525));
     lab.write_config_policy(
@@ -489,6 +491,28 @@ fn measure_scrape_cost_with_a_million_entries() {
         assert_eq!(s.must("port25_map_entries", &[("map", "P25_EXIP4")]), 0.0);
     }
     eprintln!("scrape with {N} entries: {took:?}");
+    // A million users, a tenth of them unblocked, straight into the registry.
+    let t = Instant::now();
+    let db = rusqlite::Connection::open(lab.dir.join("port25.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    db.execute_batch(
+        "BEGIN;
+         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 999999)
+         INSERT INTO users (name, policy, until, reason, set_by, set_at)
+         SELECT 'm' || i, CASE WHEN i % 10 = 0 THEN 'unblocked' ELSE 'blocked' END,
+                NULL, NULL, 'bench', 0 FROM n;
+         COMMIT;",
+    )
+    .unwrap();
+    eprintln!("registry filled in {:?}", t.elapsed());
+    let mut took = vec![];
+    for _ in 0..5 {
+        let t = Instant::now();
+        let s = scrape(&lab);
+        took.push(t.elapsed());
+        assert_eq!(s.must("port25_registry_users", &[]), 1_000_000.0);
+    }
+    eprintln!("scrape with 1M users: {took:?}");
     let changes = |tag: &str| {
         let mut lat: Vec<Duration> = (0..100)
             .map(|i| {

@@ -17,7 +17,11 @@
 //! The kernel counts packets per reason in a per-CPU array, not per interface: the packet
 //! counter has a `reason` label (and `verdict`, derived from it), no `interface` label.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -30,7 +34,7 @@ use crate::{
     bpf::{datapath, livemaps::LiveMaps, pins::Pins},
     config::Config,
     control::error::ErrorKind,
-    registry::store::sqlite::SqliteStore,
+    registry::store::sqlite::{Counts, SqliteStore},
 };
 
 pub mod http;
@@ -102,7 +106,14 @@ pub struct Sources {
     pub cfg: watch::Receiver<Arc<Config>>,
     /// This thread's own read-only registry connection, opened on first use.
     store: Option<(PathBuf, SqliteStore)>,
+    /// The last registry sizes, when they were read and how long that took.
+    counts: Option<(Counts, Instant, Duration)>,
 }
+
+/// Registry sizes are read again only once this many times their last reading's duration has
+/// passed: a small registry is read every scrape, a million users (counting scans the table)
+/// at most a tenth of the time, whatever the scrape rate.
+const COUNTS_REUSE_FACTOR: u32 = 10;
 
 impl Sources {
     pub fn new(daemon: DaemonMetrics, cfg: watch::Receiver<Arc<Config>>) -> Sources {
@@ -110,6 +121,7 @@ impl Sources {
             daemon,
             cfg,
             store: None,
+            counts: None,
         }
     }
 
@@ -230,12 +242,22 @@ impl Sources {
         let Some((_, store)) = &self.store else {
             return;
         };
-        let counts = match store.counts(jiff::Timestamp::now()) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("metrics: reading the registry sizes: {e:#}");
-                self.store = None;
-                return;
+        let counts = match self.counts {
+            Some((c, at, took)) if at.elapsed() < took * COUNTS_REUSE_FACTOR => c,
+            _ => {
+                let t = Instant::now();
+                match store.counts(jiff::Timestamp::now()) {
+                    Ok(c) => {
+                        self.counts = Some((c, t, t.elapsed()));
+                        c
+                    }
+                    Err(e) => {
+                        tracing::warn!("metrics: reading the registry sizes: {e:#}");
+                        self.store = None;
+                        self.counts = None;
+                        return;
+                    }
+                }
             }
         };
         up.set(1);

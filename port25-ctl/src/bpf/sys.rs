@@ -49,7 +49,7 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> std::io::Result<Vec<(K, V)>>
 }
 
 /// How many entries a hash map holds, read as [`lookup_all`] reads them but kept nowhere:
-/// `/metrics` counts a million-entry map without building it.
+/// `status` counts a million-entry map without building it.
 pub fn count_all(map: &MapData, key_size: usize, value_size: usize) -> std::io::Result<usize> {
     let mut count = 0;
     batches(map, key_size, value_size, |_, _, n| count += n)?;

@@ -261,7 +261,8 @@ impl Sources {
             }
         };
         up.set(1);
-        // Holds (issue 10, part 3) add `port25_registry_held_users` here, from `Counts`.
+        // Holds (issue 10, part 3) add `port25_registry_held_users` here, from `Counts`; a
+        // likely-infected count belongs beside it once offender tracking (parts 1-2) lands.
         for (name, help, v) in [
             (
                 "port25_registry_users",

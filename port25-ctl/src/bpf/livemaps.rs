@@ -43,7 +43,7 @@ macro_rules! live_maps {
             /// (map name, entries, capacity) for every policy map.
             pub fn fill(&self) -> Result<Vec<(&'static str, usize, u32)>> {
                 Ok(vec![
-                    $( $( (m::$n, self.$f.entries()?.len(), self.$f.capacity()), )* )*
+                    $( $( (m::$n, self.$f.entry_count()?, self.$f.capacity()), )* )*
                 ])
             }
         }
@@ -102,6 +102,10 @@ pub trait Table {
     fn put(&mut self, k: Self::K, v: Self::V) -> Result<()>;
     fn del(&mut self, k: Self::K) -> Result<()>;
     fn capacity(&self) -> u32;
+    /// How many entries it holds (`fill`: `status`, `/metrics`).
+    fn entry_count(&self) -> Result<usize> {
+        Ok(self.entries()?.len())
+    }
 }
 
 /// A delete of a key that is not there has done its job (the maps may have drifted).
@@ -186,6 +190,13 @@ impl<K: Pod + Ord + std::fmt::Debug, V: Pod + PartialEq> Table for HashMap<MapDa
             return Ok(all.into_iter().collect());
         }
         hash_entries_one_by_one(self)
+    }
+    fn entry_count(&self) -> Result<usize> {
+        let map = aya::maps::IterableMap::map(self);
+        if let Ok(n) = crate::bpf::sys::count_all(map, size_of::<K>(), size_of::<V>()) {
+            return Ok(n);
+        }
+        Ok(hash_entries_one_by_one(self)?.len())
     }
     fn put(&mut self, k: K, v: V) -> Result<()> {
         self.insert(k, v, 0).map_err(|e| full(e, "insert"))

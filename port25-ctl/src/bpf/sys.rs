@@ -31,13 +31,44 @@ const CHUNK: usize = 8192;
 /// of two syscalls per entry. Err on kernels or map types without batch support.
 pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> std::io::Result<Vec<(K, V)>> {
     let (ks, vs) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+    let mut out = Vec::new();
+    batches(map, ks, vs, |keys, values, n| {
+        for i in 0..n {
+            // SAFETY: the kernel filled n keys and values of these sizes; Pod types are
+            // valid for any bytes, and read_unaligned copes with the byte buffers.
+            let (k, v) = unsafe {
+                (
+                    std::ptr::read_unaligned(keys.as_ptr().add(i * ks) as *const K),
+                    std::ptr::read_unaligned(values.as_ptr().add(i * vs) as *const V),
+                )
+            };
+            out.push((k, v));
+        }
+    })?;
+    Ok(out)
+}
+
+/// How many entries a hash map holds, read as [`lookup_all`] reads them but kept nowhere:
+/// `status` counts a million-entry map without building it.
+pub fn count_all(map: &MapData, key_size: usize, value_size: usize) -> std::io::Result<usize> {
+    let mut count = 0;
+    batches(map, key_size, value_size, |_, _, n| count += n)?;
+    Ok(count)
+}
+
+/// Walks a hash map a chunk at a time: `f(keys, values, n)` for each chunk of n entries.
+fn batches(
+    map: &MapData,
+    ks: usize,
+    vs: usize,
+    mut f: impl FnMut(&[u8], &[u8], usize),
+) -> std::io::Result<()> {
     let mut keys = vec![0u8; CHUNK * ks];
     let mut values = vec![0u8; CHUNK * vs];
     // The resume token: a bucket index for hash maps; room for more to be safe.
     let mut token_in = [0u64; 2];
     let mut token_out = [0u64; 2];
     let mut first = true;
-    let mut out = Vec::new();
     loop {
         // SAFETY: bpf_attr is plain data; zeroed is its valid empty state.
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
@@ -50,24 +81,14 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> std::io::Result<Vec<(K, V)>>
         let r = sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr);
         // SAFETY: the kernel wrote back how many entries it copied.
         let n = unsafe { attr.batch.count } as usize;
-        for i in 0..n.min(CHUNK) {
-            // SAFETY: the kernel filled n keys and values of these sizes; Pod types are
-            // valid for any bytes, and read_unaligned copes with the byte buffers.
-            let (k, v) = unsafe {
-                (
-                    std::ptr::read_unaligned(keys.as_ptr().add(i * ks) as *const K),
-                    std::ptr::read_unaligned(values.as_ptr().add(i * vs) as *const V),
-                )
-            };
-            out.push((k, v));
-        }
+        f(&keys, &values, n.min(CHUNK));
         match r {
             Ok(_) => {
                 token_in = token_out;
                 first = false;
             }
             // The end of the map.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),
         }
     }

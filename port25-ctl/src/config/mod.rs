@@ -12,6 +12,9 @@ use serde::{de, Deserialize, Deserializer, Serialize};
 
 use crate::net::Prefix;
 
+mod metrics_listen;
+pub use metrics_listen::{MetricsListen, DEFAULT_METRICS_LISTEN};
+
 pub const DEFAULT_CONFIG: &str = "/etc/port25/port25.yaml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/port25";
 
@@ -46,6 +49,9 @@ pub struct Config {
     /// (`user show|list`, `audit`, `server|exempt list`); the socket becomes 0660 root:GROUP.
     #[serde(default)]
     pub read_group: Option<String>,
+    /// Extension: where the daemon serves Prometheus metrics (`GET /metrics`), or `off`.
+    #[serde(default)]
+    pub metrics_listen: MetricsListen,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -669,6 +675,7 @@ impl Config {
                 // serde_yaml points at the mapping that holds a duplicate key; the operator
                 // needs the duplicate's own line.
                 let (line, column) = duplicate_at(text, &msg, l.line(), l.column())
+                    .or_else(|| top_level_value_at(text, &msg))
                     .unwrap_or((l.line(), l.column()));
                 ConfigError::Syntax {
                     path: path.to_owned(),
@@ -821,6 +828,24 @@ mod tests;
 
 #[cfg(test)]
 mod proptests;
+
+/// serde_yaml places a refused top-level value at the start of the document; for a message
+/// that names its key first (`metrics_listen ...`), the key's own line, as YAML takes it (the
+/// last one; duplicates are refused before this matters).
+fn top_level_value_at(text: &str, msg: &str) -> Option<(usize, usize)> {
+    const KEYS: [&str; 1] = ["metrics_listen"];
+    let key = KEYS
+        .iter()
+        .find(|k| msg.strip_prefix(**k).is_some_and(|r| r.starts_with(' ')))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            l.strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+        })
+        .last()
+        .map(|(i, _)| (i + 1, 1))
+}
 
 /// For "duplicate field `K`" reported at the mapping starting at (`line`, `column`): the
 /// line and column of the second `K:` at that mapping's indentation (a block mapping, or

@@ -429,3 +429,25 @@ fn bad_or_impossible_globs_are_refused() {
             .contains("listed twice")
     );
 }
+
+#[test]
+fn metrics_listen_default_off_and_errors() {
+    let c = parse("interfaces: []\n").unwrap();
+    assert_eq!(c.metrics_listen.to_string(), DEFAULT_METRICS_LISTEN);
+    let c = parse("interfaces: []\nmetrics_listen: off\n").unwrap();
+    assert_eq!(c.metrics_listen, MetricsListen::Off);
+    let c = parse("interfaces: []\nmetrics_listen: \"[::]:9100\"\n").unwrap();
+    assert_eq!(c.metrics_listen.addr(), Some("[::]:9100".parse().unwrap()));
+    for bad in [
+        "metrics_listen: localhost:9725",
+        "metrics_listen: 9725",
+        "metrics_listen: false",
+        "metrics_listen: [127.0.0.1, 9725]",
+    ] {
+        let e = err(&format!("interfaces: []\nsocket: /x\n{bad}\n"));
+        assert!(
+            e.starts_with("test.yaml:3:") && e.contains("metrics_listen"),
+            "{bad}: {e}"
+        );
+    }
+}

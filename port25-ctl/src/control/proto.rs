@@ -299,6 +299,31 @@ pub struct Audit {
 }
 
 impl Op {
+    /// The op's wire name (its `rename_all = "snake_case"` key), as metrics label it.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Op::Info => "info",
+            Op::Reload => "reload",
+            Op::Detach => "detach",
+            Op::Unblock(_) => "unblock",
+            Op::Block(_) => "block",
+            Op::Unhold(_) => "unhold",
+            Op::UserShow(_) => "user_show",
+            Op::UserList(_) => "user_list",
+            Op::UserAdd(_) => "user_add",
+            Op::UserRemove(_) => "user_remove",
+            Op::UserBind(_) => "user_bind",
+            Op::UserUnbind(_) => "user_unbind",
+            Op::SessionUp(_) => "session_up",
+            Op::SessionDown(_) => "session_down",
+            Op::SessionSync(_) => "session_sync",
+            Op::EntryAdd(_) => "entry_add",
+            Op::EntryRemove(_) => "entry_remove",
+            Op::EntryList(_) => "entry_list",
+            Op::Audit(_) => "audit",
+        }
+    }
+
     /// Ops that change nothing: open to the configured read-only group.
     pub fn read_only(&self) -> bool {
         matches!(
@@ -551,7 +576,14 @@ mod proptests {
             Ok(req) => {
                 // A request that decodes encodes and decodes back to itself.
                 let bytes = encode(&req).unwrap();
-                prop_assert_eq!(decode_request(&bytes[4..]).unwrap(), req);
+                prop_assert_eq!(&decode_request(&bytes[4..]).unwrap(), &req);
+                // The metrics' verb label is the wire name.
+                let wire = match serde_json::to_value(&req.op).unwrap() {
+                    Value::String(s) => s,
+                    Value::Object(m) => m.keys().next().unwrap().clone(),
+                    other => panic!("an op encodes as a name or a one-key object: {other}"),
+                };
+                prop_assert_eq!(wire.as_str(), req.op.verb());
             }
             Err(e) => {
                 let m = e.to_string();

@@ -56,6 +56,11 @@ macro_rules! desired {
                 }
             }
 
+            /// (map name, entries) for every policy map: what the maps hold once applied.
+            pub fn fill(&self) -> Vec<(&'static str, usize)> {
+                vec![ $( $( (port25_common::maps::$n, self.$f.len()), )* )* ]
+            }
+
             /// How many entries the map of an exempt key holds.
             pub fn slot_map_len(&self, s: &Slot) -> usize {
                 match s {

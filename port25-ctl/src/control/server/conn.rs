@@ -22,6 +22,7 @@ use super::{
 };
 use crate::{
     control::proto::{self, ErrorKind, Op, Response},
+    metrics::{DaemonMetrics, UNKNOWN_VERB},
     registry::Actor,
 };
 
@@ -31,6 +32,7 @@ pub(super) async fn accept_loop(
     jobs: mpsc::Sender<Job>,
     reader: Reader,
     read_gid: Option<nix::unistd::Gid>,
+    metrics: DaemonMetrics,
 ) {
     let max = max_connections();
     let slots = Arc::new(Semaphore::new(max));
@@ -65,21 +67,21 @@ pub(super) async fn accept_loop(
                                     "{} control connections of non-root peers open: refusing more",
                                     max / 2
                                 ));
-                                busy(stream, max / 2);
+                                busy(stream, max / 2, &metrics);
                                 continue;
                             }
                         }
                     };
-                    let (jobs, reader) = (jobs.clone(), reader.clone());
+                    let (jobs, reader, metrics) = (jobs.clone(), reader.clone(), metrics.clone());
                     tokio::spawn(async move {
-                        connection(stream, jobs, reader, read_gid).await;
+                        connection(stream, jobs, reader, read_gid, &metrics).await;
                         drop((slot, other));
                     });
                 }
                 (_, Err(_)) => {}
                 (Err(_), _) => {
                     warn_rarely(format!("{max} control connections open: refusing more"));
-                    busy(stream, max);
+                    busy(stream, max, &metrics);
                 }
             },
             Err(e) => {
@@ -94,7 +96,8 @@ pub(super) async fn accept_loop(
 
 /// Answers "busy" and closes. Small enough for an empty socket buffer: a non-blocking
 /// write of it never waits.
-pub(super) fn busy(stream: UnixStream, max: usize) {
+pub(super) fn busy(stream: UnixStream, max: usize, metrics: &DaemonMetrics) {
+    metrics.request(UNKNOWN_VERB, Some(ErrorKind::Busy));
     if let (Ok(frame), Ok(mut s)) = (
         proto::encode(&Response::err(
             ErrorKind::Busy,
@@ -153,6 +156,7 @@ pub(super) async fn connection(
     jobs: mpsc::Sender<Job>,
     reader: Reader,
     read_gid: Option<nix::unistd::Gid>,
+    metrics: &DaemonMetrics,
 ) {
     let Ok(cred) = s.peer_cred() else { return };
     let Some(role) = role_of(cred.uid(), cred.gid(), read_gid) else {
@@ -160,42 +164,35 @@ pub(super) async fn connection(
             uid = cred.uid(),
             "refused a control connection from a peer that is not allowed"
         );
-        write(
-            &mut s,
-            &Response::err(ErrorKind::Denied, "permission denied: root only"),
-        )
-        .await;
+        let denied = Response::err(ErrorKind::Denied, "permission denied: root only");
+        respond(&mut s, metrics, UNKNOWN_VERB, &denied).await;
         return;
     };
     let req = match tokio::time::timeout(limits::REQUEST_DEADLINE, read_request(&mut s)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            write(&mut s, &Response::err(ErrorKind::Refused, format!("{e:#}"))).await;
+            let bad = Response::err(ErrorKind::Refused, format!("{e:#}"));
+            respond(&mut s, metrics, UNKNOWN_VERB, &bad).await;
             return;
         }
         Err(_) => {
             let secs = limits::REQUEST_DEADLINE.as_secs();
-            write(
-                &mut s,
-                &Response::err(
-                    ErrorKind::Refused,
-                    format!("timed out: a request must arrive whole within {secs} s"),
-                ),
-            )
-            .await;
+            let late = Response::err(
+                ErrorKind::Refused,
+                format!("timed out: a request must arrive whole within {secs} s"),
+            );
+            respond(&mut s, metrics, UNKNOWN_VERB, &late).await;
             return;
         }
     };
+    let verb = req.op.verb();
     if matches!(role, Role::ReadOnly) && !req.op.read_only() {
         warn!(uid = cred.uid(), "refused a change from a read-only peer");
-        write(
-            &mut s,
-            &Response::err(
-                ErrorKind::Denied,
-                "permission denied: the read-only group may not change anything",
-            ),
-        )
-        .await;
+        let denied = Response::err(
+            ErrorKind::Denied,
+            "permission denied: the read-only group may not change anything",
+        );
+        respond(&mut s, metrics, verb, &denied).await;
         return;
     }
     if req.op.read_only() && !matches!(req.op, Op::Info) {
@@ -203,17 +200,14 @@ pub(super) async fn connection(
             Ok(v) => Response::ok(v),
             Err(e) => explained(e, &reader).await,
         };
-        write(&mut s, &resp).await;
+        respond(&mut s, metrics, verb, &resp).await;
         return;
     }
     let actor = actor(cred.uid(), req.on_behalf_of.clone());
     let (reply, answer) = oneshot::channel();
     if jobs.send(Job { req, actor, reply }).await.is_err() {
-        write(
-            &mut s,
-            &Response::err(ErrorKind::Internal, "the daemon is shutting down"),
-        )
-        .await;
+        let down = Response::err(ErrorKind::Internal, "the daemon is shutting down");
+        respond(&mut s, metrics, verb, &down).await;
         return;
     }
     if let Ok((resp, written)) = answer.await {
@@ -221,7 +215,7 @@ pub(super) async fn connection(
             Reply::Done(r) => r,
             Reply::Failed(e) => explained(e, &reader).await,
         };
-        write(&mut s, &resp).await;
+        respond(&mut s, metrics, verb, &resp).await;
         if let Some(w) = written {
             let _ = w.send(());
         }
@@ -277,6 +271,13 @@ pub(super) fn answer_frame(r: &Response) -> Vec<u8> {
             .expect("a short error fits")
         }
     }
+}
+
+/// Counts an answer for `/metrics` (by verb and result) and writes it.
+async fn respond(s: &mut UnixStream, metrics: &DaemonMetrics, verb: &'static str, r: &Response) {
+    // An error answer without a kind reads as a refusal to clients too (`ErrorKind`).
+    metrics.request(verb, (!r.ok).then(|| r.kind.unwrap_or(ErrorKind::Refused)));
+    write(s, r).await;
 }
 
 /// Writes an answer within [`limits::WRITE_DEADLINE`]; a client that does not read it is

@@ -35,6 +35,7 @@ use crate::{
     bpf::pins::Pins,
     config::Config,
     control::reply,
+    metrics::{http::MetricsServer, DaemonMetrics, Sources},
     policy::index::Index,
     policy::{self, Clock, Desired},
     registry::store::{sqlite::SqliteStore, Store},
@@ -96,6 +97,9 @@ struct Daemon {
     link_errors: std::collections::HashMap<String, String>,
     /// The devices of the namespace, kept by link events (glob entries range over them).
     devices: links::Devices,
+    /// What the daemon counts for `/metrics` (reconciles, drift; requests in `conn`).
+    metrics: DaemonMetrics,
+    metrics_server: MetricsServer,
 }
 
 /// `attach`: start even though an operator detached (`daemon --attach`), lifting the marker.
@@ -232,7 +236,10 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     let listener = bind_socket(&cfg.socket, cfg.read_group.as_deref())?;
     let read_gid = read_gid(cfg.read_group.as_deref())?;
     let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg.clone()));
-    let reader = Reader::start(cfg.state_dir.clone(), cfg_rx)?;
+    let reader = Reader::start(cfg.state_dir.clone(), cfg_rx.clone())?;
+    let metrics = DaemonMetrics::default();
+    let metrics_server =
+        MetricsServer::start(Sources::new(metrics.clone(), cfg_rx), cfg.metrics_listen)?;
     let mut d = Daemon {
         config_path,
         cfg,
@@ -251,6 +258,8 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
         cfg_tx,
         link_errors,
         devices,
+        metrics: metrics.clone(),
+        metrics_server,
     };
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1024);
     let mut hup = signal(SignalKind::hangup())?;
@@ -260,11 +269,13 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     tick.tick().await;
     let mut quick = tokio::time::interval(std::time::Duration::from_secs(1));
     // Accepting lives in its own task: an accept error (EMFILE) pauses it, never this loop.
-    let acceptor = tokio::spawn(accept_loop(listener, jobs_tx, reader, read_gid));
+    let acceptor = tokio::spawn(accept_loop(listener, jobs_tx, reader, read_gid, metrics));
     info!(socket = %d.cfg.socket.display(), "ready");
     // Type=notify units are "started" only once enforcement is in place.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     loop {
+        // Whatever ran last (a change, reload, reconcile) may have changed the maps.
+        d.metrics.map_fill(&d.applied.fill());
         tokio::select! {
             // Link events first: until a new device is attached, port 25 is open on it.
             biased;

@@ -15,6 +15,7 @@ use crate::{
     control::reply,
     // The failpoint is a test hook; `control::testing` says why it is safe in production.
     control::testing::failpoint_after_commit,
+    metrics::http::MetricsServer,
     policy::index::changed_users,
     policy::{self, Desired},
     registry::store::{Recording, Store, Tx},
@@ -58,6 +59,9 @@ impl Daemon {
         for t in targets.iter().filter(|t| t.glob.is_none()) {
             datapath::preflight(&t.iface).map_err(refused)?;
         }
+        // Bound now, handed over only if the reload succeeds (dropped, unbound, if not).
+        let metrics =
+            MetricsServer::prepare(self.cfg.metrics_listen, new.metrics_listen).map_err(refused)?;
         let now = self.wall.now();
         let (index, want) = desired(&new, &mut self.store, &self.clock, now)?;
         policy::check_fits(&self.live, &want)?;
@@ -105,6 +109,8 @@ impl Daemon {
         }
         self.cfg = new;
         self.cfg_tx.send_replace(Arc::new(self.cfg.clone()));
+        // Also when unchanged: a listener that could not bind before is tried again.
+        self.metrics_server.commit(metrics);
         info!(writes = applied.writes, ?added, ?detached, "reloaded");
         Ok(reply::Reloaded {
             writes: applied.writes,
@@ -116,6 +122,7 @@ impl Daemon {
     /// Full comparison of maps and registry: repairs drift and drops what has expired.
     pub(super) fn reconcile(&mut self) {
         self.reconciles += 1;
+        self.metrics.reconciles.inc();
         self.repair_links();
         let now = self.wall.now();
         if self.clock.resync_at(now) {
@@ -135,6 +142,7 @@ impl Daemon {
             Ok(a) => {
                 if a.writes > 0 && !self.dirty {
                     self.drift_repaired += a.writes as u64;
+                    self.metrics.drift_repaired.inc_by(a.writes as u64);
                     warn!(
                         repaired = a.writes,
                         "maps had drifted from the registry; repaired"

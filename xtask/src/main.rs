@@ -84,6 +84,56 @@ enum Cmd {
     },
 }
 
+/// The host suite, and the Linux 6.1 VM suite beside it: the VM (TCG, niced) is CPU-bound
+/// while the host suite mostly waits on namespaces, sockets and daemons, so together they
+/// take little more than the VM alone. The VM's console goes to a log printed at the end.
+fn test_host_and_vm(host_only: bool, args: &[String]) -> Result<()> {
+    let vm = if host_only {
+        None
+    } else if !build::is_root()? {
+        eprintln!("xtask: not root: the Linux 6.1 VM run is skipped");
+        None
+    } else {
+        // The kernel of Debian 12 access routers, in the flavour that has PPP (the cloud
+        // kernels lack it), with the real-device tests in the default set.
+        let tests: Vec<String> = vm::DEFAULT_TESTS.iter().map(|s| s.to_string()).collect();
+        Some(vm::prepare(&vm::Opts {
+            kernel: "6.1",
+            flavour: "generic",
+            tests: &tests,
+            args,
+            timeout: std::time::Duration::from_secs(2400),
+        })?)
+    };
+    let log = build::root().join("target/vm/console-6.1-generic.log");
+    let running = match vm {
+        Some(vm) => {
+            let mut file = std::fs::File::create(&log)?;
+            eprintln!(
+                "xtask: the Linux 6.1 VM runs beside the host suite; its console: {}",
+                log.display()
+            );
+            Some(std::thread::spawn(move || vm::boot(&vm, &mut file)))
+        }
+        None => None,
+    };
+    let host = build::test(args);
+    let Some(running) = running else {
+        return host;
+    };
+    let vm = running
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the VM thread panicked")));
+    println!("\n==== Linux 6.1 VM console ({}) ====", log.display());
+    print!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    match (host, vm) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(h), Ok(())) => Err(h.context("host suite failed (the 6.1 VM passed)")),
+        (Ok(()), Err(v)) => Err(v.context("Linux 6.1 VM suite failed (the host suite passed)")),
+        (Err(h), Err(v)) => Err(h.context(format!("host suite failed, and the 6.1 VM too: {v:#}"))),
+    }
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Build => build::all(),
@@ -103,26 +153,7 @@ fn main() -> Result<()> {
         }),
         Cmd::Test {
             host_only, args, ..
-        } => {
-            build::test(&args)?;
-            if host_only {
-                return Ok(());
-            }
-            if !build::is_root()? {
-                eprintln!("xtask: not root: the Linux 6.1 VM run is skipped");
-                return Ok(());
-            }
-            // The kernel of Debian 12 access routers, in the flavour that has PPP (the cloud
-            // kernels lack it), with the real-device tests beside the default set.
-            let tests: Vec<String> = vm::DEFAULT_TESTS.iter().map(|s| s.to_string()).collect();
-            vm::test(&vm::Opts {
-                kernel: "6.1",
-                flavour: "generic",
-                tests: &tests,
-                args: &args,
-                timeout: std::time::Duration::from_secs(2400),
-            })
-        }
+        } => test_host_and_vm(host_only, &args),
         Cmd::Lab { args } => lab::run(&args),
         Cmd::Bench => bench::run(),
         Cmd::Fuzz {

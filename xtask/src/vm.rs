@@ -25,7 +25,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::build::{ensure_root, root, run};
 
 /// The test binaries run when none are named: the kernel tables, end to end, lifecycle, the
-/// subscriber flow and the real devices (whose PPPoE part skips, with its reason, on the
+/// subscriber flow, devices that come and go (globs) and the real devices (whose PPPoE part skips, with its reason, on the
 /// cloud kernels, built without PPP).
 pub const DEFAULT_TESTS: &[&str] = &[
     "datapath",
@@ -34,6 +34,7 @@ pub const DEFAULT_TESTS: &[&str] = &[
     "e2e",
     "lifecycle",
     "subscribers",
+    "globs",
     "realdev",
 ];
 
@@ -75,6 +76,19 @@ pub struct Opts<'a> {
 }
 
 pub fn test(o: &Opts) -> Result<()> {
+    let vm = prepare(o)?;
+    boot(&vm, &mut std::io::stdout())
+}
+
+/// A VM ready to boot: its kernel, its initramfs with the tests, and its time limit.
+pub struct Prepared {
+    vmlinuz: PathBuf,
+    initrd: PathBuf,
+    timeout: Duration,
+}
+
+/// Everything before the boot: host tools, the kernel package, the binaries, the initramfs.
+pub fn prepare(o: &Opts) -> Result<Prepared> {
     ensure_root()?;
     ensure_host_tools()?;
     let cache = root().join("target/vm");
@@ -94,7 +108,11 @@ pub fn test(o: &Opts) -> Result<()> {
         &bins,
         o.args,
     )?;
-    boot(&kernel.vmlinuz, &initrd, o.timeout)
+    Ok(Prepared {
+        vmlinuz: kernel.vmlinuz,
+        initrd,
+        timeout: o.timeout,
+    })
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -530,7 +548,10 @@ fn ppp(tree: &Path) -> Result<()> {
 
 /// Boots the VM, streams its console, and reads the verdict from it (QEMU exits 0 on poweroff
 /// whatever happened inside).
-fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> Result<()> {
+/// Boots the VM and runs the tests, the console going to `out` (stdout, or a log file while
+/// the host suite runs beside it); the summary line also goes to stdout.
+pub fn boot(vm: &Prepared, out: &mut dyn std::io::Write) -> Result<()> {
+    let (vmlinuz, initrd, timeout) = (&vm.vmlinuz, &vm.initrd, vm.timeout);
     let mut cmd = Command::new("nice");
     cmd.args([
         "-n",
@@ -550,7 +571,7 @@ fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> Result<()> {
     .args(["-append", "console=ttyS0 panic=-1 quiet"])
     .stdin(Stdio::null())
     .stdout(Stdio::piped());
-    eprintln!("xtask: {cmd:?}");
+    let _ = writeln!(out, "xtask: {cmd:?}");
     let start = Instant::now();
     let mut child = cmd.spawn()?;
     let (tx, rx) = mpsc::channel();
@@ -571,7 +592,7 @@ fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> Result<()> {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
-                println!("{line}");
+                let _ = writeln!(out, "{line}");
                 // The first line after the BIOS carries its terminal escapes in front.
                 if let Some((_, r)) = line.split_once("P25VM uname -r: ") {
                     uname = Some(r.to_string());
@@ -591,14 +612,15 @@ fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> Result<()> {
     }
     let status = child.wait()?;
     let total = start.elapsed();
-    eprintln!(
+    println!(
         "xtask: VM kernel {}, tests started after {:.1?}, finished after {total:.1?} (qemu {status})",
         uname.as_deref().unwrap_or("?"),
         booted.unwrap_or_default()
     );
     let (summary, [passed, failed, _skipped]) =
         summary.context("the VM printed no summary (boot or /init failed)")?;
-    println!("{summary}");
+    let _ = writeln!(out, "{summary}");
+    println!("VM {summary}");
     if failed > 0 || passed == 0 {
         bail!("VM tests: {summary}");
     }

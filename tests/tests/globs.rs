@@ -324,9 +324,17 @@ fn session_up_attaches_its_device_before_answering() {
         lab.reply(&["session", "up", "alice", "100.64.11.2", "--iface", "g1"]);
     assert!(pinned(&lab, point), "attached when the answer arrives");
     let dev = r.device.expect("the device in the answer");
+    // With a netlink filter (no tcx, Linux < 6.6), losing it is a TC event the daemon has
+    // usually repaired before the session arrives (nothing left to attach); a tcx link
+    // unpinned makes no event, so there the session's attach is what puts it back.
+    let expected: &[String] = if port25_tests::tcx_missing().is_some() && dev.attached.is_empty() {
+        &[]
+    } else {
+        &[point.to_string()]
+    };
     assert_eq!(
-        (dev.name.as_str(), dev.attached.clone()),
-        ("g1", vec![point.to_string()])
+        (dev.name.as_str(), dev.attached.as_slice()),
+        ("g1", expected)
     );
     assert_eq!(dev.error, None);
     lose(&lab);

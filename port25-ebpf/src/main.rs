@@ -6,9 +6,13 @@
 //! addresses alone decide a pass.
 #![no_std]
 #![no_main]
+// Atomic add/or on map values (offender counters): see `track.rs`.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod maps;
 mod reject;
+mod track;
 
 use core::mem::MaybeUninit;
 
@@ -20,8 +24,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use port25_common::{
-    parse::{Frame, Link},
-    verdict::classify,
+    parse::{parse_flat, Frame, Link},
+    verdict::decide_parsed,
     Reason,
 };
 
@@ -89,16 +93,22 @@ impl Frame for SkbFrame<'_> {
 }
 
 #[inline(always)]
-fn decide<F: Frame>(frame: &F, link: Link) -> Reason {
-    let reason = classify(frame, link, &KernelMaps);
+fn decide<F: Frame>(frame: &F, link: Link, ifindex: u32) -> Reason {
+    let parsed = parse_flat(frame, link);
+    let reason = decide_parsed(&parsed, &KernelMaps);
     count(reason);
+    // A blocked segment whose source is known came from an enforced source (the address
+    // rules ran and passed nothing): the offender tracking's business.
+    if !reason.is_pass() && parsed.addrs {
+        track::blocked(&parsed, reason as u32, ifindex);
+    }
     reason
 }
 
 /// Subscriber-facing ingress on an Ethernet NIC, before the stack.
 #[xdp]
 pub fn port25_xdp(ctx: XdpContext) -> u32 {
-    let reason = decide(&XdpFrame(&ctx), Link::Ethernet);
+    let reason = decide(&XdpFrame(&ctx), Link::Ethernet, ctx.ingress_ifindex() as u32);
     if reason.is_pass() {
         return xdp_action::XDP_PASS;
     }
@@ -128,7 +138,7 @@ pub fn port25_tc_raw(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn tc_action(ctx: &TcContext, link: Link) -> i32 {
-    let reason = decide(&SkbFrame(ctx), link);
+    let reason = decide(&SkbFrame(ctx), link, unsafe { (*ctx.skb.skb).ifindex });
     if reason.is_pass() {
         return TC_ACT_UNSPEC;
     }

@@ -12,6 +12,9 @@ use serde::{de, Deserialize, Deserializer, Serialize};
 
 use crate::net::Prefix;
 
+mod abuse;
+pub use abuse::Abuse;
+
 pub const DEFAULT_CONFIG: &str = "/etc/port25/port25.yaml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/port25";
 
@@ -46,6 +49,9 @@ pub struct Config {
     /// (`user show|list`, `audit`, `server|exempt list`); the socket becomes 0660 root:GROUP.
     #[serde(default)]
     pub read_group: Option<String>,
+    /// Offender tracking, block events and the likely-infected rule (`top`).
+    #[serde(default)]
+    pub abuse: Abuse,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -289,6 +295,10 @@ pub struct Limits {
     pub min_prefix_v4: u8,
     /// Extension: as `min_prefix_v4`, for IPv6.
     pub min_prefix_v6: u8,
+    /// `abuse.track_sources`, copied here at parse time so the map list sizes the offender
+    /// map like every other capacity (written in the `abuse:` section, not under `limits`).
+    #[serde(skip)]
+    pub track_sources: u32,
 }
 
 impl Default for Limits {
@@ -302,6 +312,7 @@ impl Default for Limits {
             session_prefixes: DEFAULT_SESSION_PREFIXES,
             min_prefix_v4: 8,
             min_prefix_v6: 16,
+            track_sources: DEFAULT_TRACK_SOURCES,
         }
     }
 }
@@ -516,6 +527,8 @@ impl Config {
                 msg: e.to_string(),
             },
         })?;
+        let mut cfg = cfg;
+        cfg.limits.track_sources = cfg.abuse.track_sources;
         cfg.validate().map_err(|msg| ConfigError::Invalid {
             path: path.to_owned(),
             msg,

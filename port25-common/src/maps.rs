@@ -27,6 +27,9 @@ pub const OFFENDERS: &str = "P25_OFFENDERS";
 pub const ABUSE: &str = "P25_ABUSE";
 /// Block events ([`BlockEvent`]) to the daemon: a ring buffer.
 pub const EVENTS: &str = "P25_EVENTS";
+/// The tracking programs the entry points tail-call (program arrays, one per program type).
+pub const TRACK_XDP: &str = "P25_TRACK_XDP";
+pub const TRACK_TC: &str = "P25_TRACK_TC";
 
 /// Default capacities; the config's `limits` override the resizable ones at load time.
 pub const DEFAULT_EXEMPT_IPS: u32 = 1 << 20;
@@ -240,18 +243,23 @@ pub struct BlockEvent {
     pub dests: u64,
 }
 
-/// The bit of a destination address in [`Offender::dests`]: a multiplicative hash of the
-/// address, top 6 bits.
+/// The bit of a destination address in [`Offender::dests`]: MurmurHash3's 64-bit finalizer
+/// of the folded address, top 6 bits. Linear counting's error bound assumes a hash that
+/// looks random; a multiplicative one spreads consecutive addresses too evenly (no
+/// collisions) and the estimate runs high.
 #[inline(always)]
 pub fn dest_bit(dst: &[u8; 16]) -> u64 {
     let mut a = [0u8; 8];
     let mut b = [0u8; 8];
     a.copy_from_slice(&dst[..8]);
     b.copy_from_slice(&dst[8..]);
-    let x = u64::from_ne_bytes(a) ^ u64::from_ne_bytes(b).rotate_left(29);
-    // Fibonacci hashing mixes every input bit into the top bits.
-    let h = (x ^ (x >> 31)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    1u64 << (h >> 58)
+    let mut x = u64::from_le_bytes(a) ^ u64::from_le_bytes(b).rotate_left(29);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    1u64 << (x >> 58)
 }
 
 const _: () = assert!(core::mem::size_of::<OffenderKey>() == 20);
@@ -274,4 +282,27 @@ mod user {
     unsafe impl aya::Pod for super::Offender {}
     unsafe impl aya::Pod for super::AbuseSettings {}
     unsafe impl aya::Pod for super::BlockEvent {}
+}
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    use super::dest_bit;
+
+    /// Linear counting on 64 bits: -64 ln(zeros/64). For 30 random items its standard error
+    /// is ~10%; over many consecutive /24s of 30 addresses the estimate stays within 30%.
+    #[test]
+    fn the_destination_estimate_is_within_its_bound_for_consecutive_addresses() {
+        let est = |bits: u64| -64.0 * (bits.count_zeros() as f64 / 64.0).ln();
+        let mut worst: f64 = 0.0;
+        for net in 0..200u8 {
+            let mut bits = 0;
+            for host in 1..=30u8 {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&[203, net, 113, host]);
+                bits |= dest_bit(&a);
+            }
+            worst = worst.max((est(bits) - 30.0).abs() / 30.0);
+        }
+        assert!(worst <= 0.3, "worst relative error {worst}");
+    }
 }

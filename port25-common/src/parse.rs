@@ -183,8 +183,14 @@ impl Next {
 /// every path. A [`Packet`] (or any enum with data) merged from many exits leaves the fields
 /// of the other variants undefined, and LLVM may move a read of one (a `dport & 0xffff`) into
 /// a block every exit shares: the verifier refuses the undefined register (`R9 !read_ok`).
+///
+/// `repr(C, align(8))` with the addresses first: offender tracking hands them to the kernel's
+/// tracking as four aligned u64 loads (unaligned, LLVM reads them byte by byte).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, align(8))]
 pub struct Parsed {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub shape: Shape,
     /// `Shape::Doubt`: why (otherwise unused).
     pub reason: Reason,
@@ -192,8 +198,6 @@ pub struct Parsed {
     pub addrs: bool,
     /// The addresses are IPv6; IPv4 ones sit in the first 4 bytes, the rest zero.
     pub v6: bool,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     /// `Shape::Tcp`: the destination port (otherwise 0).
     pub dport: u16,
     /// `Shape::Tcp`: the TCP flags byte (SYN, ACK, ...; otherwise 0). Offender tracking

@@ -1,6 +1,13 @@
-//! Offender tracking and block events: run only for a blocked segment whose source is known
-//! (`block_port`, or a doubt from an enforced source), in a subprogram of its own so that the
-//! verifier walks it once per call, not inlined into every exit of the verdict.
+//! Offender tracking and block events, for a blocked segment whose source is known
+//! (`block_port`, or a doubt from an enforced source).
+//!
+//! The entry points hand the segment over in a per-CPU scratch ([`hand_over`]) and, once
+//! their action is decided, tail-call a tracking program of their type ([`xdp`], [`tc`]).
+//! A tail call starts a fresh stack and is verified on its own: inline, or as a subprogram,
+//! the tracking was walked once per verifier state reaching it (+300k instructions of the
+//! 1M budget) and did not fit the 32 bytes of stack the verdict leaves. The tracking program
+//! only ever returns a blocking action: a failed tail call, or a scratch that is not this
+//! packet's, still drops.
 //!
 //! One map operation per blocked segment: a lookup and in-place updates (counters with atomic
 //! adds), or a single insert for a source not seen yet. LRU: a worm spraying from many
@@ -11,7 +18,8 @@ use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering};
 use aya_ebpf::{
     helpers::bpf_ktime_get_boot_ns,
     macros::map,
-    maps::{Array, LruHashMap, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    EbpfContext,
 };
 use port25_common::{
     maps::{
@@ -31,6 +39,38 @@ static OFFENDERS: LruHashMap<OffenderKey, Offender> =
 #[map(name = "P25_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
+/// Room for the key, a new entry and an event: the entry points leave this subprogram 32
+/// bytes of the 512-byte stack, so everything larger is built in map memory. Private to
+/// each load (not pinned).
+#[repr(C)]
+pub struct Scratch {
+    key: OffenderKey,
+    _pad: u32,
+    fresh: Offender,
+    event: BlockEvent,
+    /// The blocked segment, as the caller hands it over.
+    src: [u8; 16],
+    dst: [u8; 16],
+    reason: u32,
+    ifindex: u32,
+    dport: u16,
+    tcp_flags: u8,
+    v6: u8,
+    /// The entry point's action for this packet (a blocking one).
+    action: u32,
+    /// 1 from [`hand_over`] to the tracking program, which clears it.
+    pending: u32,
+}
+
+/// The tracking programs, by type (a program array takes one program type): index 0.
+#[map(name = "P25_TRACK_XDP")]
+static TRACK_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+#[map(name = "P25_TRACK_TC")]
+static TRACK_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+#[map(name = "P25_TRACKTMP")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
@@ -48,47 +88,145 @@ fn or(p: *mut u64, bits: u64) {
     unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, bits) };
 }
 
-/// Records one blocked segment of `p` (addresses known). `reason` is the verdict's.
+/// Hands a blocked segment (addresses known) over to the tracking program.
+///
+/// The copy is [`port25_hand_over`], a global function of scalar arguments: the verifier
+/// checks it once on its own, and at each call only the argument types. Inlined, the copy
+/// did not fit the stack the verdict leaves; as a static subprogram it was walked once per
+/// verifier state reaching it (+200k instructions).
+#[inline(always)]
+pub fn hand_over(p: &Parsed, reason: u32, ifindex: u32) {
+    let word = |a: &[u8; 16], i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&a[i * 8..i * 8 + 8]);
+        u64::from_ne_bytes(w)
+    };
+    let meta = (reason as u64 & 0xff)
+        | (p.v6 as u64) << 8
+        | (p.tcp_flags as u64) << 16
+        | (p.dport as u64) << 32;
+    port25_hand_over(
+        word(&p.src, 0),
+        word(&p.src, 1),
+        word(&p.dst, 0),
+        word(&p.dst, 1),
+        meta | (ifindex as u64) << 48,
+    );
+}
+
+/// The hand-over's copy into the per-CPU scratch. `meta`: reason (bits 0-7), v6 (8),
+/// TCP flags (16-23), destination port (32-47), ifindex (48-63, the low 16 bits: the
+/// kernel's ifindex of an access router's NIC fits; a larger one is recorded truncated).
+/// Exported (see the build script), so its BTF linkage is global. Returns 0.
+#[unsafe(no_mangle)]
 #[inline(never)]
-pub fn blocked(p: &Parsed, reason: u32, ifindex: u32) {
-    let Some(cfg) = ABUSE.get(0) else { return };
+pub extern "C" fn port25_hand_over(s0: u64, s1: u64, d0: u64, d1: u64, meta: u64) -> u64 {
+    let Some(tmp) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the per-CPU scratch value, valid for this run, no other writer on this CPU.
+    let tmp = unsafe { &mut *tmp };
+    tmp.src[..8].copy_from_slice(&s0.to_ne_bytes());
+    tmp.src[8..].copy_from_slice(&s1.to_ne_bytes());
+    tmp.dst[..8].copy_from_slice(&d0.to_ne_bytes());
+    tmp.dst[8..].copy_from_slice(&d1.to_ne_bytes());
+    tmp.reason = (meta & 0xff) as u32;
+    tmp.v6 = ((meta >> 8) & 1) as u8;
+    tmp.tcp_flags = (meta >> 16) as u8;
+    tmp.dport = (meta >> 32) as u16;
+    tmp.ifindex = (meta >> 48) as u32;
+    0
+}
+
+/// Tail-calls the XDP tracking program with `action`; returns only when that fails.
+#[inline(always)]
+pub fn xdp<C: EbpfContext>(ctx: &C, action: u32) {
+    if arm(action) {
+        // SAFETY: index 0 of our own program array; a missing entry just returns.
+        unsafe { TRACK_XDP.tail_call(ctx, 0) };
+    }
+}
+
+/// As [`xdp`], for TC.
+#[inline(always)]
+pub fn tc<C: EbpfContext>(ctx: &C, action: i32) {
+    if arm(action as u32) {
+        // SAFETY: as in `xdp`.
+        unsafe { TRACK_TC.tail_call(ctx, 0) };
+    }
+}
+
+#[inline(always)]
+fn arm(action: u32) -> bool {
+    let Some(tmp) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: as in `hand_over`.
+    let tmp = unsafe { &mut *tmp };
+    tmp.action = action;
+    tmp.pending = 1;
+    true
+}
+
+/// The tracking programs' body: tracks the handed-over segment, and gives back the entry
+/// point's action (None: no segment of this packet is pending, so the caller drops).
+#[inline(always)]
+pub fn run() -> Option<u32> {
+    let tmp = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: as in `hand_over`.
+    let tmp = unsafe { &mut *tmp };
+    if tmp.pending != 1 {
+        return None;
+    }
+    tmp.pending = 0;
+    track(tmp);
+    Some(tmp.action)
+}
+
+#[inline(always)]
+fn track(tmp: &mut Scratch) {
+    let Some(cfg) = ABUSE.get_ptr(0) else { return };
+    // SAFETY: map value pointers, valid for this run; plain stores of estimates may race
+    // with another CPU's (a lost bitmap bit or last destination, never a wrong verdict).
+    let cfg = unsafe { &*cfg };
     if cfg.track == 0 {
         return;
     }
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let key = OffenderKey {
-        family: if p.v6 { 6 } else { 4 },
-        addr: p.src,
-    };
-    let syn = (p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN) as u64;
-    let bit = dest_bit(&p.dst);
-    let Some(e) = OFFENDERS.get_ptr_mut(&key) else {
-        let fresh = Offender {
-            first_ns: now,
-            last_ns: now,
-            window_ns: now,
-            event_ns: if cfg.event_interval_ns != 0 { now } else { 0 },
-            attempts: syn,
-            segments: 1,
-            dests: bit,
-            last_dst: p.dst,
-            last_dport: p.dport,
-            last_reason: reason as u8,
-            ifindex,
-            ..Offender::default()
-        };
+    tmp.key.family = if tmp.v6 != 0 { 6 } else { 4 };
+    tmp.key.addr = tmp.src;
+    let syn = (tmp.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN) as u64;
+    let bit = dest_bit(&tmp.dst);
+    let (reason, ifindex) = (tmp.reason, tmp.ifindex);
+    let Some(e) = OFFENDERS.get_ptr_mut(&tmp.key) else {
+        let n = &mut tmp.fresh;
+        n.first_ns = now;
+        n.last_ns = now;
+        n.window_ns = now;
+        n.event_ns = now;
+        n.attempts = syn;
+        n.segments = 1;
+        n.dests = bit;
+        n.prev_attempts = 0;
+        n.prev_segments = 0;
+        n.prev_dests = 0;
+        n.last_dst = tmp.dst;
+        n.last_dport = tmp.dport;
+        n.last_reason = reason as u8;
+        n._pad = 0;
+        n.ifindex = ifindex;
         // BPF_NOEXIST: another CPU that inserted first keeps its entry (this segment is lost
-        // from the counts, not double-counted as a new source).
-        if OFFENDERS.insert(&key, &fresh, 1).is_ok() && cfg.event_interval_ns != 0 {
-            event(&key, &fresh, now);
+        // from the counts, not counted as a second new source).
+        if OFFENDERS.insert(&tmp.key, &tmp.fresh, 1).is_ok() && cfg.event_interval_ns != 0 {
+            event(tmp, now);
         }
         return;
     };
-    // SAFETY: a map value pointer, valid for this run; plain stores of estimates may race.
     let e = unsafe { &mut *e };
-    if now.wrapping_sub(e.window_ns) >= cfg.window_ns {
+    let age = now.wrapping_sub(e.window_ns);
+    if age >= cfg.window_ns {
         // A new window; the one before it counts only if it ended just now.
-        let adjacent = now.wrapping_sub(e.window_ns) < cfg.window_ns.saturating_mul(2);
+        let adjacent = age < cfg.window_ns.saturating_mul(2);
         e.prev_attempts = if adjacent { e.attempts } else { 0 };
         e.prev_segments = if adjacent { e.segments } else { 0 };
         e.prev_dests = if adjacent { e.dests } else { 0 };
@@ -101,33 +239,34 @@ pub fn blocked(p: &Parsed, reason: u32, ifindex: u32) {
     add(&mut e.segments, 1);
     or(&mut e.dests, bit);
     e.last_ns = now;
-    e.last_dst = p.dst;
-    e.last_dport = p.dport;
+    e.last_dst = tmp.dst;
+    e.last_dport = tmp.dport;
     e.last_reason = reason as u8;
     e.ifindex = ifindex;
     if cfg.event_interval_ns != 0 && now.wrapping_sub(e.event_ns) >= cfg.event_interval_ns {
         // Claim the interval before sending: a racing CPU that read the old time sends one
         // more at most.
         e.event_ns = now;
-        let copy = *e;
-        event(&key, &copy, now);
+        tmp.fresh = *e;
+        event(tmp, now);
     }
 }
 
+/// Sends `tmp.fresh` (the entry as it now is) for `tmp.key` as an event.
 #[inline(always)]
-fn event(key: &OffenderKey, e: &Offender, now: u64) {
-    let ev = BlockEvent {
-        at_ns: now,
-        key: *key,
-        ifindex: e.ifindex,
-        dst: e.last_dst,
-        dport: e.last_dport,
-        reason: e.last_reason,
-        attempts: e.attempts,
-        segments: e.segments,
-        dests: e.dests,
-        ..BlockEvent::default()
-    };
+fn event(tmp: &mut Scratch, now: u64) {
+    let ev = &mut tmp.event;
+    ev.at_ns = now;
+    ev.key = tmp.key;
+    ev.ifindex = tmp.fresh.ifindex;
+    ev.dst = tmp.fresh.last_dst;
+    ev.dport = tmp.fresh.last_dport;
+    ev.reason = tmp.fresh.last_reason;
+    ev._pad = 0;
+    ev._pad2 = 0;
+    ev.attempts = tmp.fresh.attempts;
+    ev.segments = tmp.fresh.segments;
+    ev.dests = tmp.fresh.dests;
     // A full ring (the daemon down or slow) drops the event; the counters still have it.
-    let _ = EVENTS.output::<BlockEvent>(&ev, 0);
+    let _ = EVENTS.output::<BlockEvent>(&tmp.event, 0);
 }

@@ -21,7 +21,7 @@ use crate::config::Limits;
 /// them with `use crate::bpf::maps::decl::*`.
 pub mod decl {
     pub use super::Capacity::{Fixed, Limit};
-    pub use super::{Lru, Ring};
+    pub use super::{Lru, Progs, Ring};
     pub use port25_common::maps::{
         AbuseSettings, Exempt, NetKey6, Offender, OffenderKey, Settings,
     };
@@ -72,6 +72,10 @@ macro_rules! map_list {
                 // At least 1: the kernel cannot create an empty map; 0 (off) is said in ABUSE.
                 offenders: OFFENDERS = Lru<OffenderKey, Offender>, Limit(|l| l.track_sources.max(1));
                 events: EVENTS = Ring, Fixed(port25_common::maps::EVENTS_BYTES);
+                // Pinned so the tracking goes on while the daemon is down (a program array
+                // is emptied when no file or pin holds it); each load sets its programs.
+                track_xdp: TRACK_XDP = Progs, Fixed(1);
+                track_tc: TRACK_TC = Progs, Fixed(1);
             }
         }
     };
@@ -79,8 +83,9 @@ macro_rules! map_list {
 pub(crate) use map_list;
 
 /// Maps the kernel object declares that are private to each load: never pinned, never in
-/// [`MAPS`]. `P25_SCRATCH` is the verifier's scratch slot (`Frame::forget`).
-pub const KERNEL_PRIVATE: [&str; 1] = ["P25_SCRATCH"];
+/// [`MAPS`]. `P25_SCRATCH` is the verifier's scratch slot (`Frame::forget`);
+/// `P25_TRACKTMP` is offender tracking's scratch (its structs do not fit the stack).
+pub const KERNEL_PRIVATE: [&str; 2] = ["P25_SCRATCH", "P25_TRACKTMP"];
 
 /// Where a map's writes go in an apply, so that no moment of it opens port 25.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +193,23 @@ impl Declared for Ring {
     const MAP_TYPE: bpf_map_type = bpf_map_type::BPF_MAP_TYPE_RINGBUF;
     const KEY_SIZE: usize = 0;
     const VALUE_SIZE: usize = 0;
+    const FLAGS: u32 = 0;
+}
+
+/// A program array (the tracking programs' slot).
+pub struct Progs(pub aya::maps::ProgramArray<aya::maps::MapData>);
+
+impl TryFrom<aya::maps::Map> for Progs {
+    type Error = aya::maps::MapError;
+    fn try_from(m: aya::maps::Map) -> Result<Self, Self::Error> {
+        Ok(Progs(m.try_into()?))
+    }
+}
+
+impl Declared for Progs {
+    const MAP_TYPE: bpf_map_type = bpf_map_type::BPF_MAP_TYPE_PROG_ARRAY;
+    const KEY_SIZE: usize = 4;
+    const VALUE_SIZE: usize = 4;
     const FLAGS: u32 = 0;
 }
 
@@ -389,6 +411,7 @@ mod tests {
             | Map::HashMap(d)
             | Map::PerCpuHashMap(d)
             | Map::LruHashMap(d)
+            | Map::ProgramArray(d)
             | Map::RingBuf(d) => d,
             other => panic!("a map type the list does not use: {other:?}"),
         }

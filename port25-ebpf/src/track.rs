@@ -101,22 +101,22 @@ pub fn hand_over(p: &Parsed, reason: u32, ifindex: u32) {
         w.copy_from_slice(&a[i * 8..i * 8 + 8]);
         u64::from_ne_bytes(w)
     };
-    let meta = (reason as u64 & 0xff)
-        | (p.v6 as u64) << 8
-        | (p.tcp_flags as u64) << 16
-        | (p.dport as u64) << 32;
+    let meta = ifindex as u64
+        | (p.dport as u64) << 32
+        | (p.tcp_flags as u64) << 48
+        | (reason as u64 & 0x3f) << 56
+        | (p.v6 as u64) << 62;
     port25_hand_over(
         word(&p.src, 0),
         word(&p.src, 1),
         word(&p.dst, 0),
         word(&p.dst, 1),
-        meta | (ifindex as u64) << 48,
+        meta,
     );
 }
 
-/// The hand-over's copy into the per-CPU scratch. `meta`: reason (bits 0-7), v6 (8),
-/// TCP flags (16-23), destination port (32-47), ifindex (48-63, the low 16 bits: the
-/// kernel's ifindex of an access router's NIC fits; a larger one is recorded truncated).
+/// The hand-over's copy into the per-CPU scratch. `meta`: ifindex (bits 0-31), destination
+/// port (32-47), TCP flags (48-55), reason (56-61; fewer than 64 reasons), v6 (62).
 /// Exported (see the build script), so its BTF linkage is global. Returns 0.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -130,11 +130,11 @@ pub extern "C" fn port25_hand_over(s0: u64, s1: u64, d0: u64, d1: u64, meta: u64
     tmp.src[8..].copy_from_slice(&s1.to_ne_bytes());
     tmp.dst[..8].copy_from_slice(&d0.to_ne_bytes());
     tmp.dst[8..].copy_from_slice(&d1.to_ne_bytes());
-    tmp.reason = (meta & 0xff) as u32;
-    tmp.v6 = ((meta >> 8) & 1) as u8;
-    tmp.tcp_flags = (meta >> 16) as u8;
+    tmp.ifindex = meta as u32;
     tmp.dport = (meta >> 32) as u16;
-    tmp.ifindex = (meta >> 48) as u32;
+    tmp.tcp_flags = (meta >> 48) as u8;
+    tmp.reason = ((meta >> 56) & 0x3f) as u32;
+    tmp.v6 = ((meta >> 62) & 1) as u8;
     0
 }
 

@@ -4,7 +4,10 @@
 use anyhow::{Context as _, Result};
 use port25_common::maps::{BlockEvent, Offender, OffenderKey};
 
-use crate::{bpf::livemaps::LiveMaps, config::Abuse};
+use crate::{
+    bpf::{livemaps::LiveMaps, maps::Lru, pins::Pins},
+    config::Abuse,
+};
 
 /// Writes the `abuse:` section where the kernel reads it (at start, reload, reconcile).
 /// A pin tree without the abuse maps (an older daemon's, not yet restarted) has nothing to
@@ -19,9 +22,26 @@ pub fn write_settings(live: &mut LiveMaps, a: &Abuse) -> Result<()> {
 
 /// Every tracked source (empty when tracking is off or the map is absent).
 pub fn read_all(live: &LiveMaps) -> Result<Vec<(OffenderKey, Offender)>> {
-    let Some(m) = live.offenders.as_ref() else {
-        return Ok(Vec::new());
-    };
+    match live.offenders.as_ref() {
+        Some(m) => read_map(m),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Every tracked source, from the pin tree alone (None: no tracking map pinned there).
+pub fn read_pinned(pins: &Pins) -> Result<Option<Vec<(OffenderKey, Offender)>>> {
+    let path = pins.map(port25_common::maps::OFFENDERS);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let map = aya::maps::Map::from_map_data(data)?;
+    let lru = Lru::<OffenderKey, Offender>::try_from(map)?;
+    read_map(&lru).map(Some)
+}
+
+fn read_map(m: &Lru<OffenderKey, Offender>) -> Result<Vec<(OffenderKey, Offender)>> {
     let map = aya::maps::IterableMap::map(&m.0);
     if let Ok(all) = crate::bpf::sys::lookup_all::<OffenderKey, Offender>(map) {
         return Ok(all);
@@ -46,25 +66,27 @@ pub fn estimate(bits: u64) -> u64 {
 /// The estimate of a full bitmap: m ln m, rounded (where linear counting stops).
 pub const SATURATED: u64 = 266;
 
-/// The figures the flag rule looks at: the larger of the current window and the one just
-/// before it (a source that sprayed in the last window stays flagged through this one).
-pub fn figures(o: &Offender, now_ns: u64, window_ns: u64) -> (u64, u64) {
+/// The figures the flag rule looks at: (attempts, distinct destinations, whether that
+/// estimate is saturated), each the larger of the current window and the one just before it
+/// (a source that sprayed in the last window stays flagged through this one).
+pub fn figures(o: &Offender, now_ns: u64, window_ns: u64) -> (u64, u64, bool) {
     let age = now_ns.saturating_sub(o.window_ns);
-    // Counters the kernel has not rolled over yet (no blocked segment since) still belong
-    // to a window that is over: older than two windows, they count for nothing.
-    let (cur_a, cur_d) = if age < window_ns {
-        (o.attempts, estimate(o.dests))
-    } else {
-        (0, 0)
-    };
-    let (prev_a, prev_d) = if age < window_ns {
-        (o.prev_attempts, estimate(o.prev_dests))
+    // Counters the kernel has not rolled over yet (no blocked segment since) belong to a
+    // window that is over: the previous one when it ended less than a window ago.
+    let windows = if age < window_ns {
+        [(o.attempts, o.dests), (o.prev_attempts, o.prev_dests)]
     } else if age < window_ns.saturating_mul(2) {
-        (o.attempts, estimate(o.dests))
+        [(o.attempts, o.dests), (0, 0)]
     } else {
-        (0, 0)
+        [(0, 0), (0, 0)]
     };
-    (cur_a.max(prev_a), cur_d.max(prev_d))
+    let attempts = windows[0].0.max(windows[1].0);
+    let bits = if estimate(windows[0].1) >= estimate(windows[1].1) {
+        windows[0].1
+    } else {
+        windows[1].1
+    };
+    (attempts, estimate(bits), bits == u64::MAX)
 }
 
 /// The source address of a key or event.
@@ -82,6 +104,20 @@ pub fn addr_of(k: &OffenderKey, a: &[u8; 16]) -> std::net::IpAddr {
         family: k.family,
         addr: *a,
     })
+}
+
+/// The name of interface `ifindex` in this network namespace, or its number.
+pub fn ifname(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: a buffer of IF_NAMESIZE, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("#{ifindex}");
+    }
+    // SAFETY: NUL-terminated by if_indextoname on success.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// One ring-buffer record as an event (None for a record of another size).
@@ -117,9 +153,9 @@ mod tests {
             prev_dests: 0,
             ..Default::default()
         };
-        assert_eq!(figures(&o, 1_000 + 10, w), (150, 1));
+        assert_eq!(figures(&o, 1_000 + 10, w), (150, 1, false));
         // The current window is over: its counts are the previous window's now.
-        assert_eq!(figures(&o, 1_000 + w + 1, w), (5, 1));
-        assert_eq!(figures(&o, 1_000 + 2 * w, w), (0, 0));
+        assert_eq!(figures(&o, 1_000 + w + 1, w), (5, 1, false));
+        assert_eq!(figures(&o, 1_000 + 2 * w, w), (0, 0, false));
     }
 }

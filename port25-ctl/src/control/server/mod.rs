@@ -41,6 +41,7 @@ use crate::{
 };
 
 use conn::accept_loop;
+use events::Events;
 use links::LinkEvents;
 use reader::Reader;
 use socket::{bind_socket, lock_instance, read_gid};
@@ -48,6 +49,7 @@ use wall::Wall;
 use writer::Job;
 
 mod conn;
+mod events;
 mod links;
 mod ops;
 mod reader;
@@ -94,6 +96,8 @@ struct Daemon {
     cfg_tx: watch::Sender<Arc<Config>>,
     /// The last failure logged per attach point, so link events do not repeat it.
     link_errors: std::collections::HashMap<String, String>,
+    /// Block events from the kernel (None: tracking off, or no ring).
+    events: Option<Events>,
 }
 
 /// `attach`: start even though an operator detached (`daemon --attach`), lifting the marker.
@@ -168,6 +172,11 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     policy::check_fits(&live, &want)?;
     let applied = policy::apply(&mut live, &want)?;
     info!(writes = applied.writes, "policy applied");
+    crate::bpf::offenders::write_settings(&mut live, &cfg.abuse)?;
+    let events = match live.events.take() {
+        Some(ring) if cfg.abuse.track_sources > 0 => Some(Events::open(ring.0)?),
+        _ => None,
+    };
     for iface in &cfg.interfaces {
         // A pinned link whose interface went away is replaced, not swapped into.
         let how = match datapath::attach(&mut ebpf, &pins, iface) {
@@ -224,6 +233,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
         dirty: false,
         cfg_tx,
         link_errors: Default::default(),
+        events,
     };
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1024);
     let mut hup = signal(SignalKind::hangup())?;
@@ -265,6 +275,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
                 }
             }
             _ = LinkEvents::next(links.as_ref()) => d.repair_links(),
+            _ = Events::ready(d.events.as_ref()) => d.log_events(),
             _ = tick.tick() => d.reconcile(),
             _ = quick.tick(), if d.dirty => d.reconcile(),
             _ = term.recv() => { info!("SIGTERM: exiting; the pinned programs keep enforcing"); break; }

@@ -91,7 +91,7 @@ impl Daemon {
                 iface = %offenders::ifname(e.ifindex),
                 attempts = e.attempts,
                 destinations = estimate(e.dests),
-                reason = port25_common::Reason::from_u32_or_block(e.reason as u32).name(),
+                reason = %port25_common::Reason::from_u32_or_block(e.reason as u32).name(),
                 "blocked"
             );
         }

@@ -168,10 +168,11 @@ pub struct LpmKey<const N: usize> {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct OffenderKey {
+    /// IPv4 in the first 4 bytes, the rest zero. First, so that the kernel copies it in
+    /// words, not bytes.
+    pub addr: [u8; 16],
     /// 4 or 6.
     pub family: u32,
-    /// IPv4 in the first 4 bytes, the rest zero.
-    pub addr: [u8; 16],
 }
 
 /// Value of [`OFFENDERS`]: what one source did against the blocked ports. Written in place

@@ -164,3 +164,56 @@ fn an_address_nobody_holds_is_listed_as_such_and_tracking_off_says_so() {
     );
     assert!(event_lines(&off, "-").is_empty());
 }
+
+fn block_port_count(lab: &Lab) -> u64 {
+    let st = lab.ctl(&["status", "--json"]);
+    let js: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    js["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c[0] == "block_port")
+        .and_then(|c| c[1].as_u64())
+        .unwrap_or_else(|| panic!("no block_port counter: {js}"))
+}
+
+/// A pin tree written before offender tracking existed lacks the abuse maps: the next start
+/// creates them beside the old maps, which it keeps (no migration, counters go on), and
+/// no SYN to port 25 crosses meanwhile.
+#[test]
+fn an_older_pin_tree_gets_the_abuse_maps_without_a_migration() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.start_daemon();
+    syns(&lab, MALLORY, spray(4), 25);
+    let before = block_port_count(&lab);
+    assert!(before >= 4, "{before}");
+    lab.kill9();
+    for name in [
+        "P25_OFFENDERS",
+        "P25_ABUSE",
+        "P25_EVENTS",
+        "P25_TRACK_XDP",
+        "P25_TRACK_TC",
+    ] {
+        std::fs::remove_file(lab.pin_dir.join("maps").join(name)).unwrap();
+    }
+    let (to25, to587) = lab.start_daemon_under_syn_stream();
+    assert!(to587 > 0, "the sniffer sees the control SYNs");
+    assert_eq!(
+        to25, 0,
+        "no SYN to port 25 crossed while the maps were added"
+    );
+    let log = lab.daemon_log();
+    assert!(!log.contains("migrat"), "{log}");
+    assert!(
+        block_port_count(&lab) >= before,
+        "the counters are the old ones"
+    );
+    for name in ["P25_OFFENDERS", "P25_EVENTS", "P25_TRACK_XDP"] {
+        assert!(lab.pin_dir.join("maps").join(name).exists(), "{name}");
+    }
+    syns(&lab, ALICE, spray(2), 25);
+    let top: Top = lab.reply(&["top"]);
+    assert_eq!(row(&top, ALICE).attempts, 2, "{top:?}");
+}

@@ -183,8 +183,14 @@ impl Next {
 /// every path. A [`Packet`] (or any enum with data) merged from many exits leaves the fields
 /// of the other variants undefined, and LLVM may move a read of one (a `dport & 0xffff`) into
 /// a block every exit shares: the verifier refuses the undefined register (`R9 !read_ok`).
+///
+/// `repr(C, align(8))` with the addresses first: offender tracking hands them to the kernel's
+/// tracking as four aligned u64 loads (unaligned, LLVM reads them byte by byte).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, align(8))]
 pub struct Parsed {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub shape: Shape,
     /// `Shape::Doubt`: why (otherwise unused).
     pub reason: Reason,
@@ -192,10 +198,11 @@ pub struct Parsed {
     pub addrs: bool,
     /// The addresses are IPv6; IPv4 ones sit in the first 4 bytes, the rest zero.
     pub v6: bool,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     /// `Shape::Tcp`: the destination port (otherwise 0).
     pub dport: u16,
+    /// `Shape::Tcp`: the TCP flags byte (SYN, ACK, ...; otherwise 0). Offender tracking
+    /// counts a SYN without ACK as a connection attempt; the verdict never reads it.
+    pub tcp_flags: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,6 +225,7 @@ impl Parsed {
             src: [0; 16],
             dst: [0; 16],
             dport: 0,
+            tcp_flags: 0,
         }
     }
 
@@ -293,9 +301,10 @@ impl Parsed {
 const NOT_IP: Parsed = Parsed::bare(Shape::NotIp, Reason::PassNotIp);
 const NOT_TCP: Parsed = Parsed::bare(Shape::NotTcp, Reason::PassNotTcp);
 
-/// An answer that carries the addresses the IP layer wrote into the result (see `ipv4`).
+/// An answer that carries the addresses the IP layer wrote into the result (see `ipv4`);
+/// `tcp` is [`tcp_dport`]'s port and flags (0 for a doubt).
 #[inline(always)]
-const fn with_addrs(shape: Shape, reason: Reason, dport: u16) -> Parsed {
+const fn with_addrs(shape: Shape, reason: Reason, tcp: u32) -> Parsed {
     Parsed {
         shape,
         reason,
@@ -303,7 +312,8 @@ const fn with_addrs(shape: Shape, reason: Reason, dport: u16) -> Parsed {
         v6: false,
         src: [0; 16],
         dst: [0; 16],
-        dport,
+        dport: tcp as u16,
+        tcp_flags: (tcp >> 16) as u8,
     }
 }
 
@@ -325,6 +335,7 @@ fn done(out: &mut Parsed, p: Parsed) -> Next {
     out.reason = p.reason;
     out.addrs = p.addrs;
     out.dport = p.dport;
+    out.tcp_flags = p.tcp_flags;
     DONE
 }
 
@@ -369,8 +380,8 @@ pub fn parse_flat<F: Frame + ?Sized>(frame: &F, link: Link) -> Parsed {
         | (out.shape as usize) << 32
         | (out.addrs as usize) << 40
         | (out.v6 as usize) << 41;
-    match frame.forget(tag, out.dport as usize) {
-        Some((tag, dport)) => {
+    match frame.forget(tag, out.dport as usize | (out.tcp_flags as usize) << 16) {
+        Some((tag, tcp)) => {
             out.reason = Reason::from_u32_or_block(tag as u32);
             out.shape = match (tag >> 32) as u8 {
                 0 => Shape::NotIp,
@@ -380,7 +391,8 @@ pub fn parse_flat<F: Frame + ?Sized>(frame: &F, link: Link) -> Parsed {
             };
             out.addrs = (tag >> 40) & 1 == 1;
             out.v6 = (tag >> 41) & 1 == 1;
-            out.dport = dport as u16;
+            out.dport = tcp as u16;
+            out.tcp_flags = (tcp >> 16) as u8;
             out
         }
         None => doubt(Reason::BlockTunnelDepth),
@@ -825,9 +837,10 @@ fn within<F: Frame + ?Sized, const N: usize>(frame: &F, off: usize, end: usize) 
     frame.bytes::<N>(off)
 }
 
-/// The TCP destination port, once the header is known to be whole and sane.
+/// The TCP destination port (low 16 bits) and flags byte (bits 16-23), once the header is
+/// known to be whole and sane.
 #[inline(always)]
-fn tcp_dport<F: Frame + ?Sized>(frame: &F, l4: usize, end: usize) -> Result<u16, Reason> {
+fn tcp_dport<F: Frame + ?Sized>(frame: &F, l4: usize, end: usize) -> Result<u32, Reason> {
     let t = within::<F, 20>(frame, l4, end).ok_or(Reason::BlockTruncated)?;
     let doff = (t[12] >> 4) as usize * 4;
     if doff < 20 {
@@ -836,5 +849,5 @@ fn tcp_dport<F: Frame + ?Sized>(frame: &F, l4: usize, end: usize) -> Result<u16,
     if l4 + doff > end {
         return Err(Reason::BlockTruncated);
     }
-    Ok(be16([t[2], t[3]]))
+    Ok(be16([t[2], t[3]]) as u32 | (t[13] as u32) << 16)
 }

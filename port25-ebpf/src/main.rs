@@ -6,22 +6,26 @@
 //! addresses alone decide a pass.
 #![no_std]
 #![no_main]
+// Atomic add/or on map values (offender counters): see `track.rs`.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod maps;
 mod reject;
+mod track;
 
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{xdp_action, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     cty::c_void,
     helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use port25_common::{
-    parse::{Frame, Link},
-    verdict::classify,
+    parse::{parse_flat, Frame, Link},
+    verdict::decide_parsed,
     Reason,
 };
 
@@ -88,23 +92,45 @@ impl Frame for SkbFrame<'_> {
     }
 }
 
+/// The verdict, counted; and whether the segment was handed over for offender tracking.
 #[inline(always)]
-fn decide<F: Frame>(frame: &F, link: Link) -> Reason {
-    let reason = classify(frame, link, &KernelMaps);
+fn decide<F: Frame>(frame: &F, link: Link, ifindex: u32) -> (Reason, bool) {
+    let parsed = parse_flat(frame, link);
+    let reason = decide_parsed(&parsed, &KernelMaps);
     count(reason);
-    reason
+    // A blocked segment whose source is known came from an enforced source (the address
+    // rules ran and passed nothing): the offender tracking's business.
+    let tracked = !reason.is_pass() && parsed.addrs;
+    if tracked {
+        track::hand_over(&parsed, reason as u32, ifindex);
+    }
+    (reason, tracked)
 }
 
 /// Subscriber-facing ingress on an Ethernet NIC, before the stack.
 #[xdp]
 pub fn port25_xdp(ctx: XdpContext) -> u32 {
-    let reason = decide(&XdpFrame(&ctx), Link::Ethernet);
+    let (reason, tracked) = decide(
+        &XdpFrame(&ctx),
+        Link::Ethernet,
+        ctx.ingress_ifindex() as u32,
+    );
+    let action = xdp_verdict(&ctx, reason);
+    if tracked {
+        // Returns only if the tail call fails: the action stands untracked.
+        track::xdp(&ctx, action);
+    }
+    action
+}
+
+#[inline(always)]
+fn xdp_verdict(ctx: &XdpContext, reason: Reason) -> u32 {
     if reason.is_pass() {
         return xdp_action::XDP_PASS;
     }
     // Only a well-formed segment to a blocked port is answered; doubts are dropped silently.
     if reason == Reason::BlockPort && reject_enabled() {
-        if let Some(action) = reject::xdp(&ctx) {
+        if let Some(action) = reject::xdp(ctx) {
             return action;
         }
     }
@@ -128,7 +154,18 @@ pub fn port25_tc_raw(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn tc_action(ctx: &TcContext, link: Link) -> i32 {
-    let reason = decide(&SkbFrame(ctx), link);
+    // SAFETY: the context the kernel passed.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (reason, tracked) = decide(&SkbFrame(ctx), link, ifindex);
+    let action = tc_verdict(ctx, link, reason);
+    if tracked {
+        track::tc(ctx, action);
+    }
+    action
+}
+
+#[inline(always)]
+fn tc_verdict(ctx: &TcContext, link: Link, reason: Reason) -> i32 {
     if reason.is_pass() {
         return TC_ACT_UNSPEC;
     }
@@ -138,6 +175,25 @@ fn tc_action(ctx: &TcContext, link: Link) -> i32 {
         }
     }
     TC_ACT_SHOT
+}
+
+/// Offender tracking for the XDP program (tail-called by it for a blocked segment). Only a
+/// blocking action comes back: XDP_TX (a RST answered) or XDP_DROP.
+#[xdp]
+pub fn port25_track_xdp(_ctx: XdpContext) -> u32 {
+    match track::run() {
+        Some(xdp_action::XDP_TX) => xdp_action::XDP_TX,
+        _ => xdp_action::XDP_DROP,
+    }
+}
+
+/// Offender tracking for the TC programs: TC_ACT_REDIRECT (a RST sent back) or TC_ACT_SHOT.
+#[classifier]
+pub fn port25_track_tc(_ctx: TcContext) -> i32 {
+    match track::run() {
+        Some(a) if a == TC_ACT_REDIRECT as u32 => TC_ACT_REDIRECT as i32,
+        _ => TC_ACT_SHOT,
+    }
 }
 
 #[cfg(not(test))]

@@ -27,6 +27,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const PROG_XDP: &str = "port25_xdp";
 pub const PROG_TC: &str = "port25_tc";
 pub const PROG_TC_RAW: &str = "port25_tc_raw";
+/// The offender-tracking programs the entry points tail-call for a blocked segment.
+pub const PROG_TRACK_XDP: &str = "port25_track_xdp";
+pub const PROG_TRACK_TC: &str = "port25_track_tc";
 
 /// The map list's names and capacities, where they were before the list existed.
 pub use crate::bpf::maps::{capacity, ALL_MAPS};
@@ -256,7 +259,32 @@ pub fn load(cfg: &Config, pins: &Pins) -> Result<Ebpf> {
             .load()
             .with_context(|| format!("verifying the TC program {p}"))?;
     }
+    set_tracking_programs(&mut ebpf)?;
     Ok(ebpf)
+}
+
+/// Loads the tracking programs into the (pinned) program arrays the entry points tail-call.
+/// Until this, a pinned array may still hold an earlier load's program: it finds this
+/// load's scratch empty and drops (see `port25-ebpf/src/track.rs`).
+fn set_tracking_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let xdp: &mut Xdp = ebpf
+        .program_mut(PROG_TRACK_XDP)
+        .ok_or_else(|| anyhow!("no program {PROG_TRACK_XDP}"))?
+        .try_into()?;
+    xdp.load().context("verifying the XDP tracking program")?;
+    let xdp_fd = xdp.fd()?.try_clone()?;
+    let tc = program_tc(ebpf, PROG_TRACK_TC)?;
+    tc.load().context("verifying the TC tracking program")?;
+    let tc_fd = tc.fd()?.try_clone()?;
+    for (map, fd) in [(m::TRACK_XDP, &xdp_fd), (m::TRACK_TC, &tc_fd)] {
+        let mut arr: aya::maps::ProgramArray<_> = ebpf
+            .map_mut(map)
+            .ok_or_else(|| anyhow!("no map {map}"))?
+            .try_into()?;
+        arr.set(0, fd, 0)
+            .with_context(|| format!("setting the tracking program in {map}"))?;
+    }
+    Ok(())
 }
 
 fn program_xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {

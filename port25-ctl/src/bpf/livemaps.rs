@@ -23,12 +23,15 @@ macro_rules! live_maps {
         $sf:ident: $sn:ident = $st:ty;
         policy { $( $stage:ident { $( $f:ident: $n:ident = $t:ty, $cap:expr $(, $slot:ident)?; )* } )* }
         $cf:ident: $cn:ident = $ct:ty, $ccap:expr;
+        abuse { $( $af:ident: $an:ident = $at:ty, $acap:expr; )* }
     ) => {
-        /// Every pinned map, opened: one field per entry of the map list.
+        /// Every pinned map, opened: one field per entry of the map list. The abuse maps
+        /// are `None` in a pin tree an older port25 wrote (until the daemon's next start).
         pub struct LiveMaps {
             pub $sf: $st,
             $( $( pub $f: $t, )* )*
             pub $cf: $ct,
+            $( pub $af: Option<$at>, )*
         }
 
         impl LiveMaps {
@@ -37,6 +40,7 @@ macro_rules! live_maps {
                     $sf: open(pins, m::$sn)?,
                     $( $( $f: open(pins, m::$n)?, )* )*
                     $cf: open(pins, m::$cn)?,
+                    $( $af: open_optional(pins, m::$an)?, )*
                 })
             }
 
@@ -50,6 +54,17 @@ macro_rules! live_maps {
     };
 }
 map_list!(live_maps);
+
+/// A map a pin tree of an older version may lack.
+fn open_optional<T>(pins: &Pins, name: &str) -> Result<Option<T>>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    if !pins.map(name).exists() {
+        return Ok(None);
+    }
+    open(pins, name).map(Some)
+}
 
 /// A policy map's contents as a plain collection: what `policy::Desired` holds per map.
 pub type Contents<T> = BTreeMap<<T as Table>::K, <T as Table>::V>;

@@ -21,7 +21,10 @@ use crate::config::Limits;
 /// them with `use crate::bpf::maps::decl::*`.
 pub mod decl {
     pub use super::Capacity::{Fixed, Limit};
-    pub use port25_common::maps::{Exempt, NetKey6, Settings};
+    pub use super::{Lru, Progs, Ring};
+    pub use port25_common::maps::{
+        AbuseSettings, Exempt, NetKey6, Offender, OffenderKey, Settings,
+    };
     pub type Arr<V> = aya::maps::Array<aya::maps::MapData, V>;
     pub type Trie<K, V> = aya::maps::LpmTrie<aya::maps::MapData, K, V>;
     pub type Hash<K, V> = aya::maps::HashMap<aya::maps::MapData, K, V>;
@@ -34,7 +37,12 @@ pub mod decl {
 /// - then the policy maps in groups named by their [`Stage`], each entry
 ///   `field: NAME = type, capacity[, Slot variant];` (a slot variant marks an exempt map,
 ///   whose value is [`port25_common::maps::Exempt`] and whose key a `Slot` names);
-/// - last the counters (`field: NAME = type, capacity;`), written only by the kernel.
+/// - then the counters (`field: NAME = type, capacity;`), written only by the kernel;
+/// - last the abuse desk's maps (`abuse { field: NAME = type, capacity; }`): offender
+///   tracking (written by the kernel), its settings record (by the daemon at start and
+///   reload) and the block-event ring. Never policy. A pin tree of an older port25 lacks
+///   them: they are created beside it at start (no migration, no layout version change),
+///   and [`crate::bpf::livemaps::LiveMaps`] opens them as optional.
 ///
 /// `NAME` is the constant in [`port25_common::maps`] (the kernel name and pin file name).
 /// Within a stage, the order is the order of writes: mail servers before exempt entries.
@@ -59,14 +67,25 @@ macro_rules! map_list {
             }
             }
             counters: COUNTERS = PerCpu<u64>, Fixed(port25_common::NUM_REASONS);
+            abuse {
+                abuse: ABUSE = Arr<AbuseSettings>, Fixed(1);
+                // At least 1: the kernel cannot create an empty map; 0 (off) is said in ABUSE.
+                offenders: OFFENDERS = Lru<OffenderKey, Offender>, Limit(|l| l.track_sources.max(1));
+                events: EVENTS = Ring, Fixed(port25_common::maps::EVENTS_BYTES);
+                // Pinned so the tracking goes on while the daemon is down (a program array
+                // is emptied when no file or pin holds it); each load sets its programs.
+                track_xdp: TRACK_XDP = Progs, Fixed(1);
+                track_tc: TRACK_TC = Progs, Fixed(1);
+            }
         }
     };
 }
 pub(crate) use map_list;
 
 /// Maps the kernel object declares that are private to each load: never pinned, never in
-/// [`MAPS`]. `P25_SCRATCH` is the verifier's scratch slot (`Frame::forget`).
-pub const KERNEL_PRIVATE: [&str; 1] = ["P25_SCRATCH"];
+/// [`MAPS`]. `P25_SCRATCH` is the verifier's scratch slot (`Frame::forget`);
+/// `P25_TRACKTMP` is offender tracking's scratch (its structs do not fit the stack).
+pub const KERNEL_PRIVATE: [&str; 2] = ["P25_SCRATCH", "P25_TRACKTMP"];
 
 /// Where a map's writes go in an apply, so that no moment of it opens port 25.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +160,59 @@ impl<K: Pod, V: Pod> Declared for decl::Hash<K, V> {
     const FLAGS: u32 = BPF_F_NO_PREALLOC;
 }
 
+/// The offender-tracking LRU hash (a hash map to aya, an LRU to the kernel).
+pub struct Lru<K, V>(pub aya::maps::HashMap<aya::maps::MapData, K, V>);
+
+impl<K: Pod, V: Pod> TryFrom<aya::maps::Map> for Lru<K, V> {
+    type Error = aya::maps::MapError;
+    fn try_from(m: aya::maps::Map) -> Result<Self, Self::Error> {
+        // aya takes a plain hash too; the pinned layout check tells them apart.
+        Ok(Lru(m.try_into()?))
+    }
+}
+
+/// Preallocated (the LRU's own free lists), so the kernel's insert never allocates.
+impl<K: Pod, V: Pod> Declared for Lru<K, V> {
+    const MAP_TYPE: bpf_map_type = bpf_map_type::BPF_MAP_TYPE_LRU_HASH;
+    const KEY_SIZE: usize = size_of::<K>();
+    const VALUE_SIZE: usize = size_of::<V>();
+    const FLAGS: u32 = 0;
+}
+
+/// The block-event ring buffer; its "entries" are its size in bytes.
+pub struct Ring(pub aya::maps::RingBuf<aya::maps::MapData>);
+
+impl TryFrom<aya::maps::Map> for Ring {
+    type Error = aya::maps::MapError;
+    fn try_from(m: aya::maps::Map) -> Result<Self, Self::Error> {
+        Ok(Ring(m.try_into()?))
+    }
+}
+
+impl Declared for Ring {
+    const MAP_TYPE: bpf_map_type = bpf_map_type::BPF_MAP_TYPE_RINGBUF;
+    const KEY_SIZE: usize = 0;
+    const VALUE_SIZE: usize = 0;
+    const FLAGS: u32 = 0;
+}
+
+/// A program array (the tracking programs' slot).
+pub struct Progs(pub aya::maps::ProgramArray<aya::maps::MapData>);
+
+impl TryFrom<aya::maps::Map> for Progs {
+    type Error = aya::maps::MapError;
+    fn try_from(m: aya::maps::Map) -> Result<Self, Self::Error> {
+        Ok(Progs(m.try_into()?))
+    }
+}
+
+impl Declared for Progs {
+    const MAP_TYPE: bpf_map_type = bpf_map_type::BPF_MAP_TYPE_PROG_ARRAY;
+    const KEY_SIZE: usize = 4;
+    const VALUE_SIZE: usize = 4;
+    const FLAGS: u32 = 0;
+}
+
 const fn def<T: Declared>(name: &'static str, stage: Stage, capacity: Capacity) -> MapDef {
     MapDef {
         name,
@@ -158,12 +230,14 @@ macro_rules! map_defs {
         $sf:ident: $sn:ident = $st:ty;
         policy { $( $stage:ident { $( $f:ident: $n:ident = $t:ty, $cap:expr $(, $slot:ident)?; )* } )* }
         $cf:ident: $cn:ident = $ct:ty, $ccap:expr;
+        abuse { $( $af:ident: $an:ident = $at:ty, $acap:expr; )* }
     ) => {
-        /// Every pinned map, settings first and counters last.
+        /// Every pinned map, settings first, then policy, counters and the abuse maps.
         pub const MAPS: &[MapDef] = &[
             def::<$st>(port25_common::maps::$sn, Stage::Other, Fixed(1)),
             $( $( def::<$t>(port25_common::maps::$n, Stage::$stage, $cap), )* )*
             def::<$ct>(port25_common::maps::$cn, Stage::Other, $ccap),
+            $( def::<$at>(port25_common::maps::$an, Stage::Other, $acap), )*
         ];
     };
 }
@@ -335,7 +409,10 @@ mod tests {
             | Map::PerCpuArray(d)
             | Map::LpmTrie(d)
             | Map::HashMap(d)
-            | Map::PerCpuHashMap(d) => d,
+            | Map::PerCpuHashMap(d)
+            | Map::LruHashMap(d)
+            | Map::ProgramArray(d)
+            | Map::RingBuf(d) => d,
             other => panic!("a map type the list does not use: {other:?}"),
         }
     }

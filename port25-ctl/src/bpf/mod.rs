@@ -6,6 +6,7 @@ pub mod detached;
 pub mod linkinfo;
 pub mod livemaps;
 pub mod maps;
+pub mod offenders;
 pub mod pins;
 pub mod route;
 pub mod sys;

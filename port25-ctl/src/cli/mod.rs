@@ -125,6 +125,16 @@ enum Verb {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// The worst offending sources the kernel tracks: who holds each address, attempts,
+    /// distinct destinations, first and last seen, and the likely-infected flag.
+    Top {
+        /// Only sources blocked within this long (default: abuse.flag_window).
+        #[arg(long, value_name = "DURATION", value_parser = parse::duration_secs)]
+        since: Option<u64>,
+        /// At most this many sources, 0 = all.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -286,6 +296,9 @@ pub fn main() -> ExitCode {
                 }),
         )
         .with_writer(std::io::stderr)
+        // Escape codes only for a person at a terminal: a journal or log file (and the
+        // `blocked user=...` lines scripts read) gets plain `key=value` text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(&cli) {
         Ok(code) => code,
@@ -703,6 +716,13 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
                 limit: *limit,
             })?;
             show(cli, &r, render::audit_log)
+        }
+        Verb::Top { since, limit } => {
+            let r = client.call(proto::Top {
+                since_secs: *since,
+                limit: *limit,
+            })?;
+            show(cli, &r, render::top)
         }
         Verb::Daemon { .. }
         | Verb::Reload

@@ -11,8 +11,8 @@ use jiff::Timestamp;
 use crate::{
     control::reply::{
         AuditLog, Bound, Detached, EntryAdded, EntryList, EntryRemoved, PolicyChange, Reloaded,
-        SessionDown, SessionUp, SyncSummary, Unbound, UserAdded, UserDetail, UserList, UserRemoved,
-        UserView,
+        SessionDown, SessionUp, SyncSummary, Top, Unbound, UserAdded, UserDetail, UserList,
+        UserRemoved, UserView,
     },
     net::Prefix,
     registry::store::{AuditRecord, EntryKind, Policy, Session},
@@ -339,6 +339,67 @@ pub fn audit_log(d: &AuditLog) -> String {
     for r in &d.records {
         out!(o, "{}", audit_line(r));
     }
+    o
+}
+
+/// `top`: one line per source, worst first.
+pub fn top(t: &Top) -> String {
+    let mut o = String::new();
+    if !t.tracking {
+        out!(o, "offender tracking is off (abuse.track_sources: 0, or the daemon has not started since an upgrade)");
+        return o;
+    }
+    let f = &t.flag;
+    out!(
+        o,
+        "{} sources tracked; flagged = more than {} destinations or {} attempts within {}s",
+        t.tracked,
+        f.destinations,
+        f.attempts,
+        f.window_secs
+    );
+    if t.sources.is_empty() {
+        return o;
+    }
+    out!(
+        o,
+        "{:<3} {:<39} {:<16} {:>8} {:>6} {:<20} {:<20} {:<10} LAST DESTINATION",
+        "",
+        "SOURCE",
+        "USER",
+        "ATTEMPTS",
+        "DESTS",
+        "FIRST SEEN",
+        "LAST SEEN",
+        "IFACE"
+    );
+    for s in &t.sources {
+        let flag = match (s.likely_infected, s.hold) {
+            (true, true) => "!H",
+            (true, false) => "!",
+            (false, true) => "H",
+            (false, false) => "",
+        };
+        let dests = if s.destinations_saturated {
+            format!(">={}", s.destinations)
+        } else {
+            s.destinations.to_string()
+        };
+        out!(
+            o,
+            "{:<3} {:<39} {:<16} {:>8} {:>6} {:<20} {:<20} {:<10} {}",
+            flag,
+            s.src.to_string(),
+            s.user.as_deref().unwrap_or("-"),
+            s.attempts,
+            dests,
+            time(s.first_seen),
+            time(s.last_seen),
+            s.interface,
+            s.last_destination
+        );
+    }
+    out!(o, "! = likely infected, H = on an abuse hold");
     o
 }
 

@@ -14,6 +14,8 @@ use crate::net::Prefix;
 
 mod metrics_listen;
 pub use metrics_listen::{MetricsListen, DEFAULT_METRICS_LISTEN};
+mod abuse;
+pub use abuse::Abuse;
 
 pub const DEFAULT_CONFIG: &str = "/etc/port25/port25.yaml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/port25";
@@ -52,6 +54,9 @@ pub struct Config {
     /// Extension: where the daemon serves Prometheus metrics (`GET /metrics`), or `off`.
     #[serde(default)]
     pub metrics_listen: MetricsListen,
+    /// Offender tracking, block events and the likely-infected rule (`top`).
+    #[serde(default)]
+    pub abuse: Abuse,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -386,6 +391,10 @@ pub struct Limits {
     pub min_prefix_v4: u8,
     /// Extension: as `min_prefix_v4`, for IPv6.
     pub min_prefix_v6: u8,
+    /// `abuse.track_sources`, copied here at parse time so the map list sizes the offender
+    /// map like every other capacity (written in the `abuse:` section, not under `limits`).
+    #[serde(skip)]
+    pub track_sources: u32,
 }
 
 impl Default for Limits {
@@ -399,6 +408,7 @@ impl Default for Limits {
             session_prefixes: DEFAULT_SESSION_PREFIXES,
             min_prefix_v4: 8,
             min_prefix_v6: 16,
+            track_sources: DEFAULT_TRACK_SOURCES,
         }
     }
 }
@@ -690,6 +700,8 @@ impl Config {
                 msg: e.to_string(),
             },
         })?;
+        let mut cfg = cfg;
+        cfg.limits.track_sources = cfg.abuse.track_sources;
         cfg.validate().map_err(|msg| ConfigError::Invalid {
             path: path.to_owned(),
             msg,

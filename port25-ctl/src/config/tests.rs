@@ -451,3 +451,33 @@ fn metrics_listen_default_off_and_errors() {
         );
     }
 }
+
+#[test]
+fn the_abuse_section_has_defaults_sizes_the_tracking_map_and_is_strict() {
+    let c = parse("blocked_ports: [25]\n").unwrap();
+    assert_eq!(c.abuse, crate::config::Abuse::default());
+    assert_eq!(c.abuse.track_sources, 65536);
+    assert_eq!(c.limits.track_sources, 65536);
+    assert!(c.abuse.flagged(101, 1) && c.abuse.flagged(0, 21));
+    assert!(
+        !c.abuse.flagged(100, 20),
+        "at the thresholds is not more than them"
+    );
+    let c = parse(
+        "abuse:\n  track_sources: 0\n  event_interval: 1m\n  flag_window: 1h\n  flag_attempts: 5\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.limits.track_sources, 0,
+        "the map list sizes from `limits`"
+    );
+    assert_eq!(c.abuse.kernel().track, 0);
+    assert_eq!(c.abuse.kernel().event_interval_ns, 60_000_000_000);
+    assert_eq!(c.abuse.kernel().window_ns, 3_600_000_000_000);
+    let e = err("abuse:\n  track_source: 10\n");
+    assert!(e.contains("track_source") && e.contains(":2:"), "{e}");
+    let e = err("abuse:\n  flag_window: 0s\n");
+    assert!(e.contains("at least 1s"), "{e}");
+    let c = parse(include_str!("../../../deploy/port25.yaml")).unwrap();
+    assert_eq!(c.abuse, crate::config::Abuse::default());
+}

@@ -68,6 +68,7 @@ pub enum Op {
     EntryRemove(EntryRemove),
     EntryList(EntryList),
     Audit(Audit),
+    Top(Top),
 }
 
 /// A request and the type of its answer's `data`: a client that sends a `C` decodes a
@@ -110,6 +111,7 @@ calls! {
     EntryRemove => reply::EntryRemoved,
     EntryList => reply::EntryList,
     Audit => reply::AuditLog,
+    Top => reply::Top,
 }
 
 /// The ops without fields.
@@ -298,6 +300,18 @@ pub struct Audit {
     pub limit: usize,
 }
 
+/// The worst offending sources the kernel tracks (`top`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Top {
+    /// Only sources blocked within this many seconds (default: `abuse.flag_window`).
+    #[serde(default)]
+    pub since_secs: Option<u64>,
+    /// At most this many sources (0 = all).
+    #[serde(default)]
+    pub limit: usize,
+}
+
 impl Op {
     /// The op's wire name (its `rename_all = "snake_case"` key), as metrics label it.
     pub fn verb(&self) -> &'static str {
@@ -321,6 +335,7 @@ impl Op {
             Op::EntryRemove(_) => "entry_remove",
             Op::EntryList(_) => "entry_list",
             Op::Audit(_) => "audit",
+            Op::Top(_) => "top",
         }
     }
 
@@ -328,7 +343,12 @@ impl Op {
     pub fn read_only(&self) -> bool {
         matches!(
             self,
-            Op::Info | Op::UserShow(_) | Op::UserList(_) | Op::EntryList(_) | Op::Audit(_)
+            Op::Info
+                | Op::UserShow(_)
+                | Op::UserList(_)
+                | Op::EntryList(_)
+                | Op::Audit(_)
+                | Op::Top(_)
         )
     }
 }

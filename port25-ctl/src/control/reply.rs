@@ -346,6 +346,56 @@ pub struct AuditLog {
     pub records: Vec<AuditRecord>,
 }
 
+/// `top`: the worst sources the kernel tracks, worst first (flagged, then most distinct
+/// destinations, then most attempts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Top {
+    /// Whether the kernel tracks sources (`abuse.track_sources` > 0 and the map pinned).
+    pub tracking: bool,
+    /// The flag rule in force.
+    pub flag: FlagRule,
+    /// Sources tracked in all (before `--since` and `--limit`).
+    pub tracked: usize,
+    pub sources: Vec<Offender>,
+}
+
+/// Likely infected: more than `destinations` distinct destinations or more than `attempts`
+/// attempts within one window of `window_secs` (the current one or the one before it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlagRule {
+    pub destinations: u32,
+    pub attempts: u64,
+    pub window_secs: u64,
+}
+
+/// One tracked source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Offender {
+    pub src: std::net::IpAddr,
+    /// The user holding the address (live session, else static binding); None = nobody.
+    pub user: Option<String>,
+    /// How they hold it (`session ID (PREFIX)`, `static binding PREFIX`).
+    pub held_by: Option<String>,
+    /// The user is on an abuse hold.
+    pub hold: bool,
+    /// Connection attempts (SYN without ACK) in the window the flag looks at.
+    pub attempts: u64,
+    /// Distinct destinations, estimated (linear counting; ~10% error up to 64).
+    pub destinations: u64,
+    /// The estimate is saturated: at least `destinations`.
+    pub destinations_saturated: bool,
+    /// Blocked segments (every TCP flag combination and the doubts) in the current window.
+    pub segments: u64,
+    pub first_seen: Timestamp,
+    pub last_seen: Timestamp,
+    /// The last destination, `ADDR:PORT` (`[ADDR]:PORT` for IPv6).
+    pub last_destination: String,
+    /// The counter reason of the last blocked segment (`block_port`, a doubt's).
+    pub reason: String,
+    pub interface: String,
+    pub likely_infected: bool,
+}
+
 /// Daemon facts for `status` and `reload`. Fields in name order: `status --json` embeds
 /// this struct, and printed it as a sorted JSON object before it was typed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

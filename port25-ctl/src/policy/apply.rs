@@ -235,6 +235,7 @@ macro_rules! per_map {
         $sf:ident: $sn:ident = $st:ty;
         policy { $( $stage:ident { $( $f:ident: $n:ident = $t:ty, $cap:expr $(, $slot:ident)?; )* } )* }
         $cf:ident: $cn:ident = $ct:ty, $ccap:expr;
+        abuse { $( $af:ident: $an:ident = $at:ty, $acap:expr; )* }
     ) => {
         /// Every map an apply writes, as tables: the live maps ([`LiveMaps::tables`]), or
         /// plain collections in the test that checks the order against the reference model.

@@ -26,6 +26,7 @@ macro_rules! desired {
         $sf:ident: $sn:ident = $st:ty;
         policy { $( $stage:ident { $( $f:ident: $n:ident = $t:ty, $cap:expr $(, $slot:ident)?; )* } )* }
         $cf:ident: $cn:ident = $ct:ty, $ccap:expr;
+        abuse { $( $af:ident: $an:ident = $at:ty, $acap:expr; )* }
     ) => {
         /// Everything the maps should hold: the settings record and one collection per
         /// policy map of the map list.

@@ -122,6 +122,7 @@ fn datapath_bench() {
     println!("datapath (BPF_PROG_TEST_RUN, {REPEAT} repeats, best of 3):");
     cases(&mut ebpf, PROG_XDP, "empty exempt maps");
     cases(&mut ebpf, PROG_TC, "empty exempt maps");
+    tracking_bench(&mut ebpf, &mut live, &cfg, &syn([100, 64, 1, 2], 25));
     if quick() {
         let _ = datapath::detach_all(&pins);
         let _ = std::fs::remove_dir_all(&pin_dir);
@@ -201,6 +202,31 @@ fn datapath_bench() {
     drop(live);
     drop(ebpf);
     let _ = datapath::detach_all(&pins);
+}
+
+/// The blocked path with offender tracking on (the default `abuse:`) against off
+/// (`track_sources: 0`), same programs, same frame, same run. A worm's repeated SYNs from
+/// one source: after the first, each is a lookup and in-place updates.
+fn tracking_bench(ebpf: &mut aya::Ebpf, live: &mut LiveMaps, cfg: &Config, blocked: &[u8]) {
+    use port25_ctl::bpf::offenders::write_settings;
+    const GOAL: f64 = 1.15;
+    println!("offender tracking on the blocked path (goal: on/off <= x{GOAL}):");
+    let off = port25_ctl::config::Abuse {
+        track_sources: 0,
+        ..cfg.abuse
+    };
+    for prog in [PROG_XDP, PROG_TC] {
+        write_settings(live, &off).unwrap();
+        let t_off = ns_per_packet(ebpf, prog, blocked);
+        write_settings(live, &cfg.abuse).unwrap();
+        let t_on = ns_per_packet(ebpf, prog, blocked);
+        let ratio = t_on / t_off;
+        println!(
+            "  {prog:<12} SYN to 25, blocked: off {t_off:>6.1} ns, on {t_on:>6.1} ns  x{ratio:.2} {}",
+            if ratio <= GOAL { "ok" } else { "short" }
+        );
+    }
+    write_settings(live, &off).unwrap();
 }
 
 fn ctl(lab: &Lab, args: &[&str]) -> Duration {

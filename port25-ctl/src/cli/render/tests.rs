@@ -190,6 +190,15 @@ fn cases() -> Vec<(&'static str, Verb, &'static str, String)> {
         "detach",
         detached(&typed(&g["detach"])),
     );
+    case(
+        "top",
+        Verb::Top {
+            since: None,
+            limit: 20,
+        },
+        "top",
+        top(&typed(&g["top"])),
+    );
     v
 }
 
@@ -201,4 +210,17 @@ fn every_renderer_prints_what_it_printed_before() {
     for (name, _verb, _key, text) in cases {
         assert_eq!(Some(text.as_str()), want[name].as_str(), "{name}");
     }
+}
+
+/// Tracking off says so instead of an empty table.
+#[test]
+fn top_with_tracking_off_says_so() {
+    let g: serde_json::Map<String, Value> = serde_json::from_str(GOLDEN).unwrap();
+    let mut t: Top = typed(&g["top"]);
+    t.tracking = false;
+    assert!(
+        top(&t).starts_with("offender tracking is off"),
+        "{}",
+        top(&t)
+    );
 }

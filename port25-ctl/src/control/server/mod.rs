@@ -42,6 +42,7 @@ use crate::{
 };
 
 use conn::accept_loop;
+use events::Events;
 use links::LinkEvents;
 use reader::Reader;
 use socket::{bind_socket, lock_instance, read_gid};
@@ -49,6 +50,7 @@ use wall::Wall;
 use writer::Job;
 
 mod conn;
+mod events;
 mod links;
 mod ops;
 mod reader;
@@ -100,6 +102,8 @@ struct Daemon {
     /// What the daemon counts for `/metrics` (reconciles, drift; requests in `conn`).
     metrics: DaemonMetrics,
     metrics_server: MetricsServer,
+    /// Block events from the kernel (None: tracking off, or no ring).
+    events: Option<Events>,
 }
 
 /// `attach`: start even though an operator detached (`daemon --attach`), lifting the marker.
@@ -174,6 +178,11 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     policy::check_fits(&live, &want)?;
     let applied = policy::apply(&mut live, &want)?;
     info!(writes = applied.writes, "policy applied");
+    crate::bpf::offenders::write_settings(&mut live, &cfg.abuse)?;
+    let events = match live.events.take() {
+        Some(ring) if cfg.abuse.track_sources > 0 => Some(Events::open(ring.0)?),
+        _ => None,
+    };
     // Interfaces coming and going (a re-created one leaves its pinned link dead), and TC
     // filters removed by another tool: repair at once rather than at the next reconcile.
     // Subscribed before the devices are listed: one created in between is in the queue.
@@ -260,6 +269,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
         devices,
         metrics: metrics.clone(),
         metrics_server,
+        events,
     };
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1024);
     let mut hup = signal(SignalKind::hangup())?;
@@ -296,6 +306,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
                     error!("reload refused, running policy unchanged: {e:#}");
                 }
             }
+            _ = Events::ready(d.events.as_ref()) => d.log_events(),
             _ = tick.tick() => d.reconcile(),
             _ = quick.tick(), if d.dirty => d.reconcile(),
             _ = term.recv() => { info!("SIGTERM: exiting; the pinned programs keep enforcing"); break; }

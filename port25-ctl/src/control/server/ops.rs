@@ -94,7 +94,7 @@ pub(super) fn run(d: &mut Daemon, op: Op, actor: &Actor) -> Result<Value> {
         Op::EntryAdd(r) => data(entry_add(d, r, actor)),
         Op::EntryRemove(r) => data(entry_remove(d, r, actor)),
         // Served by the reader, off this loop; kept here so the writer can answer too.
-        op @ (Op::EntryList(_) | Op::UserShow(_) | Op::UserList(_) | Op::Audit(_)) => {
+        op @ (Op::EntryList(_) | Op::UserShow(_) | Op::UserList(_) | Op::Audit(_) | Op::Top(_)) => {
             read(&*d.store.read()?, &d.cfg, op)
         }
     }
@@ -108,6 +108,7 @@ pub(super) fn read(tx: &dyn Tx, cfg: &Config, op: Op) -> Result<Value> {
         Op::UserShow(r) => data(user_show(tx, cfg, r, now)),
         Op::UserList(r) => data(user_list(tx, r, now)),
         Op::Audit(r) => data(audit(tx, r)),
+        Op::Top(r) => data(top(tx, cfg, r, now)),
         other => bail!("{other:?} is not a read verb"),
     }
 }
@@ -433,3 +434,82 @@ fn audit(tx: &dyn Tx, r: proto::Audit) -> Result<ReplyOf<proto::Audit>> {
 
 #[cfg(test)]
 mod tests;
+
+/// The tracked sources from the pinned map, with who holds each address.
+fn top(tx: &dyn Tx, cfg: &Config, r: proto::Top, now: Timestamp) -> Result<ReplyOf<proto::Top>> {
+    use crate::bpf::{livemaps::boot_ns, offenders, pins::Pins};
+    let a = &cfg.abuse;
+    let window_ns = a.flag_window.as_nanos() as u64;
+    let entries = offenders::read_pinned(&Pins::new(&cfg.pin_dir))?;
+    let tracking = a.track_sources > 0 && entries.is_some();
+    let entries = entries.unwrap_or_default();
+    let tracked = entries.len();
+    let boot = boot_ns();
+    let since_ns = r
+        .since_secs
+        .map(|s| s.saturating_mul(1_000_000_000))
+        .unwrap_or(window_ns);
+    let wall = |ns: u64| {
+        let ago = boot.saturating_sub(ns).min(i64::MAX as u64) as i64;
+        now.checked_sub(SignedDuration::from_nanos(ago))
+            .unwrap_or(now)
+    };
+    let mut rows: Vec<reply::Offender> = entries
+        .iter()
+        .filter(|(_, o)| boot.saturating_sub(o.last_ns) <= since_ns)
+        .map(|(k, o)| {
+            let (attempts, destinations, saturated) = offenders::figures(o, boot, window_ns);
+            let dst = match offenders::addr_of(k, &o.last_dst) {
+                std::net::IpAddr::V6(d) => format!("[{d}]:{}", o.last_dport),
+                d => format!("{d}:{}", o.last_dport),
+            };
+            reply::Offender {
+                src: offenders::source(k),
+                user: None,
+                held_by: None,
+                hold: false,
+                attempts,
+                destinations,
+                destinations_saturated: saturated,
+                segments: o.segments,
+                first_seen: wall(o.first_ns),
+                last_seen: wall(o.last_ns),
+                last_destination: dst,
+                reason: port25_common::Reason::from_u32_or_block(o.last_reason as u32)
+                    .name()
+                    .to_string(),
+                interface: offenders::ifname(o.ifindex),
+                likely_infected: a.flagged(attempts, destinations),
+            }
+        })
+        .collect();
+    rows.sort_by(|x, y| {
+        (y.likely_infected, y.destinations, y.attempts, y.last_seen).cmp(&(
+            x.likely_infected,
+            x.destinations,
+            x.attempts,
+            x.last_seen,
+        ))
+    });
+    if r.limit > 0 {
+        rows.truncate(r.limit);
+    }
+    // Only the rows shown are looked up: each is one indexed query per prefix length.
+    for row in &mut rows {
+        if let Some((user, how)) = registry::holder_of(tx, row.src)? {
+            row.hold = tx.user(&user)?.is_some_and(|u| u.hold.is_some());
+            row.user = Some(user);
+            row.held_by = Some(how);
+        }
+    }
+    Ok(reply::Top {
+        tracking,
+        flag: reply::FlagRule {
+            destinations: a.flag_destinations,
+            attempts: a.flag_attempts,
+            window_secs: a.flag_window.as_secs(),
+        },
+        tracked,
+        sources: rows,
+    })
+}

@@ -103,6 +103,9 @@ impl Daemon {
         };
         self.applied = want;
         self.index = index;
+        if let Err(e) = crate::bpf::offenders::write_settings(&mut self.live, &new.abuse) {
+            error!("the new abuse settings did not reach the kernel: {e:#}");
+        }
         let detached = datapath::detach_stale(&self.pins, &targets)?;
         if let Err(e) = audit_forced_wide(&mut self.store, &new, &self.config_path) {
             error!("auditing the config's forced wide prefixes failed: {e:#}");
@@ -130,6 +133,9 @@ impl Daemon {
         }
         if let Err(e) = self.wall.record_ended(&mut self.store, now) {
             error!("recording ended unblocks failed: {e:#}");
+        }
+        if let Err(e) = crate::bpf::offenders::write_settings(&mut self.live, &self.cfg.abuse) {
+            error!("writing the abuse settings failed: {e:#}");
         }
         let result =
             desired(&self.cfg, &mut self.store, &self.clock, now).and_then(|(index, want)| {

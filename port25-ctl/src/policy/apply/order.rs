@@ -92,6 +92,7 @@ macro_rules! fakes {
         $sf:ident: $sn:ident = $st:ty;
         policy { $( $stage:ident { $( $f:ident: $n:ident = $t:ty, $cap:expr $(, $slot:ident)?; )* } )* }
         $cf:ident: $cn:ident = $ct:ty, $ccap:expr;
+        abuse { $( $af:ident: $an:ident = $at:ty, $acap:expr; )* }
     ) => {
         struct Fakes {
             $sf: FakeSettings,

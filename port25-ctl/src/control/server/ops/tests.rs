@@ -240,7 +240,55 @@ fn replies() -> serde_json::Map<String, Value> {
             drift_repaired: 1,
         }),
     );
+    put("top", value(&top_reply()));
     out
+}
+
+/// A `top` answer: one flagged source held by a held user, one unknown IPv6 source.
+pub(crate) fn top_reply() -> reply::Top {
+    reply::Top {
+        tracking: true,
+        flag: reply::FlagRule {
+            destinations: 20,
+            attempts: 100,
+            window_secs: 600,
+        },
+        tracked: 3,
+        sources: vec![
+            reply::Offender {
+                src: "100.64.1.2".parse().unwrap(),
+                user: Some("mallory".into()),
+                held_by: Some("session ppp:ppp0 (100.64.1.2/32)".into()),
+                hold: true,
+                attempts: 1000,
+                destinations: 266,
+                destinations_saturated: true,
+                segments: 1200,
+                first_seen: ts("2026-01-02T03:04:05Z"),
+                last_seen: ts("2026-01-02T03:09:05.5Z"),
+                last_destination: "203.0.113.80:25".into(),
+                reason: "block_port".into(),
+                interface: "eth1".into(),
+                likely_infected: true,
+            },
+            reply::Offender {
+                src: "2001:db8:100::2".parse().unwrap(),
+                user: None,
+                held_by: None,
+                hold: false,
+                attempts: 5,
+                destinations: 1,
+                destinations_saturated: false,
+                segments: 5,
+                first_seen: ts("2026-01-02T03:00:00Z"),
+                last_seen: ts("2026-01-02T03:01:00Z"),
+                last_destination: "[2001:db8:ff::80]:25".into(),
+                reason: "block_port".into(),
+                interface: "eth1".into(),
+                likely_infected: false,
+            },
+        ],
+    }
 }
 
 /// Serialising without naming the type, so one table can hold every reply.
@@ -302,6 +350,7 @@ fn every_reply_type_round_trips() {
     round_trip::<ReplyOf<proto::Detach>>(&g["detach"]);
     round_trip::<ReplyOf<proto::Reload>>(&g["reload"]);
     round_trip::<ReplyOf<proto::Info>>(&g["info"]);
+    round_trip::<ReplyOf<proto::Top>>(&g["top"]);
 }
 
 #[test]

@@ -238,15 +238,23 @@ impl Daemon {
                     let old = self.devices.0.insert(index, name.clone());
                     if let Some(old) = old.filter(|o| *o != name) {
                         info!(from = %old, to = %name, "interface renamed");
-                        self.renamed(&old, &name);
-                        self.left(&old);
+                        if self.another_device_named(&old, index) {
+                            touched.insert(old);
+                        } else {
+                            self.renamed(&old, &name);
+                            self.left(&old);
+                        }
                     }
                     touched.insert(name);
                 }
                 Event::Gone { index, name } => {
                     self.devices.0.remove(&index);
-                    touched.remove(&name);
-                    self.left(&name);
+                    if self.another_device_named(&name, index) {
+                        touched.insert(name);
+                    } else {
+                        touched.remove(&name);
+                        self.left(&name);
+                    }
                 }
                 Event::Tc { index } => {
                     if let Some(name) = self.devices.0.get(&index) {
@@ -262,6 +270,19 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// An event read late (events were lost, a full pass ran) may be about a device whose
+    /// name another device has now: the pin under that name may be the new device's, so it
+    /// is repaired (kept if it enforces), never released because the old device left.
+    fn another_device_named(&mut self, name: &str, index: u32) -> bool {
+        let now = linkinfo::ifindex(name);
+        if now == 0 || now == index {
+            return false;
+        }
+        info!(device = %name, old = index, now, "a late event about a device since replaced");
+        self.devices.0.insert(now, name.to_owned());
+        true
     }
 
     /// A glob device renamed to a name a glob also governs keeps its attachment (same

@@ -368,3 +368,50 @@ fn reload_adds_and_releases_glob_devices() {
     assert!(!pinned(&lab, "xdp:g1"), "{r:?}");
     assert!(pinned(&lab, "tc-ingress:rs"));
 }
+
+/// Link events lost (ENOBUFS) around a device deleted and created again with the same name:
+/// the full pass attaches the new device, and the old device's DELLINK, read after it, must
+/// not release the new device's attachment (its NEWLINK may be among the lost events, so
+/// nothing would attach it again before the next reconcile).
+#[test]
+fn a_late_dellink_does_not_release_the_device_now_by_that_name() {
+    require_root!();
+    use nix::sys::signal::Signal;
+    let mut lab = Lab::new(GLOB_TC);
+    route_back(&lab);
+    create(&lab, 1);
+    bring_up(&lab, 1);
+    ip(&lab.rtr, "link add x0 type veth peer name x1");
+    lab.start_daemon();
+    assert!(pinned(&lab, "tc-ingress:g1"));
+    lab.signal_daemon(Signal::SIGSTOP);
+    // More than one batch of events queued before the DELLINK, then enough to overflow the
+    // daemon's socket buffer, then the new g1 (its NEWLINK lost).
+    let batch = |n: usize, from: usize| {
+        let cmds: String = (0..n)
+            .map(|i| format!("link set x0 mtu {}\n", 1000 + (from + i) % 8000))
+            .collect();
+        let path = std::env::temp_dir().join(port25_tests::unique("batch"));
+        std::fs::write(&path, cmds).unwrap();
+        ip(&lab.rtr, &format!("-batch {}", path.display()));
+        let _ = std::fs::remove_file(path);
+    };
+    batch(600, 0);
+    ip(&lab.rtr, "link del g1");
+    batch(40_000, 600);
+    create(&lab, 1);
+    bring_up(&lab, 1);
+    lab.signal_daemon(Signal::SIGCONT);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        lab.daemon_log().contains("ENOBUFS"),
+        "the events overflowed: {}",
+        lab.daemon_log()
+    );
+    assert!(
+        pinned(&lab, "tc-ingress:g1"),
+        "the new g1 is attached: {}",
+        lab.daemon_log()
+    );
+    blocks_25_passes_587(&lab, 1, "g1, re-created while events were lost");
+}

@@ -558,3 +558,31 @@ fn measure_scrape_cost_with_a_million_entries() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     eprintln!("scrapes meanwhile: {}", scraper.join().unwrap());
 }
+
+/// Scrapers that send a request and hang up at once (a local user in a loop) must not push
+/// the next real scrape into the future: a reserved start time is only spent by a scrape.
+#[test]
+fn scrapers_that_hang_up_do_not_delay_later_scrapes() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.start_daemon();
+    scrape(&lab);
+    let sent = in_ns(&lab.rtr, || {
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut n = 0;
+        while Instant::now() < until {
+            if let Ok(mut s) = TcpStream::connect(DEFAULT) {
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+                n += 1;
+            }
+        }
+        n
+    });
+    let t = Instant::now();
+    scrape(&lab);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "after {sent} hung-up requests a scrape took {:?}",
+        t.elapsed()
+    );
+}

@@ -110,16 +110,18 @@ struct Listening {
     listener: TcpListener,
 }
 
-/// The sources and the time the next scrape may start.
+/// The sources, and when the last scrape ended: scrapes queue for it in arrival order (a
+/// fair lock), so a scraper that hangs up while waiting leaves the queue and costs the
+/// others nothing (a start time reserved on arrival was spent by every hung-up request).
 struct Shared {
     sources: Mutex<Sources>,
-    next: Mutex<tokio::time::Instant>,
+    last: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 async fn serve(sources: Sources, mut rx: mpsc::UnboundedReceiver<Listen>) {
     let shared = Arc::new(Shared {
         sources: Mutex::new(sources),
-        next: Mutex::new(tokio::time::Instant::now()),
+        last: tokio::sync::Mutex::new(None),
     });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut current: Option<Listening> = None;
@@ -268,19 +270,17 @@ async fn answer<B>(req: &Request<B>, shared: &Shared) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(405, "text/plain", "GET /metrics\n".into());
     }
-    // Each scrape takes the next free start time, so waiting ones do not start together.
-    let at = {
-        let mut next = shared.next.lock().unwrap_or_else(|p| p.into_inner());
-        let at = (*next).max(tokio::time::Instant::now());
-        *next = at + SCRAPE_SPACING;
-        at
-    };
-    tokio::time::sleep_until(at).await;
+    let mut last = shared.last.lock().await;
+    if let Some(at) = *last {
+        tokio::time::sleep_until(at + SCRAPE_SPACING).await;
+    }
     // A poisoned lock (a panicking scrape) still holds usable sources.
     let text = shared
         .sources
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .scrape();
+    *last = Some(tokio::time::Instant::now());
+    drop(last);
     reply(200, CONTENT_TYPE, text)
 }

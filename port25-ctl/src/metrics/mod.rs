@@ -305,11 +305,8 @@ fn attachments(cfg: &Config, reg: &mut Registry) {
     let devices = crate::bpf::linkinfo::devices()
         .map(|d| d.into_iter().map(|(_, n)| n).collect::<Vec<_>>())
         .unwrap_or_default();
-    let mut targets: Vec<crate::config::Interface> = cfg
-        .targets(&devices)
-        .into_iter()
-        .map(|t| t.iface)
-        .collect();
+    let mut targets: Vec<crate::config::Interface> =
+        cfg.targets(&devices).into_iter().map(|t| t.iface).collect();
     for i in cfg.interfaces.iter().filter(|i| !i.is_glob()) {
         if !targets.iter().any(|t| t.attach_point() == i.attach_point()) {
             targets.push(i.clone());

@@ -30,6 +30,9 @@ pub(super) struct Batch {
     pub(super) events: Vec<Event>,
     /// ENOBUFS: the kernel dropped notifications; only a full pass is sure to see them.
     pub(super) lost: bool,
+    /// A notification could not be read (a parser older than the kernel, a cut datagram):
+    /// it may have been a device to attach, so only a full pass is sure to see it.
+    pub(super) unreadable: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -43,20 +46,37 @@ pub(super) enum Event {
 }
 
 /// The events in one datagram of notifications; what is not a link or TC message is skipped.
-pub(super) fn parse(mut buf: &[u8], out: &mut Vec<Event>) {
-    while buf.len() >= 16 {
+/// False when a link or TC message could not be read, or the datagram is cut: the caller
+/// cannot know what it said (a device that needs attaching?) and checks every device.
+pub(super) fn parse(mut buf: &[u8], out: &mut Vec<Event>) -> bool {
+    // RTM_NEWLINK, RTM_DELLINK; qdisc, class and filter messages; chain messages.
+    let ours = |ty: u16| matches!(ty, 16 | 17 | 36..=47 | 100..=102);
+    let mut whole = true;
+    while !buf.is_empty() {
+        if buf.len() < 16 {
+            return false;
+        }
         let len = u32::from_ne_bytes(buf[..4].try_into().unwrap()) as usize;
         if len < 16 || len > buf.len() {
-            break;
+            return false;
         }
+        let ty = u16::from_ne_bytes(buf[4..6].try_into().unwrap());
         let aligned = (len + 3) & !3;
-        if let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..len]) {
-            if let NetlinkPayload::InnerMessage(m) = msg.payload {
-                out.extend(event_of(m));
+        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..len]) {
+            Ok(msg) => {
+                if let NetlinkPayload::InnerMessage(m) = msg.payload {
+                    out.extend(event_of(m));
+                }
             }
+            Err(e) if ours(ty) => {
+                warn!("an unreadable link or TC notification (type {ty}): {e}");
+                whole = false;
+            }
+            Err(_) => {}
         }
         buf = &buf[aligned.min(buf.len())..];
     }
+    whole
 }
 
 fn event_of(m: RouteNetlinkMessage) -> Option<Event> {
@@ -135,7 +155,11 @@ impl LinkEvents {
             for _ in 0..256 {
                 let fd = std::os::fd::AsRawFd::as_raw_fd(ev.fd.get_ref());
                 match nix::sys::socket::recv(fd, &mut buf, nix::sys::socket::MsgFlags::empty()) {
-                    Ok(n) if n > 0 => parse(&buf[..n], &mut batch.events),
+                    Ok(n) if n > 0 => {
+                        if !parse(&buf[..n], &mut batch.events) {
+                            batch.unreadable = true;
+                        }
+                    }
                     Err(nix::errno::Errno::ENOBUFS) => batch.lost = true,
                     Err(nix::errno::Errno::EAGAIN) => {
                         guard.clear_ready();
@@ -144,7 +168,7 @@ impl LinkEvents {
                     _ => break,
                 }
             }
-            if batch.lost || !batch.events.is_empty() {
+            if batch.lost || batch.unreadable || !batch.events.is_empty() {
                 return batch;
             }
         }
@@ -198,8 +222,12 @@ impl Daemon {
     /// One batch of link events: only the devices they name are looked at, unless events
     /// were lost.
     pub(super) fn link_events(&mut self, batch: Batch) {
-        if batch.lost {
-            warn!("link events were lost (ENOBUFS): checking every device");
+        if batch.lost || batch.unreadable {
+            if batch.lost {
+                warn!("link events were lost (ENOBUFS): checking every device");
+            } else {
+                warn!("a link event could not be read: checking every device");
+            }
             self.repair_links();
             return;
         }
@@ -210,15 +238,23 @@ impl Daemon {
                     let old = self.devices.0.insert(index, name.clone());
                     if let Some(old) = old.filter(|o| *o != name) {
                         info!(from = %old, to = %name, "interface renamed");
-                        self.renamed(&old, &name);
-                        self.left(&old);
+                        if self.another_device_named(&old, index) {
+                            touched.insert(old);
+                        } else {
+                            self.renamed(&old, &name);
+                            self.left(&old);
+                        }
                     }
                     touched.insert(name);
                 }
                 Event::Gone { index, name } => {
                     self.devices.0.remove(&index);
-                    touched.remove(&name);
-                    self.left(&name);
+                    if self.another_device_named(&name, index) {
+                        touched.insert(name);
+                    } else {
+                        touched.remove(&name);
+                        self.left(&name);
+                    }
                 }
                 Event::Tc { index } => {
                     if let Some(name) = self.devices.0.get(&index) {
@@ -234,6 +270,19 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// An event read late (events were lost, a full pass ran) may be about a device whose
+    /// name another device has now: the pin under that name may be the new device's, so it
+    /// is repaired (kept if it enforces), never released because the old device left.
+    fn another_device_named(&mut self, name: &str, index: u32) -> bool {
+        let now = linkinfo::ifindex(name);
+        if now == 0 || now == index {
+            return false;
+        }
+        info!(device = %name, old = index, now, "a late event about a device since replaced");
+        self.devices.0.insert(now, name.to_owned());
+        true
     }
 
     /// A glob device renamed to a name a glob also governs keeps its attachment (same
@@ -438,7 +487,32 @@ mod tests {
         );
         // Truncated: what is whole is read, the rest never panics.
         let mut out = vec![];
-        parse(&buf[..buf.len() - 3], &mut out);
+        assert!(
+            !parse(&buf[..buf.len() - 3], &mut out),
+            "a cut message is a doubt"
+        );
         assert_eq!(out.len(), 2);
+    }
+
+    /// A notification that cannot be read may be a device that must be attached: it is a
+    /// doubt (the caller checks every device), never skipped in silence until the next
+    /// reconcile.
+    #[test]
+    fn an_unreadable_link_message_is_a_doubt() {
+        let mut l = LinkMessage::default();
+        l.header.index = 7;
+        l.attributes.push(LinkAttribute::IfName("ppp7".into()));
+        l.attributes.push(LinkAttribute::Mtu(1492));
+        let mut buf = emit(RouteNetlinkMessage::NewLink(l));
+        let mut out = vec![];
+        assert!(parse(&buf, &mut out));
+        assert_eq!(out.len(), 1);
+        // The last attribute (IFLA_MTU, 8 bytes) says it is 3 bytes long: shorter than its
+        // own header.
+        let mtu = buf.len() - 8;
+        buf[mtu..mtu + 2].copy_from_slice(&3u16.to_ne_bytes());
+        let mut out = vec![];
+        assert!(!parse(&buf, &mut out), "read as {out:?}");
+        assert!(out.is_empty());
     }
 }

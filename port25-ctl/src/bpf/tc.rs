@@ -120,7 +120,9 @@ pub fn current_netns() -> Option<u64> {
     use std::os::unix::fs::MetadataExt as _;
     // The calling thread's: a thread that entered a namespace with setns (a test, a
     // helper thread) is there while /proc/self names the main thread's.
-    std::fs::metadata("/proc/thread-self/ns/net").ok().map(|m| m.ino())
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .ok()
+        .map(|m| m.ino())
 }
 
 /// The record at a link path, if that path holds one (and not a pinned link).

@@ -317,7 +317,9 @@ fn session_up_attaches_its_device_before_answering() {
         lab::in_ns(&lab.rtr, move || {
             port25_ctl::bpf::datapath::unpin(&pins, point).unwrap()
         });
-        assert!(!pinned(lab, point));
+        // Without tcx the filter's removal is a TC event, and the daemon may have put it
+        // back before this looks.
+        assert!(port25_tests::tcx_missing().is_some() || !pinned(lab, point));
     };
     lose(&lab);
     let r: reply::SessionUp =

@@ -1,6 +1,7 @@
 //! Helpers for the kernel and namespace tests. The tests are plain binaries: they can run
 //! prebuilt, without cargo (`PORT25_CTL` names the controller binary).
 
+pub mod bare;
 pub mod frame;
 pub mod fuzz;
 pub mod fuzzgen;

@@ -134,14 +134,29 @@ fn reject(interfaces: &str) {
             a.sub,
             a.ext
         );
-        // Known since offender tracking merged: in some runs the first SYN of a fresh source
-        // is dropped instead of answered, and the RST answers its retransmission (1 s).
-        // Still refused, never through; the 3 s timeout is what a drop would show. To be fixed
-        // (see the closing note of stop 16), then this goes back to 500 ms.
-        assert!(
-            took < Duration::from_millis(1500),
-            "refused at once, not timed out: {took:?}"
-        );
+        // Seen about 1 run in 100 (IPv6 only, never reproduced on demand): the RST answers the
+        // SYN's retransmission (1 s) instead of the first SYN. Still refused, never through; a
+        // drop would time out at 3 s. On a slow answer the message carries what tells the two
+        // candidate causes apart: the source's attempts as the kernel tracked them (2 = the
+        // program saw the first SYN, 1 = it never reached the router) and both neighbour tables.
+        if took >= Duration::from_millis(1500) {
+            let ip = |ns: &str| {
+                let o = std::process::Command::new("ip")
+                    .args(["-n", ns, "neigh"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&o.stdout).into_owned()
+            };
+            let top = lab.ctl(&["top", "--json"]);
+            panic!(
+                "{} -> {}:25 refused after {took:?}, not at once\ntop: {}\nsubscriber neighbours:\n{}router neighbours:\n{}",
+                a.sub,
+                a.ext,
+                String::from_utf8_lossy(&top.stdout),
+                ip(&lab.sub),
+                ip(&lab.rtr)
+            );
+        }
         assert_eq!(
             lab.accepted(a.ext, 25),
             0,

@@ -31,11 +31,40 @@ use port25_common::{
 
 use crate::maps::{count, reject_enabled, KernelMaps};
 
+/// The `N` bytes at `offset` read straight from the packet when they lie in its linear part
+/// (every frame of a single-buffer XDP program, the pulled head of an skb). A helper call
+/// costs about 21 ns here, a bare program's whole run; the parser reads 4-6 times per frame.
+/// None: not all in the linear part, and the caller asks the helper, which also sees
+/// multi-buffer fragments and an skb's paged data, so both paths give the same bytes.
+#[inline(always)]
+fn direct<const N: usize>(data: usize, data_end: usize, offset: usize) -> Option<[u8; N]> {
+    // The verifier allows packet-pointer arithmetic only with a bounded offset.
+    if offset > MAX_DIRECT_OFFSET {
+        return None;
+    }
+    let at = data + offset;
+    // Through the stack: for N = 1 the compiler would otherwise test `at >= data_end`, a
+    // form the verifier does not take as a bound on `at`; a spilled constant it tracks.
+    let mut n = N;
+    let n = unsafe { core::ptr::read_volatile(&mut n) };
+    if at + n > data_end {
+        return None;
+    }
+    // SAFETY: [at, at + N) lies within [data, data_end), checked just above.
+    Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
+}
+
+/// Beyond any header the parser reads in a frame the size of a jumbo MTU.
+const MAX_DIRECT_OFFSET: usize = 0x3fff;
+
 struct XdpFrame<'a>(&'a XdpContext);
 
 impl Frame for XdpFrame<'_> {
     #[inline(always)]
     fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        if let Some(b) = direct::<N>(self.0.data(), self.0.data_end(), offset) {
+            return Some(b);
+        }
         // Not zeroed first: the helper writes all N bytes or fails (the verifier takes
         // uninitialised stack for its buffer), and a zeroing loop per read costs the
         // verifier dearly.
@@ -68,6 +97,9 @@ struct SkbFrame<'a>(&'a TcContext);
 impl Frame for SkbFrame<'_> {
     #[inline(always)]
     fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        if let Some(b) = direct::<N>(self.0.data(), self.0.data_end(), offset) {
+            return Some(b);
+        }
         let mut buf = MaybeUninit::<[u8; N]>::uninit();
         // Reads non-linear data too; fails when the skb is shorter than offset + N. Writes
         // all N bytes on success (see `XdpFrame`).

@@ -107,7 +107,9 @@ fn notify_command<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>
             let mut argv = Vec::new();
             while let Some(a) = seq.next_element::<String>()? {
                 if a.contains('\0') {
-                    return Err(de::Error::custom("abuse.notify_command: an argument holds NUL"));
+                    return Err(de::Error::custom(
+                        "abuse.notify_command: an argument holds NUL",
+                    ));
                 }
                 argv.push(a);
             }
@@ -120,7 +122,9 @@ fn notify_command<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>
 
 fn check_program(argv: &[String]) -> Result<(), String> {
     let Some(prog) = argv.first() else {
-        return Err("abuse.notify_command is an empty list: leave it out, or name a program".into());
+        return Err(
+            "abuse.notify_command is an empty list: leave it out, or name a program".into(),
+        );
     };
     let path = PathBuf::from(prog);
     if !path.is_absolute() {
@@ -128,12 +132,17 @@ fn check_program(argv: &[String]) -> Result<(), String> {
             "abuse.notify_command: `{prog}` is not an absolute path (no PATH search)"
         ));
     }
-    let meta = std::fs::metadata(&path)
-        .map_err(|e| format!("abuse.notify_command: `{prog}`: {e}"))?;
+    let meta =
+        std::fs::metadata(&path).map_err(|e| format!("abuse.notify_command: `{prog}`: {e}"))?;
     if !meta.is_file() {
         return Err(format!("abuse.notify_command: `{prog}` is not a file"));
     }
-    if nix::unistd::access(&path, nix::unistd::AccessFlags::X_OK).is_err() {
+    use std::os::unix::fs::PermissionsExt;
+    // access(2) alone says yes to root for any file on some filesystems (and a faccessat
+    // that ignores the mode): the mode must have an execute bit too.
+    if meta.permissions().mode() & 0o111 == 0
+        || nix::unistd::access(&path, nix::unistd::AccessFlags::X_OK).is_err()
+    {
         return Err(format!("abuse.notify_command: `{prog}` is not executable"));
     }
     Ok(())

@@ -84,7 +84,9 @@ impl DaemonMetrics {
     /// One `notify_command` run ended (`ok`, `failed`, `timeout`, `error`) or was not
     /// started (`busy`).
     pub fn notify_run(&self, result: &'static str) {
-        self.notify_runs.get_or_create(&ResultLabels { result }).inc();
+        self.notify_runs
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// What the writer last made the policy maps hold: (map name, entries).

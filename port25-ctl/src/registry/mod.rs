@@ -967,7 +967,11 @@ pub fn holder_since(
     for len in (0..=max).rev() {
         let p = Prefix { addr: ip, len }.masked();
         if let Some(s) = tx.session_holding(&p)? {
-            return Ok(Some((s.user, format!("session {} ({p})", s.id), Some(s.since))));
+            return Ok(Some((
+                s.user,
+                format!("session {} ({p})", s.id),
+                Some(s.since),
+            )));
         }
     }
     Ok(tx

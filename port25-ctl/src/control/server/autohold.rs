@@ -263,7 +263,11 @@ mod tests {
         };
         assert_eq!(attributable(&o, 710, w, None), (500, 266));
         assert_eq!(attributable(&o, 710, w, Some(100)), (500, 266));
-        assert_eq!(attributable(&o, 710, w, Some(650)), (5, 2), "the current window only");
+        assert_eq!(
+            attributable(&o, 710, w, Some(650)),
+            (5, 2),
+            "the current window only"
+        );
         assert_eq!(attributable(&o, 710, w, Some(701)), (0, 0), "none of it");
     }
 }

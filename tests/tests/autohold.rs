@@ -249,6 +249,10 @@ fn the_next_holder_of_a_sprayers_address_is_not_held_on_its_counts() {
     std::thread::sleep(Duration::from_millis(1500));
     let o = lab.ctl(&["session", "up", "bob", MALLORY]);
     assert!(o.status.success(), "{}", text(&o));
+    // A reload forgets what was decided about the source ("nobody holds it"), so the next
+    // scan looks at it again, now with bob holding it.
+    let o = lab.ctl(&["reload"]);
+    assert!(o.status.success(), "{}", text(&o));
     syns(&lab, MALLORY, spray(1, 1));
     std::thread::sleep(Duration::from_secs(3));
     assert!(

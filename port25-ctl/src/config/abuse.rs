@@ -1,13 +1,14 @@
-//! The `abuse:` section: offender tracking in the kernel, block events, and the rule that
-//! flags a source as likely infected (`top`).
+//! The `abuse:` section: offender tracking in the kernel, block events, the rule that
+//! flags a source as likely infected (`top`), and what the daemon does about a flagged
+//! user (`auto_hold`, `notify_command`).
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
-use serde::{Deserialize, Serialize};
+use serde::{de, Deserialize, Deserializer, Serialize};
 
 use super::duration_str;
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Abuse {
     /// Sources the kernel tracks (LRU: the least recently blocked go first); 0 = off, and
@@ -26,6 +27,19 @@ pub struct Abuse {
     /// The window of the counters: the kernel rolls a source's counters over after it.
     #[serde(with = "duration_str")]
     pub flag_window: Duration,
+    /// Put a flagged user on an abuse hold, as `block USER --hold` does.
+    pub auto_hold: bool,
+    /// How often the daemon reads the whole offender map (besides each block event): the
+    /// likely-infected gauge, and sources whose events were lost or came before the flag.
+    #[serde(with = "duration_str")]
+    pub scan_interval: Duration,
+    /// The operator's program, run (never through a shell) when a user is flagged, with
+    /// the user, address and figures appended to its arguments.
+    #[serde(deserialize_with = "notify_command")]
+    pub notify_command: Option<Vec<String>>,
+    /// At most one `notify_command` run per user per interval.
+    #[serde(with = "duration_str")]
+    pub notify_interval: Duration,
 }
 
 impl Default for Abuse {
@@ -37,6 +51,10 @@ impl Default for Abuse {
             flag_destinations: 20,
             flag_attempts: 100,
             flag_window: Duration::from_secs(600),
+            auto_hold: false,
+            scan_interval: Duration::from_secs(10),
+            notify_command: None,
+            notify_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -57,4 +75,75 @@ impl Abuse {
     pub fn flagged(&self, attempts: u64, destinations: u64) -> bool {
         attempts > self.flag_attempts || destinations > self.flag_destinations as u64
     }
+}
+
+/// `notify_command: [/path/prog, arg...]`. A string is refused rather than split: whether
+/// `"/usr/bin/x 'a b'"` means two words or three is a shell's question, and no shell runs it.
+/// The program is checked here, at load (start and reload), not when a user is flagged.
+fn notify_command<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    struct Argv;
+    impl<'de> de::Visitor<'de> for Argv {
+        type Value = Option<Vec<String>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list: [/absolute/program, argument...]")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            Err(E::custom(format!(
+                "abuse.notify_command must be a list, not a string (no shell splits it): \
+                 write [\"{}\", ...] with one item per argument",
+                s.split_whitespace().next().unwrap_or("/path/to/program")
+            )))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(Argv)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut argv = Vec::new();
+            while let Some(a) = seq.next_element::<String>()? {
+                if a.contains('\0') {
+                    return Err(de::Error::custom(
+                        "abuse.notify_command: an argument holds NUL",
+                    ));
+                }
+                argv.push(a);
+            }
+            check_program(&argv).map_err(de::Error::custom)?;
+            Ok(Some(argv))
+        }
+    }
+    d.deserialize_any(Argv)
+}
+
+fn check_program(argv: &[String]) -> Result<(), String> {
+    let Some(prog) = argv.first() else {
+        return Err(
+            "abuse.notify_command is an empty list: leave it out, or name a program".into(),
+        );
+    };
+    let path = PathBuf::from(prog);
+    if !path.is_absolute() {
+        return Err(format!(
+            "abuse.notify_command: `{prog}` is not an absolute path (no PATH search)"
+        ));
+    }
+    let meta =
+        std::fs::metadata(&path).map_err(|e| format!("abuse.notify_command: `{prog}`: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("abuse.notify_command: `{prog}` is not a file"));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // access(2) alone says yes to root for any file on some filesystems (and a faccessat
+    // that ignores the mode): the mode must have an execute bit too.
+    if meta.permissions().mode() & 0o111 == 0
+        || nix::unistd::access(&path, nix::unistd::AccessFlags::X_OK).is_err()
+    {
+        return Err(format!("abuse.notify_command: `{prog}` is not executable"));
+    }
+    Ok(())
 }

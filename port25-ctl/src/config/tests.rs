@@ -481,3 +481,47 @@ fn the_abuse_section_has_defaults_sizes_the_tracking_map_and_is_strict() {
     let c = parse(include_str!("../../../deploy/port25.yaml")).unwrap();
     assert_eq!(c.abuse, crate::config::Abuse::default());
 }
+
+#[test]
+fn notify_command_is_a_list_naming_an_absolute_executable() {
+    let c = parse("abuse:\n  auto_hold: true\n  notify_command: [/bin/true, --from, port25]\n  notify_interval: 30m\n  scan_interval: 2s\n").unwrap();
+    assert!(c.abuse.auto_hold);
+    assert_eq!(
+        c.abuse.notify_command.as_deref(),
+        Some(&["/bin/true".to_string(), "--from".into(), "port25".into()][..])
+    );
+    assert_eq!(c.abuse.notify_interval, Duration::from_secs(1800));
+    assert_eq!(c.abuse.scan_interval, Duration::from_secs(2));
+    let d = parse("blocked_ports: [25]\n").unwrap().abuse;
+    assert!(!d.auto_hold && d.notify_command.is_none());
+    assert_eq!(d.notify_interval, Duration::from_secs(3600));
+    assert!(parse("abuse:\n  notify_command:\n")
+        .unwrap()
+        .abuse
+        .notify_command
+        .is_none());
+
+    let e = err("abuse:\n  notify_command: \"/bin/true --from port25\"\n");
+    assert!(
+        e.contains("must be a list") && e.contains("[\"/bin/true\"") && e.contains(":2:"),
+        "{e}"
+    );
+    let e = err("abuse:\n  notify_command: [true]\n");
+    assert!(e.contains("not an absolute path"), "{e}");
+    let e = err("abuse:\n  notify_command: [/nonexistent/notify]\n");
+    assert!(e.contains("/nonexistent/notify"), "{e}");
+    let plain = std::env::temp_dir().join(format!("port25-notify-{}", std::process::id()));
+    std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+    let e = err(&format!(
+        "abuse:\n  notify_command: [{}]\n",
+        plain.display()
+    ));
+    std::fs::remove_file(&plain).unwrap();
+    assert!(e.contains("not executable"), "{e}");
+    let e = err("abuse:\n  notify_command: [/etc]\n");
+    assert!(e.contains("not a file"), "{e}");
+    let e = err("abuse:\n  notify_command: []\n");
+    assert!(e.contains("empty list"), "{e}");
+    let e = err("abuse:\n  notify_command: [/bin/true, [x]]\n");
+    assert!(e.contains("notify_command") || e.contains("string"), "{e}");
+}

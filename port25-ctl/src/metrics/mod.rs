@@ -46,6 +46,15 @@ pub struct DaemonMetrics {
     pub reconciles: Counter,
     pub drift_repaired: Counter,
     map_entries: Family<MapLabels, Gauge<i64>>,
+    /// Tracked sources the likely-infected rule flags, as of the daemon's last scan.
+    pub likely_infected: Gauge<i64>,
+    pub auto_holds: Counter,
+    notify_runs: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,6 +78,14 @@ impl DaemonMetrics {
         };
         self.requests
             .get_or_create(&RequestLabels { verb, result })
+            .inc();
+    }
+
+    /// One `notify_command` run ended (`ok`, `failed`, `timeout`, `error`) or was not
+    /// started (`busy`).
+    pub fn notify_run(&self, result: &'static str) {
+        self.notify_runs
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 
@@ -154,6 +171,23 @@ impl Sources {
             "port25_drift_repaired",
             "Map writes made by reconciles to repair drift from the registry",
             d.drift_repaired.clone(),
+        );
+        reg.register(
+            "port25_likely_infected_sources",
+            "Tracked sources the likely-infected rule (abuse.flag_*) flags, as of the daemon's \
+             last scan of the offender map",
+            d.likely_infected.clone(),
+        );
+        reg.register(
+            "port25_auto_holds",
+            "Users put on an abuse hold by abuse.auto_hold",
+            d.auto_holds.clone(),
+        );
+        reg.register(
+            "port25_notify_runs",
+            "abuse.notify_command runs, by result (ok, failed, timeout, error; busy: not \
+             started, too many running)",
+            d.notify_runs.clone(),
         );
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg)
@@ -261,7 +295,8 @@ impl Sources {
             }
         };
         up.set(1);
-        // A likely-infected count belongs beside these once offender tracking lands.
+        // The likely-infected count is the daemon's (its scan of the offender map), not read
+        // here: walking 65k entries per scrape is the writer's CPU too.
         for (name, help, v) in [
             (
                 "port25_registry_users",

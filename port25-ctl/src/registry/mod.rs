@@ -954,11 +954,24 @@ pub fn entry_remove(
 /// lookup per prefix length, so it costs the same with a million sessions), else a static
 /// binding containing it. (user, how).
 pub fn holder_of(tx: &dyn Tx, ip: std::net::IpAddr) -> Result<Option<(String, String)>> {
+    Ok(holder_since(tx, ip)?.map(|(u, how, _)| (u, how)))
+}
+
+/// [`holder_of`], and since when: the session's start (None for a static binding, which
+/// has no tenure to speak of).
+pub fn holder_since(
+    tx: &dyn Tx,
+    ip: std::net::IpAddr,
+) -> Result<Option<(String, String, Option<Timestamp>)>> {
     let max = if ip.is_ipv4() { 32 } else { 128 };
     for len in (0..=max).rev() {
         let p = Prefix { addr: ip, len }.masked();
         if let Some(s) = tx.session_holding(&p)? {
-            return Ok(Some((s.user, format!("session {} ({p})", s.id))));
+            return Ok(Some((
+                s.user,
+                format!("session {} ({p})", s.id),
+                Some(s.since),
+            )));
         }
     }
     Ok(tx
@@ -966,7 +979,21 @@ pub fn holder_of(tx: &dyn Tx, ip: std::net::IpAddr) -> Result<Option<(String, St
         .into_iter()
         .filter(|b| b.prefix.contains(ip))
         .max_by_key(|b| b.prefix.len)
-        .map(|b| (b.user, format!("static binding {}", b.prefix))))
+        .map(|b| (b.user, format!("static binding {}", b.prefix), None)))
+}
+
+/// When `name`'s last hold was lifted (`unhold`), among their newest audit records.
+pub fn last_unhold(tx: &dyn Tx, name: &str) -> Result<Option<Timestamp>> {
+    let records = tx.audit(&store::AuditQuery {
+        subject: Some(name.to_string()),
+        since: None,
+        limit: 200,
+    })?;
+    Ok(records
+        .iter()
+        .rev()
+        .find(|r| r.action == "unhold")
+        .map(|r| r.at))
 }
 
 #[cfg(test)]

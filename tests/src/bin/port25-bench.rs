@@ -330,7 +330,7 @@ fn tracking_bench(ebpf: &mut aya::Ebpf, live: &mut LiveMaps, cfg: &Config, block
     println!("offender tracking on the blocked path (goal: on/off <= x{GOAL}):");
     let off = port25_ctl::config::Abuse {
         track_sources: 0,
-        ..cfg.abuse
+        ..cfg.abuse.clone()
     };
     for prog in [PROG_XDP, PROG_TC] {
         write_settings(live, &off).unwrap();

@@ -60,7 +60,7 @@ impl Daemon {
                 read.push(e);
             }
         }
-        for e in read {
+        for e in &read {
             if ev.window.elapsed() >= Duration::from_secs(1) {
                 if ev.suppressed > 0 {
                     warn!(
@@ -96,6 +96,10 @@ impl Daemon {
             );
         }
         self.events = Some(ev);
+        // After the lines: a hold's own log line reads after the event that led to it.
+        for e in &read {
+            self.flag_event(e);
+        }
     }
 
     fn user_of(&mut self, ip: std::net::IpAddr) -> Option<String> {

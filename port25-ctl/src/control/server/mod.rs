@@ -41,6 +41,7 @@ use crate::{
     registry::store::{sqlite::SqliteStore, Store},
 };
 
+use autohold::Flagged;
 use conn::accept_loop;
 use events::Events;
 use links::LinkEvents;
@@ -49,9 +50,11 @@ use socket::{bind_socket, lock_instance, read_gid};
 use wall::Wall;
 use writer::Job;
 
+mod autohold;
 mod conn;
 mod events;
 mod links;
+mod notify;
 mod ops;
 mod reader;
 mod socket;
@@ -104,6 +107,8 @@ struct Daemon {
     metrics_server: MetricsServer,
     /// Block events from the kernel (None: tracking off, or no ring).
     events: Option<Events>,
+    /// Flagged sources: what has been decided about each, the notifier, the next scan.
+    flagged: Flagged,
 }
 
 /// `attach`: start even though an operator detached (`daemon --attach`), lifting the marker.
@@ -269,6 +274,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
         devices,
         metrics: metrics.clone(),
         metrics_server,
+        flagged: Flagged::new(std::time::Duration::from_secs(1)),
         events,
     };
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1024);
@@ -307,6 +313,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
                 }
             }
             _ = Events::ready(d.events.as_ref()) => d.log_events(),
+            _ = tokio::time::sleep_until(d.flagged.next_scan) => d.scan_offenders(),
             _ = tick.tick() => d.reconcile(),
             _ = quick.tick(), if d.dirty => d.reconcile(),
             _ = term.recv() => { info!("SIGTERM: exiting; the pinned programs keep enforcing"); break; }

@@ -112,6 +112,7 @@ impl Daemon {
         }
         self.cfg = new;
         self.cfg_tx.send_replace(Arc::new(self.cfg.clone()));
+        self.flagged.reset();
         // Also when unchanged: a listener that could not bind before is tried again.
         self.metrics_server.commit(metrics);
         info!(writes = applied.writes, ?added, ?detached, "reloaded");

@@ -10,6 +10,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod klog;
 mod maps;
 mod reject;
 mod track;
@@ -17,7 +18,7 @@ mod track;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{__sk_buff, xdp_action, xdp_md, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     cty::c_void,
     helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{classifier, xdp},
@@ -93,11 +94,13 @@ impl Frame for SkbFrame<'_> {
 }
 
 /// The verdict, counted; and whether the segment was handed over for offender tracking.
+/// `L` says whether the kernel log sees it.
 #[inline(always)]
-fn decide<F: Frame>(frame: &F, link: Link, ifindex: u32) -> (Reason, bool) {
+fn decide<F: Frame, L: klog::Log>(frame: &F, link: Link, ifindex: u32) -> (Reason, bool) {
     let parsed = parse_flat(frame, link);
     let reason = decide_parsed(&parsed, &KernelMaps);
     count(reason);
+    L::stage(&parsed, reason);
     // A blocked segment whose source is known came from an enforced source (the address
     // rules ran and passed nothing): the offender tracking's business.
     let tracked = !reason.is_pass() && parsed.addrs;
@@ -107,10 +110,43 @@ fn decide<F: Frame>(frame: &F, link: Link, ifindex: u32) -> (Reason, bool) {
     (reason, tracked)
 }
 
+// The kernel log's switch (a load-time constant, see `klog`) is tested once, at the entry,
+// and each program has two copies, subprograms of their own: with the switch off the
+// verifier walks one branch and then the very code there was before the log existed.
+// (Testing it after the verdict cost a few instructions on each of the verifier's many
+// paths: +17% when measured.)
+//
+// The logging copy does not tail-call the offender tracking itself: a tail call does not
+// return, so a message sent after it would never be. It returns its action and whether the
+// segment was handed over ([`logged`]); the entry sends the message, then tail-calls, so a
+// blocked segment is logged whether tracking is on, off or fails.
+
+/// A logging copy's result: the action, and bit 32 when the segment awaits tracking.
+#[inline(always)]
+fn logged(action: u32, tracked: bool) -> u64 {
+    action as u64 | (tracked as u64) << 32
+}
+
 /// Subscriber-facing ingress on an Ethernet NIC, before the stack.
 #[xdp]
 pub fn port25_xdp(ctx: XdpContext) -> u32 {
-    let (reason, tracked) = decide(
+    if klog::enabled() {
+        let r = xdp_logged(ctx.ctx);
+        klog::emit::<klog::Xdp>();
+        let action = r as u32;
+        if r >> 32 != 0 {
+            track::xdp(&ctx, action);
+        }
+        return action;
+    }
+    xdp_plain(ctx.ctx)
+}
+
+/// The XDP program as it is without the log.
+#[inline(never)]
+fn xdp_plain(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let (reason, tracked) = decide::<_, klog::Off>(
         &XdpFrame(&ctx),
         Link::Ethernet,
         ctx.ingress_ifindex() as u32,
@@ -121,6 +157,17 @@ pub fn port25_xdp(ctx: XdpContext) -> u32 {
         track::xdp(&ctx, action);
     }
     action
+}
+
+#[inline(never)]
+fn xdp_logged(ctx: *mut xdp_md) -> u64 {
+    let ctx = XdpContext::new(ctx);
+    let (reason, tracked) = decide::<_, klog::On>(
+        &XdpFrame(&ctx),
+        Link::Ethernet,
+        ctx.ingress_ifindex() as u32,
+    );
+    logged(xdp_verdict(&ctx, reason), tracked)
 }
 
 #[inline(always)]
@@ -140,28 +187,78 @@ fn xdp_verdict(ctx: &XdpContext, reason: Reason) -> u32 {
 /// TC (ingress or egress) on an Ethernet device. Pass = "next": other programs still run.
 #[classifier]
 pub fn port25_tc(ctx: TcContext) -> i32 {
-    tc_action(&ctx, Link::Ethernet)
+    if klog::enabled() {
+        return tc_logged::<klog::Tc>(&ctx);
+    }
+    tc_plain(ctx.skb.skb)
+}
+
+#[inline(never)]
+fn tc_plain(skb: *mut __sk_buff) -> i32 {
+    tc_action(&TcContext::new(skb), Link::Ethernet)
 }
 
 /// TC on a device without a link header (ppp, tun). The skb's protocol, not the first nibble,
 /// is what the stack dispatches on (`ppp_receive_nonmp_frame` sets it from the PPP protocol).
 #[classifier]
 pub fn port25_tc_raw(ctx: TcContext) -> i32 {
-    // `__sk_buff.protocol` holds the __be16 as loaded from the skb.
-    let protocol = u16::from_be(ctx.skb.protocol() as u16);
-    tc_action(&ctx, Link::RawProto(protocol))
+    if klog::enabled() {
+        return tc_logged::<klog::TcRaw>(&ctx);
+    }
+    tc_raw_plain(ctx.skb.skb)
+}
+
+#[inline(never)]
+fn tc_raw_plain(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    tc_action(&ctx, raw_link(&ctx))
 }
 
 #[inline(always)]
-fn tc_action(ctx: &TcContext, link: Link) -> i32 {
+fn raw_link(ctx: &TcContext) -> Link {
+    // `__sk_buff.protocol` holds the __be16 as loaded from the skb.
+    Link::RawProto(u16::from_be(ctx.skb.protocol() as u16))
+}
+
+#[inline(always)]
+fn tc_ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: the context the kernel passed.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let (reason, tracked) = decide(&SkbFrame(ctx), link, ifindex);
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// The TC programs as they are without the log.
+#[inline(always)]
+fn tc_action(ctx: &TcContext, link: Link) -> i32 {
+    let (reason, tracked) = decide::<_, klog::Off>(&SkbFrame(ctx), link, tc_ifindex(ctx));
     let action = tc_verdict(ctx, link, reason);
     if tracked {
         track::tc(ctx, action);
     }
     action
+}
+
+/// The logging entry of a TC program: the verdict, the message, then the tracking.
+#[inline(always)]
+fn tc_logged<H: klog::Hook>(ctx: &TcContext) -> i32 {
+    let r = tc_logged_verdict::<H>(ctx.skb.skb);
+    klog::emit::<H>();
+    let action = r as u32 as i32;
+    if r >> 32 != 0 {
+        track::tc(ctx, action);
+    }
+    action
+}
+
+#[inline(never)]
+fn tc_logged_verdict<H: klog::Hook>(skb: *mut __sk_buff) -> u64 {
+    let ctx = TcContext::new(skb);
+    let link = if H::RAW {
+        raw_link(&ctx)
+    } else {
+        Link::Ethernet
+    };
+    let (reason, tracked) = decide::<_, klog::On>(&SkbFrame(&ctx), link, tc_ifindex(&ctx));
+    logged(tc_verdict(&ctx, link, reason) as u32, tracked)
 }
 
 #[inline(always)]

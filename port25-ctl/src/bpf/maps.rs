@@ -84,8 +84,10 @@ pub(crate) use map_list;
 
 /// Maps the kernel object declares that are private to each load: never pinned, never in
 /// [`MAPS`]. `P25_SCRATCH` is the verifier's scratch slot (`Frame::forget`);
-/// `P25_TRACKTMP` is offender tracking's scratch (its structs do not fit the stack).
-pub const KERNEL_PRIVATE: [&str; 2] = ["P25_SCRATCH", "P25_TRACKTMP"];
+/// `P25_TRACKTMP` is offender tracking's scratch (its structs do not fit the stack);
+/// `AYA_LOGS` (aya-log's ring) and `P25_KLOG` (a message being staged) carry the kernel log
+/// (`daemon --kernel-log`, `bpf::klog`).
+pub const KERNEL_PRIVATE: [&str; 4] = ["P25_SCRATCH", "P25_TRACKTMP", "AYA_LOGS", "P25_KLOG"];
 
 /// Where a map's writes go in an apply, so that no moment of it opens port 25.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,9 +7,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::ProgramArray;
+use port25_common::maps::{self as m, OffenderKey};
 use port25_ctl::{
     bpf::datapath::{self, LoadOptions, PROG_TC, PROG_TC_RAW, PROG_XDP},
     bpf::livemaps::LiveMaps,
+    bpf::offenders,
     bpf::pins::Pins,
     config::Config,
     policy::{self, Desired},
@@ -19,19 +22,43 @@ use port25_tests::{
     kernel,
     lab::{self, Lab},
     require_root,
-    table::{CONFIG, EXT, SUB},
+    table::{CONFIG, EXT, RAW_SUB, SUB, SUB6},
 };
 
-/// Loads the programs into a pin tree of their own, with the policy of the frame table.
+/// Loads the programs into a pin tree of their own, with the policy of the frame table and
+/// offender tracking on (the default `abuse:` settings, written as the daemon writes them).
 fn load(kernel_log: bool) -> (aya::Ebpf, Pins) {
+    load_abuse(kernel_log, "")
+}
+
+/// As [`load`], with this `abuse:` section.
+fn load_abuse(kernel_log: bool, abuse: &str) -> (aya::Ebpf, Pins) {
     port25_tests::ensure_bpffs();
-    let mut cfg = Config::parse(CONFIG, Path::new("inline")).unwrap();
+    let text = format!("{CONFIG}abuse:\n{abuse}");
+    let mut cfg = Config::parse(&text, Path::new("inline")).unwrap();
     cfg.pin_dir = format!("/sys/fs/bpf/{}", port25_tests::unique("p25kl")).into();
     let pins = Pins::new(&cfg.pin_dir);
     let ebpf = datapath::load_with(&cfg, &pins, LoadOptions { kernel_log }).expect("load");
     let mut live = LiveMaps::open(&pins).unwrap();
     policy::apply(&mut live, &Desired::from_config_now(&cfg)).unwrap();
+    offenders::write_settings(&mut live, &cfg.abuse).unwrap();
     (ebpf, pins)
+}
+
+/// The sources offender tracking holds (IPv4 ones as 4 bytes).
+fn tracked_sources(pins: &Pins) -> Vec<Vec<u8>> {
+    let live = LiveMaps::open(pins).unwrap();
+    offenders::read_all(&live)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _): (OffenderKey, _)| {
+            if k.family == 4 {
+                k.addr[..4].to_vec()
+            } else {
+                k.addr.to_vec()
+            }
+        })
+        .collect()
 }
 
 fn verified(ebpf: &aya::Ebpf, prog: &str) -> u32 {
@@ -132,9 +159,76 @@ fn the_switch_is_a_load_time_constant_and_off_logs_nothing() {
         "a passed segment to an open port is never logged: {lines:#?}"
     );
     assert_eq!(lines.len(), 6, "one record per blocked frame: {lines:#?}");
+    // The message goes before the tail call into the tracker, which still runs.
+    for (pins, name) in [(&off_pins, "off"), (&on_pins, "on")] {
+        let sources = tracked_sources(pins);
+        assert!(
+            sources.contains(&SUB.to_vec()) && sources.contains(&v6(SUB6).to_vec()),
+            "log {name}: the blocked sources are tracked: {sources:?}"
+        );
+    }
     drop((off, on));
     datapath::detach_all(&off_pins).unwrap();
     datapath::detach_all(&on_pins).unwrap();
+}
+
+const XDP_DROP: u32 = 1;
+const TC_ACT_SHOT: u32 = 2;
+
+/// A blocked segment is logged, and still dropped, whether offender tracking is off
+/// (`abuse: track_sources: 0`: the tracker is tail-called and leaves its map alone) or the
+/// tail call fails (no tracker in the program array); so is a doubt before the addresses
+/// (never handed to the tracker), and the raw TC program's segments.
+#[test]
+fn blocked_segments_are_logged_with_tracking_off_and_without_the_tracker() {
+    require_root!();
+    let (mut ebpf, pins) = load_abuse(true, "  track_sources: 0\n");
+    let blocked = Frame::eth().ipv4(SUB, EXT).tcp(25).syn().build();
+    // A VLAN tag cut short: a doubt (`block_truncated`) before the addresses.
+    let cut = eth(0x8100, &[0, 1]);
+    let raw = Frame::raw().ipv4(RAW_SUB, EXT).tcp(25).syn().build();
+    let run_all = |ebpf: &mut aya::Ebpf| {
+        for prog in [PROG_XDP, PROG_TC] {
+            let drop = if prog == PROG_XDP { XDP_DROP } else { TC_ACT_SHOT };
+            for f in [&blocked, &cut] {
+                assert_eq!(kernel::test_run(ebpf, prog, f).unwrap(), drop, "{prog}");
+            }
+        }
+        assert_eq!(
+            kernel::test_run(ebpf, PROG_TC_RAW, &raw).unwrap(),
+            TC_ACT_SHOT,
+            "raw"
+        );
+    };
+    let cap = Capture::default();
+    let mut logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, cap.clone()).unwrap();
+    let want = [
+        "DEBUG port25::kernel reason=block_port src=100.64.1.2 dst=203.0.113.80 dport=25 hook=xdp",
+        "DEBUG port25::kernel reason=block_port src=100.64.1.2 dst=203.0.113.80 dport=25 hook=tc",
+        "DEBUG port25::kernel reason=block_truncated hook=xdp (before the addresses)",
+        "DEBUG port25::kernel reason=block_truncated hook=tc (before the addresses)",
+        "DEBUG port25::kernel reason=block_port src=8.0.1.2 dst=203.0.113.80 dport=25 hook=tc_raw",
+    ];
+    let mut check = |when: &str, ebpf: &mut aya::Ebpf| {
+        cap.0.lock().unwrap().clear();
+        run_all(ebpf);
+        logger.flush();
+        let lines = cap.0.lock().unwrap().clone();
+        for w in want {
+            assert!(lines.iter().any(|l| l == w), "{when}: no {w:?} in {lines:#?}");
+        }
+        assert_eq!(lines.len(), want.len(), "{when}: {lines:#?}");
+    };
+    check("tracking off", &mut ebpf);
+    assert_eq!(tracked_sources(&pins), Vec::<Vec<u8>>::new(), "tracking off");
+    // No tracker to tail-call: the entry's action stands, and the message was sent already.
+    for name in [m::TRACK_XDP, m::TRACK_TC] {
+        let mut progs = ProgramArray::try_from(ebpf.map_mut(name).unwrap()).unwrap();
+        progs.clear_index(&0).unwrap();
+    }
+    check("no tracker", &mut ebpf);
+    drop(ebpf);
+    datapath::detach_all(&pins).unwrap();
 }
 
 const XDP: &str = "  - name: rs\n    hook: xdp\n    xdp_mode: native";

@@ -2,6 +2,7 @@
 //! the switch off the very program the verifier saw before the log existed.
 
 use std::{
+    net::IpAddr,
     path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -10,6 +11,7 @@ use std::{
 use aya::maps::ProgramArray;
 use port25_common::maps::{self as m, OffenderKey};
 use port25_ctl::{
+    control::reply::Top,
     bpf::datapath::{self, LoadOptions, PROG_TC, PROG_TC_RAW, PROG_XDP},
     bpf::livemaps::LiveMaps,
     bpf::offenders,
@@ -325,6 +327,16 @@ fn daemon_kernel_log_names_a_blocked_syn_only_when_asked() {
         !lines.iter().any(|l| l.contains("dport=587")),
         "a passed segment to an open port is never logged: {lines:#?}"
     );
+    // The message goes before the tail call into offender tracking, which still counts.
+    let top: Top = lab.reply(&["top"]);
+    assert!(top.tracking);
+    for src in [IpAddr::from(a.sub), IpAddr::from(a6.sub)] {
+        let o = top.sources.iter().find(|o| o.src == src);
+        assert!(
+            o.is_some_and(|o| o.attempts >= 1),
+            "{src} tracked with the log on: {top:?}"
+        );
+    }
     stop(&mut lab);
 
     // The next daemon without the flag loads the programs again, switch off.

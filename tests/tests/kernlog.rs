@@ -11,12 +11,14 @@ use std::{
 use aya::maps::ProgramArray;
 use port25_common::maps::{self as m, OffenderKey};
 use port25_ctl::{
-    control::reply::Top,
-    bpf::datapath::{self, LoadOptions, PROG_TC, PROG_TC_RAW, PROG_XDP},
+    bpf::datapath::{
+        self, LoadOptions, PROG_TC, PROG_TC_RAW, PROG_TRACK_TC, PROG_TRACK_XDP, PROG_XDP,
+    },
     bpf::livemaps::LiveMaps,
     bpf::offenders,
     bpf::pins::Pins,
     config::Config,
+    control::reply::Top,
     policy::{self, Desired},
 };
 use port25_tests::{
@@ -106,6 +108,12 @@ fn the_switch_is_a_load_time_constant_and_off_logs_nothing() {
         );
         assert!(b < 1_000_000, "{prog}: {b} verified with the log on");
     }
+    // The tracking programs carry no log: the same with the switch on or off.
+    for prog in [PROG_TRACK_XDP, PROG_TRACK_TC] {
+        let (a, b) = (verified(&off, prog), verified(&on, prog));
+        println!("{prog}: verified {a} instructions with the kernel log off, {b} with it on");
+        assert_eq!(a, b, "{prog}");
+    }
     for (ebpf, name) in [(&off, "off"), (&on, "on")] {
         for prog in [PROG_XDP, PROG_TC] {
             let id = ebpf.program(prog).unwrap().info().unwrap().id();
@@ -191,7 +199,11 @@ fn blocked_segments_are_logged_with_tracking_off_and_without_the_tracker() {
     let raw = Frame::raw().ipv4(RAW_SUB, EXT).tcp(25).syn().build();
     let run_all = |ebpf: &mut aya::Ebpf| {
         for prog in [PROG_XDP, PROG_TC] {
-            let drop = if prog == PROG_XDP { XDP_DROP } else { TC_ACT_SHOT };
+            let drop = if prog == PROG_XDP {
+                XDP_DROP
+            } else {
+                TC_ACT_SHOT
+            };
             for f in [&blocked, &cut] {
                 assert_eq!(kernel::test_run(ebpf, prog, f).unwrap(), drop, "{prog}");
             }
@@ -217,12 +229,19 @@ fn blocked_segments_are_logged_with_tracking_off_and_without_the_tracker() {
         logger.flush();
         let lines = cap.0.lock().unwrap().clone();
         for w in want {
-            assert!(lines.iter().any(|l| l == w), "{when}: no {w:?} in {lines:#?}");
+            assert!(
+                lines.iter().any(|l| l == w),
+                "{when}: no {w:?} in {lines:#?}"
+            );
         }
         assert_eq!(lines.len(), want.len(), "{when}: {lines:#?}");
     };
     check("tracking off", &mut ebpf);
-    assert_eq!(tracked_sources(&pins), Vec::<Vec<u8>>::new(), "tracking off");
+    assert_eq!(
+        tracked_sources(&pins),
+        Vec::<Vec<u8>>::new(),
+        "tracking off"
+    );
     // No tracker to tail-call: the entry's action stands, and the message was sent already.
     for name in [m::TRACK_XDP, m::TRACK_TC] {
         let mut progs = ProgramArray::try_from(ebpf.map_mut(name).unwrap()).unwrap();

@@ -2,7 +2,6 @@
 //! the switch off the very program the verifier saw before the log existed.
 
 use std::{
-    net::IpAddr,
     path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -349,7 +348,7 @@ fn daemon_kernel_log_names_a_blocked_syn_only_when_asked() {
     // The message goes before the tail call into offender tracking, which still counts.
     let top: Top = lab.reply(&["top"]);
     assert!(top.tracking);
-    for src in [IpAddr::from(a.sub), IpAddr::from(a6.sub)] {
+    for src in [a.sub, a6.sub] {
         let o = top.sources.iter().find(|o| o.src == src);
         assert!(
             o.is_some_and(|o| o.attempts >= 1),

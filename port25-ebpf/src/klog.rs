@@ -5,7 +5,11 @@
 //! it as a known scalar and prunes the log branches as dead code (and `status` can read the
 //! running programs' own switch from that map, named after the section).
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
+use aya_ebpf::{
+    macros::map,
+    maps::{PerCpuArray, ProgramArray},
+    EbpfContext,
+};
 use aya_log_ebpf::debug;
 use port25_common::{
     parse::{Parsed, Shape},
@@ -67,8 +71,8 @@ impl Log for On {
 /// Which program sends a message; each gets its own copy of [`emit`] with its name.
 pub trait Hook {
     const NAME: &'static str;
-    /// A TC program on a device without a link header.
-    const RAW: bool = false;
+    /// Its message program's index in [`KLOG_TC`] (TC programs only).
+    const EMIT: u32 = 0;
 }
 pub struct Xdp;
 impl Hook for Xdp {
@@ -77,11 +81,74 @@ impl Hook for Xdp {
 pub struct Tc;
 impl Hook for Tc {
     const NAME: &'static str = "tc";
+    const EMIT: u32 = 2;
 }
 pub struct TcRaw;
 impl Hook for TcRaw {
     const NAME: &'static str = "tc_raw";
-    const RAW: bool = true;
+    const EMIT: u32 = 3;
+}
+
+/// The logging programs, by type (a program array takes one program type). Filled by the
+/// daemon that loads with `--kernel-log` and private to its load (never pinned): the kernel
+/// empties them when that daemon exits, and the entry points go on without the log. The
+/// controller names them and their indices (`bpf::klog`).
+#[map(name = "P25_KLOG_XDP")]
+static KLOG_XDP: ProgramArray = ProgramArray::with_max_entries(2, 0);
+#[map(name = "P25_KLOG_TC")]
+static KLOG_TC: ProgramArray = ProgramArray::with_max_entries(4, 0);
+/// [`KLOG_XDP`]: the logging copy, the message program.
+const XDP_LOGGED: u32 = 0;
+const XDP_EMIT: u32 = 1;
+/// [`KLOG_TC`]: the logging copies of `port25_tc` and `port25_tc_raw` (their message
+/// programs follow, [`Hook::EMIT`]).
+pub const TC_LOGGED: u32 = 0;
+pub const TC_RAW_LOGGED: u32 = 1;
+
+/// Tail-calls the XDP logging copy; returns only when that fails.
+#[inline(always)]
+pub fn xdp_logged<C: EbpfContext>(ctx: &C) {
+    // SAFETY: our own program array; a missing entry just returns.
+    unsafe { KLOG_XDP.tail_call(ctx, XDP_LOGGED) };
+}
+
+/// As [`xdp_logged`], for TC: `index` is [`TC_LOGGED`] or [`TC_RAW_LOGGED`].
+#[inline(always)]
+pub fn tc_logged<C: EbpfContext>(ctx: &C, index: u32) {
+    // SAFETY: as in `xdp_logged`.
+    unsafe { KLOG_TC.tail_call(ctx, index) };
+}
+
+/// Hands the action (and whether tracking awaits the segment) to the message program, and
+/// tail-calls it; returns only when that fails.
+#[inline(always)]
+pub fn xdp_emit<C: EbpfContext>(ctx: &C, action: u32, tracked: bool) {
+    if settle(action, tracked) {
+        // SAFETY: as in `xdp_logged`.
+        unsafe { KLOG_XDP.tail_call(ctx, XDP_EMIT) };
+    }
+}
+
+/// As [`xdp_emit`], for TC.
+#[inline(always)]
+pub fn tc_emit<H: Hook, C: EbpfContext>(ctx: &C, action: i32, tracked: bool) {
+    if settle(action as u32, tracked) {
+        // SAFETY: as in `xdp_logged`.
+        unsafe { KLOG_TC.tail_call(ctx, H::EMIT) };
+    }
+}
+
+#[inline(always)]
+fn settle(action: u32, tracked: bool) -> bool {
+    let Some(r) = KLOG.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: the per-CPU slot, valid for this run, no other writer on this CPU.
+    unsafe {
+        (*r).action = action;
+        (*r).tracked = tracked as u8;
+    }
+    true
 }
 
 /// What one message says, handed from the verdict to [`emit`] through a map.
@@ -94,16 +161,21 @@ struct Record {
     reason: u8,
     /// [`ADDRS`] | [`V6`] | [`TCP`]
     flags: u8,
+    /// The program's action, as the logging copy decided it.
+    action: u32,
+    /// 1: the segment was handed over to offender tracking.
+    tracked: u8,
+    _pad: [u8; 3],
 }
 const ADDRS: u8 = 1;
 const V6: u8 = 2;
 /// A whole TCP header was read (`Shape::Tcp`): the port is known.
 const TCP: u8 = 4;
 
-/// Through a map rather than the stack: values read back from a map are unknown to the
-/// verifier, so [`emit`] is walked once per verdict, not once for each of the tens of
-/// thousands of parse paths (each holding other known values) that reach it. Private to
-/// each load, never pinned.
+/// Through a map: the message program that sends it starts with a fresh stack, after a tail
+/// call, and reads back values the verifier does not know, so it is walked a handful of
+/// times, not once for each of the tens of thousands of parse paths. Private to each load,
+/// never pinned.
 #[map(name = "P25_KLOG")]
 static KLOG: PerCpuArray<Record> = PerCpuArray::with_max_entries(1, 0);
 
@@ -128,39 +200,52 @@ pub extern "C" fn port25_klog_stage(s0: u64, s1: u64, d0: u64, d1: u64, meta: u6
     0
 }
 
-/// Sends the message the verdict staged. The reason goes as its number: the controller
-/// names it (`reason=8` -> `block_port`).
+/// Sends the message the logging copy staged; gives back its action, and whether the
+/// segment awaits offender tracking. The reason goes as its number: the controller names it
+/// (`reason=8` -> `block_port`).
 ///
-/// Called by each program's entry after its logging copy returned: a subprogram of its own
-/// whose stack frame (aya-log builds its record there) is not stacked on the verdict's, which
-/// leaves no room under the 512-byte limit; and there every path of the verdict has joined,
-/// so the verifier walks it for a handful of states, not once per parse path.
-#[inline(never)]
-pub fn emit<H: Hook>() {
-    let Some(r) = KLOG.get_ptr(0) else {
-        return;
+/// Inline in a program of its own ([`Hook`]'s message program): aya-log builds its record in
+/// nearly all of the 512-byte stack, so no other frame may sit under it (Linux 6.1 charges
+/// even an empty one 32 bytes).
+#[inline(always)]
+pub fn emit<H: Hook>() -> (u32, bool) {
+    let Some(r) = KLOG.get_ptr_mut(0) else {
+        // Not reachable (an array's slot 0); an action no program returns: the caller drops.
+        return (u32::MAX, false);
     };
-    let p = unsafe { core::ptr::read_volatile(r) };
+    // Read in place, not copied: aya-log's record leaves no stack for a copy.
+    // SAFETY: the per-CPU slot, valid for this run, no other writer on this CPU.
+    let p = unsafe { &mut *r };
+    let done = (p.action, p.tracked != 0);
     let reason = Reason::from_u32_or_block(p.reason as u32);
     // A decision on a segment to a blocked port (pass or block) and every fail-closed
     // doubt; never traffic that passes without touching the blocked ports.
     let smtp_pass = p.flags & TCP != 0 && reason as u32 >= Reason::PassNotSubscriber as u32;
     if reason.is_pass() && !smtp_pass {
-        return;
+        return done;
     }
-    // One call site: each costs the verifier its header's bytes again. IPv4 goes as
-    // IPv4-mapped IPv6 and no address as `::`; the controller writes them back as IPv4 and
-    // as "(before the addresses)".
-    let (src, dst) = if p.flags & ADDRS == 0 {
-        ([0; 16], [0; 16])
-    } else if p.flags & V6 != 0 {
-        (p.src, p.dst)
-    } else {
-        (mapped(&p.src), mapped(&p.dst))
-    };
-    let (reason, hook, ctx) = (reason as u32, H::NAME, ());
-    debug!(ctx, target: "port25::kernel", "reason={} src={:i} dst={:i} dport={} hook={}",
-        reason, src, dst, p.dport, hook);
+    // IPv4 goes as IPv4-mapped IPv6 and no address as `::`; the controller writes them back
+    // as IPv4 and as "(before the addresses)". Rewritten in the slot, for the same reason.
+    if p.flags & ADDRS == 0 {
+        p.src = [0; 16];
+        p.dst = [0; 16];
+    } else if p.flags & V6 == 0 {
+        p.src = mapped(&p.src);
+        p.dst = mapped(&p.dst);
+    }
+    let (reason, dport, ctx) = (reason as u32, p.dport, ());
+    // One call site per program, its hook in the text: each argument costs stack.
+    match H::NAME.len() {
+        3 => debug!(ctx, target: "port25::kernel", "reason={} src={:i} dst={:i} dport={} hook=xdp",
+            reason, p.src, p.dst, dport),
+        2 => debug!(ctx, target: "port25::kernel", "reason={} src={:i} dst={:i} dport={} hook=tc",
+            reason, p.src, p.dst, dport),
+        _ => {
+            debug!(ctx, target: "port25::kernel", "reason={} src={:i} dst={:i} dport={} hook=tc_raw",
+            reason, p.src, p.dst, dport)
+        }
+    }
+    done
 }
 
 #[inline(always)]

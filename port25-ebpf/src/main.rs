@@ -18,7 +18,7 @@ mod track;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::{__sk_buff, xdp_action, xdp_md, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{xdp_action, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     cty::c_void,
     helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{classifier, xdp},
@@ -110,42 +110,20 @@ fn decide<F: Frame, L: klog::Log>(frame: &F, link: Link, ifindex: u32) -> (Reaso
     (reason, tracked)
 }
 
-// The kernel log's switch (a load-time constant, see `klog`) is tested once, at the entry,
-// and each program has two copies, subprograms of their own: with the switch off the
-// verifier walks one branch and then the very code there was before the log existed.
-// (Testing it after the verdict cost a few instructions on each of the verifier's many
-// paths: +17% when measured.)
-//
-// The logging copy does not tail-call the offender tracking itself: a tail call does not
-// return, so a message sent after it would never be. It returns its action and whether the
-// segment was handed over ([`logged`]); the entry sends the message, then tail-calls, so a
-// blocked segment is logged whether tracking is on, off or fails.
-
-/// A logging copy's result: the action, and bit 32 when the segment awaits tracking.
-#[inline(always)]
-fn logged(action: u32, tracked: bool) -> u64 {
-    action as u64 | (tracked as u64) << 32
-}
+// The kernel log's switch (a load-time constant, see `klog`) is tested once, first thing in
+// each entry point; on, the entry tail-calls its logging copy, a program of its own. Off,
+// the verifier prunes that branch and walks the program as it is without the log, in the
+// same frame: a wrapper frame around the verdict (the first design) does not fit Linux 6.1,
+// which charges every frame at least 32 bytes of the 512 (32 + 480 + 32 for the offender
+// tracking's hand-over). A failed tail call (the daemon that filled the private program
+// arrays has exited) falls through to the verdict without the log.
 
 /// Subscriber-facing ingress on an Ethernet NIC, before the stack.
 #[xdp]
 pub fn port25_xdp(ctx: XdpContext) -> u32 {
     if klog::enabled() {
-        let r = xdp_logged(ctx.ctx);
-        klog::emit::<klog::Xdp>();
-        let action = r as u32;
-        if r >> 32 != 0 {
-            track::xdp(&ctx, action);
-        }
-        return action;
+        klog::xdp_logged(&ctx);
     }
-    xdp_plain(ctx.ctx)
-}
-
-/// The XDP program as it is without the log.
-#[inline(never)]
-fn xdp_plain(ctx: *mut xdp_md) -> u32 {
-    let ctx = XdpContext::new(ctx);
     let (reason, tracked) = decide::<_, klog::Off>(
         &XdpFrame(&ctx),
         Link::Ethernet,
@@ -159,15 +137,41 @@ fn xdp_plain(ctx: *mut xdp_md) -> u32 {
     action
 }
 
-#[inline(never)]
-fn xdp_logged(ctx: *mut xdp_md) -> u64 {
-    let ctx = XdpContext::new(ctx);
+/// The XDP program's logging copy (tail-called by [`port25_xdp`] with the log on): the
+/// verdict, staged for the message, then on to [`port25_klog_emit_xdp`].
+#[xdp]
+pub fn port25_klog_xdp(ctx: XdpContext) -> u32 {
     let (reason, tracked) = decide::<_, klog::On>(
         &XdpFrame(&ctx),
         Link::Ethernet,
         ctx.ingress_ifindex() as u32,
     );
-    logged(xdp_verdict(&ctx, reason), tracked)
+    let action = xdp_verdict(&ctx, reason);
+    klog::xdp_emit(&ctx, action, tracked);
+    // The message program could not be reached: the action stands, tracked.
+    if tracked {
+        track::xdp(&ctx, action);
+    }
+    action
+}
+
+/// Sends the message the logging copy staged, then tail-calls the offender tracking: a tail
+/// call does not return, so the message goes first. A program of its own: aya-log builds
+/// its record in nearly the whole 512-byte stack, room no frame under the verdict's has.
+#[xdp]
+pub fn port25_klog_emit_xdp(ctx: XdpContext) -> u32 {
+    let (action, tracked) = klog::emit::<klog::Xdp>();
+    // Only what the logging copy returned goes back (read from a map: the verifier checks
+    // each value as a constant).
+    let action = match action {
+        xdp_action::XDP_PASS => xdp_action::XDP_PASS,
+        xdp_action::XDP_TX => xdp_action::XDP_TX,
+        _ => xdp_action::XDP_DROP,
+    };
+    if tracked && action != xdp_action::XDP_PASS {
+        track::xdp(&ctx, action);
+    }
+    action
 }
 
 #[inline(always)]
@@ -188,14 +192,9 @@ fn xdp_verdict(ctx: &XdpContext, reason: Reason) -> u32 {
 #[classifier]
 pub fn port25_tc(ctx: TcContext) -> i32 {
     if klog::enabled() {
-        return tc_logged::<klog::Tc>(&ctx);
+        klog::tc_logged(&ctx, klog::TC_LOGGED);
     }
-    tc_plain(ctx.skb.skb)
-}
-
-#[inline(never)]
-fn tc_plain(skb: *mut __sk_buff) -> i32 {
-    tc_action(&TcContext::new(skb), Link::Ethernet)
+    tc_action(&ctx, Link::Ethernet)
 }
 
 /// TC on a device without a link header (ppp, tun). The skb's protocol, not the first nibble,
@@ -203,14 +202,8 @@ fn tc_plain(skb: *mut __sk_buff) -> i32 {
 #[classifier]
 pub fn port25_tc_raw(ctx: TcContext) -> i32 {
     if klog::enabled() {
-        return tc_logged::<klog::TcRaw>(&ctx);
+        klog::tc_logged(&ctx, klog::TC_RAW_LOGGED);
     }
-    tc_raw_plain(ctx.skb.skb)
-}
-
-#[inline(never)]
-fn tc_raw_plain(skb: *mut __sk_buff) -> i32 {
-    let ctx = TcContext::new(skb);
     tc_action(&ctx, raw_link(&ctx))
 }
 
@@ -221,15 +214,10 @@ fn raw_link(ctx: &TcContext) -> Link {
 }
 
 #[inline(always)]
-fn tc_ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: the context the kernel passed.
-    unsafe { (*ctx.skb.skb).ifindex }
-}
-
-/// The TC programs as they are without the log.
-#[inline(always)]
 fn tc_action(ctx: &TcContext, link: Link) -> i32 {
-    let (reason, tracked) = decide::<_, klog::Off>(&SkbFrame(ctx), link, tc_ifindex(ctx));
+    // SAFETY: the context the kernel passed.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (reason, tracked) = decide::<_, klog::Off>(&SkbFrame(ctx), link, ifindex);
     let action = tc_verdict(ctx, link, reason);
     if tracked {
         track::tc(ctx, action);
@@ -237,28 +225,53 @@ fn tc_action(ctx: &TcContext, link: Link) -> i32 {
     action
 }
 
-/// The logging entry of a TC program: the verdict, the message, then the tracking.
+/// The TC programs' logging copies (as [`port25_klog_xdp`]).
+#[classifier]
+pub fn port25_klog_tc(ctx: TcContext) -> i32 {
+    tc_klog::<klog::Tc>(&ctx, Link::Ethernet)
+}
+
+#[classifier]
+pub fn port25_klog_tc_raw(ctx: TcContext) -> i32 {
+    tc_klog::<klog::TcRaw>(&ctx, raw_link(&ctx))
+}
+
 #[inline(always)]
-fn tc_logged<H: klog::Hook>(ctx: &TcContext) -> i32 {
-    let r = tc_logged_verdict::<H>(ctx.skb.skb);
-    klog::emit::<H>();
-    let action = r as u32 as i32;
-    if r >> 32 != 0 {
+fn tc_klog<H: klog::Hook>(ctx: &TcContext, link: Link) -> i32 {
+    // SAFETY: the context the kernel passed.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (reason, tracked) = decide::<_, klog::On>(&SkbFrame(ctx), link, ifindex);
+    let action = tc_verdict(ctx, link, reason);
+    klog::tc_emit::<H, _>(ctx, action, tracked);
+    if tracked {
         track::tc(ctx, action);
     }
     action
 }
 
-#[inline(never)]
-fn tc_logged_verdict<H: klog::Hook>(skb: *mut __sk_buff) -> u64 {
-    let ctx = TcContext::new(skb);
-    let link = if H::RAW {
-        raw_link(&ctx)
-    } else {
-        Link::Ethernet
+/// The TC programs' messages (as [`port25_klog_emit_xdp`]).
+#[classifier]
+pub fn port25_klog_emit_tc(ctx: TcContext) -> i32 {
+    tc_emit::<klog::Tc>(&ctx)
+}
+
+#[classifier]
+pub fn port25_klog_emit_tc_raw(ctx: TcContext) -> i32 {
+    tc_emit::<klog::TcRaw>(&ctx)
+}
+
+#[inline(always)]
+fn tc_emit<H: klog::Hook>(ctx: &TcContext) -> i32 {
+    let (action, tracked) = klog::emit::<H>();
+    let action = match action as i32 {
+        TC_ACT_UNSPEC => TC_ACT_UNSPEC,
+        a if a == TC_ACT_REDIRECT as i32 => TC_ACT_REDIRECT as i32,
+        _ => TC_ACT_SHOT,
     };
-    let (reason, tracked) = decide::<_, klog::On>(&SkbFrame(&ctx), link, tc_ifindex(&ctx));
-    logged(tc_verdict(&ctx, link, reason) as u32, tracked)
+    if tracked && action != TC_ACT_UNSPEC {
+        track::tc(ctx, action);
+    }
+    action
 }
 
 #[inline(always)]

@@ -30,6 +30,19 @@ pub const PROG_TC_RAW: &str = "port25_tc_raw";
 /// The offender-tracking programs the entry points tail-call for a blocked segment.
 pub const PROG_TRACK_XDP: &str = "port25_track_xdp";
 pub const PROG_TRACK_TC: &str = "port25_track_tc";
+/// The kernel log's programs (`daemon --kernel-log`; `port25-ebpf/src/klog.rs`): the entry
+/// points' logging copies and the programs that send their messages, loaded only with the
+/// log on, in the private program arrays the entry points tail-call (map, index, program).
+pub const KLOG_PROGRAMS: [(&str, u32, &str); 6] = [
+    (KLOG_XDP, 0, "port25_klog_xdp"),
+    (KLOG_XDP, 1, "port25_klog_emit_xdp"),
+    (KLOG_TC, 0, "port25_klog_tc"),
+    (KLOG_TC, 1, "port25_klog_tc_raw"),
+    (KLOG_TC, 2, "port25_klog_emit_tc"),
+    (KLOG_TC, 3, "port25_klog_emit_tc_raw"),
+];
+pub const KLOG_XDP: &str = "P25_KLOG_XDP";
+pub const KLOG_TC: &str = "P25_KLOG_TC";
 
 /// The map list's names and capacities, where they were before the list existed.
 pub use crate::bpf::maps::{capacity, ALL_MAPS};
@@ -281,7 +294,41 @@ pub fn load_with(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Ebpf> {
             .with_context(|| format!("verifying the TC program {p}"))?;
     }
     set_tracking_programs(&mut ebpf)?;
+    if opts.kernel_log {
+        set_klog_programs(&mut ebpf)?;
+    }
     Ok(ebpf)
+}
+
+/// Loads the kernel log's programs into its program arrays. Without them the entry points'
+/// tail call fails and they decide without the log; so they must all be in place before an
+/// entry point is attached.
+fn set_klog_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for (map, index, name) in KLOG_PROGRAMS {
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("no program {name}"))?;
+        let fd = match prog {
+            aya::programs::Program::Xdp(p) => {
+                p.load()
+                    .with_context(|| format!("verifying the kernel log program {name}"))?;
+                p.fd()?.try_clone()?
+            }
+            aya::programs::Program::SchedClassifier(p) => {
+                p.load()
+                    .with_context(|| format!("verifying the kernel log program {name}"))?;
+                p.fd()?.try_clone()?
+            }
+            _ => bail!("{name}: neither XDP nor TC"),
+        };
+        let mut arr: aya::maps::ProgramArray<_> = ebpf
+            .map_mut(map)
+            .ok_or_else(|| anyhow!("no map {map}"))?
+            .try_into()?;
+        arr.set(index, &fd, 0)
+            .with_context(|| format!("setting {name} in {map}"))?;
+    }
+    Ok(())
 }
 
 /// Loads the tracking programs into the (pinned) program arrays the entry points tail-call.

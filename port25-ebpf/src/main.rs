@@ -265,7 +265,7 @@ fn tc_emit<H: klog::Hook>(ctx: &TcContext) -> i32 {
     let (action, tracked) = klog::emit::<H>();
     let action = match action as i32 {
         TC_ACT_UNSPEC => TC_ACT_UNSPEC,
-        a if a == TC_ACT_REDIRECT as i32 => TC_ACT_REDIRECT as i32,
+        TC_ACT_REDIRECT => TC_ACT_REDIRECT,
         _ => TC_ACT_SHOT,
     };
     if tracked && action != TC_ACT_UNSPEC {

@@ -10,6 +10,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod klog;
 mod maps;
 mod reject;
 mod track;
@@ -125,11 +126,13 @@ impl Frame for SkbFrame<'_> {
 }
 
 /// The verdict, counted; and whether the segment was handed over for offender tracking.
+/// `L` says whether the kernel log sees it.
 #[inline(always)]
-fn decide<F: Frame>(frame: &F, link: Link, ifindex: u32) -> (Reason, bool) {
+fn decide<F: Frame, L: klog::Log>(frame: &F, link: Link, ifindex: u32) -> (Reason, bool) {
     let parsed = parse_flat(frame, link);
     let reason = decide_parsed(&parsed, &KernelMaps);
     count(reason);
+    L::stage(&parsed, reason);
     // A blocked segment whose source is known came from an enforced source (the address
     // rules ran and passed nothing): the offender tracking's business.
     let tracked = !reason.is_pass() && parsed.addrs;
@@ -139,10 +142,21 @@ fn decide<F: Frame>(frame: &F, link: Link, ifindex: u32) -> (Reason, bool) {
     (reason, tracked)
 }
 
+// The kernel log's switch (a load-time constant, see `klog`) is tested once, first thing in
+// each entry point; on, the entry tail-calls its logging copy, a program of its own. Off,
+// the verifier prunes that branch and walks the program as it is without the log, in the
+// same frame: a wrapper frame around the verdict (the first design) does not fit Linux 6.1,
+// which charges every frame at least 32 bytes of the 512 (32 + 480 + 32 for the offender
+// tracking's hand-over). A failed tail call (the daemon that filled the private program
+// arrays has exited) falls through to the verdict without the log.
+
 /// Subscriber-facing ingress on an Ethernet NIC, before the stack.
 #[xdp]
 pub fn port25_xdp(ctx: XdpContext) -> u32 {
-    let (reason, tracked) = decide(
+    if klog::enabled() {
+        klog::xdp_logged(&ctx);
+    }
+    let (reason, tracked) = decide::<_, klog::Off>(
         &XdpFrame(&ctx),
         Link::Ethernet,
         ctx.ingress_ifindex() as u32,
@@ -150,6 +164,43 @@ pub fn port25_xdp(ctx: XdpContext) -> u32 {
     let action = xdp_verdict(&ctx, reason);
     if tracked {
         // Returns only if the tail call fails: the action stands untracked.
+        track::xdp(&ctx, action);
+    }
+    action
+}
+
+/// The XDP program's logging copy (tail-called by [`port25_xdp`] with the log on): the
+/// verdict, staged for the message, then on to [`port25_klog_emit_xdp`].
+#[xdp]
+pub fn port25_klog_xdp(ctx: XdpContext) -> u32 {
+    let (reason, tracked) = decide::<_, klog::On>(
+        &XdpFrame(&ctx),
+        Link::Ethernet,
+        ctx.ingress_ifindex() as u32,
+    );
+    let action = xdp_verdict(&ctx, reason);
+    klog::xdp_emit(&ctx, action, tracked);
+    // The message program could not be reached: the action stands, tracked.
+    if tracked {
+        track::xdp(&ctx, action);
+    }
+    action
+}
+
+/// Sends the message the logging copy staged, then tail-calls the offender tracking: a tail
+/// call does not return, so the message goes first. A program of its own: aya-log builds
+/// its record in nearly the whole 512-byte stack, room no frame under the verdict's has.
+#[xdp]
+pub fn port25_klog_emit_xdp(ctx: XdpContext) -> u32 {
+    let (action, tracked) = klog::emit::<klog::Xdp>();
+    // Only what the logging copy returned goes back (read from a map: the verifier checks
+    // each value as a constant).
+    let action = match action {
+        xdp_action::XDP_PASS => xdp_action::XDP_PASS,
+        xdp_action::XDP_TX => xdp_action::XDP_TX,
+        _ => xdp_action::XDP_DROP,
+    };
+    if tracked && action != xdp_action::XDP_PASS {
         track::xdp(&ctx, action);
     }
     action
@@ -172,6 +223,9 @@ fn xdp_verdict(ctx: &XdpContext, reason: Reason) -> u32 {
 /// TC (ingress or egress) on an Ethernet device. Pass = "next": other programs still run.
 #[classifier]
 pub fn port25_tc(ctx: TcContext) -> i32 {
+    if klog::enabled() {
+        klog::tc_logged(&ctx, klog::TC_LOGGED);
+    }
     tc_action(&ctx, Link::Ethernet)
 }
 
@@ -179,18 +233,74 @@ pub fn port25_tc(ctx: TcContext) -> i32 {
 /// is what the stack dispatches on (`ppp_receive_nonmp_frame` sets it from the PPP protocol).
 #[classifier]
 pub fn port25_tc_raw(ctx: TcContext) -> i32 {
+    if klog::enabled() {
+        klog::tc_logged(&ctx, klog::TC_RAW_LOGGED);
+    }
+    tc_action(&ctx, raw_link(&ctx))
+}
+
+#[inline(always)]
+fn raw_link(ctx: &TcContext) -> Link {
     // `__sk_buff.protocol` holds the __be16 as loaded from the skb.
-    let protocol = u16::from_be(ctx.skb.protocol() as u16);
-    tc_action(&ctx, Link::RawProto(protocol))
+    Link::RawProto(u16::from_be(ctx.skb.protocol() as u16))
 }
 
 #[inline(always)]
 fn tc_action(ctx: &TcContext, link: Link) -> i32 {
     // SAFETY: the context the kernel passed.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let (reason, tracked) = decide(&SkbFrame(ctx), link, ifindex);
+    let (reason, tracked) = decide::<_, klog::Off>(&SkbFrame(ctx), link, ifindex);
     let action = tc_verdict(ctx, link, reason);
     if tracked {
+        track::tc(ctx, action);
+    }
+    action
+}
+
+/// The TC programs' logging copies (as [`port25_klog_xdp`]).
+#[classifier]
+pub fn port25_klog_tc(ctx: TcContext) -> i32 {
+    tc_klog::<klog::Tc>(&ctx, Link::Ethernet)
+}
+
+#[classifier]
+pub fn port25_klog_tc_raw(ctx: TcContext) -> i32 {
+    tc_klog::<klog::TcRaw>(&ctx, raw_link(&ctx))
+}
+
+#[inline(always)]
+fn tc_klog<H: klog::Hook>(ctx: &TcContext, link: Link) -> i32 {
+    // SAFETY: the context the kernel passed.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (reason, tracked) = decide::<_, klog::On>(&SkbFrame(ctx), link, ifindex);
+    let action = tc_verdict(ctx, link, reason);
+    klog::tc_emit::<H, _>(ctx, action, tracked);
+    if tracked {
+        track::tc(ctx, action);
+    }
+    action
+}
+
+/// The TC programs' messages (as [`port25_klog_emit_xdp`]).
+#[classifier]
+pub fn port25_klog_emit_tc(ctx: TcContext) -> i32 {
+    tc_emit::<klog::Tc>(&ctx)
+}
+
+#[classifier]
+pub fn port25_klog_emit_tc_raw(ctx: TcContext) -> i32 {
+    tc_emit::<klog::TcRaw>(&ctx)
+}
+
+#[inline(always)]
+fn tc_emit<H: klog::Hook>(ctx: &TcContext) -> i32 {
+    let (action, tracked) = klog::emit::<H>();
+    let action = match action as i32 {
+        TC_ACT_UNSPEC => TC_ACT_UNSPEC,
+        TC_ACT_REDIRECT => TC_ACT_REDIRECT,
+        _ => TC_ACT_SHOT,
+    };
+    if tracked && action != TC_ACT_UNSPEC {
         track::tc(ctx, action);
     }
     action

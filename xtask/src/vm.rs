@@ -25,8 +25,8 @@ use anyhow::{bail, Context as _, Result};
 use crate::build::{ensure_root, root, run};
 
 /// The test binaries run when none are named: the kernel tables, end to end, lifecycle, the
-/// subscriber flow, devices that come and go (globs) and the real devices (whose PPPoE part skips, with its reason, on the
-/// cloud kernels, built without PPP).
+/// subscriber flow, devices that come and go (globs), the real devices (whose PPPoE part skips, with its reason, on the
+/// cloud kernels, built without PPP) and the kernel log (its stack fits 6.1's frame rounding).
 pub const DEFAULT_TESTS: &[&str] = &[
     "datapath",
     "families",
@@ -36,6 +36,7 @@ pub const DEFAULT_TESTS: &[&str] = &[
     "subscribers",
     "globs",
     "realdev",
+    "kernlog",
 ];
 
 /// Modules the tests need (with their dependencies, resolved from each module's .modinfo):

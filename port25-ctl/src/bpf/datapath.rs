@@ -30,6 +30,19 @@ pub const PROG_TC_RAW: &str = "port25_tc_raw";
 /// The offender-tracking programs the entry points tail-call for a blocked segment.
 pub const PROG_TRACK_XDP: &str = "port25_track_xdp";
 pub const PROG_TRACK_TC: &str = "port25_track_tc";
+/// The kernel log's programs (`daemon --kernel-log`; `port25-ebpf/src/klog.rs`): the entry
+/// points' logging copies and the programs that send their messages, loaded only with the
+/// log on, in the private program arrays the entry points tail-call (map, index, program).
+pub const KLOG_PROGRAMS: [(&str, u32, &str); 6] = [
+    (KLOG_XDP, 0, "port25_klog_xdp"),
+    (KLOG_XDP, 1, "port25_klog_emit_xdp"),
+    (KLOG_TC, 0, "port25_klog_tc"),
+    (KLOG_TC, 1, "port25_klog_tc_raw"),
+    (KLOG_TC, 2, "port25_klog_emit_tc"),
+    (KLOG_TC, 3, "port25_klog_emit_tc_raw"),
+];
+pub const KLOG_XDP: &str = "P25_KLOG_XDP";
+pub const KLOG_TC: &str = "P25_KLOG_TC";
 
 /// The map list's names and capacities, where they were before the list existed.
 pub use crate::bpf::maps::{capacity, ALL_MAPS};
@@ -181,10 +194,10 @@ pub fn layout_changes(pins: &Pins, limits: &Limits) -> Result<Vec<String>> {
 /// Starts a map migration: fresh maps, pinned in the staging directory (a stale one, left
 /// by a migration that died, is discarded first). The caller fills them, swaps every link's
 /// program to the returned one, then calls [`commit_staged_maps`].
-pub fn load_staged(cfg: &Config, pins: &Pins) -> Result<Ebpf> {
+pub fn load_staged(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Ebpf> {
     let staging = pins.staging();
     discard_staging(pins)?;
-    load(cfg, &staging)
+    load_with(cfg, &staging, opts)
 }
 
 fn discard_staging(pins: &Pins) -> Result<()> {
@@ -236,12 +249,33 @@ pub fn check_pinned_layouts(pins: &Pins, limits: &Limits) -> Result<()> {
     Ok(())
 }
 
+/// What is fixed in the programs at load time, before the verifier sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// `daemon --kernel-log`: the programs send debug messages (aya-log) for decisions on
+    /// blocked ports and for doubts. Off, the verifier prunes that code as dead.
+    pub kernel_log: bool,
+}
+
+/// The kernel's switch for its debug messages (`port25-ebpf/src/klog.rs`): a `u8` in a
+/// section of its own, which becomes a frozen read-only array map of this name.
+pub const KERNEL_LOG_SYMBOL: &str = "PORT25_KERNEL_LOG";
+pub const KERNEL_LOG_MAP: &str = ".rodata.p25klog";
+
 /// Loads the programs; maps are reused from pins when present, created and pinned otherwise.
 pub fn load(cfg: &Config, pins: &Pins) -> Result<Ebpf> {
+    load_with(cfg, pins, LoadOptions::default())
+}
+
+/// [`load`], with the load-time switches.
+pub fn load_with(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Ebpf> {
     pins.prepare()?;
     check_pinned_layouts(pins, &cfg.limits)?;
     let paths: Vec<_> = ALL_MAPS.iter().map(|n| (*n, pins.map(n))).collect();
     let mut loader = EbpfLoader::new();
+    let kernel_log = u8::from(opts.kernel_log);
+    // Must exist: a program without the switch would silently ignore --kernel-log.
+    loader.override_global(KERNEL_LOG_SYMBOL, &kernel_log, true);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
         if let Some(cap) = capacity(name, &cfg.limits) {
@@ -260,7 +294,41 @@ pub fn load(cfg: &Config, pins: &Pins) -> Result<Ebpf> {
             .with_context(|| format!("verifying the TC program {p}"))?;
     }
     set_tracking_programs(&mut ebpf)?;
+    if opts.kernel_log {
+        set_klog_programs(&mut ebpf)?;
+    }
     Ok(ebpf)
+}
+
+/// Loads the kernel log's programs into its program arrays. Without them the entry points'
+/// tail call fails and they decide without the log; so they must all be in place before an
+/// entry point is attached.
+fn set_klog_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for (map, index, name) in KLOG_PROGRAMS {
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("no program {name}"))?;
+        let fd = match prog {
+            aya::programs::Program::Xdp(p) => {
+                p.load()
+                    .with_context(|| format!("verifying the kernel log program {name}"))?;
+                p.fd()?.try_clone()?
+            }
+            aya::programs::Program::SchedClassifier(p) => {
+                p.load()
+                    .with_context(|| format!("verifying the kernel log program {name}"))?;
+                p.fd()?.try_clone()?
+            }
+            _ => bail!("{name}: neither XDP nor TC"),
+        };
+        let mut arr: aya::maps::ProgramArray<_> = ebpf
+            .map_mut(map)
+            .ok_or_else(|| anyhow!("no map {map}"))?
+            .try_into()?;
+        arr.set(index, &fd, 0)
+            .with_context(|| format!("setting {name} in {map}"))?;
+    }
+    Ok(())
 }
 
 /// Loads the tracking programs into the (pinned) program arrays the entry points tail-call.
@@ -680,6 +748,30 @@ pub fn link_is_ethernet(ifname: &str) -> Result<bool> {
         }
         Ok(req.ifr_ifru.ifru_hwaddr.sa_family == libc::ARPHRD_ETHER)
     }
+}
+
+/// Whether a loaded program was loaded with kernel debug messages on, read from its own
+/// frozen switch (the map [`KERNEL_LOG_MAP`] it uses). `None`: the program cannot be read,
+/// or has no switch (a port25 older than `--kernel-log`).
+pub fn kernel_log_of(prog_id: u32) -> Option<bool> {
+    let prog = aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .find(|p| p.id() == prog_id)?;
+    for id in prog.map_ids().ok()??.into_iter() {
+        let Ok(info) = MapInfo::from_id(id) else {
+            continue;
+        };
+        // The kernel keeps 15 bytes of a map's name; the section name is exactly that long.
+        if info.name_as_str() != Some(KERNEL_LOG_MAP) || info.value_size() < 1 {
+            continue;
+        }
+        let map = aya::maps::MapData::from_id(id).ok()?;
+        let value =
+            crate::bpf::sys::lookup_raw(&map, &0u32.to_ne_bytes(), info.value_size() as usize)
+                .ok()?;
+        return Some(value.first().copied()? != 0);
+    }
+    None
 }
 
 #[cfg(test)]

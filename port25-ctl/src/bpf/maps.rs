@@ -84,8 +84,18 @@ pub(crate) use map_list;
 
 /// Maps the kernel object declares that are private to each load: never pinned, never in
 /// [`MAPS`]. `P25_SCRATCH` is the verifier's scratch slot (`Frame::forget`);
-/// `P25_TRACKTMP` is offender tracking's scratch (its structs do not fit the stack).
-pub const KERNEL_PRIVATE: [&str; 2] = ["P25_SCRATCH", "P25_TRACKTMP"];
+/// `P25_TRACKTMP` is offender tracking's scratch (its structs do not fit the stack);
+/// `AYA_LOGS` (aya-log's ring), `P25_KLOG` (a message being staged) and the program arrays
+/// `P25_KLOG_XDP`/`P25_KLOG_TC` carry the kernel log (`daemon --kernel-log`, `bpf::klog`):
+/// unpinned, those arrays are emptied by the kernel when the daemon that filled them exits.
+pub const KERNEL_PRIVATE: [&str; 6] = [
+    "P25_SCRATCH",
+    "P25_TRACKTMP",
+    "AYA_LOGS",
+    "P25_KLOG",
+    "P25_KLOG_XDP",
+    "P25_KLOG_TC",
+];
 
 /// Where a map's writes go in an apply, so that no moment of it opens port 25.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 
 pub mod datapath;
 pub mod detached;
+pub mod klog;
 pub mod linkinfo;
 pub mod livemaps;
 pub mod maps;

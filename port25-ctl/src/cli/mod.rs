@@ -45,6 +45,10 @@ enum Verb {
         /// Start enforcing although an operator detached, and lift the detach marker.
         #[arg(long)]
         attach: bool,
+        /// Kernel debug messages (log target `port25::kernel`): each decision on a segment
+        /// to a blocked port and each fail-closed doubt. Off: absent from the programs.
+        #[arg(long)]
+        kernel_log: bool,
     },
     /// Re-read the config; a bad file leaves the running policy untouched.
     Reload,
@@ -292,7 +296,10 @@ pub fn main() -> ExitCode {
                 // netlink-packet-route warns on every link event whose attributes a newer
                 // kernel grew (IFLA_INET6_CONF); what port25 reads is not among them.
                 .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error")
+                    // `port25::kernel` (debug) is emitted only under `daemon --kernel-log`.
+                    tracing_subscriber::EnvFilter::new(
+                        "info,netlink_packet_route=error,port25::kernel=debug",
+                    )
                 }),
         )
         .with_writer(std::io::stderr)
@@ -341,8 +348,8 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn run(cli: &Cli) -> Result<ExitCode> {
-    if let Verb::Daemon { attach } = cli.verb {
-        server::run(&cli.config, attach)?;
+    if let Verb::Daemon { attach, kernel_log } = cli.verb {
+        server::run(&cli.config, attach, kernel_log)?;
         return Ok(ExitCode::SUCCESS);
     }
     // Client verbs talk to the daemon only: they need the socket path and nothing else

@@ -31,6 +31,10 @@ pub struct IfaceStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handle: Option<String>,
     pub problem: Option<String>,
+    /// Whether the attached program was loaded with `daemon --kernel-log`, read from its
+    /// own load-time switch (None when it cannot be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_log: Option<bool>,
 }
 
 /// One glob entry over the devices of this network namespace.
@@ -72,6 +76,9 @@ pub struct Status {
     /// How each family's sources are enforced, read from the pinned settings (None when
     /// the maps are not loaded).
     pub enforced: Option<Enforced>,
+    /// Whether the attached programs send kernel debug messages (`daemon --kernel-log`):
+    /// true when any does, None when no attached program's switch could be read.
+    pub kernel_log: Option<bool>,
 }
 
 /// Which sources of each family are enforced: `"listed ranges"` or `"whole family"`.
@@ -128,6 +135,7 @@ fn iface_status(pins: &Pins, i: &crate::config::Interface) -> IfaceStatus {
         priority: a.priority,
         handle: a.handle.map(|h| format!("{h:#x}")),
         problem,
+        kernel_log: a.prog_id.and_then(datapath::kernel_log_of),
     }
 }
 
@@ -144,6 +152,8 @@ pub fn status(cfg: &Config, daemon: Option<crate::control::reply::Info>) -> Resu
         .map(|(_, n)| n)
         .collect();
     let targets = cfg.targets(&devices);
+    // Every attached program's switch, glob devices' included (their statuses are not kept).
+    let mut kernel_logs: Vec<bool> = interfaces.iter().filter_map(|i| i.kernel_log).collect();
     let globs = cfg
         .interfaces
         .iter()
@@ -154,6 +164,7 @@ pub fn status(cfg: &Config, daemon: Option<crate::control::reply::Info>) -> Resu
                 .filter(|t| t.glob.as_deref() == Some(&g.name) && t.iface.kind() == g.kind())
                 .map(|t| iface_status(&pins, &t.iface))
                 .collect();
+            kernel_logs.extend(mine.iter().filter_map(|i| i.kernel_log));
             GlobStatus {
                 pattern: g.name.clone(),
                 hook: hook_text(g),
@@ -192,7 +203,9 @@ pub fn status(cfg: &Config, daemon: Option<crate::control::reply::Info>) -> Resu
     let registry = SqliteStore::open_read_only(&cfg.state_dir)
         .and_then(|s| s.counts(jiff::Timestamp::now()))
         .ok();
+    let kernel_log = kernel_logs.into_iter().reduce(|a, b| a || b);
     Ok(Status {
+        kernel_log,
         detached: crate::bpf::detached::read(&cfg.state_dir),
         registry,
         daemon,
@@ -246,6 +259,13 @@ pub fn print_status(s: &Status) {
             scope_text(e.ipv4),
             scope_text(e.ipv6)
         );
+    }
+    match s.kernel_log {
+        Some(true) => println!(
+            "kernel log: on (the programs were loaded with `daemon --kernel-log`; target port25::kernel)"
+        ),
+        Some(false) => println!("kernel log: off"),
+        None => {}
     }
     for i in &s.interfaces {
         let state = if i.attached { "attached" } else { "MISSING" };

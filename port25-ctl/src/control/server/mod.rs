@@ -112,7 +112,9 @@ struct Daemon {
 }
 
 /// `attach`: start even though an operator detached (`daemon --attach`), lifting the marker.
-pub fn run(config_path: &Path, attach: bool) -> Result<()> {
+/// `kernel_log`: load the programs with their debug messages on and forward them
+/// (`daemon --kernel-log`, see [`crate::bpf::klog`]).
+pub fn run(config_path: &Path, attach: bool, kernel_log: bool) -> Result<()> {
     let cfg = Config::load(config_path)?;
     raise_nofile();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -121,7 +123,7 @@ pub fn run(config_path: &Path, attach: bool) -> Result<()> {
     // Absolute, so `reload` can tell a client that names another file (its --config) that
     // this is not the file the daemon reads.
     let config_path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
-    rt.block_on(serve(config_path, cfg, attach))
+    rt.block_on(serve(config_path, cfg, attach, kernel_log))
 }
 
 /// Idle clients each hold a descriptor: systemd's default soft limit (1024) would turn a
@@ -138,7 +140,7 @@ fn raise_nofile() {
     }
 }
 
-async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
+async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool) -> Result<()> {
     // An operator's detach holds until an operator attaches again: a supervisor's restart
     // is not one.
     if !attach {
@@ -164,14 +166,27 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
     // uses them, and only then do their pins replace the old ones.
     let changes = datapath::layout_changes(&pins, &cfg.limits)?;
     let migrating = !changes.is_empty();
+    let opts = datapath::LoadOptions { kernel_log };
     let (mut ebpf, map_pins) = if migrating {
         warn!(
             ?changes,
             "pinned maps differ from this config: migrating to new maps"
         );
-        (datapath::load_staged(&cfg, &pins)?, pins.staging())
+        (datapath::load_staged(&cfg, &pins, opts)?, pins.staging())
     } else {
-        (datapath::load(&cfg, &pins)?, pins.clone())
+        (datapath::load_with(&cfg, &pins, opts)?, pins.clone())
+    };
+    // Read from before the programs attach: their first messages are not lost. Without the
+    // flag the programs carry no log code (pruned by the verifier) and nothing is read.
+    let klog = if kernel_log {
+        let task = crate::bpf::klog::start(&mut ebpf)?;
+        info!(
+            log_target = crate::bpf::klog::TARGET,
+            "kernel debug messages on (--kernel-log)"
+        );
+        Some(task)
+    } else {
+        None
     };
     let mut live = LiveMaps::open(&map_pins)?;
     let mut wall = Wall::new(&mut store)?;
@@ -321,6 +336,10 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool) -> Result<()> {
         }
     }
     acceptor.abort();
+    if let Some(k) = klog {
+        // The programs stay, writing into a ring no one reads until a daemon replaces them.
+        k.abort();
+    }
     let _ = std::fs::remove_file(&d.cfg.socket);
     Ok(())
 }

@@ -3,7 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use port25_ctl::{control::reply::UserDetail, registry::store::Policy};
+use port25_ctl::{
+    control::{proto, reply::UserDetail},
+    registry::store::Policy,
+};
 use port25_tests::{
     lab::{self, Lab},
     pg::Postgres,
@@ -131,4 +134,117 @@ fn a_newer_fleet_schema_is_refused_at_start() {
         "{log}"
     );
     assert_eq!(pg.psql("SELECT version FROM schema_version"), "99");
+}
+
+/// Polls `user show` on `lab` (the replica the daemon's writer applied; its maps are written
+/// in the same step) until `user`'s effective policy is `want`; the time it took.
+fn until_policy(lab: &Lab, user: &str, want: Policy, within: Duration) -> Option<Duration> {
+    let client = lab.client();
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if let Ok(d) = client.call(proto::UserShow { user: user.into() }) {
+            if d.user.effective == want {
+                return Some(t.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+fn two_routers(pg: &Postgres) -> (Lab, Lab) {
+    let mut a = Lab::new(XDP);
+    a.write_config(&registry(pg, "bras-a"));
+    a.start_daemon();
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(pg, "bras-b"));
+    b.start_daemon();
+    (a, b)
+}
+
+#[test]
+fn a_change_through_one_router_reaches_the_other() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (a, b) = two_routers(&pg);
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(!smtp(&b, ALICE4));
+    // alice is known on B only (her session): on A she is registered with the unblock.
+    ok(&a, &["unblock", "alice", "--new", "--reason", "helpdesk"]);
+    assert!(
+        until_policy(&b, "alice", Policy::Unblocked, Duration::from_secs(2)).is_some(),
+        "the unblock reached B"
+    );
+    assert!(smtp(&b, ALICE4), "port 25 opened for alice on B (real TCP)");
+    // She reconnects through A as well.
+    ok(&a, &["session", "up", "alice", ALICE4, "--id", "a1"]);
+    assert!(smtp(&a, ALICE4), "and on A");
+    ok(&b, &["block", "alice"]);
+    assert!(!smtp(&b, ALICE4), "closed on B");
+    assert!(
+        until_policy(&a, "alice", Policy::Blocked, Duration::from_secs(2)).is_some(),
+        "the block reached A"
+    );
+    assert!(!smtp(&a, ALICE4), "closed on A (real TCP)");
+    // Both audited, on both routers, in the fleet's order.
+    let actions = |lab: &Lab| {
+        let log: port25_ctl::control::reply::AuditLog =
+            lab.reply(&["audit", "--user", "alice"]);
+        log.records
+            .into_iter()
+            .filter(|r| r.action == "unblock" || r.action == "block")
+            .map(|r| r.action)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(actions(&a), ["unblock", "block"]);
+    assert_eq!(actions(&b), ["unblock", "block"]);
+    assert_eq!(
+        pg.psql("SELECT string_agg(router || ':' || action, ',' ORDER BY id) FROM audit WHERE action IN ('unblock', 'block')"),
+        "bras-a:unblock,bras-b:block"
+    );
+
+    // Propagation A -> B: from A's acknowledgement to B's writer having applied it.
+    let ca = a.client();
+    let mut took = Vec::new();
+    for i in 0..50 {
+        let (want, t) = if i % 2 == 0 {
+            let t = Instant::now();
+            ca.call(proto::Unblock {
+                user: "alice".into(),
+                for_secs: None,
+                until: None,
+                reason: None,
+                new: false,
+            })
+            .unwrap();
+            (Policy::Unblocked, t)
+        } else {
+            let t = Instant::now();
+            ca.call(proto::Block {
+                user: "alice".into(),
+                reason: None,
+                new: false,
+                hold: false,
+            })
+            .unwrap();
+            (Policy::Blocked, t)
+        };
+        let acked = t.elapsed();
+        let seen = until_policy(&b, "alice", want, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("change {i} never reached B"));
+        took.push((acked, acked + seen));
+    }
+    let mut write: Vec<_> = took.iter().map(|t| t.0).collect();
+    let mut prop: Vec<_> = took.iter().map(|t| t.1).collect();
+    write.sort();
+    prop.sort();
+    let pct = |v: &[Duration], p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
+    eprintln!(
+        "MEASURED fleet (50 changes): policy write on A p50 {:?} p99 {:?}; A -> B applied p50 {:?} p99 {:?}",
+        pct(&write, 50),
+        pct(&write, 99),
+        pct(&prop, 50),
+        pct(&prop, 99)
+    );
+    assert!(pct(&prop, 99) < Duration::from_secs(1), "p99 {:?}", pct(&prop, 99));
 }

@@ -248,3 +248,89 @@ fn a_change_through_one_router_reaches_the_other() {
     );
     assert!(pct(&prop, 99) < Duration::from_secs(1), "p99 {:?}", pct(&prop, 99));
 }
+
+/// The users as the fleet's database has them: `name|policy`, by name.
+fn db_users(pg: &Postgres) -> Vec<String> {
+    pg.psql("SELECT name || '|' || policy FROM users ORDER BY name")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The users as a router's replica has them, in the same form.
+fn replica_users(lab: &Lab) -> Vec<String> {
+    let list: port25_ctl::control::reply::UserList = lab.reply(&["user", "list"]);
+    let mut v: Vec<String> = list
+        .users
+        .into_iter()
+        .map(|r| format!("{}|{}", r.user.name, r.user.policy.as_str()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_database_killed_and_back_every_router_catches_up() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (mut a, b) = two_routers(&pg);
+    ok(&a, &["unblock", "alice", "--new"]);
+    ok(&a, &["session", "up", "alice", ALICE4, "--id", "a1"]);
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(until_policy(&b, "alice", Policy::Unblocked, Duration::from_secs(2)).is_some());
+    assert!(smtp(&a, ALICE4) && smtp(&b, ALICE4));
+
+    pg.kill();
+    // Enforcement and session events carry on; a policy write fails, naming the database.
+    assert!(smtp(&a, ALICE4) && smtp(&b, ALICE4));
+    ok(&a, &["session", "down", "--id", "a1"]);
+    assert!(!smtp(&a, ALICE4), "session down applied without the database");
+    ok(&a, &["session", "up", "alice", ALICE4, "--id", "a2"]);
+    assert!(smtp(&a, ALICE4));
+    let err = b.fails_with(&["block", "alice"], 1);
+    assert!(err.contains(&pg.conn_string()), "{err}");
+
+    // Back: B's change (made before A has reconnected) reaches A from the log.
+    pg.start_server();
+    ok(&b, &["block", "alice"]);
+    ok(&b, &["unblock", "carol", "--new"]);
+    assert!(!smtp(&b, ALICE4));
+    assert!(
+        until_policy(&a, "alice", Policy::Blocked, Duration::from_secs(15)).is_some(),
+        "A caught up after the outage: {}",
+        a.daemon_log()
+    );
+    assert!(!smtp(&a, ALICE4), "closed on A (real TCP)");
+    assert!(until_policy(&a, "carol", Policy::Unblocked, Duration::from_secs(2)).is_some());
+    assert_eq!(replica_users(&a), db_users(&pg), "A equals the database");
+    assert_eq!(replica_users(&b), db_users(&pg), "B equals the database");
+    // Nothing applied twice: one audit record per change on each router.
+    for lab in [&a, &b] {
+        let log: port25_ctl::control::reply::AuditLog = lab.reply(&["audit", "--user", "alice"]);
+        let blocks = log.records.iter().filter(|r| r.action == "block").count();
+        assert_eq!(blocks, 1, "{:?}", log.records);
+    }
+
+    // A restarts with the database down: it enforces from its replica.
+    a.kill9();
+    pg.kill();
+    a.start_daemon();
+    assert!(
+        a.daemon_log().contains("STARTING FROM THE LOCAL REPLICA"),
+        "{}",
+        a.daemon_log()
+    );
+    assert_eq!(effective(&a, "alice"), Policy::Blocked);
+    assert_eq!(effective(&a, "carol"), Policy::Unblocked);
+    assert!(!smtp(&a, ALICE4), "still closed after the restart");
+    ok(&a, &["session", "up", "carol", "100.64.0.3", "--id", "c1"]);
+    assert!(smtp(&a, "100.64.0.3"), "carol's unblock from the replica");
+    pg.start_server();
+    ok(&b, &["unblock", "alice"]);
+    assert!(
+        until_policy(&a, "alice", Policy::Unblocked, Duration::from_secs(15)).is_some(),
+        "A follows again: {}",
+        a.daemon_log()
+    );
+    assert!(smtp(&a, ALICE4));
+}

@@ -515,6 +515,6 @@ async fn follower(cfg: tokio_postgres::Config, name: String, wake: mpsc::Sender<
             return;
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }

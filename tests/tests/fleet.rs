@@ -62,8 +62,19 @@ fn a_policy_change_is_the_fleets_and_fails_clearly_with_the_database_down() {
     require_root!();
     let Some(pg) = Postgres::start() else { return };
     let mut lab = Lab::new(XDP);
-    lab.write_config(&registry(&pg, "bras-a"));
+    // The password is read from its file (the test server trusts the socket: it is sent if
+    // asked for), and never shown.
+    let pw = lab.dir.join("pg.pass");
+    std::fs::write(&pw, "s3cret-pw\n").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    lab.write_config(&format!(
+        "{}  password_file: {}\n",
+        registry(&pg, "bras-a"),
+        pw.display()
+    ));
     lab.start_daemon();
+    let status = ok(&lab, &["--json", "status"]);
+    assert!(status.contains(&pg.conn_string()), "status names the fleet registry: {status}");
     // A session is the router's own: recorded locally, not a fleet change.
     ok(&lab, &["session", "up", "alice", ALICE4, "--id", "a1"]);
     assert_eq!(pg.psql("SELECT count(*) FROM changes"), "0");
@@ -117,6 +128,8 @@ fn a_policy_change_is_the_fleets_and_fails_clearly_with_the_database_down() {
         "blocked"
     );
     assert_eq!(pg.psql("SELECT count(*) FROM changes"), "2");
+    assert!(!lab.daemon_log().contains("s3cret"), "{}", lab.daemon_log());
+    assert!(!ok(&lab, &["--json", "status"]).contains("s3cret"));
 }
 
 #[test]

@@ -74,7 +74,10 @@ fn a_policy_change_is_the_fleets_and_fails_clearly_with_the_database_down() {
     ));
     lab.start_daemon();
     let status = ok(&lab, &["--json", "status"]);
-    assert!(status.contains(&pg.conn_string()), "status names the fleet registry: {status}");
+    assert!(
+        status.contains(&pg.conn_string()),
+        "status names the fleet registry: {status}"
+    );
     // A session is the router's own: recorded locally, not a fleet change.
     ok(&lab, &["session", "up", "alice", ALICE4, "--id", "a1"]);
     assert_eq!(pg.psql("SELECT count(*) FROM changes"), "0");
@@ -201,8 +204,7 @@ fn a_change_through_one_router_reaches_the_other() {
     assert!(!smtp(&a, ALICE4), "closed on A (real TCP)");
     // Both audited, on both routers, in the fleet's order.
     let actions = |lab: &Lab| {
-        let log: port25_ctl::control::reply::AuditLog =
-            lab.reply(&["audit", "--user", "alice"]);
+        let log: port25_ctl::control::reply::AuditLog = lab.reply(&["audit", "--user", "alice"]);
         log.records
             .into_iter()
             .filter(|r| r.action == "unblock" || r.action == "block")
@@ -259,7 +261,11 @@ fn a_change_through_one_router_reaches_the_other() {
         pct(&prop, 50),
         pct(&prop, 99)
     );
-    assert!(pct(&prop, 99) < Duration::from_secs(1), "p99 {:?}", pct(&prop, 99));
+    assert!(
+        pct(&prop, 99) < Duration::from_secs(1),
+        "p99 {:?}",
+        pct(&prop, 99)
+    );
 }
 
 /// The users as the fleet's database has them: `name|policy`, by name.
@@ -297,7 +303,10 @@ fn the_database_killed_and_back_every_router_catches_up() {
     // Enforcement and session events carry on; a policy write fails, naming the database.
     assert!(smtp(&a, ALICE4) && smtp(&b, ALICE4));
     ok(&a, &["session", "down", "--id", "a1"]);
-    assert!(!smtp(&a, ALICE4), "session down applied without the database");
+    assert!(
+        !smtp(&a, ALICE4),
+        "session down applied without the database"
+    );
     ok(&a, &["session", "up", "alice", ALICE4, "--id", "a2"]);
     assert!(smtp(&a, ALICE4));
     let err = b.fails_with(&["block", "alice"], 1);

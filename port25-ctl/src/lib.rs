@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod fleet;
 pub mod metrics;
 pub mod net;
 pub mod policy;

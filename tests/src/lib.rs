@@ -8,6 +8,7 @@ pub mod fuzzgen;
 pub mod kernel;
 pub mod lab;
 pub mod leakgen;
+pub mod pg;
 pub mod sniff;
 pub mod table;
 

@@ -131,6 +131,9 @@ pub fn ensure_lab_tools() -> Result<()> {
         .into_iter()
         .filter(|(bin, _)| Command::new(bin).arg("--version").output().is_err())
         .map(|(_, pkg)| pkg)
+        // The fleet tests run a private PostgreSQL server from Debian's binaries, which are
+        // not on PATH: /usr/lib/postgresql/<version>/bin.
+        .chain(postgres_missing().then_some("postgresql"))
         .collect();
     if !missing.is_empty() {
         run(Command::new("apt-get").arg("update"))?;
@@ -139,6 +142,15 @@ pub fn ensure_lab_tools() -> Result<()> {
             .args(&missing))?;
     }
     Ok(())
+}
+
+fn postgres_missing() -> bool {
+    let Ok(versions) = std::fs::read_dir("/usr/lib/postgresql") else {
+        return true;
+    };
+    !versions
+        .flatten()
+        .any(|v| v.path().join("bin/initdb").exists())
 }
 
 pub fn test(args: &[String]) -> Result<()> {

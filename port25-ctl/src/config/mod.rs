@@ -16,6 +16,8 @@ mod metrics_listen;
 pub use metrics_listen::{MetricsListen, DEFAULT_METRICS_LISTEN};
 mod abuse;
 pub use abuse::Abuse;
+mod registry;
+pub use registry::Registry;
 
 pub const DEFAULT_CONFIG: &str = "/etc/port25/port25.yaml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/port25";
@@ -57,6 +59,9 @@ pub struct Config {
     /// Offender tracking, block events and the likely-infected rule (`top`).
     #[serde(default)]
     pub abuse: Abuse,
+    /// A fleet's shared PostgreSQL registry; absent: the embedded SQLite registry alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<Registry>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -711,6 +716,12 @@ impl Config {
 
     /// Rules that span several fields (so have no single line to point at).
     fn validate(&self) -> Result<(), String> {
+        if let Some(r) = &self.registry {
+            r.validate()?;
+            // At every load (start, reload): a readable-by-others password is refused at
+            // once, not at the first connection.
+            r.password()?;
+        }
         let mut points = BTreeSet::new();
         for i in &self.interfaces {
             if !points.insert(i.attach_point()) {

@@ -525,3 +525,91 @@ fn notify_command_is_a_list_naming_an_absolute_executable() {
     let e = err("abuse:\n  notify_command: [/bin/true, [x]]\n");
     assert!(e.contains("notify_command") || e.contains("string"), "{e}");
 }
+
+#[test]
+fn registry_absent_is_sqlite_alone() {
+    assert_eq!(parse("interfaces: []\n").unwrap().registry, None);
+}
+
+#[test]
+fn registry_section_parses() {
+    let c = parse(
+        "interfaces: []\nregistry:\n  postgres: \"host=db.example.net dbname=port25 user=port25\"\n  router: bras-1\n",
+    )
+    .unwrap();
+    let r = c.registry.unwrap();
+    assert_eq!(r.router_name(), "bras-1");
+    assert_eq!(r.password().unwrap(), None);
+    let c =
+        parse("interfaces: []\nregistry:\n  postgres: \"host=/run/postgresql dbname=port25\"\n")
+            .unwrap();
+    // Default router: the host name.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let host = host.trim();
+    assert_eq!(c.registry.unwrap().router_name(), host);
+}
+
+#[test]
+fn registry_refuses_a_password_in_the_connection_string() {
+    let e = err("interfaces: []\nregistry:\n  postgres: \"host=db dbname=p password=s3cret\"\n");
+    assert!(e.contains("must not hold a password"), "{e}");
+    assert!(!e.contains("s3cret"), "the error repeats the password: {e}");
+    let e = err("interfaces: []\nregistry:\n  postgres: \"postgresql://u:s3cret@db/p\"\n");
+    assert!(e.contains("must not hold a password"), "{e}");
+}
+
+#[test]
+fn registry_refuses_bad_values() {
+    for (yaml, want) in [
+        ("  postgres: \"dbname=p\"\n", "names no host"),
+        ("  postgres: \"host=db\"\n", "names no database"),
+        (
+            "  postgres: \"host=db dbname=p bogus=1\"\n",
+            "not a connection string",
+        ),
+        (
+            "  postgres: \"host=db dbname=p\"\n  router: \"a b\"\n",
+            "registry.router",
+        ),
+        (
+            "  postgres: \"host=db dbname=p\"\n  router: \"\"\n",
+            "registry.router",
+        ),
+        (
+            "  postgres: \"host=db dbname=p\"\n  pasword_file: /x\n",
+            "unknown field",
+        ),
+        (
+            "  postgres: \"host=db dbname=p\"\n  password_file: rel/pw\n",
+            "absolute",
+        ),
+        ("  router: r\n", "missing field `postgres`"),
+    ] {
+        let e = err(&format!("interfaces: []\nregistry:\n{yaml}"));
+        assert!(e.contains(want), "{yaml}: {e}");
+    }
+}
+
+#[test]
+fn registry_password_file_must_be_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pg.pass");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let yaml = format!(
+        "interfaces: []\nregistry:\n  postgres: \"host=db dbname=p\"\n  password_file: {}\n",
+        pw.display()
+    );
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = err(&yaml);
+    assert!(e.contains("mode 644") && e.contains("chmod 0600"), "{e}");
+    assert!(!e.contains("s3cret"), "{e}");
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let c = parse(&yaml).unwrap();
+    assert_eq!(
+        c.registry.unwrap().password().unwrap().as_deref(),
+        Some("s3cret")
+    );
+    let e = err(&yaml.replace(&pw.display().to_string(), "/nonexistent/pg.pass"));
+    assert!(e.contains("/nonexistent/pg.pass"), "{e}");
+}

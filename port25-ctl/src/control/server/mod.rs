@@ -35,6 +35,7 @@ use crate::{
     bpf::pins::Pins,
     config::Config,
     control::reply,
+    fleet::Fleet,
     metrics::{http::MetricsServer, DaemonMetrics, Sources},
     policy::index::Index,
     policy::{self, Clock, Desired},
@@ -85,6 +86,11 @@ struct Daemon {
     ebpf: Ebpf,
     live: LiveMaps,
     store: SqliteStore,
+    /// The fleet's shared registry (`registry:`); `store` is then its local replica.
+    fleet: Option<Fleet>,
+    /// The fleet registry answered at its last use (so an outage is logged once, not at
+    /// every poll).
+    fleet_up: bool,
     /// What the maps were last made equal to; per-change applies move from here.
     applied: Desired,
     /// Each user's entries in `applied`, so a change recomputes only the users it touched.
@@ -160,6 +166,16 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
         info!("the detach marker is lifted (--attach)");
     }
     let mut store = SqliteStore::open(&cfg.state_dir)?;
+    let mut fleet = match &cfg.registry {
+        Some(r) => Some(Fleet::new(r)?),
+        None => None,
+    };
+    // A router that was off catches up before it computes its maps and answers; with the
+    // database down it starts from its replica: enforcement never waits for the database.
+    let fleet_up = match &mut fleet {
+        Some(f) => fleet_start(f, &mut store)?,
+        None => false,
+    };
     audit_forced_wide(&mut store, &cfg, &config_path)?;
     // Pinned maps of another layout (changed `limits`, a new version) are replaced, never
     // reused: new maps are filled first, every link then swaps atomically to a program that
@@ -276,6 +292,8 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
         ebpf,
         live,
         store,
+        fleet,
+        fleet_up,
         applied: want,
         index,
         clock,
@@ -293,6 +311,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
         events,
     };
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1024);
+    let mut fleet_wake = d.fleet.as_ref().map(Fleet::follow);
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -329,6 +348,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
             }
             _ = Events::ready(d.events.as_ref()) => d.log_events(),
             _ = tokio::time::sleep_until(d.flagged.next_scan) => d.scan_offenders(),
+            Some(()) = wake(&mut fleet_wake) => d.follow(),
             _ = tick.tick() => d.reconcile(),
             _ = quick.tick(), if d.dirty => d.reconcile(),
             _ = term.recv() => { info!("SIGTERM: exiting; the pinned programs keep enforcing"); break; }
@@ -350,10 +370,52 @@ impl Daemon {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),
             config: self.config_path.display().to_string(),
-            registry: self.store.path.display().to_string(),
+            registry: match &self.fleet {
+                Some(f) => format!(
+                    "{} (replica of the fleet registry {}, router {})",
+                    self.store.path.display(),
+                    f.name,
+                    f.router
+                ),
+                None => self.store.path.display().to_string(),
+            },
             reconciles: self.reconciles,
             drift_repaired: self.drift_repaired,
         }
+    }
+}
+
+/// Connects to the fleet's database and brings the replica up to date; says whether the
+/// database answered. A schema newer than this binary is refused (a deployment mistake, not
+/// an outage); an unreachable database is not: the replica has the fleet's last policy.
+fn fleet_start(fleet: &mut Fleet, store: &mut SqliteStore) -> Result<bool> {
+    match fleet.check().and_then(|()| fleet.catch_up(store)) {
+        Ok(n) => {
+            info!(registry = %fleet.name, router = %fleet.router, changes = n, "fleet registry: replica up to date");
+            Ok(true)
+        }
+        Err(e)
+            if e.chain()
+                .any(|c| c.is::<crate::fleet::schema::NewerSchema>()) =>
+        {
+            Err(e)
+        }
+        Err(e) => {
+            error!(
+                "{e:#}: STARTING FROM THE LOCAL REPLICA ({}); policy changes fail until the \
+                 database answers, then the replica catches up",
+                store.path.display()
+            );
+            Ok(false)
+        }
+    }
+}
+
+/// The next wake of the fleet follower; never, without a fleet.
+async fn wake(rx: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -46,8 +46,9 @@ impl Daemon {
             || new.socket != self.cfg.socket
             || new.state_dir != self.cfg.state_dir
             || new.read_group != self.cfg.read_group
+            || new.registry != self.cfg.registry
         {
-            crate::registry::refuse!("pin_dir, socket, state_dir and read_group cannot change on reload; restart the daemon");
+            crate::registry::refuse!("pin_dir, socket, state_dir, read_group and registry cannot change on reload; restart the daemon");
         }
         // What the new config asks of the kernel side (other `limits`, XDP on a device that
         // cannot take it) is the operator's request refused, not a failure of the daemon.
@@ -161,16 +162,112 @@ impl Daemon {
         }
     }
 
-    /// Runs a registry change: rules and audit in one transaction, the resulting map state
-    /// checked to fit, committed (durable), then applied to the maps. Only the users the
-    /// transaction touched are recomputed; a change of runtime entries rebuilds everything.
+    /// Runs a policy change. With a fleet registry, it is the fleet's: under the fleet's
+    /// write lock the replica first catches up with the log, then the change is published
+    /// to the fleet before it commits here (see [`crate::fleet`]); the database unreachable,
+    /// it fails at once and nothing changes here.
     pub(super) fn change<R>(
         &mut self,
         f: impl FnOnce(&mut dyn Tx, jiff::Timestamp) -> Result<R>,
     ) -> Result<R> {
+        let Some(fleet) = self.fleet.as_mut() else {
+            return self.change_in(false, f);
+        };
+        let r = fleet.begin().and_then(|()| self.catch_up_locked());
+        self.fleet_seen(&r);
+        if let Err(e) = r {
+            if let Some(fleet) = self.fleet.as_mut() {
+                fleet.rollback();
+            }
+            return Err(e);
+        }
+        let r = self.change_in(true, f);
+        self.fleet_seen(&r);
+        r
+    }
+
+    /// A change that is this router's alone (sessions, their events): never waits for,
+    /// nor needs, the fleet's database.
+    pub(super) fn change_local<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn Tx, jiff::Timestamp) -> Result<R>,
+    ) -> Result<R> {
+        self.change_in(false, f)
+    }
+
+    /// Applies the fleet's changes the replica has not seen, in order, each once.
+    pub(super) fn follow(&mut self) {
+        let r = self.catch_up();
+        self.fleet_seen(&r);
+        if let Err(e) = r {
+            // Logged once per outage by fleet_seen; a local failure is always told.
+            if self.fleet_up {
+                error!("following the fleet registry: {e:#}");
+            }
+        }
+    }
+
+    fn catch_up(&mut self) -> Result<()> {
+        loop {
+            let mark = self.store.read()?.replica_mark()?;
+            let Some(fleet) = self.fleet.as_mut() else {
+                return Ok(());
+            };
+            let changes = fleet.changes_after(mark)?;
+            if changes.is_empty() {
+                return Ok(());
+            }
+            for c in &changes {
+                self.apply_change(c)?;
+            }
+        }
+    }
+
+    /// As [`Daemon::catch_up`], inside a policy change (the fleet's write lock held).
+    fn catch_up_locked(&mut self) -> Result<()> {
+        self.catch_up()
+    }
+
+    fn apply_change(&mut self, c: &crate::fleet::Change) -> Result<()> {
+        self.change_local(|tx, _| {
+            if tx.replica_mark()? >= c.id {
+                return Ok(());
+            }
+            crate::fleet::apply_rows(tx, &c.rows)?;
+            tx.set_replica_mark(c.id)
+        })
+        .map_err(|e| e.context(format!("applying fleet change {} from {}", c.id, c.router)))
+    }
+
+    /// Logs the fleet registry going away and coming back, once each.
+    fn fleet_seen<R>(&mut self, r: &Result<R>) {
+        let Some(fleet) = &self.fleet else { return };
+        // Only the database's own failures count (a refusal of the rules is no outage).
+        let down = matches!(r, Err(e) if format!("{e:#}").contains(&fleet.name));
+        if down && self.fleet_up {
+            error!("the fleet registry is unreachable: enforcing from the local replica; policy changes fail until it answers");
+        } else if r.is_ok() && !self.fleet_up {
+            info!(registry = %fleet.name, "the fleet registry answers again");
+        }
+        self.fleet_up = !down;
+    }
+
+    /// Runs a registry change: rules and audit in one transaction, the resulting map state
+    /// checked to fit, committed (durable), then applied to the maps. Only the users the
+    /// transaction touched are recomputed; a change of runtime entries rebuilds everything.
+    fn change_in<R>(
+        &mut self,
+        fleet: bool,
+        f: impl FnOnce(&mut dyn Tx, jiff::Timestamp) -> Result<R>,
+    ) -> Result<R> {
         let now = self.wall.now();
         let (wall, boot) = self.clock.at(now);
-        let mut rec = Recording::new(self.store.begin()?);
+        let local = self.store.begin()?;
+        let inner: Box<dyn Tx + '_> = match self.fleet.as_mut() {
+            Some(fl) if fleet => Box::new(crate::fleet::FleetTx::new(local, fl)),
+            _ => local,
+        };
+        let mut rec = Recording::new(inner);
         let r = f(&mut rec, now)?;
         if rec.entries {
             let snap = crate::registry::store::snapshot_of(&rec)?;

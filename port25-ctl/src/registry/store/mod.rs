@@ -183,6 +183,15 @@ pub trait Tx {
     fn append_audit(&mut self, r: &AuditRecord) -> Result<()>;
     fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>>;
 
+    /// A fleet replica's position in the fleet's change log: the id of the last change
+    /// applied (0: none). A store that is no replica has none.
+    fn replica_mark(&self) -> Result<i64> {
+        Ok(0)
+    }
+    fn set_replica_mark(&mut self, _id: i64) -> Result<()> {
+        anyhow::bail!("this registry is no fleet replica")
+    }
+
     fn commit(self: Box<Self>) -> Result<()>;
 }
 
@@ -309,6 +318,12 @@ impl Tx for Recording<'_> {
     }
     fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
         self.inner.audit(q)
+    }
+    fn replica_mark(&self) -> Result<i64> {
+        self.inner.replica_mark()
+    }
+    fn set_replica_mark(&mut self, id: i64) -> Result<()> {
+        self.inner.set_replica_mark(id)
     }
     fn commit(self: Box<Self>) -> Result<()> {
         self.inner.commit()

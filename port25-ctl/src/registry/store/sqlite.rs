@@ -83,6 +83,14 @@ ALTER TABLE users ADD COLUMN hold_reason TEXT;
 ALTER TABLE users ADD COLUMN hold_by TEXT;
 ALTER TABLE users ADD COLUMN hold_at INTEGER;
 "#,
+    r#"
+-- With a fleet registry (`registry:` in the config) this file is the router's replica of the
+-- fleet's policy: the id of the last change of the fleet's change log applied here.
+CREATE TABLE replica (
+    one            INTEGER PRIMARY KEY CHECK (one = 1),
+    last_change_id INTEGER NOT NULL
+);
+"#,
 ];
 
 pub struct SqliteStore {
@@ -572,6 +580,23 @@ impl Tx for SqliteTx<'_> {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn replica_mark(&self) -> Result<i64> {
+        Ok(self
+            .tx
+            .query_row("SELECT last_change_id FROM replica", [], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    fn set_replica_mark(&mut self, id: i64) -> Result<()> {
+        self.tx.execute(
+            "INSERT INTO replica (one, last_change_id) VALUES (1, ?1) \
+             ON CONFLICT(one) DO UPDATE SET last_change_id = excluded.last_change_id",
+            [id],
+        )?;
+        Ok(())
     }
 
     fn commit(self: Box<Self>) -> Result<()> {

@@ -1,0 +1,520 @@
+//! A fleet's shared registry on PostgreSQL (`registry:` in the config).
+//!
+//! PostgreSQL is the fleet's source of truth and its ordered change log; each router's SQLite
+//! registry stays its local replica of the fleet policy and the sole authority for its own
+//! sessions. So the read verbs, a restart with the database down, session events and timed
+//! expiries work locally, as without a fleet.
+//!
+//! A policy change (unblock, block, hold, bind, exempt, user add/remove...) runs in one
+//! PostgreSQL transaction under one advisory lock (all policy writes of the fleet, one at a
+//! time, so change ids commit in id order): the replica first catches up with the log, the
+//! registry rules run on it, their row writes go to the fleet's tables and one `changes` row,
+//! `NOTIFY port25_changes`, commit; then the same transaction commits locally with the change
+//! id. Other routers' followers (LISTEN, and a periodic poll) apply the change in their
+//! single writer, in id order, once (an id at or below the replica's mark is skipped).
+
+pub mod schema;
+mod tx;
+
+use std::{
+    future::Future,
+    sync::{mpsc as std_mpsc, Arc},
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tracing::{info, warn};
+
+pub use tx::FleetTx;
+
+use crate::{
+    config::Registry,
+    net::Prefix,
+    registry::store::{AuditRecord, Binding, Entry, EntryKind, Tx, User},
+};
+
+/// The NOTIFY channel of the change log; the payload is the change id.
+pub const CHANNEL: &str = "port25_changes";
+/// `pg_advisory_xact_lock` key held by every policy write of the fleet.
+const WRITE_LOCK: i64 = 0x7032_3566_7772; // "p25fwr"
+/// A policy write, or a catch-up read, that takes longer fails: the operator hears at once
+/// that the database is unreachable rather than waiting on it.
+pub const TIMEOUT: Duration = Duration::from_secs(2);
+/// The follower's safety net: the log is read this often even without a notification.
+pub const POLL: Duration = Duration::from_secs(5);
+
+/// One row-level write of a change, as the fleet's tables and every replica apply it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Row {
+    PutUser { user: User },
+    DeleteUser { name: String },
+    PutBinding { binding: Binding },
+    DeleteBinding { binding: Binding },
+    PutEntry { entry: Entry },
+    DeleteEntry { kind: EntryKind, prefix: Prefix },
+    Audit { record: AuditRecord },
+}
+
+/// One entry of the change log.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub id: i64,
+    pub router: String,
+    pub rows: Vec<Row>,
+}
+
+/// Applies a change's rows to a replica. Idempotent (upserts, deletes), except the audit
+/// records, which the replica's mark keeps from being appended twice.
+pub fn apply_rows(tx: &mut dyn Tx, rows: &[Row]) -> Result<()> {
+    for row in rows {
+        match row {
+            Row::PutUser { user } => tx.put_user(user)?,
+            Row::DeleteUser { name } => {
+                // The user's sessions on this router go with them (as `user remove` does
+                // on the router it was given to).
+                for s in tx.sessions_of(name)? {
+                    tx.delete_session(&s.id)?;
+                }
+                tx.delete_user(name)?;
+            }
+            Row::PutBinding { binding } => tx.put_binding(binding)?,
+            Row::DeleteBinding { binding } => {
+                tx.delete_binding(binding)?;
+            }
+            Row::PutEntry { entry } => tx.put_entry(entry)?,
+            Row::DeleteEntry { kind, prefix } => {
+                tx.delete_entry(*kind, prefix)?;
+            }
+            Row::Audit { record } => tx.append_audit(record)?,
+        }
+    }
+    Ok(())
+}
+
+/// The connection to the fleet's database, driven on a runtime of its own: the daemon's
+/// writer is synchronous (it blocks on SQLite too), so it waits for each answer, bounded by
+/// [`TIMEOUT`], on a plain channel, never inside the daemon's runtime.
+pub struct Fleet {
+    /// Always `Some` until dropped (a runtime must not be dropped inside the daemon's own).
+    rt: Option<tokio::runtime::Runtime>,
+    conn: tokio_postgres::Config,
+    client: Option<Conn>,
+    /// A transaction is open on `client` (the write lock is held).
+    in_tx: bool,
+    pub router: String,
+    /// How errors and `status` name the database (never with a password).
+    pub name: String,
+}
+
+struct Conn {
+    client: Arc<Client>,
+    /// Drives the socket; aborted to drop a connection that timed out mid-transaction (the
+    /// server then rolls back and releases the lock).
+    driver: tokio::task::AbortHandle,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl Fleet {
+    pub fn new(reg: &Registry) -> Result<Fleet> {
+        let mut conn: tokio_postgres::Config = reg
+            .postgres
+            .parse()
+            .context("registry.postgres: not a connection string")?;
+        if let Some(pw) = reg.password().map_err(|e| anyhow!(e))? {
+            conn.password(pw);
+        }
+        conn.connect_timeout(TIMEOUT);
+        conn.application_name("port25-ctl");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("port25-fleet")
+            .enable_all()
+            .build()?;
+        Ok(Fleet {
+            rt: Some(rt),
+            conn,
+            client: None,
+            in_tx: false,
+            router: reg.router_name(),
+            name: reg.describe(),
+        })
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt
+            .as_ref()
+            .expect("the fleet runtime lives as long as the Fleet")
+    }
+
+    /// The connection string with a password from `password_file`, for a second connection.
+    pub fn conn_config(&self) -> tokio_postgres::Config {
+        self.conn.clone()
+    }
+
+    /// An error as the operator reads it: which database, and what happened.
+    fn named(&self, e: impl Into<anyhow::Error>) -> anyhow::Error {
+        e.into().context(format!("fleet registry {}", self.name))
+    }
+
+    fn connect(&mut self) -> Result<Arc<Client>> {
+        if let Some(c) = &self.client {
+            if !c.client.is_closed() {
+                return Ok(c.client.clone());
+            }
+            self.client = None;
+            self.in_tx = false;
+        }
+        let cfg = self.conn.clone();
+        let (tx, rx) = std_mpsc::channel();
+        self.rt().spawn(async move {
+            let r = async {
+                let (client, conn) = cfg.connect(NoTls).await?;
+                let driver = tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        warn!("fleet registry connection: {e}");
+                    }
+                })
+                .abort_handle();
+                client
+                    .batch_execute(&format!(
+                        "SET statement_timeout = {0}; SET lock_timeout = {0}",
+                        TIMEOUT.as_millis()
+                    ))
+                    .await?;
+                schema::migrate(&client).await?;
+                Ok::<_, anyhow::Error>(Conn {
+                    client: Arc::new(client),
+                    driver,
+                })
+            }
+            .await;
+            let _ = tx.send(r);
+        });
+        let conn = match rx.recv_timeout(TIMEOUT + Duration::from_secs(1)) {
+            Ok(r) => r.map_err(|e| self.named(e))?,
+            Err(_) => return Err(self.named(anyhow!("no answer within {TIMEOUT:?}"))),
+        };
+        let client = conn.client.clone();
+        self.client = Some(conn);
+        Ok(client)
+    }
+
+    /// Runs `f` on the connection and waits for it, at most [`TIMEOUT`] (plus the connect).
+    fn run<T, F, Fut>(&mut self, f: F) -> Result<T>
+    where
+        F: FnOnce(Arc<Client>) -> Fut,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let client = self.connect()?;
+        let fut = f(client);
+        let (tx, rx) = std_mpsc::channel();
+        self.rt().spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        match rx.recv_timeout(TIMEOUT + Duration::from_millis(500)) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if self.client.as_ref().is_some_and(|c| c.client.is_closed()) {
+                    self.drop_connection();
+                }
+                Err(self.named(e))
+            }
+            Err(_) => {
+                self.drop_connection();
+                Err(self.named(anyhow!("no answer within {TIMEOUT:?}")))
+            }
+        }
+    }
+
+    fn drop_connection(&mut self) {
+        self.client = None;
+        self.in_tx = false;
+    }
+
+    /// Connects (migrating the schema if it is older) and says whether the database answers.
+    pub fn check(&mut self) -> Result<()> {
+        self.connect().map(|_| ())
+    }
+
+    /// Opens the write transaction: from here until [`Fleet::publish`] or
+    /// [`Fleet::rollback`], no other router writes policy.
+    pub fn begin(&mut self) -> Result<()> {
+        if self.in_tx {
+            self.rollback();
+        }
+        self.run(|c| async move {
+            c.batch_execute("BEGIN").await?;
+            c.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+                .await?;
+            Ok(())
+        })?;
+        self.in_tx = true;
+        Ok(())
+    }
+
+    /// Ends an open write transaction without a change (a refusal, a failure).
+    pub fn rollback(&mut self) {
+        if !self.in_tx {
+            return;
+        }
+        self.in_tx = false;
+        if let Err(e) = self.run(|c| async move { Ok(c.batch_execute("ROLLBACK").await?) }) {
+            warn!("{e:#}; dropping the connection");
+            self.drop_connection();
+        }
+    }
+
+    /// The changes after `mark`, oldest first.
+    pub fn changes_after(&mut self, mark: i64) -> Result<Vec<Change>> {
+        self.run(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT id, router, rows FROM changes WHERE id > $1 ORDER BY id LIMIT 10000",
+                    &[&mark],
+                )
+                .await?;
+            rows.into_iter()
+                .map(|r| {
+                    let id: i64 = r.get(0);
+                    let body: serde_json::Value = r.get(2);
+                    Ok(Change {
+                        id,
+                        router: r.get(1),
+                        rows: serde_json::from_value(body)
+                            .with_context(|| format!("fleet change {id} is unreadable"))?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Writes `rows` to the fleet's tables and the change log, notifies, and commits the
+    /// open write transaction. Returns the change id.
+    pub fn publish(&mut self, actor: String, rows: Vec<Row>) -> Result<i64> {
+        anyhow::ensure!(self.in_tx, "no fleet write transaction is open");
+        let router = self.router.clone();
+        let r = self.run(move |c| async move {
+            for row in &rows {
+                write_row(&c, &router, row).await?;
+            }
+            let body = serde_json::to_value(&rows)?;
+            let id: i64 = c
+                .query_one(
+                    "INSERT INTO changes (router, actor, rows) VALUES ($1, $2, $3) RETURNING id",
+                    &[&router, &actor, &body],
+                )
+                .await?
+                .get(0);
+            c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id.to_string()])
+                .await?;
+            c.batch_execute("COMMIT").await?;
+            Ok(id)
+        });
+        self.in_tx = false;
+        if r.is_err() {
+            // Whatever state the server's transaction is in, a fresh connection is clean.
+            self.drop_connection();
+        }
+        r
+    }
+
+    /// Brings a replica up to the log's end (at start, before the maps are computed from
+    /// it): each batch of changes in one local transaction.
+    pub fn catch_up(&mut self, store: &mut dyn crate::registry::store::Store) -> Result<usize> {
+        let mut n = 0;
+        loop {
+            let mark = store.begin()?.replica_mark()?;
+            let changes = self.changes_after(mark)?;
+            if changes.is_empty() {
+                return Ok(n);
+            }
+            let mut tx = store.begin()?;
+            for c in &changes {
+                apply_rows(&mut *tx, &c.rows)
+                    .with_context(|| format!("applying fleet change {}", c.id))?;
+                tx.set_replica_mark(c.id)?;
+            }
+            tx.commit()?;
+            n += changes.len();
+        }
+    }
+
+    /// Starts the follower: a connection of its own that LISTENs, and wakes the writer on a
+    /// notification, on (re)connecting, and every [`POLL`]. Wakes carry nothing: the writer
+    /// reads the log itself, in order.
+    pub fn follow(&self) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel(1);
+        let cfg = self.conn.clone();
+        let name = self.name.clone();
+        self.rt().spawn(follower(cfg, name, tx));
+        rx
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.client = None;
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn write_row(c: &Client, router: &str, row: &Row) -> Result<()> {
+    fn ts(t: jiff::Timestamp) -> i64 {
+        t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
+    }
+    match row {
+        Row::PutUser { user: u } => {
+            c.execute(
+                "INSERT INTO users (name, policy, until, reason, set_by, set_at, hold_reason, \
+                 hold_by, hold_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (name) DO UPDATE SET policy = EXCLUDED.policy, \
+                 until = EXCLUDED.until, reason = EXCLUDED.reason, set_by = EXCLUDED.set_by, \
+                 set_at = EXCLUDED.set_at, hold_reason = EXCLUDED.hold_reason, \
+                 hold_by = EXCLUDED.hold_by, hold_at = EXCLUDED.hold_at",
+                &[
+                    &u.name,
+                    &u.policy.as_str(),
+                    &u.until.map(ts),
+                    &u.reason,
+                    &u.set_by,
+                    &ts(u.set_at),
+                    &u.hold.as_ref().map(|h| h.reason.clone()),
+                    &u.hold.as_ref().map(|h| h.by.clone()),
+                    &u.hold.as_ref().map(|h| ts(h.at)),
+                ],
+            )
+            .await?;
+        }
+        Row::DeleteUser { name } => {
+            c.execute("DELETE FROM users WHERE name = $1", &[name])
+                .await?;
+        }
+        Row::PutBinding { binding: b } => {
+            c.execute(
+                "INSERT INTO bindings (user_name, prefix) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&b.user, &b.prefix.to_string()],
+            )
+            .await?;
+        }
+        Row::DeleteBinding { binding: b } => {
+            c.execute(
+                "DELETE FROM bindings WHERE user_name = $1 AND prefix = $2",
+                &[&b.user, &b.prefix.to_string()],
+            )
+            .await?;
+        }
+        Row::PutEntry { entry: e } => {
+            c.execute(
+                "INSERT INTO entries (kind, prefix, until, note, added_by, added_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (kind, prefix) DO UPDATE SET \
+                 until = EXCLUDED.until, note = EXCLUDED.note, added_by = EXCLUDED.added_by, \
+                 added_at = EXCLUDED.added_at",
+                &[
+                    &e.kind.as_str(),
+                    &e.prefix.to_string(),
+                    &e.until.map(ts),
+                    &e.note,
+                    &e.added_by,
+                    &ts(e.added_at),
+                ],
+            )
+            .await?;
+        }
+        Row::DeleteEntry { kind, prefix } => {
+            c.execute(
+                "DELETE FROM entries WHERE kind = $1 AND prefix = $2",
+                &[&kind.as_str(), &prefix.to_string()],
+            )
+            .await?;
+        }
+        Row::Audit { record: r } => {
+            c.execute(
+                "INSERT INTO audit (router, at, actor, action, subject, old, new, reason) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &router,
+                    &ts(r.at),
+                    &r.actor,
+                    &r.action,
+                    &r.subject,
+                    &r.old,
+                    &r.new,
+                    &r.reason,
+                ],
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Holds a LISTEN connection for as long as the daemon runs, reconnecting with backoff.
+async fn follower(cfg: tokio_postgres::Config, name: String, wake: mpsc::Sender<()>) {
+    use futures_util::StreamExt as _;
+    let mut backoff = Duration::from_millis(500);
+    let mut down_logged = false;
+    loop {
+        match cfg.connect(NoTls).await {
+            Ok((client, mut conn)) => {
+                let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                let sql = format!("LISTEN {CHANNEL}");
+                let listen = client.batch_execute(&sql);
+                // The connection must be driven for the LISTEN to complete.
+                let listened = tokio::select! {
+                    r = listen => r.map_err(anyhow::Error::from),
+                    m = messages.next() => Err(anyhow!("connection ended: {m:?}")),
+                };
+                match listened {
+                    Ok(()) => {
+                        if down_logged {
+                            info!(registry = %name, "fleet registry reachable again: catching up");
+                        }
+                        down_logged = false;
+                        backoff = Duration::from_millis(500);
+                        // Changes made while not listening: read the log now.
+                        let _ = wake.try_send(());
+                        let mut poll = tokio::time::interval(POLL);
+                        loop {
+                            tokio::select! {
+                                m = messages.next() => match m {
+                                    Some(Ok(AsyncMessage::Notification(_))) => {
+                                        let _ = wake.try_send(());
+                                    }
+                                    Some(Ok(_)) => {}
+                                    Some(Err(e)) => { warn!(registry = %name, "fleet follower: {e}"); break; }
+                                    None => break,
+                                },
+                                _ = poll.tick() => { let _ = wake.try_send(()); }
+                                _ = wake.closed() => return,
+                            }
+                        }
+                    }
+                    Err(e) => warn!(registry = %name, "fleet follower: LISTEN failed: {e:#}"),
+                }
+            }
+            Err(e) => {
+                if !down_logged {
+                    warn!(registry = %name, "the fleet registry is unreachable ({e}): enforcing from the local replica, retrying");
+                    down_logged = true;
+                }
+            }
+        }
+        if wake.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

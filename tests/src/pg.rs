@@ -1,0 +1,201 @@
+//! A private PostgreSQL server for one test: Debian's binaries (`cargo xtask test` installs
+//! the `postgresql` package), a cluster in a temp dir owned by `nobody`, listening on a unix
+//! socket in that dir only (no TCP port shared with other tests). Stopped and removed on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+/// The superuser and database the tests use.
+pub const USER: &str = "port25";
+pub const DB: &str = "port25";
+
+pub struct Postgres {
+    pub dir: PathBuf,
+    bin: PathBuf,
+}
+
+/// The newest installed server's binaries (`/usr/lib/postgresql/<version>/bin`).
+pub fn bin_dir() -> Option<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, b)| b)
+}
+
+fn run(what: &str, cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(out.status.success(), "{what}: {}", crate::text(&out));
+    out
+}
+
+impl Postgres {
+    /// Starts a server, or `None` (the caller skips, and says why) when not root or when
+    /// PostgreSQL is not installed.
+    pub fn start() -> Option<Postgres> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: PostgreSQL tests need root (to run the server as nobody)");
+            return None;
+        }
+        let Some(bin) = bin_dir() else {
+            eprintln!("SKIP: no /usr/lib/postgresql/*/bin/initdb (`cargo xtask test` installs it)");
+            return None;
+        };
+        let dir = std::env::temp_dir().join(format!("port25-pg-{}", crate::unique("")));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nobody = nix::unistd::User::from_name("nobody")
+            .unwrap()
+            .expect("user nobody");
+        nix::unistd::chown(&dir, Some(nobody.uid), Some(nobody.gid)).unwrap();
+        let pg = Postgres { dir, bin };
+        run(
+            "initdb",
+            pg.as_nobody("initdb").args([
+                "-D",
+                &pg.data().display().to_string(),
+                "-U",
+                USER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]),
+        );
+        pg.start_server();
+        run(
+            "createdb",
+            Command::new(pg.bin.join("createdb")).args([
+                "-h",
+                &pg.dir.display().to_string(),
+                "-U",
+                USER,
+                DB,
+            ]),
+        );
+        Some(pg)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn as_nobody(&self, tool: &str) -> Command {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--"])
+            .arg(self.bin.join(tool))
+            .current_dir(&self.dir);
+        c
+    }
+
+    /// Starts the server (again, after [`Postgres::kill`]) and waits until it answers.
+    pub fn start_server(&self) {
+        let log = self.dir.join("server.log");
+        run(
+            "pg_ctl start",
+            self.as_nobody("pg_ctl").args([
+                "-D",
+                &self.data().display().to_string(),
+                "-l",
+                &log.display().to_string(),
+                "-w",
+                "-o",
+                &format!(
+                    "-c listen_addresses='' -c unix_socket_directories='{}' -c fsync=off",
+                    self.dir.display()
+                ),
+                "start",
+            ]),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.ready() {
+            assert!(Instant::now() < deadline, "PostgreSQL did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn ready(&self) -> bool {
+        Command::new(self.bin.join("pg_isready"))
+            .args(["-h", &self.dir.display().to_string(), "-U", USER])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Stops the server at once, as a crash would (no checkpoint, connections cut).
+    pub fn kill(&self) {
+        run(
+            "pg_ctl stop",
+            self.as_nobody("pg_ctl").args([
+                "-D",
+                &self.data().display().to_string(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ]),
+        );
+    }
+
+    /// The libpq-style connection string for `registry.postgres`.
+    pub fn conn_string(&self) -> String {
+        format!("host={} dbname={DB} user={USER}", self.dir.display())
+    }
+
+    /// Runs SQL with psql; the rows unaligned, `|`-separated, one per line.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = run(
+            "psql",
+            Command::new(self.bin.join("psql")).args([
+                "-h",
+                &self.dir.display().to_string(),
+                "-U",
+                USER,
+                "-d",
+                DB,
+                "-X",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ]),
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim_end()
+            .to_string()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_nobody("pg_ctl")
+            .args([
+                "-D",
+                &self.data().display().to_string(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,358 @@
+//! The fleet registry on PostgreSQL (issue 11): a private PostgreSQL server from Debian's
+//! packages (see `port25_tests::pg`), real daemons in the namespace lab, real TCP.
+
+use std::time::{Duration, Instant};
+
+use port25_ctl::{
+    control::{proto, reply::UserDetail},
+    registry::store::Policy,
+};
+use port25_tests::{
+    lab::{self, Lab},
+    pg::Postgres,
+    require_root, text,
+};
+
+#[test]
+fn private_postgres_runs_as_nobody_and_stops() {
+    let Some(pg) = Postgres::start() else { return };
+    assert_eq!(pg.psql("SELECT 1 + 1"), "2");
+    assert_eq!(pg.psql("SELECT current_user"), "port25");
+    let uid = std::fs::metadata(pg.path().join("data/PG_VERSION"))
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap();
+    assert_ne!(uid, 0, "the cluster belongs to nobody");
+    pg.kill();
+    pg.start_server();
+    assert_eq!(pg.psql("SELECT 2"), "2");
+}
+
+const XDP: &str = "  - name: rs\n    hook: xdp\n    xdp_mode: native";
+/// alice's address in the lab's subscriber namespace.
+const ALICE4: &str = "100.64.0.2";
+
+fn registry(pg: &Postgres, router: &str) -> String {
+    format!(
+        "registry:\n  postgres: \"{}\"\n  router: {router}\n",
+        pg.conn_string()
+    )
+}
+
+fn ok(lab: &Lab, args: &[&str]) -> String {
+    let o = lab.ctl(args);
+    assert!(
+        o.status.success(),
+        "port25-ctl {args:?} should succeed: {}",
+        text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn smtp(lab: &Lab, src: &str) -> bool {
+    lab.can_connect(src.parse().unwrap(), lab::v4().ext, 25)
+}
+
+fn effective(lab: &Lab, user: &str) -> Policy {
+    let show: UserDetail = lab.reply(&["user", "show", user]);
+    show.user.effective
+}
+
+#[test]
+fn a_policy_change_is_the_fleets_and_fails_clearly_with_the_database_down() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut lab = Lab::new(XDP);
+    // The password is read from its file (the test server trusts the socket: it is sent if
+    // asked for), and never shown.
+    let pw = lab.dir.join("pg.pass");
+    std::fs::write(&pw, "s3cret-pw\n").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    lab.write_config(&format!(
+        "{}  password_file: {}\n",
+        registry(&pg, "bras-a"),
+        pw.display()
+    ));
+    lab.start_daemon();
+    let status = ok(&lab, &["--json", "status"]);
+    assert!(
+        status.contains(&pg.conn_string()),
+        "status names the fleet registry: {status}"
+    );
+    // A session is the router's own: recorded locally, not a fleet change.
+    ok(&lab, &["session", "up", "alice", ALICE4, "--id", "a1"]);
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), "0");
+    assert!(!smtp(&lab, ALICE4));
+    ok(&lab, &["unblock", "alice", "--reason", "ticket 1"]);
+    assert!(smtp(&lab, ALICE4), "the unblock reached this router's maps");
+    assert_eq!(
+        pg.psql("SELECT policy, reason FROM users WHERE name = 'alice'"),
+        "unblocked|ticket 1"
+    );
+    assert_eq!(
+        pg.psql("SELECT router, rows->0->>'op', rows->0->'user'->>'name' FROM changes"),
+        "bras-a|put_user|alice"
+    );
+    assert_eq!(
+        pg.psql("SELECT router, action FROM audit WHERE subject = 'alice'"),
+        "bras-a|unblock"
+    );
+    assert_eq!(pg.psql("SELECT version FROM schema_version"), "1");
+
+    pg.kill();
+    let t = Instant::now();
+    let err = lab.fails_with(&["block", "alice"], 1);
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "a write with the database down fails at once: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        err.contains("fleet registry PostgreSQL") && err.contains(&pg.conn_string()),
+        "the error names the database: {err}"
+    );
+    assert!(smtp(&lab, ALICE4), "nothing changed in the maps");
+    assert_eq!(
+        effective(&lab, "alice"),
+        Policy::Unblocked,
+        "nor in the replica"
+    );
+    let err = lab.fails_with(&["unblock", "bob", "--new"], 1);
+    assert!(err.contains("fleet registry"), "{err}");
+    // Session events carry on without the database.
+    ok(&lab, &["session", "down", "--id", "a1"]);
+    ok(&lab, &["session", "up", "alice", ALICE4, "--id", "a2"]);
+    assert!(smtp(&lab, ALICE4), "enforcement from the local policy");
+    // Back: the next change goes through.
+    pg.start_server();
+    ok(&lab, &["block", "alice"]);
+    assert!(!smtp(&lab, ALICE4));
+    assert_eq!(
+        pg.psql("SELECT policy FROM users WHERE name = 'alice'"),
+        "blocked"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), "2");
+    assert!(!lab.daemon_log().contains("s3cret"), "{}", lab.daemon_log());
+    assert!(!ok(&lab, &["--json", "status"]).contains("s3cret"));
+}
+
+#[test]
+fn a_newer_fleet_schema_is_refused_at_start() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    pg.psql("CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (99)");
+    let mut lab = Lab::new(XDP);
+    lab.write_config(&registry(&pg, "bras-a"));
+    let log = lab
+        .try_start_daemon()
+        .expect_err("a newer schema is refused");
+    assert!(
+        log.contains("version 99, newer than this port25-ctl knows"),
+        "{log}"
+    );
+    assert_eq!(pg.psql("SELECT version FROM schema_version"), "99");
+}
+
+/// Polls `user show` on `lab` (the replica the daemon's writer applied; its maps are written
+/// in the same step) until `user`'s effective policy is `want`; the time it took.
+fn until_policy(lab: &Lab, user: &str, want: Policy, within: Duration) -> Option<Duration> {
+    let client = lab.client();
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if let Ok(d) = client.call(proto::UserShow { user: user.into() }) {
+            if d.user.effective == want {
+                return Some(t.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+fn two_routers(pg: &Postgres) -> (Lab, Lab) {
+    let mut a = Lab::new(XDP);
+    a.write_config(&registry(pg, "bras-a"));
+    a.start_daemon();
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(pg, "bras-b"));
+    b.start_daemon();
+    (a, b)
+}
+
+#[test]
+fn a_change_through_one_router_reaches_the_other() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (a, b) = two_routers(&pg);
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(!smtp(&b, ALICE4));
+    // alice is known on B only (her session): on A she is registered with the unblock.
+    ok(&a, &["unblock", "alice", "--new", "--reason", "helpdesk"]);
+    assert!(
+        until_policy(&b, "alice", Policy::Unblocked, Duration::from_secs(2)).is_some(),
+        "the unblock reached B"
+    );
+    assert!(smtp(&b, ALICE4), "port 25 opened for alice on B (real TCP)");
+    // She reconnects through A as well.
+    ok(&a, &["session", "up", "alice", ALICE4, "--id", "a1"]);
+    assert!(smtp(&a, ALICE4), "and on A");
+    ok(&b, &["block", "alice"]);
+    assert!(!smtp(&b, ALICE4), "closed on B");
+    assert!(
+        until_policy(&a, "alice", Policy::Blocked, Duration::from_secs(2)).is_some(),
+        "the block reached A"
+    );
+    assert!(!smtp(&a, ALICE4), "closed on A (real TCP)");
+    // Both audited, on both routers, in the fleet's order.
+    let actions = |lab: &Lab| {
+        let log: port25_ctl::control::reply::AuditLog = lab.reply(&["audit", "--user", "alice"]);
+        log.records
+            .into_iter()
+            .filter(|r| r.action == "unblock" || r.action == "block")
+            .map(|r| r.action)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(actions(&a), ["unblock", "block"]);
+    assert_eq!(actions(&b), ["unblock", "block"]);
+    assert_eq!(
+        pg.psql("SELECT string_agg(router || ':' || action, ',' ORDER BY id) FROM audit WHERE action IN ('unblock', 'block')"),
+        "bras-a:unblock,bras-b:block"
+    );
+
+    // Propagation A -> B: from A's acknowledgement to B's writer having applied it.
+    let ca = a.client();
+    let mut took = Vec::new();
+    for i in 0..50 {
+        let (want, t) = if i % 2 == 0 {
+            let t = Instant::now();
+            ca.call(proto::Unblock {
+                user: "alice".into(),
+                for_secs: None,
+                until: None,
+                reason: None,
+                new: false,
+            })
+            .unwrap();
+            (Policy::Unblocked, t)
+        } else {
+            let t = Instant::now();
+            ca.call(proto::Block {
+                user: "alice".into(),
+                reason: None,
+                new: false,
+                hold: false,
+            })
+            .unwrap();
+            (Policy::Blocked, t)
+        };
+        let acked = t.elapsed();
+        let seen = until_policy(&b, "alice", want, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("change {i} never reached B"));
+        took.push((acked, acked + seen));
+    }
+    let mut write: Vec<_> = took.iter().map(|t| t.0).collect();
+    let mut prop: Vec<_> = took.iter().map(|t| t.1).collect();
+    write.sort();
+    prop.sort();
+    let pct = |v: &[Duration], p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
+    eprintln!(
+        "MEASURED fleet (50 changes): policy write on A p50 {:?} p99 {:?}; A -> B applied p50 {:?} p99 {:?}",
+        pct(&write, 50),
+        pct(&write, 99),
+        pct(&prop, 50),
+        pct(&prop, 99)
+    );
+    assert!(
+        pct(&prop, 99) < Duration::from_secs(1),
+        "p99 {:?}",
+        pct(&prop, 99)
+    );
+}
+
+/// The users as the fleet's database has them: `name|policy`, by name.
+fn db_users(pg: &Postgres) -> Vec<String> {
+    pg.psql("SELECT name || '|' || policy FROM users ORDER BY name")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The users as a router's replica has them, in the same form.
+fn replica_users(lab: &Lab) -> Vec<String> {
+    let list: port25_ctl::control::reply::UserList = lab.reply(&["user", "list"]);
+    let mut v: Vec<String> = list
+        .users
+        .into_iter()
+        .map(|r| format!("{}|{}", r.user.name, r.user.policy.as_str()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_database_killed_and_back_every_router_catches_up() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (mut a, b) = two_routers(&pg);
+    ok(&a, &["unblock", "alice", "--new"]);
+    ok(&a, &["session", "up", "alice", ALICE4, "--id", "a1"]);
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(until_policy(&b, "alice", Policy::Unblocked, Duration::from_secs(2)).is_some());
+    assert!(smtp(&a, ALICE4) && smtp(&b, ALICE4));
+
+    pg.kill();
+    // Enforcement and session events carry on; a policy write fails, naming the database.
+    assert!(smtp(&a, ALICE4) && smtp(&b, ALICE4));
+    ok(&a, &["session", "down", "--id", "a1"]);
+    assert!(
+        !smtp(&a, ALICE4),
+        "session down applied without the database"
+    );
+    ok(&a, &["session", "up", "alice", ALICE4, "--id", "a2"]);
+    assert!(smtp(&a, ALICE4));
+    let err = b.fails_with(&["block", "alice"], 1);
+    assert!(err.contains(&pg.conn_string()), "{err}");
+
+    // Back: B's change (made before A has reconnected) reaches A from the log.
+    pg.start_server();
+    ok(&b, &["block", "alice"]);
+    ok(&b, &["unblock", "carol", "--new"]);
+    assert!(!smtp(&b, ALICE4));
+    assert!(
+        until_policy(&a, "alice", Policy::Blocked, Duration::from_secs(15)).is_some(),
+        "A caught up after the outage: {}",
+        a.daemon_log()
+    );
+    assert!(!smtp(&a, ALICE4), "closed on A (real TCP)");
+    assert!(until_policy(&a, "carol", Policy::Unblocked, Duration::from_secs(2)).is_some());
+    assert_eq!(replica_users(&a), db_users(&pg), "A equals the database");
+    assert_eq!(replica_users(&b), db_users(&pg), "B equals the database");
+    // Nothing applied twice: one audit record per change on each router.
+    for lab in [&a, &b] {
+        let log: port25_ctl::control::reply::AuditLog = lab.reply(&["audit", "--user", "alice"]);
+        let blocks = log.records.iter().filter(|r| r.action == "block").count();
+        assert_eq!(blocks, 1, "{:?}", log.records);
+    }
+
+    // A restarts with the database down: it enforces from its replica.
+    a.kill9();
+    pg.kill();
+    a.start_daemon();
+    assert!(
+        a.daemon_log().contains("STARTING FROM THE LOCAL REPLICA"),
+        "{}",
+        a.daemon_log()
+    );
+    assert_eq!(effective(&a, "alice"), Policy::Blocked);
+    assert_eq!(effective(&a, "carol"), Policy::Unblocked);
+    assert!(!smtp(&a, ALICE4), "still closed after the restart");
+    ok(&a, &["session", "up", "carol", "100.64.0.3", "--id", "c1"]);
+    assert!(smtp(&a, "100.64.0.3"), "carol's unblock from the replica");
+    pg.start_server();
+    ok(&b, &["unblock", "alice"]);
+    assert!(
+        until_policy(&a, "alice", Policy::Unblocked, Duration::from_secs(15)).is_some(),
+        "A follows again: {}",
+        a.daemon_log()
+    );
+    assert!(smtp(&a, ALICE4));
+}

@@ -431,3 +431,79 @@ fn a_syn_flood_costs_the_daemon_little_and_events_keep_their_rate() {
         lab.daemon_log()
     );
 }
+
+/// Sends each frame once out of `s0` from an AF_PACKET socket (any source address).
+fn frames_out(lab: &Lab, frames: Vec<Vec<u8>>) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let path = format!("/run/netns/{}", lab.sub);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        // SAFETY: plain socket(2), checked.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        assert!(raw >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor, owned here.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_ll is plain data.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = nix::net::if_::if_nametoindex("s0").unwrap() as i32;
+        sll.sll_halen = 6;
+        for f in frames {
+            // SAFETY: f and sll are valid for the lengths given.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    f.as_ptr() as *const libc::c_void,
+                    f.len(),
+                    0,
+                    &sll as *const _ as *const libc::sockaddr,
+                    size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(n as usize, f.len(), "{}", std::io::Error::last_os_error());
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// Review 4 (known gap, not fixed): the kernel tracks each /128 on its own and the rule is
+/// applied per address, so a bot spraying from a new address of its session's /64 for each
+/// SYN (1,000 attempts at 1,000 destinations) is never flagged, and its entries push other
+/// sources out of the LRU map. Ignored until the figures are summed per holder (or /64).
+#[test]
+#[ignore = "known gap: the likely-infected rule is per /128"]
+fn a_sprayer_rotating_through_its_64_is_held() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("abuse:\n  auto_hold: true\n  scan_interval: 1s\n  event_interval: 1s\n");
+    lab.start_daemon();
+    let o = lab.ctl(&["session", "up", "mallory", "2001:db8:100::/64"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let frames = (0..1000u32)
+        .map(|i| {
+            port25_tests::frame::Frame::eth()
+                .ipv6(
+                    &format!("2001:db8:100::{:x}:{:x}", 0x100 + i / 256, i % 256),
+                    &format!("2001:db8:ff::{:x}", 0x100 + i),
+                )
+                .tcp(25)
+                .syn()
+                .build()
+        })
+        .collect();
+    frames_out(&lab, frames);
+    let m = wait_for("blocked", &lab, 5, || {
+        let m = metrics(&lab);
+        m.contains("port25_likely_infected_sources").then_some(m)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(block_port(&lab) >= 1000, "the SYNs were blocked as :25");
+    assert!(
+        show(&lab, "mallory").user.hold.is_some(),
+        "1,000 SYNs to 1,000 destinations from one /64, not held: {m}\n{}",
+        lab.daemon_log()
+    );
+}

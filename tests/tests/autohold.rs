@@ -449,7 +449,7 @@ fn frames_out(lab: &Lab, frames: Vec<Vec<u8>>) {
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_ifindex = nix::net::if_::if_nametoindex("s0").unwrap() as i32;
         sll.sll_halen = 6;
-        for f in frames {
+        for (i, f) in frames.iter().enumerate() {
             // SAFETY: f and sll are valid for the lengths given.
             let n = unsafe {
                 libc::sendto(
@@ -462,7 +462,10 @@ fn frames_out(lab: &Lab, frames: Vec<Vec<u8>>) {
                 )
             };
             assert_eq!(n as usize, f.len(), "{}", std::io::Error::last_os_error());
-            std::thread::sleep(Duration::from_micros(200));
+            // Paced (about 50,000/s): a burst would overrun the veth's queue.
+            if i % 50 == 49 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     })
     .join()
@@ -505,5 +508,63 @@ fn a_sprayer_rotating_through_its_64_is_held() {
         show(&lab, "mallory").user.hold.is_some(),
         "1,000 SYNs to 1,000 destinations from one /64, not held: {m}\n{}",
         lab.daemon_log()
+    );
+}
+
+/// Review 4: one subscriber flagging a source per address of its /64 (60,000 of them, two
+/// SYNs each under `flag_attempts: 1`; the default rule takes 21 destinations each) must not
+/// stall the daemon's loop: the BNG hook's `session up` for another subscriber still answers
+/// promptly. Before the per-second budget of looks it waited 12.7 s.
+#[test]
+fn many_flagged_sources_of_one_subscriber_do_not_stall_session_up() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config(
+        "abuse:\n  auto_hold: true\n  scan_interval: 2s\n  event_interval: 1s\n  flag_attempts: 1\n",
+    );
+    lab.start_daemon();
+    let o = lab.ctl(&["session", "up", "mallory", "2001:db8:100::/64"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let n: u32 = 60_000;
+    let frames = (0..2 * n)
+        .map(|j| {
+            let i = j % n;
+            port25_tests::frame::Frame::eth()
+                .ipv6(
+                    &format!("2001:db8:100::{:x}:{:x}", 0x100 + i / 65536, i % 65536),
+                    "2001:db8:ff::80",
+                )
+                .tcp(25)
+                .syn()
+                .build()
+        })
+        .collect();
+    frames_out(&lab, frames);
+    let t0 = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut k = 0;
+    while t0.elapsed() < Duration::from_secs(15) {
+        let s = Instant::now();
+        let o = lab.ctl(&[
+            "session",
+            "up",
+            &format!("u{k}"),
+            &format!("100.64.0.{}", 10 + k),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        worst = worst.max(s.elapsed());
+        k += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let m = metrics(&lab);
+    assert!(
+        sample(&m, "port25_likely_infected_sources") > 10_000.0,
+        "the spray flagged its sources: {m}"
+    );
+    assert!(show(&lab, "mallory").user.hold.is_some(), "mallory held");
+    assert!(
+        worst < Duration::from_secs(2),
+        "a session up took {worst:?} while {} sources were flagged",
+        sample(&m, "port25_likely_infected_sources")
     );
 }

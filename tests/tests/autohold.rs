@@ -431,3 +431,140 @@ fn a_syn_flood_costs_the_daemon_little_and_events_keep_their_rate() {
         lab.daemon_log()
     );
 }
+
+/// Sends each frame once out of `s0` from an AF_PACKET socket (any source address).
+fn frames_out(lab: &Lab, frames: Vec<Vec<u8>>) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let path = format!("/run/netns/{}", lab.sub);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        // SAFETY: plain socket(2), checked.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        assert!(raw >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor, owned here.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_ll is plain data.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = nix::net::if_::if_nametoindex("s0").unwrap() as i32;
+        sll.sll_halen = 6;
+        for (i, f) in frames.iter().enumerate() {
+            // SAFETY: f and sll are valid for the lengths given.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    f.as_ptr() as *const libc::c_void,
+                    f.len(),
+                    0,
+                    &sll as *const _ as *const libc::sockaddr,
+                    size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(n as usize, f.len(), "{}", std::io::Error::last_os_error());
+            // Paced (about 50,000/s): a burst would overrun the veth's queue.
+            if i % 50 == 49 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// Review 4 (known gap, not fixed): the kernel tracks each /128 on its own and the rule is
+/// applied per address, so a bot spraying from a new address of its session's /64 for each
+/// SYN (1,000 attempts at 1,000 destinations) is never flagged, and its entries push other
+/// sources out of the LRU map. Ignored until the figures are summed per holder (or /64).
+#[test]
+#[ignore = "known gap: the likely-infected rule is per /128"]
+fn a_sprayer_rotating_through_its_64_is_held() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("abuse:\n  auto_hold: true\n  scan_interval: 1s\n  event_interval: 1s\n");
+    lab.start_daemon();
+    let o = lab.ctl(&["session", "up", "mallory", "2001:db8:100::/64"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let frames = (0..1000u32)
+        .map(|i| {
+            port25_tests::frame::Frame::eth()
+                .ipv6(
+                    &format!("2001:db8:100::{:x}:{:x}", 0x100 + i / 256, i % 256),
+                    &format!("2001:db8:ff::{:x}", 0x100 + i),
+                )
+                .tcp(25)
+                .syn()
+                .build()
+        })
+        .collect();
+    frames_out(&lab, frames);
+    let m = wait_for("blocked", &lab, 5, || {
+        let m = metrics(&lab);
+        m.contains("port25_likely_infected_sources").then_some(m)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(block_port(&lab) >= 1000, "the SYNs were blocked as :25");
+    assert!(
+        show(&lab, "mallory").user.hold.is_some(),
+        "1,000 SYNs to 1,000 destinations from one /64, not held: {m}\n{}",
+        lab.daemon_log()
+    );
+}
+
+/// Review 4: one subscriber flagging a source per address of its /64 (60,000 of them, two
+/// SYNs each under `flag_attempts: 1`; the default rule takes 21 destinations each) must not
+/// stall the daemon's loop: the BNG hook's `session up` for another subscriber still answers
+/// promptly. Before the per-second budget of looks it waited 12.7 s.
+#[test]
+fn many_flagged_sources_of_one_subscriber_do_not_stall_session_up() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config(
+        "abuse:\n  auto_hold: true\n  scan_interval: 2s\n  event_interval: 1s\n  flag_attempts: 1\n",
+    );
+    lab.start_daemon();
+    let o = lab.ctl(&["session", "up", "mallory", "2001:db8:100::/64"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let n: u32 = 60_000;
+    let frames = (0..2 * n)
+        .map(|j| {
+            let i = j % n;
+            port25_tests::frame::Frame::eth()
+                .ipv6(
+                    &format!("2001:db8:100::{:x}:{:x}", 0x100 + i / 65536, i % 65536),
+                    "2001:db8:ff::80",
+                )
+                .tcp(25)
+                .syn()
+                .build()
+        })
+        .collect();
+    frames_out(&lab, frames);
+    let t0 = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut k = 0;
+    while t0.elapsed() < Duration::from_secs(15) {
+        let s = Instant::now();
+        let o = lab.ctl(&[
+            "session",
+            "up",
+            &format!("u{k}"),
+            &format!("100.64.0.{}", 10 + k),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        worst = worst.max(s.elapsed());
+        k += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let m = metrics(&lab);
+    assert!(
+        sample(&m, "port25_likely_infected_sources") > 10_000.0,
+        "the spray flagged its sources: {m}"
+    );
+    assert!(show(&lab, "mallory").user.hold.is_some(), "mallory held");
+    assert!(
+        worst < Duration::from_secs(2),
+        "a session up took {worst:?} while {} sources were flagged",
+        sample(&m, "port25_likely_infected_sources")
+    );
+}

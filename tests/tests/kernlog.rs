@@ -390,3 +390,23 @@ fn daemon_kernel_log_names_a_blocked_syn_only_when_asked() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(kernel_lines(&lab).len(), before, "{}", lab.daemon_log());
 }
+
+/// After a `--kernel-log` daemon exits nothing reads or even writes the log (its private
+/// program arrays are emptied), so `status` with the daemon down must not say it is on.
+#[test]
+fn status_with_the_logging_daemon_gone_does_not_say_the_log_is_on() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("");
+    lab.try_start_daemon_args(&["daemon", "--kernel-log"], &[])
+        .unwrap();
+    stop(&mut lab);
+    let human = String::from_utf8_lossy(&lab.ctl(&["status"]).stdout).to_string();
+    assert!(!human.contains("kernel log: on"), "{human}");
+    assert!(
+        human.contains("kernel log: off (the programs were loaded with `daemon --kernel-log`"),
+        "{human}"
+    );
+    // --json keeps saying what the programs were loaded with.
+    assert_eq!(status_kernel_log(&lab), true);
+}

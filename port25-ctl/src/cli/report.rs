@@ -261,6 +261,11 @@ pub fn print_status(s: &Status) {
         );
     }
     match s.kernel_log {
+        // The logging programs sit in arrays private to the daemon that loaded them: with it
+        // gone the kernel has emptied them and nothing is logged, whatever the switch says.
+        Some(true) if s.daemon.is_none() => println!(
+            "kernel log: off (the programs were loaded with `daemon --kernel-log`, but that daemon has exited: nothing is logged)"
+        ),
         Some(true) => println!(
             "kernel log: on (the programs were loaded with `daemon --kernel-log`; target port25::kernel)"
         ),

@@ -145,5 +145,49 @@ fn check_program(argv: &[String]) -> Result<(), String> {
     {
         return Err(format!("abuse.notify_command: `{prog}` is not executable"));
     }
+    // The daemon runs it as root whenever a subscriber gets flagged, which a subscriber can
+    // bring about: a file, or a directory on its way, that another user could change would
+    // hand them root. Checked along the path as written and the one its symlinks lead to.
+    let real =
+        std::fs::canonicalize(&path).map_err(|e| format!("abuse.notify_command: `{prog}`: {e}"))?;
+    for p in [&path, &real] {
+        for (i, part) in p.ancestors().enumerate() {
+            if part.as_os_str().is_empty() {
+                continue;
+            }
+            let m = std::fs::metadata(part)
+                .map_err(|e| format!("abuse.notify_command: `{}`: {e}", part.display()))?;
+            only_root_can_change(part, &m, i > 0)
+                .map_err(|why| format!("abuse.notify_command: `{prog}`: {why}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Owned by root (or the user running this) and writable by no one else; a directory that
+/// others may write is accepted when it is sticky (as /tmp: others cannot rename or remove
+/// what they do not own in it).
+fn only_root_can_change(
+    p: &std::path::Path,
+    m: &std::fs::Metadata,
+    dir: bool,
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != 0 && m.uid() != me {
+        return Err(format!(
+            "`{}` is owned by uid {}: only root may own the program and its directories",
+            p.display(),
+            m.uid()
+        ));
+    }
+    let sticky = m.mode() & 0o1000 != 0;
+    if m.mode() & 0o022 != 0 && !(dir && sticky) {
+        return Err(format!(
+            "`{}` is writable by its group or others (mode {:o}): the daemon runs it as root",
+            p.display(),
+            m.mode() & 0o7777
+        ));
+    }
     Ok(())
 }

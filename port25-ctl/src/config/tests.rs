@@ -613,3 +613,55 @@ fn registry_password_file_must_be_private() {
     let e = err(&yaml.replace(&pw.display().to_string(), "/nonexistent/pg.pass"));
     assert!(e.contains("/nonexistent/pg.pass"), "{e}");
 }
+
+/// The daemon runs `notify_command` as root, and a subscriber can make it run (spray until
+/// flagged): a program another local user could change or replace is refused, as sshd and
+/// cron refuse such files.
+#[test]
+fn notify_command_others_could_change_is_refused() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (chown)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("port25-notify-own-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let prog = dir.join("notify");
+    std::fs::write(&prog, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = format!("abuse:\n  notify_command: [{}]\n", prog.display());
+    parse(&cfg).expect("a root-owned 0755 program in a root-owned 0755 directory");
+
+    let refused = |what: &str, want: &str| {
+        let e = err(&cfg);
+        assert!(e.contains(want) && e.contains("notify"), "{what}: {e}");
+    };
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o777)).unwrap();
+    refused("world-writable program", "writable");
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o775)).unwrap();
+    refused("group-writable program", "writable");
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+    chown(&prog, Some(65534), None).unwrap();
+    refused("program owned by nobody", "owned by uid 65534");
+    chown(&prog, Some(0), None).unwrap();
+    chown(&dir, Some(65534), None).unwrap();
+    refused("directory owned by nobody", "owned by uid 65534");
+    chown(&dir, Some(0), None).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    refused("world-writable directory", "writable");
+    // Sticky and root's (as /tmp): others cannot rename or remove root's file in it.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    parse(&cfg).expect("a root-owned program in a sticky root-owned directory");
+    // Through a symlink: the file it leads to is what runs.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(&prog, &link).unwrap();
+    chown(&prog, Some(65534), None).unwrap();
+    let e = err(&format!("abuse:\n  notify_command: [{}]\n", link.display()));
+    assert!(
+        e.contains("owned by uid 65534"),
+        "symlink to nobody's program: {e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

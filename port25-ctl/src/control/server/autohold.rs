@@ -37,6 +37,12 @@ use crate::{
 /// and notification decided): the events and scans in between cost a map lookup only.
 const RECHECK: Duration = Duration::from_secs(60);
 
+/// Flagged sources looked at (holder lookup, hold, notification) per second, events and scans
+/// together. One subscriber can flag a source per address of its /64 (tens of thousands in
+/// a few seconds); each look is registry queries on the daemon's loop, which then stalled
+/// every write (a `session up` waited 12 s for 60,000). The rest wait for the next scan.
+pub const LOOKS_PER_SECOND: u32 = 200;
+
 /// Who the audit log names for an automatic hold.
 pub const ACTOR: &str = "port25-ctl daemon (auto_hold)";
 
@@ -44,6 +50,8 @@ pub(super) struct Flagged {
     seen: HashMap<IpAddr, Seen>,
     notifier: Notifier,
     pub(super) next_scan: tokio::time::Instant,
+    /// Start of the current second of [`LOOKS_PER_SECOND`], and the looks taken in it.
+    looks: (Instant, u32),
 }
 
 struct Seen {
@@ -58,7 +66,19 @@ impl Flagged {
             seen: HashMap::new(),
             notifier: Notifier::default(),
             next_scan: tokio::time::Instant::now() + scan,
+            looks: (Instant::now(), 0),
         }
+    }
+
+    /// One look from this second's budget, if any is left.
+    fn take_look(&mut self) -> bool {
+        let (start, used) = &mut self.looks;
+        if start.elapsed() >= Duration::from_secs(1) {
+            *start = Instant::now();
+            *used = 0;
+        }
+        *used += 1;
+        *used <= LOOKS_PER_SECOND
     }
 
     /// Forgets every decision (a reload may have turned `auto_hold` on, changed the rule).
@@ -154,13 +174,19 @@ impl Daemon {
             return;
         }
         let src = offenders::source(k);
+        let recent = self
+            .flagged
+            .seen
+            .get(&src)
+            .and_then(|s| s.at)
+            .is_some_and(|t| t.elapsed() < RECHECK);
+        if recent || !self.flagged.take_look() {
+            return;
+        }
         let seen = self.flagged.seen.entry(src).or_insert(Seen {
             at: None,
             logged_no_user: false,
         });
-        if seen.at.is_some_and(|t| t.elapsed() < RECHECK) {
-            return;
-        }
         seen.at = Some(Instant::now());
         let wall = self.wall.now();
         let found = self

@@ -568,3 +568,60 @@ fn many_flagged_sources_of_one_subscriber_do_not_stall_session_up() {
         sample(&m, "port25_likely_infected_sources")
     );
 }
+
+/// One subscriber sending as another (the programs run before the stack's rp_filter): the
+/// forged source arrives on a device the kernel does not route that address through, and the
+/// address's holder is not held on it. Here alice's address is routed through another device
+/// (as a BRAS routes each subscriber's address to its own pppN), and her address is sprayed
+/// from the lab's subscriber link. Without the check, alice was held (review 4).
+#[test]
+fn a_forged_source_does_not_get_its_holder_held() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("abuse:\n  auto_hold: true\n  scan_interval: 1s\n  event_interval: 1s\n");
+    lab.start_daemon();
+    for (user, addr) in [("mallory", MALLORY), ("alice", ALICE)] {
+        let o = lab.ctl(&["session", "up", user, addr]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    // alice's own device on the router (a veth pair standing in for her ppp device).
+    let rtr = lab.rtr.clone();
+    for args in [
+        vec![
+            "-n", &rtr, "link", "add", "p25al0", "type", "veth", "peer", "name", "p25al1",
+        ],
+        vec!["-n", &rtr, "link", "set", "p25al0", "up"],
+        vec!["-n", &rtr, "link", "set", "p25al1", "up"],
+        vec![
+            "-n",
+            &rtr,
+            "route",
+            "add",
+            &format!("{ALICE}/32"),
+            "dev",
+            "p25al0",
+        ],
+    ] {
+        let o = std::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "ip {args:?}: {}", text(&o));
+    }
+    // Sent as alice, from the subscriber link (rs), to 200 destinations.
+    syns(&lab, ALICE, spray(200, 2));
+    // Mallory sprays as herself, and is held: the check does not stop the real case.
+    syns(&lab, MALLORY, spray(200, 2));
+    wait_for("mallory held", &lab, 10, || show(&lab, "mallory").user.hold);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        show(&lab, "alice").user.hold.is_none(),
+        "alice held on forged segments: {}",
+        lab.daemon_log()
+    );
+    let log = lab.daemon_log();
+    assert!(
+        log.contains("a forged source?") && log.contains(ALICE),
+        "the forged source is logged: {log}"
+    );
+}

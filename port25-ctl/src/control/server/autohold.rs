@@ -58,6 +58,8 @@ struct Seen {
     at: Option<Instant>,
     /// "No user holds it" has been logged for this source (once while it stays flagged).
     logged_no_user: bool,
+    /// "Arrived where it is not routed" has been logged for this source.
+    logged_forged: bool,
 }
 
 impl Flagged {
@@ -89,6 +91,18 @@ impl Flagged {
 
 /// The source's figures that count against a holder since `since` (boot ns; None: all).
 /// The kernel keeps two windows; `first_ns` bounds both, `window_ns` the current one.
+fn seen_forged(f: &mut Flagged, src: IpAddr) -> &mut bool {
+    &mut f
+        .seen
+        .entry(src)
+        .or_insert(Seen {
+            at: None,
+            logged_no_user: false,
+            logged_forged: false,
+        })
+        .logged_forged
+}
+
 fn attributable(o: &Offender, boot: u64, window_ns: u64, since: Option<u64>) -> (u64, u64) {
     let o = match since {
         None => *o,
@@ -186,6 +200,7 @@ impl Daemon {
         let seen = self.flagged.seen.entry(src).or_insert(Seen {
             at: None,
             logged_no_user: false,
+            logged_forged: false,
         });
         seen.at = Some(Instant::now());
         let wall = self.wall.now();
@@ -211,7 +226,11 @@ impl Daemon {
             debug!(%src, %user, "flagged on counts from before {user} held the address (or was last released): not theirs");
             return;
         }
-        let held = if a.auto_hold {
+        let forged = !self.arrived_where_routed(src, o.ifindex);
+        if forged && !std::mem::replace(&mut seen_forged(&mut self.flagged, src), true) {
+            warn!(%src, %user, arrived_ifindex = o.ifindex, "likely infected, but its segments arrived on a device the kernel does not route that address through (a forged source?): not held; notified as not held");
+        }
+        let held = if a.auto_hold && !forged {
             self.auto_hold(&user, src, &how, attempts, dests)
         } else {
             self.store
@@ -231,6 +250,28 @@ impl Daemon {
                 .notifier
                 .notify(argv, a.notify_interval, n, &self.metrics);
         }
+    }
+
+    /// A reverse-path check at decision time: did the source's last blocked segment arrive
+    /// on the device the kernel routes that address through? The programs run before the
+    /// stack's own source check (rp_filter), so one subscriber can send as another; on a BRAS
+    /// each subscriber has a device (pppN) and a forged source shows as arriving elsewhere.
+    /// Segments seen at a TC egress hook (the upstream side) carry the upstream device:
+    /// nothing to compare there. On a shared segment (several subscribers behind one device)
+    /// this check cannot tell, and anti-spoofing belongs to the access network.
+    fn arrived_where_routed(&self, src: IpAddr, arrived: u32) -> bool {
+        if arrived == 0 {
+            return true;
+        }
+        if crate::bpf::route::oif(src) == Some(arrived) {
+            return true;
+        }
+        let (_, targets) = super::links::targets_here(&self.cfg);
+        targets.iter().any(|t| {
+            t.iface.hook == crate::config::Hook::Tc
+                && t.iface.direction == crate::config::Direction::Egress
+                && crate::bpf::linkinfo::ifindex(&t.iface.name) == arrived
+        })
     }
 
     /// `block USER --hold` on the flag's figures, unless USER is on a hold already (then

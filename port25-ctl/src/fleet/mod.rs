@@ -50,13 +50,33 @@ pub const POLL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Row {
-    PutUser { user: User },
-    DeleteUser { name: String },
-    PutBinding { binding: Binding },
-    DeleteBinding { binding: Binding },
-    PutEntry { entry: Entry },
-    DeleteEntry { kind: EntryKind, prefix: Prefix },
-    Audit { record: AuditRecord },
+    PutUser {
+        user: User,
+    },
+    DeleteUser {
+        name: String,
+    },
+    /// A user first seen in a session on some router, registered fleet-wide as blocked if
+    /// no router knows them yet: `unblock` then finds them everywhere. Never overwrites.
+    EnsureUser {
+        user: User,
+    },
+    PutBinding {
+        binding: Binding,
+    },
+    DeleteBinding {
+        binding: Binding,
+    },
+    PutEntry {
+        entry: Entry,
+    },
+    DeleteEntry {
+        kind: EntryKind,
+        prefix: Prefix,
+    },
+    Audit {
+        record: AuditRecord,
+    },
 }
 
 /// One entry of the change log.
@@ -73,6 +93,11 @@ pub fn apply_rows(tx: &mut dyn Tx, rows: &[Row]) -> Result<()> {
     for row in rows {
         match row {
             Row::PutUser { user } => tx.put_user(user)?,
+            Row::EnsureUser { user } => {
+                if tx.user(&user.name)?.is_none() {
+                    tx.put_user(user)?;
+                }
+            }
             Row::DeleteUser { name } => {
                 // The user's sessions on this router go with them (as `user remove` does
                 // on the router it was given to).
@@ -108,6 +133,10 @@ pub struct Fleet {
     pub router: String,
     /// How errors and `status` name the database (never with a password).
     pub name: String,
+    /// Users first seen in a session, to register fleet-wide: sent without waiting, published
+    /// by the follower on its own connection (see [`Fleet::ensure_users`]).
+    new_users: mpsc::UnboundedSender<User>,
+    new_users_rx: Option<mpsc::UnboundedReceiver<User>>,
 }
 
 struct Conn {
@@ -139,7 +168,10 @@ impl Fleet {
             .thread_name("port25-fleet")
             .enable_all()
             .build()?;
+        let (new_users, new_users_rx) = mpsc::unbounded_channel();
         Ok(Fleet {
+            new_users,
+            new_users_rx: Some(new_users_rx),
             rt: Some(rt),
             conn,
             client: None,
@@ -352,12 +384,30 @@ impl Fleet {
     /// Starts the follower: a connection of its own that LISTENs, and wakes the writer on a
     /// notification, on (re)connecting, and every [`POLL`]. Wakes carry nothing: the writer
     /// reads the log itself, in order.
-    pub fn follow(&self) -> mpsc::Receiver<()> {
+    pub fn follow(&mut self) -> mpsc::Receiver<()> {
         let (tx, rx) = mpsc::channel(1);
         let cfg = self.conn.clone();
         let name = self.name.clone();
-        self.rt().spawn(follower(cfg, name, tx));
+        let router = self.router.clone();
+        let users = self.new_users_rx.take().expect("one follower per Fleet");
+        self.rt().spawn(follower(cfg, name, router, users, tx));
         rx
+    }
+
+    /// Queues users first seen in a session on this router for the fleet, as blocked and
+    /// "create if absent" (a session's own unblock stays on its router). Never waits nor
+    /// fails: the follower publishes them when the database answers, again after a
+    /// reconnect if it did not, and a daemon's start queues every user with a session here.
+    pub fn ensure_users(&self, users: impl IntoIterator<Item = User>) {
+        for u in users {
+            let _ = self.new_users.send(User {
+                policy: crate::registry::store::Policy::Blocked,
+                until: None,
+                reason: None,
+                hold: None,
+                ..u
+            });
+        }
     }
 }
 
@@ -400,6 +450,11 @@ async fn write_row(c: &Client, router: &str, row: &Row) -> Result<()> {
         Row::DeleteUser { name } => {
             c.execute("DELETE FROM users WHERE name = $1", &[name])
                 .await?;
+        }
+        Row::EnsureUser { .. } => {
+            // Only the follower writes these, with `ensure_users` (it needs to know which
+            // were absent).
+            anyhow::bail!("a create-if-absent row is published by the follower only");
         }
         Row::PutBinding { binding: b } => {
             c.execute(
@@ -461,8 +516,16 @@ async fn write_row(c: &Client, router: &str, row: &Row) -> Result<()> {
 }
 
 /// Holds a LISTEN connection for as long as the daemon runs, reconnecting with backoff.
-async fn follower(cfg: tokio_postgres::Config, name: String, wake: mpsc::Sender<()>) {
+async fn follower(
+    cfg: tokio_postgres::Config,
+    name: String,
+    router: String,
+    mut new_users: mpsc::UnboundedReceiver<User>,
+    wake: mpsc::Sender<()>,
+) {
     use futures_util::StreamExt as _;
+    // Users queued and not yet in the database; kept across reconnects.
+    let mut pending: std::collections::BTreeMap<String, User> = Default::default();
     let mut backoff = Duration::from_millis(500);
     let mut down_logged = false;
     loop {
@@ -487,6 +550,33 @@ async fn follower(cfg: tokio_postgres::Config, name: String, wake: mpsc::Sender<
                         let _ = wake.try_send(());
                         let mut poll = tokio::time::interval(POLL);
                         loop {
+                            if !pending.is_empty() {
+                                // The connection is driven (and notifications heard) while
+                                // the users are written.
+                                let r = {
+                                    let publish = ensure_users(&client, &router, &pending);
+                                    tokio::pin!(publish);
+                                    loop {
+                                        tokio::select! {
+                                            r = &mut publish => break r,
+                                            m = messages.next() => match m {
+                                                Some(Ok(AsyncMessage::Notification(_))) => {
+                                                    let _ = wake.try_send(());
+                                                }
+                                                Some(Ok(_)) => {}
+                                                m => break Err(anyhow!("connection ended: {m:?}")),
+                                            },
+                                        }
+                                    }
+                                };
+                                match r {
+                                    Ok(()) => pending.clear(),
+                                    Err(e) => {
+                                        warn!(registry = %name, users = pending.len(), "registering session users in the fleet failed, retrying: {e:#}");
+                                        break;
+                                    }
+                                }
+                            }
                             tokio::select! {
                                 m = messages.next() => match m {
                                     Some(Ok(AsyncMessage::Notification(_))) => {
@@ -496,6 +586,12 @@ async fn follower(cfg: tokio_postgres::Config, name: String, wake: mpsc::Sender<
                                     Some(Err(e)) => { warn!(registry = %name, "fleet follower: {e}"); break; }
                                     None => break,
                                 },
+                                Some(u) = new_users.recv() => {
+                                    pending.insert(u.name.clone(), u);
+                                    while let Ok(u) = new_users.try_recv() {
+                                        pending.insert(u.name.clone(), u);
+                                    }
+                                }
                                 _ = poll.tick() => { let _ = wake.try_send(()); }
                                 _ = wake.closed() => return,
                             }
@@ -514,7 +610,63 @@ async fn follower(cfg: tokio_postgres::Config, name: String, wake: mpsc::Sender<
         if wake.is_closed() {
             return;
         }
+        // Queued meanwhile: kept for the next connection.
+        while let Ok(u) = new_users.try_recv() {
+            pending.insert(u.name.clone(), u);
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Registers `users` fleet-wide if absent, under the write lock, as one change of those the
+/// database did not have (none: no change); the change is logged and notified as any other.
+async fn ensure_users(
+    c: &Client,
+    router: &str,
+    users: &std::collections::BTreeMap<String, User>,
+) -> Result<()> {
+    fn ts(t: jiff::Timestamp) -> i64 {
+        t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
+    }
+    c.batch_execute("BEGIN").await?;
+    let r = async {
+        c.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+            .await?;
+        let mut rows = Vec::new();
+        for u in users.values() {
+            let added = c
+                .execute(
+                    "INSERT INTO users (name, policy, set_by, set_at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (name) DO NOTHING",
+                    &[&u.name, &u.policy.as_str(), &u.set_by, &ts(u.set_at)],
+                )
+                .await?;
+            if added == 1 {
+                rows.push(Row::EnsureUser { user: u.clone() });
+            }
+        }
+        if !rows.is_empty() {
+            let body = serde_json::to_value(&rows)?;
+            let id: i64 = c
+                .query_one(
+                    "INSERT INTO changes (router, actor, rows) VALUES ($1, $2, $3) RETURNING id",
+                    &[&router, &"session", &body],
+                )
+                .await?
+                .get(0);
+            c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id.to_string()])
+                .await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    match r {
+        Ok(()) => c.batch_execute("COMMIT").await?,
+        Err(e) => {
+            let _ = c.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+    }
+    Ok(())
 }

@@ -220,6 +220,8 @@ pub struct Recording<'a> {
     inner: Box<dyn Tx + 'a>,
     pub users: std::collections::BTreeSet<String>,
     pub entries: bool,
+    /// Users this transaction created (as last written).
+    pub created: std::collections::BTreeMap<String, User>,
 }
 
 impl<'a> Recording<'a> {
@@ -228,6 +230,7 @@ impl<'a> Recording<'a> {
             inner,
             users: Default::default(),
             entries: false,
+            created: Default::default(),
         }
     }
 
@@ -251,10 +254,14 @@ impl Tx for Recording<'_> {
         self.inner.users()
     }
     fn put_user(&mut self, u: &User) -> Result<()> {
+        if self.created.contains_key(&u.name) || self.inner.user(&u.name)?.is_none() {
+            self.created.insert(u.name.clone(), u.clone());
+        }
         self.users.insert(u.name.clone());
         self.inner.put_user(u)
     }
     fn delete_user(&mut self, name: &str) -> Result<()> {
+        self.created.remove(name);
         self.users.insert(name.to_string());
         self.inner.delete_user(name)
     }

@@ -214,6 +214,82 @@ fn a_user_first_seen_in_a_session_is_known_to_every_router() {
     assert!(until_policy(&b, "carol", Policy::Unblocked, Duration::from_secs(2)).is_some());
 }
 
+/// `router:id` of every published session of `user`.
+fn published(user: &str) -> String {
+    format!(
+        "SELECT coalesce(string_agg(router || ':' || id, ',' ORDER BY router, id), '') \
+         FROM sessions WHERE user_name = '{user}'"
+    )
+}
+
+#[test]
+fn user_show_lists_every_routers_sessions() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (a, b) = two_routers(&pg);
+    ok(&a, &["session", "up", "alice", ALICE4, "--id", "a1"]);
+    ok(&b, &["session", "up", "alice", "100.64.0.5", "--id", "b1"]);
+    assert!(until_db(
+        &pg,
+        &published("alice"),
+        "bras-a:a1,bras-b:b1",
+        Duration::from_secs(3)
+    ));
+    let show: UserDetail = a.reply(&["user", "show", "alice"]);
+    assert_eq!(show.sessions.len(), 1, "the local sessions: A's");
+    let fleet = show.fleet.expect("a fleet view");
+    assert_eq!(fleet.unavailable, None);
+    let seen: Vec<String> = fleet
+        .sessions
+        .iter()
+        .map(|s| format!("{}:{}:{}", s.router, s.session.id, s.session.addrs[0]))
+        .collect();
+    assert_eq!(seen, ["bras-a:a1:100.64.0.2/32", "bras-b:b1:100.64.0.5/32"]);
+    let text = ok(&a, &["user", "show", "alice"]);
+    assert!(text.contains("bras-b  b1  100.64.0.5"), "{text}");
+    ok(&b, &["session", "down", "--id", "b1"]);
+    assert!(until_db(
+        &pg,
+        &published("alice"),
+        "bras-a:a1",
+        Duration::from_secs(3)
+    ));
+
+    // The database down: user show answers from local data and says so; session events
+    // carry on and are published once it is back.
+    pg.kill();
+    let t = Instant::now();
+    let show: UserDetail = a.reply(&["user", "show", "alice"]);
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert_eq!(show.sessions.len(), 1);
+    let fleet = show.fleet.expect("a fleet view");
+    assert!(
+        fleet
+            .unavailable
+            .as_deref()
+            .unwrap_or("")
+            .contains("fleet registry"),
+        "{fleet:?}"
+    );
+    let text = ok(&a, &["user", "show", "alice"]);
+    assert!(text.contains("fleet:     unavailable"), "{text}");
+    ok(&b, &["session", "up", "alice", "100.64.0.5", "--id", "b2"]);
+    ok(&a, &["session", "down", "--id", "a1"]);
+    pg.start_server();
+    assert!(
+        until_db(
+            &pg,
+            &published("alice"),
+            "bras-b:b2",
+            Duration::from_secs(15)
+        ),
+        "published after the reconnect: {}",
+        pg.psql(&published("alice"))
+    );
+    let show: UserDetail = a.reply(&["user", "show", "alice"]);
+    assert_eq!(show.fleet.unwrap().sessions.len(), 1);
+}
+
 #[test]
 fn a_newer_fleet_schema_is_refused_at_start() {
     require_root!();

@@ -33,7 +33,7 @@ pub use tx::FleetTx;
 use crate::{
     config::Registry,
     net::Prefix,
-    registry::store::{AuditRecord, Binding, Entry, EntryKind, Tx, User},
+    registry::store::{AuditRecord, Binding, Entry, EntryKind, Session, Tx, User},
 };
 
 /// The NOTIFY channel of the change log; the payload is the change id.
@@ -135,8 +135,19 @@ pub struct Fleet {
     pub name: String,
     /// Users first seen in a session, to register fleet-wide: sent without waiting, published
     /// by the follower on its own connection (see [`Fleet::ensure_users`]).
-    new_users: mpsc::UnboundedSender<User>,
-    new_users_rx: Option<mpsc::UnboundedReceiver<User>>,
+    new_users: mpsc::UnboundedSender<Publish>,
+    new_users_rx: Option<mpsc::UnboundedReceiver<Publish>>,
+}
+
+/// What a session event leaves for the follower to publish, in the order of the events.
+#[derive(Debug)]
+pub enum Publish {
+    /// A user first seen in a session (see [`Fleet::ensure_users`]).
+    User(User),
+    /// One of this router's sessions, as it is now (`None`: gone).
+    Session(String, Option<Session>),
+    /// All of this router's sessions (at start): the published set is replaced.
+    AllSessions(Vec<Session>),
 }
 
 struct Conn {
@@ -400,14 +411,54 @@ impl Fleet {
     /// reconnect if it did not, and a daemon's start queues every user with a session here.
     pub fn ensure_users(&self, users: impl IntoIterator<Item = User>) {
         for u in users {
-            let _ = self.new_users.send(User {
+            let _ = self.new_users.send(Publish::User(User {
                 policy: crate::registry::store::Policy::Blocked,
                 until: None,
                 reason: None,
                 hold: None,
                 ..u
-            });
+            }));
         }
+    }
+
+    /// Queues this router's sessions for the helpdesk's fleet view (`user show`): never
+    /// waits nor fails; the follower writes them when the database answers, and all of
+    /// them again after a reconnect.
+    pub fn publish_sessions(&self, p: Publish) {
+        let _ = self.new_users.send(p);
+    }
+
+    /// Every router's published sessions of `user`, by router.
+    pub fn sessions_of(&mut self, user: &str) -> Result<Vec<(String, Session)>> {
+        let user = user.to_string();
+        self.run(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT router, id, addrs, since, source FROM sessions WHERE user_name = $1 \
+                     ORDER BY router, id",
+                    &[&user],
+                )
+                .await?;
+            rows.into_iter()
+                .map(|r| {
+                    let addrs: Vec<String> = r.get(2);
+                    Ok((
+                        r.get(0),
+                        Session {
+                            id: r.get(1),
+                            user: user.clone(),
+                            addrs: addrs
+                                .iter()
+                                .map(|a| a.parse())
+                                .collect::<Result<_, _>>()
+                                .map_err(|e| anyhow!("a published session's address: {e}"))?,
+                            since: jiff::Timestamp::from_nanosecond(r.get::<_, i64>(3) as i128)?,
+                            source: r.get(4),
+                        },
+                    ))
+                })
+                .collect()
+        })
     }
 }
 
@@ -520,12 +571,12 @@ async fn follower(
     cfg: tokio_postgres::Config,
     name: String,
     router: String,
-    mut new_users: mpsc::UnboundedReceiver<User>,
+    mut new_users: mpsc::UnboundedReceiver<Publish>,
     wake: mpsc::Sender<()>,
 ) {
     use futures_util::StreamExt as _;
-    // Users queued and not yet in the database; kept across reconnects.
-    let mut pending: std::collections::BTreeMap<String, User> = Default::default();
+    // What is queued and not yet in the database; kept across reconnects.
+    let mut pending = Pending::default();
     let mut backoff = Duration::from_millis(500);
     let mut down_logged = false;
     loop {
@@ -554,7 +605,7 @@ async fn follower(
                                 // The connection is driven (and notifications heard) while
                                 // the users are written.
                                 let r = {
-                                    let publish = ensure_users(&client, &router, &pending);
+                                    let publish = pending.write(&client, &router);
                                     tokio::pin!(publish);
                                     loop {
                                         tokio::select! {
@@ -570,9 +621,9 @@ async fn follower(
                                     }
                                 };
                                 match r {
-                                    Ok(()) => pending.clear(),
+                                    Ok(()) => pending.written(),
                                     Err(e) => {
-                                        warn!(registry = %name, users = pending.len(), "registering session users in the fleet failed, retrying: {e:#}");
+                                        warn!(registry = %name, "publishing session users and sessions to the fleet failed, retrying: {e:#}");
                                         break;
                                     }
                                 }
@@ -586,10 +637,10 @@ async fn follower(
                                     Some(Err(e)) => { warn!(registry = %name, "fleet follower: {e}"); break; }
                                     None => break,
                                 },
-                                Some(u) = new_users.recv() => {
-                                    pending.insert(u.name.clone(), u);
-                                    while let Ok(u) = new_users.try_recv() {
-                                        pending.insert(u.name.clone(), u);
+                                Some(p) = new_users.recv() => {
+                                    pending.add(p);
+                                    while let Ok(p) = new_users.try_recv() {
+                                        pending.add(p);
                                     }
                                 }
                                 _ = poll.tick() => { let _ = wake.try_send(()); }
@@ -611,9 +662,11 @@ async fn follower(
             return;
         }
         // Queued meanwhile: kept for the next connection.
-        while let Ok(u) = new_users.try_recv() {
-            pending.insert(u.name.clone(), u);
+        while let Ok(p) = new_users.try_recv() {
+            pending.add(p);
         }
+        // A new connection republishes every session (some writes may have been lost).
+        pending.reconnected();
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -626,6 +679,9 @@ async fn ensure_users(
     router: &str,
     users: &std::collections::BTreeMap<String, User>,
 ) -> Result<()> {
+    if users.is_empty() {
+        return Ok(());
+    }
     fn ts(t: jiff::Timestamp) -> i64 {
         t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
     }
@@ -668,5 +724,119 @@ async fn ensure_users(
             return Err(e);
         }
     }
+    Ok(())
+}
+
+/// The follower's queue: users to register, and this router's sessions as it knows them
+/// (all of them, so a reconnect can replace the published set) with those not yet written.
+#[derive(Default)]
+struct Pending {
+    users: std::collections::BTreeMap<String, User>,
+    /// This router's live sessions; `None` until the daemon sent them all (at start).
+    sessions: Option<std::collections::BTreeMap<String, Session>>,
+    /// Session ids written since the last write.
+    dirty: std::collections::BTreeSet<String>,
+    /// The published set is to be replaced whole (at start, after a reconnect).
+    all: bool,
+}
+
+impl Pending {
+    fn add(&mut self, p: Publish) {
+        match p {
+            Publish::User(u) => {
+                self.users.insert(u.name.clone(), u);
+            }
+            Publish::AllSessions(all) => {
+                self.sessions = Some(all.into_iter().map(|s| (s.id.clone(), s)).collect());
+                self.all = true;
+                self.dirty.clear();
+            }
+            Publish::Session(id, s) => {
+                let Some(live) = &mut self.sessions else {
+                    return;
+                };
+                match s {
+                    Some(s) => live.insert(id.clone(), s),
+                    None => live.remove(&id),
+                };
+                self.dirty.insert(id);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.users.is_empty() && !self.all && self.dirty.is_empty()
+    }
+
+    fn reconnected(&mut self) {
+        if self.sessions.is_some() {
+            self.all = true;
+        }
+    }
+
+    fn written(&mut self) {
+        self.users.clear();
+        self.dirty.clear();
+        self.all = false;
+    }
+
+    async fn write(&self, c: &Client, router: &str) -> Result<()> {
+        ensure_users(c, router, &self.users).await?;
+        let Some(live) = &self.sessions else {
+            return Ok(());
+        };
+        if !self.all && self.dirty.is_empty() {
+            return Ok(());
+        }
+        c.batch_execute("BEGIN").await?;
+        let r = async {
+            if self.all {
+                c.execute("DELETE FROM sessions WHERE router = $1", &[&router])
+                    .await?;
+                for s in live.values() {
+                    put_session(c, router, s).await?;
+                }
+            } else {
+                for id in &self.dirty {
+                    match live.get(id) {
+                        Some(s) => put_session(c, router, s).await?,
+                        None => {
+                            c.execute(
+                                "DELETE FROM sessions WHERE router = $1 AND id = $2",
+                                &[&router, id],
+                            )
+                            .await?;
+                        }
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        match r {
+            Ok(()) => c.batch_execute("COMMIT").await?,
+            Err(e) => {
+                let _ = c.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn put_session(c: &Client, router: &str, s: &Session) -> Result<()> {
+    let addrs: Vec<String> = s.addrs.iter().map(|p| p.to_string()).collect();
+    let since = s
+        .since
+        .as_nanosecond()
+        .clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+    c.execute(
+        "INSERT INTO sessions (router, id, user_name, addrs, since, source) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (router, id) DO UPDATE SET \
+         user_name = EXCLUDED.user_name, addrs = EXCLUDED.addrs, since = EXCLUDED.since, \
+         source = EXCLUDED.source",
+        &[&router, &s.id, &s.user, &addrs, &since, &s.source],
+    )
+    .await?;
     Ok(())
 }

@@ -316,6 +316,9 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
         // A previous run's queue of session users is gone with it: queue every user with a
         // session here again (those the fleet has already are no change).
         fl.ensure_users(session_users(&mut d.store)?);
+        fl.publish_sessions(crate::fleet::Publish::AllSessions(
+            d.store.read()?.sessions()?,
+        ));
     }
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;

@@ -402,6 +402,7 @@ fn user_show(
             limit: 10,
         })?,
         hold_not_effective,
+        fleet: None,
     })
 }
 

@@ -248,6 +248,30 @@ impl Daemon {
         .map_err(|e| e.context(format!("applying fleet change {} from {}", c.id, c.router)))
     }
 
+    /// Queues the sessions a committed change wrote or deleted for the fleet's view (never
+    /// waits for the database).
+    fn publish_sessions(&mut self, ids: std::collections::BTreeSet<String>) {
+        if ids.is_empty() || self.fleet.is_none() {
+            return;
+        }
+        let now: Result<Vec<_>> = (|| {
+            let tx = self.store.read()?;
+            ids.into_iter()
+                .map(|id| Ok((tx.session(&id)?, id)))
+                .collect()
+        })();
+        match (now, &self.fleet) {
+            (Ok(now), Some(fl)) => {
+                for (s, id) in now {
+                    fl.publish_sessions(crate::fleet::Publish::Session(id, s));
+                }
+            }
+            // The published view lags until the next start; enforcement is not at stake.
+            (Err(e), _) => error!("reading sessions to publish to the fleet: {e:#}"),
+            _ => {}
+        }
+    }
+
     /// Logs the fleet registry going away and coming back, once each.
     fn fleet_seen<R>(&mut self, r: &Result<R>) {
         let Some(fleet) = &self.fleet else { return };
@@ -283,11 +307,16 @@ impl Daemon {
             (true, Scope::Session) => std::mem::take(&mut rec.created),
             _ => Default::default(),
         };
+        let session_ids = match has_fleet {
+            true => std::mem::take(&mut rec.session_ids),
+            false => Default::default(),
+        };
         // Only once committed here (both paths below commit before the maps).
-        let publish = |d: &Self| {
+        let publish = |d: &mut Self| {
             if let Some(fl) = &d.fleet {
                 fl.ensure_users(created.into_values());
             }
+            d.publish_sessions(session_ids);
         };
         if rec.entries {
             let snap = crate::registry::store::snapshot_of(&rec)?;

@@ -222,6 +222,8 @@ pub struct Recording<'a> {
     pub entries: bool,
     /// Users this transaction created (as last written).
     pub created: std::collections::BTreeMap<String, User>,
+    /// The ids of the sessions this transaction wrote or deleted.
+    pub session_ids: std::collections::BTreeSet<String>,
 }
 
 impl<'a> Recording<'a> {
@@ -231,6 +233,7 @@ impl<'a> Recording<'a> {
             users: Default::default(),
             entries: false,
             created: Default::default(),
+            session_ids: Default::default(),
         }
     }
 
@@ -278,11 +281,13 @@ impl Tx for Recording<'_> {
         self.inner.session_holding(p)
     }
     fn put_session(&mut self, s: &Session) -> Result<()> {
+        self.session_ids.insert(s.id.clone());
         self.touch_session(&s.id)?;
         self.users.insert(s.user.clone());
         self.inner.put_session(s)
     }
     fn delete_session(&mut self, id: &str) -> Result<()> {
+        self.session_ids.insert(id.to_string());
         self.touch_session(id)?;
         self.inner.delete_session(id)
     }

@@ -290,6 +290,72 @@ fn user_show_lists_every_routers_sessions() {
     assert_eq!(show.fleet.unwrap().sessions.len(), 1);
 }
 
+/// `port25-ctl --registry-only ARGS` on a "helpdesk host": a config with `registry:` only,
+/// no daemon, no socket.
+fn helpdesk(lab: &Lab, pg: &Postgres, args: &[&str]) -> std::process::Output {
+    let cfg = lab.dir.join("helpdesk.yaml");
+    std::fs::write(&cfg, registry(pg, "helpdesk")).unwrap();
+    std::process::Command::new(lab::ctl_binary())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--socket")
+        .arg(lab.dir.join("no-daemon.sock"))
+        .arg("--registry-only")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn registry_only_writes_reach_the_routers_through_the_log() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (a, b) = two_routers(&pg);
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(!smtp(&b, ALICE4));
+    let o = helpdesk(
+        &a,
+        &pg,
+        &["unblock", "alice", "--new", "--reason", "ticket 7"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("unblocked"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        until_policy(&b, "alice", Policy::Unblocked, Duration::from_secs(2)).is_some(),
+        "the helpdesk's unblock reached B"
+    );
+    assert!(smtp(&b, ALICE4), "port 25 opened on B (real TCP)");
+    assert!(until_policy(&a, "alice", Policy::Unblocked, Duration::from_secs(2)).is_some());
+    assert_eq!(
+        pg.psql("SELECT router, action, reason FROM audit WHERE subject = 'alice' AND action = 'unblock'"),
+        "helpdesk|unblock|ticket 7"
+    );
+    // The rules are the routers': a held user stays closed, the refusal audited.
+    ok(&a, &["block", "alice", "--hold", "--reason", "spam run"]);
+    assert!(until_policy(&b, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
+    let o = helpdesk(&a, &pg, &["unblock", "alice"]);
+    assert!(!o.status.success(), "a held user is refused: {}", text(&o));
+    assert!(!smtp(&b, ALICE4));
+    let o = helpdesk(&a, &pg, &["block", "bob"]);
+    assert!(
+        !o.status.success(),
+        "an unknown user without --new: {}",
+        text(&o)
+    );
+    let o = helpdesk(&a, &pg, &["status"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--registry-only takes"), "{}", text(&o));
+    // The database down: a clear error naming it.
+    pg.kill();
+    let o = helpdesk(&a, &pg, &["block", "alice"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains(&pg.conn_string()), "{}", text(&o));
+}
+
 #[test]
 fn a_newer_fleet_schema_is_refused_at_start() {
     require_root!();

@@ -13,6 +13,7 @@
 //! id. Other routers' followers (LISTEN, and a periodic poll) apply the change in their
 //! single writer, in id order, once (an id at or below the replica's mark is skipped).
 
+pub mod helpdesk;
 pub mod schema;
 mod tx;
 
@@ -426,6 +427,51 @@ impl Fleet {
     /// them again after a reconnect.
     pub fn publish_sessions(&self, p: Publish) {
         let _ = self.new_users.send(p);
+    }
+
+    /// The fleet's row of `user` (in the write transaction: as the lock holder sees it).
+    pub fn user(&mut self, name: &str) -> Result<Option<User>> {
+        let name = name.to_string();
+        self.run(move |c| async move {
+            let Some(r) = c
+                .query_opt(
+                    "SELECT name, policy, until, reason, set_by, set_at, hold_reason, hold_by, \
+                     hold_at FROM users WHERE name = $1",
+                    &[&name],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            let t = |n: i64| jiff::Timestamp::from_nanosecond(n as i128);
+            let policy: String = r.get(1);
+            let hold = match (
+                r.get::<_, Option<String>>(6),
+                r.get::<_, Option<String>>(7),
+                r.get::<_, Option<i64>>(8),
+            ) {
+                (Some(reason), Some(by), Some(at)) => Some(crate::registry::store::Hold {
+                    reason,
+                    by,
+                    at: t(at)?,
+                }),
+                _ => None,
+            };
+            Ok(Some(User {
+                name: r.get(0),
+                // The schema allows only these two; anything else is a block.
+                policy: if policy == "unblocked" {
+                    crate::registry::store::Policy::Unblocked
+                } else {
+                    crate::registry::store::Policy::Blocked
+                },
+                until: r.get::<_, Option<i64>>(2).map(t).transpose()?,
+                reason: r.get(3),
+                set_by: r.get(4),
+                set_at: t(r.get(5))?,
+                hold,
+            }))
+        })
     }
 
     /// Every router's published sessions of `user`, by router.

@@ -78,9 +78,10 @@ fn a_policy_change_is_the_fleets_and_fails_clearly_with_the_database_down() {
         status.contains(&pg.conn_string()),
         "status names the fleet registry: {status}"
     );
-    // A session is the router's own: recorded locally, not a fleet change.
+    // A session is the router's own: recorded locally, not a fleet policy change (alice,
+    // new, is only registered fleet-wide as blocked, see the session users test).
     ok(&lab, &["session", "up", "alice", ALICE4, "--id", "a1"]);
-    assert_eq!(pg.psql("SELECT count(*) FROM changes"), "0");
+    assert_eq!(pg.psql(POLICY_CHANGES), "0");
     assert!(!smtp(&lab, ALICE4));
     ok(&lab, &["unblock", "alice", "--reason", "ticket 1"]);
     assert!(smtp(&lab, ALICE4), "the unblock reached this router's maps");
@@ -89,7 +90,7 @@ fn a_policy_change_is_the_fleets_and_fails_clearly_with_the_database_down() {
         "unblocked|ticket 1"
     );
     assert_eq!(
-        pg.psql("SELECT router, rows->0->>'op', rows->0->'user'->>'name' FROM changes"),
+        pg.psql("SELECT router, rows->0->>'op', rows->0->'user'->>'name' FROM changes WHERE rows->0->>'op' <> 'ensure_user'"),
         "bras-a|put_user|alice"
     );
     assert_eq!(
@@ -130,9 +131,229 @@ fn a_policy_change_is_the_fleets_and_fails_clearly_with_the_database_down() {
         pg.psql("SELECT policy FROM users WHERE name = 'alice'"),
         "blocked"
     );
-    assert_eq!(pg.psql("SELECT count(*) FROM changes"), "2");
+    assert_eq!(pg.psql(POLICY_CHANGES), "2");
     assert!(!lab.daemon_log().contains("s3cret"), "{}", lab.daemon_log());
     assert!(!ok(&lab, &["--json", "status"]).contains("s3cret"));
+}
+
+/// The change log's policy changes (not the registrations of session users).
+const POLICY_CHANGES: &str = "SELECT count(*) FROM changes WHERE rows->0->>'op' <> 'ensure_user'";
+
+/// Polls `sql` until it answers `want`; whether it did within `within`.
+fn until_db(pg: &Postgres, sql: &str, want: &str, within: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if pg.psql(sql) == want {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn a_user_first_seen_in_a_session_is_known_to_every_router() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (a, b) = two_routers(&pg);
+    // alice is new on B: her session registers her fleet-wide (blocked), without --new.
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(!smtp(&b, ALICE4));
+    let alice = "SELECT policy FROM users WHERE name = 'alice'";
+    assert!(until_db(&pg, alice, "blocked", Duration::from_secs(3)));
+    assert!(until_policy(&a, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
+    ok(&a, &["unblock", "alice", "--reason", "helpdesk"]);
+    assert!(
+        until_policy(&b, "alice", Policy::Unblocked, Duration::from_secs(2)).is_some(),
+        "the unblock reached B"
+    );
+    assert!(smtp(&b, ALICE4), "port 25 opened for alice on B (real TCP)");
+    // A session's own unblock stays on its router: dave is registered blocked elsewhere.
+    ok(
+        &b,
+        &[
+            "session",
+            "up",
+            "dave",
+            "100.64.0.4",
+            "--id",
+            "d1",
+            "--unblock",
+        ],
+    );
+    let dave = "SELECT policy FROM users WHERE name = 'dave'";
+    assert!(until_db(&pg, dave, "blocked", Duration::from_secs(3)));
+    assert!(until_policy(&a, "dave", Policy::Blocked, Duration::from_secs(2)).is_some());
+    assert_eq!(effective(&b, "dave"), Policy::Unblocked);
+    // A known user's next session registers nothing.
+    let n = pg.psql("SELECT count(*) FROM changes");
+    ok(&b, &["session", "down", "--id", "b1"]);
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b2"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), n);
+
+    // The database down: the session event answers at once, its user queued; back, the
+    // user is published and reaches A.
+    pg.kill();
+    let t = Instant::now();
+    ok(&b, &["session", "up", "carol", "100.64.0.3", "--id", "c1"]);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "a session event never waits for the database: {:?}",
+        t.elapsed()
+    );
+    pg.start_server();
+    let carol = "SELECT policy FROM users WHERE name = 'carol'";
+    assert!(
+        until_db(&pg, carol, "blocked", Duration::from_secs(15)),
+        "carol published after the reconnect: {}",
+        b.daemon_log()
+    );
+    assert!(until_policy(&a, "carol", Policy::Blocked, Duration::from_secs(2)).is_some());
+    ok(&a, &["unblock", "carol"]);
+    assert!(until_policy(&b, "carol", Policy::Unblocked, Duration::from_secs(2)).is_some());
+}
+
+/// `router:id` of every published session of `user`.
+fn published(user: &str) -> String {
+    format!(
+        "SELECT coalesce(string_agg(router || ':' || id, ',' ORDER BY router, id), '') \
+         FROM sessions WHERE user_name = '{user}'"
+    )
+}
+
+#[test]
+fn user_show_lists_every_routers_sessions() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (a, b) = two_routers(&pg);
+    ok(&a, &["session", "up", "alice", ALICE4, "--id", "a1"]);
+    ok(&b, &["session", "up", "alice", "100.64.0.5", "--id", "b1"]);
+    assert!(until_db(
+        &pg,
+        &published("alice"),
+        "bras-a:a1,bras-b:b1",
+        Duration::from_secs(3)
+    ));
+    let show: UserDetail = a.reply(&["user", "show", "alice"]);
+    assert_eq!(show.sessions.len(), 1, "the local sessions: A's");
+    let fleet = show.fleet.expect("a fleet view");
+    assert_eq!(fleet.unavailable, None);
+    let seen: Vec<String> = fleet
+        .sessions
+        .iter()
+        .map(|s| format!("{}:{}:{}", s.router, s.session.id, s.session.addrs[0]))
+        .collect();
+    assert_eq!(seen, ["bras-a:a1:100.64.0.2/32", "bras-b:b1:100.64.0.5/32"]);
+    let text = ok(&a, &["user", "show", "alice"]);
+    assert!(text.contains("bras-b  b1  100.64.0.5"), "{text}");
+    ok(&b, &["session", "down", "--id", "b1"]);
+    assert!(until_db(
+        &pg,
+        &published("alice"),
+        "bras-a:a1",
+        Duration::from_secs(3)
+    ));
+
+    // The database down: user show answers from local data and says so; session events
+    // carry on and are published once it is back.
+    pg.kill();
+    let t = Instant::now();
+    let show: UserDetail = a.reply(&["user", "show", "alice"]);
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert_eq!(show.sessions.len(), 1);
+    let fleet = show.fleet.expect("a fleet view");
+    assert!(
+        fleet
+            .unavailable
+            .as_deref()
+            .unwrap_or("")
+            .contains("fleet registry"),
+        "{fleet:?}"
+    );
+    let text = ok(&a, &["user", "show", "alice"]);
+    assert!(text.contains("fleet:     unavailable"), "{text}");
+    ok(&b, &["session", "up", "alice", "100.64.0.5", "--id", "b2"]);
+    ok(&a, &["session", "down", "--id", "a1"]);
+    pg.start_server();
+    assert!(
+        until_db(
+            &pg,
+            &published("alice"),
+            "bras-b:b2",
+            Duration::from_secs(15)
+        ),
+        "published after the reconnect: {}",
+        pg.psql(&published("alice"))
+    );
+    let show: UserDetail = a.reply(&["user", "show", "alice"]);
+    assert_eq!(show.fleet.unwrap().sessions.len(), 1);
+}
+
+/// `port25-ctl --registry-only ARGS` on a "helpdesk host": a config with `registry:` only,
+/// no daemon, no socket.
+fn helpdesk(lab: &Lab, pg: &Postgres, args: &[&str]) -> std::process::Output {
+    let cfg = lab.dir.join("helpdesk.yaml");
+    std::fs::write(&cfg, registry(pg, "helpdesk")).unwrap();
+    std::process::Command::new(lab::ctl_binary())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--socket")
+        .arg(lab.dir.join("no-daemon.sock"))
+        .arg("--registry-only")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn registry_only_writes_reach_the_routers_through_the_log() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (a, b) = two_routers(&pg);
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(!smtp(&b, ALICE4));
+    let o = helpdesk(
+        &a,
+        &pg,
+        &["unblock", "alice", "--new", "--reason", "ticket 7"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("unblocked"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        until_policy(&b, "alice", Policy::Unblocked, Duration::from_secs(2)).is_some(),
+        "the helpdesk's unblock reached B"
+    );
+    assert!(smtp(&b, ALICE4), "port 25 opened on B (real TCP)");
+    assert!(until_policy(&a, "alice", Policy::Unblocked, Duration::from_secs(2)).is_some());
+    assert_eq!(
+        pg.psql("SELECT router, action, reason FROM audit WHERE subject = 'alice' AND action = 'unblock'"),
+        "helpdesk|unblock|ticket 7"
+    );
+    // The rules are the routers': a held user stays closed, the refusal audited.
+    ok(&a, &["block", "alice", "--hold", "--reason", "spam run"]);
+    assert!(until_policy(&b, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
+    let o = helpdesk(&a, &pg, &["unblock", "alice"]);
+    assert!(!o.status.success(), "a held user is refused: {}", text(&o));
+    assert!(!smtp(&b, ALICE4));
+    let o = helpdesk(&a, &pg, &["block", "bob"]);
+    assert!(
+        !o.status.success(),
+        "an unknown user without --new: {}",
+        text(&o)
+    );
+    let o = helpdesk(&a, &pg, &["status"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--registry-only takes"), "{}", text(&o));
+    // The database down: a clear error naming it.
+    pg.kill();
+    let o = helpdesk(&a, &pg, &["block", "alice"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains(&pg.conn_string()), "{}", text(&o));
 }
 
 #[test]

@@ -33,6 +33,10 @@ struct Cli {
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
+    /// `unblock` and `block` straight in the fleet's database (`registry:` of the config;
+    /// no daemon needed, e.g. on a helpdesk host): the routers apply it from the log.
+    #[arg(long, global = true)]
+    registry_only: bool,
     #[command(subcommand)]
     verb: Verb,
 }
@@ -362,6 +366,9 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             CALL_TIMEOUT,
         )
     };
+    if cli.registry_only {
+        return registry_only(cli);
+    }
     match &cli.verb {
         Verb::Daemon { .. } => unreachable!(),
         Verb::Status | Verb::Check { .. } | Verb::Detach | Verb::Attach => local(cli),
@@ -512,6 +519,62 @@ fn local(cli: &Cli) -> Result<ExitCode> {
         _ => unreachable!("client verbs are handled in run"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--registry-only`: a policy verb run against the fleet's database alone.
+fn registry_only(cli: &Cli) -> Result<ExitCode> {
+    let reg = config::registry_of(&cli.config)?;
+    let uid = nix::unistd::getuid();
+    let actor = crate::registry::Actor {
+        uid: uid.as_raw(),
+        name: nix::unistd::User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| format!("uid{uid}")),
+        on_behalf_of: std::env::var("SUDO_USER").ok(),
+    };
+    let view = |out: crate::registry::PolicyOutcome| reply::PolicyChange {
+        user: reply::UserView::new(&out.user, jiff::Timestamp::now()),
+        changed: out.changed,
+        note: out.note,
+    };
+    match &cli.verb {
+        Verb::Unblock {
+            user,
+            for_secs,
+            until,
+            reason,
+            new,
+        } => {
+            let out = crate::fleet::helpdesk::change(&reg, user, |tx, now| {
+                let until = match (for_secs, until) {
+                    (Some(_), Some(_)) => bail!("give --for or --until, not both"),
+                    (Some(s), None) => Some(
+                        now.checked_add(jiff::SignedDuration::from_secs(
+                            (*s).min(100 * 365 * 86400) as i64,
+                        ))?
+                        .round(jiff::Unit::Second)?,
+                    ),
+                    (None, t) => *t,
+                };
+                crate::registry::unblock(tx, &actor, user, until, reason.clone(), *new, now)
+            })??;
+            show(cli, &view(out), |r| render::unblocked(user, r))
+        }
+        Verb::Block {
+            user,
+            reason,
+            new,
+            hold,
+        } => {
+            let out = crate::fleet::helpdesk::change(&reg, user, |tx, now| {
+                crate::registry::block(tx, &actor, user, reason.clone(), *new, *hold, now)
+            })?;
+            show(cli, &view(out), |r| render::blocked(user, r))
+        }
+        _ => bail!("--registry-only takes `unblock` or `block`"),
+    }
 }
 
 /// A verb the daemon answers: its request, the typed reply, and how to show it.

@@ -177,6 +177,28 @@ pub fn user_detail(d: &UserDetail) -> String {
             text(&x.source)
         );
     }
+    match &d.fleet {
+        Some(f) if f.unavailable.is_some() => out!(
+            o,
+            "fleet:     unavailable ({}); the sessions above are this router's",
+            text(f.unavailable.as_deref().unwrap_or_default())
+        ),
+        Some(f) if f.sessions.is_empty() => out!(o, "fleet:     no session on any router"),
+        Some(f) => {
+            for x in &f.sessions {
+                out!(
+                    o,
+                    "fleet:     {}  {}  {}  since {} ({})",
+                    text(&x.router),
+                    text(&x.session.id),
+                    addrs(&x.session),
+                    time(x.session.since),
+                    text(&x.session.source)
+                );
+            }
+        }
+        None => {}
+    }
     for b in &d.bindings {
         out!(o, "binding:   {b}");
     }

@@ -475,6 +475,27 @@ pub fn socket_of(path: &Path) -> PathBuf {
     socket_named(path).unwrap_or_else(default_socket)
 }
 
+/// The `registry:` section of the config file at `path`, alone (a helpdesk host's config
+/// may hold nothing else): for `--registry-only`.
+pub fn registry_of(path: &Path) -> anyhow::Result<Registry> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let Some(r) = v.get("registry") else {
+        anyhow::bail!(
+            "{} has no `registry:` section (--registry-only needs one)",
+            path.display()
+        );
+    };
+    let r: Registry = serde_yaml::from_value(r.clone())
+        .with_context(|| format!("{}: registry", path.display()))?;
+    r.validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(r)
+}
+
 /// The `socket:` the config file at `path` names, if it names one (see [`socket_of`]).
 pub fn socket_named(path: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(path).ok()?;

@@ -159,6 +159,27 @@ pub struct UserDetail {
     /// Of a held user: addresses where an exempt prefix keeps port 25 open anyway.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hold_not_effective: Vec<HoldGap>,
+    /// With a fleet registry: the user's sessions on every router, as published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetSessions>,
+}
+
+/// The fleet's view of a user's sessions (`user show` with a fleet registry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetSessions {
+    pub sessions: Vec<RouterSession>,
+    /// Why there is no fleet view (the database unreachable): `sessions` is empty and the
+    /// local sessions above are all there is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+}
+
+/// A session as a router published it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterSession {
+    pub router: String,
+    #[serde(flatten)]
+    pub session: Session,
 }
 
 /// A `user list` row: the user and how many live sessions it has.

@@ -13,6 +13,7 @@
 //! id. Other routers' followers (LISTEN, and a periodic poll) apply the change in their
 //! single writer, in id order, once (an id at or below the replica's mark is skipped).
 
+pub mod helpdesk;
 pub mod schema;
 mod tx;
 
@@ -33,7 +34,7 @@ pub use tx::FleetTx;
 use crate::{
     config::Registry,
     net::Prefix,
-    registry::store::{AuditRecord, Binding, Entry, EntryKind, Tx, User},
+    registry::store::{AuditRecord, Binding, Entry, EntryKind, Session, Tx, User},
 };
 
 /// The NOTIFY channel of the change log; the payload is the change id.
@@ -50,13 +51,33 @@ pub const POLL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Row {
-    PutUser { user: User },
-    DeleteUser { name: String },
-    PutBinding { binding: Binding },
-    DeleteBinding { binding: Binding },
-    PutEntry { entry: Entry },
-    DeleteEntry { kind: EntryKind, prefix: Prefix },
-    Audit { record: AuditRecord },
+    PutUser {
+        user: User,
+    },
+    DeleteUser {
+        name: String,
+    },
+    /// A user first seen in a session on some router, registered fleet-wide as blocked if
+    /// no router knows them yet: `unblock` then finds them everywhere. Never overwrites.
+    EnsureUser {
+        user: User,
+    },
+    PutBinding {
+        binding: Binding,
+    },
+    DeleteBinding {
+        binding: Binding,
+    },
+    PutEntry {
+        entry: Entry,
+    },
+    DeleteEntry {
+        kind: EntryKind,
+        prefix: Prefix,
+    },
+    Audit {
+        record: AuditRecord,
+    },
 }
 
 /// One entry of the change log.
@@ -73,6 +94,11 @@ pub fn apply_rows(tx: &mut dyn Tx, rows: &[Row]) -> Result<()> {
     for row in rows {
         match row {
             Row::PutUser { user } => tx.put_user(user)?,
+            Row::EnsureUser { user } => {
+                if tx.user(&user.name)?.is_none() {
+                    tx.put_user(user)?;
+                }
+            }
             Row::DeleteUser { name } => {
                 // The user's sessions on this router go with them (as `user remove` does
                 // on the router it was given to).
@@ -108,6 +134,21 @@ pub struct Fleet {
     pub router: String,
     /// How errors and `status` name the database (never with a password).
     pub name: String,
+    /// Users first seen in a session, to register fleet-wide: sent without waiting, published
+    /// by the follower on its own connection (see [`Fleet::ensure_users`]).
+    new_users: mpsc::UnboundedSender<Publish>,
+    new_users_rx: Option<mpsc::UnboundedReceiver<Publish>>,
+}
+
+/// What a session event leaves for the follower to publish, in the order of the events.
+#[derive(Debug)]
+pub enum Publish {
+    /// A user first seen in a session (see [`Fleet::ensure_users`]).
+    User(User),
+    /// One of this router's sessions, as it is now (`None`: gone).
+    Session(String, Option<Session>),
+    /// All of this router's sessions (at start): the published set is replaced.
+    AllSessions(Vec<Session>),
 }
 
 struct Conn {
@@ -139,7 +180,10 @@ impl Fleet {
             .thread_name("port25-fleet")
             .enable_all()
             .build()?;
+        let (new_users, new_users_rx) = mpsc::unbounded_channel();
         Ok(Fleet {
+            new_users,
+            new_users_rx: Some(new_users_rx),
             rt: Some(rt),
             conn,
             client: None,
@@ -352,12 +396,115 @@ impl Fleet {
     /// Starts the follower: a connection of its own that LISTENs, and wakes the writer on a
     /// notification, on (re)connecting, and every [`POLL`]. Wakes carry nothing: the writer
     /// reads the log itself, in order.
-    pub fn follow(&self) -> mpsc::Receiver<()> {
+    pub fn follow(&mut self) -> mpsc::Receiver<()> {
         let (tx, rx) = mpsc::channel(1);
         let cfg = self.conn.clone();
         let name = self.name.clone();
-        self.rt().spawn(follower(cfg, name, tx));
+        let router = self.router.clone();
+        let users = self.new_users_rx.take().expect("one follower per Fleet");
+        self.rt().spawn(follower(cfg, name, router, users, tx));
         rx
+    }
+
+    /// Queues users first seen in a session on this router for the fleet, as blocked and
+    /// "create if absent" (a session's own unblock stays on its router). Never waits nor
+    /// fails: the follower publishes them when the database answers, again after a
+    /// reconnect if it did not, and a daemon's start queues every user with a session here.
+    pub fn ensure_users(&self, users: impl IntoIterator<Item = User>) {
+        for u in users {
+            let _ = self.new_users.send(Publish::User(User {
+                policy: crate::registry::store::Policy::Blocked,
+                until: None,
+                reason: None,
+                hold: None,
+                ..u
+            }));
+        }
+    }
+
+    /// Queues this router's sessions for the helpdesk's fleet view (`user show`): never
+    /// waits nor fails; the follower writes them when the database answers, and all of
+    /// them again after a reconnect.
+    pub fn publish_sessions(&self, p: Publish) {
+        let _ = self.new_users.send(p);
+    }
+
+    /// The fleet's row of `user` (in the write transaction: as the lock holder sees it).
+    pub fn user(&mut self, name: &str) -> Result<Option<User>> {
+        let name = name.to_string();
+        self.run(move |c| async move {
+            let Some(r) = c
+                .query_opt(
+                    "SELECT name, policy, until, reason, set_by, set_at, hold_reason, hold_by, \
+                     hold_at FROM users WHERE name = $1",
+                    &[&name],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            let t = |n: i64| jiff::Timestamp::from_nanosecond(n as i128);
+            let policy: String = r.get(1);
+            let hold = match (
+                r.get::<_, Option<String>>(6),
+                r.get::<_, Option<String>>(7),
+                r.get::<_, Option<i64>>(8),
+            ) {
+                (Some(reason), Some(by), Some(at)) => Some(crate::registry::store::Hold {
+                    reason,
+                    by,
+                    at: t(at)?,
+                }),
+                _ => None,
+            };
+            Ok(Some(User {
+                name: r.get(0),
+                // The schema allows only these two; anything else is a block.
+                policy: if policy == "unblocked" {
+                    crate::registry::store::Policy::Unblocked
+                } else {
+                    crate::registry::store::Policy::Blocked
+                },
+                until: r.get::<_, Option<i64>>(2).map(t).transpose()?,
+                reason: r.get(3),
+                set_by: r.get(4),
+                set_at: t(r.get(5))?,
+                hold,
+            }))
+        })
+    }
+
+    /// Every router's published sessions of `user`, by router.
+    pub fn sessions_of(&mut self, user: &str) -> Result<Vec<(String, Session)>> {
+        let user = user.to_string();
+        self.run(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT router, id, addrs, since, source FROM sessions WHERE user_name = $1 \
+                     ORDER BY router, id",
+                    &[&user],
+                )
+                .await?;
+            rows.into_iter()
+                .map(|r| {
+                    let addrs: Vec<String> = r.get(2);
+                    Ok((
+                        r.get(0),
+                        Session {
+                            id: r.get(1),
+                            user: user.clone(),
+                            addrs: addrs
+                                .iter()
+                                .map(|a| a.parse())
+                                .collect::<Result<_, _>>()
+                                .map_err(|e| anyhow!("a published session's address: {e}"))?,
+                            since: jiff::Timestamp::from_nanosecond(r.get::<_, i64>(3) as i128)?,
+                            source: r.get(4),
+                        },
+                    ))
+                })
+                .collect()
+        })
     }
 }
 
@@ -400,6 +547,11 @@ async fn write_row(c: &Client, router: &str, row: &Row) -> Result<()> {
         Row::DeleteUser { name } => {
             c.execute("DELETE FROM users WHERE name = $1", &[name])
                 .await?;
+        }
+        Row::EnsureUser { .. } => {
+            // Only the follower writes these, with `ensure_users` (it needs to know which
+            // were absent).
+            anyhow::bail!("a create-if-absent row is published by the follower only");
         }
         Row::PutBinding { binding: b } => {
             c.execute(
@@ -461,8 +613,16 @@ async fn write_row(c: &Client, router: &str, row: &Row) -> Result<()> {
 }
 
 /// Holds a LISTEN connection for as long as the daemon runs, reconnecting with backoff.
-async fn follower(cfg: tokio_postgres::Config, name: String, wake: mpsc::Sender<()>) {
+async fn follower(
+    cfg: tokio_postgres::Config,
+    name: String,
+    router: String,
+    mut new_users: mpsc::UnboundedReceiver<Publish>,
+    wake: mpsc::Sender<()>,
+) {
     use futures_util::StreamExt as _;
+    // What is queued and not yet in the database; kept across reconnects.
+    let mut pending = Pending::default();
     let mut backoff = Duration::from_millis(500);
     let mut down_logged = false;
     loop {
@@ -487,6 +647,33 @@ async fn follower(cfg: tokio_postgres::Config, name: String, wake: mpsc::Sender<
                         let _ = wake.try_send(());
                         let mut poll = tokio::time::interval(POLL);
                         loop {
+                            if !pending.is_empty() {
+                                // The connection is driven (and notifications heard) while
+                                // the users are written.
+                                let r = {
+                                    let publish = pending.write(&client, &router);
+                                    tokio::pin!(publish);
+                                    loop {
+                                        tokio::select! {
+                                            r = &mut publish => break r,
+                                            m = messages.next() => match m {
+                                                Some(Ok(AsyncMessage::Notification(_))) => {
+                                                    let _ = wake.try_send(());
+                                                }
+                                                Some(Ok(_)) => {}
+                                                m => break Err(anyhow!("connection ended: {m:?}")),
+                                            },
+                                        }
+                                    }
+                                };
+                                match r {
+                                    Ok(()) => pending.written(),
+                                    Err(e) => {
+                                        warn!(registry = %name, "publishing session users and sessions to the fleet failed, retrying: {e:#}");
+                                        break;
+                                    }
+                                }
+                            }
                             tokio::select! {
                                 m = messages.next() => match m {
                                     Some(Ok(AsyncMessage::Notification(_))) => {
@@ -496,6 +683,12 @@ async fn follower(cfg: tokio_postgres::Config, name: String, wake: mpsc::Sender<
                                     Some(Err(e)) => { warn!(registry = %name, "fleet follower: {e}"); break; }
                                     None => break,
                                 },
+                                Some(p) = new_users.recv() => {
+                                    pending.add(p);
+                                    while let Ok(p) = new_users.try_recv() {
+                                        pending.add(p);
+                                    }
+                                }
                                 _ = poll.tick() => { let _ = wake.try_send(()); }
                                 _ = wake.closed() => return,
                             }
@@ -514,7 +707,182 @@ async fn follower(cfg: tokio_postgres::Config, name: String, wake: mpsc::Sender<
         if wake.is_closed() {
             return;
         }
+        // Queued meanwhile: kept for the next connection.
+        while let Ok(p) = new_users.try_recv() {
+            pending.add(p);
+        }
+        // A new connection republishes every session (some writes may have been lost).
+        pending.reconnected();
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Registers `users` fleet-wide if absent, under the write lock, as one change of those the
+/// database did not have (none: no change); the change is logged and notified as any other.
+async fn ensure_users(
+    c: &Client,
+    router: &str,
+    users: &std::collections::BTreeMap<String, User>,
+) -> Result<()> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    fn ts(t: jiff::Timestamp) -> i64 {
+        t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
+    }
+    c.batch_execute("BEGIN").await?;
+    let r = async {
+        c.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+            .await?;
+        let mut rows = Vec::new();
+        for u in users.values() {
+            let added = c
+                .execute(
+                    "INSERT INTO users (name, policy, set_by, set_at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (name) DO NOTHING",
+                    &[&u.name, &u.policy.as_str(), &u.set_by, &ts(u.set_at)],
+                )
+                .await?;
+            if added == 1 {
+                rows.push(Row::EnsureUser { user: u.clone() });
+            }
+        }
+        if !rows.is_empty() {
+            let body = serde_json::to_value(&rows)?;
+            let id: i64 = c
+                .query_one(
+                    "INSERT INTO changes (router, actor, rows) VALUES ($1, $2, $3) RETURNING id",
+                    &[&router, &"session", &body],
+                )
+                .await?
+                .get(0);
+            c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id.to_string()])
+                .await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    match r {
+        Ok(()) => c.batch_execute("COMMIT").await?,
+        Err(e) => {
+            let _ = c.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// The follower's queue: users to register, and this router's sessions as it knows them
+/// (all of them, so a reconnect can replace the published set) with those not yet written.
+#[derive(Default)]
+struct Pending {
+    users: std::collections::BTreeMap<String, User>,
+    /// This router's live sessions; `None` until the daemon sent them all (at start).
+    sessions: Option<std::collections::BTreeMap<String, Session>>,
+    /// Session ids written since the last write.
+    dirty: std::collections::BTreeSet<String>,
+    /// The published set is to be replaced whole (at start, after a reconnect).
+    all: bool,
+}
+
+impl Pending {
+    fn add(&mut self, p: Publish) {
+        match p {
+            Publish::User(u) => {
+                self.users.insert(u.name.clone(), u);
+            }
+            Publish::AllSessions(all) => {
+                self.sessions = Some(all.into_iter().map(|s| (s.id.clone(), s)).collect());
+                self.all = true;
+                self.dirty.clear();
+            }
+            Publish::Session(id, s) => {
+                let Some(live) = &mut self.sessions else {
+                    return;
+                };
+                match s {
+                    Some(s) => live.insert(id.clone(), s),
+                    None => live.remove(&id),
+                };
+                self.dirty.insert(id);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.users.is_empty() && !self.all && self.dirty.is_empty()
+    }
+
+    fn reconnected(&mut self) {
+        if self.sessions.is_some() {
+            self.all = true;
+        }
+    }
+
+    fn written(&mut self) {
+        self.users.clear();
+        self.dirty.clear();
+        self.all = false;
+    }
+
+    async fn write(&self, c: &Client, router: &str) -> Result<()> {
+        ensure_users(c, router, &self.users).await?;
+        let Some(live) = &self.sessions else {
+            return Ok(());
+        };
+        if !self.all && self.dirty.is_empty() {
+            return Ok(());
+        }
+        c.batch_execute("BEGIN").await?;
+        let r = async {
+            if self.all {
+                c.execute("DELETE FROM sessions WHERE router = $1", &[&router])
+                    .await?;
+                for s in live.values() {
+                    put_session(c, router, s).await?;
+                }
+            } else {
+                for id in &self.dirty {
+                    match live.get(id) {
+                        Some(s) => put_session(c, router, s).await?,
+                        None => {
+                            c.execute(
+                                "DELETE FROM sessions WHERE router = $1 AND id = $2",
+                                &[&router, id],
+                            )
+                            .await?;
+                        }
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        match r {
+            Ok(()) => c.batch_execute("COMMIT").await?,
+            Err(e) => {
+                let _ = c.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn put_session(c: &Client, router: &str, s: &Session) -> Result<()> {
+    let addrs: Vec<String> = s.addrs.iter().map(|p| p.to_string()).collect();
+    let since = s
+        .since
+        .as_nanosecond()
+        .clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+    c.execute(
+        "INSERT INTO sessions (router, id, user_name, addrs, since, source) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (router, id) DO UPDATE SET \
+         user_name = EXCLUDED.user_name, addrs = EXCLUDED.addrs, since = EXCLUDED.since, \
+         source = EXCLUDED.source",
+        &[&router, &s.id, &s.user, &addrs, &since, &s.source],
+    )
+    .await?;
+    Ok(())
 }

@@ -311,7 +311,15 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
         events,
     };
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(1024);
-    let mut fleet_wake = d.fleet.as_ref().map(Fleet::follow);
+    let mut fleet_wake = d.fleet.as_mut().map(Fleet::follow);
+    if let Some(fl) = &d.fleet {
+        // A previous run's queue of session users is gone with it: queue every user with a
+        // session here again (those the fleet has already are no change).
+        fl.ensure_users(session_users(&mut d.store)?);
+        fl.publish_sessions(crate::fleet::Publish::AllSessions(
+            d.store.read()?.sessions()?,
+        ));
+    }
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -409,6 +417,18 @@ fn fleet_start(fleet: &mut Fleet, store: &mut SqliteStore) -> Result<bool> {
             Ok(false)
         }
     }
+}
+
+/// The users with a session on this router.
+fn session_users(store: &mut SqliteStore) -> Result<Vec<crate::registry::store::User>> {
+    let tx = store.read()?;
+    let names: std::collections::BTreeSet<String> =
+        tx.sessions()?.into_iter().map(|s| s.user).collect();
+    let mut users = Vec::new();
+    for n in names {
+        users.extend(tx.user(&n)?);
+    }
+    Ok(users)
 }
 
 /// The next wake of the fleet follower; never, without a fleet.

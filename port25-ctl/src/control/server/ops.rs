@@ -228,7 +228,7 @@ fn session_up(
     // session recorded all the same: blocking is the default, only its exemption is at
     // stake, and the access server's view of the session must not be lost.
     let device = d.session_device(r.iface.as_deref(), &r.addrs);
-    let (up, unblocked) = audited(d.change_local(|tx, now| {
+    let (up, unblocked) = audited(d.change_session(|tx, now| {
         guard_wide(
             tx,
             actor,
@@ -269,7 +269,7 @@ fn session_down(
     r: proto::SessionDown,
     actor: &Actor,
 ) -> Result<ReplyOf<proto::SessionDown>> {
-    let down = d.change_local(|tx, now| match (r.id, r.user, r.addr) {
+    let down = d.change_session(|tx, now| match (r.id, r.user, r.addr) {
         (Some(id), None, None) => registry::session_down_id(tx, actor, &id, now),
         (None, Some(user), Some(addr)) => registry::session_down_addr(tx, actor, &user, &addr, now),
         _ => refuse!("session down takes --id ID, or USER ADDR"),
@@ -283,7 +283,7 @@ fn session_sync(
     actor: &Actor,
 ) -> Result<ReplyOf<proto::SessionSync>> {
     let limits = d.cfg.limits;
-    d.change_local(|tx, now| {
+    d.change_session(|tx, now| {
         // A sync has no force: a wide prefix in an access server's list is refused.
         for s in &r.sessions {
             guard_wide(tx, actor, &limits, "session sync", &s.addrs, false, now)?;
@@ -402,6 +402,7 @@ fn user_show(
             limit: 10,
         })?,
         hold_not_effective,
+        fleet: None,
     })
 }
 

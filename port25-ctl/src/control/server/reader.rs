@@ -33,6 +33,13 @@ impl Reader {
             .name("port25-reader".into())
             .spawn(move || {
                 let mut store = SqliteStore::open_read_only(&state_dir).ok();
+                // Its own connection to the fleet's database (`registry` cannot change on
+                // reload), for `user show`'s view of every router's sessions.
+                let mut fleet = cfg.borrow().registry.as_ref().and_then(|r| {
+                    crate::fleet::Fleet::new(r)
+                        .map_err(|e| tracing::error!("the reader's fleet view: {e:#}"))
+                        .ok()
+                });
                 while let Some((job, reply)) = rx.blocking_recv() {
                     let r = (|| {
                         if store.is_none() {
@@ -42,7 +49,12 @@ impl Reader {
                         match job {
                             ReadJob::Op(op) => {
                                 let cfg = cfg.borrow().clone();
-                                ops::read(&*tx, &cfg, op)
+                                let show = matches!(op, Op::UserShow(_));
+                                let mut v = ops::read(&*tx, &cfg, op)?;
+                                if let (true, Some(fl)) = (show, fleet.as_mut()) {
+                                    fleet_view(fl, &mut v);
+                                }
+                                Ok(v)
                             }
                             ReadJob::Suggest(name) => {
                                 Ok(json!(crate::registry::suggest(&*tx, &name)))
@@ -66,4 +78,27 @@ impl Reader {
             .await
             .map_err(|_| anyhow::anyhow!("the reader has stopped"))?
     }
+}
+
+/// Adds every router's sessions of the shown user to a `user show` answer; the database
+/// unreachable, says so (the local answer stands, bounded by the fleet's timeout).
+fn fleet_view(fleet: &mut crate::fleet::Fleet, v: &mut serde_json::Value) {
+    use crate::control::reply::{FleetSessions, RouterSession};
+    let Some(user) = v["user"]["name"].as_str().map(str::to_string) else {
+        return;
+    };
+    let view = match fleet.sessions_of(&user) {
+        Ok(s) => FleetSessions {
+            sessions: s
+                .into_iter()
+                .map(|(router, session)| RouterSession { router, session })
+                .collect(),
+            unavailable: None,
+        },
+        Err(e) => FleetSessions {
+            sessions: Vec::new(),
+            unavailable: Some(format!("{e:#}")),
+        },
+    };
+    v["fleet"] = json!(view);
 }

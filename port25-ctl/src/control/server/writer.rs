@@ -171,7 +171,7 @@ impl Daemon {
         f: impl FnOnce(&mut dyn Tx, jiff::Timestamp) -> Result<R>,
     ) -> Result<R> {
         let Some(fleet) = self.fleet.as_mut() else {
-            return self.change_in(false, f);
+            return self.change_in(Scope::Local, f);
         };
         let r = fleet.begin().and_then(|()| self.catch_up_locked());
         self.fleet_seen(&r);
@@ -181,7 +181,7 @@ impl Daemon {
             }
             return Err(e);
         }
-        let r = self.change_in(true, f);
+        let r = self.change_in(Scope::Fleet, f);
         self.fleet_seen(&r);
         r
     }
@@ -192,7 +192,16 @@ impl Daemon {
         &mut self,
         f: impl FnOnce(&mut dyn Tx, jiff::Timestamp) -> Result<R>,
     ) -> Result<R> {
-        self.change_in(false, f)
+        self.change_in(Scope::Local, f)
+    }
+
+    /// A session event: this router's own, as [`Daemon::change_local`]; the users it first
+    /// sees are queued for the fleet (never waited for, see [`crate::fleet::Fleet::ensure_users`]).
+    pub(super) fn change_session<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn Tx, jiff::Timestamp) -> Result<R>,
+    ) -> Result<R> {
+        self.change_in(Scope::Session, f)
     }
 
     /// Applies the fleet's changes the replica has not seen, in order, each once.
@@ -239,6 +248,30 @@ impl Daemon {
         .map_err(|e| e.context(format!("applying fleet change {} from {}", c.id, c.router)))
     }
 
+    /// Queues the sessions a committed change wrote or deleted for the fleet's view (never
+    /// waits for the database).
+    fn publish_sessions(&mut self, ids: std::collections::BTreeSet<String>) {
+        if ids.is_empty() || self.fleet.is_none() {
+            return;
+        }
+        let now: Result<Vec<_>> = (|| {
+            let tx = self.store.read()?;
+            ids.into_iter()
+                .map(|id| Ok((tx.session(&id)?, id)))
+                .collect()
+        })();
+        match (now, &self.fleet) {
+            (Ok(now), Some(fl)) => {
+                for (s, id) in now {
+                    fl.publish_sessions(crate::fleet::Publish::Session(id, s));
+                }
+            }
+            // The published view lags until the next start; enforcement is not at stake.
+            (Err(e), _) => error!("reading sessions to publish to the fleet: {e:#}"),
+            _ => {}
+        }
+    }
+
     /// Logs the fleet registry going away and coming back, once each.
     fn fleet_seen<R>(&mut self, r: &Result<R>) {
         let Some(fleet) = &self.fleet else { return };
@@ -257,23 +290,40 @@ impl Daemon {
     /// transaction touched are recomputed; a change of runtime entries rebuilds everything.
     fn change_in<R>(
         &mut self,
-        fleet: bool,
+        scope: Scope,
         f: impl FnOnce(&mut dyn Tx, jiff::Timestamp) -> Result<R>,
     ) -> Result<R> {
         let now = self.wall.now();
         let (wall, boot) = self.clock.at(now);
+        let has_fleet = self.fleet.is_some();
         let local = self.store.begin()?;
         let inner: Box<dyn Tx + '_> = match self.fleet.as_mut() {
-            Some(fl) if fleet => Box::new(crate::fleet::FleetTx::new(local, fl)),
+            Some(fl) if scope == Scope::Fleet => Box::new(crate::fleet::FleetTx::new(local, fl)),
             _ => local,
         };
         let mut rec = Recording::new(inner);
         let r = f(&mut rec, now)?;
+        let created = match (has_fleet, scope) {
+            (true, Scope::Session) => std::mem::take(&mut rec.created),
+            _ => Default::default(),
+        };
+        let session_ids = match has_fleet {
+            true => std::mem::take(&mut rec.session_ids),
+            false => Default::default(),
+        };
+        // Only once committed here (both paths below commit before the maps).
+        let publish = |d: &mut Self| {
+            if let Some(fl) = &d.fleet {
+                fl.ensure_users(created.into_values());
+            }
+            d.publish_sessions(session_ids);
+        };
         if rec.entries {
             let snap = crate::registry::store::snapshot_of(&rec)?;
             let (index, want) = Desired::build_indexed(&self.cfg, &snap, wall, boot)?;
             policy::check_fits(&self.live, &want)?;
             rec.commit()?;
+            publish(self);
             failpoint_after_commit();
             match policy::apply_delta(&mut self.live, &self.applied, &want) {
                 Ok(_) => {
@@ -288,6 +338,7 @@ impl Daemon {
         let plan = self.index.plan(&self.applied, changed)?;
         policy::check_slots_fit(&self.live, &self.applied, &plan.slots)?;
         rec.commit()?;
+        publish(self);
         failpoint_after_commit();
         let before: Vec<_> = plan
             .slots
@@ -323,4 +374,15 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Which registry a change is made in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// The fleet's (with a fleet registry), else the local one.
+    Fleet,
+    /// This router's alone.
+    Local,
+    /// This router's alone, the users it creates registered fleet-wide afterwards.
+    Session,
 }

@@ -220,6 +220,10 @@ pub struct Recording<'a> {
     inner: Box<dyn Tx + 'a>,
     pub users: std::collections::BTreeSet<String>,
     pub entries: bool,
+    /// Users this transaction created (as last written).
+    pub created: std::collections::BTreeMap<String, User>,
+    /// The ids of the sessions this transaction wrote or deleted.
+    pub session_ids: std::collections::BTreeSet<String>,
 }
 
 impl<'a> Recording<'a> {
@@ -228,6 +232,8 @@ impl<'a> Recording<'a> {
             inner,
             users: Default::default(),
             entries: false,
+            created: Default::default(),
+            session_ids: Default::default(),
         }
     }
 
@@ -251,10 +257,14 @@ impl Tx for Recording<'_> {
         self.inner.users()
     }
     fn put_user(&mut self, u: &User) -> Result<()> {
+        if self.created.contains_key(&u.name) || self.inner.user(&u.name)?.is_none() {
+            self.created.insert(u.name.clone(), u.clone());
+        }
         self.users.insert(u.name.clone());
         self.inner.put_user(u)
     }
     fn delete_user(&mut self, name: &str) -> Result<()> {
+        self.created.remove(name);
         self.users.insert(name.to_string());
         self.inner.delete_user(name)
     }
@@ -271,11 +281,13 @@ impl Tx for Recording<'_> {
         self.inner.session_holding(p)
     }
     fn put_session(&mut self, s: &Session) -> Result<()> {
+        self.session_ids.insert(s.id.clone());
         self.touch_session(&s.id)?;
         self.users.insert(s.user.clone());
         self.inner.put_session(s)
     }
     fn delete_session(&mut self, id: &str) -> Result<()> {
+        self.session_ids.insert(id.to_string());
         self.touch_session(id)?;
         self.inner.delete_session(id)
     }

@@ -266,7 +266,9 @@ impl Daemon {
         if crate::bpf::route::oif(src) == Some(arrived) {
             return true;
         }
-        let (_, targets) = super::links::targets_here(&self.cfg);
+        // The devices the link events keep, not a fresh scan: a forged flood reaches here up to
+        // 200 times a second, and a BRAS has thousands of devices.
+        let targets = self.cfg.targets(&self.devices.names());
         targets.iter().any(|t| {
             t.iface.hook == crate::config::Hook::Tc
                 && t.iface.direction == crate::config::Direction::Egress

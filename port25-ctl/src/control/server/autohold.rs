@@ -227,7 +227,7 @@ impl Daemon {
             return;
         }
         let forged = !self.arrived_where_routed(src, o.ifindex);
-        if forged && !std::mem::replace(&mut seen_forged(&mut self.flagged, src), true) {
+        if forged && !std::mem::replace(seen_forged(&mut self.flagged, src), true) {
             warn!(%src, %user, arrived_ifindex = o.ifindex, "likely infected, but its segments arrived on a device the kernel does not route that address through (a forged source?): not held; notified as not held");
         }
         let held = if a.auto_hold && !forged {

@@ -5,8 +5,8 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
+pub(crate) const BPF_PROG_LOAD: libc::c_long = 5;
+pub(crate) const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 /// Program types (uapi `enum bpf_prog_type`).
 pub const SCHED_CLS: u32 = 3;
@@ -15,43 +15,43 @@ pub const XDP: u32 = 6;
 /// The fields of `union bpf_attr` that BPF_PROG_LOAD reads; the rest stays zero.
 #[repr(C)]
 #[derive(Default)]
-struct ProgLoad {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    _rest: [u64; 10],
+pub(crate) struct ProgLoad {
+    pub(crate) prog_type: u32,
+    pub(crate) insn_cnt: u32,
+    pub(crate) insns: u64,
+    pub(crate) license: u64,
+    pub(crate) log_level: u32,
+    pub(crate) log_size: u32,
+    pub(crate) log_buf: u64,
+    pub(crate) kern_version: u32,
+    pub(crate) prog_flags: u32,
+    pub(crate) prog_name: [u8; 16],
+    pub(crate) _rest: [u64; 10],
 }
 
 /// The fields of `union bpf_attr` that BPF_PROG_TEST_RUN reads and writes.
 #[repr(C)]
 #[derive(Default)]
-struct TestRun {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _rest: [u32; 9],
+pub(crate) struct TestRun {
+    pub(crate) prog_fd: u32,
+    pub(crate) retval: u32,
+    pub(crate) data_size_in: u32,
+    pub(crate) data_size_out: u32,
+    pub(crate) data_in: u64,
+    pub(crate) data_out: u64,
+    pub(crate) repeat: u32,
+    pub(crate) duration: u32,
+    pub(crate) ctx_size_in: u32,
+    pub(crate) ctx_size_out: u32,
+    pub(crate) ctx_in: u64,
+    pub(crate) ctx_out: u64,
+    pub(crate) flags: u32,
+    pub(crate) cpu: u32,
+    pub(crate) batch_size: u32,
+    pub(crate) _rest: [u32; 9],
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
+pub(crate) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
     // SAFETY: `attr` is a live, zero-padded bpf_attr of the size passed.
     let r = unsafe {
         libc::syscall(
@@ -71,16 +71,24 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
 /// `r0 = ret; exit` as a program of `prog_type`.
 pub fn load(prog_type: u32, ret: i32) -> std::io::Result<OwnedFd> {
     // BPF_ALU64|BPF_MOV|BPF_K into r0, then BPF_JMP|BPF_EXIT.
-    let insns: [u64; 2] = [0xb7 | (ret as u32 as u64) << 32, 0x95];
+    load_insns(
+        prog_type,
+        &[0xb7 | (ret as u32 as u64) << 32, 0x95],
+        b"bare",
+    )
+}
+
+/// A program of raw instructions (each as the kernel's 8-byte `struct bpf_insn`).
+pub fn load_insns(prog_type: u32, insns: &[u64], name: &[u8]) -> std::io::Result<OwnedFd> {
     let license = c"GPL";
-    let mut name = [0u8; 16];
-    name[..4].copy_from_slice(b"bare");
+    let mut prog_name = [0u8; 16];
+    prog_name[..name.len()].copy_from_slice(name);
     let mut attr = ProgLoad {
         prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        prog_name: name,
+        prog_name,
         ..Default::default()
     };
     let fd = bpf(BPF_PROG_LOAD, &mut attr)?;

@@ -2,6 +2,7 @@
 //! prebuilt, without cargo (`PORT25_CTL` names the controller binary).
 
 pub mod bare;
+pub mod flood;
 pub mod frame;
 pub mod fuzz;
 pub mod fuzzgen;

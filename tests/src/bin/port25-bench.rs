@@ -436,6 +436,19 @@ fn unblock_bench() {
     lab.kill9();
 }
 
+/// The live flood and mix (see `port25_tests::flood`): 1M exempt addresses, five interleaved
+/// rounds (quick: 10,000 addresses, one round).
+fn flood_bench() {
+    let (exempts, rounds, secs) = if quick() {
+        (10_000, 1, 1.0)
+    } else {
+        (1 << 20, 5, 1.5)
+    };
+    for f in port25_tests::flood::bench(&lab::ctl_binary(), exempts - 1, rounds, secs) {
+        goal(f.what, f.figure, f.goal, f.ok);
+    }
+}
+
 /// `PORT25_BENCH_QUICK=1`: only the datapath with empty exempt maps (a before/after check).
 fn quick() -> bool {
     std::env::var_os("PORT25_BENCH_QUICK").is_some()
@@ -446,13 +459,21 @@ fn main() -> ExitCode {
         eprintln!("port25-bench: needs root (BPF, network namespaces)");
         return ExitCode::FAILURE;
     }
-    // PORT25_BENCH_ONLY=globs: the glob-device figures alone.
+    // PORT25_BENCH_ONLY=globs: the glob-device figures alone; =flood: the live flood alone.
     let only_globs = std::env::var("PORT25_BENCH_ONLY").is_ok_and(|v| v == "globs");
+    if std::env::var("PORT25_BENCH_ONLY").is_ok_and(|v| v == "flood") {
+        flood_bench();
+        print_goals();
+        return ExitCode::SUCCESS;
+    }
     if !only_globs {
         datapath_bench();
     }
     if !quick() && !only_globs {
         unblock_bench();
+    }
+    if !only_globs {
+        flood_bench();
     }
     glob_bench(false);
     glob_bench(true);

@@ -107,6 +107,10 @@ pub struct Exempt {
     pub _pad: u32,
 }
 
+/// The expiry of a blocked user's session entries: over since boot (the verdict knows it
+/// expired without reading the clock).
+pub const BLOCKED_NS: u64 = 1;
+
 pub const ORIGIN_CONFIG: u32 = 1;
 pub const ORIGIN_RUNTIME: u32 = 2;
 /// An address or prefix of a live session. It decides alone (an address a live session holds

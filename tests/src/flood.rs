@@ -590,11 +590,29 @@ pub fn bench(ctl: &std::path::Path, exempts: u32, rounds: usize, secs: f64) -> V
     };
 
     // Interleaved rounds: every arm once per round; the median of the rounds.
+    // port25 again with its offender tracking off (the default config tracks): what the
+    // tracking of 65,535 sources costs.
+    let config = port25_ctl::config::Config::load(&cfg).expect("the flood's config");
+    let mut live = port25_ctl::bpf::livemaps::LiveMaps::open(&port25_ctl::bpf::pins::Pins::new(
+        &config.pin_dir,
+    ))
+    .expect("port25's pinned maps");
+    let untracked = port25_ctl::config::Abuse {
+        track_sources: 0,
+        ..config.abuse.clone()
+    };
+    let mut off_runs = Vec::new();
     let mut flood_runs: Vec<Vec<Run>> = vec![Vec::new(); ARMS.len()];
     let mut mix_runs: Vec<Vec<Run>> = vec![Vec::new(); ARMS.len()];
     for _ in 0..rounds {
         for (i, dev) in devs.iter().enumerate() {
             flood_runs[i].push(run(&gen_ns, senders.clone(), &flood(i), &rx_ns, dev, secs));
+            if ARMS[i] == Arm::Port25 {
+                use port25_ctl::bpf::offenders::write_settings;
+                write_settings(&mut live, &untracked).unwrap();
+                off_runs.push(run(&gen_ns, senders.clone(), &flood(i), &rx_ns, dev, secs));
+                write_settings(&mut live, &config.abuse).unwrap();
+            }
         }
         for (i, dev) in devs.iter().enumerate() {
             if matches!(ARMS[i], Arm::None | Arm::Port25 | Arm::Nft) {
@@ -627,6 +645,15 @@ pub fn bench(ctl: &std::path::Path, exempts: u32, rounds: usize, secs: f64) -> V
             m.sent
         );
     }
+    let off = median(&off_runs);
+    println!(
+        "    {:<40} {:>7.0} ns  (CPU {:>5.0} ns; {} received of {} sent)",
+        "port25, offender tracking off",
+        off.ns_per_packet,
+        off.cpu_ns_per_packet,
+        off.packets,
+        off.sent
+    );
     let mut mx = [0f64; 4];
     println!("  mix: 95% TCP and UDP to 443 forwarded, 5% SYNs to 25:");
     for (i, arm) in ARMS.iter().enumerate() {

@@ -81,8 +81,7 @@ impl Slot {
     }
 }
 
-/// The expiry of a blocked user's session entries: over since boot.
-pub const BLOCKED_NS: u64 = 1;
+pub use port25_common::maps::BLOCKED_NS;
 
 /// An entry that closes its address: a session of a user who is not unblocked.
 pub fn closes(e: &Exempt) -> bool {

@@ -94,6 +94,31 @@ fn or(p: *mut u64, bits: u64) {
     unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, bits) };
 }
 
+/// Copies an address between map values as two word moves. A plain copy between two map
+/// pointers (which may alias) is a call to a byte-wise `memmove` subprogram in BPF, and
+/// consecutive zero stores a call to `memset`: on every tracked segment, a call and 16
+/// byte moves. Both sides are 8-byte aligned (map values; the fields at multiples of 8).
+#[inline(always)]
+fn copy16(dst: &mut [u8; 16], src: &[u8; 16]) {
+    let (s, d) = (src.as_ptr() as *const u64, dst.as_mut_ptr() as *mut u64);
+    // SAFETY: both 16 bytes long and 8-byte aligned (see above).
+    unsafe {
+        let (a, b) = (
+            core::ptr::read_volatile(s),
+            core::ptr::read_volatile(s.add(1)),
+        );
+        core::ptr::write_volatile(d, a);
+        core::ptr::write_volatile(d.add(1), b);
+    }
+}
+
+/// A store LLVM cannot merge with its neighbours into a `memset` call (see [`copy16`]).
+#[inline(always)]
+fn set(p: &mut u64, v: u64) {
+    // SAFETY: a valid, aligned u64.
+    unsafe { core::ptr::write_volatile(p, v) };
+}
+
 /// Hands a blocked segment (addresses known) over to the tracking program.
 ///
 /// The copy is [`port25_hand_over`], a global function of scalar arguments: the verifier
@@ -213,7 +238,7 @@ fn track(tmp: &mut Scratch) {
     }
     let now = now(tmp);
     tmp.key.family = if tmp.v6 != 0 { 6 } else { 4 };
-    tmp.key.addr = tmp.src;
+    copy16(&mut tmp.key.addr, &tmp.src);
     let syn = (tmp.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN) as u64;
     let bit = dest_bit(&tmp.dst);
     let (reason, ifindex) = (tmp.reason, tmp.ifindex);
@@ -226,10 +251,10 @@ fn track(tmp: &mut Scratch) {
         n.attempts = syn;
         n.segments = 1;
         n.dests = bit;
-        n.prev_attempts = 0;
-        n.prev_segments = 0;
-        n.prev_dests = 0;
-        n.last_dst = tmp.dst;
+        set(&mut n.prev_attempts, 0);
+        set(&mut n.prev_segments, 0);
+        set(&mut n.prev_dests, 0);
+        copy16(&mut n.last_dst, &tmp.dst);
         n.last_dport = tmp.dport;
         n.last_reason = reason as u8;
         n._pad = 0;
@@ -246,12 +271,12 @@ fn track(tmp: &mut Scratch) {
     if age >= cfg.window_ns {
         // A new window; the one before it counts only if it ended just now.
         let adjacent = age < cfg.window_ns.saturating_mul(2);
-        e.prev_attempts = if adjacent { e.attempts } else { 0 };
-        e.prev_segments = if adjacent { e.segments } else { 0 };
-        e.prev_dests = if adjacent { e.dests } else { 0 };
-        e.attempts = 0;
-        e.segments = 0;
-        e.dests = 0;
+        set(&mut e.prev_attempts, if adjacent { e.attempts } else { 0 });
+        set(&mut e.prev_segments, if adjacent { e.segments } else { 0 });
+        set(&mut e.prev_dests, if adjacent { e.dests } else { 0 });
+        set(&mut e.attempts, 0);
+        set(&mut e.segments, 0);
+        set(&mut e.dests, 0);
         e.window_ns = now;
     }
     add(&mut e.attempts, syn);
@@ -262,7 +287,7 @@ fn track(tmp: &mut Scratch) {
         or(&mut e.dests, bit);
     }
     e.last_ns = now;
-    e.last_dst = tmp.dst;
+    copy16(&mut e.last_dst, &tmp.dst);
     e.last_dport = tmp.dport;
     e.last_reason = reason as u8;
     e.ifindex = ifindex;

@@ -93,6 +93,28 @@ impl Frame for XdpFrame<'_> {
     }
 }
 
+/// The device a packet came in on (went out on, at TC egress), for offender tracking. Read
+/// only for a tracked segment: for XDP it is three dependent loads (`rxq->dev->ifindex`),
+/// a tenth of a passed packet's time in the program.
+trait Ingress {
+    fn ifindex(&self) -> u32;
+}
+
+impl Ingress for XdpFrame<'_> {
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.0.ingress_ifindex() as u32
+    }
+}
+
+impl Ingress for SkbFrame<'_> {
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the context the kernel passed.
+        unsafe { (*self.0.skb.skb).ifindex }
+    }
+}
+
 struct SkbFrame<'a>(&'a TcContext);
 
 impl Frame for SkbFrame<'_> {
@@ -128,7 +150,7 @@ impl Frame for SkbFrame<'_> {
 /// The verdict, counted; and whether the segment was handed over for offender tracking.
 /// `L` says whether the kernel log sees it.
 #[inline(always)]
-fn decide<F: Frame, L: klog::Log>(frame: &F, link: Link, ifindex: u32) -> (Reason, bool) {
+fn decide<F: Frame + Ingress, L: klog::Log>(frame: &F, link: Link) -> (Reason, bool) {
     let parsed = parse_flat(frame, link);
     let reason = decide_parsed(&parsed, &KernelMaps);
     count(reason);
@@ -137,7 +159,7 @@ fn decide<F: Frame, L: klog::Log>(frame: &F, link: Link, ifindex: u32) -> (Reaso
     // rules ran and passed nothing): the offender tracking's business.
     let tracked = !reason.is_pass() && parsed.addrs;
     if tracked {
-        track::hand_over(&parsed, reason as u32, ifindex);
+        track::hand_over(&parsed, reason as u32, frame.ifindex());
     }
     (reason, tracked)
 }
@@ -156,11 +178,7 @@ pub fn port25_xdp(ctx: XdpContext) -> u32 {
     if klog::enabled() {
         klog::xdp_logged(&ctx);
     }
-    let (reason, tracked) = decide::<_, klog::Off>(
-        &XdpFrame(&ctx),
-        Link::Ethernet,
-        ctx.ingress_ifindex() as u32,
-    );
+    let (reason, tracked) = decide::<_, klog::Off>(&XdpFrame(&ctx), Link::Ethernet);
     let action = xdp_verdict(&ctx, reason);
     if tracked {
         // Returns only if the tail call fails: the action stands untracked.
@@ -173,11 +191,7 @@ pub fn port25_xdp(ctx: XdpContext) -> u32 {
 /// verdict, staged for the message, then on to [`port25_klog_emit_xdp`].
 #[xdp]
 pub fn port25_klog_xdp(ctx: XdpContext) -> u32 {
-    let (reason, tracked) = decide::<_, klog::On>(
-        &XdpFrame(&ctx),
-        Link::Ethernet,
-        ctx.ingress_ifindex() as u32,
-    );
+    let (reason, tracked) = decide::<_, klog::On>(&XdpFrame(&ctx), Link::Ethernet);
     let action = xdp_verdict(&ctx, reason);
     klog::xdp_emit(&ctx, action, tracked);
     // The message program could not be reached: the action stands, tracked.
@@ -247,9 +261,7 @@ fn raw_link(ctx: &TcContext) -> Link {
 
 #[inline(always)]
 fn tc_action(ctx: &TcContext, link: Link) -> i32 {
-    // SAFETY: the context the kernel passed.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let (reason, tracked) = decide::<_, klog::Off>(&SkbFrame(ctx), link, ifindex);
+    let (reason, tracked) = decide::<_, klog::Off>(&SkbFrame(ctx), link);
     let action = tc_verdict(ctx, link, reason);
     if tracked {
         track::tc(ctx, action);
@@ -270,9 +282,7 @@ pub fn port25_klog_tc_raw(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn tc_klog<H: klog::Hook>(ctx: &TcContext, link: Link) -> i32 {
-    // SAFETY: the context the kernel passed.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let (reason, tracked) = decide::<_, klog::On>(&SkbFrame(ctx), link, ifindex);
+    let (reason, tracked) = decide::<_, klog::On>(&SkbFrame(ctx), link);
     let action = tc_verdict(ctx, link, reason);
     klog::tc_emit::<H, _>(ctx, action, tracked);
     if tracked {

@@ -97,7 +97,7 @@ fn a_policy_change_is_the_fleets_and_fails_clearly_with_the_database_down() {
         pg.psql("SELECT router, action FROM audit WHERE subject = 'alice'"),
         "bras-a|unblock"
     );
-    assert_eq!(pg.psql("SELECT version FROM schema_version"), "1");
+    assert_eq!(pg.psql("SELECT version FROM schema_version"), "2");
 
     pg.kill();
     let t = Instant::now();
@@ -576,4 +576,167 @@ fn the_database_killed_and_back_every_router_catches_up() {
         a.daemon_log()
     );
     assert!(smtp(&a, ALICE4));
+}
+
+/// The verdict of the live maps of `lab` for TCP from `src` to port 25 outside.
+fn verdict(lab: &Lab, src: &str) -> String {
+    let v: serde_json::Value = lab.reply(&["check", src, "203.0.113.7"]);
+    v["verdict"].as_str().unwrap().to_string()
+}
+
+/// `port25-ctl registry import FILE` with `lab`'s config (its `registry:`).
+fn import(lab: &Lab, file: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["--json", "registry", "import", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    lab.ctl(&args)
+}
+
+fn created(out: &std::process::Output) -> Vec<u64> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)));
+    ["users", "bindings", "entries", "audit"]
+        .iter()
+        .map(|k| v[k]["created"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_routers_sqlite_registry_moves_into_the_fleet() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    // A router on its own SQLite registry, filled through the daemon's verbs.
+    let mut old = Lab::new(XDP);
+    old.start_daemon();
+    ok(&old, &["unblock", "alice", "--new", "--reason", "ticket 1"]);
+    ok(&old, &["unblock", "bob", "--new", "--for", "2d"]);
+    ok(
+        &old,
+        &["block", "carol", "--new", "--hold", "--reason", "spam run"],
+    );
+    ok(&old, &["user", "add", "erin"]);
+    ok(&old, &["unblock", "erin"]);
+    ok(&old, &["user", "bind", "erin", "100.64.0.6/32"]);
+    ok(
+        &old,
+        &["exempt", "add", "100.64.0.9/32", "--note", "monitoring"],
+    );
+    let history: port25_ctl::control::reply::AuditLog = old.reply(&["audit", "--limit", "0"]);
+    // Exported with the daemon running.
+    let doc = ok(&old, &["registry", "export", "--router", "bras-old"]);
+    let file = old.dir.join("reg.json");
+    std::fs::write(&file, &doc).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(v["format"], "port25-registry");
+    assert_eq!(v["users"].as_array().unwrap().len(), 4, "{doc}");
+
+    // A fleet router runs while the file is imported: it applies it from the log.
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(&pg, "bras-b"));
+    b.start_daemon();
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    ok(&b, &["session", "up", "bob", "100.64.0.4", "--id", "b2"]);
+    ok(&b, &["session", "up", "carol", "100.64.0.3", "--id", "b3"]);
+    assert!(until_db(
+        &pg,
+        "SELECT count(*) FROM users",
+        "3",
+        Duration::from_secs(3)
+    ));
+    assert!(!smtp(&b, ALICE4));
+    // The session users are in the fleet already, blocked: alice, bob and carol (held in
+    // the file) conflict; erin is new.
+    let changes = pg.psql("SELECT count(*) FROM changes");
+    let o = import(&b, &file, &[]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("user alice: the fleet has blocked, the file unblocked"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM changes"),
+        changes,
+        "nothing written"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM audit"), "0");
+    let o = import(&b, &file, &["--overwrite"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(created(&o), [1, 1, 1, history.records.len() as u64]);
+
+    // B enforces the imported registry (real TCP).
+    assert!(until_policy(&b, "alice", Policy::Unblocked, Duration::from_secs(2)).is_some());
+    assert!(smtp(&b, ALICE4), "alice's unblock");
+    assert_eq!(verdict(&b, "100.64.0.4"), "pass", "bob's timed unblock");
+    let bob: UserDetail = b.reply(&["user", "show", "bob"]);
+    assert!(bob.user.until.is_some(), "bob's unblock is timed");
+    assert!(!smtp(&b, "100.64.0.3"), "carol's hold");
+    let carol: UserDetail = b.reply(&["user", "show", "carol"]);
+    assert!(carol.user.hold.is_some(), "carol is held");
+    assert_eq!(verdict(&b, "100.64.0.6"), "pass", "erin's binding");
+    assert_eq!(verdict(&b, "100.64.0.9"), "pass", "the runtime exempt");
+    assert_eq!(verdict(&b, "100.64.0.10"), "block", "and nothing more");
+    assert_eq!(replica_users(&b), db_users(&pg));
+    // The audit history, with its original times and actors, in the fleet and on B.
+    let first = &history.records[0];
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT at, actor, action, subject FROM audit WHERE origin = 'bras-old:{}'",
+            first.id
+        )),
+        format!(
+            "{}|{}|{}|{}",
+            first.at.as_nanosecond(),
+            first.actor,
+            first.action,
+            first.subject
+        )
+    );
+    let on_b: port25_ctl::control::reply::AuditLog = b.reply(&["audit", "--user", "alice"]);
+    assert!(
+        on_b.records
+            .iter()
+            .any(|r| r.action == "unblock" && r.at == first.at && r.actor == first.actor),
+        "{:?}",
+        on_b.records
+    );
+
+    // A second import: nothing created, nothing written.
+    let changes = pg.psql("SELECT count(*) FROM changes");
+    let audit = pg.psql("SELECT count(*) FROM audit");
+    let o = import(&b, &file, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(created(&o), [0, 0, 0, 0]);
+    let o = b.ctl(&["registry", "import", file.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("nothing written"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), changes);
+    assert_eq!(pg.psql("SELECT count(*) FROM audit"), audit);
+
+    // A policy changed in the fleet since: the file conflicts, refused whole.
+    ok(&b, &["block", "alice"]);
+    let changes = pg.psql("SELECT count(*) FROM changes");
+    let o = import(&b, &file, &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("user alice"), "{}", text(&o));
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), changes);
+    assert_eq!(effective(&b, "alice"), Policy::Blocked);
+
+    // A bad file: a clear error, nothing written.
+    let bad = old.dir.join("bad.json");
+    std::fs::write(&bad, doc.replace("\"port25-registry\"", "\"other\"")).unwrap();
+    let o = import(&b, &bad, &[]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("not a port25 registry export"),
+        "{}",
+        text(&o)
+    );
+    std::fs::write(&bad, &doc[..doc.len() / 2]).unwrap();
+    let o = import(&b, &bad, &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("bad.json"), "{}", text(&o));
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), changes);
 }

@@ -78,7 +78,7 @@ impl Registry {
     }
 }
 
-fn check_router(r: &str) -> Result<(), String> {
+pub fn check_router(r: &str) -> Result<(), String> {
     let ok = !r.is_empty()
         && r.len() <= 64
         && r.chars()

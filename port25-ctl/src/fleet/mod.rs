@@ -13,6 +13,7 @@
 //! id. Other routers' followers (LISTEN, and a periodic poll) apply the change in their
 //! single writer, in id order, once (an id at or below the replica's mark is skipped).
 
+pub mod export;
 pub mod helpdesk;
 pub mod schema;
 mod tx;
@@ -349,7 +350,7 @@ impl Fleet {
         let router = self.router.clone();
         let r = self.run(move |c| async move {
             for row in &rows {
-                write_row(&c, &router, row).await?;
+                write_row(&*c, &router, row).await?;
             }
             let body = serde_json::to_value(&rows)?;
             let id: i64 = c
@@ -517,7 +518,11 @@ impl Drop for Fleet {
     }
 }
 
-async fn write_row(c: &Client, router: &str, row: &Row) -> Result<()> {
+async fn write_row(
+    c: &(impl tokio_postgres::GenericClient + Sync),
+    router: &str,
+    row: &Row,
+) -> Result<()> {
     fn ts(t: jiff::Timestamp) -> i64 {
         t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
     }

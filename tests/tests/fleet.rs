@@ -740,3 +740,157 @@ fn a_routers_sqlite_registry_moves_into_the_fleet() {
     assert!(text(&o).contains("bad.json"), "{}", text(&o));
     assert_eq!(pg.psql("SELECT count(*) FROM changes"), changes);
 }
+
+/// A CA and a server certificate for `localhost` it signed: (CA pem, cert pem, key pem).
+fn certificates() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// `port25-ctl --registry-only ARGS` with `postgres` as the connection string, from `lab`'s
+/// router namespace (where the TLS test's server listens).
+fn helpdesk_with(lab: &Lab, postgres: &str, args: &[&str]) -> std::process::Output {
+    let cfg = lab.dir.join("helpdesk.yaml");
+    std::fs::write(
+        &cfg,
+        format!("registry:\n  postgres: \"{postgres}\"\n  router: helpdesk\n"),
+    )
+    .unwrap();
+    std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.rtr))
+        .arg(lab::ctl_binary())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--registry-only")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn tls_to_the_database_is_verified_as_the_connection_string_asks() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut lab = Lab::new(XDP);
+    let (ca, cert, key) = certificates();
+    let (other_ca, ..) = certificates();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    for (name, pem) in [("server.crt", &cert), ("server.key", &key)] {
+        let p = pg.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        nix::unistd::chown(&p, Some(nobody.uid), Some(nobody.gid)).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let ssl_on = format!(
+        "-c ssl=on -c ssl_cert_file='{0}/server.crt' -c ssl_key_file='{0}/server.key'",
+        pg.path().display()
+    );
+    pg.restart_with(&ssl_on, &lab.rtr);
+    let ca_pem = lab.dir.join("ca.pem");
+    std::fs::write(&ca_pem, &ca).unwrap();
+    let other_pem = lab.dir.join("other-ca.pem");
+    std::fs::write(&other_pem, &other_ca).unwrap();
+    let tcp = |extra: &str| {
+        format!(
+            "host=localhost hostaddr=127.0.0.1 port={} dbname=port25 user=port25 {extra}",
+            pg.port()
+        )
+    };
+
+    // verify-full against the right CA: the daemon works, over TLS.
+    let good = tcp(&format!(
+        "sslmode=verify-full sslrootcert={}",
+        ca_pem.display()
+    ));
+    lab.write_config(&format!(
+        "registry:\n  postgres: \"{good}\"\n  router: bras-a\n"
+    ));
+    lab.start_daemon();
+    ok(&lab, &["unblock", "alice", "--new", "--reason", "over tls"]);
+    assert_eq!(
+        pg.psql("SELECT policy FROM users WHERE name = 'alice'"),
+        "unblocked"
+    );
+    assert_eq!(
+        pg.psql(
+            "SELECT string_agg(DISTINCT s.ssl::text, ',') FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'port25-ctl'"
+        ),
+        "true",
+        "every connection of the daemon is TLS"
+    );
+
+    // Another CA: refused, named, nothing written, never plaintext instead.
+    let changes = pg.psql("SELECT count(*) FROM changes");
+    let bad = tcp(&format!(
+        "sslmode=verify-full sslrootcert={}",
+        other_pem.display()
+    ));
+    let o = helpdesk_with(&lab, &bad, &["unblock", "bob", "--new"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("fleet registry PostgreSQL") && text(&o).contains("certificate"),
+        "{}",
+        text(&o)
+    );
+    // verify-ca checks the chain, not the name; verify-full both.
+    let by_ip = |mode: &str| {
+        format!(
+            "host=127.0.0.1 port={} dbname=port25 user=port25 sslmode={mode} sslrootcert={}",
+            pg.port(),
+            ca_pem.display()
+        )
+    };
+    let o = helpdesk_with(&lab, &by_ip("verify-ca"), &["block", "alice"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = helpdesk_with(&lab, &by_ip("verify-full"), &["unblock", "alice"]);
+    assert!(
+        !o.status.success(),
+        "the name 127.0.0.1 is not the certificate's"
+    );
+    // The daemon on the other CA: it starts from its replica, and a write fails clearly.
+    lab.kill9();
+    lab.write_config(&format!(
+        "registry:\n  postgres: \"{bad}\"\n  router: bras-a\n"
+    ));
+    lab.start_daemon();
+    let err = lab.fails_with(&["unblock", "alice"], 1);
+    assert!(err.contains("certificate"), "{err}");
+    assert_eq!(
+        pg.psql("SELECT policy FROM users WHERE name = 'alice'"),
+        "blocked"
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM changes")
+            .parse::<u32>()
+            .unwrap(),
+        changes.parse::<u32>().unwrap() + 1,
+        "only the verify-ca block"
+    );
+
+    // sslmode=require against a server without TLS: no connection.
+    pg.restart_with("-c ssl=off", &lab.rtr);
+    let o = helpdesk_with(&lab, &tcp("sslmode=require"), &["unblock", "alice"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("fleet registry PostgreSQL"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        pg.psql("SELECT policy FROM users WHERE name = 'alice'"),
+        "blocked"
+    );
+    let o = helpdesk_with(&lab, &tcp("sslmode=prefer"), &["unblock", "alice"]);
+    assert!(o.status.success(), "prefer goes plaintext: {}", text(&o));
+}

@@ -22,10 +22,16 @@ pub struct Registry {
 impl Registry {
     /// Rules serde cannot express; `Err` is the message the config error shows.
     pub(super) fn validate(&self) -> Result<(), String> {
-        let conn: tokio_postgres::Config = self
-            .postgres
-            .parse()
+        let (conn, tls) = crate::fleet::tls::parse(&self.postgres)
             .map_err(|e| format!("registry.postgres: not a connection string: {e}"))?;
+        if let Some(p) = &tls.rootcert {
+            if !p.is_absolute() {
+                return Err(format!(
+                    "registry.postgres: sslrootcert {} must be an absolute path",
+                    p.display()
+                ));
+            }
+        }
         if conn.get_password().is_some() {
             return Err(
                 "registry.postgres must not hold a password (it would show in status and logs): \

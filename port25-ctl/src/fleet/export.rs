@@ -197,12 +197,13 @@ pub fn import(reg: &Registry, doc: &Document, actor: &str, overwrite: bool) -> R
     let fleet = super::Fleet::new(reg)?;
     let cfg = fleet.conn_config();
     let name = fleet.name.clone();
+    let tls = fleet.connector();
     drop(fleet);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let (mut client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+        let (mut client, conn) = cfg.connect(tls).await?;
         let driver = tokio::spawn(conn);
         let r = async {
             super::schema::migrate(&client).await?;

@@ -16,6 +16,7 @@
 pub mod export;
 pub mod helpdesk;
 pub mod schema;
+pub mod tls;
 mod tx;
 
 use std::{
@@ -27,7 +28,7 @@ use std::{
 use anyhow::{anyhow, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use tracing::{info, warn};
 
 pub use tx::FleetTx;
@@ -129,6 +130,8 @@ pub struct Fleet {
     /// Always `Some` until dropped (a runtime must not be dropped inside the daemon's own).
     rt: Option<tokio::runtime::Runtime>,
     conn: tokio_postgres::Config,
+    /// TLS as the connection string asks (see [`tls`]).
+    tls: tls::Connector,
     client: Option<Conn>,
     /// A transaction is open on `client` (the write lock is held).
     in_tx: bool,
@@ -167,10 +170,11 @@ impl Drop for Conn {
 
 impl Fleet {
     pub fn new(reg: &Registry) -> Result<Fleet> {
-        let mut conn: tokio_postgres::Config = reg
-            .postgres
-            .parse()
-            .context("registry.postgres: not a connection string")?;
+        let (mut conn, tls) = tls::parse(&reg.postgres)
+            .map_err(|e| anyhow!("registry.postgres: not a connection string: {e}"))?;
+        let tls = tls
+            .connector()
+            .with_context(|| format!("fleet registry {}", reg.describe()))?;
         if let Some(pw) = reg.password().map_err(|e| anyhow!(e))? {
             conn.password(pw);
         }
@@ -187,6 +191,7 @@ impl Fleet {
             new_users_rx: Some(new_users_rx),
             rt: Some(rt),
             conn,
+            tls,
             client: None,
             in_tx: false,
             router: reg.router_name(),
@@ -205,6 +210,11 @@ impl Fleet {
         self.conn.clone()
     }
 
+    /// The TLS connector for a connection of [`Fleet::conn_config`].
+    pub fn connector(&self) -> tls::Connector {
+        self.tls.clone()
+    }
+
     /// An error as the operator reads it: which database, and what happened.
     fn named(&self, e: impl Into<anyhow::Error>) -> anyhow::Error {
         e.into().context(format!("fleet registry {}", self.name))
@@ -219,10 +229,11 @@ impl Fleet {
             self.in_tx = false;
         }
         let cfg = self.conn.clone();
+        let tls = self.tls.clone();
         let (tx, rx) = std_mpsc::channel();
         self.rt().spawn(async move {
             let r = async {
-                let (client, conn) = cfg.connect(NoTls).await?;
+                let (client, conn) = cfg.connect(tls).await?;
                 let driver = tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         warn!("fleet registry connection: {e}");
@@ -403,7 +414,8 @@ impl Fleet {
         let name = self.name.clone();
         let router = self.router.clone();
         let users = self.new_users_rx.take().expect("one follower per Fleet");
-        self.rt().spawn(follower(cfg, name, router, users, tx));
+        let tls = self.tls.clone();
+        self.rt().spawn(follower(cfg, tls, name, router, users, tx));
         rx
     }
 
@@ -620,6 +632,7 @@ async fn write_row(
 /// Holds a LISTEN connection for as long as the daemon runs, reconnecting with backoff.
 async fn follower(
     cfg: tokio_postgres::Config,
+    tls: tls::Connector,
     name: String,
     router: String,
     mut new_users: mpsc::UnboundedReceiver<Publish>,
@@ -631,7 +644,7 @@ async fn follower(
     let mut backoff = Duration::from_millis(500);
     let mut down_logged = false;
     loop {
-        match cfg.connect(NoTls).await {
+        match cfg.connect(tls.clone()).await {
             Ok((client, mut conn)) => {
                 let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
                 let sql = format!("LISTEN {CHANNEL}");

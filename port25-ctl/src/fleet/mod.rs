@@ -645,7 +645,7 @@ async fn follower(
     let mut down_logged = false;
     loop {
         match cfg.connect(tls.clone()).await {
-            Ok((client, mut conn)) => {
+            Ok((mut client, mut conn)) => {
                 let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
                 let sql = format!("LISTEN {CHANNEL}");
                 let listen = client.batch_execute(&sql);
@@ -669,7 +669,7 @@ async fn follower(
                                 // The connection is driven (and notifications heard) while
                                 // the users are written.
                                 let r = {
-                                    let publish = pending.write(&client, &router);
+                                    let publish = pending.write(&mut client, &router);
                                     tokio::pin!(publish);
                                     loop {
                                         tokio::select! {
@@ -739,7 +739,7 @@ async fn follower(
 /// Registers `users` fleet-wide if absent, under the write lock, as one change of those the
 /// database did not have (none: no change); the change is logged and notified as any other.
 async fn ensure_users(
-    c: &Client,
+    c: &mut Client,
     router: &str,
     users: &std::collections::BTreeMap<String, User>,
 ) -> Result<()> {
@@ -749,45 +749,36 @@ async fn ensure_users(
     fn ts(t: jiff::Timestamp) -> i64 {
         t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
     }
-    c.batch_execute("BEGIN").await?;
-    let r = async {
-        c.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+    // Dropped without a commit (an error), the transaction rolls back.
+    let t = c.transaction().await?;
+    t.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+        .await?;
+    let mut rows = Vec::new();
+    for u in users.values() {
+        let added = t
+            .execute(
+                "INSERT INTO users (name, policy, set_by, set_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO NOTHING",
+                &[&u.name, &u.policy.as_str(), &u.set_by, &ts(u.set_at)],
+            )
             .await?;
-        let mut rows = Vec::new();
-        for u in users.values() {
-            let added = c
-                .execute(
-                    "INSERT INTO users (name, policy, set_by, set_at) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (name) DO NOTHING",
-                    &[&u.name, &u.policy.as_str(), &u.set_by, &ts(u.set_at)],
-                )
-                .await?;
-            if added == 1 {
-                rows.push(Row::EnsureUser { user: u.clone() });
-            }
-        }
-        if !rows.is_empty() {
-            let body = serde_json::to_value(&rows)?;
-            let id: i64 = c
-                .query_one(
-                    "INSERT INTO changes (router, actor, rows) VALUES ($1, $2, $3) RETURNING id",
-                    &[&router, &"session", &body],
-                )
-                .await?
-                .get(0);
-            c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id.to_string()])
-                .await?;
-        }
-        Ok::<_, anyhow::Error>(())
-    }
-    .await;
-    match r {
-        Ok(()) => c.batch_execute("COMMIT").await?,
-        Err(e) => {
-            let _ = c.batch_execute("ROLLBACK").await;
-            return Err(e);
+        if added == 1 {
+            rows.push(Row::EnsureUser { user: u.clone() });
         }
     }
+    if !rows.is_empty() {
+        let body = serde_json::to_value(&rows)?;
+        let id: i64 = t
+            .query_one(
+                "INSERT INTO changes (router, actor, rows) VALUES ($1, $2, $3) RETURNING id",
+                &[&router, &"session", &body],
+            )
+            .await?
+            .get(0);
+        t.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id.to_string()])
+            .await?;
+    }
+    t.commit().await?;
     Ok(())
 }
 
@@ -844,7 +835,7 @@ impl Pending {
         self.all = false;
     }
 
-    async fn write(&self, c: &Client, router: &str) -> Result<()> {
+    async fn write(&self, c: &mut Client, router: &str) -> Result<()> {
         ensure_users(c, router, &self.users).await?;
         let Some(live) = &self.sessions else {
             return Ok(());
@@ -852,43 +843,38 @@ impl Pending {
         if !self.all && self.dirty.is_empty() {
             return Ok(());
         }
-        c.batch_execute("BEGIN").await?;
-        let r = async {
-            if self.all {
-                c.execute("DELETE FROM sessions WHERE router = $1", &[&router])
-                    .await?;
-                for s in live.values() {
-                    put_session(c, router, s).await?;
-                }
-            } else {
-                for id in &self.dirty {
-                    match live.get(id) {
-                        Some(s) => put_session(c, router, s).await?,
-                        None => {
-                            c.execute(
-                                "DELETE FROM sessions WHERE router = $1 AND id = $2",
-                                &[&router, id],
-                            )
-                            .await?;
-                        }
+        // Dropped without a commit (an error), the transaction rolls back.
+        let t = c.transaction().await?;
+        if self.all {
+            t.execute("DELETE FROM sessions WHERE router = $1", &[&router])
+                .await?;
+            for s in live.values() {
+                put_session(&t, router, s).await?;
+            }
+        } else {
+            for id in &self.dirty {
+                match live.get(id) {
+                    Some(s) => put_session(&t, router, s).await?,
+                    None => {
+                        t.execute(
+                            "DELETE FROM sessions WHERE router = $1 AND id = $2",
+                            &[&router, id],
+                        )
+                        .await?;
                     }
                 }
             }
-            Ok::<_, anyhow::Error>(())
         }
-        .await;
-        match r {
-            Ok(()) => c.batch_execute("COMMIT").await?,
-            Err(e) => {
-                let _ = c.batch_execute("ROLLBACK").await;
-                return Err(e);
-            }
-        }
+        t.commit().await?;
         Ok(())
     }
 }
 
-async fn put_session(c: &Client, router: &str, s: &Session) -> Result<()> {
+async fn put_session(
+    c: &(impl tokio_postgres::GenericClient + Sync),
+    router: &str,
+    s: &Session,
+) -> Result<()> {
     let addrs: Vec<String> = s.addrs.iter().map(|p| p.to_string()).collect();
     let since = s
         .since

@@ -97,7 +97,7 @@ fn a_policy_change_is_the_fleets_and_fails_clearly_with_the_database_down() {
         pg.psql("SELECT router, action FROM audit WHERE subject = 'alice'"),
         "bras-a|unblock"
     );
-    assert_eq!(pg.psql("SELECT version FROM schema_version"), "2");
+    assert_eq!(pg.psql("SELECT version FROM schema_version"), "3");
 
     pg.kill();
     let t = Instant::now();
@@ -893,4 +893,70 @@ fn tls_to_the_database_is_verified_as_the_connection_string_asks() {
     );
     let o = helpdesk_with(&lab, &tcp("sslmode=prefer"), &["unblock", "alice"]);
     assert!(o.status.success(), "prefer goes plaintext: {}", text(&o));
+}
+
+#[test]
+fn a_router_whose_changes_were_pruned_reloads_the_fleets_policy() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut a = Lab::new(XDP);
+    a.write_config(&format!(
+        "{}reconcile_interval: 1s\n",
+        registry(&pg, "bras-a")
+    ));
+    a.start_daemon();
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(&pg, "bras-b"));
+    b.start_daemon();
+    ok(&a, &["user", "add", "carol"]);
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(until_policy(&b, "carol", Policy::Blocked, Duration::from_secs(2)).is_some());
+    assert!(until_policy(&a, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
+    assert!(!smtp(&b, ALICE4));
+    // B is off while the fleet changes, and those changes age past the retention.
+    b.kill9();
+    ok(&a, &["unblock", "alice", "--reason", "while B was off"]);
+    ok(&a, &["user", "remove", "carol"]);
+    ok(&a, &["unblock", "dave", "--new"]);
+    ok(&a, &["exempt", "add", "100.64.0.9/32"]);
+    pg.psql("UPDATE changes SET at = now() - interval '31 days'");
+    assert!(
+        until_db(
+            &pg,
+            "SELECT count(*) FROM changes",
+            "0",
+            Duration::from_secs(5)
+        ),
+        "A prunes the changes older than 30 days: {}",
+        a.daemon_log()
+    );
+    assert_ne!(pg.psql("SELECT through FROM changes_pruned"), "");
+    // Younger ones stay.
+    ok(&a, &["unblock", "erin", "--new"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), "1");
+
+    // B starts: its mark is below the cut, so it reloads the fleet's tables whole.
+    b.start_daemon();
+    assert!(
+        b.daemon_log()
+            .contains("reloading the fleet's policy whole"),
+        "{}",
+        b.daemon_log()
+    );
+    assert_eq!(replica_users(&b), db_users(&pg), "B equals the fleet");
+    assert_eq!(effective(&b, "alice"), Policy::Unblocked);
+    assert!(
+        smtp(&b, ALICE4),
+        "alice's unblock reached B's maps (real TCP)"
+    );
+    assert_eq!(
+        verdict(&b, "100.64.0.9"),
+        "pass",
+        "the exempt added meanwhile"
+    );
+    // And B follows the log again.
+    ok(&a, &["block", "alice"]);
+    assert!(until_policy(&b, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
+    assert!(!smtp(&b, ALICE4));
 }

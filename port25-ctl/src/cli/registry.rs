@@ -57,14 +57,7 @@ pub(super) fn run(cli: &super::Cli, verb: &RegistryVerb) -> Result<ExitCode> {
                     Ok(c) => c.registry.map(|r| r.router_name()),
                     Err(_) => None,
                 }
-                .unwrap_or_else(|| {
-                    config::Registry {
-                        postgres: String::new(),
-                        password_file: None,
-                        router: None,
-                    }
-                    .router_name()
-                }),
+                .unwrap_or_else(config::host_name),
             };
             let doc = export::export(&state_dir, &router)?;
             println!("{}", serde_json::to_string_pretty(&doc)?);

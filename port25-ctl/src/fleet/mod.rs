@@ -15,6 +15,7 @@
 
 pub mod export;
 pub mod helpdesk;
+pub mod prune;
 pub mod schema;
 pub mod tls;
 mod tx;
@@ -390,6 +391,14 @@ impl Fleet {
         let mut n = 0;
         loop {
             let mark = store.begin()?.replica_mark()?;
+            if let Some(state) = self.gap(mark)? {
+                warn!(mark, through = state.mark, "the fleet's change log was pruned past this replica's mark: reloading the fleet's policy whole");
+                let mut tx = store.begin()?;
+                prune::reload(&mut *tx, &state)?;
+                tx.commit()?;
+                n += 1;
+                continue;
+            }
             let changes = self.changes_after(mark)?;
             if changes.is_empty() {
                 return Ok(n);

@@ -80,6 +80,15 @@ CREATE INDEX sessions_by_user ON sessions(user_name);
 ALTER TABLE audit ADD COLUMN origin TEXT;
 CREATE UNIQUE INDEX audit_by_origin ON audit(origin);
 "#,
+    r#"
+-- How far `registry.keep_changes` has cut the change log: a replica whose mark is below
+-- `through` missed changes that are gone, and reloads the policy tables whole.
+CREATE TABLE changes_pruned (
+    one     INTEGER PRIMARY KEY CHECK (one = 1),
+    through BIGINT NOT NULL
+);
+CREATE INDEX changes_by_at ON changes(at);
+"#,
 ];
 
 /// The database holds a schema of a later port25-ctl: refused, never touched.

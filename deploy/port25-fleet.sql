@@ -21,7 +21,8 @@ ALTER DEFAULT PRIVILEGES FOR ROLE port25_owner IN SCHEMA public
     REVOKE ALL ON TABLES FROM PUBLIC;
 -- users, bindings, entries: the fleet's policy (upserts and deletes of a policy change).
 -- sessions: each router's published live sessions.
--- audit, changes: append-only (an UPDATE/DELETE trigger guards audit as well).
+-- audit: append-only (an UPDATE/DELETE trigger guards it as well); changes: appended,
+-- and its oldest rows deleted past registry.keep_changes (changes_pruned records the cut).
 -- schema_version: read at every connection.
 ALTER DEFAULT PRIVILEGES FOR ROLE port25_owner IN SCHEMA public
     GRANT SELECT ON TABLES TO port25;
@@ -31,4 +32,6 @@ ALTER DEFAULT PRIVILEGES FOR ROLE port25_owner IN SCHEMA public
 -- Once the owner has created the tables (first start with the owner's connection string):
 --   GRANT SELECT, INSERT, UPDATE, DELETE ON users, bindings, entries, sessions TO port25;
 --   GRANT INSERT ON audit, changes TO port25;
+--   GRANT DELETE ON changes TO port25;                     -- registry.keep_changes
+--   GRANT SELECT, INSERT, UPDATE ON changes_pruned TO port25;
 -- (Run the two GRANTs again after an upgrade that adds tables; the release notes say so.)

@@ -15,6 +15,12 @@ pub const DB: &str = "port25";
 pub struct Postgres {
     pub dir: PathBuf,
     bin: PathBuf,
+    /// The port (of the unix socket, and of TCP once [`Postgres::restart_with`] asked).
+    port: std::cell::Cell<u16>,
+    /// `postgres -c` options beyond the defaults (see [`Postgres::restart_with`]).
+    opts: std::cell::RefCell<String>,
+    /// The network namespace the server runs in (its TCP address is that namespace's).
+    netns: std::cell::RefCell<Option<String>>,
 }
 
 /// The newest installed server's binaries (`/usr/lib/postgresql/<version>/bin`).
@@ -56,7 +62,13 @@ impl Postgres {
             .unwrap()
             .expect("user nobody");
         nix::unistd::chown(&dir, Some(nobody.uid), Some(nobody.gid)).unwrap();
-        let pg = Postgres { dir, bin };
+        let pg = Postgres {
+            dir,
+            bin,
+            port: std::cell::Cell::new(5432),
+            opts: std::cell::RefCell::new(String::new()),
+            netns: std::cell::RefCell::new(None),
+        };
         run(
             "initdb",
             pg.as_nobody("initdb").args([
@@ -76,6 +88,8 @@ impl Postgres {
             Command::new(pg.bin.join("createdb")).args([
                 "-h",
                 &pg.dir.display().to_string(),
+                "-p",
+                &pg.port.get().to_string(),
                 "-U",
                 USER,
                 DB,
@@ -89,7 +103,14 @@ impl Postgres {
     }
 
     fn as_nobody(&self, tool: &str) -> Command {
-        let mut c = Command::new("runuser");
+        let mut c = match &*self.netns.borrow() {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("runuser");
+                c
+            }
+            None => Command::new("runuser"),
+        };
         c.args(["-u", "nobody", "--"])
             .arg(self.bin.join(tool))
             .current_dir(&self.dir);
@@ -109,8 +130,13 @@ impl Postgres {
                 "-w",
                 "-o",
                 &format!(
-                    "-c listen_addresses='' -c unix_socket_directories='{}' -c fsync=off",
-                    self.dir.display()
+                    "-c unix_socket_directories='{}' -c fsync=off -p {} {}",
+                    self.dir.display(),
+                    self.port.get(),
+                    match self.opts.borrow().as_str() {
+                        "" => "-c listen_addresses=''",
+                        o => o,
+                    }
                 ),
                 "start",
             ]),
@@ -124,7 +150,14 @@ impl Postgres {
 
     fn ready(&self) -> bool {
         Command::new(self.bin.join("pg_isready"))
-            .args(["-h", &self.dir.display().to_string(), "-U", USER])
+            .args([
+                "-h",
+                &self.dir.display().to_string(),
+                "-p",
+                &self.port.get().to_string(),
+                "-U",
+                USER,
+            ])
             .output()
             .is_ok_and(|o| o.status.success())
     }
@@ -146,7 +179,34 @@ impl Postgres {
 
     /// The libpq-style connection string for `registry.postgres`.
     pub fn conn_string(&self) -> String {
-        format!("host={} dbname={DB} user={USER}", self.dir.display())
+        match self.port.get() {
+            5432 => format!("host={} dbname={DB} user={USER}", self.dir.display()),
+            p => format!(
+                "host={} port={p} dbname={DB} user={USER}",
+                self.dir.display()
+            ),
+        }
+    }
+
+    /// Restarts the server with `opts` (`postgres` options, e.g. `-c ssl=on`), listening on
+    /// TCP 127.0.0.1 too, on a port free now (the unix socket moves to it as well), in the
+    /// network namespace `netns` (a lab router's: where its daemon connects from).
+    pub fn restart_with(&self, opts: &str, netns: &str) {
+        self.kill();
+        *self.netns.borrow_mut() = Some(netns.to_string());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        self.port.set(port);
+        *self.opts.borrow_mut() = format!("-c listen_addresses='127.0.0.1' {opts}");
+        self.start_server();
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port.get()
     }
 
     /// Runs SQL with psql; the rows unaligned, `|`-separated, one per line.
@@ -156,6 +216,8 @@ impl Postgres {
             Command::new(self.bin.join("psql")).args([
                 "-h",
                 &self.dir.display().to_string(),
+                "-p",
+                &self.port.get().to_string(),
                 "-U",
                 USER,
                 "-d",

@@ -97,7 +97,7 @@ fn a_policy_change_is_the_fleets_and_fails_clearly_with_the_database_down() {
         pg.psql("SELECT router, action FROM audit WHERE subject = 'alice'"),
         "bras-a|unblock"
     );
-    assert_eq!(pg.psql("SELECT version FROM schema_version"), "1");
+    assert_eq!(pg.psql("SELECT version FROM schema_version"), "3");
 
     pg.kill();
     let t = Instant::now();
@@ -576,4 +576,387 @@ fn the_database_killed_and_back_every_router_catches_up() {
         a.daemon_log()
     );
     assert!(smtp(&a, ALICE4));
+}
+
+/// The verdict of the live maps of `lab` for TCP from `src` to port 25 outside.
+fn verdict(lab: &Lab, src: &str) -> String {
+    let v: serde_json::Value = lab.reply(&["check", src, "203.0.113.7"]);
+    v["verdict"].as_str().unwrap().to_string()
+}
+
+/// `port25-ctl registry import FILE` with `lab`'s config (its `registry:`).
+fn import(lab: &Lab, file: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["--json", "registry", "import", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    lab.ctl(&args)
+}
+
+fn created(out: &std::process::Output) -> Vec<u64> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)));
+    ["users", "bindings", "entries", "audit"]
+        .iter()
+        .map(|k| v[k]["created"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_routers_sqlite_registry_moves_into_the_fleet() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    // A router on its own SQLite registry, filled through the daemon's verbs.
+    let mut old = Lab::new(XDP);
+    old.start_daemon();
+    ok(&old, &["unblock", "alice", "--new", "--reason", "ticket 1"]);
+    ok(&old, &["unblock", "bob", "--new", "--for", "2d"]);
+    ok(
+        &old,
+        &["block", "carol", "--new", "--hold", "--reason", "spam run"],
+    );
+    ok(&old, &["user", "add", "erin"]);
+    ok(&old, &["unblock", "erin"]);
+    ok(&old, &["user", "bind", "erin", "100.64.0.6/32"]);
+    ok(
+        &old,
+        &["exempt", "add", "100.64.0.9/32", "--note", "monitoring"],
+    );
+    let history: port25_ctl::control::reply::AuditLog = old.reply(&["audit", "--limit", "0"]);
+    // Exported with the daemon running.
+    let doc = ok(&old, &["registry", "export", "--router", "bras-old"]);
+    let file = old.dir.join("reg.json");
+    std::fs::write(&file, &doc).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(v["format"], "port25-registry");
+    assert_eq!(v["users"].as_array().unwrap().len(), 4, "{doc}");
+
+    // A fleet router runs while the file is imported: it applies it from the log.
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(&pg, "bras-b"));
+    b.start_daemon();
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    ok(&b, &["session", "up", "bob", "100.64.0.4", "--id", "b2"]);
+    ok(&b, &["session", "up", "carol", "100.64.0.3", "--id", "b3"]);
+    assert!(until_db(
+        &pg,
+        "SELECT count(*) FROM users",
+        "3",
+        Duration::from_secs(3)
+    ));
+    assert!(!smtp(&b, ALICE4));
+    // The session users are in the fleet already, blocked: alice, bob and carol (held in
+    // the file) conflict; erin is new.
+    let changes = pg.psql("SELECT count(*) FROM changes");
+    let o = import(&b, &file, &[]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("user alice: the fleet has blocked, the file unblocked"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM changes"),
+        changes,
+        "nothing written"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM audit"), "0");
+    let o = import(&b, &file, &["--overwrite"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(created(&o), [1, 1, 1, history.records.len() as u64]);
+
+    // B enforces the imported registry (real TCP).
+    assert!(until_policy(&b, "alice", Policy::Unblocked, Duration::from_secs(2)).is_some());
+    assert!(smtp(&b, ALICE4), "alice's unblock");
+    assert_eq!(verdict(&b, "100.64.0.4"), "pass", "bob's timed unblock");
+    let bob: UserDetail = b.reply(&["user", "show", "bob"]);
+    assert!(bob.user.until.is_some(), "bob's unblock is timed");
+    assert!(!smtp(&b, "100.64.0.3"), "carol's hold");
+    let carol: UserDetail = b.reply(&["user", "show", "carol"]);
+    assert!(carol.user.hold.is_some(), "carol is held");
+    assert_eq!(verdict(&b, "100.64.0.6"), "pass", "erin's binding");
+    assert_eq!(verdict(&b, "100.64.0.9"), "pass", "the runtime exempt");
+    assert_eq!(verdict(&b, "100.64.0.10"), "block", "and nothing more");
+    assert_eq!(replica_users(&b), db_users(&pg));
+    // The audit history, with its original times and actors, in the fleet and on B.
+    let first = &history.records[0];
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT at, actor, action, subject FROM audit WHERE origin = 'bras-old:{}'",
+            first.id
+        )),
+        format!(
+            "{}|{}|{}|{}",
+            first.at.as_nanosecond(),
+            first.actor,
+            first.action,
+            first.subject
+        )
+    );
+    let on_b: port25_ctl::control::reply::AuditLog = b.reply(&["audit", "--user", "alice"]);
+    assert!(
+        on_b.records
+            .iter()
+            .any(|r| r.action == "unblock" && r.at == first.at && r.actor == first.actor),
+        "{:?}",
+        on_b.records
+    );
+
+    // A second import: nothing created, nothing written.
+    let changes = pg.psql("SELECT count(*) FROM changes");
+    let audit = pg.psql("SELECT count(*) FROM audit");
+    let o = import(&b, &file, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(created(&o), [0, 0, 0, 0]);
+    let o = b.ctl(&["registry", "import", file.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("nothing written"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), changes);
+    assert_eq!(pg.psql("SELECT count(*) FROM audit"), audit);
+
+    // A policy changed in the fleet since: the file conflicts, refused whole.
+    ok(&b, &["block", "alice"]);
+    let changes = pg.psql("SELECT count(*) FROM changes");
+    let o = import(&b, &file, &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("user alice"), "{}", text(&o));
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), changes);
+    assert_eq!(effective(&b, "alice"), Policy::Blocked);
+
+    // A bad file: a clear error, nothing written.
+    let bad = old.dir.join("bad.json");
+    std::fs::write(&bad, doc.replace("\"port25-registry\"", "\"other\"")).unwrap();
+    let o = import(&b, &bad, &[]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("not a port25 registry export"),
+        "{}",
+        text(&o)
+    );
+    std::fs::write(&bad, &doc[..doc.len() / 2]).unwrap();
+    let o = import(&b, &bad, &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("bad.json"), "{}", text(&o));
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), changes);
+}
+
+/// A CA and a server certificate for `localhost` it signed: (CA pem, cert pem, key pem).
+fn certificates() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// `port25-ctl --registry-only ARGS` with `postgres` as the connection string, from `lab`'s
+/// router namespace (where the TLS test's server listens).
+fn helpdesk_with(lab: &Lab, postgres: &str, args: &[&str]) -> std::process::Output {
+    let cfg = lab.dir.join("helpdesk.yaml");
+    std::fs::write(
+        &cfg,
+        format!("registry:\n  postgres: \"{postgres}\"\n  router: helpdesk\n"),
+    )
+    .unwrap();
+    std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.rtr))
+        .arg(lab::ctl_binary())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--registry-only")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn tls_to_the_database_is_verified_as_the_connection_string_asks() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut lab = Lab::new(XDP);
+    let (ca, cert, key) = certificates();
+    let (other_ca, ..) = certificates();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    for (name, pem) in [("server.crt", &cert), ("server.key", &key)] {
+        let p = pg.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        nix::unistd::chown(&p, Some(nobody.uid), Some(nobody.gid)).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let ssl_on = format!(
+        "-c ssl=on -c ssl_cert_file='{0}/server.crt' -c ssl_key_file='{0}/server.key'",
+        pg.path().display()
+    );
+    pg.restart_with(&ssl_on, &lab.rtr);
+    let ca_pem = lab.dir.join("ca.pem");
+    std::fs::write(&ca_pem, &ca).unwrap();
+    let other_pem = lab.dir.join("other-ca.pem");
+    std::fs::write(&other_pem, &other_ca).unwrap();
+    let tcp = |extra: &str| {
+        format!(
+            "host=localhost hostaddr=127.0.0.1 port={} dbname=port25 user=port25 {extra}",
+            pg.port()
+        )
+    };
+
+    // verify-full against the right CA: the daemon works, over TLS.
+    let good = tcp(&format!(
+        "sslmode=verify-full sslrootcert={}",
+        ca_pem.display()
+    ));
+    lab.write_config(&format!(
+        "registry:\n  postgres: \"{good}\"\n  router: bras-a\n"
+    ));
+    lab.start_daemon();
+    ok(&lab, &["unblock", "alice", "--new", "--reason", "over tls"]);
+    assert_eq!(
+        pg.psql("SELECT policy FROM users WHERE name = 'alice'"),
+        "unblocked"
+    );
+    assert_eq!(
+        pg.psql(
+            "SELECT string_agg(DISTINCT s.ssl::text, ',') FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'port25-ctl'"
+        ),
+        "true",
+        "every connection of the daemon is TLS"
+    );
+
+    // Another CA: refused, named, nothing written, never plaintext instead.
+    let changes = pg.psql("SELECT count(*) FROM changes");
+    let bad = tcp(&format!(
+        "sslmode=verify-full sslrootcert={}",
+        other_pem.display()
+    ));
+    let o = helpdesk_with(&lab, &bad, &["unblock", "bob", "--new"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("fleet registry PostgreSQL") && text(&o).contains("certificate"),
+        "{}",
+        text(&o)
+    );
+    // verify-ca checks the chain, not the name; verify-full both.
+    let by_ip = |mode: &str| {
+        format!(
+            "host=127.0.0.1 port={} dbname=port25 user=port25 sslmode={mode} sslrootcert={}",
+            pg.port(),
+            ca_pem.display()
+        )
+    };
+    let o = helpdesk_with(&lab, &by_ip("verify-ca"), &["block", "alice"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = helpdesk_with(&lab, &by_ip("verify-full"), &["unblock", "alice"]);
+    assert!(
+        !o.status.success(),
+        "the name 127.0.0.1 is not the certificate's"
+    );
+    // The daemon on the other CA: it starts from its replica, and a write fails clearly.
+    lab.kill9();
+    lab.write_config(&format!(
+        "registry:\n  postgres: \"{bad}\"\n  router: bras-a\n"
+    ));
+    lab.start_daemon();
+    let err = lab.fails_with(&["unblock", "alice"], 1);
+    assert!(err.contains("certificate"), "{err}");
+    assert_eq!(
+        pg.psql("SELECT policy FROM users WHERE name = 'alice'"),
+        "blocked"
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM changes")
+            .parse::<u32>()
+            .unwrap(),
+        changes.parse::<u32>().unwrap() + 1,
+        "only the verify-ca block"
+    );
+
+    // sslmode=require against a server without TLS: no connection.
+    pg.restart_with("-c ssl=off", &lab.rtr);
+    let o = helpdesk_with(&lab, &tcp("sslmode=require"), &["unblock", "alice"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("fleet registry PostgreSQL"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        pg.psql("SELECT policy FROM users WHERE name = 'alice'"),
+        "blocked"
+    );
+    let o = helpdesk_with(&lab, &tcp("sslmode=prefer"), &["unblock", "alice"]);
+    assert!(o.status.success(), "prefer goes plaintext: {}", text(&o));
+}
+
+#[test]
+fn a_router_whose_changes_were_pruned_reloads_the_fleets_policy() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut a = Lab::new(XDP);
+    a.write_config(&format!(
+        "{}reconcile_interval: 1s\n",
+        registry(&pg, "bras-a")
+    ));
+    a.start_daemon();
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(&pg, "bras-b"));
+    b.start_daemon();
+    ok(&a, &["user", "add", "carol"]);
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(until_policy(&b, "carol", Policy::Blocked, Duration::from_secs(2)).is_some());
+    assert!(until_policy(&a, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
+    assert!(!smtp(&b, ALICE4));
+    // B is off while the fleet changes, and those changes age past the retention.
+    b.kill9();
+    ok(&a, &["unblock", "alice", "--reason", "while B was off"]);
+    ok(&a, &["user", "remove", "carol"]);
+    ok(&a, &["unblock", "dave", "--new"]);
+    ok(&a, &["exempt", "add", "100.64.0.9/32"]);
+    pg.psql("UPDATE changes SET at = now() - interval '31 days'");
+    assert!(
+        until_db(
+            &pg,
+            "SELECT count(*) FROM changes",
+            "0",
+            Duration::from_secs(5)
+        ),
+        "A prunes the changes older than 30 days: {}",
+        a.daemon_log()
+    );
+    assert_ne!(pg.psql("SELECT through FROM changes_pruned"), "");
+    // Younger ones stay.
+    ok(&a, &["unblock", "erin", "--new"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), "1");
+
+    // B starts: its mark is below the cut, so it reloads the fleet's tables whole.
+    b.start_daemon();
+    assert!(
+        b.daemon_log()
+            .contains("reloading the fleet's policy whole"),
+        "{}",
+        b.daemon_log()
+    );
+    assert_eq!(replica_users(&b), db_users(&pg), "B equals the fleet");
+    assert_eq!(effective(&b, "alice"), Policy::Unblocked);
+    assert!(
+        smtp(&b, ALICE4),
+        "alice's unblock reached B's maps (real TCP)"
+    );
+    assert_eq!(
+        verdict(&b, "100.64.0.9"),
+        "pass",
+        "the exempt added meanwhile"
+    );
+    // And B follows the log again.
+    ok(&a, &["block", "alice"]);
+    assert!(until_policy(&b, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
+    assert!(!smtp(&b, ALICE4));
 }

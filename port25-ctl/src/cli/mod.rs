@@ -16,6 +16,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 pub mod parse;
+mod registry;
 pub(crate) mod render;
 pub mod report;
 
@@ -133,6 +134,10 @@ enum Verb {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Moving a router into a fleet: `export` its SQLite registry as JSON, `import` such a
+    /// file into the fleet's PostgreSQL (`registry:` of the config).
+    #[command(subcommand)]
+    Registry(registry::RegistryVerb),
     /// The worst offending sources the kernel tracks: who holds each address, attempts,
     /// distinct destinations, first and last seen, and the likely-infected flag.
     Top {
@@ -366,6 +371,9 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             CALL_TIMEOUT,
         )
     };
+    if let Verb::Registry(v) = &cli.verb {
+        return registry::run(cli, v);
+    }
     if cli.registry_only {
         return registry_only(cli);
     }
@@ -521,17 +529,32 @@ fn local(cli: &Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn user_of(uid: nix::unistd::Uid) -> String {
+    nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid{uid}"))
+}
+
+/// Who runs this command, as the audit log names an actor (`uid0 root (sudo: alice)`).
+fn actor_name() -> String {
+    let uid = nix::unistd::getuid();
+    crate::registry::Actor {
+        uid: uid.as_raw(),
+        name: user_of(uid),
+        on_behalf_of: std::env::var("SUDO_USER").ok(),
+    }
+    .to_string()
+}
+
 /// `--registry-only`: a policy verb run against the fleet's database alone.
 fn registry_only(cli: &Cli) -> Result<ExitCode> {
     let reg = config::registry_of(&cli.config)?;
     let uid = nix::unistd::getuid();
     let actor = crate::registry::Actor {
         uid: uid.as_raw(),
-        name: nix::unistd::User::from_uid(uid)
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-            .unwrap_or_else(|| format!("uid{uid}")),
+        name: user_of(uid),
         on_behalf_of: std::env::var("SUDO_USER").ok(),
     };
     let view = |out: crate::registry::PolicyOutcome| reply::PolicyChange {
@@ -799,7 +822,8 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
         | Verb::Status
         | Verb::Check { .. }
         | Verb::Detach
-        | Verb::Attach => {
+        | Verb::Attach
+        | Verb::Registry(_) => {
             unreachable!("handled above")
         }
     }

@@ -17,7 +17,7 @@ pub use metrics_listen::{MetricsListen, DEFAULT_METRICS_LISTEN};
 mod abuse;
 pub use abuse::Abuse;
 mod registry;
-pub use registry::Registry;
+pub use registry::{check_router, host_name, Registry};
 
 pub const DEFAULT_CONFIG: &str = "/etc/port25/port25.yaml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/port25";

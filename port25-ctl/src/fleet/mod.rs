@@ -13,8 +13,11 @@
 //! id. Other routers' followers (LISTEN, and a periodic poll) apply the change in their
 //! single writer, in id order, once (an id at or below the replica's mark is skipped).
 
+pub mod export;
 pub mod helpdesk;
+pub mod prune;
 pub mod schema;
+pub mod tls;
 mod tx;
 
 use std::{
@@ -26,7 +29,7 @@ use std::{
 use anyhow::{anyhow, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use tracing::{info, warn};
 
 pub use tx::FleetTx;
@@ -128,6 +131,8 @@ pub struct Fleet {
     /// Always `Some` until dropped (a runtime must not be dropped inside the daemon's own).
     rt: Option<tokio::runtime::Runtime>,
     conn: tokio_postgres::Config,
+    /// TLS as the connection string asks (see [`tls`]).
+    tls: tls::Connector,
     client: Option<Conn>,
     /// A transaction is open on `client` (the write lock is held).
     in_tx: bool,
@@ -166,10 +171,11 @@ impl Drop for Conn {
 
 impl Fleet {
     pub fn new(reg: &Registry) -> Result<Fleet> {
-        let mut conn: tokio_postgres::Config = reg
-            .postgres
-            .parse()
-            .context("registry.postgres: not a connection string")?;
+        let (mut conn, tls) = tls::parse(&reg.postgres)
+            .map_err(|e| anyhow!("registry.postgres: not a connection string: {e}"))?;
+        let tls = tls
+            .connector()
+            .with_context(|| format!("fleet registry {}", reg.describe()))?;
         if let Some(pw) = reg.password().map_err(|e| anyhow!(e))? {
             conn.password(pw);
         }
@@ -186,6 +192,7 @@ impl Fleet {
             new_users_rx: Some(new_users_rx),
             rt: Some(rt),
             conn,
+            tls,
             client: None,
             in_tx: false,
             router: reg.router_name(),
@@ -204,6 +211,11 @@ impl Fleet {
         self.conn.clone()
     }
 
+    /// The TLS connector for a connection of [`Fleet::conn_config`].
+    pub fn connector(&self) -> tls::Connector {
+        self.tls.clone()
+    }
+
     /// An error as the operator reads it: which database, and what happened.
     fn named(&self, e: impl Into<anyhow::Error>) -> anyhow::Error {
         e.into().context(format!("fleet registry {}", self.name))
@@ -218,10 +230,11 @@ impl Fleet {
             self.in_tx = false;
         }
         let cfg = self.conn.clone();
+        let tls = self.tls.clone();
         let (tx, rx) = std_mpsc::channel();
         self.rt().spawn(async move {
             let r = async {
-                let (client, conn) = cfg.connect(NoTls).await?;
+                let (client, conn) = cfg.connect(tls).await?;
                 let driver = tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         warn!("fleet registry connection: {e}");
@@ -349,7 +362,7 @@ impl Fleet {
         let router = self.router.clone();
         let r = self.run(move |c| async move {
             for row in &rows {
-                write_row(&c, &router, row).await?;
+                write_row(&*c, &router, row).await?;
             }
             let body = serde_json::to_value(&rows)?;
             let id: i64 = c
@@ -378,6 +391,14 @@ impl Fleet {
         let mut n = 0;
         loop {
             let mark = store.begin()?.replica_mark()?;
+            if let Some(state) = self.gap(mark)? {
+                warn!(mark, through = state.mark, "the fleet's change log was pruned past this replica's mark: reloading the fleet's policy whole");
+                let mut tx = store.begin()?;
+                prune::reload(&mut *tx, &state)?;
+                tx.commit()?;
+                n += 1;
+                continue;
+            }
             let changes = self.changes_after(mark)?;
             if changes.is_empty() {
                 return Ok(n);
@@ -402,7 +423,8 @@ impl Fleet {
         let name = self.name.clone();
         let router = self.router.clone();
         let users = self.new_users_rx.take().expect("one follower per Fleet");
-        self.rt().spawn(follower(cfg, name, router, users, tx));
+        let tls = self.tls.clone();
+        self.rt().spawn(follower(cfg, tls, name, router, users, tx));
         rx
     }
 
@@ -517,7 +539,11 @@ impl Drop for Fleet {
     }
 }
 
-async fn write_row(c: &Client, router: &str, row: &Row) -> Result<()> {
+async fn write_row(
+    c: &(impl tokio_postgres::GenericClient + Sync),
+    router: &str,
+    row: &Row,
+) -> Result<()> {
     fn ts(t: jiff::Timestamp) -> i64 {
         t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
     }
@@ -615,6 +641,7 @@ async fn write_row(c: &Client, router: &str, row: &Row) -> Result<()> {
 /// Holds a LISTEN connection for as long as the daemon runs, reconnecting with backoff.
 async fn follower(
     cfg: tokio_postgres::Config,
+    tls: tls::Connector,
     name: String,
     router: String,
     mut new_users: mpsc::UnboundedReceiver<Publish>,
@@ -626,8 +653,8 @@ async fn follower(
     let mut backoff = Duration::from_millis(500);
     let mut down_logged = false;
     loop {
-        match cfg.connect(NoTls).await {
-            Ok((client, mut conn)) => {
+        match cfg.connect(tls.clone()).await {
+            Ok((mut client, mut conn)) => {
                 let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
                 let sql = format!("LISTEN {CHANNEL}");
                 let listen = client.batch_execute(&sql);
@@ -651,7 +678,7 @@ async fn follower(
                                 // The connection is driven (and notifications heard) while
                                 // the users are written.
                                 let r = {
-                                    let publish = pending.write(&client, &router);
+                                    let publish = pending.write(&mut client, &router);
                                     tokio::pin!(publish);
                                     loop {
                                         tokio::select! {
@@ -721,7 +748,7 @@ async fn follower(
 /// Registers `users` fleet-wide if absent, under the write lock, as one change of those the
 /// database did not have (none: no change); the change is logged and notified as any other.
 async fn ensure_users(
-    c: &Client,
+    c: &mut Client,
     router: &str,
     users: &std::collections::BTreeMap<String, User>,
 ) -> Result<()> {
@@ -731,45 +758,36 @@ async fn ensure_users(
     fn ts(t: jiff::Timestamp) -> i64 {
         t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
     }
-    c.batch_execute("BEGIN").await?;
-    let r = async {
-        c.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+    // Dropped without a commit (an error), the transaction rolls back.
+    let t = c.transaction().await?;
+    t.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+        .await?;
+    let mut rows = Vec::new();
+    for u in users.values() {
+        let added = t
+            .execute(
+                "INSERT INTO users (name, policy, set_by, set_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO NOTHING",
+                &[&u.name, &u.policy.as_str(), &u.set_by, &ts(u.set_at)],
+            )
             .await?;
-        let mut rows = Vec::new();
-        for u in users.values() {
-            let added = c
-                .execute(
-                    "INSERT INTO users (name, policy, set_by, set_at) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (name) DO NOTHING",
-                    &[&u.name, &u.policy.as_str(), &u.set_by, &ts(u.set_at)],
-                )
-                .await?;
-            if added == 1 {
-                rows.push(Row::EnsureUser { user: u.clone() });
-            }
-        }
-        if !rows.is_empty() {
-            let body = serde_json::to_value(&rows)?;
-            let id: i64 = c
-                .query_one(
-                    "INSERT INTO changes (router, actor, rows) VALUES ($1, $2, $3) RETURNING id",
-                    &[&router, &"session", &body],
-                )
-                .await?
-                .get(0);
-            c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id.to_string()])
-                .await?;
-        }
-        Ok::<_, anyhow::Error>(())
-    }
-    .await;
-    match r {
-        Ok(()) => c.batch_execute("COMMIT").await?,
-        Err(e) => {
-            let _ = c.batch_execute("ROLLBACK").await;
-            return Err(e);
+        if added == 1 {
+            rows.push(Row::EnsureUser { user: u.clone() });
         }
     }
+    if !rows.is_empty() {
+        let body = serde_json::to_value(&rows)?;
+        let id: i64 = t
+            .query_one(
+                "INSERT INTO changes (router, actor, rows) VALUES ($1, $2, $3) RETURNING id",
+                &[&router, &"session", &body],
+            )
+            .await?
+            .get(0);
+        t.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id.to_string()])
+            .await?;
+    }
+    t.commit().await?;
     Ok(())
 }
 
@@ -826,7 +844,7 @@ impl Pending {
         self.all = false;
     }
 
-    async fn write(&self, c: &Client, router: &str) -> Result<()> {
+    async fn write(&self, c: &mut Client, router: &str) -> Result<()> {
         ensure_users(c, router, &self.users).await?;
         let Some(live) = &self.sessions else {
             return Ok(());
@@ -834,43 +852,38 @@ impl Pending {
         if !self.all && self.dirty.is_empty() {
             return Ok(());
         }
-        c.batch_execute("BEGIN").await?;
-        let r = async {
-            if self.all {
-                c.execute("DELETE FROM sessions WHERE router = $1", &[&router])
-                    .await?;
-                for s in live.values() {
-                    put_session(c, router, s).await?;
-                }
-            } else {
-                for id in &self.dirty {
-                    match live.get(id) {
-                        Some(s) => put_session(c, router, s).await?,
-                        None => {
-                            c.execute(
-                                "DELETE FROM sessions WHERE router = $1 AND id = $2",
-                                &[&router, id],
-                            )
-                            .await?;
-                        }
+        // Dropped without a commit (an error), the transaction rolls back.
+        let t = c.transaction().await?;
+        if self.all {
+            t.execute("DELETE FROM sessions WHERE router = $1", &[&router])
+                .await?;
+            for s in live.values() {
+                put_session(&t, router, s).await?;
+            }
+        } else {
+            for id in &self.dirty {
+                match live.get(id) {
+                    Some(s) => put_session(&t, router, s).await?,
+                    None => {
+                        t.execute(
+                            "DELETE FROM sessions WHERE router = $1 AND id = $2",
+                            &[&router, id],
+                        )
+                        .await?;
                     }
                 }
             }
-            Ok::<_, anyhow::Error>(())
         }
-        .await;
-        match r {
-            Ok(()) => c.batch_execute("COMMIT").await?,
-            Err(e) => {
-                let _ = c.batch_execute("ROLLBACK").await;
-                return Err(e);
-            }
-        }
+        t.commit().await?;
         Ok(())
     }
 }
 
-async fn put_session(c: &Client, router: &str, s: &Session) -> Result<()> {
+async fn put_session(
+    c: &(impl tokio_postgres::GenericClient + Sync),
+    router: &str,
+    s: &Session,
+) -> Result<()> {
     let addrs: Vec<String> = s.addrs.iter().map(|p| p.to_string()).collect();
     let since = s
         .since

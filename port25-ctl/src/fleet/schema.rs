@@ -9,7 +9,8 @@ const MIGRATE_LOCK: i64 = 0x7032_3566_6d67; // "p25fmg"
 
 /// Each step moves the schema one version up; never edit a shipped step, append one.
 /// Times are nanoseconds since the epoch, as in SQLite; prefixes are text.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (
     name        TEXT PRIMARY KEY,
     policy      TEXT NOT NULL CHECK (policy IN ('blocked', 'unblocked')),
@@ -72,7 +73,23 @@ CREATE TABLE sessions (
     PRIMARY KEY (router, id)
 );
 CREATE INDEX sessions_by_user ON sessions(user_name);
-"#];
+"#,
+    r#"
+-- An audit record carried over from a router's SQLite registry (`registry import`) keeps
+-- where it came from, `router:original id`: a second import finds it and adds nothing.
+ALTER TABLE audit ADD COLUMN origin TEXT;
+CREATE UNIQUE INDEX audit_by_origin ON audit(origin);
+"#,
+    r#"
+-- How far `registry.keep_changes` has cut the change log: a replica whose mark is below
+-- `through` missed changes that are gone, and reloads the policy tables whole.
+CREATE TABLE changes_pruned (
+    one     INTEGER PRIMARY KEY CHECK (one = 1),
+    through BIGINT NOT NULL
+);
+CREATE INDEX changes_by_at ON changes(at);
+"#,
+];
 
 /// The database holds a schema of a later port25-ctl: refused, never touched.
 #[derive(Debug, thiserror::Error)]

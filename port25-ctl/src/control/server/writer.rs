@@ -139,6 +139,7 @@ impl Daemon {
         if let Err(e) = crate::bpf::offenders::write_settings(&mut self.live, &self.cfg.abuse) {
             error!("writing the abuse settings failed: {e:#}");
         }
+        self.prune_changes();
         let result =
             desired(&self.cfg, &mut self.store, &self.clock, now).and_then(|(index, want)| {
                 let a = policy::apply(&mut self.live, &want)?;
@@ -204,6 +205,20 @@ impl Daemon {
         self.change_in(Scope::Session, f)
     }
 
+    /// Cuts the fleet's change log to `registry.keep_changes` (a bounded batch per pass).
+    fn prune_changes(&mut self) {
+        let (Some(fleet), Some(reg)) = (self.fleet.as_mut(), self.cfg.registry.as_ref()) else {
+            return;
+        };
+        match fleet.prune(reg.keep_changes) {
+            Ok(0) => {}
+            Ok(n) => info!(pruned = n, "fleet change log pruned"),
+            // The database down is told by the follower, once.
+            Err(e) if self.fleet_up => warn!("pruning the fleet change log: {e:#}"),
+            Err(_) => {}
+        }
+    }
+
     /// Applies the fleet's changes the replica has not seen, in order, each once.
     pub(super) fn follow(&mut self) {
         let r = self.catch_up();
@@ -222,6 +237,12 @@ impl Daemon {
             let Some(fleet) = self.fleet.as_mut() else {
                 return Ok(());
             };
+            if let Some(state) = fleet.gap(mark)? {
+                warn!(mark, through = state.mark, "the fleet's change log was pruned past this replica's mark: reloading the fleet's policy whole");
+                self.change_local(|tx, _| crate::fleet::prune::reload(tx, &state))?;
+                self.dirty = true;
+                continue;
+            }
             let changes = fleet.changes_after(mark)?;
             if changes.is_empty() {
                 return Ok(());

@@ -1,0 +1,490 @@
+//! Moving a router into a fleet: `registry export` writes a router's SQLite registry as one
+//! JSON document, `registry import` writes such a document into the fleet's PostgreSQL as
+//! change-log entries, so every running router applies it as any other change.
+//!
+//! The import is all or nothing, under the fleet's write lock, and idempotent: what the
+//! fleet already holds is counted unchanged, an audit record is keyed by the router it came
+//! from and its original id (`audit.origin`), and a user (binding, entry) the fleet holds
+//! with another policy is a conflict that refuses the whole file unless `overwrite`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+use anyhow::{ensure, Context as _, Result};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use super::{Row, CHANNEL, WRITE_LOCK};
+use crate::{
+    config::Registry,
+    net::Prefix,
+    registry::store::{
+        sqlite::SqliteStore, AuditQuery, AuditRecord, Binding, Entry, EntryKind, Policy, User,
+    },
+};
+
+/// `format` of an export document.
+pub const FORMAT: &str = "port25-registry";
+/// `version` of the document this port25-ctl writes and reads.
+pub const VERSION: u32 = 1;
+/// Rows per change-log entry of an import (a long audit history makes several).
+const ROWS_PER_CHANGE: usize = 1000;
+
+/// A router's registry as `registry export` writes it. Times are RFC 3339 (UTC), prefixes
+/// text; sessions are not exported (each router stays their authority).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Document {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Always [`VERSION`]; another is refused.
+    pub version: u32,
+    /// The router the registry comes from: its audit records are keyed `router:id` in the
+    /// fleet.
+    pub router: String,
+    pub exported_at: Timestamp,
+    pub users: Vec<User>,
+    pub bindings: Vec<Binding>,
+    /// Runtime mail servers and exempt prefixes (`server add`, `exempt add`).
+    pub entries: Vec<Entry>,
+    /// The whole audit log, oldest first, with its original ids, times and actors.
+    pub audit: Vec<AuditRecord>,
+}
+
+/// Reads the SQLite registry in `state_dir` (read-only: the daemon may be running).
+pub fn export(state_dir: &Path, router: &str) -> Result<Document> {
+    let mut store = SqliteStore::open_read_only(state_dir)?;
+    let tx = store.read()?;
+    Ok(Document {
+        format: FORMAT.into(),
+        version: VERSION,
+        router: router.into(),
+        exported_at: Timestamp::now(),
+        users: tx.users()?,
+        bindings: tx.bindings()?,
+        entries: tx.entries()?,
+        audit: tx.audit(&AuditQuery {
+            limit: 0,
+            ..Default::default()
+        })?,
+    })
+}
+
+/// Parses and checks a document: a bad one is refused before the database is touched.
+pub fn parse(text: &str) -> Result<Document> {
+    let doc: Document = serde_json::from_str(text).context("not a registry export document")?;
+    ensure!(
+        doc.format == FORMAT,
+        "format `{}`: not a port25 registry export (`{FORMAT}`)",
+        doc.format
+    );
+    ensure!(
+        doc.version == VERSION,
+        "document version {}: this port25-ctl reads version {VERSION}",
+        doc.version
+    );
+    crate::config::check_router(&doc.router).map_err(|e| anyhow::anyhow!("router: {e}"))?;
+    let mut names = BTreeSet::new();
+    for u in &doc.users {
+        crate::cli::parse::user_name(&u.name)
+            .map_err(|e| anyhow::anyhow!("user `{}`: {e}", u.name))?;
+        ensure!(names.insert(&u.name), "user `{}` appears twice", u.name);
+        for t in [Some(u.set_at), u.until].into_iter().flatten() {
+            storable(t).with_context(|| format!("user `{}`", u.name))?;
+        }
+    }
+    for b in &doc.bindings {
+        ensure!(
+            names.contains(&b.user),
+            "binding {} of `{}`: no such user in the document",
+            b.prefix,
+            b.user
+        );
+    }
+    let mut entries = BTreeSet::new();
+    for e in &doc.entries {
+        ensure!(
+            entries.insert((e.kind, e.prefix.to_string())),
+            "{} {} appears twice",
+            e.kind.as_str(),
+            e.prefix
+        );
+        for t in [Some(e.added_at), e.until].into_iter().flatten() {
+            storable(t).with_context(|| format!("{} {}", e.kind.as_str(), e.prefix))?;
+        }
+    }
+    let mut ids = BTreeSet::new();
+    for r in &doc.audit {
+        ensure!(ids.insert(r.id), "audit record {} appears twice", r.id);
+        storable(r.at).with_context(|| format!("audit record {}", r.id))?;
+    }
+    Ok(doc)
+}
+
+/// Times are stored as i64 nanoseconds: one outside that range would come back wrong.
+fn storable(t: Timestamp) -> Result<()> {
+    ensure!(
+        i64::try_from(t.as_nanosecond()).is_ok(),
+        "time {t} is out of the storable range"
+    );
+    Ok(())
+}
+
+fn ts(t: Timestamp) -> i64 {
+    t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
+/// What an import found and did, per kind.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counts {
+    pub created: u64,
+    pub unchanged: u64,
+    pub conflicting: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Imported {
+    pub router: String,
+    pub users: Counts,
+    pub bindings: Counts,
+    pub entries: Counts,
+    /// Audit records are never conflicting: one the fleet holds (same `router:id`) is
+    /// unchanged.
+    pub audit: Counts,
+    /// Each conflict, as the operator reads it.
+    pub conflicts: Vec<String>,
+    /// The conflicting rows were written over (`--overwrite`).
+    pub overwritten: bool,
+    /// The change-log ids written (none: the fleet already held everything).
+    pub changes: Vec<i64>,
+}
+
+impl Imported {
+    pub fn created(&self) -> u64 {
+        self.users.created + self.bindings.created + self.entries.created + self.audit.created
+    }
+}
+
+/// The import was refused: conflicts and no `--overwrite`. Nothing was written.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "import refused, nothing written: {} conflict(s) with the fleet's registry (give --overwrite to replace the fleet's rows with the file's):\n  {}",
+    .0.conflicts.len(),
+    .0.conflicts.join("\n  ")
+)]
+pub struct Conflicts(pub Imported);
+
+/// The parts of a user that make their policy: a user equal in these is unchanged.
+fn policy_of(u: &User) -> (Policy, Option<i64>, bool) {
+    (u.policy, u.until.map(ts), u.hold.is_some())
+}
+
+fn describe(u: &User) -> String {
+    let mut s = u.policy.as_str().to_string();
+    if let Some(t) = u.until {
+        s += &format!(" until {t}");
+    }
+    if let Some(h) = &u.hold {
+        s += &format!(", on hold ({})", h.reason);
+    }
+    s
+}
+
+/// Writes `doc` into the fleet's database of `reg`, as `actor`.
+pub fn import(reg: &Registry, doc: &Document, actor: &str, overwrite: bool) -> Result<Imported> {
+    let fleet = super::Fleet::new(reg)?;
+    let cfg = fleet.conn_config();
+    let name = fleet.name.clone();
+    let tls = fleet.connector();
+    drop(fleet);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (mut client, conn) = cfg.connect(tls).await?;
+        let driver = tokio::spawn(conn);
+        let r = async {
+            super::schema::migrate(&client).await?;
+            import_tx(&mut client, doc, actor, overwrite).await
+        }
+        .await;
+        driver.abort();
+        r
+    })
+    .map_err(|e| {
+        if e.is::<Conflicts>() {
+            e
+        } else {
+            e.context(format!("fleet registry {name}"))
+        }
+    })
+}
+
+async fn import_tx(
+    client: &mut tokio_postgres::Client,
+    doc: &Document,
+    actor: &str,
+    overwrite: bool,
+) -> Result<Imported> {
+    let t = client.transaction().await?;
+    // Routers' writes wait for the import, not the other way round for long.
+    t.batch_execute("SET LOCAL lock_timeout = '30s'").await?;
+    t.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+        .await?;
+    let mut out = Imported {
+        router: doc.router.clone(),
+        overwritten: overwrite,
+        ..Default::default()
+    };
+    let mut rows = Vec::new();
+
+    let names: Vec<&str> = doc.users.iter().map(|u| u.name.as_str()).collect();
+    let have: BTreeMap<String, (Policy, Option<i64>, bool, String)> = t
+        .query(
+            "SELECT name, policy, until, hold_reason IS NOT NULL OR hold_by IS NOT NULL \
+             OR hold_at IS NOT NULL FROM users WHERE name = ANY($1)",
+            &[&names],
+        )
+        .await?
+        .into_iter()
+        .map(|r| {
+            let policy: String = r.get(1);
+            let policy = if policy == "unblocked" {
+                Policy::Unblocked
+            } else {
+                Policy::Blocked
+            };
+            let until: Option<i64> = r.get(2);
+            let held: bool = r.get(3);
+            let mut text = policy.as_str().to_string();
+            if let Some(n) = until {
+                if let Ok(t) = Timestamp::from_nanosecond(n as i128) {
+                    text += &format!(" until {t}");
+                }
+            }
+            if held {
+                text += ", on hold";
+            }
+            (r.get(0), (policy, until, held, text))
+        })
+        .collect();
+    for u in &doc.users {
+        match have.get(&u.name) {
+            None => {
+                out.users.created += 1;
+                rows.push(Row::PutUser { user: u.clone() });
+            }
+            Some((p, until, held, _)) if (*p, *until, *held) == policy_of(u) => {
+                out.users.unchanged += 1
+            }
+            Some((.., theirs)) => {
+                out.users.conflicting += 1;
+                out.conflicts.push(format!(
+                    "user {}: the fleet has {theirs}, the file {}",
+                    u.name,
+                    describe(u)
+                ));
+                rows.push(Row::PutUser { user: u.clone() });
+            }
+        }
+    }
+
+    let mut bound: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in t
+        .query("SELECT prefix, user_name FROM bindings", &[])
+        .await?
+    {
+        bound.entry(r.get(0)).or_default().insert(r.get(1));
+    }
+    for b in &doc.bindings {
+        let holders = bound.get(&b.prefix.to_string());
+        if holders.is_some_and(|h| h.contains(&b.user)) {
+            out.bindings.unchanged += 1;
+            continue;
+        }
+        if let Some(others) = holders.filter(|h| !h.is_empty()) {
+            out.bindings.conflicting += 1;
+            out.conflicts.push(format!(
+                "binding {}: the fleet binds it to {}, the file to {}",
+                b.prefix,
+                others.iter().cloned().collect::<Vec<_>>().join(", "),
+                b.user
+            ));
+            for other in others {
+                let prefix: Prefix = b.prefix;
+                rows.push(Row::DeleteBinding {
+                    binding: Binding {
+                        user: other.clone(),
+                        prefix,
+                    },
+                });
+            }
+        } else {
+            out.bindings.created += 1;
+        }
+        rows.push(Row::PutBinding { binding: b.clone() });
+    }
+
+    let entries: BTreeMap<(String, String), Option<i64>> = t
+        .query("SELECT kind, prefix, until FROM entries", &[])
+        .await?
+        .into_iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    for e in &doc.entries {
+        match entries.get(&(e.kind.as_str().to_string(), e.prefix.to_string())) {
+            None => {
+                out.entries.created += 1;
+                rows.push(Row::PutEntry { entry: e.clone() });
+            }
+            Some(until) if *until == e.until.map(ts) => out.entries.unchanged += 1,
+            Some(_) => {
+                out.entries.conflicting += 1;
+                let until =
+                    |t: Option<Timestamp>| t.map_or("no end".to_string(), |t| t.to_string());
+                out.conflicts.push(format!(
+                    "{} {}: the fleet has another end than the file's ({})",
+                    match e.kind {
+                        EntryKind::Server => "server",
+                        EntryKind::Exempt => "exempt",
+                    },
+                    e.prefix,
+                    until(e.until)
+                ));
+                rows.push(Row::PutEntry { entry: e.clone() });
+            }
+        }
+    }
+
+    let prefix = format!("{}:", doc.router);
+    let known: BTreeSet<String> = t
+        .query(
+            "SELECT origin FROM audit WHERE starts_with(origin, $1)",
+            &[&prefix],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut audit = Vec::new();
+    for r in &doc.audit {
+        let origin = format!("{prefix}{}", r.id);
+        if known.contains(&origin) {
+            out.audit.unchanged += 1;
+        } else {
+            out.audit.created += 1;
+            audit.push((origin, r));
+        }
+    }
+
+    if !out.conflicts.is_empty() && !overwrite {
+        // The transaction rolls back when dropped.
+        return Err(Conflicts(out).into());
+    }
+    if rows.is_empty() && audit.is_empty() {
+        return Ok(out);
+    }
+    for row in &rows {
+        super::write_row(&t, &doc.router, row).await?;
+    }
+    for (origin, r) in &audit {
+        t.execute(
+            "INSERT INTO audit (router, at, actor, action, subject, old, new, reason, origin) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                &doc.router,
+                &ts(r.at),
+                &r.actor,
+                &r.action,
+                &r.subject,
+                &r.old,
+                &r.new,
+                &r.reason,
+                origin,
+            ],
+        )
+        .await?;
+        rows.push(Row::Audit {
+            record: (*r).clone(),
+        });
+    }
+    // The import itself is audited (in the fleet and on every replica).
+    let summary = AuditRecord {
+        id: 0,
+        at: Timestamp::now(),
+        actor: actor.to_string(),
+        action: "import".into(),
+        subject: doc.router.clone(),
+        old: None,
+        new: Some(format!(
+            "users {} created, {} overwritten; bindings {}; entries {}; audit {}",
+            out.users.created,
+            if overwrite { out.users.conflicting } else { 0 },
+            out.bindings.created,
+            out.entries.created,
+            out.audit.created
+        )),
+        reason: None,
+    };
+    super::write_row(
+        &t,
+        &doc.router,
+        &Row::Audit {
+            record: summary.clone(),
+        },
+    )
+    .await?;
+    rows.push(Row::Audit { record: summary });
+    for chunk in rows.chunks(ROWS_PER_CHANGE) {
+        let body = serde_json::to_value(chunk)?;
+        let id: i64 = t
+            .query_one(
+                "INSERT INTO changes (router, actor, rows) VALUES ($1, $2, $3) RETURNING id",
+                &[&doc.router, &actor, &body],
+            )
+            .await?
+            .get(0);
+        out.changes.push(id);
+    }
+    let last = out.changes.last().copied().unwrap_or(0);
+    t.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &last.to_string()])
+        .await?;
+    t.commit().await?;
+    Ok(out)
+}
+
+/// `registry import`'s summary as the operator reads it.
+pub fn render(r: &Imported) -> String {
+    let line = |what: &str, c: &Counts| {
+        format!(
+            "{what:<9} {} created, {} unchanged, {} conflicting\n",
+            c.created, c.unchanged, c.conflicting
+        )
+    };
+    let mut s = format!("import of router {}:\n", r.router);
+    s += &line("users", &r.users);
+    s += &line("bindings", &r.bindings);
+    s += &line("entries", &r.entries);
+    s += &line("audit", &r.audit);
+    if r.changes.is_empty() {
+        s += "nothing written: the fleet already holds this registry\n";
+    } else {
+        if r.overwritten && !r.conflicts.is_empty() {
+            s += &format!(
+                "overwritten in the fleet:\n  {}\n",
+                r.conflicts.join("\n  ")
+            );
+        }
+        s += &format!(
+            "written as fleet change(s) {}: every router applies them from the log\n",
+            r.changes
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    s
+}

@@ -15,6 +15,7 @@
 
 pub mod helpdesk;
 pub mod schema;
+pub mod snapshot;
 mod tx;
 
 use std::{
@@ -375,6 +376,14 @@ impl Fleet {
     /// Brings a replica up to the log's end (at start, before the maps are computed from
     /// it): each batch of changes in one local transaction.
     pub fn catch_up(&mut self, store: &mut dyn crate::registry::store::Store) -> Result<usize> {
+        // A replica that never followed the log starts from the fleet's tables.
+        if let Some(l) = self.bootstrap(store)? {
+            info!(
+                users = l.users,
+                mark = l.mark,
+                "fleet registry: replica loaded from a snapshot"
+            );
+        }
         let mut n = 0;
         loop {
             let mark = store.begin()?.replica_mark()?;
@@ -433,44 +442,11 @@ impl Fleet {
     pub fn user(&mut self, name: &str) -> Result<Option<User>> {
         let name = name.to_string();
         self.run(move |c| async move {
-            let Some(r) = c
-                .query_opt(
-                    "SELECT name, policy, until, reason, set_by, set_at, hold_reason, hold_by, \
-                     hold_at FROM users WHERE name = $1",
-                    &[&name],
-                )
-                .await?
-            else {
-                return Ok(None);
-            };
-            let t = |n: i64| jiff::Timestamp::from_nanosecond(n as i128);
-            let policy: String = r.get(1);
-            let hold = match (
-                r.get::<_, Option<String>>(6),
-                r.get::<_, Option<String>>(7),
-                r.get::<_, Option<i64>>(8),
-            ) {
-                (Some(reason), Some(by), Some(at)) => Some(crate::registry::store::Hold {
-                    reason,
-                    by,
-                    at: t(at)?,
-                }),
-                _ => None,
-            };
-            Ok(Some(User {
-                name: r.get(0),
-                // The schema allows only these two; anything else is a block.
-                policy: if policy == "unblocked" {
-                    crate::registry::store::Policy::Unblocked
-                } else {
-                    crate::registry::store::Policy::Blocked
-                },
-                until: r.get::<_, Option<i64>>(2).map(t).transpose()?,
-                reason: r.get(3),
-                set_by: r.get(4),
-                set_at: t(r.get(5))?,
-                hold,
-            }))
+            let sql = format!("SELECT {} FROM users WHERE name = $1", snapshot::USER_COLS);
+            match c.query_opt(&sql, &[&name]).await? {
+                Some(r) => Ok(Some(snapshot::user_from_row(&r)?)),
+                None => Ok(None),
+            }
         })
     }
 

@@ -309,11 +309,12 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn put_user(&mut self, u: &User) -> Result<()> {
-        self.tx.execute(
-            &format!(
+        // Cached: a fleet replica's first start writes every user of the fleet.
+        self.tx
+            .prepare_cached(&format!(
                 "INSERT OR REPLACE INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-            ),
-            params![
+            ))?
+            .execute(params![
                 u.name,
                 u.policy.as_str(),
                 u.until.map(ts),
@@ -323,8 +324,7 @@ impl Tx for SqliteTx<'_> {
                 u.hold.as_ref().map(|h| &h.reason),
                 u.hold.as_ref().map(|h| &h.by),
                 u.hold.as_ref().map(|h| ts(h.at)),
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 

@@ -46,6 +46,12 @@ impl Tx for FleetTx<'_> {
     fn users(&self) -> Result<Vec<User>> {
         self.local.users()
     }
+    fn users_in_maps(&self) -> Result<Vec<User>> {
+        self.local.users_in_maps()
+    }
+    fn users_unblocked(&self) -> Result<Vec<User>> {
+        self.local.users_unblocked()
+    }
     fn put_user(&mut self, u: &User) -> Result<()> {
         self.local.put_user(u)?;
         self.rows.push(Row::PutUser { user: u.clone() });

@@ -716,6 +716,12 @@ fn fleet_bench() {
             seeded.len()
         );
     }
+    // A reload recomputes every map entry from the replica, as each periodic reconcile does.
+    let mut reload: Vec<Duration> = (0..3).map(|_| ctl(&labs[1], &["reload"])).collect();
+    let reload50 = pct(&mut reload, 50);
+    println!(
+        "  reload on B (a full rebuild from the replica, as a reconcile): p50 {reload50:?} of 3"
+    );
     // B's subscribers: one session each for the users unblocked below.
     let list: String = (1..=calls)
         .map(|i| format!("u{i} u{i} 100.90.{}.{}\n", i / 250, i % 250 + 1))
@@ -767,6 +773,12 @@ fn fleet_bench() {
     goal(
         format!("fleet daemon start, empty replica ({users} users)"),
         format!("{:.1} s", fresh.iter().max().unwrap().as_secs_f64()),
+        "report",
+        true,
+    );
+    goal(
+        format!("fleet full rebuild (reload) on B ({users} users)"),
+        format!("{:.0} ms", reload50.as_secs_f64() * 1e3),
         "report",
         true,
     );

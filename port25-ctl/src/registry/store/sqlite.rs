@@ -308,6 +308,23 @@ impl Tx for SqliteTx<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    fn users_in_maps(&self) -> Result<Vec<User>> {
+        let mut st = self.tx.prepare_cached(&format!(
+            "SELECT {USER_COLS} FROM users WHERE name IN \
+             (SELECT user FROM sessions UNION SELECT user FROM bindings) ORDER BY name"
+        ))?;
+        let rows = st.query_map([], user_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn users_unblocked(&self) -> Result<Vec<User>> {
+        let mut st = self.tx.prepare_cached(&format!(
+            "SELECT {USER_COLS} FROM users WHERE policy = 'unblocked' ORDER BY name"
+        ))?;
+        let rows = st.query_map([], user_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn put_user(&mut self, u: &User) -> Result<()> {
         // Cached: a fleet replica's first start writes every user of the fleet.
         self.tx

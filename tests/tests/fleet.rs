@@ -577,3 +577,137 @@ fn the_database_killed_and_back_every_router_catches_up() {
     );
     assert!(smtp(&a, ALICE4));
 }
+
+/// `status --json`'s fleet figures (`daemon.fleet`).
+fn fleet_info(lab: &Lab) -> serde_json::Value {
+    let js: serde_json::Value = serde_json::from_str(&ok(lab, &["--json", "status"])).unwrap();
+    js["daemon"]["fleet"].clone()
+}
+
+/// Polls `lab`'s fleet figures until `ok` holds; the last figures if it never did.
+fn until_fleet(
+    lab: &Lab,
+    within: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value, serde_json::Value> {
+    let t = Instant::now();
+    loop {
+        let f = fleet_info(lab);
+        if ok(&f) {
+            return Ok(f);
+        }
+        if t.elapsed() > within {
+            return Err(f);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `GET /metrics` on the lab's default listener: `port25_fleet_*` samples, name -> value.
+fn fleet_metrics(lab: &Lab) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read as _, Write as _};
+    let raw = lab::in_ns(&lab.rtr, || {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9725").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: port25\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    });
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    scrape
+        .samples
+        .into_iter()
+        .filter(|s| s.metric.starts_with("port25_fleet_"))
+        .map(|s| {
+            let name = match s.labels.get("kind") {
+                Some(k) => format!("{}{{{k}}}", s.metric),
+                None => s.metric.clone(),
+            };
+            let v = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("{name}: {other:?}"),
+            };
+            (name, v)
+        })
+        .collect()
+}
+
+/// `/metrics` says what `status --json` says (a scrape and a status a moment apart: only
+/// figures that cannot move meanwhile are compared).
+fn assert_metrics_are_status(m: &std::collections::BTreeMap<String, f64>, f: &serde_json::Value) {
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in {m:?}"));
+    assert_eq!(
+        get("port25_fleet_connected"),
+        f["connected"].as_bool().unwrap() as u8 as f64
+    );
+    assert_eq!(
+        get("port25_fleet_applied_change_id"),
+        f["applied_change_id"].as_f64().unwrap()
+    );
+    assert_eq!(
+        get("port25_fleet_changes_applied_total"),
+        f["changes_applied"].as_f64().unwrap()
+    );
+    assert_eq!(
+        get("port25_fleet_reconnects_total"),
+        f["reconnects"].as_f64().unwrap()
+    );
+    assert_eq!(
+        get("port25_fleet_publish_queue{users}"),
+        f["publish_queue_users"].as_f64().unwrap()
+    );
+    assert_eq!(
+        m.get("port25_fleet_lag_changes").copied(),
+        f["lag_changes"].as_f64()
+    );
+}
+
+#[test]
+fn fleet_figures_move_in_status_and_metrics() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (a, b) = two_routers(&pg);
+    let f = until_fleet(&b, Duration::from_secs(3), |f| f["connected"] == true)
+        .unwrap_or_else(|f| panic!("B's follower connects: {f}"));
+    assert_eq!(f["reconnects"], 0, "{f}");
+    assert!(f["last_contact_unix_ms"].as_i64().is_some(), "{f}");
+    let before = f["changes_applied"].as_u64().unwrap();
+    // A change through A: B applies it, its count and mark move, no lag left.
+    ok(&a, &["unblock", "alice", "--new"]);
+    let mark_a = fleet_info(&a)["applied_change_id"].as_i64().unwrap();
+    assert!(mark_a > 0);
+    let f = until_fleet(&b, Duration::from_secs(2), |f| {
+        f["applied_change_id"] == mark_a && f["lag_changes"] == 0
+    })
+    .unwrap_or_else(|f| panic!("B applies A's change {mark_a}: {f}"));
+    assert_eq!(f["changes_applied"].as_u64().unwrap(), before + 1, "{f}");
+    assert_metrics_are_status(&fleet_metrics(&b), &f);
+    // A's own change moved its mark, not its count of changes applied from the log.
+    assert_eq!(fleet_info(&a)["changes_applied"], 0);
+
+    // The database killed: B says it is disconnected; a session user waits in the queue.
+    pg.kill();
+    let f = until_fleet(&b, Duration::from_secs(3), |f| f["connected"] == false)
+        .unwrap_or_else(|f| panic!("B sees the database gone: {f}"));
+    assert_eq!(fleet_metrics(&b)["port25_fleet_connected"], 0.0);
+    assert_metrics_are_status(&fleet_metrics(&b), &fleet_info(&b));
+    let _ = f;
+    ok(&b, &["session", "up", "carol", "100.64.0.3", "--id", "c1"]);
+    until_fleet(&b, Duration::from_secs(7), |f| {
+        f["publish_queue_users"] == 1
+    })
+    .unwrap_or_else(|f| panic!("carol waits to be published: {f}"));
+    // Back: connected again, one reconnect, the queue written.
+    pg.start_server();
+    let f = until_fleet(&b, Duration::from_secs(8), |f| {
+        f["connected"] == true && f["publish_queue_users"] == 0
+    })
+    .unwrap_or_else(|f| panic!("B reconnects and publishes: {f}"));
+    assert_eq!(f["reconnects"], 1, "{f}");
+    assert_metrics_are_status(&fleet_metrics(&b), &fleet_info(&b));
+}

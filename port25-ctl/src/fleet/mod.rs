@@ -16,6 +16,7 @@
 pub mod helpdesk;
 pub mod schema;
 pub mod snapshot;
+pub mod stats;
 mod tx;
 
 use std::{
@@ -139,6 +140,8 @@ pub struct Fleet {
     /// by the follower on its own connection (see [`Fleet::ensure_users`]).
     new_users: mpsc::UnboundedSender<Publish>,
     new_users_rx: Option<mpsc::UnboundedReceiver<Publish>>,
+    /// For `/metrics` and `status`.
+    pub stats: Arc<stats::FleetStats>,
 }
 
 /// What a session event leaves for the follower to publish, in the order of the events.
@@ -183,6 +186,7 @@ impl Fleet {
             .build()?;
         let (new_users, new_users_rx) = mpsc::unbounded_channel();
         Ok(Fleet {
+            stats: Arc::default(),
             new_users,
             new_users_rx: Some(new_users_rx),
             rt: Some(rt),
@@ -267,7 +271,10 @@ impl Fleet {
             let _ = tx.send(fut.await);
         });
         match rx.recv_timeout(TIMEOUT + Duration::from_millis(500)) {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok(v)) => {
+                self.stats.contact();
+                Ok(v)
+            }
             Ok(Err(e)) => {
                 if self.client.as_ref().is_some_and(|c| c.client.is_closed()) {
                     self.drop_connection();
@@ -321,7 +328,7 @@ impl Fleet {
 
     /// The changes after `mark`, oldest first.
     pub fn changes_after(&mut self, mark: i64) -> Result<Vec<Change>> {
-        self.run(move |c| async move {
+        let changes = self.run(move |c| async move {
             let rows = c
                 .query(
                     "SELECT id, router, rows FROM changes WHERE id > $1 ORDER BY id LIMIT 10000",
@@ -339,8 +346,10 @@ impl Fleet {
                             .with_context(|| format!("fleet change {id} is unreadable"))?,
                     })
                 })
-                .collect()
-        })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        self.stats.seen(changes.last().map_or(mark, |c| c.id));
+        Ok(changes)
     }
 
     /// Writes `rows` to the fleet's tables and the change log, notifies, and commits the
@@ -384,6 +393,7 @@ impl Fleet {
                 "fleet registry: replica loaded from a snapshot"
             );
         }
+        self.stats.applied(store.begin()?.replica_mark()?, false);
         let mut n = 0;
         loop {
             let mark = store.begin()?.replica_mark()?;
@@ -398,6 +408,9 @@ impl Fleet {
                 tx.set_replica_mark(c.id)?;
             }
             tx.commit()?;
+            for c in &changes {
+                self.stats.applied(c.id, true);
+            }
             n += changes.len();
         }
     }
@@ -411,7 +424,9 @@ impl Fleet {
         let name = self.name.clone();
         let router = self.router.clone();
         let users = self.new_users_rx.take().expect("one follower per Fleet");
-        self.rt().spawn(follower(cfg, name, router, users, tx));
+        let stats = self.stats.clone();
+        self.rt()
+            .spawn(follower(cfg, name, router, users, tx, stats));
         rx
     }
 
@@ -595,12 +610,14 @@ async fn follower(
     router: String,
     mut new_users: mpsc::UnboundedReceiver<Publish>,
     wake: mpsc::Sender<()>,
+    stats: Arc<stats::FleetStats>,
 ) {
     use futures_util::StreamExt as _;
     // What is queued and not yet in the database; kept across reconnects.
     let mut pending = Pending::default();
     let mut backoff = Duration::from_millis(500);
     let mut down_logged = false;
+    let mut first = true;
     loop {
         match cfg.connect(NoTls).await {
             Ok((client, mut conn)) => {
@@ -619,6 +636,11 @@ async fn follower(
                         }
                         down_logged = false;
                         backoff = Duration::from_millis(500);
+                        stats.set_connected(true);
+                        stats.contact();
+                        if !std::mem::take(&mut first) {
+                            stats.reconnected();
+                        }
                         // Changes made while not listening: read the log now.
                         let _ = wake.try_send(());
                         let mut poll = tokio::time::interval(POLL);
@@ -633,7 +655,8 @@ async fn follower(
                                         tokio::select! {
                                             r = &mut publish => break r,
                                             m = messages.next() => match m {
-                                                Some(Ok(AsyncMessage::Notification(_))) => {
+                                                Some(Ok(AsyncMessage::Notification(n))) => {
+                                                    heard(&stats, &n);
                                                     let _ = wake.try_send(());
                                                 }
                                                 Some(Ok(_)) => {}
@@ -643,7 +666,10 @@ async fn follower(
                                     }
                                 };
                                 match r {
-                                    Ok(()) => pending.written(),
+                                    Ok(()) => {
+                                        pending.written();
+                                        pending.count(&stats);
+                                    }
                                     Err(e) => {
                                         warn!(registry = %name, "publishing session users and sessions to the fleet failed, retrying: {e:#}");
                                         break;
@@ -652,7 +678,8 @@ async fn follower(
                             }
                             tokio::select! {
                                 m = messages.next() => match m {
-                                    Some(Ok(AsyncMessage::Notification(_))) => {
+                                    Some(Ok(AsyncMessage::Notification(n))) => {
+                                        heard(&stats, &n);
                                         let _ = wake.try_send(());
                                     }
                                     Some(Ok(_)) => {}
@@ -664,6 +691,7 @@ async fn follower(
                                     while let Ok(p) = new_users.try_recv() {
                                         pending.add(p);
                                     }
+                                    pending.count(&stats);
                                 }
                                 _ = poll.tick() => { let _ = wake.try_send(()); }
                                 _ = wake.closed() => return,
@@ -680,6 +708,7 @@ async fn follower(
                 }
             }
         }
+        stats.set_connected(false);
         if wake.is_closed() {
             return;
         }
@@ -689,8 +718,17 @@ async fn follower(
         }
         // A new connection republishes every session (some writes may have been lost).
         pending.reconnected();
+        pending.count(&stats);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A notification's payload is the id of a change the database now holds.
+fn heard(stats: &stats::FleetStats, n: &tokio_postgres::Notification) {
+    stats.contact();
+    if let Ok(id) = n.payload().parse() {
+        stats.seen(id);
     }
 }
 
@@ -784,6 +822,15 @@ impl Pending {
                 self.dirty.insert(id);
             }
         }
+    }
+
+    /// What waits to be written, for `/metrics` and `status`.
+    fn count(&self, stats: &stats::FleetStats) {
+        let sessions = match (&self.sessions, self.all) {
+            (Some(live), true) => live.len(),
+            _ => self.dirty.len(),
+        };
+        stats.queue(self.users.len(), sessions);
     }
 
     fn is_empty(&self) -> bool {

@@ -96,6 +96,7 @@ impl Fleet {
             local.set_replica_mark(loaded.mark)?;
         }
         local.commit()?;
+        self.stats.applied(loaded.mark, false);
         Ok(Some(loaded))
     }
 

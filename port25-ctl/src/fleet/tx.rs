@@ -156,6 +156,8 @@ impl Tx for FleetTx<'_> {
                 .unwrap_or_else(|| self.fleet.0.router.clone());
             let id = self.fleet.0.publish(actor, rows)?;
             self.local.set_replica_mark(id)?;
+            // Not committed here yet; should that fail, the follower applies it later.
+            self.fleet.0.stats.applied(id, false);
         }
         // The fleet's side is done: `Open`'s rollback finds no open transaction.
         let FleetTx { local, .. } = *self;

@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context as _, Result};
 use tokio_postgres::Row as PgRow;
 
 use super::Fleet;
-use crate::registry::store::{Binding, Entry, EntryKind, Hold, Policy, Store, User};
+use crate::registry::store::{AuditRecord, Binding, Entry, EntryKind, Hold, Policy, Store, User};
 
 /// Users read per query: bounded memory whatever the fleet's size.
 const PAGE: i64 = 50_000;
@@ -86,6 +86,11 @@ impl Fleet {
                 Batch::Entries(es) => {
                     for e in &es {
                         local.put_entry(e)?;
+                    }
+                }
+                Batch::Audit(rs) => {
+                    for r in &rs {
+                        local.append_audit(r)?;
                     }
                 }
             }
@@ -173,6 +178,40 @@ impl Fleet {
                 .collect::<Result<Vec<_>>>()
             })?;
             sink(Batch::Entries(entries))?;
+            // The audit history too, as replaying the log would have written it: `audit`
+            // on a new router shows what happened before it joined.
+            let mut after = 0i64;
+            loop {
+                let page = self.run(move |c| async move {
+                    c.query(
+                        "SELECT id, at, actor, action, subject, old, new, reason FROM audit \
+                         WHERE id > $1 ORDER BY id LIMIT $2",
+                        &[&after, &PAGE],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok(AuditRecord {
+                            id: r.get(0),
+                            at: jiff::Timestamp::from_nanosecond(r.get::<_, i64>(1) as i128)?,
+                            actor: r.get(2),
+                            action: r.get(3),
+                            subject: r.get(4),
+                            old: r.get(5),
+                            new: r.get(6),
+                            reason: r.get(7),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+                })?;
+                let Some(last) = page.last() else { break };
+                after = last.id;
+                let full = page.len() as i64 == PAGE;
+                sink(Batch::Audit(page))?;
+                if !full {
+                    break;
+                }
+            }
             Ok(users)
         })();
         // Read-only: ending it either way changes nothing.
@@ -187,6 +226,7 @@ enum Batch {
     Users(Vec<User>),
     Bindings(Vec<Binding>),
     Entries(Vec<Entry>),
+    Audit(Vec<AuditRecord>),
 }
 
 fn prefix(s: String) -> Result<crate::net::Prefix> {

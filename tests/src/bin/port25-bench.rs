@@ -731,11 +731,13 @@ fn fleet_bench() {
     ctl(&labs[1], &["session", "sync", f.to_str().unwrap()]);
     let cfg_b = Config::load(&labs[1].config).unwrap();
     let live_b = LiveMaps::open(&Pins::new(&cfg_b.pin_dir)).unwrap();
-    let (mut unblock, mut prop) = (Vec::new(), Vec::new());
+    let (mut unblock, mut prop, mut read) = (Vec::new(), Vec::new(), Vec::new());
     for i in 1..=calls {
         let key: std::net::Ipv4Addr = format!("100.90.{}.{}", i / 250, i % 250 + 1)
             .parse()
             .unwrap();
+        // Baseline: a CLI round trip to A that reads its replica only.
+        read.push(ctl(&labs[0], &["audit", "--user", &format!("u{i}")]));
         let t = Instant::now();
         unblock.push(ctl(&labs[0], &["unblock", &format!("u{i}")]));
         while !live_b
@@ -754,8 +756,10 @@ fn fleet_bench() {
     }
     let (u50, u99) = (pct(&mut unblock, 50), pct(&mut unblock, 99));
     let (p50, p99) = (pct(&mut prop, 50), pct(&mut prop, 99));
+    let (r50, r99) = (pct(&mut read, 50), pct(&mut read, 99));
     println!(
-        "  {calls} unblocks on A: CLI p50 {u50:?} p99 {u99:?}; to the map entry on B p50 {p50:?} p99 {p99:?}"
+        "  {calls} unblocks on A: CLI p50 {u50:?} p99 {u99:?}; to the map entry on B p50 {p50:?} p99 {p99:?}; \
+         baseline `audit --user` on A p50 {r50:?} p99 {r99:?}"
     );
     let label = format!("{users} users, {daemons} daemons");
     goal(

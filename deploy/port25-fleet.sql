@@ -29,6 +29,6 @@ ALTER DEFAULT PRIVILEGES FOR ROLE port25_owner IN SCHEMA public
     GRANT USAGE ON SEQUENCES TO port25;
 
 -- Once the owner has created the tables (first start with the owner's connection string):
---   GRANT SELECT, INSERT, UPDATE, DELETE ON users, bindings, entries, sessions TO port25;
+--   GRANT SELECT, INSERT, UPDATE, DELETE ON users, bindings, entries, sessions, routers TO port25;
 --   GRANT INSERT ON audit, changes TO port25;
 -- (Run the two GRANTs again after an upgrade that adds tables; the release notes say so.)

@@ -97,7 +97,10 @@ fn a_policy_change_is_the_fleets_and_fails_clearly_with_the_database_down() {
         pg.psql("SELECT router, action FROM audit WHERE subject = 'alice'"),
         "bras-a|unblock"
     );
-    assert_eq!(pg.psql("SELECT version FROM schema_version"), "1");
+    assert_eq!(
+        pg.psql("SELECT version FROM schema_version"),
+        port25_ctl::fleet::schema::MIGRATIONS.len().to_string()
+    );
 
     pg.kill();
     let t = Instant::now();
@@ -757,4 +760,74 @@ fn a_new_router_starts_from_a_snapshot_of_the_fleet() {
     assert!(until_policy(&b, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
     assert!(!smtp(&b, ALICE4));
     assert_eq!(fleet_info(&b)["changes_applied"], 1);
+}
+
+/// A decommissioned router's published sessions would stay in the helpdesk's view for ever:
+/// each router stamps its sign of life, `user show` marks the sessions of one silent for
+/// more than 10 min, and `registry forget-router` removes its rows (refused while alive).
+#[test]
+fn a_silent_routers_sessions_are_marked_and_can_be_forgotten() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut a = Lab::new(XDP);
+    a.write_config(&registry(&pg, "bras-a"));
+    a.start_daemon();
+    assert!(until_db(
+        &pg,
+        "SELECT count(*) FROM routers WHERE name = 'bras-a' AND seen_at > now() - interval '1 minute'",
+        "1",
+        Duration::from_secs(3)
+    ));
+    ok(&a, &["unblock", "alice", "--new"]);
+    ok(&a, &["session", "up", "alice", ALICE4, "--id", "a1"]);
+    // bras-old: gone an hour ago, its session still published.
+    pg.psql(
+        "INSERT INTO routers (name, seen_at) VALUES ('bras-old', now() - interval '1 hour'); \
+         INSERT INTO sessions (router, id, user_name, addrs, since, source) \
+         VALUES ('bras-old', 'o1', 'alice', '{100.64.9.9/32}', 0, 'radius')",
+    );
+    assert!(until_db(
+        &pg,
+        "SELECT count(*) FROM sessions WHERE router = 'bras-a'",
+        "1",
+        Duration::from_secs(3)
+    ));
+    let show: UserDetail = a.reply(&["user", "show", "alice"]);
+    let fleet = show.fleet.expect("a fleet view");
+    let silent: Vec<_> = fleet
+        .sessions
+        .iter()
+        .map(|s| (s.router.as_str(), s.router_silent_s.map(|s| s >= 3500)))
+        .collect();
+    assert_eq!(silent, [("bras-a", None), ("bras-old", Some(true))]);
+    let text = ok(&a, &["user", "show", "alice"]);
+    assert!(
+        text.contains("STALE: router silent for 60 min") && text.contains("forget-router bras-old"),
+        "{text}"
+    );
+    // A live router is not forgotten (it would publish its sessions again).
+    let err = a.fails_with(&["registry", "forget-router", "bras-a"], 1);
+    assert!(
+        err.contains("bras-a was seen") && err.contains("alive"),
+        "{err}"
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM sessions WHERE router = 'bras-a'"),
+        "1"
+    );
+    let out = ok(&a, &["registry", "forget-router", "bras-old"]);
+    assert!(out.contains("1 published session(s) removed"), "{out}");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM sessions s FULL JOIN routers r ON r.name = s.router WHERE coalesce(s.router, r.name) = 'bras-old'"),
+        "0"
+    );
+    let show: UserDetail = a.reply(&["user", "show", "alice"]);
+    let routers: Vec<_> = show
+        .fleet
+        .unwrap()
+        .sessions
+        .into_iter()
+        .map(|s| s.router)
+        .collect();
+    assert_eq!(routers, ["bras-a"]);
 }

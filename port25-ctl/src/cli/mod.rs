@@ -122,6 +122,9 @@ enum Verb {
     /// Exempt prefixes added at runtime (beside `exempt` in the config).
     #[command(subcommand)]
     Exempt(ExemptVerb),
+    /// The fleet registry itself (`registry:` of the config), straight in its database.
+    #[command(subcommand)]
+    Registry(RegistryVerb),
     /// The audit log: who changed what, when, and why.
     Audit {
         #[arg(long)]
@@ -259,6 +262,13 @@ enum ServerVerb {
 }
 
 #[derive(Subcommand)]
+enum RegistryVerb {
+    /// Removes a decommissioned router's published sessions (and its sign of life) from the
+    /// fleet's view; refused while the router is alive (seen within 10 min).
+    ForgetRouter { name: String },
+}
+
+#[derive(Subcommand)]
 enum ExemptVerb {
     Add {
         #[arg(value_parser = parse::prefix)]
@@ -366,6 +376,19 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             CALL_TIMEOUT,
         )
     };
+    if let Verb::Registry(RegistryVerb::ForgetRouter { name }) = &cli.verb {
+        let reg = config::registry_of(&cli.config)?;
+        let n = crate::fleet::Fleet::new(&reg)?.forget_router(name)?;
+        if cli.json {
+            println!(
+                "{}",
+                serde_json::json!({ "router": name, "sessions_removed": n })
+            );
+        } else {
+            println!("forgot router {name}: {n} published session(s) removed");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if cli.registry_only {
         return registry_only(cli);
     }
@@ -795,6 +818,7 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
             show(cli, &r, render::top)
         }
         Verb::Daemon { .. }
+        | Verb::Registry(_)
         | Verb::Reload
         | Verb::Status
         | Verb::Check { .. }

@@ -178,6 +178,10 @@ pub struct FleetSessions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouterSession {
     pub router: String,
+    /// The router has not been heard of for this long (more than 10 min): decommissioned,
+    /// or cut off from the database; its sessions may be gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_silent_s: Option<u64>,
     #[serde(flatten)]
     pub session: Session,
 }

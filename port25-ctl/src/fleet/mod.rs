@@ -14,6 +14,7 @@
 //! single writer, in id order, once (an id at or below the replica's mark is skipped).
 
 pub mod helpdesk;
+pub mod routers;
 pub mod schema;
 pub mod snapshot;
 pub mod stats;
@@ -621,6 +622,7 @@ async fn follower(
     loop {
         match cfg.connect(NoTls).await {
             Ok((client, mut conn)) => {
+                let client = Arc::new(client);
                 let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
                 let sql = format!("LISTEN {CHANNEL}");
                 let listen = client.batch_execute(&sql);
@@ -693,7 +695,16 @@ async fn follower(
                                     }
                                     pending.count(&stats);
                                 }
-                                _ = poll.tick() => { let _ = wake.try_send(()); }
+                                _ = poll.tick() => {
+                                    let _ = wake.try_send(());
+                                    // Driven by this loop's polling of the connection.
+                                    let (c, r, n) = (client.clone(), router.clone(), name.clone());
+                                    tokio::spawn(async move {
+                                        if let Err(e) = routers::stamp(&c, &r).await {
+                                            warn!(registry = %n, "stamping this router in the fleet registry: {e:#}");
+                                        }
+                                    });
+                                }
                                 _ = wake.closed() => return,
                             }
                         }

@@ -9,7 +9,8 @@ const MIGRATE_LOCK: i64 = 0x7032_3566_6d67; // "p25fmg"
 
 /// Each step moves the schema one version up; never edit a shipped step, append one.
 /// Times are nanoseconds since the epoch, as in SQLite; prefixes are text.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (
     name        TEXT PRIMARY KEY,
     policy      TEXT NOT NULL CHECK (policy IN ('blocked', 'unblocked')),
@@ -72,7 +73,17 @@ CREATE TABLE sessions (
     PRIMARY KEY (router, id)
 );
 CREATE INDEX sessions_by_user ON sessions(user_name);
-"#];
+"#,
+    r#"
+-- Each router's last sign of life (its follower stamps it while it reaches the database):
+-- `user show` marks the sessions of a router silent for long, `registry forget-router`
+-- removes a decommissioned one's rows.
+CREATE TABLE routers (
+    name    TEXT PRIMARY KEY,
+    seen_at TIMESTAMPTZ NOT NULL
+);
+"#,
+];
 
 /// The database holds a schema of a later port25-ctl: refused, never touched.
 #[derive(Debug, thiserror::Error)]

@@ -690,6 +690,13 @@ fn fleet_figures_move_in_status_and_metrics() {
     .unwrap_or_else(|f| panic!("B applies A's change {mark_a}: {f}"));
     assert_eq!(f["changes_applied"].as_u64().unwrap(), before + 1, "{f}");
     assert_metrics_are_status(&fleet_metrics(&b), &f);
+    let text = ok(&b, &["status"]);
+    assert!(
+        text.contains(&format!(
+            "fleet:      connected; change {mark_a} applied (0 behind)"
+        )),
+        "{text}"
+    );
     // A's own change moved its mark, not its count of changes applied from the log.
     assert_eq!(fleet_info(&a)["changes_applied"], 0);
 
@@ -698,6 +705,7 @@ fn fleet_figures_move_in_status_and_metrics() {
     let f = until_fleet(&b, Duration::from_secs(3), |f| f["connected"] == false)
         .unwrap_or_else(|f| panic!("B sees the database gone: {f}"));
     assert_eq!(fleet_metrics(&b)["port25_fleet_connected"], 0.0);
+    assert!(ok(&b, &["status"]).contains("fleet:      DISCONNECTED"));
     assert_metrics_are_status(&fleet_metrics(&b), &fleet_info(&b));
     let _ = f;
     ok(&b, &["session", "up", "carol", "100.64.0.3", "--id", "c1"]);

@@ -30,7 +30,7 @@ ALTER DEFAULT PRIVILEGES FOR ROLE port25_owner IN SCHEMA public
     GRANT USAGE ON SEQUENCES TO port25;
 
 -- Once the owner has created the tables (first start with the owner's connection string):
---   GRANT SELECT, INSERT, UPDATE, DELETE ON users, bindings, entries, sessions TO port25;
+--   GRANT SELECT, INSERT, UPDATE, DELETE ON users, bindings, entries, sessions, routers TO port25;
 --   GRANT INSERT ON audit, changes TO port25;
 --   GRANT DELETE ON changes TO port25;                     -- registry.keep_changes
 --   GRANT SELECT, INSERT, UPDATE ON changes_pruned TO port25;

@@ -97,7 +97,10 @@ fn a_policy_change_is_the_fleets_and_fails_clearly_with_the_database_down() {
         pg.psql("SELECT router, action FROM audit WHERE subject = 'alice'"),
         "bras-a|unblock"
     );
-    assert_eq!(pg.psql("SELECT version FROM schema_version"), "3");
+    assert_eq!(
+        pg.psql("SELECT version FROM schema_version"),
+        port25_ctl::fleet::schema::MIGRATIONS.len().to_string()
+    );
 
     pg.kill();
     let t = Instant::now();
@@ -959,4 +962,263 @@ fn a_router_whose_changes_were_pruned_reloads_the_fleets_policy() {
     ok(&a, &["block", "alice"]);
     assert!(until_policy(&b, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
     assert!(!smtp(&b, ALICE4));
+}
+
+/// `status --json`'s fleet figures (`daemon.fleet`).
+fn fleet_info(lab: &Lab) -> serde_json::Value {
+    let js: serde_json::Value = serde_json::from_str(&ok(lab, &["--json", "status"])).unwrap();
+    js["daemon"]["fleet"].clone()
+}
+
+/// Polls `lab`'s fleet figures until `ok` holds; the last figures if it never did.
+fn until_fleet(
+    lab: &Lab,
+    within: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value, serde_json::Value> {
+    let t = Instant::now();
+    loop {
+        let f = fleet_info(lab);
+        if ok(&f) {
+            return Ok(f);
+        }
+        if t.elapsed() > within {
+            return Err(f);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `GET /metrics` on the lab's default listener: `port25_fleet_*` samples, name -> value.
+fn fleet_metrics(lab: &Lab) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read as _, Write as _};
+    let raw = lab::in_ns(&lab.rtr, || {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9725").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: port25\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    });
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    scrape
+        .samples
+        .into_iter()
+        .filter(|s| s.metric.starts_with("port25_fleet_"))
+        .map(|s| {
+            let name = match s.labels.get("kind") {
+                Some(k) => format!("{}{{{k}}}", s.metric),
+                None => s.metric.clone(),
+            };
+            let v = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("{name}: {other:?}"),
+            };
+            (name, v)
+        })
+        .collect()
+}
+
+/// `/metrics` says what `status --json` says (a scrape and a status a moment apart: only
+/// figures that cannot move meanwhile are compared).
+fn assert_metrics_are_status(m: &std::collections::BTreeMap<String, f64>, f: &serde_json::Value) {
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in {m:?}"));
+    assert_eq!(
+        get("port25_fleet_connected"),
+        f["connected"].as_bool().unwrap() as u8 as f64
+    );
+    assert_eq!(
+        get("port25_fleet_applied_change_id"),
+        f["applied_change_id"].as_f64().unwrap()
+    );
+    assert_eq!(
+        get("port25_fleet_changes_applied_total"),
+        f["changes_applied"].as_f64().unwrap()
+    );
+    assert_eq!(
+        get("port25_fleet_reconnects_total"),
+        f["reconnects"].as_f64().unwrap()
+    );
+    assert_eq!(
+        get("port25_fleet_publish_queue{users}"),
+        f["publish_queue_users"].as_f64().unwrap()
+    );
+    assert_eq!(
+        m.get("port25_fleet_lag_changes").copied(),
+        f["lag_changes"].as_f64()
+    );
+}
+
+#[test]
+fn fleet_figures_move_in_status_and_metrics() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (a, b) = two_routers(&pg);
+    let f = until_fleet(&b, Duration::from_secs(3), |f| f["connected"] == true)
+        .unwrap_or_else(|f| panic!("B's follower connects: {f}"));
+    assert_eq!(f["reconnects"], 0, "{f}");
+    assert!(f["last_contact_unix_ms"].as_i64().is_some(), "{f}");
+    let before = f["changes_applied"].as_u64().unwrap();
+    // A change through A: B applies it, its count and mark move, no lag left.
+    ok(&a, &["unblock", "alice", "--new"]);
+    let mark_a = fleet_info(&a)["applied_change_id"].as_i64().unwrap();
+    assert!(mark_a > 0);
+    let f = until_fleet(&b, Duration::from_secs(2), |f| {
+        f["applied_change_id"] == mark_a && f["lag_changes"] == 0
+    })
+    .unwrap_or_else(|f| panic!("B applies A's change {mark_a}: {f}"));
+    assert_eq!(f["changes_applied"].as_u64().unwrap(), before + 1, "{f}");
+    assert_metrics_are_status(&fleet_metrics(&b), &f);
+    let text = ok(&b, &["status"]);
+    assert!(
+        text.contains(&format!(
+            "fleet:      connected; change {mark_a} applied (0 behind)"
+        )),
+        "{text}"
+    );
+    // A's own change moved its mark, not its count of changes applied from the log.
+    assert_eq!(fleet_info(&a)["changes_applied"], 0);
+
+    // The database killed: B says it is disconnected; a session user waits in the queue.
+    pg.kill();
+    let f = until_fleet(&b, Duration::from_secs(3), |f| f["connected"] == false)
+        .unwrap_or_else(|f| panic!("B sees the database gone: {f}"));
+    assert_eq!(fleet_metrics(&b)["port25_fleet_connected"], 0.0);
+    assert!(ok(&b, &["status"]).contains("fleet:      DISCONNECTED"));
+    assert_metrics_are_status(&fleet_metrics(&b), &fleet_info(&b));
+    let _ = f;
+    ok(&b, &["session", "up", "carol", "100.64.0.3", "--id", "c1"]);
+    until_fleet(&b, Duration::from_secs(7), |f| {
+        f["publish_queue_users"] == 1
+    })
+    .unwrap_or_else(|f| panic!("carol waits to be published: {f}"));
+    // Back: connected again, one reconnect, the queue written.
+    pg.start_server();
+    let f = until_fleet(&b, Duration::from_secs(8), |f| {
+        f["connected"] == true && f["publish_queue_users"] == 0
+    })
+    .unwrap_or_else(|f| panic!("B reconnects and publishes: {f}"));
+    assert_eq!(f["reconnects"], 1, "{f}");
+    assert_metrics_are_status(&fleet_metrics(&b), &fleet_info(&b));
+}
+
+/// A new router (empty replica) loads the fleet from a snapshot of its tables, audit history
+/// included, and follows the log from the snapshot's newest change: with a million users,
+/// replaying the log from its start is what made a start slow (see `cargo xtask bench`).
+/// A user only in the tables (a bulk load) is there too, which a replay could not give.
+#[test]
+fn a_new_router_starts_from_a_snapshot_of_the_fleet() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut a = Lab::new(XDP);
+    a.write_config(&registry(&pg, "bras-a"));
+    a.start_daemon();
+    ok(&a, &["unblock", "alice", "--new", "--reason", "ticket 9"]);
+    ok(&a, &["block", "bob", "--new"]);
+    pg.psql(
+        "INSERT INTO users (name, policy, set_by, set_at) VALUES ('carol', 'unblocked', 'import', 0)",
+    );
+    let mark_a = fleet_info(&a)["applied_change_id"].as_i64().unwrap();
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(&pg, "bras-b"));
+    b.start_daemon();
+    assert!(
+        b.daemon_log().contains("replica loaded from a snapshot"),
+        "{}",
+        b.daemon_log()
+    );
+    let f = fleet_info(&b);
+    assert_eq!(f["applied_change_id"], mark_a, "{f}");
+    assert_eq!(f["changes_applied"], 0, "nothing replayed: {f}");
+    assert_eq!(effective(&b, "alice"), Policy::Unblocked);
+    assert_eq!(effective(&b, "bob"), Policy::Blocked);
+    assert_eq!(effective(&b, "carol"), Policy::Unblocked);
+    let log: port25_ctl::control::reply::AuditLog = b.reply(&["audit", "--user", "alice"]);
+    assert!(
+        log.records
+            .iter()
+            .any(|r| r.action == "unblock" && r.reason.as_deref() == Some("ticket 9")),
+        "{log:?}"
+    );
+    // And it follows the log from there.
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(smtp(&b, ALICE4));
+    ok(&a, &["block", "alice"]);
+    assert!(until_policy(&b, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
+    assert!(!smtp(&b, ALICE4));
+    assert_eq!(fleet_info(&b)["changes_applied"], 1);
+}
+
+/// A decommissioned router's published sessions would stay in the helpdesk's view for ever:
+/// each router stamps its sign of life, `user show` marks the sessions of one silent for
+/// more than 10 min, and `registry forget-router` removes its rows (refused while alive).
+#[test]
+fn a_silent_routers_sessions_are_marked_and_can_be_forgotten() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut a = Lab::new(XDP);
+    a.write_config(&registry(&pg, "bras-a"));
+    a.start_daemon();
+    assert!(until_db(
+        &pg,
+        "SELECT count(*) FROM routers WHERE name = 'bras-a' AND seen_at > now() - interval '1 minute'",
+        "1",
+        Duration::from_secs(3)
+    ));
+    ok(&a, &["unblock", "alice", "--new"]);
+    ok(&a, &["session", "up", "alice", ALICE4, "--id", "a1"]);
+    // bras-old: gone an hour ago, its session still published.
+    pg.psql(
+        "INSERT INTO routers (name, seen_at) VALUES ('bras-old', now() - interval '1 hour'); \
+         INSERT INTO sessions (router, id, user_name, addrs, since, source) \
+         VALUES ('bras-old', 'o1', 'alice', '{100.64.9.9/32}', 0, 'radius')",
+    );
+    assert!(until_db(
+        &pg,
+        "SELECT count(*) FROM sessions WHERE router = 'bras-a'",
+        "1",
+        Duration::from_secs(3)
+    ));
+    let show: UserDetail = a.reply(&["user", "show", "alice"]);
+    let fleet = show.fleet.expect("a fleet view");
+    let silent: Vec<_> = fleet
+        .sessions
+        .iter()
+        .map(|s| (s.router.as_str(), s.router_silent_s.map(|s| s >= 3500)))
+        .collect();
+    assert_eq!(silent, [("bras-a", None), ("bras-old", Some(true))]);
+    let text = ok(&a, &["user", "show", "alice"]);
+    assert!(
+        text.contains("STALE: router silent for 60 min") && text.contains("forget-router bras-old"),
+        "{text}"
+    );
+    // A live router is not forgotten (it would publish its sessions again).
+    let err = a.fails_with(&["registry", "forget-router", "bras-a"], 1);
+    assert!(
+        err.contains("bras-a was seen") && err.contains("alive"),
+        "{err}"
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM sessions WHERE router = 'bras-a'"),
+        "1"
+    );
+    let out = ok(&a, &["registry", "forget-router", "bras-old"]);
+    assert!(out.contains("1 published session(s) removed"), "{out}");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM sessions s FULL JOIN routers r ON r.name = s.router WHERE coalesce(s.router, r.name) = 'bras-old'"),
+        "0"
+    );
+    let show: UserDetail = a.reply(&["user", "show", "alice"]);
+    let routers: Vec<_> = show
+        .fleet
+        .unwrap()
+        .sessions
+        .into_iter()
+        .map(|s| s.router)
+        .collect();
+    assert_eq!(routers, ["bras-a"]);
 }

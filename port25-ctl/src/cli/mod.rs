@@ -134,8 +134,9 @@ enum Verb {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Moving a router into a fleet: `export` its SQLite registry as JSON, `import` such a
-    /// file into the fleet's PostgreSQL (`registry:` of the config).
+    /// The fleet registry itself (`registry:` of the config): moving a router into a fleet
+    /// (`export` its SQLite registry as JSON, `import` such a file into the fleet's
+    /// PostgreSQL) and forgetting a decommissioned router.
     #[command(subcommand)]
     Registry(registry::RegistryVerb),
     /// The worst offending sources the kernel tracks: who holds each address, attempts,

@@ -31,10 +31,25 @@ pub(super) enum RegistryVerb {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Removes a decommissioned router's published sessions (and its sign of life) from the
+    /// fleet's view; refused while the router is alive (seen within 10 min).
+    ForgetRouter { name: String },
 }
 
 pub(super) fn run(cli: &super::Cli, verb: &RegistryVerb) -> Result<ExitCode> {
     match verb {
+        RegistryVerb::ForgetRouter { name } => {
+            let reg = config::registry_of(&cli.config)?;
+            let n = crate::fleet::Fleet::new(&reg)?.forget_router(name)?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "router": name, "sessions_removed": n })
+                );
+            } else {
+                println!("forgot router {name}: {n} published session(s) removed");
+            }
+        }
         RegistryVerb::Export { db, router } => {
             let state_dir = match db {
                 Some(p) if p.is_dir() => p.clone(),

@@ -188,12 +188,21 @@ pub fn user_detail(d: &UserDetail) -> String {
             for x in &f.sessions {
                 out!(
                     o,
-                    "fleet:     {}  {}  {}  since {} ({})",
+                    "fleet:     {}  {}  {}  since {} ({}){}",
                     text(&x.router),
                     text(&x.session.id),
                     addrs(&x.session),
                     time(x.session.since),
-                    text(&x.session.source)
+                    text(&x.session.source),
+                    match x.router_silent_s {
+                        Some(s) => format!(
+                            "  [STALE: router silent for {} min; `port25-ctl registry \
+                             forget-router {}` once it is decommissioned]",
+                            s / 60,
+                            text(&x.router)
+                        ),
+                        None => String::new(),
+                    }
                 );
             }
         }

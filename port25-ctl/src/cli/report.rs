@@ -220,6 +220,35 @@ pub fn status(cfg: &Config, daemon: Option<crate::control::reply::Info>) -> Resu
     })
 }
 
+/// The fleet replica's line of `status`.
+fn fleet_text(f: &crate::control::reply::FleetInfo, now: jiff::Timestamp) -> String {
+    let lag = match f.lag_changes {
+        Some(n) => format!("{n} behind"),
+        None => "lag unknown".into(),
+    };
+    let contact = match f.last_contact_unix_ms {
+        Some(ms) => format!(
+            "last answer {:.1}s ago",
+            (now.as_millisecond() - ms).max(0) as f64 / 1e3
+        ),
+        None => "never answered".into(),
+    };
+    format!(
+        "{}; change {} applied ({lag}), {} applied since start; publish queue {} users, {} \
+         sessions; {} reconnects; {contact}",
+        if f.connected {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        },
+        f.applied_change_id,
+        f.changes_applied,
+        f.publish_queue_users,
+        f.publish_queue_sessions,
+        f.reconnects,
+    )
+}
+
 pub fn print_status(s: &Status) {
     match &s.daemon {
         Some(d) => println!(
@@ -234,6 +263,9 @@ pub fn print_status(s: &Status) {
         }
         // After a detach (or before the first start) nothing enforces: never claim it does.
         None => println!("daemon:     DOWN, and no program is attached: port 25 is NOT blocked"),
+    }
+    if let Some(f) = s.daemon.as_ref().and_then(|d| d.fleet.as_ref()) {
+        println!("fleet:      {}", fleet_text(f, jiff::Timestamp::now()));
     }
     if let Some(d) = &s.detached {
         println!(

@@ -178,6 +178,10 @@ pub struct FleetSessions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouterSession {
     pub router: String,
+    /// The router has not been heard of for this long (more than 10 min): decommissioned,
+    /// or cut off from the database; its sessions may be gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_silent_s: Option<u64>,
     #[serde(flatten)]
     pub session: Session,
 }
@@ -424,10 +428,34 @@ pub struct Info {
     /// The config file the daemon reads (absolute).
     pub config: String,
     pub drift_repaired: u64,
+    /// With a fleet registry: the replica's and the follower's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetInfo>,
     pub pid: u32,
     pub reconciles: u64,
     pub registry: String,
     pub uptime_s: u64,
+}
+
+/// A fleet replica's state (`status`, `/metrics`). Fields in name order, as [`Info`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetInfo {
+    /// The last change of the fleet's log the replica holds.
+    pub applied_change_id: i64,
+    /// Changes of the log applied here since the daemon started (its own not counted).
+    pub changes_applied: u64,
+    /// The follower's connection (LISTEN) to the database is up.
+    pub connected: bool,
+    /// Changes the database holds that the replica does not, when the newest is known.
+    pub lag_changes: Option<i64>,
+    /// When the database last answered (Unix time, ms).
+    pub last_contact_unix_ms: Option<i64>,
+    pub newest_change_id: Option<i64>,
+    /// Sessions and users waiting to be published to the fleet.
+    pub publish_queue_sessions: u64,
+    pub publish_queue_users: u64,
+    /// Times the follower connected again after losing its connection.
+    pub reconnects: u64,
 }
 
 /// `reload`.

@@ -16,7 +16,10 @@
 pub mod export;
 pub mod helpdesk;
 pub mod prune;
+pub mod routers;
 pub mod schema;
+pub mod snapshot;
+pub mod stats;
 pub mod tls;
 mod tx;
 
@@ -143,6 +146,8 @@ pub struct Fleet {
     /// by the follower on its own connection (see [`Fleet::ensure_users`]).
     new_users: mpsc::UnboundedSender<Publish>,
     new_users_rx: Option<mpsc::UnboundedReceiver<Publish>>,
+    /// For `/metrics` and `status`.
+    pub stats: Arc<stats::FleetStats>,
 }
 
 /// What a session event leaves for the follower to publish, in the order of the events.
@@ -188,6 +193,7 @@ impl Fleet {
             .build()?;
         let (new_users, new_users_rx) = mpsc::unbounded_channel();
         Ok(Fleet {
+            stats: Arc::default(),
             new_users,
             new_users_rx: Some(new_users_rx),
             rt: Some(rt),
@@ -279,7 +285,10 @@ impl Fleet {
             let _ = tx.send(fut.await);
         });
         match rx.recv_timeout(TIMEOUT + Duration::from_millis(500)) {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok(v)) => {
+                self.stats.contact();
+                Ok(v)
+            }
             Ok(Err(e)) => {
                 if self.client.as_ref().is_some_and(|c| c.client.is_closed()) {
                     self.drop_connection();
@@ -333,7 +342,7 @@ impl Fleet {
 
     /// The changes after `mark`, oldest first.
     pub fn changes_after(&mut self, mark: i64) -> Result<Vec<Change>> {
-        self.run(move |c| async move {
+        let changes = self.run(move |c| async move {
             let rows = c
                 .query(
                     "SELECT id, router, rows FROM changes WHERE id > $1 ORDER BY id LIMIT 10000",
@@ -351,8 +360,10 @@ impl Fleet {
                             .with_context(|| format!("fleet change {id} is unreadable"))?,
                     })
                 })
-                .collect()
-        })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        self.stats.seen(changes.last().map_or(mark, |c| c.id));
+        Ok(changes)
     }
 
     /// Writes `rows` to the fleet's tables and the change log, notifies, and commits the
@@ -388,6 +399,15 @@ impl Fleet {
     /// Brings a replica up to the log's end (at start, before the maps are computed from
     /// it): each batch of changes in one local transaction.
     pub fn catch_up(&mut self, store: &mut dyn crate::registry::store::Store) -> Result<usize> {
+        // A replica that never followed the log starts from the fleet's tables.
+        if let Some(l) = self.bootstrap(store)? {
+            info!(
+                users = l.users,
+                mark = l.mark,
+                "fleet registry: replica loaded from a snapshot"
+            );
+        }
+        self.stats.applied(store.begin()?.replica_mark()?, false);
         let mut n = 0;
         loop {
             let mark = store.begin()?.replica_mark()?;
@@ -410,6 +430,9 @@ impl Fleet {
                 tx.set_replica_mark(c.id)?;
             }
             tx.commit()?;
+            for c in &changes {
+                self.stats.applied(c.id, true);
+            }
             n += changes.len();
         }
     }
@@ -424,7 +447,9 @@ impl Fleet {
         let router = self.router.clone();
         let users = self.new_users_rx.take().expect("one follower per Fleet");
         let tls = self.tls.clone();
-        self.rt().spawn(follower(cfg, tls, name, router, users, tx));
+        let stats = self.stats.clone();
+        self.rt()
+            .spawn(follower(cfg, tls, name, router, users, tx, stats));
         rx
     }
 
@@ -455,44 +480,11 @@ impl Fleet {
     pub fn user(&mut self, name: &str) -> Result<Option<User>> {
         let name = name.to_string();
         self.run(move |c| async move {
-            let Some(r) = c
-                .query_opt(
-                    "SELECT name, policy, until, reason, set_by, set_at, hold_reason, hold_by, \
-                     hold_at FROM users WHERE name = $1",
-                    &[&name],
-                )
-                .await?
-            else {
-                return Ok(None);
-            };
-            let t = |n: i64| jiff::Timestamp::from_nanosecond(n as i128);
-            let policy: String = r.get(1);
-            let hold = match (
-                r.get::<_, Option<String>>(6),
-                r.get::<_, Option<String>>(7),
-                r.get::<_, Option<i64>>(8),
-            ) {
-                (Some(reason), Some(by), Some(at)) => Some(crate::registry::store::Hold {
-                    reason,
-                    by,
-                    at: t(at)?,
-                }),
-                _ => None,
-            };
-            Ok(Some(User {
-                name: r.get(0),
-                // The schema allows only these two; anything else is a block.
-                policy: if policy == "unblocked" {
-                    crate::registry::store::Policy::Unblocked
-                } else {
-                    crate::registry::store::Policy::Blocked
-                },
-                until: r.get::<_, Option<i64>>(2).map(t).transpose()?,
-                reason: r.get(3),
-                set_by: r.get(4),
-                set_at: t(r.get(5))?,
-                hold,
-            }))
+            let sql = format!("SELECT {} FROM users WHERE name = $1", snapshot::USER_COLS);
+            match c.query_opt(&sql, &[&name]).await? {
+                Some(r) => Ok(Some(snapshot::user_from_row(&r)?)),
+                None => Ok(None),
+            }
         })
     }
 
@@ -646,12 +638,14 @@ async fn follower(
     router: String,
     mut new_users: mpsc::UnboundedReceiver<Publish>,
     wake: mpsc::Sender<()>,
+    stats: Arc<stats::FleetStats>,
 ) {
     use futures_util::StreamExt as _;
     // What is queued and not yet in the database; kept across reconnects.
     let mut pending = Pending::default();
     let mut backoff = Duration::from_millis(500);
     let mut down_logged = false;
+    let mut first = true;
     loop {
         match cfg.connect(tls.clone()).await {
             Ok((mut client, mut conn)) => {
@@ -670,21 +664,39 @@ async fn follower(
                         }
                         down_logged = false;
                         backoff = Duration::from_millis(500);
+                        stats.set_connected(true);
+                        stats.contact();
+                        if !std::mem::take(&mut first) {
+                            stats.reconnected();
+                        }
                         // Changes made while not listening: read the log now.
                         let _ = wake.try_send(());
                         let mut poll = tokio::time::interval(POLL);
+                        // This router's row in `routers`: stamped at connect and each poll.
+                        let mut stamp = true;
                         loop {
-                            if !pending.is_empty() {
+                            if stamp || !pending.is_empty() {
                                 // The connection is driven (and notifications heard) while
-                                // the users are written.
+                                // the router is stamped and the users are written.
                                 let r = {
-                                    let publish = pending.write(&mut client, &router);
+                                    let publish = async {
+                                        if std::mem::take(&mut stamp) {
+                                            if let Err(e) = routers::stamp(&client, &router).await {
+                                                warn!(registry = %name, "stamping this router in the fleet registry: {e:#}");
+                                            }
+                                        }
+                                        if pending.is_empty() {
+                                            return Ok(false);
+                                        }
+                                        pending.write(&mut client, &router).await.map(|()| true)
+                                    };
                                     tokio::pin!(publish);
                                     loop {
                                         tokio::select! {
                                             r = &mut publish => break r,
                                             m = messages.next() => match m {
-                                                Some(Ok(AsyncMessage::Notification(_))) => {
+                                                Some(Ok(AsyncMessage::Notification(n))) => {
+                                                    heard(&stats, &n);
                                                     let _ = wake.try_send(());
                                                 }
                                                 Some(Ok(_)) => {}
@@ -694,7 +706,11 @@ async fn follower(
                                     }
                                 };
                                 match r {
-                                    Ok(()) => pending.written(),
+                                    Ok(false) => {}
+                                    Ok(true) => {
+                                        pending.written();
+                                        pending.count(&stats);
+                                    }
                                     Err(e) => {
                                         warn!(registry = %name, "publishing session users and sessions to the fleet failed, retrying: {e:#}");
                                         break;
@@ -703,7 +719,8 @@ async fn follower(
                             }
                             tokio::select! {
                                 m = messages.next() => match m {
-                                    Some(Ok(AsyncMessage::Notification(_))) => {
+                                    Some(Ok(AsyncMessage::Notification(n))) => {
+                                        heard(&stats, &n);
                                         let _ = wake.try_send(());
                                     }
                                     Some(Ok(_)) => {}
@@ -715,8 +732,12 @@ async fn follower(
                                     while let Ok(p) = new_users.try_recv() {
                                         pending.add(p);
                                     }
+                                    pending.count(&stats);
                                 }
-                                _ = poll.tick() => { let _ = wake.try_send(()); }
+                                _ = poll.tick() => {
+                                    let _ = wake.try_send(());
+                                    stamp = true;
+                                }
                                 _ = wake.closed() => return,
                             }
                         }
@@ -731,6 +752,7 @@ async fn follower(
                 }
             }
         }
+        stats.set_connected(false);
         if wake.is_closed() {
             return;
         }
@@ -740,8 +762,17 @@ async fn follower(
         }
         // A new connection republishes every session (some writes may have been lost).
         pending.reconnected();
+        pending.count(&stats);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A notification's payload is the id of a change the database now holds.
+fn heard(stats: &stats::FleetStats, n: &tokio_postgres::Notification) {
+    stats.contact();
+    if let Ok(id) = n.payload().parse() {
+        stats.seen(id);
     }
 }
 
@@ -826,6 +857,15 @@ impl Pending {
                 self.dirty.insert(id);
             }
         }
+    }
+
+    /// What waits to be written, for `/metrics` and `status`.
+    fn count(&self, stats: &stats::FleetStats) {
+        let sessions = match (&self.sessions, self.all) {
+            (Some(live), true) => live.len(),
+            _ => self.dirty.len(),
+        };
+        stats.queue(self.users.len(), sessions);
     }
 
     fn is_empty(&self) -> bool {

@@ -89,6 +89,15 @@ CREATE TABLE changes_pruned (
 );
 CREATE INDEX changes_by_at ON changes(at);
 "#,
+    r#"
+-- Each router's last sign of life (its follower stamps it while it reaches the database):
+-- `user show` marks the sessions of a router silent for long, `registry forget-router`
+-- removes a decommissioned one's rows.
+CREATE TABLE routers (
+    name    TEXT PRIMARY KEY,
+    seen_at TIMESTAMPTZ NOT NULL
+);
+"#,
 ];
 
 /// The database holds a schema of a later port25-ctl: refused, never touched.

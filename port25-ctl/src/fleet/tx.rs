@@ -46,6 +46,12 @@ impl Tx for FleetTx<'_> {
     fn users(&self) -> Result<Vec<User>> {
         self.local.users()
     }
+    fn users_in_maps(&self) -> Result<Vec<User>> {
+        self.local.users_in_maps()
+    }
+    fn users_unblocked(&self) -> Result<Vec<User>> {
+        self.local.users_unblocked()
+    }
     fn put_user(&mut self, u: &User) -> Result<()> {
         self.local.put_user(u)?;
         self.rows.push(Row::PutUser { user: u.clone() });
@@ -150,6 +156,8 @@ impl Tx for FleetTx<'_> {
                 .unwrap_or_else(|| self.fleet.0.router.clone());
             let id = self.fleet.0.publish(actor, rows)?;
             self.local.set_replica_mark(id)?;
+            // Not committed here yet; should that fail, the follower applies it later.
+            self.fleet.0.stats.applied(id, false);
         }
         // The fleet's side is done: `Open`'s rollback finds no open transaction.
         let FleetTx { local, .. } = *self;

@@ -50,6 +50,8 @@ pub struct DaemonMetrics {
     pub likely_infected: Gauge<i64>,
     pub auto_holds: Counter,
     notify_runs: Family<ResultLabels, Counter>,
+    /// With a fleet registry: what its writer and follower count.
+    fleet: Option<Arc<crate::fleet::stats::FleetStats>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,6 +69,13 @@ struct RequestLabels {
 pub const UNKNOWN_VERB: &str = "unknown";
 
 impl DaemonMetrics {
+    pub fn with_fleet(fleet: Option<Arc<crate::fleet::stats::FleetStats>>) -> DaemonMetrics {
+        DaemonMetrics {
+            fleet,
+            ..Default::default()
+        }
+    }
+
     /// One answer on the control socket: `error` is None for a success.
     pub fn request(&self, verb: &'static str, error: Option<ErrorKind>) {
         let result = match error {
@@ -156,6 +165,9 @@ impl Sources {
         self.maps(&cfg, &mut reg);
         attachments(&cfg, &mut reg);
         self.registry(&cfg, &mut reg);
+        if let Some(f) = &self.daemon.fleet {
+            fleet(&f.info(), &mut reg);
+        }
         let d = &self.daemon;
         reg.register(
             "port25_requests",
@@ -329,6 +341,80 @@ impl Sources {
             reg.register(name, help, g);
         }
     }
+}
+
+/// The fleet replica's state, as `status` shows it (`status --json`: `daemon.fleet`).
+fn fleet(f: &crate::control::reply::FleetInfo, reg: &mut Registry) {
+    let gauge = |v: i64| {
+        let g = Gauge::<i64>::default();
+        g.set(v);
+        g
+    };
+    let counter = |v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        c
+    };
+    reg.register(
+        "port25_fleet_connected",
+        "1 when the follower's connection to the fleet registry is up",
+        gauge(f.connected as i64),
+    );
+    reg.register(
+        "port25_fleet_applied_change_id",
+        "The last change of the fleet's log the local replica holds",
+        gauge(f.applied_change_id),
+    );
+    if let Some(n) = f.newest_change_id {
+        reg.register(
+            "port25_fleet_newest_change_id",
+            "The newest change id the fleet registry was seen to hold",
+            gauge(n),
+        );
+    }
+    if let Some(n) = f.lag_changes {
+        reg.register(
+            "port25_fleet_lag_changes",
+            "Changes the fleet registry holds that the local replica does not (when known)",
+            gauge(n),
+        );
+    }
+    reg.register(
+        "port25_fleet_changes_applied",
+        "Changes of the fleet's log applied to the local replica (this router's own not counted)",
+        counter(f.changes_applied),
+    );
+    let queue = Family::<QueueLabels, Gauge<i64>>::default();
+    for (kind, n) in [
+        ("users", f.publish_queue_users),
+        ("sessions", f.publish_queue_sessions),
+    ] {
+        queue.get_or_create(&QueueLabels { kind }).set(n as i64);
+    }
+    reg.register(
+        "port25_fleet_publish_queue",
+        "Session users and sessions waiting to be published to the fleet registry",
+        queue,
+    );
+    reg.register(
+        "port25_fleet_reconnects",
+        "Times the fleet follower connected again after losing its connection",
+        counter(f.reconnects),
+    );
+    if let Some(ms) = f.last_contact_unix_ms {
+        let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        g.set(ms as f64 / 1e3);
+        reg.register(
+            "port25_fleet_last_contact_timestamp_seconds",
+            "When the fleet registry last answered (Unix time)",
+            g,
+        );
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    kind: &'static str,
 }
 
 /// Each configured attach point, 1 when it enforces, from the pins (as `status` reads them).

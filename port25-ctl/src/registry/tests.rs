@@ -521,3 +521,60 @@ fn a_hold_survives_reopen_and_a_half_cleared_row_stays_held() {
     assert!(!u.unblocked_at(now), "a held user is never unblocked");
     assert_eq!(s.counts(now).unwrap().held, 1);
 }
+
+/// The full rebuild and the expiry checks read only the users they need (a fleet replica
+/// holds a million): SQLite's queries return what filtering every user would.
+#[test]
+fn the_narrow_user_reads_equal_filtering_every_user() {
+    let mut db = db();
+    let user = |name: &str, policy| User {
+        name: name.into(),
+        policy,
+        until: None,
+        reason: None,
+        set_by: "t".into(),
+        set_at: t(NOW),
+        hold: None,
+    };
+    db.run(|tx| {
+        for (n, pol) in [
+            ("a-session", Policy::Blocked),
+            ("b-binding", Policy::Unblocked),
+            ("c-neither", Policy::Unblocked),
+            ("d-neither", Policy::Blocked),
+            ("e-both", Policy::Unblocked),
+        ] {
+            tx.put_user(&user(n, pol))?;
+        }
+        for (id, u, a) in [
+            ("s1", "a-session", "100.64.0.2/32"),
+            ("s2", "e-both", "100.64.0.3/32"),
+        ] {
+            tx.put_session(&Session {
+                id: id.into(),
+                user: u.into(),
+                addrs: vec![p(a)],
+                since: t(NOW),
+                source: "t".into(),
+            })?;
+        }
+        for (u, a) in [("b-binding", "100.64.9.0/24"), ("e-both", "100.64.8.0/24")] {
+            tx.put_binding(&Binding {
+                user: u.into(),
+                prefix: p(a),
+            })?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let tx = db.store.begin().unwrap();
+    let names = |v: Vec<User>| v.into_iter().map(|u| u.name).collect::<Vec<_>>();
+    assert_eq!(
+        names(tx.users_in_maps().unwrap()),
+        ["a-session", "b-binding", "e-both"]
+    );
+    assert_eq!(
+        names(tx.users_unblocked().unwrap()),
+        ["b-binding", "c-neither", "e-both"]
+    );
+}

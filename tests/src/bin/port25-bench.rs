@@ -9,6 +9,9 @@
 //! 4. Glob devices: device creation (RTM_NEWLINK) until the kernel reports port25's program
 //!    on that ifindex, p50/p99, with devices created and destroyed in a loop and with them
 //!    all alive at once. Goal: p99 under 20 ms.
+//! 5. Fleet registry (`PORT25_BENCH_ONLY=fleet` alone): 1M users in PostgreSQL, 10 daemons;
+//!    `unblock` on router A to the map entry on router B, p50/p99 (goal p99 <= 1 s), the
+//!    `unblock` call's p99 (goal <= 10 ms), a daemon's start and its replica's size.
 
 use std::{
     os::fd::{AsFd, AsRawFd},
@@ -459,24 +462,25 @@ fn main() -> ExitCode {
         eprintln!("port25-bench: needs root (BPF, network namespaces)");
         return ExitCode::FAILURE;
     }
-    // PORT25_BENCH_ONLY=globs: the glob-device figures alone; =flood: the live flood alone.
-    let only_globs = std::env::var("PORT25_BENCH_ONLY").is_ok_and(|v| v == "globs");
-    if std::env::var("PORT25_BENCH_ONLY").is_ok_and(|v| v == "flood") {
-        flood_bench();
-        print_goals();
-        return ExitCode::SUCCESS;
-    }
-    if !only_globs {
+    // PORT25_BENCH_ONLY=globs | flood | fleet: that arm's figures alone.
+    let only = std::env::var("PORT25_BENCH_ONLY").ok();
+    let arm = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if only.is_none() {
         datapath_bench();
     }
-    if !quick() && !only_globs {
+    if !quick() && only.is_none() {
         unblock_bench();
     }
-    if !only_globs {
+    if arm("flood") {
         flood_bench();
     }
-    glob_bench(false);
-    glob_bench(true);
+    if arm("globs") {
+        glob_bench(false);
+        glob_bench(true);
+    }
+    if arm("fleet") {
+        fleet_bench();
+    }
     print_goals();
     ExitCode::SUCCESS
 }
@@ -645,4 +649,166 @@ fn glob_bench(netlink: bool) {
         );
     }
     lab.kill9();
+}
+
+/// The fleet registry at fleet scale (issue 11): a private PostgreSQL with 1M users, 10
+/// daemons subscribed (each its own lab namespaces, pins, state dir and socket), then
+/// `unblock` calls through router A's socket (CLI process included) and the time until the
+/// session's address is in router B's pinned exempt map. Also: a daemon's start against the
+/// 1M-user fleet (a new replica loads it from a snapshot of the fleet's tables), and the
+/// replica's size. `PORT25_BENCH_QUICK`: 100k users, 3 daemons, 50 calls.
+fn fleet_bench() {
+    use port25_tests::pg::Postgres;
+    let (users, daemons, calls): (u32, usize, u32) = if quick() {
+        (100_000, 3, 50)
+    } else {
+        (1_000_000, 10, 200)
+    };
+    let Some(pg) = Postgres::start() else {
+        println!("fleet: skipped (no PostgreSQL; `cargo xtask bench` installs it)");
+        return;
+    };
+    println!("fleet registry ({users} users in PostgreSQL, {daemons} daemons subscribed):");
+    // The schema as a daemon's first connection creates it, then the users in one statement
+    // and one change (a bulk import's), so replicas have a mark to follow from.
+    let schema: String = port25_ctl::fleet::schema::MIGRATIONS.concat();
+    pg.psql(&format!(
+        "{schema}\nCREATE TABLE schema_version (version INTEGER NOT NULL);\n\
+         INSERT INTO schema_version VALUES ({});",
+        port25_ctl::fleet::schema::MIGRATIONS.len()
+    ));
+    let t = Instant::now();
+    pg.psql(&format!(
+        "INSERT INTO users (name, policy, set_by, set_at) \
+         SELECT 'u' || i, 'blocked', 'bench', 0 FROM generate_series(1, {users}) i; \
+         INSERT INTO changes (router, actor, rows) VALUES ('bench', 'bench', '[]'); \
+         ANALYZE users"
+    ));
+    println!("  loaded {users} users in {:?}", t.elapsed());
+    let registry = |router: &str| {
+        format!(
+            "registry:\n  postgres: \"{}\"\n  router: {router}\n",
+            pg.conn_string()
+        )
+    };
+    let mut labs: Vec<Lab> = (0..daemons)
+        .map(|_| Lab::new("  - name: rs\n    hook: xdp"))
+        .collect();
+    for (i, lab) in labs.iter().enumerate() {
+        lab.write_config(&registry(&format!("bras-{i}")));
+    }
+    // A and B start with empty replicas: each loads the whole fleet (measured, twice).
+    let mut fresh = Vec::new();
+    for lab in labs.iter_mut().take(2) {
+        let t = Instant::now();
+        lab.start_daemon();
+        fresh.push(t.elapsed());
+    }
+    let db = labs[1]
+        .dir
+        .join(port25_ctl::registry::store::sqlite::DB_FILE);
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let wal = db.with_extension("db-wal");
+    let replica_mib = (size(&db) + size(&wal)) as f64 / (1 << 20) as f64;
+    println!(
+        "  start to answering, empty replica (loads {users} users): {:?}, {:?}; replica {replica_mib:.0} MiB",
+        fresh[0], fresh[1]
+    );
+    // The others start from a copy of B's replica (how a fleet would seed new routers
+    // cheaply): they catch up from its mark.
+    let mut seeded = Vec::new();
+    for lab in labs.iter_mut().skip(2) {
+        let to = lab.dir.join(port25_ctl::registry::store::sqlite::DB_FILE);
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute("VACUUM INTO ?1", [to.to_str().unwrap()]).unwrap();
+        let t = Instant::now();
+        lab.start_daemon();
+        seeded.push(t.elapsed());
+    }
+    if !seeded.is_empty() {
+        println!(
+            "  start to answering, replica copied from B (catch-up from its mark): max {:?} of {}",
+            seeded.iter().max().unwrap(),
+            seeded.len()
+        );
+    }
+    // A reload recomputes every map entry from the replica, as each periodic reconcile does.
+    let mut reload: Vec<Duration> = (0..3).map(|_| ctl(&labs[1], &["reload"])).collect();
+    let reload50 = pct(&mut reload, 50);
+    println!(
+        "  reload on B (a full rebuild from the replica, as a reconcile): p50 {reload50:?} of 3"
+    );
+    // B's subscribers: one session each for the users unblocked below.
+    let list: String = (1..=calls)
+        .map(|i| format!("u{i} u{i} 100.90.{}.{}\n", i / 250, i % 250 + 1))
+        .collect();
+    let f = labs[1].dir.join("sync.txt");
+    std::fs::write(&f, list).unwrap();
+    ctl(&labs[1], &["session", "sync", f.to_str().unwrap()]);
+    let cfg_b = Config::load(&labs[1].config).unwrap();
+    let live_b = LiveMaps::open(&Pins::new(&cfg_b.pin_dir)).unwrap();
+    let (mut unblock, mut prop, mut read) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 1..=calls {
+        let key: std::net::Ipv4Addr = format!("100.90.{}.{}", i / 250, i % 250 + 1)
+            .parse()
+            .unwrap();
+        // Baseline: a CLI round trip to A that reads its replica only.
+        read.push(ctl(&labs[0], &["audit", "--user", &format!("u{i}")]));
+        let t = Instant::now();
+        unblock.push(ctl(&labs[0], &["unblock", &format!("u{i}")]));
+        while !live_b
+            .exip4
+            .entries()
+            .is_ok_and(|e| e.contains_key(&key.octets()))
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "u{i}'s unblock never reached B: {}",
+                labs[1].daemon_log()
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        prop.push(t.elapsed());
+    }
+    let (u50, u99) = (pct(&mut unblock, 50), pct(&mut unblock, 99));
+    let (p50, p99) = (pct(&mut prop, 50), pct(&mut prop, 99));
+    let (r50, r99) = (pct(&mut read, 50), pct(&mut read, 99));
+    println!(
+        "  {calls} unblocks on A: CLI p50 {u50:?} p99 {u99:?}; to the map entry on B p50 {p50:?} p99 {p99:?}; \
+         baseline `audit --user` on A p50 {r50:?} p99 {r99:?}"
+    );
+    let label = format!("{users} users, {daemons} daemons");
+    goal(
+        format!("fleet unblock on A to map entry on B, p99 ({label})"),
+        format!("{:.1} ms", p99.as_secs_f64() * 1e3),
+        "<= 1 s",
+        p99 <= Duration::from_secs(1),
+    );
+    goal(
+        format!("fleet unblock CLI p99, PostgreSQL backend ({label})"),
+        format!("{:.1} ms", u99.as_secs_f64() * 1e3),
+        "<= 10 ms",
+        u99 <= Duration::from_millis(10),
+    );
+    goal(
+        format!("fleet daemon start, empty replica ({users} users)"),
+        format!("{:.1} s", fresh.iter().max().unwrap().as_secs_f64()),
+        "report",
+        true,
+    );
+    goal(
+        format!("fleet full rebuild (reload) on B ({users} users)"),
+        format!("{:.0} ms", reload50.as_secs_f64() * 1e3),
+        "report",
+        true,
+    );
+    goal(
+        format!("fleet replica size ({users} users)"),
+        format!("{replica_mib:.0} MiB"),
+        "report",
+        true,
+    );
+    for lab in &mut labs {
+        lab.kill9();
+    }
 }

@@ -282,7 +282,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     let read_gid = read_gid(cfg.read_group.as_deref())?;
     let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg.clone()));
     let reader = Reader::start(cfg.state_dir.clone(), cfg_rx.clone())?;
-    let metrics = DaemonMetrics::default();
+    let metrics = DaemonMetrics::with_fleet(fleet.as_ref().map(|f| f.stats.clone()));
     let metrics_server =
         MetricsServer::start(Sources::new(metrics.clone(), cfg_rx), cfg.metrics_listen)?;
     let mut d = Daemon {
@@ -389,6 +389,7 @@ impl Daemon {
             },
             reconciles: self.reconciles,
             drift_repaired: self.drift_repaired,
+            fleet: self.fleet.as_ref().map(|f| f.stats.info()),
         }
     }
 }

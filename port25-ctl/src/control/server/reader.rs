@@ -87,11 +87,15 @@ fn fleet_view(fleet: &mut crate::fleet::Fleet, v: &mut serde_json::Value) {
     let Some(user) = v["user"]["name"].as_str().map(str::to_string) else {
         return;
     };
-    let view = match fleet.sessions_of(&user) {
+    let view = match fleet.sessions_marked(&user) {
         Ok(s) => FleetSessions {
             sessions: s
                 .into_iter()
-                .map(|(router, session)| RouterSession { router, session })
+                .map(|p| RouterSession {
+                    router: p.router,
+                    router_silent_s: p.stale_for.map(|d| d.as_secs()),
+                    session: p.session,
+                })
                 .collect(),
             unavailable: None,
         },

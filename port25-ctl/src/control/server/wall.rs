@@ -51,9 +51,8 @@ impl Wall {
         let since = self.noted.unwrap_or(self.floor);
         let mut tx = store.begin()?;
         let ended: Vec<_> = tx
-            .users()?
+            .users_unblocked()?
             .into_iter()
-            .filter(|u| u.policy == crate::registry::store::Policy::Unblocked)
             .filter(|u| u.until.is_some_and(|t| t > since && t <= now))
             .collect();
         for u in &ended {
@@ -86,9 +85,8 @@ impl Wall {
         }
         let mut tx = store.begin()?;
         let uncertain: Vec<_> = tx
-            .users()?
+            .users_unblocked()?
             .into_iter()
-            .filter(|u| u.policy == crate::registry::store::Policy::Unblocked)
             .filter(|u| u.until.is_some_and(|t| t > self.floor))
             .collect();
         let actor = crate::registry::Actor {

@@ -259,14 +259,20 @@ impl Daemon {
     }
 
     fn apply_change(&mut self, c: &crate::fleet::Change) -> Result<()> {
-        self.change_local(|tx, _| {
-            if tx.replica_mark()? >= c.id {
-                return Ok(());
-            }
-            crate::fleet::apply_rows(tx, &c.rows)?;
-            tx.set_replica_mark(c.id)
-        })
-        .map_err(|e| e.context(format!("applying fleet change {} from {}", c.id, c.router)))
+        let applied = self
+            .change_local(|tx, _| {
+                if tx.replica_mark()? >= c.id {
+                    return Ok(false);
+                }
+                crate::fleet::apply_rows(tx, &c.rows)?;
+                tx.set_replica_mark(c.id)?;
+                Ok(true)
+            })
+            .map_err(|e| e.context(format!("applying fleet change {} from {}", c.id, c.router)))?;
+        if let (true, Some(fl)) = (applied, &self.fleet) {
+            fl.stats.applied(c.id, true);
+        }
+        Ok(())
     }
 
     /// Queues the sessions a committed change wrote or deleted for the fleet's view (never

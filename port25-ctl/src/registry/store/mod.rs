@@ -145,6 +145,27 @@ pub struct Snapshot {
 pub trait Tx {
     fn user(&self, name: &str) -> Result<Option<User>>;
     fn users(&self) -> Result<Vec<User>>;
+    /// The users whose policy can put entries in the maps: those with a session or a
+    /// binding. A fleet replica holds every user of the fleet, most of them on no router
+    /// here; a full rebuild reads only these.
+    fn users_in_maps(&self) -> Result<Vec<User>> {
+        let mut names: std::collections::BTreeSet<String> =
+            self.sessions()?.into_iter().map(|s| s.user).collect();
+        names.extend(self.bindings()?.into_iter().map(|b| b.user));
+        Ok(self
+            .users()?
+            .into_iter()
+            .filter(|u| names.contains(&u.name))
+            .collect())
+    }
+    /// The users unblocked (maybe until a time that has passed): what the expiry checks read.
+    fn users_unblocked(&self) -> Result<Vec<User>> {
+        Ok(self
+            .users()?
+            .into_iter()
+            .filter(|u| u.policy == Policy::Unblocked)
+            .collect())
+    }
     fn put_user(&mut self, u: &User) -> Result<()>;
     fn delete_user(&mut self, name: &str) -> Result<()>;
 
@@ -207,7 +228,7 @@ pub trait Store: Send {
 /// The snapshot as a transaction sees it (its own uncommitted writes included).
 pub fn snapshot_of(tx: &dyn Tx) -> Result<Snapshot> {
     Ok(Snapshot {
-        users: tx.users()?,
+        users: tx.users_in_maps()?,
         sessions: tx.sessions()?,
         bindings: tx.bindings()?,
         entries: tx.entries()?,
@@ -255,6 +276,12 @@ impl Tx for Recording<'_> {
     }
     fn users(&self) -> Result<Vec<User>> {
         self.inner.users()
+    }
+    fn users_in_maps(&self) -> Result<Vec<User>> {
+        self.inner.users_in_maps()
+    }
+    fn users_unblocked(&self) -> Result<Vec<User>> {
+        self.inner.users_unblocked()
     }
     fn put_user(&mut self, u: &User) -> Result<()> {
         if self.created.contains_key(&u.name) || self.inner.user(&u.name)?.is_none() {

@@ -308,12 +308,30 @@ impl Tx for SqliteTx<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    fn users_in_maps(&self) -> Result<Vec<User>> {
+        let mut st = self.tx.prepare_cached(&format!(
+            "SELECT {USER_COLS} FROM users WHERE name IN \
+             (SELECT user FROM sessions UNION SELECT user FROM bindings) ORDER BY name"
+        ))?;
+        let rows = st.query_map([], user_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn users_unblocked(&self) -> Result<Vec<User>> {
+        let mut st = self.tx.prepare_cached(&format!(
+            "SELECT {USER_COLS} FROM users WHERE policy = 'unblocked' ORDER BY name"
+        ))?;
+        let rows = st.query_map([], user_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn put_user(&mut self, u: &User) -> Result<()> {
-        self.tx.execute(
-            &format!(
+        // Cached: a fleet replica's first start writes every user of the fleet.
+        self.tx
+            .prepare_cached(&format!(
                 "INSERT OR REPLACE INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-            ),
-            params![
+            ))?
+            .execute(params![
                 u.name,
                 u.policy.as_str(),
                 u.until.map(ts),
@@ -323,8 +341,7 @@ impl Tx for SqliteTx<'_> {
                 u.hold.as_ref().map(|h| &h.reason),
                 u.hold.as_ref().map(|h| &h.by),
                 u.hold.as_ref().map(|h| ts(h.at)),
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 

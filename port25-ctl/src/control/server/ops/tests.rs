@@ -238,6 +238,7 @@ fn replies() -> serde_json::Map<String, Value> {
             registry: "/var/lib/port25/registry.sqlite".into(),
             reconciles: 3,
             drift_repaired: 1,
+            fleet: None,
         }),
     );
     put("top", value(&top_reply()));

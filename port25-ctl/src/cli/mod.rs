@@ -161,6 +161,9 @@ enum UserVerb {
         /// Only users on an abuse hold.
         #[arg(long)]
         held: bool,
+        /// At most N users (the first by name).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
     },
     /// Register a user (blocked).
     Add {
@@ -626,11 +629,13 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
                 unblocked,
                 expiring,
                 held,
+                limit,
             } => {
                 let r = client.call(proto::UserList {
                     unblocked: *unblocked,
                     expiring: *expiring,
                     held: *held,
+                    limit: *limit,
                 })?;
                 show(cli, &r, render::user_list)
             }

@@ -308,6 +308,14 @@ impl Tx for SqliteTx<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    fn users_after(&self, after: Option<&str>, n: usize) -> Result<Vec<User>> {
+        let mut st = self.tx.prepare_cached(&format!(
+            "SELECT {USER_COLS} FROM users WHERE ?1 IS NULL OR name > ?1 ORDER BY name LIMIT ?2"
+        ))?;
+        let rows = st.query_map(params![after, n.min(i64::MAX as usize) as i64], user_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn put_user(&mut self, u: &User) -> Result<()> {
         self.tx.execute(
             &format!(

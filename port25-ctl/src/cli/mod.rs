@@ -422,7 +422,10 @@ fn show<R: serde::Serialize>(
 
 /// Verbs that read the pins and the registry themselves: they need the whole config.
 fn local(cli: &Cli) -> Result<ExitCode> {
-    let mut cfg = Config::load(&cli.config)?;
+    let mut cfg = match cli.verb {
+        Verb::Status | Verb::Check { .. } => Config::load_for_reading(&cli.config)?,
+        _ => Config::load(&cli.config)?,
+    };
     if let Some(s) = &cli.socket {
         cfg.socket = s.clone();
     }

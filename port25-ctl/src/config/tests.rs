@@ -728,3 +728,29 @@ fn socket_scan_agrees_with_yaml_or_defers() {
     }
     assert_eq!(scan_socket(&big), Scan::Found("/run/big.sock".into()));
 }
+
+/// `status` and `check` parse only the sections they read when the file's top level can be
+/// told apart by lines; what they get is what the whole parse gives for those keys.
+#[test]
+fn reading_verbs_parse_only_their_sections() {
+    let text = format!(
+        "{IFACE}subscriber_ranges: [100.64.0.0/10, \"2001:db8:100::/40\"]\nexempt:\n- {{prefix: 10.0.0.1/32, note: \"a: b\"}}\n- prefix: 10.0.0.2/32\npin_dir: /sys/fs/bpf/x\nstate_dir: \"/var/lib/x\"\nsocket: /run/x.sock # c\n"
+    );
+    let small = sections(&text, &["interfaces", "pin_dir", "state_dir", "socket"]).unwrap();
+    assert!(
+        !small.contains("exempt") && !small.contains("subscriber"),
+        "{small}"
+    );
+    let (full, part) = (parse(&text).unwrap(), parse(&small).unwrap());
+    assert_eq!(full.interfaces, part.interfaces);
+    assert_eq!(
+        (full.pin_dir, full.state_dir, full.socket),
+        (part.pin_dir, part.state_dir, part.socket)
+    );
+    // A flow collection over lines, a quoted key: the whole file is parsed.
+    assert_eq!(
+        sections("exempt: [10.0.0.1/32,\n  10.0.0.2/32]\n", &["x"]),
+        None
+    );
+    assert_eq!(sections("\"pin_dir\": /x\n", &["x"]), None);
+}

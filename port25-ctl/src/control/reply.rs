@@ -424,6 +424,10 @@ pub struct Info {
     /// The config file the daemon reads (absolute).
     pub config: String,
     pub drift_repaired: u64,
+    /// Entries per policy map as the daemon last applied them (what `status` shows while the
+    /// daemon runs: counting a million-entry hash map means reading all of it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub map_fill: Vec<(String, usize)>,
     pub pid: u32,
     pub reconciles: u64,
     pub registry: String,

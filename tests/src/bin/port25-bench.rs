@@ -366,7 +366,8 @@ fn ctl_at(lab: &Lab, ns: Option<&str>, args: &[&str]) -> Duration {
     let mut cmd = match ns {
         Some(ns) => {
             let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{ns}")).arg(lab::ctl_binary());
+            c.arg(format!("--net=/run/netns/{ns}"))
+                .arg(lab::ctl_binary());
             c
         }
         None => Command::new(lab::ctl_binary()),
@@ -474,7 +475,9 @@ fn fill_registry(db: &Path) {
     let mut conn = rusqlite::Connection::open(db).unwrap();
     conn.pragma_update(None, "synchronous", "OFF").unwrap();
     let tx = conn.transaction().unwrap();
-    let gen = format!("WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c WHERE i + 1 < {MILLION})");
+    let gen = format!(
+        "WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c WHERE i + 1 < {MILLION})"
+    );
     tx.execute_batch(&format!(
         "{gen} INSERT INTO users (name, policy, until, reason, set_by, set_at) \
            SELECT 'm' || i, 'unblocked', NULL, 'bench', 'bench', {now} FROM c;
@@ -535,13 +538,18 @@ fn ctl_bench() {
     lab.kill9();
     let t = Instant::now();
     fill_registry(&lab.dir.join("port25.db"));
-    println!("  registry filled with 1M unblocked users and sessions in {}", ms(t.elapsed()));
+    println!(
+        "  registry filled with 1M unblocked users and sessions in {}",
+        ms(t.elapsed())
+    );
     let warm_new = timed_start(&mut lab);
     lab.kill9();
     let warm = timed_start(&mut lab);
     lab.kill9();
     let pins = Pins::new(&lab.pin_dir);
-    lab::in_ns(&lab.rtr.clone(), move || datapath::detach_all(&pins).unwrap());
+    lab::in_ns(&lab.rtr.clone(), move || {
+        datapath::detach_all(&pins).unwrap()
+    });
     let cold = timed_start(&mut lab);
     println!(
         "  daemon start with 1M sessions: restart adding them {}, restart {}, cold {}",
@@ -558,6 +566,17 @@ fn ctl_bench() {
         );
     }
 
+    // For profiling by hand: the lab stays up until the file named here exists.
+    if let Ok(f) = std::env::var("PORT25_BENCH_HOLD") {
+        println!(
+            "  holding: config {}, router namespace {}; touch {f} to go on",
+            lab.config.display(),
+            lab.rtr
+        );
+        while !Path::new(&f).exists() {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
     for args in [
         &["status"][..],
         &["check", "100.64.0.5", "203.0.113.80"],
@@ -579,8 +598,13 @@ fn ctl_bench() {
     let mut unblock = Vec::new();
     for i in 0..100u32 {
         let user = format!("ub{i}");
-        let addr: std::net::Ipv4Addr = format!("100.121.{}.{}", i / 250, i % 250 + 1).parse().unwrap();
-        ctl(&lab, &["session", "up", &user, &addr.to_string(), "--id", &user]);
+        let addr: std::net::Ipv4Addr = format!("100.121.{}.{}", i / 250, i % 250 + 1)
+            .parse()
+            .unwrap();
+        ctl(
+            &lab,
+            &["session", "up", &user, &addr.to_string(), "--id", &user],
+        );
         unblock.push(ctl(&lab, &["unblock", &user]));
         assert!(
             live.exip4.get(&addr.octets(), 0).is_ok(),

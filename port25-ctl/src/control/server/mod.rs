@@ -389,6 +389,12 @@ impl Daemon {
             },
             reconciles: self.reconciles,
             drift_repaired: self.drift_repaired,
+            map_fill: self
+                .applied
+                .fill()
+                .into_iter()
+                .map(|(m, n)| (m.to_string(), n))
+                .collect(),
         }
     }
 }

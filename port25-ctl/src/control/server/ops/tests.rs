@@ -239,6 +239,7 @@ fn replies() -> serde_json::Map<String, Value> {
             registry: "/var/lib/port25/registry.sqlite".into(),
             reconciles: 3,
             drift_repaired: 1,
+            map_fill: vec![],
         }),
     );
     put("top", value(&top_reply()));

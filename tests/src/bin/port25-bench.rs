@@ -619,7 +619,7 @@ fn ctl_bench() {
         "<= 5 ms",
         u99 <= Duration::from_millis(5),
     );
-    // With RUST_LOG=port25_ctl::control::server=debug: where each start's time went.
+    // With PORT25_LOG=port25_ctl::control::server=debug: where each start's time went.
     for l in lab.daemon_log().lines().filter(|l| l.contains("start: ")) {
         println!("  daemon: {}", l.split_once(" DEBUG ").map_or(l, |x| x.1));
     }

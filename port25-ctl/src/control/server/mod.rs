@@ -167,7 +167,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     if attach && detached::clear(&cfg.state_dir)? {
         info!("the detach marker is lifted (--attach)");
     }
-    // Where a start's time goes (RUST_LOG=port25_ctl::control::server=debug).
+    // Where a start's time goes (PORT25_LOG=port25_ctl::control::server=debug).
     let t = Instant::now();
     let phase = |what: &str| debug!(ms = t.elapsed().as_millis() as u64, "start: {what}");
     let mut store = SqliteStore::open(&cfg.state_dir)?;

@@ -44,6 +44,11 @@ macro_rules! live_maps {
                 })
             }
 
+            /// (map name, capacity) for every policy map.
+            pub fn capacities(&self) -> Vec<(&'static str, u32)> {
+                vec![ $( $( (m::$n, self.$f.capacity()), )* )* ]
+            }
+
             /// (map name, entries, capacity) for every policy map.
             pub fn fill(&self) -> Result<Vec<(&'static str, usize, u32)>> {
                 Ok(vec![

@@ -167,6 +167,9 @@ enum UserVerb {
         /// Only users on an abuse hold.
         #[arg(long)]
         held: bool,
+        /// At most N users (the first by name).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
     },
     /// Register a user (blocked).
     Add {
@@ -428,7 +431,10 @@ fn show<R: serde::Serialize>(
 
 /// Verbs that read the pins and the registry themselves: they need the whole config.
 fn local(cli: &Cli) -> Result<ExitCode> {
-    let mut cfg = Config::load(&cli.config)?;
+    let mut cfg = match cli.verb {
+        Verb::Status | Verb::Check { .. } => Config::load_for_reading(&cli.config)?,
+        _ => Config::load(&cli.config)?,
+    };
     if let Some(s) = &cli.socket {
         cfg.socket = s.clone();
     }
@@ -650,11 +656,13 @@ fn client_verb(cli: &Cli, client: &Client, verb: &Verb) -> Result<ExitCode> {
                 unblocked,
                 expiring,
                 held,
+                limit,
             } => {
                 let r = client.call(proto::UserList {
                     unblocked: *unblocked,
                     expiring: *expiring,
                     held: *held,
+                    limit: *limit,
                 })?;
                 show(cli, &r, render::user_list)
             }

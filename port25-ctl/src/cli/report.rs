@@ -139,6 +139,25 @@ fn iface_status(pins: &Pins, i: &crate::config::Interface) -> IfaceStatus {
     }
 }
 
+/// Map fill: as the running daemon last applied it (it repairs drift at each reconcile), or
+/// counted in the maps when no daemon answers.
+fn fill(
+    live: &LiveMaps,
+    daemon: Option<&crate::control::reply::Info>,
+) -> Result<Vec<(&'static str, usize, u32)>> {
+    let known = daemon.map(|d| d.map_fill.as_slice()).unwrap_or_default();
+    let of = |map: &str| known.iter().find(|(m, _)| m == map).map(|(_, n)| *n);
+    let caps = live.capacities();
+    // A daemon of an older version sends no fill (or not for every map): count.
+    if caps.iter().any(|(map, _)| of(map).is_none()) {
+        return live.fill();
+    }
+    Ok(caps
+        .into_iter()
+        .map(|(map, cap)| (map, of(map).unwrap_or_default(), cap))
+        .collect())
+}
+
 pub fn status(cfg: &Config, daemon: Option<crate::control::reply::Info>) -> Result<Status> {
     let pins = Pins::new(&cfg.pin_dir);
     let interfaces: Vec<IfaceStatus> = cfg
@@ -184,7 +203,7 @@ pub fn status(cfg: &Config, daemon: Option<crate::control::reply::Info>) -> Resu
     let (loaded, maps, counters, enforced) = match LiveMaps::open(&pins) {
         Ok(live) => (
             true,
-            live.fill()?
+            fill(&live, daemon.as_ref())?
                 .into_iter()
                 .map(|(map, entries, capacity)| MapFill {
                     map: map.into(),

@@ -499,6 +499,14 @@ pub fn registry_of(path: &Path) -> anyhow::Result<Registry> {
 /// The `socket:` the config file at `path` names, if it names one (see [`socket_of`]).
 pub fn socket_named(path: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(path).ok()?;
+    // Every client verb (a hook per session event) asks this, and YAML takes seconds over a
+    // config with a million exempt entries: a line scan answers when it can tell the answer
+    // is YAML's, and YAML decides the rest.
+    match scan_socket(&text) {
+        Scan::Found(p) => return Some(p),
+        Scan::Absent => return None,
+        Scan::Unsure => {}
+    }
     if let Ok(serde_yaml::Value::Mapping(m)) = serde_yaml::from_str::<serde_yaml::Value>(&text) {
         return match m.get("socket") {
             Some(serde_yaml::Value::String(s)) if !s.is_empty() => Some(PathBuf::from(s)),
@@ -519,6 +527,152 @@ pub fn socket_named(path: &Path) -> Option<PathBuf> {
             (!v.is_empty()).then(|| PathBuf::from(v))
         })
         .next()
+}
+
+/// The top-level sections named `keep`, as YAML text, when a line scan can tell every
+/// top-level key apart (the conditions of [`scan_socket`]); None when it cannot.
+fn sections(text: &str, keep: &[&str]) -> Option<String> {
+    let mut out = String::new();
+    let mut keeping = false;
+    for line in text.lines() {
+        if !closes_what_it_opens(line) {
+            return None;
+        }
+        match line.bytes().next() {
+            None | Some(b' ' | b'\t' | b'#' | b'-') => {}
+            Some(b'a'..=b'z' | b'A'..=b'Z' | b'_') => {
+                let (key, value) = line.split_once(':')?;
+                if !value.is_empty() && !value.starts_with([' ', '\t']) {
+                    return None;
+                }
+                keeping = keep.contains(&key);
+            }
+            Some(_) => return None,
+        }
+        if keeping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    Some(out)
+}
+
+/// What a line scan can tell of the top-level `socket:`.
+#[derive(Debug, PartialEq)]
+enum Scan {
+    Found(PathBuf),
+    Absent,
+    /// Something YAML would read otherwise than lines do: a flow collection or quoted
+    /// scalar that may span lines, an unusual key or value.
+    Unsure,
+}
+
+/// The top-level `socket:` of a block-style config, line by line. Sure only when every line
+/// closes what it opens (so no later line can be inside a flow collection or a quoted
+/// scalar), every top-level line is a plain `key:` (or a sequence item, comment or document
+/// marker), and the value is a path on one line: YAML reads the same then.
+fn scan_socket(text: &str) -> Scan {
+    let mut found = None;
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        if !closes_what_it_opens(line) {
+            return Scan::Unsure;
+        }
+        let Some(first) = line.bytes().next() else {
+            continue;
+        };
+        match first {
+            b' ' | b'\t' | b'#' | b'-' | b'.' | b'%' => continue,
+            b'a'..=b'z' | b'A'..=b'Z' | b'_' => {}
+            _ => return Scan::Unsure,
+        }
+        let Some((key, value)) = line.split_once(':') else {
+            return Scan::Unsure;
+        };
+        if !value.is_empty() && !value.starts_with([' ', '\t']) {
+            return Scan::Unsure;
+        }
+        if key != "socket" {
+            continue;
+        }
+        // A plain scalar continued on the next, indented line.
+        if lines.peek().is_some_and(|next| {
+            next.starts_with([' ', '\t'])
+                && !next.trim().is_empty()
+                && !next.trim().starts_with('#')
+        }) {
+            return Scan::Unsure;
+        }
+        let v = value.trim();
+        let v = match v.find(" #").or_else(|| v.find("\t#")) {
+            Some(i) => v[..i].trim(),
+            None => v,
+        };
+        let path = if let Some(q) = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+            (!q.contains(['"', '\\'])).then_some(q)
+        } else if let Some(q) = v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+            (!q.contains('\'')).then_some(q)
+        } else {
+            // Null, numbers and YAML's other plain scalars are not paths: YAML decides.
+            (v.starts_with('/') && !v.contains(['#', '\'', '"']) && !v.contains(": ")).then_some(v)
+        };
+        match path {
+            Some(p) if !p.is_empty() => found = Some(PathBuf::from(p)),
+            _ => return Scan::Unsure,
+        }
+    }
+    match found {
+        Some(p) => Scan::Found(p),
+        None => Scan::Absent,
+    }
+}
+
+/// Whether `line` closes every flow bracket and quoted scalar it opens (a comment ends it).
+fn closes_what_it_opens(line: &str) -> bool {
+    let b = line.as_bytes();
+    if !b
+        .iter()
+        .any(|c| matches!(c, b'[' | b']' | b'{' | b'}' | b'"' | b'\''))
+    {
+        return true;
+    }
+    let (mut depth, mut i) = (0i32, 0);
+    while i < b.len() {
+        match b[i] {
+            b'"' => loop {
+                i += 1;
+                match b.get(i) {
+                    None => return false,
+                    Some(b'\\') => i += 1,
+                    Some(b'"') => break,
+                    _ => {}
+                }
+            },
+            // Only at the start of a scalar is `'` a quote (`it's` is plain text).
+            b'\'' if i == 0 || matches!(b[i - 1], b' ' | b'\t' | b'[' | b'{' | b',' | b':') => {
+                loop {
+                    i += 1;
+                    match b.get(i) {
+                        None => return false,
+                        Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 1,
+                        Some(b'\'') => break,
+                        _ => {}
+                    }
+                }
+            }
+            b'#' if i == 0 || matches!(b[i - 1], b' ' | b'\t') => break,
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    depth == 0
 }
 
 fn default_socket() -> PathBuf {
@@ -693,6 +847,21 @@ impl Config {
 
     /// The policy in `text`. Interfaces may be absent here (kernel tests load the programs
     /// without attaching them); [`Config::load`] requires them.
+    /// The config as `status` and `check` need it: interfaces, pin_dir, state_dir, socket.
+    /// A million exempt entries take YAML seconds, and these verbs read them from the pins:
+    /// when the file's top-level sections can be told apart line by line, only those four
+    /// are parsed (errors elsewhere in the file are the daemon's and `reload`'s to report).
+    pub fn load_for_reading(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        match sections(&text, &["interfaces", "pin_dir", "state_dir", "socket"]) {
+            Some(small) if !small.trim().is_empty() => Config::parse(&small, path),
+            _ => Config::load(path),
+        }
+    }
+
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         // serde_yaml reads a document without content (blank, comments, `---`) as unit.
         let blank = text

@@ -665,3 +665,92 @@ fn notify_command_others_could_change_is_refused() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The line scan that spares client verbs a YAML parse of a big config answers only where
+/// YAML would answer the same; everything else goes to YAML.
+#[test]
+fn socket_scan_agrees_with_yaml_or_defers() {
+    let yaml = |text: &str| match serde_yaml::from_str::<serde_yaml::Value>(text) {
+        Ok(serde_yaml::Value::Mapping(m)) => Some(match m.get("socket") {
+            Some(serde_yaml::Value::String(s)) if !s.is_empty() => Some(PathBuf::from(s)),
+            _ => None,
+        }),
+        _ => None,
+    };
+    let sure = [
+        "socket: /run/a.sock\n",
+        "socket: \"/run/a b.sock\" # quoted\n",
+        "socket: '/run/s.sock'\n",
+        "interfaces:\n  - name: rs\n    hook: xdp\nsocket: /run/a.sock\npin_dir: /sys/fs/bpf/x\n",
+        "exempt:\n- {prefix: 10.0.0.1/32}\n- {prefix: \"2001:db8::1/128\", note: \"it's [x\"}\nsocket: /run/c.sock\n",
+        "subscriber_ranges: [100.64.0.0/10, \"2001:db8:100::/40\"]\nsocket:   /run/d.sock   # x\n",
+        "mail_servers: [198.51.100.25/32]\n",
+        "---\n# comment [\nsocket: /run/e.sock\n",
+    ];
+    for t in sure {
+        let scan = scan_socket(t);
+        assert_ne!(scan, Scan::Unsure, "{t:?}");
+        let want = match yaml(t).expect("valid YAML") {
+            Some(p) => Scan::Found(p),
+            None => Scan::Absent,
+        };
+        assert_eq!(scan, want, "{t:?}");
+    }
+    // Where lines and YAML part: inside a flow collection or quoted scalar spanning lines,
+    // a continued plain scalar, another kind of value, an unusual key.
+    let unsure = [
+        "a: [1,\nsocket: /run/x]\n",
+        "a: {b: 1,\nsocket: /run/x}\n",
+        "a: \"abc\nsocket: /run/x\"\n",
+        "a: 'q\nsocket: /run/x'\n",
+        "a: \"q\\\" [\nsocket: /run/x\"\n",
+        "socket: /run/a\n  b\n",
+        "socket: ~\n",
+        "socket: 12\n",
+        "socket: *anchor\n",
+        "\"socket\": /run/x\n",
+        "{socket: /run/x}\n",
+        "<<: *base\n",
+        "socket: \"/run/\\x41\"\n",
+        // Conservative: a block scalar's text is judged as if it were flow.
+        "a: |\n  x [\nsocket: /run/f.sock\n",
+    ];
+    for t in unsure {
+        assert_eq!(scan_socket(t), Scan::Unsure, "{t:?}");
+    }
+    // And a sure answer for the big config the scan is for, where YAML takes seconds.
+    let mut big = String::from("socket: /run/big.sock\nexempt:\n");
+    for i in 0..100_000u32 {
+        let [a, b, c, d] = (0x0a00_0000 + i).to_be_bytes();
+        big.push_str(&format!(
+            "  - {{prefix: {a}.{b}.{c}.{d}/32, note: \"n{i}\"}}\n"
+        ));
+    }
+    assert_eq!(scan_socket(&big), Scan::Found("/run/big.sock".into()));
+}
+
+/// `status` and `check` parse only the sections they read when the file's top level can be
+/// told apart by lines; what they get is what the whole parse gives for those keys.
+#[test]
+fn reading_verbs_parse_only_their_sections() {
+    let text = format!(
+        "{IFACE}subscriber_ranges: [100.64.0.0/10, \"2001:db8:100::/40\"]\nexempt:\n- {{prefix: 10.0.0.1/32, note: \"a: b\"}}\n- prefix: 10.0.0.2/32\npin_dir: /sys/fs/bpf/x\nstate_dir: \"/var/lib/x\"\nsocket: /run/x.sock # c\n"
+    );
+    let small = sections(&text, &["interfaces", "pin_dir", "state_dir", "socket"]).unwrap();
+    assert!(
+        !small.contains("exempt") && !small.contains("subscriber"),
+        "{small}"
+    );
+    let (full, part) = (parse(&text).unwrap(), parse(&small).unwrap());
+    assert_eq!(full.interfaces, part.interfaces);
+    assert_eq!(
+        (full.pin_dir, full.state_dir, full.socket),
+        (part.pin_dir, part.state_dir, part.socket)
+    );
+    // A flow collection over lines, a quoted key: the whole file is parsed.
+    assert_eq!(
+        sections("exempt: [10.0.0.1/32,\n  10.0.0.2/32]\n", &["x"]),
+        None
+    );
+    assert_eq!(sections("\"pin_dir\": /x\n", &["x"]), None);
+}

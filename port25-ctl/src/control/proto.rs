@@ -188,6 +188,9 @@ pub struct UserList {
     /// Only users on an abuse hold.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub held: bool,
+    /// At most this many users (the first by name): reads no more of the registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

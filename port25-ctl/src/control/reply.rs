@@ -431,6 +431,10 @@ pub struct Info {
     /// With a fleet registry: the replica's and the follower's state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetInfo>,
+    /// Entries per policy map as the daemon last applied them (what `status` shows while the
+    /// daemon runs: counting a million-entry hash map means reading all of it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub map_fill: Vec<(String, usize)>,
     pub pid: u32,
     pub reconciles: u64,
     pub registry: String,

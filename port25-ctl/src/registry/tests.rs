@@ -507,7 +507,7 @@ fn a_hold_survives_reopen_and_a_half_cleared_row_stays_held() {
     let v: i64 = c
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 4);
+    assert_eq!(v, 5);
     // A hand edit that clears part of the hold and sets the policy to unblocked.
     c.execute(
         "UPDATE users SET hold_reason = NULL, hold_by = NULL, policy = 'unblocked'",
@@ -577,4 +577,91 @@ fn the_narrow_user_reads_equal_filtering_every_user() {
         names(tx.users_unblocked().unwrap()),
         ["b-binding", "c-neither", "e-both"]
     );
+}
+
+/// `status` reads counts kept by triggers instead of a pass over every user: they equal a
+/// count of the rows after every kind of change (REPLACE included, and an address taken
+/// over, a user removed with their sessions, a timed unblock that ends by the clock).
+#[test]
+fn kept_counts_equal_a_count_of_the_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteStore::open(dir.path()).unwrap();
+    let now = t("2026-03-01T00:00:00Z");
+    let counted = |s: &mut SqliteStore, at: Timestamp| {
+        let tx = s.read().unwrap();
+        let users = tx.users().unwrap();
+        let unblocked = users.iter().filter(|u| u.unblocked_at(at)).count() as u64;
+        // A held user's row may say unblocked (a hand edit): counted as the row says.
+        let row_unblocked = users
+            .iter()
+            .filter(|u| u.policy == store::Policy::Unblocked && u.until.is_none_or(|x| x > at))
+            .count() as u64;
+        let timed = users
+            .iter()
+            .filter(|u| u.policy == store::Policy::Unblocked && u.until.is_some_and(|x| x > at))
+            .count() as u64;
+        let held = users.iter().filter(|u| u.hold.is_some()).count() as u64;
+        let sessions = tx.sessions().unwrap().len() as u64;
+        assert_eq!(unblocked, row_unblocked);
+        (users.len() as u64, unblocked, timed, sessions, held)
+    };
+    let kept = |s: &mut SqliteStore, at: Timestamp| {
+        let c = s.counts(at).unwrap();
+        (c.users, c.unblocked, c.timed, c.sessions, c.held)
+    };
+    let check = |s: &mut SqliteStore, at: Timestamp| {
+        assert_eq!(kept(s, at), counted(s, at));
+    };
+    check(&mut s, now);
+    let a = actor();
+    let mut tx = s.begin().unwrap();
+    session_up(&mut *tx, &a, "u1", None, vec![p("100.64.0.1/32")], "t", now).unwrap();
+    session_up(&mut *tx, &a, "u2", None, vec![p("100.64.0.2/32")], "t", now).unwrap();
+    session_up(
+        &mut *tx,
+        &a,
+        "u3",
+        Some("x"),
+        vec![p("100.64.0.3/32")],
+        "t",
+        now,
+    )
+    .unwrap();
+    unblock(&mut *tx, &a, "u1", None, None, false, now)
+        .unwrap()
+        .unwrap();
+    unblock(&mut *tx, &a, "u2", Some(now + mins(10)), None, false, now)
+        .unwrap()
+        .unwrap();
+    user_add(&mut *tx, &a, "u4", now).unwrap();
+    tx.commit().unwrap();
+    check(&mut s, now);
+    // The timed unblock ends by the clock alone.
+    check(&mut s, now + mins(11));
+    let mut tx = s.begin().unwrap();
+    // Unblocked again (a REPLACE of the row), held, an address taken over, a removal.
+    unblock(&mut *tx, &a, "u2", None, None, false, now)
+        .unwrap()
+        .unwrap();
+    block(&mut *tx, &a, "u3", Some("spam".into()), false, true, now).unwrap();
+    session_up(&mut *tx, &a, "u4", None, vec![p("100.64.0.3/32")], "t", now).unwrap();
+    user_remove(&mut *tx, &a, "u1", now).unwrap();
+    tx.commit().unwrap();
+    check(&mut s, now);
+    let mut tx = s.begin().unwrap();
+    unhold(&mut *tx, &a, "u3", Some("cleaned".into()), now).unwrap();
+    session_sync(
+        &mut *tx,
+        &a,
+        vec![SyncSession {
+            id: "y".into(),
+            user: "u5".into(),
+            addrs: vec![p("100.64.0.9/32")],
+        }],
+        None,
+        now,
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    check(&mut s, now);
 }

@@ -65,6 +65,7 @@ fn cases() -> Vec<(&'static str, Verb, &'static str, String)> {
             unblocked: false,
             expiring: false,
             held: false,
+            limit: None,
         }),
         "user_list",
         user_list(&typed(&g["user_list"])),

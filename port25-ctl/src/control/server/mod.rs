@@ -26,7 +26,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot, watch},
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     bpf::datapath,
@@ -121,7 +121,9 @@ struct Daemon {
 /// `kernel_log`: load the programs with their debug messages on and forward them
 /// (`daemon --kernel-log`, see [`crate::bpf::klog`]).
 pub fn run(config_path: &Path, attach: bool, kernel_log: bool) -> Result<()> {
+    let t = Instant::now();
     let cfg = Config::load(config_path)?;
+    debug!(ms = t.elapsed().as_millis() as u64, "start: config parsed");
     raise_nofile();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -165,6 +167,9 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     if attach && detached::clear(&cfg.state_dir)? {
         info!("the detach marker is lifted (--attach)");
     }
+    // Where a start's time goes (PORT25_LOG=port25_ctl::control::server=debug).
+    let t = Instant::now();
+    let phase = |what: &str| debug!(ms = t.elapsed().as_millis() as u64, "start: {what}");
     let mut store = SqliteStore::open(&cfg.state_dir)?;
     let mut fleet = match &cfg.registry {
         Some(r) => Some(Fleet::new(r)?),
@@ -204,6 +209,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     } else {
         None
     };
+    phase("programs loaded");
     let mut live = LiveMaps::open(&map_pins)?;
     let mut wall = Wall::new(&mut store)?;
     wall.close_uncertain_unblocks(&mut store)?;
@@ -211,8 +217,10 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     // Policy before programs: a fresh attach never runs on empty maps. A change committed
     // by an earlier daemon that died before applying it is applied here.
     let (index, want) = desired(&cfg, &mut store, &clock, wall.now())?;
+    phase("desired state built");
     policy::check_fits(&live, &want)?;
     let applied = policy::apply(&mut live, &want)?;
+    phase("maps applied");
     info!(writes = applied.writes, "policy applied");
     crate::bpf::offenders::write_settings(&mut live, &cfg.abuse)?;
     let events = match live.events.take() {
@@ -276,6 +284,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
         datapath::commit_staged_maps(&pins)?;
         info!("maps migrated; the old maps are released (packet counters start from zero)");
     }
+    phase("attached");
     // The socket is bound only now: a client (or systemd, or a lab) that gets an answer knows
     // the programs are attached and enforcing, not merely that a process has started.
     let listener = bind_socket(&cfg.socket, cfg.read_group.as_deref())?;
@@ -390,6 +399,12 @@ impl Daemon {
             reconciles: self.reconciles,
             drift_repaired: self.drift_repaired,
             fleet: self.fleet.as_ref().map(|f| f.stats.info()),
+            map_fill: self
+                .applied
+                .fill()
+                .into_iter()
+                .map(|(m, n)| (m.to_string(), n))
+                .collect(),
         }
     }
 }

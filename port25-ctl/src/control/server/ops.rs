@@ -11,7 +11,7 @@ use crate::{
     control::proto::{self, Op, ReplyOf},
     control::reply::{self, EntryDetail, EntryRow, EntrySource, HoldGap, UserRow, UserView},
     net::Prefix,
-    registry::store::{AuditQuery, AuditRecord, EntryKind, Tx},
+    registry::store::{AuditQuery, AuditRecord, EntryKind, Tx, User},
     registry::{self, refuse, Actor, Audited, Refused},
 };
 
@@ -407,6 +407,33 @@ fn user_show(
 }
 
 fn user_list(tx: &dyn Tx, r: proto::UserList, now: Timestamp) -> Result<ReplyOf<proto::UserList>> {
+    let wanted = |u: &User| {
+        (!r.unblocked || u.unblocked_at(now))
+            && (!r.expiring || (u.unblocked_at(now) && u.until.is_some()))
+            && (!r.held || u.hold.is_some())
+    };
+    if let Some(limit) = r.limit {
+        // Page by page in name order until `limit` match: each listed user's sessions by
+        // the index, never the whole registry.
+        let mut users = Vec::new();
+        let mut after: Option<String> = None;
+        while users.len() < limit {
+            let page = tx.users_after(after.as_deref(), 1000)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.name.clone());
+            for u in page
+                .into_iter()
+                .filter(|u| wanted(u))
+                .take(limit - users.len())
+            {
+                users.push(UserRow {
+                    sessions: tx.sessions_of(&u.name)?.len(),
+                    user: UserView::new(&u, now),
+                });
+            }
+        }
+        return Ok(reply::UserList { users });
+    }
     let mut per_user = std::collections::HashMap::<String, usize>::new();
     for s in tx.sessions()? {
         *per_user.entry(s.user).or_default() += 1;
@@ -414,9 +441,7 @@ fn user_list(tx: &dyn Tx, r: proto::UserList, now: Timestamp) -> Result<ReplyOf<
     let users = tx
         .users()?
         .into_iter()
-        .filter(|u| !r.unblocked || u.unblocked_at(now))
-        .filter(|u| !r.expiring || (u.unblocked_at(now) && u.until.is_some()))
-        .filter(|u| !r.held || u.hold.is_some())
+        .filter(|u| wanted(u))
         .map(|u| UserRow {
             sessions: per_user.get(&u.name).copied().unwrap_or(0),
             user: UserView::new(&u, now),

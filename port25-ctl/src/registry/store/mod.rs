@@ -166,6 +166,16 @@ pub trait Tx {
             .filter(|u| u.policy == Policy::Unblocked)
             .collect())
     }
+    /// At most `n` users in name order, from the first whose name is after `after`: a page
+    /// of [`Tx::users`] (`user list --limit` reads no more of a million users than it shows).
+    fn users_after(&self, after: Option<&str>, n: usize) -> Result<Vec<User>> {
+        Ok(self
+            .users()?
+            .into_iter()
+            .filter(|u| after.is_none_or(|a| u.name.as_str() > a))
+            .take(n)
+            .collect())
+    }
     fn put_user(&mut self, u: &User) -> Result<()>;
     fn delete_user(&mut self, name: &str) -> Result<()>;
 
@@ -282,6 +292,9 @@ impl Tx for Recording<'_> {
     }
     fn users_unblocked(&self) -> Result<Vec<User>> {
         self.inner.users_unblocked()
+    }
+    fn users_after(&self, after: Option<&str>, n: usize) -> Result<Vec<User>> {
+        self.inner.users_after(after, n)
     }
     fn put_user(&mut self, u: &User) -> Result<()> {
         if self.created.contains_key(&u.name) || self.inner.user(&u.name)?.is_none() {

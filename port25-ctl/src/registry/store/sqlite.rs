@@ -91,6 +91,47 @@ CREATE TABLE replica (
     last_change_id INTEGER NOT NULL
 );
 "#,
+    r#"
+-- `status` counts without a pass over a million users: counters kept by triggers (REPLACE
+-- fires the delete triggers: connections set recursive_triggers), and the timed unblocks,
+-- which expire by the clock, by an index of their own.
+CREATE TABLE counts (
+    one       INTEGER PRIMARY KEY CHECK (one = 1),
+    users     INTEGER NOT NULL,
+    unblocked INTEGER NOT NULL, -- policy unblocked, no end
+    held      INTEGER NOT NULL,
+    sessions  INTEGER NOT NULL
+);
+INSERT INTO counts SELECT 1,
+    (SELECT COUNT(*) FROM users),
+    (SELECT COUNT(*) FROM users WHERE policy = 'unblocked' AND until IS NULL),
+    (SELECT COUNT(*) FROM users WHERE hold_reason IS NOT NULL OR hold_by IS NOT NULL OR hold_at IS NOT NULL),
+    (SELECT COUNT(*) FROM sessions);
+CREATE TRIGGER counts_user_in AFTER INSERT ON users BEGIN
+    UPDATE counts SET users = users + 1,
+        unblocked = unblocked + (NEW.policy = 'unblocked' AND NEW.until IS NULL),
+        held = held + (NEW.hold_reason IS NOT NULL OR NEW.hold_by IS NOT NULL OR NEW.hold_at IS NOT NULL);
+END;
+CREATE TRIGGER counts_user_out AFTER DELETE ON users BEGIN
+    UPDATE counts SET users = users - 1,
+        unblocked = unblocked - (OLD.policy = 'unblocked' AND OLD.until IS NULL),
+        held = held - (OLD.hold_reason IS NOT NULL OR OLD.hold_by IS NOT NULL OR OLD.hold_at IS NOT NULL);
+END;
+CREATE TRIGGER counts_user_change AFTER UPDATE ON users BEGIN
+    UPDATE counts SET
+        unblocked = unblocked - (OLD.policy = 'unblocked' AND OLD.until IS NULL)
+                              + (NEW.policy = 'unblocked' AND NEW.until IS NULL),
+        held = held - (OLD.hold_reason IS NOT NULL OR OLD.hold_by IS NOT NULL OR OLD.hold_at IS NOT NULL)
+                    + (NEW.hold_reason IS NOT NULL OR NEW.hold_by IS NOT NULL OR NEW.hold_at IS NOT NULL);
+END;
+CREATE TRIGGER counts_session_in AFTER INSERT ON sessions BEGIN
+    UPDATE counts SET sessions = sessions + 1;
+END;
+CREATE TRIGGER counts_session_out AFTER DELETE ON sessions BEGIN
+    UPDATE counts SET sessions = sessions - 1;
+END;
+CREATE INDEX users_timed ON users(until) WHERE policy = 'unblocked' AND until IS NOT NULL;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -130,6 +171,8 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // INSERT OR REPLACE fires the delete triggers that keep `counts` only with this.
+        conn.pragma_update(None, "recursive_triggers", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn).with_context(|| format!("migrating {}", path.display()))?;
         Ok(SqliteStore { conn, path })
@@ -168,22 +211,30 @@ pub struct Counts {
 
 impl SqliteStore {
     pub fn counts(&self, now: Timestamp) -> Result<Counts> {
-        let one = |sql: &str| -> Result<u64> {
-            Ok(self
-                .conn
-                .query_row(sql, [ts(now)], |r| r.get::<_, i64>(0))? as u64)
-        };
+        let (users, open, held, sessions) = self.conn.query_row(
+            "SELECT users, unblocked, held, sessions FROM counts",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            },
+        )?;
+        let timed: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM users WHERE policy = 'unblocked' AND until IS NOT NULL AND until > ?1",
+            [ts(now)],
+            |r| r.get(0),
+        )?;
+        let n = |v: i64| v.max(0) as u64;
         Ok(Counts {
-            users: one("SELECT COUNT(*) FROM users WHERE ?1 IS NOT NULL")?,
-            unblocked: one(
-                "SELECT COUNT(*) FROM users WHERE policy = 'unblocked' AND (until IS NULL OR until > ?1)",
-            )?,
-            timed: one("SELECT COUNT(*) FROM users WHERE policy = 'unblocked' AND until > ?1")?,
-            sessions: one("SELECT COUNT(*) FROM sessions WHERE ?1 IS NOT NULL")?,
-            held: one(
-                "SELECT COUNT(*) FROM users WHERE ?1 IS NOT NULL AND \
-                 (hold_reason IS NOT NULL OR hold_by IS NOT NULL OR hold_at IS NOT NULL)",
-            )?,
+            users: n(users),
+            unblocked: n(open + timed),
+            timed: n(timed),
+            sessions: n(sessions),
+            held: n(held),
         })
     }
 }
@@ -322,6 +373,14 @@ impl Tx for SqliteTx<'_> {
             "SELECT {USER_COLS} FROM users WHERE policy = 'unblocked' ORDER BY name"
         ))?;
         let rows = st.query_map([], user_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn users_after(&self, after: Option<&str>, n: usize) -> Result<Vec<User>> {
+        let mut st = self.tx.prepare_cached(&format!(
+            "SELECT {USER_COLS} FROM users WHERE ?1 IS NULL OR name > ?1 ORDER BY name LIMIT ?2"
+        ))?;
+        let rows = st.query_map(params![after, n.min(i64::MAX as usize) as i64], user_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 

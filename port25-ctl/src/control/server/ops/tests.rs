@@ -130,6 +130,7 @@ fn replies() -> serde_json::Map<String, Value> {
                 unblocked: false,
                 expiring: false,
                 held: false,
+                limit: None,
             }),
         ),
         (
@@ -239,6 +240,7 @@ fn replies() -> serde_json::Map<String, Value> {
             reconciles: 3,
             drift_repaired: 1,
             fleet: None,
+            map_fill: vec![],
         }),
     );
     put("top", value(&top_reply()));
@@ -510,6 +512,7 @@ fn a_held_users_views_name_the_hold_and_where_it_does_not_take_effect() {
             unblocked: false,
             expiring: false,
             held: true,
+            limit: None,
         },
         now,
     )
@@ -528,4 +531,68 @@ fn a_held_users_views_name_the_hold_and_where_it_does_not_take_effect() {
     .unwrap();
     let json = serde_json::to_value(&alice).unwrap();
     assert!(json["user"].get("hold").is_none() && json.get("hold_not_effective").is_none());
+}
+
+/// `user list --limit N`: the first N matching users by name, each with their session
+/// count, read page by page (here across pages of 1,000) rather than the whole registry.
+#[test]
+fn user_list_limit_takes_the_first_matching_users_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let now = ts("2026-03-01T00:00:00Z");
+    {
+        let mut tx = store.begin().unwrap();
+        for i in 0..2500u32 {
+            tx.put_user(&User {
+                name: format!("u{i:04}"),
+                // Only every third user is unblocked: the filter spans pages.
+                policy: if i % 3 == 0 {
+                    Policy::Unblocked
+                } else {
+                    Policy::Blocked
+                },
+                until: None,
+                reason: None,
+                set_by: "root".into(),
+                set_at: now,
+                hold: None,
+            })
+            .unwrap();
+        }
+        tx.put_session(&Session {
+            id: "s3".into(),
+            user: "u0003".into(),
+            addrs: vec!["100.64.0.3/32".parse().unwrap()],
+            since: now,
+            source: "test".into(),
+        })
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let tx = store.read().unwrap();
+    let list = |unblocked, limit| {
+        user_list(
+            &*tx,
+            proto::UserList {
+                unblocked,
+                expiring: false,
+                held: false,
+                limit,
+            },
+            now,
+        )
+        .unwrap()
+        .users
+    };
+    let names = |v: &[UserRow]| v.iter().map(|u| u.user.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&list(false, Some(3))), ["u0000", "u0001", "u0002"]);
+    let first = list(true, Some(2));
+    assert_eq!(names(&first), ["u0000", "u0003"]);
+    assert_eq!((first[0].sessions, first[1].sessions), (0, 1));
+    // Across page boundaries, and a limit beyond the matches is all of them.
+    let all = list(true, None);
+    assert_eq!(all.len(), 834);
+    assert_eq!(names(&list(true, Some(800))), names(&all[..800]));
+    assert_eq!(names(&list(true, Some(5000))), names(&all));
+    assert!(list(false, Some(0)).is_empty());
 }

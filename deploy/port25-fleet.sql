@@ -34,4 +34,4 @@ ALTER DEFAULT PRIVILEGES FOR ROLE port25_owner IN SCHEMA public
 --   GRANT INSERT ON audit, changes TO port25;
 --   GRANT DELETE ON changes TO port25;                     -- registry.keep_changes
 --   GRANT SELECT, INSERT, UPDATE ON changes_pruned TO port25;
--- (Run the two GRANTs again after an upgrade that adds tables; the release notes say so.)
+-- (Run these GRANTs again after an upgrade that adds tables; the release notes say so.)

@@ -4,9 +4,11 @@
 -- Two roles: `port25_owner` owns the schema and runs its migrations (the first daemon that
 -- connects with it creates the tables; later versions add steps), `port25` is what every
 -- router's daemon uses day to day: row access to the tables it uses, no DDL, no superuser.
--- A daemon connecting as `port25` to a schema older than its binary cannot migrate it: run
--- that binary once with the owner's connection string (or connect its daemon as the owner
--- once), then go back to `port25`.
+-- A daemon connecting as `port25` to a schema older than its binary cannot migrate it. The
+-- owner cannot log in: start one daemon once with a superuser's connection string that takes
+-- the owner's role, `host=... dbname=port25 user=postgres options='-c role=port25_owner'`,
+-- run the GRANTs at the end of this file, then go back to `user=port25`
+-- (tests/tests/fleet.rs `the_deploy_scripts_roles_are_enough_and_no_more` does exactly this).
 
 CREATE ROLE port25_owner NOLOGIN;
 CREATE ROLE port25 LOGIN PASSWORD :fleet_password;

@@ -14,6 +14,10 @@ pub const DB: &str = "port25";
 
 pub struct Postgres {
     pub dir: PathBuf,
+    /// The cluster's superuser and the database [`Postgres::psql`] and
+    /// [`Postgres::conn_string`] use ([`USER`] and [`DB`] unless [`Postgres::start_as`]).
+    superuser: &'static str,
+    db: &'static str,
     bin: PathBuf,
     /// The port (of the unix socket, and of TCP once [`Postgres::restart_with`] asked).
     port: std::cell::Cell<u16>,
@@ -48,6 +52,12 @@ impl Postgres {
     /// Starts a server, or `None` (the caller skips, and says why) when not root or when
     /// PostgreSQL is not installed.
     pub fn start() -> Option<Postgres> {
+        Postgres::start_as(USER, DB)
+    }
+
+    /// As [`Postgres::start`], with `superuser` as the cluster's superuser and `db` as the
+    /// database to use (created unless it is `postgres`, which every cluster has).
+    pub fn start_as(superuser: &'static str, db: &'static str) -> Option<Postgres> {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("SKIP: PostgreSQL tests need root (to run the server as nobody)");
             return None;
@@ -64,6 +74,8 @@ impl Postgres {
         nix::unistd::chown(&dir, Some(nobody.uid), Some(nobody.gid)).unwrap();
         let pg = Postgres {
             dir,
+            superuser,
+            db,
             bin,
             port: std::cell::Cell::new(5432),
             opts: std::cell::RefCell::new(String::new()),
@@ -75,7 +87,7 @@ impl Postgres {
                 "-D",
                 &pg.data().display().to_string(),
                 "-U",
-                USER,
+                superuser,
                 "--auth=trust",
                 "-E",
                 "UTF8",
@@ -83,6 +95,9 @@ impl Postgres {
             ]),
         );
         pg.start_server();
+        if db == "postgres" {
+            return Some(pg);
+        }
         run(
             "createdb",
             Command::new(pg.bin.join("createdb")).args([
@@ -91,8 +106,8 @@ impl Postgres {
                 "-p",
                 &pg.port.get().to_string(),
                 "-U",
-                USER,
-                DB,
+                superuser,
+                db,
             ]),
         );
         Some(pg)
@@ -156,7 +171,7 @@ impl Postgres {
                 "-p",
                 &self.port.get().to_string(),
                 "-U",
-                USER,
+                self.superuser,
             ])
             .output()
             .is_ok_and(|o| o.status.success())
@@ -180,10 +195,17 @@ impl Postgres {
     /// The libpq-style connection string for `registry.postgres`.
     pub fn conn_string(&self) -> String {
         match self.port.get() {
-            5432 => format!("host={} dbname={DB} user={USER}", self.dir.display()),
+            5432 => format!(
+                "host={} dbname={} user={}",
+                self.dir.display(),
+                self.db,
+                self.superuser
+            ),
             p => format!(
-                "host={} port={p} dbname={DB} user={USER}",
-                self.dir.display()
+                "host={} port={p} dbname={} user={}",
+                self.dir.display(),
+                self.db,
+                self.superuser
             ),
         }
     }
@@ -213,27 +235,34 @@ impl Postgres {
     pub fn psql(&self, sql: &str) -> String {
         let out = run(
             "psql",
-            Command::new(self.bin.join("psql")).args([
-                "-h",
-                &self.dir.display().to_string(),
-                "-p",
-                &self.port.get().to_string(),
-                "-U",
-                USER,
-                "-d",
-                DB,
-                "-X",
-                "-At",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ]),
+            &mut self.psql_as(self.superuser, self.db, &["-c", sql]),
         );
         String::from_utf8(out.stdout)
             .unwrap()
             .trim_end()
             .to_string()
+    }
+
+    /// psql connected as `user` to `db`, stopping at the first error, with `args` (`-c SQL`,
+    /// `-f FILE`, `-v NAME=VALUE`); not run yet.
+    pub fn psql_as(&self, user: &str, db: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(self.bin.join("psql"));
+        c.args([
+            "-h",
+            &self.dir.display().to_string(),
+            "-p",
+            &self.port.get().to_string(),
+            "-U",
+            user,
+            "-d",
+            db,
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args(args);
+        c
     }
 
     pub fn log(&self) -> String {

@@ -1222,3 +1222,111 @@ fn a_silent_routers_sessions_are_marked_and_can_be_forgotten() {
         .collect();
     assert_eq!(routers, ["bras-a"]);
 }
+
+/// `deploy/port25-fleet.sql` as an operator runs it, and nothing more: the owner role
+/// migrates the schema once, the script's grants are run, and then a daemon connecting as
+/// the `port25` role serves policy writes, sessions and their publication, and that role can
+/// neither change the schema nor rewrite the audit log.
+#[test]
+fn the_deploy_scripts_roles_are_enough_and_no_more() {
+    require_root!();
+    let Some(pg) = Postgres::start_as("postgres", "postgres") else {
+        return;
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/port25-fleet.sql");
+    let o = pg
+        .psql_as(
+            "postgres",
+            "postgres",
+            &["-v", "fleet_password='unused'", "-f", script],
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "the deploy script: {}", text(&o));
+    // The owner migrates: one run with the owner's role (a superuser's connection that
+    // takes that role, as the script's comment says).
+    let dir = pg.dir.display().to_string();
+    let owner = format!("host={dir} dbname=port25 user=postgres options='-c role=port25_owner'");
+    let mut lab = Lab::new(XDP);
+    lab.write_config(&format!(
+        "registry:\n  postgres: \"{owner}\"\n  router: bras-owner\n"
+    ));
+    lab.start_daemon();
+    lab.kill9();
+    assert_eq!(
+        pg.psql_as(
+            "postgres",
+            "port25",
+            &[
+                "-c",
+                "SELECT tableowner FROM pg_tables WHERE tablename = 'users'"
+            ]
+        )
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap(),
+        "port25_owner"
+    );
+    // The script's grants for the tables the migration created.
+    let grants: String = std::fs::read_to_string(script)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("--   GRANT"))
+        .map(|l| format!("GRANT{};\n", l.split(';').next().unwrap()))
+        .collect();
+    assert!(grants.contains("changes_pruned"), "{grants}");
+    let o = pg
+        .psql_as("postgres", "port25", &["-c", &grants])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "the script's grants: {}", text(&o));
+
+    // Day to day as `port25`.
+    let mut b = Lab::new(XDP);
+    b.write_config(&format!(
+        "registry:\n  postgres: \"host={dir} dbname=port25 user=port25\"\n  router: bras-b\n"
+    ));
+    b.start_daemon();
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(!smtp(&b, ALICE4));
+    ok(&b, &["unblock", "alice", "--reason", "ticket 7"]);
+    assert!(smtp(&b, ALICE4));
+    ok(&b, &["block", "alice", "--hold", "--reason", "spam"]);
+    assert!(!smtp(&b, ALICE4));
+    assert!(until_db_as(
+        &pg,
+        "SELECT count(*) FROM sessions WHERE router = 'bras-b'",
+        "1"
+    ));
+    let show: UserDetail = b.reply(&["user", "show", "alice"]);
+    assert!(show.fleet.is_some_and(|f| f.unavailable.is_none()));
+    for sql in [
+        "CREATE TABLE x (a int)",
+        "DROP TABLE users",
+        "DELETE FROM audit",
+        "UPDATE audit SET actor = 'nobody'",
+    ] {
+        let o = pg
+            .psql_as("port25", "port25", &["-c", sql])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "`port25` may not: {sql}");
+    }
+    b.kill9();
+}
+
+/// Polls `sql` (as the superuser) until it answers `want`, for up to 3 s.
+fn until_db_as(pg: &Postgres, sql: &str, want: &str) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        let o = pg
+            .psql_as("postgres", "port25", &["-c", sql])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&o.stdout).trim() == want {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}

@@ -1330,3 +1330,84 @@ fn until_db_as(pg: &Postgres, sql: &str, want: &str) -> bool {
     }
     false
 }
+
+/// Two operators change the same user at once through two routers: the writes are
+/// serialised by the fleet's lock, every one is audited once, and both routers end with the
+/// policy of the last change in the database, in their registry and in their maps.
+#[test]
+fn two_operators_changing_one_user_at_once_are_serialised() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (a, b) = two_routers(&pg);
+    ok(&a, &["session", "up", "alice", ALICE4, "--id", "a1"]);
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    const EACH: usize = 20;
+    let operator = |lab: &Lab, first_unblocks: bool| {
+        let client = lab.client();
+        for i in 0..EACH {
+            if (i % 2 == 0) == first_unblocks {
+                client
+                    .call(proto::Unblock {
+                        user: "alice".into(),
+                        for_secs: None,
+                        until: None,
+                        reason: Some(format!("op {i}")),
+                        new: false,
+                    })
+                    .unwrap();
+            } else {
+                client
+                    .call(proto::Block {
+                        user: "alice".into(),
+                        reason: Some(format!("op {i}")),
+                        new: false,
+                        hold: false,
+                    })
+                    .unwrap();
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| operator(&a, true));
+        s.spawn(|| operator(&b, false));
+    });
+    // Every write audited once in the fleet, from both routers.
+    assert_eq!(
+        pg.psql("SELECT router, count(*) FROM audit WHERE subject = 'alice' AND action IN ('unblock', 'block') GROUP BY router ORDER BY router"),
+        format!("bras-a|{EACH}\nbras-b|{EACH}")
+    );
+    // The final state: the last change's, in the database and on both routers.
+    let last = pg.psql("SELECT action FROM audit WHERE subject = 'alice' AND action IN ('unblock', 'block') ORDER BY id DESC LIMIT 1");
+    let want = if last == "unblock" {
+        Policy::Unblocked
+    } else {
+        Policy::Blocked
+    };
+    assert_eq!(
+        pg.psql("SELECT policy FROM users WHERE name = 'alice'"),
+        if want == Policy::Unblocked {
+            "unblocked"
+        } else {
+            "blocked"
+        }
+    );
+    for lab in [&a, &b] {
+        assert!(
+            until_policy(lab, "alice", want, Duration::from_secs(3)).is_some(),
+            "{last} is the final state on every router"
+        );
+        assert_eq!(
+            smtp(lab, ALICE4),
+            want == Policy::Unblocked,
+            "the maps agree"
+        );
+        let log: port25_ctl::control::reply::AuditLog =
+            lab.reply(&["audit", "--user", "alice", "--limit", "0"]);
+        let n = log
+            .records
+            .iter()
+            .filter(|r| r.action == "unblock" || r.action == "block")
+            .count();
+        assert_eq!(n, 2 * EACH, "each router's replica has every write once");
+    }
+}

@@ -319,9 +319,11 @@ impl Fleet {
             self.rollback();
         }
         self.run(|c| async move {
-            c.batch_execute("BEGIN").await?;
-            c.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
-                .await?;
+            // One round trip: each costs the write its share of the helpdesk's wait.
+            c.batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+            ))
+            .await?;
             Ok(())
         })?;
         self.in_tx = true;
@@ -376,15 +378,15 @@ impl Fleet {
                 write_row(&*c, &router, row).await?;
             }
             let body = serde_json::to_value(&rows)?;
+            // The change and its notification (sent at commit) in one statement.
             let id: i64 = c
                 .query_one(
-                    "INSERT INTO changes (router, actor, rows) VALUES ($1, $2, $3) RETURNING id",
-                    &[&router, &actor, &body],
+                    "WITH c AS (INSERT INTO changes (router, actor, rows) VALUES ($1, $2, $3) \
+                     RETURNING id) SELECT id, pg_notify($4, id::text) FROM c",
+                    &[&router, &actor, &body, &CHANNEL],
                 )
                 .await?
                 .get(0);
-            c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id.to_string()])
-                .await?;
             c.batch_execute("COMMIT").await?;
             Ok(id)
         });

@@ -744,6 +744,61 @@ fn a_routers_sqlite_registry_moves_into_the_fleet() {
     assert_eq!(pg.psql("SELECT count(*) FROM changes"), changes);
 }
 
+#[test]
+fn an_import_holds_the_prefix_floor_as_exempt_add_and_user_bind() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut old = Lab::new(XDP);
+    old.start_daemon();
+    ok(&old, &["user", "add", "erin"]);
+    ok(&old, &["unblock", "erin"]);
+    ok(&old, &["user", "bind", "erin", "100.64.0.6/32"]);
+    ok(&old, &["exempt", "add", "100.64.0.9/32"]);
+    let doc = ok(&old, &["registry", "export", "--router", "bras-old"]);
+    // A hand-edited (or hostile) file: what `exempt add` and `user bind` refuse unforced.
+    let file = old.dir.join("wide.json");
+    let wide = doc
+        .replace("100.64.0.9/32", "0.0.0.0/0")
+        .replace("100.64.0.6/32", "100.0.0.0/6");
+    assert_ne!(wide, doc);
+    std::fs::write(&file, &wide).unwrap();
+
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(&pg, "bras-b"));
+    b.start_daemon();
+    let changes = pg.psql("SELECT count(*) FROM changes");
+    let o = import(&b, &file, &[]);
+    assert!(!o.status.success(), "a /0 exempt from a file: {}", text(&o));
+    assert!(text(&o).contains("wider than"), "{}", text(&o));
+    assert!(text(&o).contains("--force-wide"), "{}", text(&o));
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM changes"),
+        changes,
+        "nothing written"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM entries"), "0");
+    assert_eq!(pg.psql("SELECT count(*) FROM bindings"), "0");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(verdict(&b, "100.64.0.10"), "block");
+    assert!(!smtp(&b, ALICE4), "port 25 stays closed");
+
+    // Forced, as `exempt add --force-wide`: written, and audited per prefix.
+    let o = import(&b, &file, &["--force-wide"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM audit WHERE action = 'force_wide'"),
+        "2"
+    );
+    let start = Instant::now();
+    while verdict(&b, "100.64.0.10") != "pass" {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the forced import applied"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A CA and a server certificate for `localhost` it signed: (CA pem, cert pem, key pem).
 fn certificates() -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};

@@ -496,6 +496,27 @@ pub fn registry_of(path: &Path) -> anyhow::Result<Registry> {
     Ok(r)
 }
 
+/// The `limits:` of the config file at `path` (the defaults when it has none): the floor a
+/// `registry import` holds a file's allow-list prefixes to, as `exempt add` and `user bind`.
+pub fn limits_of(path: &Path) -> anyhow::Result<Limits> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let l: Limits = match v.get("limits") {
+        Some(l) => serde_yaml::from_value(l.clone())
+            .with_context(|| format!("{}: limits", path.display()))?,
+        None => Limits::default(),
+    };
+    anyhow::ensure!(
+        (1..=32).contains(&l.min_prefix_v4) && (1..=128).contains(&l.min_prefix_v6),
+        "{}: limits.min_prefix_v4 must be 1 to 32, limits.min_prefix_v6 1 to 128",
+        path.display()
+    );
+    Ok(l)
+}
+
 /// The `socket:` the config file at `path` names, if it names one (see [`socket_of`]).
 pub fn socket_named(path: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(path).ok()?;

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Row, CHANNEL, WRITE_LOCK};
 use crate::{
-    config::Registry,
+    config::{Limits, Registry},
     net::Prefix,
     registry::store::{
         sqlite::SqliteStore, AuditQuery, AuditRecord, Binding, Entry, EntryKind, Policy, User,
@@ -123,6 +123,23 @@ pub fn parse(text: &str) -> Result<Document> {
     Ok(doc)
 }
 
+/// The document's allow-list prefixes (entries, bindings) wider than `limits`' floor, as
+/// (what, prefix, floor): each needs the force `exempt add` and `user bind` need.
+pub fn too_wide(doc: &Document, limits: &Limits) -> Vec<(String, Prefix, u8)> {
+    let entries = doc
+        .entries
+        .iter()
+        .map(|e| (e.kind.as_str().to_string(), e.prefix));
+    let bindings = doc
+        .bindings
+        .iter()
+        .map(|b| (format!("binding of {}", b.user), b.prefix));
+    entries
+        .chain(bindings)
+        .filter_map(|(what, p)| limits.too_wide(&p).map(|floor| (what, p, floor)))
+        .collect()
+}
+
 /// Times are stored as i64 nanoseconds: one outside that range would come back wrong.
 fn storable(t: Timestamp) -> Result<()> {
     ensure!(
@@ -193,7 +210,15 @@ fn describe(u: &User) -> String {
 }
 
 /// Writes `doc` into the fleet's database of `reg`, as `actor`.
-pub fn import(reg: &Registry, doc: &Document, actor: &str, overwrite: bool) -> Result<Imported> {
+/// `forced`: the file's prefixes wider than the floor ([`too_wide`]) the operator forced,
+/// audited as `exempt add --force-wide` is.
+pub fn import(
+    reg: &Registry,
+    doc: &Document,
+    actor: &str,
+    overwrite: bool,
+    forced: &[(String, Prefix, u8)],
+) -> Result<Imported> {
     let fleet = super::Fleet::new(reg)?;
     let cfg = fleet.conn_config();
     let name = fleet.name.clone();
@@ -207,7 +232,7 @@ pub fn import(reg: &Registry, doc: &Document, actor: &str, overwrite: bool) -> R
         let driver = tokio::spawn(conn);
         let r = async {
             super::schema::migrate(&client).await?;
-            import_tx(&mut client, doc, actor, overwrite).await
+            import_tx(&mut client, doc, actor, overwrite, forced).await
         }
         .await;
         driver.abort();
@@ -227,6 +252,7 @@ async fn import_tx(
     doc: &Document,
     actor: &str,
     overwrite: bool,
+    forced: &[(String, Prefix, u8)],
 ) -> Result<Imported> {
     let t = client.transaction().await?;
     // Routers' writes wait for the import, not the other way round for long.
@@ -410,6 +436,20 @@ async fn import_tx(
             record: (*r).clone(),
         });
     }
+    let now = Timestamp::now();
+    let mut records: Vec<AuditRecord> = forced
+        .iter()
+        .map(|(what, p, floor)| AuditRecord {
+            id: 0,
+            at: now,
+            actor: actor.to_string(),
+            action: "force_wide".into(),
+            subject: p.to_string(),
+            old: None,
+            new: Some(format!("import {what} {p}, wider than /{floor}, forced")),
+            reason: None,
+        })
+        .collect();
     // The import itself is audited (in the fleet and on every replica).
     let summary = AuditRecord {
         id: 0,
@@ -428,15 +468,18 @@ async fn import_tx(
         )),
         reason: None,
     };
-    super::write_row(
-        &t,
-        &doc.router,
-        &Row::Audit {
-            record: summary.clone(),
-        },
-    )
-    .await?;
-    rows.push(Row::Audit { record: summary });
+    records.push(summary);
+    for record in records {
+        super::write_row(
+            &t,
+            &doc.router,
+            &Row::Audit {
+                record: record.clone(),
+            },
+        )
+        .await?;
+        rows.push(Row::Audit { record });
+    }
     for chunk in rows.chunks(ROWS_PER_CHANGE) {
         let body = serde_json::to_value(chunk)?;
         let id: i64 = t

@@ -555,17 +555,25 @@ pub fn socket_named(path: &Path) -> Option<PathBuf> {
 fn sections(text: &str, keep: &[&str]) -> Option<String> {
     let mut out = String::new();
     let mut keeping = false;
+    let mut keyed = false;
     for line in text.lines() {
         if !closes_what_it_opens(line) {
             return None;
         }
         match line.bytes().next() {
+            // Indented content before any top-level key: a top level indented as a whole.
+            Some(b' ' | b'\t') if !keyed && !blank_or_comment(line) => return None,
             None | Some(b' ' | b'\t' | b'#' | b'-') => {}
             Some(b'a'..=b'z' | b'A'..=b'Z' | b'_') => {
                 let (key, value) = line.split_once(':')?;
                 if !value.is_empty() && !value.starts_with([' ', '\t']) {
                     return None;
                 }
+                // `key :` is YAML's `key`: lines cannot tell it from another key.
+                if key.ends_with([' ', '\t']) {
+                    return None;
+                }
+                keyed = true;
                 keeping = keep.contains(&key);
             }
             Some(_) => return None,
@@ -594,6 +602,7 @@ enum Scan {
 /// marker), and the value is a path on one line: YAML reads the same then.
 fn scan_socket(text: &str) -> Scan {
     let mut found = None;
+    let mut keyed = false;
     let mut lines = text.lines().peekable();
     while let Some(line) = lines.next() {
         if !closes_what_it_opens(line) {
@@ -603,6 +612,8 @@ fn scan_socket(text: &str) -> Scan {
             continue;
         };
         match first {
+            // Indented content before any top-level key: a top level indented as a whole.
+            b' ' | b'\t' if !keyed && !blank_or_comment(line) => return Scan::Unsure,
             b' ' | b'\t' | b'#' | b'-' | b'.' | b'%' => continue,
             b'a'..=b'z' | b'A'..=b'Z' | b'_' => {}
             _ => return Scan::Unsure,
@@ -613,6 +624,11 @@ fn scan_socket(text: &str) -> Scan {
         if !value.is_empty() && !value.starts_with([' ', '\t']) {
             return Scan::Unsure;
         }
+        // `socket :` is YAML's `socket`.
+        if key.ends_with([' ', '\t']) {
+            return Scan::Unsure;
+        }
+        keyed = true;
         if key != "socket" {
             continue;
         }
@@ -646,6 +662,11 @@ fn scan_socket(text: &str) -> Scan {
         Some(p) => Scan::Found(p),
         None => Scan::Absent,
     }
+}
+
+fn blank_or_comment(line: &str) -> bool {
+    let t = line.trim_start();
+    t.is_empty() || t.starts_with('#')
 }
 
 /// Whether `line` closes every flow bracket and quoted scalar it opens (a comment ends it).

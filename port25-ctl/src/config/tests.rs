@@ -714,6 +714,12 @@ fn socket_scan_agrees_with_yaml_or_defers() {
         "socket: \"/run/\\x41\"\n",
         // Conservative: a block scalar's text is judged as if it were flow.
         "a: |\n  x [\nsocket: /run/f.sock\n",
+        // YAML's key is `socket` (a plain scalar's trailing blanks are not part of it).
+        "socket : /run/x\n",
+        "socket\t: /run/x\n",
+        // A top-level mapping indented as a whole: YAML's keys all the same.
+        "  socket: /run/x\n  pin_dir: /sys/fs/bpf/x\n",
+        "# c\n\n  socket: /run/x\n",
     ];
     for t in unsure {
         assert_eq!(scan_socket(t), Scan::Unsure, "{t:?}");
@@ -753,4 +759,10 @@ fn reading_verbs_parse_only_their_sections() {
         None
     );
     assert_eq!(sections("\"pin_dir\": /x\n", &["x"]), None);
+    // YAML reads `pin_dir : /x` as pin_dir, and an indented top level as the top level.
+    assert_eq!(sections("pin_dir : /x\n", &["pin_dir"]), None);
+    assert_eq!(
+        sections("  pin_dir: /x\n  socket: /y\n", &["pin_dir"]),
+        None
+    );
 }

@@ -1019,6 +1019,59 @@ fn a_router_whose_changes_were_pruned_reloads_the_fleets_policy() {
     assert!(!smtp(&b, ALICE4));
 }
 
+/// A prune that commits between a replica's look at the cut and its read of the log: the
+/// replica must not take the changes after the cut for all it missed. Made deterministic by
+/// a hook in the database: the first read of `changes_pruned` (the replica's gap check)
+/// prunes as another router would, after the reader's snapshot.
+#[test]
+fn a_prune_between_the_gap_check_and_the_log_read_loses_nothing() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (mut a, mut b) = two_routers(&pg);
+    ok(&a, &["user", "add", "alice"]);
+    assert!(until_policy(&b, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
+    b.kill9();
+    ok(&a, &["unblock", "alice", "--reason", "while B was off"]);
+    let x1 = pg.psql("SELECT max(id) FROM changes");
+    ok(&a, &["unblock", "bob", "--new"]);
+    // A would trip the hook itself.
+    a.kill9();
+    pg.psql(&format!(
+        "ALTER TABLE changes_pruned RENAME TO changes_pruned_t;
+         INSERT INTO changes_pruned_t (one, through) VALUES (1, 0);
+         CREATE TABLE hook_fired (x INTEGER);
+         CREATE FUNCTION port25_test_prune() RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NOT EXISTS (SELECT 1 FROM hook_fired) THEN
+             INSERT INTO hook_fired VALUES (1);
+             DELETE FROM changes WHERE id <= {x1};
+             UPDATE changes_pruned_t SET through = {x1};
+           END IF;
+           RETURN true;
+         END $$;
+         CREATE VIEW changes_pruned AS
+           SELECT one, through FROM changes_pruned_t WHERE port25_test_prune();"
+    ));
+    b.start_daemon();
+    assert!(until_policy(&b, "bob", Policy::Unblocked, Duration::from_secs(3)).is_some());
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM hook_fired"),
+        "1",
+        "the race was run"
+    );
+    assert_eq!(
+        effective(&b, "alice"),
+        Policy::Unblocked,
+        "alice's unblock, pruned while B read the log: {}",
+        b.daemon_log()
+    );
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(
+        smtp(&b, ALICE4),
+        "alice's unblock reached B's maps (real TCP)"
+    );
+}
+
 /// `status --json`'s fleet figures (`daemon.fleet`).
 fn fleet_info(lab: &Lab) -> serde_json::Value {
     let js: serde_json::Value = serde_json::from_str(&ok(lab, &["--json", "status"])).unwrap();

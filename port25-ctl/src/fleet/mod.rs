@@ -411,6 +411,9 @@ impl Fleet {
         let mut n = 0;
         loop {
             let mark = store.begin()?.replica_mark()?;
+            // The cut is looked at after the log is read: a prune committed in between
+            // leaves the read changes after a hole, and is seen then.
+            let changes = self.changes_after(mark)?;
             if let Some(state) = self.gap(mark)? {
                 warn!(mark, through = state.mark, "the fleet's change log was pruned past this replica's mark: reloading the fleet's policy whole");
                 let mut tx = store.begin()?;
@@ -419,7 +422,6 @@ impl Fleet {
                 n += 1;
                 continue;
             }
-            let changes = self.changes_after(mark)?;
             if changes.is_empty() {
                 return Ok(n);
             }

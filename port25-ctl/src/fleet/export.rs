@@ -90,6 +90,16 @@ pub fn parse(text: &str) -> Result<Document> {
     for u in &doc.users {
         crate::cli::parse::user_name(&u.name)
             .map_err(|e| anyhow::anyhow!("user `{}`: {e}", u.name))?;
+        let hold = u.hold.as_ref();
+        plain(
+            [
+                u.reason.as_deref(),
+                Some(u.set_by.as_str()),
+                hold.map(|h| h.reason.as_str()),
+                hold.map(|h| h.by.as_str()),
+            ],
+            || format!("user `{}`", u.name),
+        )?;
         ensure!(names.insert(&u.name), "user `{}` appears twice", u.name);
         for t in [Some(u.set_at), u.until].into_iter().flatten() {
             storable(t).with_context(|| format!("user `{}`", u.name))?;
@@ -111,6 +121,9 @@ pub fn parse(text: &str) -> Result<Document> {
             e.kind.as_str(),
             e.prefix
         );
+        plain([e.note.as_deref(), Some(e.added_by.as_str())], || {
+            format!("{} {}", e.kind.as_str(), e.prefix)
+        })?;
         for t in [Some(e.added_at), e.until].into_iter().flatten() {
             storable(t).with_context(|| format!("{} {}", e.kind.as_str(), e.prefix))?;
         }
@@ -118,6 +131,17 @@ pub fn parse(text: &str) -> Result<Document> {
     let mut ids = BTreeSet::new();
     for r in &doc.audit {
         ensure!(ids.insert(r.id), "audit record {} appears twice", r.id);
+        plain(
+            [
+                Some(r.actor.as_str()),
+                Some(r.action.as_str()),
+                Some(r.subject.as_str()),
+                r.old.as_deref(),
+                r.new.as_deref(),
+                r.reason.as_deref(),
+            ],
+            || format!("audit record {}", r.id),
+        )?;
         storable(r.at).with_context(|| format!("audit record {}", r.id))?;
     }
     Ok(doc)
@@ -138,6 +162,28 @@ pub fn too_wide(doc: &Document, limits: &Limits) -> Vec<(String, Prefix, u8)> {
         .chain(bindings)
         .filter_map(|(what, p)| limits.too_wide(&p).map(|floor| (what, p, floor)))
         .collect()
+}
+
+/// Texts reach operators' terminals (`user show`, `exempt list`, `audit`): a control
+/// character (an escape sequence) is refused, as the verbs that write them refuse it.
+fn plain<'a>(
+    texts: impl IntoIterator<Item = Option<&'a str>>,
+    what: impl Fn() -> String,
+) -> Result<()> {
+    for t in texts.into_iter().flatten() {
+        if let Some(c) = t
+            .chars()
+            .find(|c| c.is_control() && !matches!(c, '\t' | '\n'))
+        {
+            anyhow::bail!(
+                "{}: a text holds a control character (U+{:04X}): {}",
+                what(),
+                c as u32,
+                t.escape_debug()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Times are stored as i64 nanoseconds: one outside that range would come back wrong.
@@ -530,4 +576,84 @@ pub fn render(r: &Imported) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc() -> Document {
+        let at = Timestamp::from_second(1_700_000_000).unwrap();
+        Document {
+            format: FORMAT.into(),
+            version: VERSION,
+            router: "bras-old".into(),
+            exported_at: at,
+            users: vec![User {
+                name: "alice".into(),
+                policy: Policy::Unblocked,
+                until: None,
+                reason: Some("ticket 1".into()),
+                set_by: "uid0 root".into(),
+                set_at: at,
+                hold: None,
+            }],
+            bindings: vec![],
+            entries: vec![Entry {
+                kind: EntryKind::Exempt,
+                prefix: "100.64.0.9/32".parse().unwrap(),
+                until: None,
+                note: Some("monitoring".into()),
+                added_by: "uid0 root".into(),
+                added_at: at,
+            }],
+            audit: vec![AuditRecord {
+                id: 1,
+                at,
+                actor: "uid0 root".into(),
+                action: "unblock".into(),
+                subject: "alice".into(),
+                old: None,
+                new: Some("unblocked".into()),
+                reason: Some("ticket 1".into()),
+            }],
+        }
+    }
+
+    /// A file's texts reach operators' terminals (`user show`, `exempt list`, `audit`): the
+    /// control characters the verbs refuse (an escape sequence) are refused in a file too.
+    #[test]
+    fn control_characters_in_a_files_texts_are_refused() {
+        let text = |d: &Document| serde_json::to_string(d).unwrap();
+        assert!(parse(&text(&doc())).is_ok());
+        let esc = "\u{1b}]0;owned\u{7}\u{1b}[2J".to_string();
+        let mut bad: Vec<Document> = Vec::new();
+        let mut d = doc();
+        d.users[0].reason = Some(esc.clone());
+        bad.push(d);
+        let mut d = doc();
+        d.users[0].set_by = esc.clone();
+        bad.push(d);
+        let mut d = doc();
+        d.users[0].hold = Some(crate::registry::store::Hold {
+            reason: esc.clone(),
+            by: "x".into(),
+            at: d.users[0].set_at,
+        });
+        d.users[0].policy = Policy::Blocked;
+        bad.push(d);
+        let mut d = doc();
+        d.entries[0].note = Some(esc.clone());
+        bad.push(d);
+        let mut d = doc();
+        d.audit[0].new = Some(esc.clone());
+        bad.push(d);
+        let mut d = doc();
+        d.audit[0].actor = esc.clone();
+        bad.push(d);
+        for d in bad {
+            let e = parse(&text(&d)).expect_err("an escape sequence in a file");
+            assert!(format!("{e:#}").contains("control character"), "{e:#}");
+        }
+    }
 }

@@ -754,6 +754,7 @@ fn an_import_holds_the_prefix_floor_as_exempt_add_and_user_bind() {
     ok(&old, &["unblock", "erin"]);
     ok(&old, &["user", "bind", "erin", "100.64.0.6/32"]);
     ok(&old, &["exempt", "add", "100.64.0.9/32"]);
+    ok(&old, &["unblock", "alice", "--new"]);
     let doc = ok(&old, &["registry", "export", "--router", "bras-old"]);
     // A hand-edited (or hostile) file: what `exempt add` and `user bind` refuse unforced.
     let file = old.dir.join("wide.json");
@@ -766,6 +767,12 @@ fn an_import_holds_the_prefix_floor_as_exempt_add_and_user_bind() {
     let mut b = Lab::new(XDP);
     b.write_config(&registry(&pg, "bras-b"));
     b.start_daemon();
+    // Since the export, alice was caught spamming: held in the fleet.
+    ok(
+        &b,
+        &["block", "alice", "--new", "--hold", "--reason", "spam run"],
+    );
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
     let changes = pg.psql("SELECT count(*) FROM changes");
     let o = import(&b, &file, &[]);
     assert!(!o.status.success(), "a /0 exempt from a file: {}", text(&o));
@@ -782,8 +789,24 @@ fn an_import_holds_the_prefix_floor_as_exempt_add_and_user_bind() {
     assert_eq!(verdict(&b, "100.64.0.10"), "block");
     assert!(!smtp(&b, ALICE4), "port 25 stays closed");
 
+    // Only `unhold` lifts a hold: not an import, even with --overwrite.
+    let o = import(&b, &file, &["--force-wide", "--overwrite"]);
+    assert!(!o.status.success(), "a held user overwritten: {}", text(&o));
+    assert!(text(&o).contains("unhold"), "{}", text(&o));
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM changes"),
+        changes,
+        "nothing written"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let alice: UserDetail = b.reply(&["user", "show", "alice"]);
+    assert!(alice.user.hold.is_some(), "alice is still held");
+    assert_eq!(alice.user.effective, Policy::Blocked);
+    assert!(!smtp(&b, ALICE4), "port 25 stays closed for alice");
+
     // Forced, as `exempt add --force-wide`: written, and audited per prefix.
-    let o = import(&b, &file, &["--force-wide"]);
+    ok(&b, &["unhold", "alice", "--reason", "cleaned up"]);
+    let o = import(&b, &file, &["--force-wide", "--overwrite"]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
         pg.psql("SELECT count(*) FROM audit WHERE action = 'force_wide'"),

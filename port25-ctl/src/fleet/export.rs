@@ -342,6 +342,7 @@ async fn import_tx(
             (r.get(0), (policy, until, held, text))
         })
         .collect();
+    let mut held = Vec::new();
     for u in &doc.users {
         match have.get(&u.name) {
             None => {
@@ -350,6 +351,14 @@ async fn import_tx(
             }
             Some((p, until, held, _)) if (*p, *until, *held) == policy_of(u) => {
                 out.users.unchanged += 1
+            }
+            Some((_, _, true, theirs)) if u.hold.is_none() => {
+                // Only `unhold` lifts an abuse hold: --overwrite does not.
+                held.push(format!(
+                    "user {}: the fleet has {theirs}, the file {}",
+                    u.name,
+                    describe(u)
+                ));
             }
             Some((.., theirs)) => {
                 out.users.conflicting += 1;
@@ -362,6 +371,15 @@ async fn import_tx(
             }
         }
     }
+
+    anyhow::ensure!(
+        held.is_empty(),
+        "import refused, nothing written: {} user(s) on an abuse hold in the fleet that the file \
+         does not hold (only `port25-ctl unhold` lifts a hold, --overwrite does not; unhold \
+         them first, or take them out of the file):\n  {}",
+        held.len(),
+        held.join("\n  ")
+    );
 
     let mut bound: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for r in t

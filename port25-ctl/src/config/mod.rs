@@ -496,6 +496,10 @@ pub fn registry_of(path: &Path) -> anyhow::Result<Registry> {
     Ok(r)
 }
 
+/// Configs up to this size are parsed whole by `status` and `check` (a few ms); bigger ones
+/// (hundreds of thousands of entries) by the sections those verbs read.
+const WHOLE_BELOW: usize = 1 << 20;
+
 /// The `limits:` of the config file at `path` (the defaults when it has none): the floor a
 /// `registry import` holds a file's allow-list prefixes to, as `exempt add` and `user bind`.
 pub fn limits_of(path: &Path) -> anyhow::Result<Limits> {
@@ -891,13 +895,19 @@ impl Config {
     /// without attaching them); [`Config::load`] requires them.
     /// The config as `status` and `check` need it: interfaces, pin_dir, state_dir, socket.
     /// A million exempt entries take YAML seconds, and these verbs read them from the pins:
-    /// when the file's top-level sections can be told apart line by line, only those four
-    /// are parsed (errors elsewhere in the file are the daemon's and `reload`'s to report).
+    /// in a file over [`WHOLE_BELOW`] whose top-level sections can be told apart line by
+    /// line, only those four are parsed (errors elsewhere in such a file are the daemon's and
+    /// `reload`'s to report); a smaller file is parsed whole, its errors reported.
     pub fn load_for_reading(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
+        // A file YAML parses in milliseconds is parsed whole: `status` is where an operator
+        // looks, and reports there a config the next reload or start would refuse.
+        if text.len() <= WHOLE_BELOW {
+            return Config::load(path);
+        }
         match sections(&text, &["interfaces", "pin_dir", "state_dir", "socket"]) {
             Some(small) if !small.trim().is_empty() => Config::parse(&small, path),
             _ => Config::load(path),

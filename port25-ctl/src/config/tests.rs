@@ -766,3 +766,18 @@ fn reading_verbs_parse_only_their_sections() {
         None
     );
 }
+
+/// `status` is where an operator looks: a config whose next reload or start would fail is
+/// reported there (non-zero exit), as before the reading verbs parsed only their sections.
+/// Only a config too big to parse quickly is read by sections.
+#[test]
+fn status_still_reports_a_broken_config() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        f.path(),
+        format!("{IFACE}exempt:\n- 10.0.0.1/33\npin_dir: /sys/fs/bpf/x\n"),
+    )
+    .unwrap();
+    let e = Config::load_for_reading(f.path()).expect_err("a broken exempt entry");
+    assert!(e.to_string().contains("10.0.0.1/33"), "{e}");
+}

@@ -1343,6 +1343,11 @@ fn a_silent_routers_sessions_are_marked_and_can_be_forgotten() {
         pg.psql("SELECT count(*) FROM sessions s FULL JOIN routers r ON r.name = s.router WHERE coalesce(s.router, r.name) = 'bras-old'"),
         "0"
     );
+    // A name the fleet does not know (a typo, forgotten already): an error, not "0 removed".
+    for name in ["bras-old", "bras-0ld"] {
+        let err = a.fails_with(&["registry", "forget-router", name], 1);
+        assert!(err.contains(&format!("no router {name}")), "{err}");
+    }
     let show: UserDetail = a.reply(&["user", "show", "alice"]);
     let routers: Vec<_> = show
         .fleet

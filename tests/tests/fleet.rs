@@ -774,7 +774,7 @@ fn an_import_holds_the_prefix_floor_as_exempt_add_and_user_bind() {
     );
     ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
     let changes = pg.psql("SELECT count(*) FROM changes");
-    let o = import(&b, &file, &[]);
+    let o = import(&b, &file, &["--overwrite"]);
     assert!(!o.status.success(), "a /0 exempt from a file: {}", text(&o));
     assert!(text(&o).contains("wider than"), "{}", text(&o));
     assert!(text(&o).contains("--force-wide"), "{}", text(&o));

@@ -724,6 +724,13 @@ fn socket_scan_agrees_with_yaml_or_defers() {
     for t in unsure {
         assert_eq!(scan_socket(t), Scan::Unsure, "{t:?}");
     }
+    // These name a socket for YAML (and the daemon) where lines saw none.
+    for t in [
+        "socket : /run/x\n",
+        "  socket: /run/x\n  pin_dir: /sys/fs/bpf/x\n",
+    ] {
+        assert_eq!(yaml(t), Some(Some(PathBuf::from("/run/x"))), "{t:?}");
+    }
     // And a sure answer for the big config the scan is for, where YAML takes seconds.
     let mut big = String::from("socket: /run/big.sock\nexempt:\n");
     for i in 0..100_000u32 {

@@ -1026,6 +1026,14 @@ fn a_router_whose_changes_were_pruned_reloads_the_fleets_policy() {
         b.daemon_log()
     );
     assert_eq!(replica_users(&b), db_users(&pg), "B equals the fleet");
+    // And says so: status and /metrics show the reloaded mark, not the one before it.
+    let f = fleet_info(&b);
+    assert_eq!(
+        f["applied_change_id"].to_string(),
+        pg.psql("SELECT max(id) FROM changes"),
+        "{f}"
+    );
+    assert_eq!(f["lag_changes"], 0, "B is up to date: {f}");
     assert_eq!(effective(&b, "alice"), Policy::Unblocked);
     assert!(
         smtp(&b, ALICE4),

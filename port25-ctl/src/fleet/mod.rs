@@ -419,6 +419,8 @@ impl Fleet {
                 let mut tx = store.begin()?;
                 prune::reload(&mut *tx, &state)?;
                 tx.commit()?;
+                // status and /metrics: the replica is at the reloaded mark.
+                self.stats.applied(state.mark, false);
                 n += 1;
                 continue;
             }

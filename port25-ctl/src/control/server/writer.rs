@@ -244,6 +244,10 @@ impl Daemon {
                 warn!(mark, through = state.mark, "the fleet's change log was pruned past this replica's mark: reloading the fleet's policy whole");
                 self.change_local(|tx, _| crate::fleet::prune::reload(tx, &state))?;
                 self.dirty = true;
+                if let Some(fl) = &self.fleet {
+                    // status and /metrics: the replica is at the reloaded mark.
+                    fl.stats.applied(state.mark, false);
+                }
                 continue;
             }
             if changes.is_empty() {

@@ -744,6 +744,84 @@ fn a_routers_sqlite_registry_moves_into_the_fleet() {
     assert_eq!(pg.psql("SELECT count(*) FROM changes"), changes);
 }
 
+#[test]
+fn an_import_holds_the_prefix_floor_as_exempt_add_and_user_bind() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut old = Lab::new(XDP);
+    old.start_daemon();
+    ok(&old, &["user", "add", "erin"]);
+    ok(&old, &["unblock", "erin"]);
+    ok(&old, &["user", "bind", "erin", "100.64.0.6/32"]);
+    ok(&old, &["exempt", "add", "100.64.0.9/32"]);
+    ok(&old, &["unblock", "alice", "--new"]);
+    let doc = ok(&old, &["registry", "export", "--router", "bras-old"]);
+    // A hand-edited (or hostile) file: what `exempt add` and `user bind` refuse unforced.
+    let file = old.dir.join("wide.json");
+    let wide = doc
+        .replace("100.64.0.9/32", "0.0.0.0/0")
+        .replace("100.64.0.6/32", "100.0.0.0/6");
+    assert_ne!(wide, doc);
+    std::fs::write(&file, &wide).unwrap();
+
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(&pg, "bras-b"));
+    b.start_daemon();
+    // Since the export, alice was caught spamming: held in the fleet.
+    ok(
+        &b,
+        &["block", "alice", "--new", "--hold", "--reason", "spam run"],
+    );
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    let changes = pg.psql("SELECT count(*) FROM changes");
+    let o = import(&b, &file, &["--overwrite"]);
+    assert!(!o.status.success(), "a /0 exempt from a file: {}", text(&o));
+    assert!(text(&o).contains("wider than"), "{}", text(&o));
+    assert!(text(&o).contains("--force-wide"), "{}", text(&o));
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM changes"),
+        changes,
+        "nothing written"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM entries"), "0");
+    assert_eq!(pg.psql("SELECT count(*) FROM bindings"), "0");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(verdict(&b, "100.64.0.10"), "block");
+    assert!(!smtp(&b, ALICE4), "port 25 stays closed");
+
+    // Only `unhold` lifts a hold: not an import, even with --overwrite.
+    let o = import(&b, &file, &["--force-wide", "--overwrite"]);
+    assert!(!o.status.success(), "a held user overwritten: {}", text(&o));
+    assert!(text(&o).contains("unhold"), "{}", text(&o));
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM changes"),
+        changes,
+        "nothing written"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let alice: UserDetail = b.reply(&["user", "show", "alice"]);
+    assert!(alice.user.hold.is_some(), "alice is still held");
+    assert_eq!(alice.user.effective, Policy::Blocked);
+    assert!(!smtp(&b, ALICE4), "port 25 stays closed for alice");
+
+    // Forced, as `exempt add --force-wide`: written, and audited per prefix.
+    ok(&b, &["unhold", "alice", "--reason", "cleaned up"]);
+    let o = import(&b, &file, &["--force-wide", "--overwrite"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM audit WHERE action = 'force_wide'"),
+        "2"
+    );
+    let start = Instant::now();
+    while verdict(&b, "100.64.0.10") != "pass" {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the forced import applied"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A CA and a server certificate for `localhost` it signed: (CA pem, cert pem, key pem).
 fn certificates() -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
@@ -948,6 +1026,14 @@ fn a_router_whose_changes_were_pruned_reloads_the_fleets_policy() {
         b.daemon_log()
     );
     assert_eq!(replica_users(&b), db_users(&pg), "B equals the fleet");
+    // And says so: status and /metrics show the reloaded mark, not the one before it.
+    let f = fleet_info(&b);
+    assert_eq!(
+        f["applied_change_id"].to_string(),
+        pg.psql("SELECT max(id) FROM changes"),
+        "{f}"
+    );
+    assert_eq!(f["lag_changes"], 0, "B is up to date: {f}");
     assert_eq!(effective(&b, "alice"), Policy::Unblocked);
     assert!(
         smtp(&b, ALICE4),
@@ -962,6 +1048,59 @@ fn a_router_whose_changes_were_pruned_reloads_the_fleets_policy() {
     ok(&a, &["block", "alice"]);
     assert!(until_policy(&b, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
     assert!(!smtp(&b, ALICE4));
+}
+
+/// A prune that commits between a replica's look at the cut and its read of the log: the
+/// replica must not take the changes after the cut for all it missed. Made deterministic by
+/// a hook in the database: the first read of `changes_pruned` (the replica's gap check)
+/// prunes as another router would, after the reader's snapshot.
+#[test]
+fn a_prune_between_the_gap_check_and_the_log_read_loses_nothing() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let (mut a, mut b) = two_routers(&pg);
+    ok(&a, &["user", "add", "alice"]);
+    assert!(until_policy(&b, "alice", Policy::Blocked, Duration::from_secs(2)).is_some());
+    b.kill9();
+    ok(&a, &["unblock", "alice", "--reason", "while B was off"]);
+    let x1 = pg.psql("SELECT max(id) FROM changes");
+    ok(&a, &["unblock", "bob", "--new"]);
+    // A would trip the hook itself.
+    a.kill9();
+    pg.psql(&format!(
+        "ALTER TABLE changes_pruned RENAME TO changes_pruned_t;
+         INSERT INTO changes_pruned_t (one, through) VALUES (1, 0);
+         CREATE TABLE hook_fired (x INTEGER);
+         CREATE FUNCTION port25_test_prune() RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NOT EXISTS (SELECT 1 FROM hook_fired) THEN
+             INSERT INTO hook_fired VALUES (1);
+             DELETE FROM changes WHERE id <= {x1};
+             UPDATE changes_pruned_t SET through = {x1};
+           END IF;
+           RETURN true;
+         END $$;
+         CREATE VIEW changes_pruned AS
+           SELECT one, through FROM changes_pruned_t WHERE port25_test_prune();"
+    ));
+    b.start_daemon();
+    assert!(until_policy(&b, "bob", Policy::Unblocked, Duration::from_secs(3)).is_some());
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM hook_fired"),
+        "1",
+        "the race was run"
+    );
+    assert_eq!(
+        effective(&b, "alice"),
+        Policy::Unblocked,
+        "alice's unblock, pruned while B read the log: {}",
+        b.daemon_log()
+    );
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    assert!(
+        smtp(&b, ALICE4),
+        "alice's unblock reached B's maps (real TCP)"
+    );
 }
 
 /// `status --json`'s fleet figures (`daemon.fleet`).
@@ -1212,6 +1351,11 @@ fn a_silent_routers_sessions_are_marked_and_can_be_forgotten() {
         pg.psql("SELECT count(*) FROM sessions s FULL JOIN routers r ON r.name = s.router WHERE coalesce(s.router, r.name) = 'bras-old'"),
         "0"
     );
+    // A name the fleet does not know (a typo, forgotten already): an error, not "0 removed".
+    for name in ["bras-old", "bras-0ld"] {
+        let err = a.fails_with(&["registry", "forget-router", name], 1);
+        assert!(err.contains(&format!("no router {name}")), "{err}");
+    }
     let show: UserDetail = a.reply(&["user", "show", "alice"]);
     let routers: Vec<_> = show
         .fleet

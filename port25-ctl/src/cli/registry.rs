@@ -30,6 +30,10 @@ pub(super) enum RegistryVerb {
         /// (otherwise such conflicts refuse the whole file).
         #[arg(long)]
         overwrite: bool,
+        /// Accept exempt/server entries and bindings wider than the configured floor
+        /// (limits.min_prefix_v4/v6), as `exempt add --force-wide`; audited.
+        #[arg(long)]
+        force_wide: bool,
     },
     /// Removes a decommissioned router's published sessions (and its sign of life) from the
     /// fleet's view; refused while the router is alive (seen within 10 min).
@@ -77,12 +81,32 @@ pub(super) fn run(cli: &super::Cli, verb: &RegistryVerb) -> Result<ExitCode> {
             let doc = export::export(&state_dir, &router)?;
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
-        RegistryVerb::Import { file, overwrite } => {
+        RegistryVerb::Import {
+            file,
+            overwrite,
+            force_wide,
+        } => {
             let reg = config::registry_of(&cli.config)?;
+            let limits = config::limits_of(&cli.config)?;
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let doc = export::parse(&text).with_context(|| format!("{}", file.display()))?;
-            let out = export::import(&reg, &doc, &super::actor_name(), *overwrite)?;
+            // The floor `exempt add` and `user bind` hold to: a file is no way around it.
+            let wide = export::too_wide(&doc, &limits);
+            if !*force_wide {
+                if let Some((what, p, floor)) = wide.first() {
+                    anyhow::bail!(
+                        "{}: import refused, nothing written: {} prefix(es) wider than the \
+                         floor, first {what} {p} (wider than /{floor}, limits.min_prefix_v{}): \
+                         it would open port 25 for a large part of the Internet on every \
+                         router; give --force-wide if that is meant (audited)",
+                        file.display(),
+                        wide.len(),
+                        if p.addr.is_ipv4() { 4 } else { 6 }
+                    );
+                }
+            }
+            let out = export::import(&reg, &doc, &super::actor_name(), *overwrite, &wide)?;
             super::show(cli, &out, export::render)?;
         }
     }

@@ -496,6 +496,31 @@ pub fn registry_of(path: &Path) -> anyhow::Result<Registry> {
     Ok(r)
 }
 
+/// Configs up to this size are parsed whole by `status` and `check` (a few ms); bigger ones
+/// (hundreds of thousands of entries) by the sections those verbs read.
+const WHOLE_BELOW: usize = 1 << 20;
+
+/// The `limits:` of the config file at `path` (the defaults when it has none): the floor a
+/// `registry import` holds a file's allow-list prefixes to, as `exempt add` and `user bind`.
+pub fn limits_of(path: &Path) -> anyhow::Result<Limits> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let l: Limits = match v.get("limits") {
+        Some(l) => serde_yaml::from_value(l.clone())
+            .with_context(|| format!("{}: limits", path.display()))?,
+        None => Limits::default(),
+    };
+    anyhow::ensure!(
+        (1..=32).contains(&l.min_prefix_v4) && (1..=128).contains(&l.min_prefix_v6),
+        "{}: limits.min_prefix_v4 must be 1 to 32, limits.min_prefix_v6 1 to 128",
+        path.display()
+    );
+    Ok(l)
+}
+
 /// The `socket:` the config file at `path` names, if it names one (see [`socket_of`]).
 pub fn socket_named(path: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -534,17 +559,25 @@ pub fn socket_named(path: &Path) -> Option<PathBuf> {
 fn sections(text: &str, keep: &[&str]) -> Option<String> {
     let mut out = String::new();
     let mut keeping = false;
+    let mut keyed = false;
     for line in text.lines() {
         if !closes_what_it_opens(line) {
             return None;
         }
         match line.bytes().next() {
+            // Indented content before any top-level key: a top level indented as a whole.
+            Some(b' ' | b'\t') if !keyed && !blank_or_comment(line) => return None,
             None | Some(b' ' | b'\t' | b'#' | b'-') => {}
             Some(b'a'..=b'z' | b'A'..=b'Z' | b'_') => {
                 let (key, value) = line.split_once(':')?;
                 if !value.is_empty() && !value.starts_with([' ', '\t']) {
                     return None;
                 }
+                // `key :` is YAML's `key`: lines cannot tell it from another key.
+                if key.ends_with([' ', '\t']) {
+                    return None;
+                }
+                keyed = true;
                 keeping = keep.contains(&key);
             }
             Some(_) => return None,
@@ -573,6 +606,7 @@ enum Scan {
 /// marker), and the value is a path on one line: YAML reads the same then.
 fn scan_socket(text: &str) -> Scan {
     let mut found = None;
+    let mut keyed = false;
     let mut lines = text.lines().peekable();
     while let Some(line) = lines.next() {
         if !closes_what_it_opens(line) {
@@ -582,6 +616,8 @@ fn scan_socket(text: &str) -> Scan {
             continue;
         };
         match first {
+            // Indented content before any top-level key: a top level indented as a whole.
+            b' ' | b'\t' if !keyed && !blank_or_comment(line) => return Scan::Unsure,
             b' ' | b'\t' | b'#' | b'-' | b'.' | b'%' => continue,
             b'a'..=b'z' | b'A'..=b'Z' | b'_' => {}
             _ => return Scan::Unsure,
@@ -592,6 +628,11 @@ fn scan_socket(text: &str) -> Scan {
         if !value.is_empty() && !value.starts_with([' ', '\t']) {
             return Scan::Unsure;
         }
+        // `socket :` is YAML's `socket`.
+        if key.ends_with([' ', '\t']) {
+            return Scan::Unsure;
+        }
+        keyed = true;
         if key != "socket" {
             continue;
         }
@@ -625,6 +666,11 @@ fn scan_socket(text: &str) -> Scan {
         Some(p) => Scan::Found(p),
         None => Scan::Absent,
     }
+}
+
+fn blank_or_comment(line: &str) -> bool {
+    let t = line.trim_start();
+    t.is_empty() || t.starts_with('#')
 }
 
 /// Whether `line` closes every flow bracket and quoted scalar it opens (a comment ends it).
@@ -849,13 +895,19 @@ impl Config {
     /// without attaching them); [`Config::load`] requires them.
     /// The config as `status` and `check` need it: interfaces, pin_dir, state_dir, socket.
     /// A million exempt entries take YAML seconds, and these verbs read them from the pins:
-    /// when the file's top-level sections can be told apart line by line, only those four
-    /// are parsed (errors elsewhere in the file are the daemon's and `reload`'s to report).
+    /// in a file over [`WHOLE_BELOW`] whose top-level sections can be told apart line by
+    /// line, only those four are parsed (errors elsewhere in such a file are the daemon's and
+    /// `reload`'s to report); a smaller file is parsed whole, its errors reported.
     pub fn load_for_reading(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
+        // A file YAML parses in milliseconds is parsed whole: `status` is where an operator
+        // looks, and reports there a config the next reload or start would refuse.
+        if text.len() <= WHOLE_BELOW {
+            return Config::load(path);
+        }
         match sections(&text, &["interfaces", "pin_dir", "state_dir", "socket"]) {
             Some(small) if !small.trim().is_empty() => Config::parse(&small, path),
             _ => Config::load(path),

@@ -714,9 +714,22 @@ fn socket_scan_agrees_with_yaml_or_defers() {
         "socket: \"/run/\\x41\"\n",
         // Conservative: a block scalar's text is judged as if it were flow.
         "a: |\n  x [\nsocket: /run/f.sock\n",
+        // YAML's key is `socket` (a plain scalar's trailing blanks are not part of it).
+        "socket : /run/x\n",
+        "socket\t: /run/x\n",
+        // A top-level mapping indented as a whole: YAML's keys all the same.
+        "  socket: /run/x\n  pin_dir: /sys/fs/bpf/x\n",
+        "# c\n\n  socket: /run/x\n",
     ];
     for t in unsure {
         assert_eq!(scan_socket(t), Scan::Unsure, "{t:?}");
+    }
+    // These name a socket for YAML (and the daemon) where lines saw none.
+    for t in [
+        "socket : /run/x\n",
+        "  socket: /run/x\n  pin_dir: /sys/fs/bpf/x\n",
+    ] {
+        assert_eq!(yaml(t), Some(Some(PathBuf::from("/run/x"))), "{t:?}");
     }
     // And a sure answer for the big config the scan is for, where YAML takes seconds.
     let mut big = String::from("socket: /run/big.sock\nexempt:\n");
@@ -753,4 +766,25 @@ fn reading_verbs_parse_only_their_sections() {
         None
     );
     assert_eq!(sections("\"pin_dir\": /x\n", &["x"]), None);
+    // YAML reads `pin_dir : /x` as pin_dir, and an indented top level as the top level.
+    assert_eq!(sections("pin_dir : /x\n", &["pin_dir"]), None);
+    assert_eq!(
+        sections("  pin_dir: /x\n  socket: /y\n", &["pin_dir"]),
+        None
+    );
+}
+
+/// `status` is where an operator looks: a config whose next reload or start would fail is
+/// reported there (non-zero exit), as before the reading verbs parsed only their sections.
+/// Only a config too big to parse quickly is read by sections.
+#[test]
+fn status_still_reports_a_broken_config() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        f.path(),
+        format!("{IFACE}exempt:\n- 10.0.0.1/33\npin_dir: /sys/fs/bpf/x\n"),
+    )
+    .unwrap();
+    let e = Config::load_for_reading(f.path()).expect_err("a broken exempt entry");
+    assert!(e.to_string().contains("10.0.0.1/33"), "{e}");
 }

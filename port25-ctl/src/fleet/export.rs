@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Row, CHANNEL, WRITE_LOCK};
 use crate::{
-    config::Registry,
+    config::{Limits, Registry},
     net::Prefix,
     registry::store::{
         sqlite::SqliteStore, AuditQuery, AuditRecord, Binding, Entry, EntryKind, Policy, User,
@@ -90,6 +90,16 @@ pub fn parse(text: &str) -> Result<Document> {
     for u in &doc.users {
         crate::cli::parse::user_name(&u.name)
             .map_err(|e| anyhow::anyhow!("user `{}`: {e}", u.name))?;
+        let hold = u.hold.as_ref();
+        plain(
+            [
+                u.reason.as_deref(),
+                Some(u.set_by.as_str()),
+                hold.map(|h| h.reason.as_str()),
+                hold.map(|h| h.by.as_str()),
+            ],
+            || format!("user `{}`", u.name),
+        )?;
         ensure!(names.insert(&u.name), "user `{}` appears twice", u.name);
         for t in [Some(u.set_at), u.until].into_iter().flatten() {
             storable(t).with_context(|| format!("user `{}`", u.name))?;
@@ -111,6 +121,9 @@ pub fn parse(text: &str) -> Result<Document> {
             e.kind.as_str(),
             e.prefix
         );
+        plain([e.note.as_deref(), Some(e.added_by.as_str())], || {
+            format!("{} {}", e.kind.as_str(), e.prefix)
+        })?;
         for t in [Some(e.added_at), e.until].into_iter().flatten() {
             storable(t).with_context(|| format!("{} {}", e.kind.as_str(), e.prefix))?;
         }
@@ -118,9 +131,59 @@ pub fn parse(text: &str) -> Result<Document> {
     let mut ids = BTreeSet::new();
     for r in &doc.audit {
         ensure!(ids.insert(r.id), "audit record {} appears twice", r.id);
+        plain(
+            [
+                Some(r.actor.as_str()),
+                Some(r.action.as_str()),
+                Some(r.subject.as_str()),
+                r.old.as_deref(),
+                r.new.as_deref(),
+                r.reason.as_deref(),
+            ],
+            || format!("audit record {}", r.id),
+        )?;
         storable(r.at).with_context(|| format!("audit record {}", r.id))?;
     }
     Ok(doc)
+}
+
+/// The document's allow-list prefixes (entries, bindings) wider than `limits`' floor, as
+/// (what, prefix, floor): each needs the force `exempt add` and `user bind` need.
+pub fn too_wide(doc: &Document, limits: &Limits) -> Vec<(String, Prefix, u8)> {
+    let entries = doc
+        .entries
+        .iter()
+        .map(|e| (e.kind.as_str().to_string(), e.prefix));
+    let bindings = doc
+        .bindings
+        .iter()
+        .map(|b| (format!("binding of {}", b.user), b.prefix));
+    entries
+        .chain(bindings)
+        .filter_map(|(what, p)| limits.too_wide(&p).map(|floor| (what, p, floor)))
+        .collect()
+}
+
+/// Texts reach operators' terminals (`user show`, `exempt list`, `audit`): a control
+/// character (an escape sequence) is refused, as the verbs that write them refuse it.
+fn plain<'a>(
+    texts: impl IntoIterator<Item = Option<&'a str>>,
+    what: impl Fn() -> String,
+) -> Result<()> {
+    for t in texts.into_iter().flatten() {
+        if let Some(c) = t
+            .chars()
+            .find(|c| c.is_control() && !matches!(c, '\t' | '\n'))
+        {
+            anyhow::bail!(
+                "{}: a text holds a control character (U+{:04X}): {}",
+                what(),
+                c as u32,
+                t.escape_debug()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Times are stored as i64 nanoseconds: one outside that range would come back wrong.
@@ -193,7 +256,15 @@ fn describe(u: &User) -> String {
 }
 
 /// Writes `doc` into the fleet's database of `reg`, as `actor`.
-pub fn import(reg: &Registry, doc: &Document, actor: &str, overwrite: bool) -> Result<Imported> {
+/// `forced`: the file's prefixes wider than the floor ([`too_wide`]) the operator forced,
+/// audited as `exempt add --force-wide` is.
+pub fn import(
+    reg: &Registry,
+    doc: &Document,
+    actor: &str,
+    overwrite: bool,
+    forced: &[(String, Prefix, u8)],
+) -> Result<Imported> {
     let fleet = super::Fleet::new(reg)?;
     let cfg = fleet.conn_config();
     let name = fleet.name.clone();
@@ -207,7 +278,7 @@ pub fn import(reg: &Registry, doc: &Document, actor: &str, overwrite: bool) -> R
         let driver = tokio::spawn(conn);
         let r = async {
             super::schema::migrate(&client).await?;
-            import_tx(&mut client, doc, actor, overwrite).await
+            import_tx(&mut client, doc, actor, overwrite, forced).await
         }
         .await;
         driver.abort();
@@ -227,6 +298,7 @@ async fn import_tx(
     doc: &Document,
     actor: &str,
     overwrite: bool,
+    forced: &[(String, Prefix, u8)],
 ) -> Result<Imported> {
     let t = client.transaction().await?;
     // Routers' writes wait for the import, not the other way round for long.
@@ -270,6 +342,7 @@ async fn import_tx(
             (r.get(0), (policy, until, held, text))
         })
         .collect();
+    let mut held = Vec::new();
     for u in &doc.users {
         match have.get(&u.name) {
             None => {
@@ -278,6 +351,14 @@ async fn import_tx(
             }
             Some((p, until, held, _)) if (*p, *until, *held) == policy_of(u) => {
                 out.users.unchanged += 1
+            }
+            Some((_, _, true, theirs)) if u.hold.is_none() => {
+                // Only `unhold` lifts an abuse hold: --overwrite does not.
+                held.push(format!(
+                    "user {}: the fleet has {theirs}, the file {}",
+                    u.name,
+                    describe(u)
+                ));
             }
             Some((.., theirs)) => {
                 out.users.conflicting += 1;
@@ -290,6 +371,15 @@ async fn import_tx(
             }
         }
     }
+
+    anyhow::ensure!(
+        held.is_empty(),
+        "import refused, nothing written: {} user(s) on an abuse hold in the fleet that the file \
+         does not hold (only `port25-ctl unhold` lifts a hold, --overwrite does not; unhold \
+         them first, or take them out of the file):\n  {}",
+        held.len(),
+        held.join("\n  ")
+    );
 
     let mut bound: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for r in t
@@ -410,6 +500,20 @@ async fn import_tx(
             record: (*r).clone(),
         });
     }
+    let now = Timestamp::now();
+    let mut records: Vec<AuditRecord> = forced
+        .iter()
+        .map(|(what, p, floor)| AuditRecord {
+            id: 0,
+            at: now,
+            actor: actor.to_string(),
+            action: "force_wide".into(),
+            subject: p.to_string(),
+            old: None,
+            new: Some(format!("import {what} {p}, wider than /{floor}, forced")),
+            reason: None,
+        })
+        .collect();
     // The import itself is audited (in the fleet and on every replica).
     let summary = AuditRecord {
         id: 0,
@@ -428,15 +532,18 @@ async fn import_tx(
         )),
         reason: None,
     };
-    super::write_row(
-        &t,
-        &doc.router,
-        &Row::Audit {
-            record: summary.clone(),
-        },
-    )
-    .await?;
-    rows.push(Row::Audit { record: summary });
+    records.push(summary);
+    for record in records {
+        super::write_row(
+            &t,
+            &doc.router,
+            &Row::Audit {
+                record: record.clone(),
+            },
+        )
+        .await?;
+        rows.push(Row::Audit { record });
+    }
     for chunk in rows.chunks(ROWS_PER_CHANGE) {
         let body = serde_json::to_value(chunk)?;
         let id: i64 = t
@@ -487,4 +594,84 @@ pub fn render(r: &Imported) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc() -> Document {
+        let at = Timestamp::from_second(1_700_000_000).unwrap();
+        Document {
+            format: FORMAT.into(),
+            version: VERSION,
+            router: "bras-old".into(),
+            exported_at: at,
+            users: vec![User {
+                name: "alice".into(),
+                policy: Policy::Unblocked,
+                until: None,
+                reason: Some("ticket 1".into()),
+                set_by: "uid0 root".into(),
+                set_at: at,
+                hold: None,
+            }],
+            bindings: vec![],
+            entries: vec![Entry {
+                kind: EntryKind::Exempt,
+                prefix: "100.64.0.9/32".parse().unwrap(),
+                until: None,
+                note: Some("monitoring".into()),
+                added_by: "uid0 root".into(),
+                added_at: at,
+            }],
+            audit: vec![AuditRecord {
+                id: 1,
+                at,
+                actor: "uid0 root".into(),
+                action: "unblock".into(),
+                subject: "alice".into(),
+                old: None,
+                new: Some("unblocked".into()),
+                reason: Some("ticket 1".into()),
+            }],
+        }
+    }
+
+    /// A file's texts reach operators' terminals (`user show`, `exempt list`, `audit`): the
+    /// control characters the verbs refuse (an escape sequence) are refused in a file too.
+    #[test]
+    fn control_characters_in_a_files_texts_are_refused() {
+        let text = |d: &Document| serde_json::to_string(d).unwrap();
+        assert!(parse(&text(&doc())).is_ok());
+        let esc = "\u{1b}]0;owned\u{7}\u{1b}[2J".to_string();
+        let mut bad: Vec<Document> = Vec::new();
+        let mut d = doc();
+        d.users[0].reason = Some(esc.clone());
+        bad.push(d);
+        let mut d = doc();
+        d.users[0].set_by = esc.clone();
+        bad.push(d);
+        let mut d = doc();
+        d.users[0].hold = Some(crate::registry::store::Hold {
+            reason: esc.clone(),
+            by: "x".into(),
+            at: d.users[0].set_at,
+        });
+        d.users[0].policy = Policy::Blocked;
+        bad.push(d);
+        let mut d = doc();
+        d.entries[0].note = Some(esc.clone());
+        bad.push(d);
+        let mut d = doc();
+        d.audit[0].new = Some(esc.clone());
+        bad.push(d);
+        let mut d = doc();
+        d.audit[0].actor = esc.clone();
+        bad.push(d);
+        for d in bad {
+            let e = parse(&text(&d)).expect_err("an escape sequence in a file");
+            assert!(format!("{e:#}").contains("control character"), "{e:#}");
+        }
+    }
 }

@@ -413,15 +413,19 @@ impl Fleet {
         let mut n = 0;
         loop {
             let mark = store.begin()?.replica_mark()?;
+            // The cut is looked at after the log is read: a prune committed in between
+            // leaves the read changes after a hole, and is seen then.
+            let changes = self.changes_after(mark)?;
             if let Some(state) = self.gap(mark)? {
                 warn!(mark, through = state.mark, "the fleet's change log was pruned past this replica's mark: reloading the fleet's policy whole");
                 let mut tx = store.begin()?;
                 prune::reload(&mut *tx, &state)?;
                 tx.commit()?;
+                // status and /metrics: the replica is at the reloaded mark.
+                self.stats.applied(state.mark, false);
                 n += 1;
                 continue;
             }
-            let changes = self.changes_after(mark)?;
             if changes.is_empty() {
                 return Ok(n);
             }

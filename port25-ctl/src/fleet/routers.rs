@@ -98,6 +98,13 @@ impl Fleet {
                 let n = c
                     .execute("DELETE FROM sessions WHERE router = $1", &[&name])
                     .await?;
+                if silent.is_none() && n == 0 {
+                    // A typo would otherwise read as done.
+                    return Ok(Err(format!(
+                        "the fleet has no router {name}: no sign of life, no published \
+                         sessions (forgotten already?)"
+                    )));
+                }
                 c.execute("DELETE FROM routers WHERE name = $1", &[&name])
                     .await?;
                 Ok::<_, anyhow::Error>(Ok(n))

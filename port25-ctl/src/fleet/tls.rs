@@ -62,10 +62,29 @@ pub fn parse(conn: &str) -> Result<(tokio_postgres::Config, Tls), String> {
     let mut cfg: tokio_postgres::Config = rest.parse().map_err(|e| format!("{e}"))?;
     // PostgreSQL has no TLS on unix sockets (libpq ignores sslmode there; the connector
     // would refuse their empty host name).
-    let unix_only = cfg
-        .get_hosts()
-        .iter()
-        .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+    // A `hostaddr=` is TCP whatever `host=` says (tokio-postgres connects to it), and with
+    // no `host=` at all it is all there is: only unix sockets and no hostaddr are unix only.
+    let unix_only = cfg.get_hostaddrs().is_empty()
+        && cfg
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+    // verify-full checks the certificate against `host=`: a hostaddr without a host name
+    // would be checked against none (the connector's stand-in name), so it is refused.
+    if mode == Mode::VerifyFull && !cfg.get_hostaddrs().is_empty() {
+        let named = cfg.get_hosts().len() == cfg.get_hostaddrs().len()
+            && cfg
+                .get_hosts()
+                .iter()
+                .all(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)));
+        if !named {
+            return Err(
+                "sslmode=verify-full checks the server's name: give host=NAME for \
+                        each hostaddr="
+                    .into(),
+            );
+        }
+    }
     cfg.ssl_mode(match mode {
         _ if unix_only => SslMode::Disable,
         Mode::Disable => SslMode::Disable,
@@ -383,5 +402,33 @@ mod tests {
         assert!(parse("host=h sslmode=verify-everything").is_err());
         assert!(parse("host=h sslrootcert").is_err());
         assert!(parse("host=h password='x").is_err());
+    }
+
+    /// `hostaddr=` alone is TCP (tokio-postgres connects to it): the TLS asked for must
+    /// hold there, not be dropped as for a unix socket.
+    #[test]
+    fn a_hostaddr_is_tcp_and_keeps_tls() {
+        for conn in [
+            "hostaddr=192.0.2.7 dbname=d sslmode=require",
+            "host=/run/postgresql hostaddr=192.0.2.7 dbname=d sslmode=verify-ca sslrootcert=/ca.pem",
+        ] {
+            let (cfg, _) = parse(conn).unwrap();
+            assert_eq!(cfg.get_ssl_mode(), SslMode::Require, "{conn}: never plaintext");
+        }
+        // verify-full checks the name of host=: without one there is no name to check.
+        let e = parse("hostaddr=192.0.2.7 dbname=d sslmode=verify-full").unwrap_err();
+        assert!(e.contains("host="), "{e}");
+        let (cfg, tls) =
+            parse("host=db.example.net hostaddr=192.0.2.7 sslmode=verify-full").unwrap();
+        assert_eq!(
+            (tls.mode, cfg.get_ssl_mode()),
+            (Mode::VerifyFull, SslMode::Require)
+        );
+        let (cfg, _) = parse("host=/run/postgresql dbname=d sslmode=verify-full").unwrap();
+        assert_eq!(
+            cfg.get_ssl_mode(),
+            SslMode::Disable,
+            "a unix socket has no TLS"
+        );
     }
 }

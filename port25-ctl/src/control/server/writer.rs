@@ -237,13 +237,19 @@ impl Daemon {
             let Some(fleet) = self.fleet.as_mut() else {
                 return Ok(());
             };
+            // The cut is looked at after the log is read: a prune committed in between
+            // leaves the read changes after a hole, and is seen then.
+            let changes = fleet.changes_after(mark)?;
             if let Some(state) = fleet.gap(mark)? {
                 warn!(mark, through = state.mark, "the fleet's change log was pruned past this replica's mark: reloading the fleet's policy whole");
                 self.change_local(|tx, _| crate::fleet::prune::reload(tx, &state))?;
                 self.dirty = true;
+                if let Some(fl) = &self.fleet {
+                    // status and /metrics: the replica is at the reloaded mark.
+                    fl.stats.applied(state.mark, false);
+                }
                 continue;
             }
-            let changes = fleet.changes_after(mark)?;
             if changes.is_empty() {
                 return Ok(());
             }

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::Fleet;
-use crate::{
-    net::Prefix,
-    registry::store::{Binding, Entry, EntryKind, Hold, Policy, Tx, User},
+use super::{
+    snapshot::{binding_from_row, entry_from_row, user_from_row, ENTRY_COLS, USER_COLS},
+    Fleet,
 };
+use crate::registry::store::{Binding, Entry, Tx, User};
 
 /// Rows deleted per pass at most: a pass stays well inside the database timeout.
 pub const BATCH: i64 = 5000;
@@ -96,82 +96,25 @@ async fn read_state(t: &tokio_postgres::Client) -> Result<FleetState> {
         )
         .await?
         .get(0);
-    let ts = |n: i64| jiff::Timestamp::from_nanosecond(n as i128);
-    let mut users = Vec::new();
-    for r in t
-        .query(
-            "SELECT name, policy, until, reason, set_by, set_at, hold_reason, hold_by, \
-                     hold_at FROM users",
-            &[],
-        )
+    // The same readers as a new replica's snapshot start: one reading of each row kind.
+    let users = t
+        .query(&format!("SELECT {USER_COLS} FROM users"), &[])
         .await?
-    {
-        let policy: String = r.get(1);
-        let hold = match (
-            r.get::<_, Option<String>>(6),
-            r.get::<_, Option<String>>(7),
-            r.get::<_, Option<i64>>(8),
-        ) {
-            (Some(reason), Some(by), Some(at)) => Some(Hold {
-                reason,
-                by,
-                at: ts(at)?,
-            }),
-            _ => None,
-        };
-        users.push(User {
-            name: r.get(0),
-            // The schema allows only these two; anything else is a block.
-            policy: if policy == "unblocked" {
-                Policy::Unblocked
-            } else {
-                Policy::Blocked
-            },
-            until: r.get::<_, Option<i64>>(2).map(ts).transpose()?,
-            reason: r.get(3),
-            set_by: r.get(4),
-            set_at: ts(r.get(5))?,
-            hold,
-        });
-    }
-    let mut bindings = Vec::new();
-    for r in t
+        .iter()
+        .map(user_from_row)
+        .collect::<Result<Vec<_>>>()?;
+    let bindings = t
         .query("SELECT user_name, prefix FROM bindings", &[])
         .await?
-    {
-        let prefix: String = r.get(1);
-        bindings.push(Binding {
-            user: r.get(0),
-            prefix: prefix
-                .parse::<Prefix>()
-                .map_err(|e| anyhow::anyhow!("fleet binding {prefix}: {e}"))?,
-        });
-    }
-    let mut entries = Vec::new();
-    for r in t
-        .query(
-            "SELECT kind, prefix, until, note, added_by, added_at FROM entries",
-            &[],
-        )
+        .iter()
+        .map(binding_from_row)
+        .collect::<Result<Vec<_>>>()?;
+    let entries = t
+        .query(&format!("SELECT {ENTRY_COLS} FROM entries"), &[])
         .await?
-    {
-        let kind: String = r.get(0);
-        let prefix: String = r.get(1);
-        entries.push(Entry {
-            kind: if kind == "server" {
-                EntryKind::Server
-            } else {
-                EntryKind::Exempt
-            },
-            prefix: prefix
-                .parse::<Prefix>()
-                .map_err(|e| anyhow::anyhow!("fleet entry {prefix}: {e}"))?,
-            until: r.get::<_, Option<i64>>(2).map(ts).transpose()?,
-            note: r.get(3),
-            added_by: r.get(4),
-            added_at: ts(r.get(5))?,
-        });
-    }
+        .iter()
+        .map(entry_from_row)
+        .collect::<Result<Vec<_>>>()?;
     Ok(FleetState {
         mark,
         users,

@@ -49,6 +49,36 @@ pub fn user_from_row(r: &PgRow) -> Result<User> {
     })
 }
 
+/// A `bindings` row (`user_name, prefix`).
+pub fn binding_from_row(r: &PgRow) -> Result<Binding> {
+    Ok(Binding {
+        user: r.get(0),
+        prefix: prefix(r.get(1))?,
+    })
+}
+
+/// The columns [`entry_from_row`] reads, in its order.
+pub const ENTRY_COLS: &str = "kind, prefix, until, note, added_by, added_at";
+
+/// An `entries` row (selected as [`ENTRY_COLS`]). A kind this port25-ctl does not know is
+/// an error, never read as one it knows (an exemption least of all).
+pub fn entry_from_row(r: &PgRow) -> Result<Entry> {
+    let t = |n: i64| jiff::Timestamp::from_nanosecond(n as i128);
+    let kind: String = r.get(0);
+    Ok(Entry {
+        kind: match kind.as_str() {
+            "server" => EntryKind::Server,
+            "exempt" => EntryKind::Exempt,
+            k => return Err(anyhow!("a fleet entry of unknown kind {k:?}")),
+        },
+        prefix: prefix(r.get(1))?,
+        until: r.get::<_, Option<i64>>(2).map(t).transpose()?,
+        note: r.get(3),
+        added_by: r.get(4),
+        added_at: t(r.get(5))?,
+    })
+}
+
 /// What [`Fleet::bootstrap`] loaded.
 #[derive(Debug, Clone, Copy)]
 pub struct Loaded {
@@ -143,39 +173,16 @@ impl Fleet {
                 c.query("SELECT user_name, prefix FROM bindings", &[])
                     .await?
                     .iter()
-                    .map(|r| {
-                        Ok(Binding {
-                            user: r.get(0),
-                            prefix: prefix(r.get(1))?,
-                        })
-                    })
+                    .map(binding_from_row)
                     .collect::<Result<Vec<_>>>()
             })?;
             sink(Batch::Bindings(bindings))?;
             let entries = self.run(|c| async move {
-                c.query(
-                    "SELECT kind, prefix, until, note, added_by, added_at FROM entries",
-                    &[],
-                )
-                .await?
-                .iter()
-                .map(|r| {
-                    let t = |n: i64| jiff::Timestamp::from_nanosecond(n as i128);
-                    let kind: String = r.get(0);
-                    Ok(Entry {
-                        kind: match kind.as_str() {
-                            "server" => EntryKind::Server,
-                            "exempt" => EntryKind::Exempt,
-                            k => return Err(anyhow!("a fleet entry of unknown kind {k:?}")),
-                        },
-                        prefix: prefix(r.get(1))?,
-                        until: r.get::<_, Option<i64>>(2).map(t).transpose()?,
-                        note: r.get(3),
-                        added_by: r.get(4),
-                        added_at: t(r.get(5))?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()
+                c.query(&format!("SELECT {ENTRY_COLS} FROM entries"), &[])
+                    .await?
+                    .iter()
+                    .map(entry_from_row)
+                    .collect::<Result<Vec<_>>>()
             })?;
             sink(Batch::Entries(entries))?;
             // The audit history too, as replaying the log would have written it: `audit`

@@ -493,39 +493,6 @@ impl Fleet {
             }
         })
     }
-
-    /// Every router's published sessions of `user`, by router.
-    pub fn sessions_of(&mut self, user: &str) -> Result<Vec<(String, Session)>> {
-        let user = user.to_string();
-        self.run(move |c| async move {
-            let rows = c
-                .query(
-                    "SELECT router, id, addrs, since, source FROM sessions WHERE user_name = $1 \
-                     ORDER BY router, id",
-                    &[&user],
-                )
-                .await?;
-            rows.into_iter()
-                .map(|r| {
-                    let addrs: Vec<String> = r.get(2);
-                    Ok((
-                        r.get(0),
-                        Session {
-                            id: r.get(1),
-                            user: user.clone(),
-                            addrs: addrs
-                                .iter()
-                                .map(|a| a.parse())
-                                .collect::<Result<_, _>>()
-                                .map_err(|e| anyhow!("a published session's address: {e}"))?,
-                            since: jiff::Timestamp::from_nanosecond(r.get::<_, i64>(3) as i128)?,
-                            source: r.get(4),
-                        },
-                    ))
-                })
-                .collect()
-        })
-    }
 }
 
 impl Drop for Fleet {

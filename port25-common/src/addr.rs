@@ -37,6 +37,36 @@ pub fn mask<const N: usize>(addr: [u8; N], len: u32) -> [u8; N] {
     out
 }
 
+/// [`mask`] for an IPv6 address, in two 64-bit words: the datapath masks once per session
+/// prefix length probed, and the byte loop compiles to about a hundred BPF instructions a
+/// probe where this is about a dozen.
+#[inline(always)]
+pub fn mask6(addr: [u8; 16], len: u32) -> [u8; 16] {
+    let hi = u64::from_be_bytes([
+        addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+    ]);
+    let lo = u64::from_be_bytes([
+        addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
+    ]);
+    let (hi, lo) = (hi & keep64(len), lo & keep64(len.saturating_sub(64)));
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&hi.to_be_bytes());
+    out[8..].copy_from_slice(&lo.to_be_bytes());
+    out
+}
+
+/// The top `len` bits of a word set (all for 64 and over, none for 0).
+#[inline(always)]
+fn keep64(len: u32) -> u64 {
+    if len >= 64 {
+        u64::MAX
+    } else if len == 0 {
+        0
+    } else {
+        u64::MAX << (64 - len)
+    }
+}
+
 /// True when `addr` lies inside `net/len` (both in network byte order).
 pub fn contains<const N: usize>(net: [u8; N], len: u32, addr: [u8; N]) -> bool {
     mask(addr, len) == net
@@ -85,6 +115,20 @@ mod tests {
         let mut v6 = [0xffu8; 16];
         v6 = mask(v6, 56);
         assert_eq!(&v6[..8], &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
+    }
+
+    #[test]
+    fn mask6_is_mask() {
+        let addrs = [
+            [0xffu8; 16],
+            [0u8; 16],
+            *b"\x20\x01\x0d\xb8\x01\xa0\x00\x05\x80\x01\x02\x03\xfe\xdc\xba\x98",
+        ];
+        for a in addrs {
+            for len in 0..=130 {
+                assert_eq!(mask6(a, len), mask(a, len), "{a:?}/{len}");
+            }
+        }
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! policy maps.
 
 use crate::{
-    addr::mask,
-    maps::{Exempt, NetKey6, Settings, BLOCKED_NS, MAX_SESSION_PREFIX_LENS},
+    addr::mask6,
+    maps::{
+        net6_bit, Exempt, NetKey6, Settings, BLOCKED_NS, MAX_SESSION_PREFIX_LENS, NET6_FILTER_READY,
+    },
     parse::{parse_flat, Frame, Link, Packet, Parsed, Shape},
     reason::Reason,
 };
@@ -24,6 +26,9 @@ pub trait Maps {
     fn exempt_prefix4(&self, a: [u8; 4]) -> Option<Exempt>;
     fn exempt_prefix6(&self, a: [u8; 16]) -> Option<Exempt>;
     fn exempt_net6(&self, key: &NetKey6) -> Option<Exempt>;
+    /// Word `index` of the session-prefix filter (`NET6BITS`); `None` when it cannot be
+    /// read (every probe is then made).
+    fn net6_filter_word(&self, index: u32) -> Option<u64>;
     /// `CLOCK_BOOTTIME` in nanoseconds.
     fn now_ns(&self) -> u64;
 }
@@ -155,10 +160,16 @@ fn entry<M: Maps>(e: Option<Exempt>, maps: &M, pass: Reason) -> Option<Decided> 
     }
 }
 
-/// Probes the session-prefix hash once per prefix length in use, longest first.
+/// Probes the session-prefix hash once per prefix length in use, longest first; once the
+/// filter is ready, only where the key's filter bit is set. A hash probe is a call into the
+/// kernel (about 20 ns); a filter word is an array read the verifier inlines.
 #[inline(always)]
 fn session_prefix<M: Maps>(a: [u8; 16], s: &Settings, maps: &M) -> Option<Decided> {
     let count = s.session_prefix_count as usize;
+    if count == 0 {
+        return None;
+    }
+    let filtered = matches!(maps.net6_filter_word(NET6_FILTER_READY), Some(w) if w != 0);
     for i in 0..MAX_SESSION_PREFIX_LENS {
         if i >= count {
             break;
@@ -166,8 +177,17 @@ fn session_prefix<M: Maps>(a: [u8; 16], s: &Settings, maps: &M) -> Option<Decide
         let len = s.session_prefix_lens[i] as u32;
         let key = NetKey6 {
             prefix_len: len,
-            addr: mask(a, len),
+            addr: mask6(a, len),
         };
+        if filtered {
+            let (word, bit) = net6_bit(&key);
+            // Unreadable: probe.
+            if let Some(w) = maps.net6_filter_word(word) {
+                if w >> bit & 1 == 0 {
+                    continue;
+                }
+            }
+        }
         if let Some(d) = entry(maps.exempt_net6(&key), maps, Reason::PassExemptSession) {
             return Some(d);
         }

@@ -13,7 +13,8 @@ use aya_ebpf::{
 use port25_common::{
     maps::{
         Exempt, NetKey6, Settings, DEFAULT_EXEMPT_IPS, DEFAULT_EXEMPT_PREFIXES,
-        DEFAULT_MAIL_SERVERS, DEFAULT_SESSION_PREFIXES, DEFAULT_SUBSCRIBER_RANGES, PORTS_ENTRIES,
+        DEFAULT_MAIL_SERVERS, DEFAULT_SESSION_PREFIXES, DEFAULT_SUBSCRIBER_RANGES,
+        NET6_FILTER_WORDS, PORTS_ENTRIES,
     },
     verdict::Maps,
     Reason, NUM_REASONS,
@@ -55,6 +56,11 @@ static EXPFX6: LpmTrie<[u8; 16], Exempt> =
 #[map(name = "P25_EXNET6")]
 static EXNET6: HashMap<NetKey6, Exempt> =
     HashMap::with_max_entries(DEFAULT_SESSION_PREFIXES, NO_PREALLOC);
+
+/// Mappable, so the daemon sets and clears bits with plain atomic stores (no syscall a word).
+#[map(name = "P25_NET6BITS")]
+static NET6BITS: Array<u64> =
+    Array::with_max_entries(NET6_FILTER_WORDS + 1, aya_ebpf::bindings::BPF_F_MMAPABLE);
 
 #[map(name = "P25_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_REASONS, 0);
@@ -119,6 +125,11 @@ impl Maps for KernelMaps {
     #[inline(always)]
     fn exempt_net6(&self, key: &NetKey6) -> Option<Exempt> {
         unsafe { EXNET6.get(key) }.copied()
+    }
+    #[inline(always)]
+    fn net6_filter_word(&self, index: u32) -> Option<u64> {
+        // An array read: the verifier inlines it (bounds check and address, no call).
+        NET6BITS.get(index).copied()
     }
     #[inline(always)]
     fn now_ns(&self) -> u64 {

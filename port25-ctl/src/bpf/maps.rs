@@ -22,6 +22,7 @@ use crate::config::Limits;
 pub mod decl {
     pub use super::Capacity::{Fixed, Limit};
     pub use super::{Lru, Progs, Ring};
+    pub use crate::bpf::net6filter::Bits;
     pub use port25_common::maps::{
         AbuseSettings, Exempt, NetKey6, Offender, OffenderKey, Settings,
     };
@@ -38,11 +39,12 @@ pub mod decl {
 ///   `field: NAME = type, capacity[, Slot variant];` (a slot variant marks an exempt map,
 ///   whose value is [`port25_common::maps::Exempt`] and whose key a `Slot` names);
 /// - then the counters (`field: NAME = type, capacity;`), written only by the kernel;
-/// - last the abuse desk's maps (`abuse { field: NAME = type, capacity; }`): offender
-///   tracking (written by the kernel), its settings record (by the daemon at start and
-///   reload) and the block-event ring. Never policy. A pin tree of an older port25 lacks
-///   them: they are created beside it at start (no migration, no layout version change),
-///   and [`crate::bpf::livemaps::LiveMaps`] opens them as optional.
+/// - last the maps a pin tree of an older port25 may lack (`abuse { field: NAME = type,
+///   capacity; }`): the abuse desk's offender tracking (written by the kernel), its settings
+///   record (by the daemon at start and reload) and the block-event ring, never policy; and
+///   the session-prefix filter, which only ever skips a probe whose key is absent
+///   ([`crate::bpf::net6filter`]). They are created beside an older tree at start, and
+///   [`crate::bpf::livemaps::LiveMaps`] opens them as optional.
 ///
 /// `NAME` is the constant in [`port25_common::maps`] (the kernel name and pin file name).
 /// Within a stage, the order is the order of writes: mail servers before exempt entries.
@@ -76,6 +78,8 @@ macro_rules! map_list {
                 // is emptied when no file or pin holds it); each load sets its programs.
                 track_xdp: TRACK_XDP = Progs, Fixed(1);
                 track_tc: TRACK_TC = Progs, Fixed(1);
+                // The key bits and the ready word.
+                net6bits: NET6BITS = Bits, Fixed(port25_common::maps::NET6_FILTER_WORDS + 1);
             }
         }
     };
@@ -204,6 +208,14 @@ impl Declared for Ring {
     const KEY_SIZE: usize = 0;
     const VALUE_SIZE: usize = 0;
     const FLAGS: u32 = 0;
+}
+
+/// The session-prefix filter: an array the daemon maps into its memory.
+impl Declared for Bits {
+    const MAP_TYPE: bpf_map_type = bpf_map_type::BPF_MAP_TYPE_ARRAY;
+    const KEY_SIZE: usize = 4;
+    const VALUE_SIZE: usize = 8;
+    const FLAGS: u32 = aya_obj::generated::BPF_F_MMAPABLE;
 }
 
 /// A program array (the tracking programs' slot).

@@ -7,6 +7,7 @@ pub mod klog;
 pub mod linkinfo;
 pub mod livemaps;
 pub mod maps;
+pub mod net6filter;
 pub mod offenders;
 pub mod pins;
 pub mod route;

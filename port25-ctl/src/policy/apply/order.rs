@@ -15,7 +15,7 @@ use port25_common::{
     maps::{self as m, Exempt, Settings},
     model::Model,
     parse::Packet,
-    verdict::decide,
+    verdict::{decide, Maps},
     Addr,
 };
 use proptest::prelude::*;
@@ -28,11 +28,15 @@ use crate::{
     registry::store::{Binding, Policy, Session, Snapshot, User},
 };
 
+/// The session-prefix filter's words that are not zero.
+type Filter = BTreeMap<u32, u64>;
+
 /// The maps' contents as they are now, and every state they have passed through.
 #[derive(Default)]
 struct World {
     now: Desired,
-    steps: Vec<(String, Desired)>,
+    filter: Filter,
+    steps: Vec<(String, Desired, Filter)>,
 }
 
 type W = Rc<RefCell<World>>;
@@ -40,7 +44,88 @@ type W = Rc<RefCell<World>>;
 impl World {
     fn wrote(&mut self, what: String) {
         let s = self.now.clone();
-        self.steps.push((what, s));
+        self.steps.push((what, s, self.filter.clone()));
+    }
+}
+
+struct FakeFilter(W);
+
+impl FilterCell for FakeFilter {
+    fn load(&self, word: u32) -> u64 {
+        self.0.borrow().filter.get(&word).copied().unwrap_or(0)
+    }
+    fn or(&self, word: u32, bits: u64) {
+        let v = self.load(word) | bits;
+        self.store(word, v);
+    }
+    fn store(&self, word: u32, value: u64) {
+        let mut w = self.0.borrow_mut();
+        if w.filter.get(&word).copied().unwrap_or(0) == value {
+            return;
+        }
+        if value == 0 {
+            w.filter.remove(&word);
+        } else {
+            w.filter.insert(word, value);
+        }
+        w.wrote(format!("filter word {word} = {value:#x}"));
+    }
+}
+
+/// The filter a finished full apply leaves for `d`: its session prefixes' bits, ready.
+fn filter_of(d: &Desired) -> Filter {
+    let mut f = Filter::new();
+    for k in d.exnet6.keys() {
+        let (w, b) = m::net6_bit(k);
+        *f.entry(w).or_default() |= 1 << b;
+    }
+    f.insert(m::NET6_FILTER_READY, 1);
+    f
+}
+
+/// The reference model reading a filter, as the datapath does: a probe whose bit is clear
+/// is skipped once the filter is ready.
+struct Filtered<'a>(Model, &'a Filter);
+
+impl Maps for Filtered<'_> {
+    fn settings(&self) -> Option<Settings> {
+        self.0.settings()
+    }
+    fn port_blocked(&self, port: u16) -> bool {
+        self.0.port_blocked(port)
+    }
+    fn in_ranges4(&self, a: [u8; 4]) -> bool {
+        self.0.in_ranges4(a)
+    }
+    fn in_ranges6(&self, a: [u8; 16]) -> bool {
+        self.0.in_ranges6(a)
+    }
+    fn mail_server4(&self, a: [u8; 4]) -> bool {
+        self.0.mail_server4(a)
+    }
+    fn mail_server6(&self, a: [u8; 16]) -> bool {
+        self.0.mail_server6(a)
+    }
+    fn exempt_ip4(&self, a: [u8; 4]) -> Option<Exempt> {
+        self.0.exempt_ip4(a)
+    }
+    fn exempt_ip6(&self, a: [u8; 16]) -> Option<Exempt> {
+        self.0.exempt_ip6(a)
+    }
+    fn exempt_prefix4(&self, a: [u8; 4]) -> Option<Exempt> {
+        self.0.exempt_prefix4(a)
+    }
+    fn exempt_prefix6(&self, a: [u8; 16]) -> Option<Exempt> {
+        self.0.exempt_prefix6(a)
+    }
+    fn exempt_net6(&self, key: &m::NetKey6) -> Option<Exempt> {
+        self.0.exempt_net6(key)
+    }
+    fn net6_filter_word(&self, index: u32) -> Option<u64> {
+        Some(self.1.get(&index).copied().unwrap_or(0))
+    }
+    fn now_ns(&self) -> u64 {
+        self.0.now_ns()
     }
 }
 
@@ -97,6 +182,7 @@ macro_rules! fakes {
         struct Fakes {
             $sf: FakeSettings,
             $( $( $f: Fake<<$t as Table>::K, <$t as Table>::V>, )* )*
+            net6: FakeFilter,
         }
 
         impl Fakes {
@@ -104,11 +190,12 @@ macro_rules! fakes {
                 Fakes {
                     $sf: FakeSettings(w.clone()),
                     $( $( $f: Fake { w: w.clone(), name: m::$n, field: |d| &mut d.$f }, )* )*
+                    net6: FakeFilter(w.clone()),
                 }
             }
 
             fn tables(&mut self) -> Tables<'_> {
-                Tables { $sf: &mut self.$sf, $( $( $f: &mut self.$f, )* )* }
+                Tables { $sf: &mut self.$sf, $( $( $f: &mut self.$f, )* )* net6: Some(&self.net6) }
             }
         }
     };
@@ -369,7 +456,7 @@ fn dests(v6: bool) -> Vec<Addr> {
     }
 }
 
-fn blocked(m: &Model, src: Addr, dst: Addr) -> bool {
+fn blocked(m: &impl Maps, src: Addr, dst: Addr) -> bool {
     !decide(
         &Packet::Tcp {
             src,
@@ -381,11 +468,12 @@ fn blocked(m: &Model, src: Addr, dst: Addr) -> bool {
     .is_pass()
 }
 
-/// Every state in `steps` blocks what `old` and `new` both block.
+/// Every state in `steps` blocks what `old` and `new` both block, read through the filter
+/// as it was at that write.
 fn check_steps(
     old: &Desired,
     new: &Desired,
-    steps: &[(String, Desired)],
+    steps: &[(String, Desired, Filter)],
 ) -> Result<(), TestCaseError> {
     let (mo, mn) = (model(old, BOOT), model(new, BOOT));
     let mut must = vec![];
@@ -396,8 +484,8 @@ fn check_steps(
             }
         }
     }
-    for (i, (what, state)) in steps.iter().enumerate() {
-        let now = model(state, BOOT);
+    for (i, (what, state, filter)) in steps.iter().enumerate() {
+        let now = Filtered(model(state, BOOT), filter);
         for (s, d) in &must {
             prop_assert!(
                 blocked(&now, *s, *d),
@@ -408,7 +496,7 @@ fn check_steps(
                 d,
                 steps
                     .iter()
-                    .map(|(w, _)| w.as_str())
+                    .map(|(w, _, _)| w.as_str())
                     .collect::<Vec<_>>()
                     .join("\n")
             );
@@ -417,17 +505,22 @@ fn check_steps(
     Ok(())
 }
 
-/// Runs `write` over fake tables holding `old`; the states it passed through, and the last.
-fn record(old: &Desired, write: impl FnOnce(Tables<'_>)) -> (Vec<(String, Desired)>, Desired) {
+/// Runs `write` over fake tables holding `old`, with the filter a full apply of `old` left;
+/// the states it passed through, and the last with its filter.
+fn record(
+    old: &Desired,
+    write: impl FnOnce(Tables<'_>),
+) -> (Vec<(String, Desired, Filter)>, Desired, Filter) {
     let w: W = Rc::new(RefCell::new(World {
         now: old.clone(),
+        filter: filter_of(old),
         steps: vec![],
     }));
     let mut fakes = Fakes::new(&w);
     write(fakes.tables());
     drop(fakes);
     let w = Rc::try_unwrap(w).ok().unwrap().into_inner();
-    (w.steps, w.now)
+    (w.steps, w.now, w.filter)
 }
 
 /// A full apply from the last applied state (`apply_delta`, a reload).
@@ -439,10 +532,12 @@ fn full_apply(a: &Pol, b: &Pol) -> Result<(), TestCaseError> {
     let Some((_, new)) = build(&cfg_b, &snapshot(b)) else {
         return Ok(());
     };
-    let (steps, last) = record(&old, |t| {
+    let (steps, last, filter) = record(&old, |t| {
         apply_to(t, Some(&old), &new).unwrap();
     });
     prop_assert_eq!(&last, &new);
+    // Exactly the new prefixes' bits: a bit left over costs a probe, a missing one opens.
+    prop_assert_eq!(&filter, &filter_of(&new));
     check_steps(&old, &new, &steps)
 }
 
@@ -486,7 +581,7 @@ fn per_change(a: &Pol, b: &Pol) -> Result<(), TestCaseError> {
     let mut applied = old.clone();
     let settings = index.apply(&mut applied, &plan).then_some(applied.settings);
     prop_assert_eq!(&applied, &new);
-    let (steps, last) = record(&old, |t| {
+    let (steps, last, _) = record(&old, |t| {
         write_slots_to(t, &plan.slots, &before, settings).unwrap();
     });
     prop_assert_eq!(&last, &new);

@@ -496,3 +496,60 @@ fn raw_tc_on_a_live_tun_device_decides_by_skb_protocol() {
         assert_eq!(after, before + 1, "{what}: counted as {}", want.name());
     }
 }
+
+/// The session-prefix filter, read by the real program: a probe is skipped only when the
+/// filter is ready and the key's bit is clear. The apply made it ready with the /56's bit
+/// set, so the /56 passes; with that bit cleared by hand (a broken filter) the probe is
+/// skipped and the source is blocked, which shows the program reads it; with the ready word
+/// cleared (a filter map just created beside pins that hold entries) every length is
+/// probed again, whatever the bits say.
+#[test]
+fn session_prefix_probes_follow_the_filter() {
+    use port25_ctl::bpf::net6filter::FilterCell;
+    use port25_common::maps::{net6_bit, NET6_FILTER_READY};
+    require_root!();
+    let mut f = fixture();
+    let frame = v6_frame(
+        v6("2001:db8:100:5500::7"),
+        v6("2001:db8:ff::80"),
+        6,
+        &Tcp::to(25).bytes(),
+    );
+    let key = NetKey6 {
+        prefix_len: 56,
+        addr: v6("2001:db8:100:5500::"),
+    };
+    let (word, bit) = net6_bit(&key);
+    let bits = f.live.net6bits.take().expect("the filter map is pinned");
+    assert_ne!(bits.load(NET6_FILTER_READY), 0, "a full apply leaves it ready");
+    assert_ne!(bits.load(word) >> bit & 1, 0, "the /56's bit is set");
+    let verdict = |f: &mut Fixture| try_run(f, PROG_XDP, &frame).unwrap();
+    assert_eq!(verdict(&mut f), XDP_PASS, "the live /56 session passes");
+
+    let all = bits.load(word);
+    bits.store(word, all & !(1 << bit));
+    assert_eq!(
+        verdict(&mut f),
+        XDP_DROP,
+        "its bit cleared, the program skips the probe"
+    );
+    bits.store(NET6_FILTER_READY, 0);
+    assert_eq!(
+        verdict(&mut f),
+        XDP_PASS,
+        "not ready: every length is probed, whatever the bits"
+    );
+    bits.store(word, all);
+    bits.store(NET6_FILTER_READY, 1);
+    f.live.net6bits = Some(bits);
+    // `check` reads the same filter.
+    let p = port25_common::parse::Packet::Tcp {
+        src: port25_common::Addr::V6(v6("2001:db8:100:5500::7")),
+        dst: port25_common::Addr::V6(v6("2001:db8:ff::80")),
+        dport: 25,
+    };
+    assert_eq!(
+        port25_common::verdict::decide(&p, &f.live),
+        Reason::PassExemptSession
+    );
+}

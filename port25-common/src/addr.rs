@@ -48,11 +48,17 @@ pub fn mask6(addr: [u8; 16], len: u32) -> [u8; 16] {
     let lo = u64::from_be_bytes([
         addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
     ]);
-    let (hi, lo) = (hi & keep64(len), lo & keep64(len.saturating_sub(64)));
+    let (hi, lo) = mask_words(hi, lo, len);
     let mut out = [0u8; 16];
     out[..8].copy_from_slice(&hi.to_be_bytes());
     out[8..].copy_from_slice(&lo.to_be_bytes());
     out
+}
+
+/// [`mask6`] of an address in two big-endian words.
+#[inline(always)]
+pub fn mask_words(hi: u64, lo: u64, len: u32) -> (u64, u64) {
+    (hi & keep64(len), lo & keep64(len.saturating_sub(64)))
 }
 
 /// The top `len` bits of a word set (all for 64 and over, none for 0).

@@ -6,8 +6,8 @@
 
 /// Written into [`Settings::layout`]; read from the pinned settings at daemon start: a newer
 /// version is refused and left alone, an older one is migrated to new maps.
-/// 2: [`NET6BITS`]. A daemon of layout 1 must not edit the session prefixes under a program
-/// that skips probes by the filter (it would not set their bits): it refuses these pins.
+/// 2: [`EXBITS`]. A daemon of layout 1 must not edit the exempt hashes under a program that
+/// skips lookups by the filter (it would not set their bits): it refuses these pins.
 pub const LAYOUT_VERSION: u32 = 2;
 
 // Map names (kernel object names are limited to 15 characters). They double as pin file names.
@@ -32,10 +32,13 @@ pub const EVENTS: &str = "P25_EVENTS";
 /// The tracking programs the entry points tail-call (program arrays, one per program type).
 pub const TRACK_XDP: &str = "P25_TRACK_XDP";
 pub const TRACK_TC: &str = "P25_TRACK_TC";
-/// The session-prefix filter (array of u64 words, [`NET6_FILTER_WORDS`] and the ready word
-/// [`NET6_FILTER_READY`]): bit [`net6_bit`] of every [`EXNET6`] key is set, so a probe whose
-/// bit is clear is skipped.
-pub const NET6BITS: &str = "P25_NET6BITS";
+/// The exempt filter: an array of u64 words ([`EXBITS_WORDS`]) with one region of bits per
+/// exempt hash ([`EXBITS_NET6`], [`EXBITS_IP4`], [`EXBITS_IP6`]) and the ready word
+/// [`EXBITS_READY`]. The bit of every key of those hashes is set, so a lookup whose bit is
+/// clear is skipped: an inlined array read instead of a call into the hash, and on a flood
+/// from sources that are not exempt, a cache line of a 3 MiB bitmap instead of a bucket of a
+/// table of a million.
+pub const EXBITS: &str = "P25_EXBITS";
 
 /// Default capacities; the config's `limits` override the resizable ones at load time.
 pub const DEFAULT_EXEMPT_IPS: u32 = 1 << 20;
@@ -70,30 +73,100 @@ pub const FLAG_LISTED4: u32 = 1 << 2;
 /// `Settings::flags`: as [`FLAG_LISTED4`], for IPv6 sources and [`RANGES6`].
 pub const FLAG_LISTED6: u32 = 1 << 3;
 
-/// Words of [`NET6BITS`] that hold key bits: 4 Mi bits in 512 KiB. At a million session
-/// prefixes a quarter of the bits are set, so a probe of a length that holds no entry is
-/// skipped three times in four.
-pub const NET6_FILTER_WORDS: u32 = 1 << 16;
+/// A region of [`EXBITS`]: its first word and its size in words (a power of two).
+#[derive(Clone, Copy)]
+pub struct Region {
+    pub first: u32,
+    pub words: u32,
+}
 
-/// The word of [`NET6BITS`] past the key bits: non-zero once the daemon has set the bit of
-/// every [`EXNET6`] entry. The daemon sets a key's bit before it writes the key and clears
-/// bits only once their keys are gone, so from then on no entry lacks its bit. Zero (a map
-/// just created, beside pins that already hold entries), every length in use is probed.
-/// In the map itself, not in the settings: a filter map recreated empty is never trusted.
-pub const NET6_FILTER_READY: u32 = NET6_FILTER_WORDS;
+/// [`EXNET6`]'s bits: 4 Mi bits in 512 KiB. At a million session prefixes a quarter are set,
+/// so a probe of a length that holds no entry is skipped three times in four.
+pub const EXBITS_NET6: Region = Region {
+    first: 0,
+    words: 1 << 16,
+};
+/// [`EXIP4`]'s bits: 16 Mi bits in 2 MiB; at a million addresses one lookup in 16 of a
+/// source that is not exempt still reaches the hash.
+pub const EXBITS_IP4: Region = Region {
+    first: EXBITS_NET6.first + EXBITS_NET6.words,
+    words: 1 << 18,
+};
+/// [`EXIP6`]'s bits: 4 Mi bits in 512 KiB.
+pub const EXBITS_IP6: Region = Region {
+    first: EXBITS_IP4.first + EXBITS_IP4.words,
+    words: 1 << 16,
+};
 
-/// A session prefix's filter bit: (word, bit in the word). The key's address is masked to
-/// its length (as every [`EXNET6`] key is). A multiplicative hash of the two address words
-/// and the length: a dozen instructions in the datapath, no helper call.
+/// The word of [`EXBITS`] past the regions: non-zero once the daemon has set the bit of every
+/// key the exempt hashes hold. The daemon sets a key's bit before it writes the key and
+/// clears bits only once their keys are gone, so from then on no entry lacks its bit. Zero
+/// (a map just created, beside pins that already hold entries), every lookup is made. In
+/// the map itself, not in the settings: a filter map recreated empty is never trusted.
+pub const EXBITS_READY: u32 = EXBITS_IP6.first + EXBITS_IP6.words;
+/// Entries of [`EXBITS`].
+pub const EXBITS_WORDS: u32 = EXBITS_READY + 1;
+
+/// A 64-bit finaliser (splitmix64's): every output bit depends on every input bit.
+#[inline(always)]
+const fn mix(x: u64) -> u64 {
+    let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// (word, bit in the word) of hash `h` in region `r`.
+#[inline(always)]
+const fn bit_in(r: Region, h: u64) -> (u32, u32) {
+    (
+        r.first + ((h >> 32) as u32 & (r.words - 1)),
+        ((h >> 26) & 63) as u32,
+    )
+}
+
+/// An IPv6 address as two big-endian words, the form the filter hashes and masks.
+#[inline(always)]
+pub const fn words_of(a: &[u8; 16]) -> (u64, u64) {
+    (
+        u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    )
+}
+
+/// An [`EXNET6`] key's filter bit (its address is masked to its length, as every key is).
 #[inline(always)]
 pub const fn net6_bit(key: &NetKey6) -> (u32, u32) {
-    let a = &key.addr;
-    let hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
-    let lo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
-    let h = (hi ^ lo.rotate_left(31) ^ key.prefix_len as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    // The top bits are the best mixed: 16 for the word, 6 for the bit.
-    ((h >> 48) as u32, ((h >> 42) & 63) as u32)
+    let (hi, lo) = words_of(&key.addr);
+    net6_bit_of(hi, lo, key.prefix_len)
+}
+
+/// [`net6_bit`] of the key (`len`, the masked address in words): the datapath has the
+/// words already, and reading them back from a key's bytes costs 16 byte loads.
+#[inline(always)]
+pub const fn net6_bit_of(hi: u64, lo: u64, len: u32) -> (u32, u32) {
+    bit_in(
+        EXBITS_NET6,
+        mix(hi ^ lo.rotate_left(31) ^ ((len as u64) << 1)),
+    )
+}
+
+/// An [`EXIP4`] key's filter bit.
+#[inline(always)]
+pub const fn ip4_bit(a: [u8; 4]) -> (u32, u32) {
+    bit_in(EXBITS_IP4, mix(u32::from_be_bytes(a) as u64))
+}
+
+/// An [`EXIP6`] key's filter bit.
+#[inline(always)]
+pub const fn ip6_bit(a: &[u8; 16]) -> (u32, u32) {
+    let (hi, lo) = words_of(a);
+    ip6_bit_of(hi, lo)
+}
+
+/// [`ip6_bit`] of an address in words.
+#[inline(always)]
+pub const fn ip6_bit_of(hi: u64, lo: u64) -> (u32, u32) {
+    bit_in(EXBITS_IP6, mix(hi ^ lo.rotate_left(31)))
 }
 
 /// The enforcement flags for a config that lists IPv4 and/or IPv6 subscriber ranges.

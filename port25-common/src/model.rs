@@ -76,9 +76,9 @@ impl Maps for Model {
             .find(|(k, _)| k.prefix_len == key.prefix_len && k.addr == mask(key.addr, k.prefix_len))
             .map(|(_, e)| *e)
     }
-    /// No filter: every length is probed, which is what a filter holding every key's bit
+    /// No filter: every lookup is made, which is what a filter holding every key's bit
     /// decides (the kernel tables check that the daemon's filter does).
-    fn net6_filter_word(&self, _: u32) -> Option<u64> {
+    fn filter_word(&self, _: u32) -> Option<u64> {
         None
     }
     fn now_ns(&self) -> u64 {

@@ -2,9 +2,10 @@
 //! policy maps.
 
 use crate::{
-    addr::mask6,
+    addr::mask_words,
     maps::{
-        net6_bit, Exempt, NetKey6, Settings, BLOCKED_NS, MAX_SESSION_PREFIX_LENS, NET6_FILTER_READY,
+        ip4_bit, ip6_bit_of, net6_bit_of, words_of, Exempt, NetKey6, Settings, BLOCKED_NS,
+        EXBITS_READY, MAX_SESSION_PREFIX_LENS,
     },
     parse::{parse_flat, Frame, Link, Packet, Parsed, Shape},
     reason::Reason,
@@ -26,9 +27,9 @@ pub trait Maps {
     fn exempt_prefix4(&self, a: [u8; 4]) -> Option<Exempt>;
     fn exempt_prefix6(&self, a: [u8; 16]) -> Option<Exempt>;
     fn exempt_net6(&self, key: &NetKey6) -> Option<Exempt>;
-    /// Word `index` of the session-prefix filter (`NET6BITS`); `None` when it cannot be
-    /// read (every probe is then made).
-    fn net6_filter_word(&self, index: u32) -> Option<u64>;
+    /// Word `index` of the exempt filter (`EXBITS`); `None` when it cannot be read (the
+    /// lookups it would skip are then made).
+    fn filter_word(&self, index: u32) -> Option<u64>;
     /// `CLOCK_BOOTTIME` in nanoseconds.
     fn now_ns(&self) -> u64;
 }
@@ -94,17 +95,30 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
     // Most specific first: the exact address, the session prefixes (longest first), then the
     // LPM. A live session's entry decides alone, so a wider prefix of another user (a
     // binding, a stale delegated prefix) never exempts an address a blocked user holds.
+    // The exempt filter: once ready, a hash lookup whose key's bit is clear is skipped.
+    let filtered = matches!(maps.filter_word(EXBITS_READY), Some(w) if w != 0);
     let decided = if v6 {
         let a = *src;
-        entry(maps.exempt_ip6(a), maps, Reason::PassExemptAddr)
+        let (hi, lo) = words_of(&a);
+        let exact = if maybe(filtered, ip6_bit_of(hi, lo), maps) {
+            maps.exempt_ip6(a)
+        } else {
+            None
+        };
+        entry(exact, maps, Reason::PassExemptAddr)
             .or_else(|| match settings {
-                Some(s) => session_prefix(a, &s, maps),
+                Some(s) => session_prefix((hi, lo), &s, filtered, maps),
                 None => None,
             })
             .or_else(|| entry(maps.exempt_prefix6(a), maps, Reason::PassExemptPrefix))
     } else {
         let a = v4(src);
-        entry(maps.exempt_ip4(a), maps, Reason::PassExemptAddr)
+        let exact = if maybe(filtered, ip4_bit(a), maps) {
+            maps.exempt_ip4(a)
+        } else {
+            None
+        };
+        entry(exact, maps, Reason::PassExemptAddr)
             .or_else(|| entry(maps.exempt_prefix4(a), maps, Reason::PassExemptPrefix))
     };
     match decided {
@@ -160,34 +174,46 @@ fn entry<M: Maps>(e: Option<Exempt>, maps: &M, pass: Reason) -> Option<Decided> 
     }
 }
 
-/// Probes the session-prefix hash once per prefix length in use, longest first; once the
-/// filter is ready, only where the key's filter bit is set. A hash probe is a call into the
-/// kernel (about 20 ns); a filter word is an array read the verifier inlines.
+/// Whether a key whose filter bit is `bit` may be in its hash: unfiltered (not ready), its
+/// bit set, or the word unreadable. A hash lookup is a call into the kernel (about 20 ns);
+/// a filter word is an array read the verifier inlines.
 #[inline(always)]
-fn session_prefix<M: Maps>(a: [u8; 16], s: &Settings, maps: &M) -> Option<Decided> {
-    let count = s.session_prefix_count as usize;
-    if count == 0 {
-        return None;
+fn maybe<M: Maps>(filtered: bool, (word, bit): (u32, u32), maps: &M) -> bool {
+    if !filtered {
+        return true;
     }
-    let filtered = matches!(maps.net6_filter_word(NET6_FILTER_READY), Some(w) if w != 0);
+    match maps.filter_word(word) {
+        Some(w) => w >> bit & 1 != 0,
+        None => true,
+    }
+}
+
+/// Probes the session-prefix hash once per prefix length in use, longest first, each only
+/// where the filter allows.
+#[inline(always)]
+fn session_prefix<M: Maps>(
+    (hi, lo): (u64, u64),
+    s: &Settings,
+    filtered: bool,
+    maps: &M,
+) -> Option<Decided> {
+    let count = s.session_prefix_count as usize;
     for i in 0..MAX_SESSION_PREFIX_LENS {
         if i >= count {
             break;
         }
         let len = s.session_prefix_lens[i] as u32;
+        let (mh, ml) = mask_words(hi, lo, len);
+        if !maybe(filtered, net6_bit_of(mh, ml, len), maps) {
+            continue;
+        }
+        let mut addr = [0u8; 16];
+        addr[..8].copy_from_slice(&mh.to_be_bytes());
+        addr[8..].copy_from_slice(&ml.to_be_bytes());
         let key = NetKey6 {
             prefix_len: len,
-            addr: mask6(a, len),
+            addr,
         };
-        if filtered {
-            let (word, bit) = net6_bit(&key);
-            // Unreadable: probe.
-            if let Some(w) = maps.net6_filter_word(word) {
-                if w >> bit & 1 == 0 {
-                    continue;
-                }
-            }
-        }
         if let Some(d) = entry(maps.exempt_net6(&key), maps, Reason::PassExemptSession) {
             return Some(d);
         }

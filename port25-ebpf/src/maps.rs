@@ -13,8 +13,8 @@ use aya_ebpf::{
 use port25_common::{
     maps::{
         Exempt, NetKey6, Settings, DEFAULT_EXEMPT_IPS, DEFAULT_EXEMPT_PREFIXES,
-        DEFAULT_MAIL_SERVERS, DEFAULT_SESSION_PREFIXES, DEFAULT_SUBSCRIBER_RANGES,
-        NET6_FILTER_WORDS, PORTS_ENTRIES,
+        DEFAULT_MAIL_SERVERS, DEFAULT_SESSION_PREFIXES, DEFAULT_SUBSCRIBER_RANGES, EXBITS_WORDS,
+        PORTS_ENTRIES,
     },
     verdict::Maps,
     Reason, NUM_REASONS,
@@ -58,9 +58,9 @@ static EXNET6: HashMap<NetKey6, Exempt> =
     HashMap::with_max_entries(DEFAULT_SESSION_PREFIXES, NO_PREALLOC);
 
 /// Mappable, so the daemon sets and clears bits with plain atomic stores (no syscall a word).
-#[map(name = "P25_NET6BITS")]
-static NET6BITS: Array<u64> =
-    Array::with_max_entries(NET6_FILTER_WORDS + 1, aya_ebpf::bindings::BPF_F_MMAPABLE);
+#[map(name = "P25_EXBITS")]
+static EXBITS: Array<u64> =
+    Array::with_max_entries(EXBITS_WORDS, aya_ebpf::bindings::BPF_F_MMAPABLE);
 
 #[map(name = "P25_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_REASONS, 0);
@@ -127,9 +127,9 @@ impl Maps for KernelMaps {
         unsafe { EXNET6.get(key) }.copied()
     }
     #[inline(always)]
-    fn net6_filter_word(&self, index: u32) -> Option<u64> {
+    fn filter_word(&self, index: u32) -> Option<u64> {
         // An array read: the verifier inlines it (bounds check and address, no call).
-        NET6BITS.get(index).copied()
+        EXBITS.get(index).copied()
     }
     #[inline(always)]
     fn now_ns(&self) -> u64 {

@@ -497,16 +497,16 @@ fn raw_tc_on_a_live_tun_device_decides_by_skb_protocol() {
     }
 }
 
-/// The session-prefix filter, read by the real program: a probe is skipped only when the
-/// filter is ready and the key's bit is clear. The apply made it ready with the /56's bit
+/// The exempt filter, read by the real program: a lookup (here a session prefix probe and
+/// an exact IPv4 address) is skipped only when the filter is ready and the key's bit is clear. The apply made it ready with the /56's bit
 /// set, so the /56 passes; with that bit cleared by hand (a broken filter) the probe is
 /// skipped and the source is blocked, which shows the program reads it; with the ready word
 /// cleared (a filter map just created beside pins that hold entries) every length is
 /// probed again, whatever the bits say.
 #[test]
-fn session_prefix_probes_follow_the_filter() {
-    use port25_ctl::bpf::net6filter::FilterCell;
-    use port25_common::maps::{net6_bit, NET6_FILTER_READY};
+fn exempt_lookups_follow_the_filter() {
+    use port25_common::maps::{net6_bit, EXBITS_READY as NET6_FILTER_READY};
+    use port25_ctl::bpf::exbits::FilterCell;
     require_root!();
     let mut f = fixture();
     let frame = v6_frame(
@@ -520,8 +520,12 @@ fn session_prefix_probes_follow_the_filter() {
         addr: v6("2001:db8:100:5500::"),
     };
     let (word, bit) = net6_bit(&key);
-    let bits = f.live.net6bits.take().expect("the filter map is pinned");
-    assert_ne!(bits.load(NET6_FILTER_READY), 0, "a full apply leaves it ready");
+    let bits = f.live.exbits.take().expect("the filter map is pinned");
+    assert_ne!(
+        bits.load(NET6_FILTER_READY),
+        0,
+        "a full apply leaves it ready"
+    );
     assert_ne!(bits.load(word) >> bit & 1, 0, "the /56's bit is set");
     let verdict = |f: &mut Fixture| try_run(f, PROG_XDP, &frame).unwrap();
     assert_eq!(verdict(&mut f), XDP_PASS, "the live /56 session passes");
@@ -541,7 +545,25 @@ fn session_prefix_probes_follow_the_filter() {
     );
     bits.store(word, all);
     bits.store(NET6_FILTER_READY, 1);
-    f.live.net6bits = Some(bits);
+
+    // The same for an exact IPv4 address (the live session entry 100.64.8.8).
+    let frame4 = V4::new([100, 64, 8, 8], [203, 0, 113, 80]).frame(&Tcp::to(25).bytes());
+    let (word, bit) = port25_common::maps::ip4_bit([100, 64, 8, 8]);
+    let all = bits.load(word);
+    assert_ne!(all >> bit & 1, 0, "the address's bit is set");
+    let verdict4 = |f: &mut Fixture| try_run(f, PROG_XDP, &frame4).unwrap();
+    assert_eq!(verdict4(&mut f), XDP_PASS, "the live session passes");
+    bits.store(word, all & !(1 << bit));
+    assert_eq!(
+        verdict4(&mut f),
+        XDP_DROP,
+        "its bit cleared, the lookup is skipped"
+    );
+    bits.store(NET6_FILTER_READY, 0);
+    assert_eq!(verdict4(&mut f), XDP_PASS, "not ready: the hash is read");
+    bits.store(word, all);
+    bits.store(NET6_FILTER_READY, 1);
+    f.live.exbits = Some(bits);
     // `check` reads the same filter.
     let p = port25_common::parse::Packet::Tcp {
         src: port25_common::Addr::V6(v6("2001:db8:100:5500::7")),

@@ -276,9 +276,9 @@ impl Maps for LiveMaps {
     fn exempt_net6(&self, key: &NetKey6) -> Option<Exempt> {
         self.exnet6.get(key, 0).ok()
     }
-    fn net6_filter_word(&self, index: u32) -> Option<u64> {
-        use crate::bpf::net6filter::FilterCell as _;
-        self.net6bits.as_ref().map(|b| b.load(index))
+    fn filter_word(&self, index: u32) -> Option<u64> {
+        use crate::bpf::exbits::FilterCell as _;
+        self.exbits.as_ref().map(|b| b.load(index))
     }
     fn now_ns(&self) -> u64 {
         boot_ns()

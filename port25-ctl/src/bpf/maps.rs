@@ -22,7 +22,7 @@ use crate::config::Limits;
 pub mod decl {
     pub use super::Capacity::{Fixed, Limit};
     pub use super::{Lru, Progs, Ring};
-    pub use crate::bpf::net6filter::Bits;
+    pub use crate::bpf::exbits::Bits;
     pub use port25_common::maps::{
         AbuseSettings, Exempt, NetKey6, Offender, OffenderKey, Settings,
     };
@@ -42,8 +42,8 @@ pub mod decl {
 /// - last the maps a pin tree of an older port25 may lack (`abuse { field: NAME = type,
 ///   capacity; }`): the abuse desk's offender tracking (written by the kernel), its settings
 ///   record (by the daemon at start and reload) and the block-event ring, never policy; and
-///   the session-prefix filter, which only ever skips a probe whose key is absent
-///   ([`crate::bpf::net6filter`]). They are created beside an older tree at start, and
+///   the exempt filter, which only ever skips a lookup whose key is absent
+///   ([`crate::bpf::exbits`]). They are created beside an older tree at start, and
 ///   [`crate::bpf::livemaps::LiveMaps`] opens them as optional.
 ///
 /// `NAME` is the constant in [`port25_common::maps`] (the kernel name and pin file name).
@@ -79,7 +79,7 @@ macro_rules! map_list {
                 track_xdp: TRACK_XDP = Progs, Fixed(1);
                 track_tc: TRACK_TC = Progs, Fixed(1);
                 // The key bits and the ready word.
-                net6bits: NET6BITS = Bits, Fixed(port25_common::maps::NET6_FILTER_WORDS + 1);
+                exbits: EXBITS = Bits, Fixed(port25_common::maps::EXBITS_WORDS);
             }
         }
     };
@@ -210,7 +210,7 @@ impl Declared for Ring {
     const FLAGS: u32 = 0;
 }
 
-/// The session-prefix filter: an array the daemon maps into its memory.
+/// The exempt filter: an array the daemon maps into its memory.
 impl Declared for Bits {
     const MAP_TYPE: bpf_map_type = bpf_map_type::BPF_MAP_TYPE_ARRAY;
     const KEY_SIZE: usize = 4;

@@ -3,11 +3,11 @@
 
 pub mod datapath;
 pub mod detached;
+pub mod exbits;
 pub mod klog;
 pub mod linkinfo;
 pub mod livemaps;
 pub mod maps;
-pub mod net6filter;
 pub mod offenders;
 pub mod pins;
 pub mod route;

@@ -18,9 +18,9 @@ use port25_common::maps::{self as m, Exempt, Settings, LISTED_MASK, MAX_SESSION_
 
 use crate::{
     bpf::{
+        exbits::{self, FilterCell},
         livemaps::{LiveMaps, Table},
         maps::{decl::*, fits, map_list, Stage, ALL_MAPS},
-        net6filter::{self, FilterCell},
     },
     policy::{
         desired::Desired,
@@ -243,16 +243,16 @@ macro_rules! per_map {
         pub struct Tables<'a> {
             pub $sf: &'a mut dyn SettingsCell,
             $( $( pub $f: &'a mut dyn Table<K = <$t as Table>::K, V = <$t as Table>::V>, )* )*
-            /// The session-prefix filter (absent from an older pin tree, where the datapath
-            /// that reads it is not loaded either).
-            pub net6: Option<&'a dyn FilterCell>,
+            /// The exempt filter (absent from an older pin tree, where the datapath that
+            /// reads it is not loaded either).
+            pub filter: Option<&'a dyn FilterCell>,
         }
 
         impl LiveMaps {
             pub fn tables(&mut self) -> Tables<'_> {
-                let LiveMaps { $sf, $( $( $f, )* )* net6bits, .. } = self;
-                let net6 = net6bits.as_ref().map(|b| b as &dyn FilterCell);
-                Tables { $sf, $( $( $f, )* )* net6 }
+                let LiveMaps { $sf, $( $( $f, )* )* exbits, .. } = self;
+                let filter = exbits.as_ref().map(|b| b as &dyn FilterCell);
+                Tables { $sf, $( $( $f, )* )* filter }
             }
         }
 
@@ -277,7 +277,7 @@ macro_rules! per_map {
             known: Option<&Desired>,
             want: &Desired,
         ) -> Result<(&'a mut dyn SettingsCell, Vec<Box<dyn Pending + 'a>>)> {
-            let Tables { $sf, $( $( $f, )* )* net6: _ } = t;
+            let Tables { $sf, $( $( $f, )* )* filter: _ } = t;
             let maps: Vec<Box<dyn Pending + 'a>> = vec![
                 $( $(
                     Box::new(MapDiff::new($f, m::$n, trie(m::$n), Stage::$stage, &want.$f, known.map(|k| &k.$f))?),
@@ -311,10 +311,10 @@ fn apply_to(t: Tables<'_>, known: Option<&Desired>, want: &Desired) -> Result<Ap
         Some(k) => Some(k.settings),
         None => t.settings.read(),
     };
-    // Every session prefix the change writes has its filter bit before the first write.
-    let net6 = t.net6;
-    if let Some(f) = net6 {
-        net6filter::grow(f, want.exnet6.keys());
+    // Every hash key the change writes has its filter bit before the first write.
+    let filter = t.filter;
+    if let Some(f) = filter {
+        exbits::grow_to(f, want);
     }
     let (settings, mut maps) = diff_all(t, known, want)?;
     // Enforcing a whole family is the restrictive direction: early on, a family stays
@@ -380,10 +380,10 @@ fn apply_to(t: Tables<'_>, known: Option<&Desired>, want: &Desired) -> Result<Ap
         writes += 1;
     }
     writes += all(&mut maps, Stage::Restrict, true, Puts::All)?;
-    // Every delete is done: the map holds `want`'s session prefixes (drift aside, which a
-    // read apply has just removed), so the filter can be exactly their bits, and ready.
-    if let Some(f) = net6 {
-        net6filter::trim(f, want.exnet6.keys());
+    // Every delete is done: the hashes hold `want`'s keys (drift aside, which an apply that
+    // read the maps has just removed), so the filter can be exactly their bits, and ready.
+    if let Some(f) = filter {
+        exbits::trim(f, want);
     }
     Ok(Applied { writes })
 }
@@ -488,14 +488,9 @@ fn write_slots_to(
             (v.is_none() && o.is_some_and(|o| class(&o, trie(s)) == c)).then_some(s)
         })
     };
-    if let Some(f) = t.net6 {
-        net6filter::grow(
-            f,
-            slots.iter().filter_map(|(s, v)| match (s, v) {
-                (Slot::Net6(k), Some(_)) => Some(k),
-                _ => None,
-            }),
-        );
+    if let Some(f) = t.filter {
+        let written = slots.iter().filter(|(_, v)| v.is_some());
+        exbits::grow(f, written.filter_map(|(s, _)| exbits::bit_of(s)));
     }
     let have = t.settings.read();
     let early = settings.map(|s| with_lens_of(s, have));

@@ -275,15 +275,16 @@ fn datapath_bench() {
         origin: ORIGIN_SESSION,
         _pad: 0,
     };
+    // Written as the daemon writes them: each key's filter bit before the key.
+    let filter = live.exbits.take().expect("the exempt filter");
     for i in 0..(1u32 << 20) - 1 {
-        let a = (100u32 << 24 | 64 << 16) + i + 1;
-        live.exip4.put(a.to_be_bytes(), e).unwrap();
+        let a = ((100u32 << 24 | 64 << 16) + i + 1).to_be_bytes();
+        port25_ctl::bpf::exbits::grow(&filter, [port25_common::maps::ip4_bit(a)]);
+        live.exip4.put(a, e).unwrap();
     }
     let lens = [64u8, 60, 56, 52, 48, 47, 46, 44];
-    // Written as the daemon writes them: each key's filter bit before the key.
-    let filter = live.net6bits.take().expect("the session-prefix filter");
     let mut net6 = |key: NetKey6| {
-        port25_ctl::bpf::net6filter::grow(&filter, [&key]);
+        port25_ctl::bpf::exbits::grow(&filter, [port25_common::maps::net6_bit(&key)]);
         live.exnet6.put(key, e).unwrap();
     };
     for i in 0..100_000u32 {
@@ -298,7 +299,7 @@ fn datapath_bench() {
         prefix_len: 56,
         addr: v6("2001:db8:1a0::"),
     });
-    live.net6bits = Some(filter);
+    live.exbits = Some(filter);
     want.settings.session_prefix_lens = lens;
     want.settings.session_prefix_count = 8;
     live.settings.set(0, want.settings, 0).unwrap();

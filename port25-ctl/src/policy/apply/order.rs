@@ -28,7 +28,7 @@ use crate::{
     registry::store::{Binding, Policy, Session, Snapshot, User},
 };
 
-/// The session-prefix filter's words that are not zero.
+/// The exempt filter's words that are not zero.
 type Filter = BTreeMap<u32, u64>;
 
 /// The maps' contents as they are now, and every state they have passed through.
@@ -72,18 +72,20 @@ impl FilterCell for FakeFilter {
     }
 }
 
-/// The filter a finished full apply leaves for `d`: its session prefixes' bits, ready.
+/// The filter a finished full apply leaves for `d`: its hash keys' bits, ready.
 fn filter_of(d: &Desired) -> Filter {
     let mut f = Filter::new();
-    for k in d.exnet6.keys() {
-        let (w, b) = m::net6_bit(k);
+    let bits = (d.exip4.keys().map(|a| m::ip4_bit(*a)))
+        .chain(d.exip6.keys().map(m::ip6_bit))
+        .chain(d.exnet6.keys().map(m::net6_bit));
+    for (w, b) in bits {
         *f.entry(w).or_default() |= 1 << b;
     }
-    f.insert(m::NET6_FILTER_READY, 1);
+    f.insert(m::EXBITS_READY, 1);
     f
 }
 
-/// The reference model reading a filter, as the datapath does: a probe whose bit is clear
+/// The reference model reading a filter, as the datapath does: a lookup whose bit is clear
 /// is skipped once the filter is ready.
 struct Filtered<'a>(Model, &'a Filter);
 
@@ -121,7 +123,7 @@ impl Maps for Filtered<'_> {
     fn exempt_net6(&self, key: &m::NetKey6) -> Option<Exempt> {
         self.0.exempt_net6(key)
     }
-    fn net6_filter_word(&self, index: u32) -> Option<u64> {
+    fn filter_word(&self, index: u32) -> Option<u64> {
         Some(self.1.get(&index).copied().unwrap_or(0))
     }
     fn now_ns(&self) -> u64 {
@@ -182,7 +184,7 @@ macro_rules! fakes {
         struct Fakes {
             $sf: FakeSettings,
             $( $( $f: Fake<<$t as Table>::K, <$t as Table>::V>, )* )*
-            net6: FakeFilter,
+            filter: FakeFilter,
         }
 
         impl Fakes {
@@ -190,12 +192,12 @@ macro_rules! fakes {
                 Fakes {
                     $sf: FakeSettings(w.clone()),
                     $( $( $f: Fake { w: w.clone(), name: m::$n, field: |d| &mut d.$f }, )* )*
-                    net6: FakeFilter(w.clone()),
+                    filter: FakeFilter(w.clone()),
                 }
             }
 
             fn tables(&mut self) -> Tables<'_> {
-                Tables { $sf: &mut self.$sf, $( $( $f: &mut self.$f, )* )* net6: Some(&self.net6) }
+                Tables { $sf: &mut self.$sf, $( $( $f: &mut self.$f, )* )* filter: Some(&self.filter) }
             }
         }
     };

@@ -1,14 +1,15 @@
-//! The session-prefix filter ([`m::NET6BITS`]): one bit per IPv6 session prefix, so the
-//! datapath probes the session-prefix hash only for lengths whose bit is set.
+//! The exempt filter ([`m::EXBITS`]): one bit per key of the exempt hashes (exact IPv4 and
+//! IPv6 addresses, IPv6 session prefixes), so the datapath calls into a hash only for a key
+//! whose bit is set.
 //!
 //! The rule that keeps it fail closed: a key's bit is set before the key is written, and a
 //! bit is cleared only once no key that maps to it is left ([`trim`], after an apply's
 //! deletes); the ready word goes non-zero only after a full apply, when every entry of the
-//! map has its bit. A skipped probe is then one whose key is absent. A bit set with no key
-//! behind it costs one probe, nothing else.
+//! hashes has its bit. A skipped lookup is then one whose key is absent. A bit set with no
+//! key behind it costs one lookup, nothing else.
 //!
 //! The daemon maps the array into its memory (`BPF_F_MMAPABLE`) and edits words with
-//! atomic stores: a trim of a million prefixes compares 65,537 words without a syscall.
+//! atomic stores: a trim at a million entries compares 393,217 words without a syscall.
 
 use std::{
     num::NonZeroUsize,
@@ -18,10 +19,11 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, MapError};
-use port25_common::maps::{self as m, net6_bit, NetKey6};
+use port25_common::maps::{self as m, ip4_bit, ip6_bit, net6_bit};
 
-/// Words of the array: the key bits and the ready word.
-const WORDS: usize = m::NET6_FILTER_WORDS as usize + 1;
+use crate::policy::{slot::Slot, Desired};
+
+const WORDS: usize = m::EXBITS_WORDS as usize;
 
 /// The filter's words as the apply edits them: the live array, or a plain copy in the test
 /// that checks the apply's order.
@@ -31,20 +33,41 @@ pub trait FilterCell {
     fn store(&self, word: u32, value: u64);
 }
 
-/// Sets the bits of `keys` (before they are written).
-pub fn grow<'k>(f: &dyn FilterCell, keys: impl IntoIterator<Item = &'k NetKey6>) {
-    for k in keys {
-        let (w, b) = net6_bit(k);
+/// The filter bit of an exempt key that lives in a hash (`None`: a trie's, never filtered).
+pub fn bit_of(slot: &Slot) -> Option<(u32, u32)> {
+    match slot {
+        Slot::Ip4(a) => Some(ip4_bit(*a)),
+        Slot::Ip6(a) => Some(ip6_bit(a)),
+        Slot::Net6(k) => Some(net6_bit(k)),
+        Slot::Pfx4(_) | Slot::Pfx6(_) => None,
+    }
+}
+
+/// Every hash key of `d` with its filter bit.
+fn bits_of(d: &Desired) -> impl Iterator<Item = (u32, u32)> + '_ {
+    let ip4 = d.exip4.keys().map(|a| ip4_bit(*a));
+    let ip6 = d.exip6.keys().map(ip6_bit);
+    let net6 = d.exnet6.keys().map(net6_bit);
+    ip4.chain(ip6).chain(net6)
+}
+
+/// Sets `bits` (before their keys are written).
+pub fn grow(f: &dyn FilterCell, bits: impl IntoIterator<Item = (u32, u32)>) {
+    for (w, b) in bits {
         f.or(w, 1 << b);
     }
 }
 
-/// Makes the filter exactly the bits of `keys`, the whole content of the map, then marks it
-/// ready. Only after every delete of an apply: a bit still needed is never cleared.
-pub fn trim<'k>(f: &dyn FilterCell, keys: impl IntoIterator<Item = &'k NetKey6>) {
-    let mut want = vec![0u64; m::NET6_FILTER_WORDS as usize];
-    for k in keys {
-        let (w, b) = net6_bit(k);
+/// Sets the bits of every hash key `d` holds (before they are written).
+pub fn grow_to(f: &dyn FilterCell, d: &Desired) {
+    grow(f, bits_of(d));
+}
+
+/// Makes the filter exactly the bits of `d`'s hash keys, then marks it ready. Only once the
+/// hashes hold `d` (after every delete of an apply): a bit still needed is never cleared.
+pub fn trim(f: &dyn FilterCell, d: &Desired) {
+    let mut want = vec![0u64; m::EXBITS_READY as usize];
+    for (w, b) in bits_of(d) {
         want[w as usize] |= 1 << b;
     }
     for (i, v) in want.iter().enumerate() {
@@ -53,8 +76,8 @@ pub fn trim<'k>(f: &dyn FilterCell, keys: impl IntoIterator<Item = &'k NetKey6>)
             f.store(i as u32, *v);
         }
     }
-    if f.load(m::NET6_FILTER_READY) == 0 {
-        f.store(m::NET6_FILTER_READY, 1);
+    if f.load(m::EXBITS_READY) == 0 {
+        f.store(m::EXBITS_READY, 1);
     }
 }
 
@@ -89,10 +112,12 @@ impl TryFrom<Map> for Bits {
                 0,
             )
         }
-        .map_err(|e| MapError::SyscallError(aya::sys::SyscallError {
-            call: "mmap",
-            io_error: std::io::Error::from(e),
-        }))?;
+        .map_err(|e| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "mmap",
+                io_error: std::io::Error::from(e),
+            })
+        })?;
         Ok(Bits {
             _map: data,
             words: ptr.cast(),
@@ -117,7 +142,7 @@ impl Bits {
 
     /// Whether the datapath uses the filter.
     pub fn ready(&self) -> bool {
-        self.load(m::NET6_FILTER_READY) != 0
+        self.load(m::EXBITS_READY) != 0
     }
 }
 

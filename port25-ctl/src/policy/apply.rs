@@ -189,16 +189,18 @@ where
     }
 
     fn put(&mut self, which: Puts) -> Result<usize> {
-        let mut n = 0;
-        for (k, v) in &self.diff.put {
-            if which.takes(v.class(self.trie)) {
-                self.map
-                    .put(*k, *v)
-                    .with_context(|| format!("{}: writing {k:?}", self.name))?;
-                n += 1;
-            }
-        }
-        Ok(n)
+        // One step's entries in one call: a hash map takes them by batch.
+        let step: Vec<(T::K, T::V)> = self
+            .diff
+            .put
+            .iter()
+            .filter(|(_, v)| which.takes(v.class(self.trie)))
+            .copied()
+            .collect();
+        self.map
+            .put_all(&step)
+            .with_context(|| format!("{}: writing {} entries", self.name, step.len()))?;
+        Ok(step.len())
     }
 
     fn del(&mut self, which: Puts) -> Result<usize> {
@@ -279,6 +281,15 @@ macro_rules! per_map {
                 )* )*
             ];
             Ok(($sf, maps))
+        }
+
+        /// What the maps hold, as one state: a start reads it beside the registry and then
+        /// writes only the difference ([`apply_delta`]), as [`apply`] would.
+        pub fn read_state(live: &LiveMaps) -> Result<Desired> {
+            Ok(Desired {
+                $sf: live.$sf.read().unwrap_or_default(),
+                $( $( $f: live.$f.entries().with_context(|| format!("reading {}", m::$n))?, )* )*
+            })
         }
 
         /// Refuses a state that cannot fit the maps, before anything is written or committed.

@@ -123,8 +123,7 @@ pub trait Table {
     /// Writes every entry, in order; a failure leaves the ones before it written.
     fn put_all(&mut self, entries: &[(Self::K, Self::V)]) -> Result<()> {
         for (k, v) in entries {
-            self.put(*k, *v)
-                .with_context(|| format!("writing {k:?}"))?;
+            self.put(*k, *v).with_context(|| format!("writing {k:?}"))?;
         }
         Ok(())
     }
@@ -248,8 +247,7 @@ impl<K: Pod + Ord + std::fmt::Debug, V: Pod + PartialEq> Table for HashMap<MapDa
                 ) && done == 0 =>
             {
                 for (k, v) in entries {
-                    self.put(*k, *v)
-                        .with_context(|| format!("writing {k:?}"))?;
+                    self.put(*k, *v).with_context(|| format!("writing {k:?}"))?;
                 }
                 Ok(())
             }

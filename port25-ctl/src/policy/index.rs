@@ -78,12 +78,7 @@ fn entries_of<'a>(
         origin: ORIGIN_BINDING,
         _pad: 0,
     });
-    merged_entries(
-        addrs,
-        owner,
-        bindings,
-        binding,
-    )
+    merged_entries(addrs, owner, bindings, binding)
 }
 
 /// A user's entries: `owner` at every session slot, `binding` (while unblocked) at every
@@ -225,8 +220,8 @@ impl Index {
         // A user's run in a list sorted by user. The users come in name order too, so the
         // run starts where the last one ended: a search only when they do not.
         fn run<'s, T>(all: &'s [(&'s str, T)], at: &mut usize, user: &str) -> &'s [(&'s str, T)] {
-            let here = (*at == 0 || all[*at - 1].0 < user)
-                && all.get(*at).is_none_or(|(u, _)| *u >= user);
+            let here =
+                (*at == 0 || all[*at - 1].0 < user) && all.get(*at).is_none_or(|(u, _)| *u >= user);
             let from = if here {
                 *at
             } else {
@@ -277,14 +272,12 @@ impl Index {
         // (users may share a slot), then the changed users' old entries out, new ones in.
         for (user, new) in &changed {
             for (slot, _) in self.slots_of(user).iter().chain(new.iter()) {
-                affected
-                    .entry(*slot)
-                    .or_insert_with(|| {
-                        self.holders
-                            .get(slot)
-                            .map(|h| h.iter().map(|(n, v)| (n.to_string(), *v)).collect())
-                            .unwrap_or_default()
-                    });
+                affected.entry(*slot).or_insert_with(|| {
+                    self.holders
+                        .get(slot)
+                        .map(|h| h.iter().map(|(n, v)| (n.to_string(), *v)).collect())
+                        .unwrap_or_default()
+                });
             }
         }
         for (user, new) in &changed {

@@ -218,9 +218,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
             phase("desired state built");
             Ok((wall, clock, index, want))
         })();
-        let loaded = load
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let loaded = load.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         (loaded, built)
     });
     let (mut ebpf, mut live, have) = loaded?;

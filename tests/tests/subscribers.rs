@@ -563,3 +563,57 @@ fn garbage_on_the_socket_is_refused_and_the_daemon_lives_on() {
     }
     ok(&lab, &["user", "list"]);
 }
+
+/// A start writes the exempt hash by batch (more entries than one batch call takes) and,
+/// on a restart, writes only what differs from the pinned maps: entries the config no
+/// longer has are removed, new ones added, and one deleted by hand while no daemon ran is
+/// put back.
+#[test]
+fn a_start_writes_and_compares_many_entries_by_batch() {
+    use port25_ctl::bpf::{livemaps::Table, pins::Pins};
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    // 10.0.0.0 + i for i in `range`, as /32 config exempts.
+    let exempts = |range: std::ops::Range<u32>| -> (String, Vec<[u8; 4]>) {
+        let mut text = String::from("limits:\n  exempt_ips: 40000\nexempt:\n");
+        let mut keys = Vec::new();
+        for i in range {
+            let a = (0x0a00_0000u32 + i).to_be_bytes();
+            text.push_str(&format!(
+                "  - {{prefix: {}.{}.{}.{}/32}}\n",
+                a[0], a[1], a[2], a[3]
+            ));
+            keys.push(a);
+        }
+        (text, keys)
+    };
+    let held = |pin_dir: &std::path::Path| {
+        let live = port25_ctl::bpf::livemaps::LiveMaps::open(&Pins::new(pin_dir)).unwrap();
+        live.exip4
+            .entries()
+            .unwrap()
+            .into_keys()
+            .collect::<Vec<_>>()
+    };
+    let (text, keys) = exempts(0..20_000);
+    lab.write_config(&text);
+    lab.start_daemon();
+    assert_eq!(held(&lab.pin_dir), keys, "a cold start wrote every entry");
+    lab.kill9();
+
+    let (text, keys) = exempts(10_000..30_000);
+    lab.write_config(&text);
+    {
+        // Drift while no daemon runs: an entry the config keeps is gone from the map.
+        let mut live = port25_ctl::bpf::livemaps::LiveMaps::open(&Pins::new(&lab.pin_dir)).unwrap();
+        live.exip4
+            .del((0x0a00_0000u32 + 15_000).to_be_bytes())
+            .unwrap();
+    }
+    lab.start_daemon();
+    assert_eq!(
+        held(&lab.pin_dir),
+        keys,
+        "a restart removed the stale entries, added the new ones and repaired the drift"
+    );
+}

@@ -120,6 +120,13 @@ pub trait Table {
     type V: PartialEq + Copy;
     fn entries(&self) -> Result<BTreeMap<Self::K, Self::V>>;
     fn put(&mut self, k: Self::K, v: Self::V) -> Result<()>;
+    /// Writes every entry, in order; a failure leaves the ones before it written.
+    fn put_all(&mut self, entries: &[(Self::K, Self::V)]) -> Result<()> {
+        for (k, v) in entries {
+            self.put(*k, *v).with_context(|| format!("writing {k:?}"))?;
+        }
+        Ok(())
+    }
     fn del(&mut self, k: Self::K) -> Result<()>;
     fn capacity(&self) -> u32;
     /// How many entries it holds (`fill`: `status`, `/metrics`).
@@ -136,6 +143,9 @@ fn absent_ok(r: Result<(), MapError>) -> Result<()> {
         r => Ok(r?),
     }
 }
+
+/// The kernel's own "operation not supported" (not in libc): a map type without batch calls.
+const ENOTSUPP: i32 = 524;
 
 fn full(e: MapError, what: &str) -> anyhow::Error {
     if let MapError::SyscallError(s) = &e {
@@ -220,6 +230,29 @@ impl<K: Pod + Ord + std::fmt::Debug, V: Pod + PartialEq> Table for HashMap<MapDa
     }
     fn put(&mut self, k: K, v: V) -> Result<()> {
         self.insert(k, v, 0).map_err(|e| full(e, "insert"))
+    }
+    fn put_all(&mut self, entries: &[(K, V)]) -> Result<()> {
+        let map = aya::maps::IterableMap::map(self);
+        match crate::bpf::sys::update_batch(map, entries) {
+            Ok(()) => Ok(()),
+            Err((_, e)) if e.raw_os_error() == Some(libc::E2BIG) => {
+                Err(anyhow!("insert: map full"))
+            }
+            // Kernels without batch writes: one at a time, from where it stopped (none
+            // was written: the call is refused before it starts).
+            Err((done, e))
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(ENOTSUPP)
+                ) && done == 0 =>
+            {
+                for (k, v) in entries {
+                    self.put(*k, *v).with_context(|| format!("writing {k:?}"))?;
+                }
+                Ok(())
+            }
+            Err((done, e)) => Err(anyhow!("insert (batch, after {done} entries): {e}")),
+        }
     }
     fn del(&mut self, k: K) -> Result<()> {
         absent_ok(self.remove(&k))

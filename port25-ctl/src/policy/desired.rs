@@ -57,6 +57,18 @@ macro_rules! desired {
                 }
             }
 
+            /// Merges `v` into the entry at an exempt key: the [`longer`] of the two.
+            pub fn merge_slot(&mut self, s: &Slot, v: Exempt) {
+                fn merge<K: Ord + Copy>(t: &mut BTreeMap<K, Exempt>, k: &K, v: Exempt) {
+                    t.entry(*k)
+                        .and_modify(|have| *have = longer(*have, v))
+                        .or_insert(v);
+                }
+                match s {
+                    $( $( $( Slot::$slot(k) => merge(&mut self.$f, k, v), )? )* )*
+                }
+            }
+
             /// (map name, entries) for every policy map: what the maps hold once applied.
             pub fn fill(&self) -> Vec<(&'static str, usize)> {
                 vec![ $( $( (port25_common::maps::$n, self.$f.len()), )* )* ]
@@ -187,14 +199,12 @@ impl Desired {
     /// Adds an exempt prefix to the table its shape selects; on a key already present the
     /// longer expiry wins (0 = none), so two sources for one address never shorten each other.
     fn exempt(&mut self, p: &Prefix, expires_ns: u64, origin: u32) {
-        let slot = Slot::of(p, false);
         let v = Exempt {
             expires_ns,
             origin,
             _pad: 0,
         };
-        let merged = self.slot(&slot).map_or(v, |have| longer(have, v));
-        self.set_slot(&slot, Some(merged));
+        self.merge_slot(&Slot::of(p, false), v);
     }
 
     /// Config plus the registry's runtime servers and exempt entries: everything but users.

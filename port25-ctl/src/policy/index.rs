@@ -4,7 +4,10 @@
 //! [`Index::apply`]) share one definition of a user's entries ([`user_slots`]); a property
 //! test holds them equal.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use anyhow::Result;
 use port25_common::maps::{Exempt, MAX_SESSION_PREFIX_LENS, ORIGIN_BINDING, ORIGIN_SESSION};
@@ -42,6 +45,23 @@ pub fn user_slots(
     let Some(u) = user else {
         return vec![];
     };
+    entries_of(
+        u,
+        sessions.iter().flat_map(|s| s.addrs.iter()),
+        bindings,
+        now_wall,
+        now_boot,
+    )
+}
+
+/// [`user_slots`] of a user, from the addresses of its sessions.
+fn entries_of<'a>(
+    u: &User,
+    addrs: impl Iterator<Item = &'a Prefix>,
+    bindings: &[Prefix],
+    now_wall: jiff::Timestamp,
+    now_boot: u64,
+) -> UserEntries {
     let expires_ns = if u.unblocked_at(now_wall) {
         expiry_ns(u.until, now_wall, now_boot)
     } else {
@@ -53,25 +73,43 @@ pub fn user_slots(
         origin: ORIGIN_SESSION,
         _pad: 0,
     };
-    let mut out: BTreeMap<Slot, Exempt> = BTreeMap::new();
-    for p in sessions.iter().flat_map(|s| s.addrs.iter()) {
-        for slot in Slot::of_session(p) {
-            out.insert(slot, owner);
-        }
+    let binding = expires_ns.map(|expires_ns| Exempt {
+        expires_ns,
+        origin: ORIGIN_BINDING,
+        _pad: 0,
+    });
+    merged_entries(addrs, owner, bindings, binding)
+}
+
+/// A user's entries: `owner` at every session slot, `binding` (while unblocked) at every
+/// bound prefix; two values for one key merge by [`longer`], which is order-free, so a sort
+/// and one pass give the same entries as inserting them one by one. (A plain Vec: the full
+/// build makes one per user, a million at once.)
+fn merged_entries<'a>(
+    addrs: impl Iterator<Item = &'a Prefix>,
+    owner: Exempt,
+    bindings: &[Prefix],
+    binding: Option<Exempt>,
+) -> UserEntries {
+    let mut out: UserEntries = Vec::new();
+    for p in addrs {
+        Slot::each_of_session(p, |slot| out.push((slot, owner)));
     }
-    if let Some(expires_ns) = expires_ns {
-        let v = Exempt {
-            expires_ns,
-            origin: ORIGIN_BINDING,
-            _pad: 0,
-        };
-        for p in bindings {
-            let slot = Slot::of(p, false);
-            let e = out.entry(slot).or_insert(v);
-            *e = longer(*e, v);
-        }
+    if let Some(v) = binding {
+        out.extend(bindings.iter().map(|p| (Slot::of(p, false), v)));
     }
-    out.into_iter().collect()
+    if out.len() > 1 {
+        out.sort_unstable_by_key(|(slot, _)| *slot);
+        out.dedup_by(|(k, v), (kept_k, kept_v)| {
+            if k == kept_k {
+                *kept_v = longer(*kept_v, *v);
+                true
+            } else {
+                false
+            }
+        });
+    }
+    out
 }
 
 /// The new entries of every user a recorded transaction touched.
@@ -98,12 +136,28 @@ pub fn changed_users(
     Ok(out)
 }
 
+/// A hash map keyed by a fast, per-process seeded hasher: the full build fills two with a
+/// million keys each, where SipHash was a tenth of the start.
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The users holding one slot with their entries, by name; almost always one, so a small
+/// Vec rather than a map per slot (a million of those were most of the build's memory).
+type Holders = Vec<(Arc<str>, Exempt)>;
+
 /// Who contributes what, beside the config and runtime entries (`base`).
 #[derive(Debug, Default, Clone)]
 pub struct Index {
     base: Desired,
-    per_user: HashMap<String, UserEntries>,
-    holders: HashMap<Slot, BTreeMap<String, Exempt>>,
+    per_user: FastMap<Arc<str>, UserEntries>,
+    holders: FastMap<Slot, Holders>,
+}
+
+/// Sets `user`'s entry among a slot's holders (kept in name order).
+fn hold(h: &mut Holders, user: &Arc<str>, v: Exempt) {
+    match h.binary_search_by(|(n, _)| (**n).cmp(&**user)) {
+        Ok(i) => h[i].1 = v,
+        Err(i) => h.insert(i, (user.clone(), v)),
+    }
 }
 
 /// A change computed but not yet made: the users' new entries and each slot's new value.
@@ -148,48 +202,62 @@ impl Index {
         now_wall: jiff::Timestamp,
         now_boot: u64,
     ) -> Result<(Index, Desired)> {
-        let mut sessions: HashMap<&str, Vec<Session>> = HashMap::new();
-        for s in &snap.sessions {
-            sessions.entry(s.user.as_str()).or_default().push(s.clone());
-        }
-        let mut bindings: HashMap<&str, Vec<Prefix>> = HashMap::new();
-        for b in &snap.bindings {
-            bindings.entry(b.user.as_str()).or_default().push(b.prefix);
+        // Each user's session addresses and bindings, found by a sort and a binary search
+        // rather than a map of a million small Vecs of cloned sessions.
+        let mut addrs: Vec<(&str, &Prefix)> = snap
+            .sessions
+            .iter()
+            .flat_map(|s| s.addrs.iter().map(move |p| (s.user.as_str(), p)))
+            .collect();
+        addrs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut bound: Vec<(&str, Prefix)> = snap
+            .bindings
+            .iter()
+            .map(|b| (b.user.as_str(), b.prefix))
+            .collect();
+        bound.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let (mut addrs_at, mut bound_at) = (0, 0);
+        // A user's run in a list sorted by user. The users come in name order too, so the
+        // run starts where the last one ended: a search only when they do not.
+        fn run<'s, T>(all: &'s [(&'s str, T)], at: &mut usize, user: &str) -> &'s [(&'s str, T)] {
+            let here =
+                (*at == 0 || all[*at - 1].0 < user) && all.get(*at).is_none_or(|(u, _)| *u >= user);
+            let from = if here {
+                *at
+            } else {
+                all.partition_point(|(u, _)| *u < user)
+            };
+            let to = from + all[from..].iter().take_while(|(u, _)| *u == user).count();
+            *at = to;
+            &all[from..to]
         }
         let mut index = Index {
             base: base.clone(),
             ..Default::default()
         };
+        index.holders.reserve(addrs.len() + bound.len());
+        index.per_user.reserve(snap.users.len());
         let mut d = base;
+        let mut bindings = Vec::new();
         for u in &snap.users {
-            let slots = user_slots(
-                Some(u),
-                sessions
-                    .get(u.name.as_str())
-                    .map(|v| v.as_slice())
-                    .unwrap_or_default(),
-                bindings
-                    .get(u.name.as_str())
-                    .map(|v| v.as_slice())
-                    .unwrap_or_default(),
+            bindings.clear();
+            bindings.extend(run(&bound, &mut bound_at, &u.name).iter().map(|(_, p)| *p));
+            let slots = entries_of(
+                u,
+                run(&addrs, &mut addrs_at, &u.name).iter().map(|(_, p)| *p),
+                &bindings,
                 now_wall,
                 now_boot,
             );
+            if slots.is_empty() {
+                continue;
+            }
+            let name: Arc<str> = Arc::from(u.name.as_str());
             for (slot, v) in &slots {
-                index
-                    .holders
-                    .entry(*slot)
-                    .or_default()
-                    .insert(u.name.clone(), *v);
-                let merged = match d.slot(slot) {
-                    Some(have) => longer(have, *v),
-                    None => *v,
-                };
-                d.set_slot(slot, Some(merged));
+                hold(index.holders.entry(*slot).or_default(), &name, *v);
+                d.merge_slot(slot, *v);
             }
-            if !slots.is_empty() {
-                index.per_user.insert(u.name.clone(), slots);
-            }
+            index.per_user.insert(name, slots);
         }
         let lens = lens_of(&d)?;
         set_lens(&mut d, lens);
@@ -204,9 +272,12 @@ impl Index {
         // (users may share a slot), then the changed users' old entries out, new ones in.
         for (user, new) in &changed {
             for (slot, _) in self.slots_of(user).iter().chain(new.iter()) {
-                affected
-                    .entry(*slot)
-                    .or_insert_with(|| self.holders.get(slot).cloned().unwrap_or_default());
+                affected.entry(*slot).or_insert_with(|| {
+                    self.holders
+                        .get(slot)
+                        .map(|h| h.iter().map(|(n, v)| (n.to_string(), *v)).collect())
+                        .unwrap_or_default()
+                });
             }
         }
         for (user, new) in &changed {
@@ -270,24 +341,22 @@ impl Index {
     /// caller from `plan.slots`). Returns whether the settings (prefix lengths) changed.
     pub fn apply(&mut self, applied: &mut Desired, plan: &Change) -> bool {
         for (user, new) in &plan.users {
-            if let Some(old) = self.per_user.remove(user) {
+            if let Some(old) = self.per_user.remove(user.as_str()) {
                 for (slot, _) in old {
                     if let Some(h) = self.holders.get_mut(&slot) {
-                        h.remove(user);
+                        h.retain(|(n, _)| **n != **user);
                         if h.is_empty() {
                             self.holders.remove(&slot);
                         }
                     }
                 }
             }
+            let name: Arc<str> = Arc::from(user.as_str());
             for (slot, v) in new {
-                self.holders
-                    .entry(*slot)
-                    .or_default()
-                    .insert(user.clone(), *v);
+                hold(self.holders.entry(*slot).or_default(), &name, *v);
             }
             if !new.is_empty() {
-                self.per_user.insert(user.clone(), new.clone());
+                self.per_user.insert(name, new.clone());
             }
         }
         for (slot, v) in &plan.slots {

@@ -9,6 +9,8 @@ pub mod desired;
 pub mod index;
 pub mod slot;
 
-pub use apply::{apply, apply_delta, check_fits, check_slots_fit, write_slots, Applied};
+pub use apply::{
+    apply, apply_delta, check_fits, check_slots_fit, read_state, write_slots, Applied,
+};
 pub use desired::{expiry_ns, Clock, Desired};
 pub use slot::Slot;

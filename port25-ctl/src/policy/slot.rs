@@ -68,15 +68,22 @@ impl Slot {
     /// per-length session hash.
     /// The registry keeps such prefixes at most [`crate::registry::MAX_SESSION_PREFIX4`] wide.
     pub fn of_session(p: &Prefix) -> Vec<Slot> {
+        let mut out = Vec::new();
+        Slot::each_of_session(p, |s| out.push(s));
+        out
+    }
+
+    /// [`Slot::of_session`] without its Vec: the full build visits a million sessions.
+    pub fn each_of_session(p: &Prefix, mut f: impl FnMut(Slot)) {
         match p.addr {
             IpAddr::V4(a) if !p.is_host() => {
                 let base = u32::from(a);
                 let count = 1u64 << (32 - p.len as u32);
-                (0..count)
-                    .map(|i| Slot::Ip4((base.wrapping_add(i as u32)).to_be_bytes()))
-                    .collect()
+                for i in 0..count {
+                    f(Slot::Ip4((base.wrapping_add(i as u32)).to_be_bytes()));
+                }
             }
-            _ => vec![Slot::of(p, true)],
+            _ => f(Slot::of(p, true)),
         }
     }
 }

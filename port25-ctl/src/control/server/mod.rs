@@ -188,15 +188,41 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     let changes = datapath::layout_changes(&pins, &cfg.limits)?;
     let migrating = !changes.is_empty();
     let opts = datapath::LoadOptions { kernel_log };
-    let (mut ebpf, map_pins) = if migrating {
-        warn!(
-            ?changes,
-            "pinned maps differ from this config: migrating to new maps"
-        );
-        (datapath::load_staged(&cfg, &pins, opts)?, pins.staging())
-    } else {
-        (datapath::load_with(&cfg, &pins, opts)?, pins.clone())
-    };
+    // Two independent halves on two cores: the kernel verifies the programs and the pinned
+    // maps are read (what a restart compares against) while the registry is read and the
+    // desired state built. Neither writes a map.
+    let (loaded, built) = std::thread::scope(|s| {
+        let load = s.spawn(|| -> Result<_> {
+            let (ebpf, map_pins) = if migrating {
+                warn!(
+                    ?changes,
+                    "pinned maps differ from this config: migrating to new maps"
+                );
+                (datapath::load_staged(&cfg, &pins, opts)?, pins.staging())
+            } else {
+                (datapath::load_with(&cfg, &pins, opts)?, pins.clone())
+            };
+            phase("programs loaded");
+            let live = LiveMaps::open(&map_pins)?;
+            let have = policy::read_state(&live)?;
+            phase("pinned maps read");
+            Ok((ebpf, live, have))
+        });
+        let built = (|| -> Result<_> {
+            let mut wall = Wall::new(&mut store)?;
+            wall.close_uncertain_unblocks(&mut store)?;
+            let clock = Clock::sample_at(wall.now());
+            // A change committed by an earlier daemon that died before applying it is
+            // applied here.
+            let (index, want) = desired(&cfg, &mut store, &clock, wall.now())?;
+            phase("desired state built");
+            Ok((wall, clock, index, want))
+        })();
+        let loaded = load.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (loaded, built)
+    });
+    let (mut ebpf, mut live, have) = loaded?;
+    let (wall, clock, index, want) = built?;
     // Read from before the programs attach: their first messages are not lost. Without the
     // flag the programs carry no log code (pruned by the verifier) and nothing is read.
     let klog = if kernel_log {
@@ -209,17 +235,11 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     } else {
         None
     };
-    phase("programs loaded");
-    let mut live = LiveMaps::open(&map_pins)?;
-    let mut wall = Wall::new(&mut store)?;
-    wall.close_uncertain_unblocks(&mut store)?;
-    let clock = Clock::sample_at(wall.now());
-    // Policy before programs: a fresh attach never runs on empty maps. A change committed
-    // by an earlier daemon that died before applying it is applied here.
-    let (index, want) = desired(&cfg, &mut store, &clock, wall.now())?;
-    phase("desired state built");
+    // Policy before programs: a fresh attach never runs on empty maps.
     policy::check_fits(&live, &want)?;
-    let applied = policy::apply(&mut live, &want)?;
+    // From what the maps were just read to hold: only the difference is written.
+    let applied = policy::apply_delta(&mut live, &have, &want)?;
+    drop(have);
     phase("maps applied");
     info!(writes = applied.writes, "policy applied");
     crate::bpf::offenders::write_settings(&mut live, &cfg.abuse)?;
@@ -462,9 +482,19 @@ fn desired(
     clock: &Clock,
     now: jiff::Timestamp,
 ) -> Result<(Index, Desired)> {
+    let t = Instant::now();
     let snap = store.snapshot()?;
+    debug!(
+        ms = t.elapsed().as_millis() as u64,
+        users = snap.users.len(),
+        sessions = snap.sessions.len(),
+        "registry read"
+    );
     let (wall, boot) = clock.at(now);
-    Desired::build_indexed(cfg, &snap, wall, boot)
+    let built = Desired::build_indexed(cfg, &snap, wall, boot);
+    // A million users' rows take a while to free, and nobody waits for that.
+    std::thread::spawn(move || drop(snap));
+    built
 }
 
 /// Records the config's forced wide allow-list entries in the audit log (each start and

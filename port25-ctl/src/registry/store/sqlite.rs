@@ -151,9 +151,18 @@ fn from_ts(n: i64) -> Timestamp {
 }
 
 fn prefix(s: String) -> rusqlite::Result<Prefix> {
+    prefix_at(&s)
+}
+
+fn prefix_at(s: &str) -> rusqlite::Result<Prefix> {
     s.parse().map_err(|e: String| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
     })
+}
+
+/// A prefix column read in place: a full read parses a million of them.
+fn prefix_col(r: &rusqlite::Row, i: usize) -> rusqlite::Result<Prefix> {
+    prefix_at(r.get_ref(i)?.as_str()?)
 }
 
 impl SqliteStore {
@@ -286,14 +295,14 @@ const USER_COLS: &str =
     "name, policy, until, reason, set_by, set_at, hold_reason, hold_by, hold_at";
 
 fn user_row(r: &rusqlite::Row) -> rusqlite::Result<User> {
-    let policy: String = r.get(1)?;
+    let policy = r.get_ref(1)?.as_str()?;
     Ok(User {
-        name: r.get(0)?,
         policy: if policy == "unblocked" {
             Policy::Unblocked
         } else {
             Policy::Blocked
         },
+        name: r.get(0)?,
         until: r.get::<_, Option<i64>>(2)?.map(from_ts),
         reason: r.get(3)?,
         set_by: r.get(4)?,
@@ -423,31 +432,31 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn sessions(&self) -> Result<Vec<Session>> {
-        let mut by_id: std::collections::HashMap<String, Vec<Prefix>> = Default::default();
-        {
-            let mut st = self.tx.prepare_cached(
-                "SELECT session_id, prefix FROM session_addrs ORDER BY session_id, pos",
-            )?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, prefix(r.get(1)?)?)))?;
-            for row in rows {
-                let (id, p) = row?;
-                by_id.entry(id).or_default().push(p);
+        // One ordered scan: each session's rows are adjacent, its addresses in order
+        // (a map from a million ids to their addresses was most of a full read).
+        let mut st = self.tx.prepare_cached(
+            "SELECT s.id, s.user, s.since, s.source, a.prefix FROM sessions s \
+             LEFT JOIN session_addrs a ON a.session_id = s.id ORDER BY s.id, a.pos",
+        )?;
+        let mut rows = st.query([])?;
+        let mut out: Vec<Session> = Vec::new();
+        while let Some(r) = rows.next()? {
+            let same = out
+                .last()
+                .is_some_and(|s| r.get_ref(0).ok().and_then(|v| v.as_str().ok()) == Some(&s.id));
+            if !same {
+                out.push(Session {
+                    id: r.get(0)?,
+                    user: r.get(1)?,
+                    since: from_ts(r.get(2)?),
+                    source: r.get(3)?,
+                    addrs: Vec::new(),
+                });
             }
-        }
-        let mut st = self
-            .tx
-            .prepare_cached("SELECT id, user, since, source FROM sessions ORDER BY id")?;
-        let rows = st.query_map([], |r| self.session_row(r))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, user, since, source) = row?;
-            out.push(Session {
-                addrs: by_id.remove(&id).unwrap_or_default(),
-                id,
-                user,
-                since: from_ts(since),
-                source,
-            });
+            if r.get_ref(4)? != rusqlite::types::ValueRef::Null {
+                let p = prefix_col(r, 4)?;
+                out.last_mut().expect("pushed above").addrs.push(p);
+            }
         }
         Ok(out)
     }

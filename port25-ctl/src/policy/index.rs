@@ -82,21 +82,48 @@ pub fn changed_users(
 ) -> Result<Vec<(String, UserEntries)>> {
     use crate::registry::store::Tx;
     let mut out = Vec::with_capacity(rec.users.len());
+    // A change of many users (a `session sync`) reads every session and binding once rather
+    // than a few statements per user.
+    let bulk = (rec.users.len() >= BULK_USERS)
+        .then(|| -> Result<_> {
+            let mut sessions: HashMap<String, Vec<Session>> = HashMap::new();
+            for s in rec.sessions()? {
+                if rec.users.contains(&s.user) {
+                    sessions.entry(s.user.clone()).or_default().push(s);
+                }
+            }
+            let mut bindings: HashMap<String, Vec<Prefix>> = HashMap::new();
+            for b in rec.bindings()? {
+                bindings.entry(b.user).or_default().push(b.prefix);
+            }
+            Ok((sessions, bindings))
+        })
+        .transpose()?;
     for name in &rec.users {
-        let slots = match rec.user(name)? {
-            Some(u) => user_slots(
+        let slots = match (rec.user(name)?, &bulk) {
+            (Some(u), None) => user_slots(
                 Some(&u),
                 &rec.sessions_of(name)?,
                 &rec.bindings_of(name)?,
                 now_wall,
                 now_boot,
             ),
-            None => vec![],
+            (Some(u), Some((sessions, bindings))) => user_slots(
+                Some(&u),
+                sessions.get(name).map(|v| v.as_slice()).unwrap_or_default(),
+                bindings.get(name).map(|v| v.as_slice()).unwrap_or_default(),
+                now_wall,
+                now_boot,
+            ),
+            (None, _) => vec![],
         };
         out.push((name.clone(), slots));
     }
     Ok(out)
 }
+
+/// From how many changed users [`changed_users`] reads all sessions at once.
+const BULK_USERS: usize = 2048;
 
 /// Who contributes what, beside the config and runtime entries (`base`).
 #[derive(Debug, Default, Clone)]

@@ -686,6 +686,10 @@ fn socket_scan_agrees_with_yaml_or_defers() {
         "subscriber_ranges: [100.64.0.0/10, \"2001:db8:100::/40\"]\nsocket:   /run/d.sock   # x\n",
         "mail_servers: [198.51.100.25/32]\n",
         "---\n# comment [\nsocket: /run/e.sock\n",
+        // The scan stops at a sure `socket:`: what follows cannot name another (YAML
+        // refuses a key given twice).
+        "socket: /run/g.sock\nexempt: [10.0.0.1/32,\n  10.0.0.2/32]\n",
+        "socket: /run/h.sock\nnote: \"a\nsocket: /run/x\"\n",
     ];
     for t in sure {
         let scan = scan_socket(t);
@@ -720,6 +724,11 @@ fn socket_scan_agrees_with_yaml_or_defers() {
         // A top-level mapping indented as a whole: YAML's keys all the same.
         "  socket: /run/x\n  pin_dir: /sys/fs/bpf/x\n",
         "# c\n\n  socket: /run/x\n",
+        // Line breaks YAML (libyaml) sees where `\n` lines do not.
+        "a: x\rsocket: /run/x\n",
+        "a: x\u{2028}socket: /run/x\n",
+        "a: x\u{2029}socket: /run/x\n",
+        "a: x\u{85}socket: /run/x\n",
     ];
     for t in unsure {
         assert_eq!(scan_socket(t), Scan::Unsure, "{t:?}");
@@ -740,6 +749,13 @@ fn socket_scan_agrees_with_yaml_or_defers() {
         ));
     }
     assert_eq!(scan_socket(&big), Scan::Found("/run/big.sock".into()));
+    // YAML refuses a second top-level `socket:`, so the first sure one is the only one a
+    // daemon could have started with.
+    assert!(yaml("socket: /run/a\nsocket: /run/b\n").is_none());
+    assert_eq!(
+        scan_socket("socket: /run/a\nsocket: /run/b\n"),
+        Scan::Found("/run/a".into())
+    );
 }
 
 /// `status` and `check` parse only the sections they read when the file's top level can be

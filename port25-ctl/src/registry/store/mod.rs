@@ -214,7 +214,9 @@ pub trait Tx {
         sessions.iter().try_for_each(|s| self.delete_session(&s.id))
     }
     fn put_events(&mut self, events: &[(String, Timestamp)]) -> Result<()> {
-        events.iter().try_for_each(|(id, at)| self.put_event(id, *at))
+        events
+            .iter()
+            .try_for_each(|(id, at)| self.put_event(id, *at))
     }
     fn append_audits(&mut self, records: &[AuditRecord]) -> Result<()> {
         records.iter().try_for_each(|r| self.append_audit(r))

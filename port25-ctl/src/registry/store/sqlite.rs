@@ -581,7 +581,9 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn put_events(&mut self, events: &[(String, Timestamp)]) -> Result<()> {
-        events.iter().try_for_each(|(id, at)| self.put_event(id, *at))
+        events
+            .iter()
+            .try_for_each(|(id, at)| self.put_event(id, *at))
     }
 
     fn append_audits(&mut self, records: &[AuditRecord]) -> Result<()> {

@@ -13,6 +13,7 @@ use serde::{de, Deserialize, Deserializer, Serialize};
 use crate::net::Prefix;
 
 mod metrics_listen;
+mod socket_hint;
 pub use metrics_listen::{MetricsListen, DEFAULT_METRICS_LISTEN};
 mod abuse;
 pub use abuse::Abuse;
@@ -523,14 +524,28 @@ pub fn limits_of(path: &Path) -> anyhow::Result<Limits> {
 
 /// The `socket:` the config file at `path` names, if it names one (see [`socket_of`]).
 pub fn socket_named(path: &Path) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(path).ok()?;
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path).ok()?;
     // Every client verb (a hook per session event) asks this, and YAML takes seconds over a
     // config with a million exempt entries: a line scan answers when it can tell the answer
-    // is YAML's, and YAML decides the rest.
-    match scan_socket(&text) {
-        Scan::Found(p) => return Some(p),
-        Scan::Absent => return None,
-        Scan::Unsure => {}
+    // is YAML's, and YAML decides the rest. A sure answer is kept on the file for the file
+    // as it was read (see `socket_hint`).
+    let before = socket_hint::identity(&f);
+    if let Some(answer) = before.as_ref().and_then(|id| socket_hint::read(&f, id)) {
+        return answer;
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).ok()?;
+    let sure = match scan_socket(&text) {
+        Scan::Found(p) => Some(Some(p)),
+        Scan::Absent => Some(None),
+        Scan::Unsure => None,
+    };
+    if let Some(answer) = sure {
+        if let Some(id) = before.filter(|id| socket_hint::identity(&f).as_ref() == Some(id)) {
+            socket_hint::write(&f, &id, answer.as_deref());
+        }
+        return answer;
     }
     if let Ok(serde_yaml::Value::Mapping(m)) = serde_yaml::from_str::<serde_yaml::Value>(&text) {
         return match m.get("socket") {
@@ -697,17 +712,22 @@ fn blank_or_comment(line: &str) -> bool {
 /// and holds no line break YAML sees and `\n` lines do not.
 fn closes_what_it_opens(line: &str) -> bool {
     let b = line.as_bytes();
-    if !b.iter().any(|c| SPECIAL[*c as usize]) {
+    let class = b.iter().fold(0, |c, x| c | CLASS[*x as usize]);
+    if class == 0 {
         return true;
     }
     // A line break YAML (libyaml) knows inside what `\n` lines take for one line: a bare CR,
     // NEL, LS or PS. What follows it may be a key of its own.
-    if b.contains(&b'\r')
-        || b.windows(2).any(|w| w == [0xc2, 0x85])
-        || b.windows(3)
-            .any(|w| w == [0xe2, 0x80, 0xa8] || w == [0xe2, 0x80, 0xa9])
+    if class & BREAK != 0
+        && (b.contains(&b'\r')
+            || b.windows(2).any(|w| w == [0xc2, 0x85])
+            || b.windows(3)
+                .any(|w| w == [0xe2, 0x80, 0xa8] || w == [0xe2, 0x80, 0xa9]))
     {
         return false;
+    }
+    if class & OPENS == 0 {
+        return true;
     }
     let (mut depth, mut i) = (0i32, 0);
     while i < b.len() {
@@ -748,14 +768,23 @@ fn closes_what_it_opens(line: &str) -> bool {
     depth == 0
 }
 
-/// The bytes that may open or close something across lines (brackets and quotes) or start
-/// a line break other than `\n` (CR; NEL, LS and PS begin with 0xc2 or 0xe2).
-const SPECIAL: [bool; 256] = {
-    let mut t = [false; 256];
-    let b = b"[]{}\"'\r\xc2\xe2";
+/// [`CLASS`] of the bytes that may open or close something across lines: brackets, quotes.
+const OPENS: u8 = 1;
+/// [`CLASS`] of the bytes that may start a line break other than `\n`: CR, and the first
+/// bytes of NEL, LS and PS.
+const BREAK: u8 = 2;
+/// What a byte may mean to [`closes_what_it_opens`] (one table, one pass over a line).
+const CLASS: [u8; 256] = {
+    let mut t = [0; 256];
+    let (opens, breaks) = (b"[]{}\"'", b"\r\xc2\xe2");
     let mut i = 0;
-    while i < b.len() {
-        t[b[i] as usize] = true;
+    while i < opens.len() {
+        t[opens[i] as usize] = OPENS;
+        i += 1;
+    }
+    i = 0;
+    while i < breaks.len() {
+        t[breaks[i] as usize] = BREAK;
         i += 1;
     }
     t

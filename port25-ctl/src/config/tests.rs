@@ -804,3 +804,39 @@ fn status_still_reports_a_broken_config() {
     let e = Config::load_for_reading(f.path()).expect_err("a broken exempt entry");
     assert!(e.to_string().contains("10.0.0.1/33"), "{e}");
 }
+
+/// The scan's sure answer is kept on the file (root only: `trusted.*`): the next client
+/// verb reads it without scanning, and any write to the file voids it.
+#[test]
+fn the_socket_hint_answers_until_the_file_changes() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: trusted.* extended attributes need root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("port25.yaml");
+    std::fs::write(&f, "interfaces: []\nsocket: /run/a.sock\n").unwrap();
+    assert_eq!(socket_named(&f), Some(PathBuf::from("/run/a.sock")));
+    let file = std::fs::File::open(&f).unwrap();
+    let id = socket_hint::identity(&file).unwrap();
+    assert_eq!(
+        socket_hint::read(&file, &id),
+        Some(Some(PathBuf::from("/run/a.sock"))),
+        "the answer is kept on the file"
+    );
+    // The kept answer is what a client verb reads (here one planted for the same file).
+    socket_hint::write(&file, &id, Some(Path::new("/run/kept.sock")));
+    assert_eq!(socket_named(&f), Some(PathBuf::from("/run/kept.sock")));
+    // Written in place (same inode, same size): the hint no longer describes the file.
+    std::fs::write(&f, "interfaces: []\nsocket: /run/b.sock\n").unwrap();
+    assert_eq!(socket_named(&f), Some(PathBuf::from("/run/b.sock")));
+    std::fs::write(&f, "interfaces: []\n").unwrap();
+    assert_eq!(socket_named(&f), None);
+    assert_eq!(socket_named(&f), None, "an absent socket is kept too");
+    // An unsure scan keeps nothing: YAML decides each time.
+    std::fs::write(&f, "a: [1,\nsocket: /run/x]\nsocket: /run/c.sock\n").unwrap();
+    assert_eq!(socket_named(&f), Some(PathBuf::from("/run/c.sock")));
+    let file = std::fs::File::open(&f).unwrap();
+    let id = socket_hint::identity(&file).unwrap();
+    assert_eq!(socket_hint::read(&file, &id), None);
+}

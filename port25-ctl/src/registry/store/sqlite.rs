@@ -137,6 +137,8 @@ CREATE INDEX users_timed ON users(until) WHERE policy = 'unblocked' AND until IS
 pub struct SqliteStore {
     conn: Connection,
     pub path: PathBuf,
+    /// Write transactions began since the last [`SqliteStore::checkpoint`].
+    written: bool,
 }
 
 /// Saturates rather than wraps: callers refuse unstorable times first (config::check_storable),
@@ -180,7 +182,11 @@ impl SqliteStore {
         // `session sync` of 100,000 sessions to the WAL, page by page, several times over).
         conn.pragma_update(None, "cache_size", -65536)?;
         migrate(&mut conn).with_context(|| format!("migrating {}", path.display()))?;
-        Ok(SqliteStore { conn, path })
+        Ok(SqliteStore {
+            conn,
+            path,
+            written: false,
+        })
     }
 
     /// Opens an existing registry for reading only (`check` with the daemon down).
@@ -200,7 +206,11 @@ impl SqliteStore {
                 MIGRATIONS.len()
             );
         }
-        Ok(SqliteStore { conn, path })
+        Ok(SqliteStore {
+            conn,
+            path,
+            written: false,
+        })
     }
 }
 
@@ -278,8 +288,38 @@ impl SqliteStore {
     }
 }
 
+/// A bound on the WAL while checkpoints are deferred (pages; 64 MiB at 4 KiB): past it a
+/// commit checkpoints as SQLite does by default.
+const DEFERRED_CHECKPOINT_PAGES: i64 = 16384;
+
+impl SqliteStore {
+    /// Leaves checkpoints (copying the WAL into the database, with fsyncs of their own) to
+    /// [`SqliteStore::checkpoint`] at a quiet moment, instead of to whichever commit crosses
+    /// SQLite's 1,000 pages: that commit's caller (an `unblock`) would wait for them.
+    pub fn defer_checkpoints(&mut self) -> Result<()> {
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", DEFERRED_CHECKPOINT_PAGES)?;
+        Ok(())
+    }
+
+    /// Whether a write transaction began since the last checkpoint.
+    pub fn checkpoint_due(&self) -> bool {
+        self.written
+    }
+
+    /// Copies what the WAL holds into the database, as far as readers allow (PASSIVE:
+    /// never waits for them).
+    pub fn checkpoint(&mut self) -> Result<()> {
+        self.written = false;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
 impl Store for SqliteStore {
     fn begin(&mut self) -> Result<Box<dyn Tx + '_>> {
+        self.written = true;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;

@@ -100,7 +100,12 @@ pub fn changed_users(
         })
         .transpose()?;
     for name in &rec.users {
-        let slots = match (rec.user(name)?, &bulk) {
+        // A user this transaction created is as it wrote it: no read.
+        let user = match rec.created.get(name) {
+            Some(u) => Some(u.clone()),
+            None => rec.user(name)?,
+        };
+        let slots = match (user, &bulk) {
             (Some(u), None) => user_slots(
                 Some(&u),
                 &rec.sessions_of(name)?,

@@ -871,6 +871,9 @@ pub fn session_sync(
             source: "sync".into(),
         });
     }
+    // In key order: each index then grows at its end rather than page by page all over.
+    new_users.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    added.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     tx.insert_users(&new_users)?;
     tx.insert_sessions(&added)?;
     tx.put_events(&events)?;

@@ -13,6 +13,7 @@ use serde::{de, Deserialize, Deserializer, Serialize};
 use crate::net::Prefix;
 
 mod metrics_listen;
+mod socket_hint;
 pub use metrics_listen::{MetricsListen, DEFAULT_METRICS_LISTEN};
 mod abuse;
 pub use abuse::Abuse;
@@ -523,14 +524,28 @@ pub fn limits_of(path: &Path) -> anyhow::Result<Limits> {
 
 /// The `socket:` the config file at `path` names, if it names one (see [`socket_of`]).
 pub fn socket_named(path: &Path) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(path).ok()?;
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path).ok()?;
     // Every client verb (a hook per session event) asks this, and YAML takes seconds over a
     // config with a million exempt entries: a line scan answers when it can tell the answer
-    // is YAML's, and YAML decides the rest.
-    match scan_socket(&text) {
-        Scan::Found(p) => return Some(p),
-        Scan::Absent => return None,
-        Scan::Unsure => {}
+    // is YAML's, and YAML decides the rest. A sure answer is kept on the file for the file
+    // as it was read (see `socket_hint`).
+    let before = socket_hint::identity(&f);
+    if let Some(answer) = before.as_ref().and_then(|id| socket_hint::read(&f, id)) {
+        return answer;
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).ok()?;
+    let sure = match scan_socket(&text) {
+        Scan::Found(p) => Some(Some(p)),
+        Scan::Absent => Some(None),
+        Scan::Unsure => None,
+    };
+    if let Some(answer) = sure {
+        if let Some(id) = before.filter(|id| socket_hint::identity(&f).as_ref() == Some(id)) {
+            socket_hint::write(&f, &id, answer.as_deref());
+        }
+        return answer;
     }
     if let Ok(serde_yaml::Value::Mapping(m)) = serde_yaml::from_str::<serde_yaml::Value>(&text) {
         return match m.get("socket") {
@@ -601,13 +616,17 @@ enum Scan {
 }
 
 /// The top-level `socket:` of a block-style config, line by line. Sure only when every line
-/// closes what it opens (so no later line can be inside a flow collection or a quoted
-/// scalar), every top-level line is a plain `key:` (or a sequence item, comment or document
-/// marker), and the value is a path on one line: YAML reads the same then.
+/// up to it closes what it opens (so no later line can be inside a flow collection or a
+/// quoted scalar), every top-level line is a plain `key:` (or a sequence item, comment or
+/// document marker), and the value is a path on one line: YAML reads the same then.
+///
+/// The scan stops at the first sure `socket:`: YAML (serde_yaml) refuses a top-level key
+/// given twice, so in a file YAML reads no later line can name another socket, and a file
+/// it refuses names none the daemon could have started with. Lines are found with memchr
+/// and told apart by their first byte; only lines holding a bracket or quote are walked.
 fn scan_socket(text: &str) -> Scan {
-    let mut found = None;
     let mut keyed = false;
-    let mut lines = text.lines().peekable();
+    let mut lines = Lines(text).peekable();
     while let Some(line) = lines.next() {
         if !closes_what_it_opens(line) {
             return Scan::Unsure;
@@ -657,14 +676,30 @@ fn scan_socket(text: &str) -> Scan {
             // Null, numbers and YAML's other plain scalars are not paths: YAML decides.
             (v.starts_with('/') && !v.contains(['#', '\'', '"']) && !v.contains(": ")).then_some(v)
         };
-        match path {
-            Some(p) if !p.is_empty() => found = Some(PathBuf::from(p)),
-            _ => return Scan::Unsure,
-        }
+        return match path {
+            Some(p) if !p.is_empty() => Scan::Found(PathBuf::from(p)),
+            _ => Scan::Unsure,
+        };
     }
-    match found {
-        Some(p) => Scan::Found(p),
-        None => Scan::Absent,
+    Scan::Absent
+}
+
+/// The lines of a text as [`str::lines`] gives them (`\n` or `\r\n` ends one), found by
+/// memchr: a config with a million entries is 35 MB.
+struct Lines<'a>(&'a str);
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = &'a str;
+    fn next(&mut self) -> Option<&'a str> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let (line, rest) = match memchr::memchr(b'\n', self.0.as_bytes()) {
+            Some(i) => (&self.0[..i], &self.0[i + 1..]),
+            None => (self.0, ""),
+        };
+        self.0 = rest;
+        Some(line.strip_suffix('\r').unwrap_or(line))
     }
 }
 
@@ -673,13 +708,25 @@ fn blank_or_comment(line: &str) -> bool {
     t.is_empty() || t.starts_with('#')
 }
 
-/// Whether `line` closes every flow bracket and quoted scalar it opens (a comment ends it).
+/// Whether `line` closes every flow bracket and quoted scalar it opens (a comment ends it),
+/// and holds no line break YAML sees and `\n` lines do not.
 fn closes_what_it_opens(line: &str) -> bool {
     let b = line.as_bytes();
-    if !b
-        .iter()
-        .any(|c| matches!(c, b'[' | b']' | b'{' | b'}' | b'"' | b'\''))
+    let class = b.iter().fold(0, |c, x| c | CLASS[*x as usize]);
+    if class == 0 {
+        return true;
+    }
+    // A line break YAML (libyaml) knows inside what `\n` lines take for one line: a bare CR,
+    // NEL, LS or PS. What follows it may be a key of its own.
+    if class & BREAK != 0
+        && (b.contains(&b'\r')
+            || b.windows(2).any(|w| w == [0xc2, 0x85])
+            || b.windows(3)
+                .any(|w| w == [0xe2, 0x80, 0xa8] || w == [0xe2, 0x80, 0xa9]))
     {
+        return false;
+    }
+    if class & OPENS == 0 {
         return true;
     }
     let (mut depth, mut i) = (0i32, 0);
@@ -720,6 +767,28 @@ fn closes_what_it_opens(line: &str) -> bool {
     }
     depth == 0
 }
+
+/// [`CLASS`] of the bytes that may open or close something across lines: brackets, quotes.
+const OPENS: u8 = 1;
+/// [`CLASS`] of the bytes that may start a line break other than `\n`: CR, and the first
+/// bytes of NEL, LS and PS.
+const BREAK: u8 = 2;
+/// What a byte may mean to [`closes_what_it_opens`] (one table, one pass over a line).
+const CLASS: [u8; 256] = {
+    let mut t = [0; 256];
+    let (opens, breaks) = (b"[]{}\"'", b"\r\xc2\xe2");
+    let mut i = 0;
+    while i < opens.len() {
+        t[opens[i] as usize] = OPENS;
+        i += 1;
+    }
+    i = 0;
+    while i < breaks.len() {
+        t[breaks[i] as usize] = BREAK;
+        i += 1;
+    }
+    t
+};
 
 fn default_socket() -> PathBuf {
     PathBuf::from("/run/port25/ctl.sock")

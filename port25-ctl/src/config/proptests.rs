@@ -137,8 +137,82 @@ fn mutated() -> impl Strategy<Value = String> {
         })
 }
 
+/// Text made of what decides where a top-level `socket:` is: keys at the start of a line
+/// and indented, flow brackets, quotes, comments, block scalars, every line break YAML
+/// knows, and `socket:` lines with sure and unsure values.
+fn socketish() -> impl Strategy<Value = String> {
+    let token = prop::sample::select(vec![
+        "socket: /run/a.sock",
+        "socket: \"/run/b.sock\"",
+        "socket: '/run/c.sock' # c",
+        "socket: /run/d",
+        "socket : /run/e",
+        "\"socket\": /run/f",
+        "socket:",
+        "exempt:",
+        "a: ",
+        "  b: ",
+        "\n",
+        "\n",
+        "\n",
+        "\r\n",
+        "\r",
+        "\u{2028}",
+        "\u{85}",
+        "  ",
+        "\t",
+        "- ",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        "\"",
+        "'",
+        "it's",
+        "#",
+        " # x",
+        "|",
+        ">",
+        "---",
+        "...",
+        "? ",
+        ": ",
+        "&a ",
+        "*a",
+        "!!str ",
+        "x",
+        "/run/z",
+        "10.0.0.1/32",
+    ]);
+    prop::collection::vec(token, 0..40).prop_map(|v| v.concat())
+}
+
+/// The socket YAML reads in `text`: None when YAML does not read it as a mapping.
+fn yaml_socket(text: &str) -> Option<Option<PathBuf>> {
+    match serde_yaml::from_str::<serde_yaml::Value>(text) {
+        Ok(serde_yaml::Value::Mapping(m)) => Some(match m.get("socket") {
+            Some(serde_yaml::Value::String(s)) if !s.is_empty() => Some(PathBuf::from(s)),
+            _ => None,
+        }),
+        _ => None,
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Wherever the line scan answers (it stops at the first sure `socket:`), YAML reading
+    /// the whole text answers the same, or refuses the text.
+    #[test]
+    fn socket_scan_agrees_with_yaml_or_defers(text in socketish()) {
+        let want = yaml_socket(&text);
+        match (scan_socket(&text), want) {
+            (Scan::Unsure, _) | (_, None) => {}
+            (Scan::Found(p), Some(y)) => prop_assert_eq!(Some(p), y, "{:?}", text),
+            (Scan::Absent, Some(y)) => prop_assert_eq!(None, y, "{:?}", text),
+        }
+    }
 
     #[test]
     fn arbitrary_text_never_panics(text in "\\PC{0,200}") {

@@ -686,6 +686,10 @@ fn socket_scan_agrees_with_yaml_or_defers() {
         "subscriber_ranges: [100.64.0.0/10, \"2001:db8:100::/40\"]\nsocket:   /run/d.sock   # x\n",
         "mail_servers: [198.51.100.25/32]\n",
         "---\n# comment [\nsocket: /run/e.sock\n",
+        // The scan stops at a sure `socket:`: what follows cannot name another (YAML
+        // refuses a key given twice).
+        "socket: /run/g.sock\nexempt: [10.0.0.1/32,\n  10.0.0.2/32]\n",
+        "socket: /run/h.sock\nnote: \"a\nsocket: /run/x\"\n",
     ];
     for t in sure {
         let scan = scan_socket(t);
@@ -720,6 +724,11 @@ fn socket_scan_agrees_with_yaml_or_defers() {
         // A top-level mapping indented as a whole: YAML's keys all the same.
         "  socket: /run/x\n  pin_dir: /sys/fs/bpf/x\n",
         "# c\n\n  socket: /run/x\n",
+        // Line breaks YAML (libyaml) sees where `\n` lines do not.
+        "a: x\rsocket: /run/x\n",
+        "a: x\u{2028}socket: /run/x\n",
+        "a: x\u{2029}socket: /run/x\n",
+        "a: x\u{85}socket: /run/x\n",
     ];
     for t in unsure {
         assert_eq!(scan_socket(t), Scan::Unsure, "{t:?}");
@@ -740,6 +749,13 @@ fn socket_scan_agrees_with_yaml_or_defers() {
         ));
     }
     assert_eq!(scan_socket(&big), Scan::Found("/run/big.sock".into()));
+    // YAML refuses a second top-level `socket:`, so the first sure one is the only one a
+    // daemon could have started with.
+    assert!(yaml("socket: /run/a\nsocket: /run/b\n").is_none());
+    assert_eq!(
+        scan_socket("socket: /run/a\nsocket: /run/b\n"),
+        Scan::Found("/run/a".into())
+    );
 }
 
 /// `status` and `check` parse only the sections they read when the file's top level can be
@@ -787,4 +803,40 @@ fn status_still_reports_a_broken_config() {
     .unwrap();
     let e = Config::load_for_reading(f.path()).expect_err("a broken exempt entry");
     assert!(e.to_string().contains("10.0.0.1/33"), "{e}");
+}
+
+/// The scan's sure answer is kept on the file (root only: `trusted.*`): the next client
+/// verb reads it without scanning, and any write to the file voids it.
+#[test]
+fn the_socket_hint_answers_until_the_file_changes() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: trusted.* extended attributes need root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("port25.yaml");
+    std::fs::write(&f, "interfaces: []\nsocket: /run/a.sock\n").unwrap();
+    assert_eq!(socket_named(&f), Some(PathBuf::from("/run/a.sock")));
+    let file = std::fs::File::open(&f).unwrap();
+    let id = socket_hint::identity(&file).unwrap();
+    assert_eq!(
+        socket_hint::read(&file, &id),
+        Some(Some(PathBuf::from("/run/a.sock"))),
+        "the answer is kept on the file"
+    );
+    // The kept answer is what a client verb reads (here one planted for the same file).
+    socket_hint::write(&file, &id, Some(Path::new("/run/kept.sock")));
+    assert_eq!(socket_named(&f), Some(PathBuf::from("/run/kept.sock")));
+    // Written in place (same inode, same size): the hint no longer describes the file.
+    std::fs::write(&f, "interfaces: []\nsocket: /run/b.sock\n").unwrap();
+    assert_eq!(socket_named(&f), Some(PathBuf::from("/run/b.sock")));
+    std::fs::write(&f, "interfaces: []\n").unwrap();
+    assert_eq!(socket_named(&f), None);
+    assert_eq!(socket_named(&f), None, "an absent socket is kept too");
+    // An unsure scan keeps nothing: YAML decides each time.
+    std::fs::write(&f, "a: [1,\nsocket: /run/x]\nsocket: /run/c.sock\n").unwrap();
+    assert_eq!(socket_named(&f), Some(PathBuf::from("/run/c.sock")));
+    let file = std::fs::File::open(&f).unwrap();
+    let id = socket_hint::identity(&file).unwrap();
+    assert_eq!(socket_hint::read(&file, &id), None);
 }

@@ -91,6 +91,9 @@ impl Tx for FleetTx<'_> {
     fn prune_events(&mut self, before: Timestamp) -> Result<()> {
         self.local.prune_events(before)
     }
+    fn events_after(&self, after: Timestamp) -> Result<std::collections::HashSet<String>> {
+        self.local.events_after(after)
+    }
     fn bindings(&self) -> Result<Vec<Binding>> {
         self.local.bindings()
     }

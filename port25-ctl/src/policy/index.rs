@@ -120,16 +120,45 @@ pub fn changed_users(
 ) -> Result<Vec<(String, UserEntries)>> {
     use crate::registry::store::Tx;
     let mut out = Vec::with_capacity(rec.users.len());
+    // A change of many users (a `session sync`) reads every session and binding once rather
+    // than a few statements per user.
+    let bulk = (rec.users.len() >= BULK_USERS)
+        .then(|| -> Result<_> {
+            let mut sessions: FastMap<String, Vec<Session>> = FastMap::default();
+            for s in rec.sessions()? {
+                if rec.users.contains(&s.user) {
+                    sessions.entry(s.user.clone()).or_default().push(s);
+                }
+            }
+            let mut bindings: FastMap<String, Vec<Prefix>> = FastMap::default();
+            for b in rec.bindings()? {
+                bindings.entry(b.user).or_default().push(b.prefix);
+            }
+            Ok((sessions, bindings))
+        })
+        .transpose()?;
     for name in &rec.users {
-        let slots = match rec.user(name)? {
-            Some(u) => user_slots(
+        // A user this transaction created is as it wrote it: no read.
+        let user = match rec.created.get(name) {
+            Some(u) => Some(u.clone()),
+            None => rec.user(name)?,
+        };
+        let slots = match (user, &bulk) {
+            (Some(u), None) => user_slots(
                 Some(&u),
                 &rec.sessions_of(name)?,
                 &rec.bindings_of(name)?,
                 now_wall,
                 now_boot,
             ),
-            None => vec![],
+            (Some(u), Some((sessions, bindings))) => user_slots(
+                Some(&u),
+                sessions.get(name).map(|v| v.as_slice()).unwrap_or_default(),
+                bindings.get(name).map(|v| v.as_slice()).unwrap_or_default(),
+                now_wall,
+                now_boot,
+            ),
+            (None, _) => vec![],
         };
         out.push((name.clone(), slots));
     }
@@ -143,6 +172,9 @@ type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 /// The users holding one slot with their entries, by name; almost always one, so a small
 /// Vec rather than a map per slot (a million of those were most of the build's memory).
 type Holders = Vec<(Arc<str>, Exempt)>;
+
+/// From how many changed users [`changed_users`] reads all sessions at once.
+const BULK_USERS: usize = 2048;
 
 /// Who contributes what, beside the config and runtime entries (`base`).
 #[derive(Debug, Default, Clone)]

@@ -4,7 +4,7 @@
 
 pub mod store;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use anyhow::Result;
 use jiff::Timestamp;
@@ -760,47 +760,65 @@ pub fn session_sync(
         }
     }
     tx.prune_events(now - SYNC_HORIZON)?;
-    let newer = |tx: &dyn Tx, id: &str| -> Result<bool> {
-        Ok(tx.last_event(id)?.is_some_and(|t| t > taken))
-    };
+    // The whole comparison is made in memory against one read of the stored sessions and
+    // of the recent events, and written in bulk: a BRAS lists 100,000 sessions a minute.
+    let newer = tx.events_after(taken)?;
     let mut out = SyncOutcome::default();
-    // By id, so the pass over the registry's sessions stays linear (a BRAS lists 100k).
-    let by_id: std::collections::HashMap<&str, &SyncSession> =
-        list.iter().map(|s| (s.id.as_str(), s)).collect();
+    let by_id: HashMap<&str, &SyncSession> = list.iter().map(|s| (s.id.as_str(), s)).collect();
+    let mut audits = Vec::new();
+    let mut events = Vec::new();
+    let record = |action: &str, subject: &str, old, new| AuditRecord {
+        id: 0,
+        at: now,
+        actor: actor.to_string(),
+        action: action.into(),
+        subject: subject.into(),
+        old,
+        new,
+        reason: None,
+    };
     // Gone or changed sessions leave first, so the new list's addresses are free to take.
+    let mut gone = Vec::new();
+    // The sessions that stay, and who holds each of their addresses.
+    let mut kept = HashSet::new();
+    let mut held: HashMap<Prefix, String> = HashMap::new();
     for old in tx.sessions()? {
-        if newer(tx, &old.id)? {
-            out.newer += 1;
-            continue;
-        }
         let (what, count) = match by_id.get(old.id.as_str()) {
+            _ if newer.contains(&old.id) => {
+                out.newer += 1;
+                held.extend(old.addrs.iter().map(|p| (*p, old.id.clone())));
+                kept.insert(old.id);
+                continue;
+            }
             Some(s) if s.user == old.user && s.addrs == old.addrs => {
                 out.unchanged += 1;
+                held.extend(old.addrs.iter().map(|p| (*p, old.id.clone())));
+                kept.insert(old.id);
                 continue;
             }
             Some(_) => ("sync: changed", &mut out.changed),
             None => ("sync", &mut out.removed),
         };
         *count += 1;
-        tx.delete_session(&old.id)?;
-        tx.put_event(&old.id, taken)?;
-        audit(
-            tx,
-            actor,
-            now,
+        events.push((old.id.clone(), taken));
+        audits.push(record(
             "session.down",
             &old.user,
             Some(format!("{}: {} ({what})", old.id, fmt_addrs(&old.addrs))),
             None,
-            None,
-        )?;
+        ));
+        gone.push(old);
     }
     drop(by_id);
+    tx.delete_sessions(&gone)?;
+    let mut known_users = HashSet::new();
+    let mut new_users = Vec::new();
+    let mut added = Vec::new();
     for mut s in list {
-        if tx.session(&s.id)?.is_some() {
+        if kept.contains(&s.id) {
             continue;
         }
-        if newer(tx, &s.id)? {
+        if newer.contains(&s.id) {
             out.newer += 1;
             continue;
         }
@@ -808,9 +826,15 @@ pub fn session_sync(
         let before = s.addrs.len();
         let mut keep = Vec::with_capacity(before);
         for p in s.addrs {
-            match tx.session_holding(&p)? {
-                Some(h) if newer(tx, &h.id)? => {}
-                _ => keep.push(p),
+            match held.get(&p) {
+                Some(h) if newer.contains(h) => {}
+                // Only a session the list keeps unchanged (and so lists with this address)
+                // or one of its own earlier entries could hold it: the list would hold the
+                // address twice, which was refused above.
+                Some(h) => anyhow::bail!(
+                    "session sync: {p} is held by session {h}, which the list keeps (a bug: nothing was changed)"
+                ),
+                None => keep.push(p),
             }
         }
         s.addrs = keep;
@@ -818,10 +842,43 @@ pub fn session_sync(
         if s.addrs.is_empty() {
             continue;
         }
-        session_up_at(tx, actor, &s.user, Some(&s.id), s.addrs, "sync", now, taken)?;
-        out.added += 1;
+        // As `session up`: a user not seen before is registered, blocked.
+        if !known_users.contains(s.user.as_str()) {
+            if tx.user(&s.user)?.is_none() {
+                new_users.push(new_user(&s.user, actor, now));
+                audits.push(record(
+                    "user.add",
+                    &s.user,
+                    None,
+                    Some("blocked (first session)".into()),
+                ));
+            }
+            known_users.insert(s.user.clone());
+        }
+        held.extend(s.addrs.iter().map(|p| (*p, s.id.clone())));
+        events.push((s.id.clone(), taken));
+        audits.push(record(
+            "session.up",
+            &s.user,
+            None,
+            Some(format!("{}: {}", s.id, fmt_addrs(&s.addrs))),
+        ));
+        added.push(Session {
+            id: s.id,
+            user: s.user,
+            addrs: s.addrs,
+            since: now,
+            source: "sync".into(),
+        });
     }
-    out.added -= out.changed.min(out.added);
+    // In key order: each index then grows at its end rather than page by page all over.
+    new_users.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    added.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    tx.insert_users(&new_users)?;
+    tx.insert_sessions(&added)?;
+    tx.put_events(&events)?;
+    tx.append_audits(&audits)?;
+    out.added = added.len() - out.changed.min(added.len());
     Ok(out)
 }
 

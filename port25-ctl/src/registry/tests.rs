@@ -273,6 +273,108 @@ fn sync_makes_the_registry_equal_to_the_list() {
     assert_eq!(d.audit_len(), before, "a refused sync writes nothing");
 }
 
+/// The bulk sync writes what one change at a time wrote: the same sessions, events, counts
+/// and audit rows, in the same order (stored sessions by id first, then the list's order).
+#[test]
+fn a_sync_writes_each_rows_and_audit_as_single_changes_did() {
+    let mut d = db();
+    let a = actor();
+    up(&mut d, "alice", "1", &["100.64.0.2"]).unwrap();
+    up(&mut d, "bob", "2", &["100.64.0.3"]).unwrap();
+    up(&mut d, "carol", "3", &["100.64.0.4"]).unwrap();
+    let taken = t(NOW).checked_add(mins(1)).unwrap();
+    let later = t(NOW).checked_add(mins(2)).unwrap();
+    // After the snapshot: the list cannot know of this session.
+    d.run(|tx| {
+        session_up(
+            tx,
+            &a,
+            "erin",
+            Some("6"),
+            vec![p("100.64.0.8")],
+            "cli",
+            later,
+        )
+    })
+    .unwrap();
+    let before = d.audit_len();
+    let list = vec![
+        sync("2", "bob", &["100.64.0.3"]),
+        sync("3", "carol", &["100.64.0.5"]),
+        sync("4", "dave", &["100.64.0.6"]),
+        sync("5", "bob", &["100.64.0.7"]),
+        sync("7", "frank", &["100.64.0.8"]),
+    ];
+    let o = d
+        .run(|tx| session_sync(tx, &a, list, Some(taken), later))
+        .unwrap();
+    assert_eq!(
+        o,
+        SyncOutcome {
+            added: 2,
+            changed: 1,
+            removed: 1,
+            unchanged: 1,
+            newer: 2,
+        }
+    );
+    let tx = d.store.begin().unwrap();
+    let recs = tx.audit(&AuditQuery::default()).unwrap();
+    let rows: Vec<_> = recs[before..]
+        .iter()
+        .map(|r| {
+            assert_eq!((r.at, r.actor.as_str()), (later, a.to_string().as_str()));
+            (
+                r.action.as_str(),
+                r.subject.as_str(),
+                r.old.as_deref(),
+                r.new.as_deref(),
+            )
+        })
+        .collect();
+    let (a2, a4, a5, a6, a7) = (
+        p("100.64.0.2"),
+        p("100.64.0.4"),
+        p("100.64.0.5"),
+        p("100.64.0.6"),
+        p("100.64.0.7"),
+    );
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "session.down",
+                "alice",
+                Some(&*format!("1: {a2} (sync)")),
+                None
+            ),
+            (
+                "session.down",
+                "carol",
+                Some(&*format!("3: {a4} (sync: changed)")),
+                None
+            ),
+            ("session.up", "carol", None, Some(&*format!("3: {a5}"))),
+            ("user.add", "dave", None, Some("blocked (first session)")),
+            ("session.up", "dave", None, Some(&*format!("4: {a6}"))),
+            ("session.up", "bob", None, Some(&*format!("5: {a7}"))),
+        ]
+    );
+    let ids: Vec<_> = tx.sessions().unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(ids, ["2", "3", "4", "5", "6"]);
+    let s3 = tx.session("3").unwrap().unwrap();
+    assert_eq!((s3.since, s3.source.as_str()), (later, "sync"));
+    assert_eq!(tx.user("dave").unwrap().unwrap().policy, Policy::Blocked);
+    assert!(tx.user("frank").unwrap().is_none(), "no session, no user");
+    for id in ["1", "3", "4", "5"] {
+        assert_eq!(tx.last_event(id).unwrap(), Some(taken), "{id}");
+    }
+    assert_eq!(tx.last_event("6").unwrap(), Some(later));
+    drop(tx);
+    let c = d.store.counts(later).unwrap();
+    assert_eq!((c.users, c.sessions), (5, 5));
+}
+
 #[test]
 fn every_change_is_audited_with_its_actor() {
     let mut d = db();

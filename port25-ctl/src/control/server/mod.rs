@@ -79,6 +79,9 @@ pub mod limits {
     pub const NOFILE: u64 = 65536;
 }
 
+/// How long the daemon waits without a request before it checkpoints the registry's WAL.
+const CHECKPOINT_IDLE: std::time::Duration = std::time::Duration::from_millis(500);
+
 struct Daemon {
     config_path: PathBuf,
     cfg: Config,
@@ -171,6 +174,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     let t = Instant::now();
     let phase = |what: &str| debug!(ms = t.elapsed().as_millis() as u64, "start: {what}");
     let mut store = SqliteStore::open(&cfg.state_dir)?;
+    store.defer_checkpoints()?;
     let mut fleet = match &cfg.registry {
         Some(r) => Some(Fleet::new(r)?),
         None => None,
@@ -386,6 +390,13 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
             _ = Events::ready(d.events.as_ref()) => d.log_events(),
             _ = tokio::time::sleep_until(d.flagged.next_scan) => d.scan_offenders(),
             Some(()) = wake(&mut fleet_wake) => d.follow(),
+            // The WAL is checkpointed when no request has come for a while (see
+            // `SqliteStore::defer_checkpoints`).
+            _ = tokio::time::sleep(CHECKPOINT_IDLE), if d.store.checkpoint_due() => {
+                if let Err(e) = d.store.checkpoint() {
+                    warn!("checkpointing the registry: {e:#}");
+                }
+            }
             _ = tick.tick() => d.reconcile(),
             _ = quick.tick(), if d.dirty => d.reconcile(),
             _ = term.recv() => { info!("SIGTERM: exiting; the pinned programs keep enforcing"); break; }

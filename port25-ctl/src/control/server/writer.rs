@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use tokio::sync::oneshot;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{audit_forced_wide, desired, ops, Daemon};
 use crate::{
@@ -335,7 +335,11 @@ impl Daemon {
             _ => local,
         };
         let mut rec = Recording::new(inner);
+        // With PORT25_LOG=port25_ctl::control::server=debug: where a big change's time goes.
+        let t = std::time::Instant::now();
+        let phase = |what: &str| debug!(us = t.elapsed().as_micros() as u64, "change: {what}");
         let r = f(&mut rec, now)?;
+        phase("rules");
         let created = match (has_fleet, scope) {
             (true, Scope::Session) => std::mem::take(&mut rec.created),
             _ => Default::default(),
@@ -368,9 +372,12 @@ impl Daemon {
             return Ok(r);
         }
         let changed = changed_users(&rec, wall, boot)?;
+        phase("users' entries");
         let plan = self.index.plan(&self.applied, changed)?;
         policy::check_slots_fit(&self.live, &self.applied, &plan.slots)?;
+        phase("planned");
         rec.commit()?;
+        phase("committed");
         publish(self);
         failpoint_after_commit();
         let before: Vec<_> = plan
@@ -383,6 +390,7 @@ impl Daemon {
         if let Err(e) = policy::write_slots(&mut self.live, &plan.slots, &before, settings) {
             self.apply_failed(e);
         }
+        phase("maps written");
         Ok(r)
     }
 

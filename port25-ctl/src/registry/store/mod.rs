@@ -194,6 +194,33 @@ pub trait Tx {
     fn put_event(&mut self, id: &str, at: Timestamp) -> Result<()>;
     /// Forgets events older than `before`.
     fn prune_events(&mut self, before: Timestamp) -> Result<()>;
+    /// The ids of the sessions whose last recorded event is later than `after` (a `session
+    /// sync` compares its whole list with them at once).
+    fn events_after(&self, after: Timestamp) -> Result<std::collections::HashSet<String>>;
+
+    // Bulk writes (a `session sync` of 100,000 sessions): the same rows as the single
+    // writes, in order; a backend may write them faster than one by one.
+
+    /// Registers users not stored yet.
+    fn insert_users(&mut self, users: &[User]) -> Result<()> {
+        users.iter().try_for_each(|u| self.put_user(u))
+    }
+    /// Stores sessions whose ids are not stored yet.
+    fn insert_sessions(&mut self, sessions: &[Session]) -> Result<()> {
+        sessions.iter().try_for_each(|s| self.put_session(s))
+    }
+    /// Deletes sessions, given as they are stored.
+    fn delete_sessions(&mut self, sessions: &[Session]) -> Result<()> {
+        sessions.iter().try_for_each(|s| self.delete_session(&s.id))
+    }
+    fn put_events(&mut self, events: &[(String, Timestamp)]) -> Result<()> {
+        events
+            .iter()
+            .try_for_each(|(id, at)| self.put_event(id, *at))
+    }
+    fn append_audits(&mut self, records: &[AuditRecord]) -> Result<()> {
+        records.iter().try_for_each(|r| self.append_audit(r))
+    }
 
     fn bindings(&self) -> Result<Vec<Binding>>;
     fn bindings_of(&self, user: &str) -> Result<Vec<Prefix>> {
@@ -339,6 +366,37 @@ impl Tx for Recording<'_> {
     }
     fn prune_events(&mut self, before: Timestamp) -> Result<()> {
         self.inner.prune_events(before)
+    }
+    fn events_after(&self, after: Timestamp) -> Result<std::collections::HashSet<String>> {
+        self.inner.events_after(after)
+    }
+    // The bulk writes know their users and ids up front: recorded without a read per row.
+    fn insert_users(&mut self, users: &[User]) -> Result<()> {
+        for u in users {
+            self.created.insert(u.name.clone(), u.clone());
+            self.users.insert(u.name.clone());
+        }
+        self.inner.insert_users(users)
+    }
+    fn insert_sessions(&mut self, sessions: &[Session]) -> Result<()> {
+        for s in sessions {
+            self.session_ids.insert(s.id.clone());
+            self.users.insert(s.user.clone());
+        }
+        self.inner.insert_sessions(sessions)
+    }
+    fn delete_sessions(&mut self, sessions: &[Session]) -> Result<()> {
+        for s in sessions {
+            self.session_ids.insert(s.id.clone());
+            self.users.insert(s.user.clone());
+        }
+        self.inner.delete_sessions(sessions)
+    }
+    fn put_events(&mut self, events: &[(String, Timestamp)]) -> Result<()> {
+        self.inner.put_events(events)
+    }
+    fn append_audits(&mut self, records: &[AuditRecord]) -> Result<()> {
+        self.inner.append_audits(records)
     }
     fn bindings(&self) -> Result<Vec<Binding>> {
         self.inner.bindings()

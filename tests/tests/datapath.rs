@@ -29,6 +29,8 @@ struct Fixture {
     live: LiveMaps,
     model: Model,
     pins: Pins,
+    cfg: Config,
+    want: Desired,
 }
 
 impl Drop for Fixture {
@@ -79,6 +81,8 @@ fn fixture() -> Fixture {
         live,
         model,
         pins,
+        cfg,
+        want,
     }
 }
 
@@ -574,4 +578,63 @@ fn exempt_lookups_follow_the_filter() {
         port25_common::verdict::decide(&p, &f.live),
         Reason::PassExemptSession
     );
+}
+
+/// A start that finds the exempt hashes pinned without the filter beside them (its pin
+/// removed by hand, a tree pieced together) must not create a fresh filter and write the
+/// hashes under it: the program still attached reads its own filter, ready and without the
+/// new keys' bits, so until every link has swapped (for good, if one swap fails) it skips a
+/// blocked session's new entry and passes the address to another user's binding, which
+/// neither the old nor the new policy does. Such a tree is migrated like a changed layout:
+/// the new maps are filled beside, and the attached program keeps its own until the swap.
+#[test]
+fn a_filter_missing_beside_pinned_hashes_is_a_migration() {
+    use port25_common::maps::{self as m, BLOCKED_NS, ORIGIN_BINDING};
+    require_root!();
+    let mut f = fixture();
+    let x = [100, 64, 19, 19];
+    let frame = V4::new(x, [203, 0, 113, 80]).frame(&Tcp::to(25).bytes());
+    assert_eq!(
+        try_run(&mut f, PROG_XDP, &frame).unwrap(),
+        XDP_DROP,
+        "X is not exempt"
+    );
+    std::fs::remove_file(f.pins.map(m::EXBITS)).unwrap();
+
+    // A start, as the daemon makes it.
+    let changes = datapath::layout_changes(&f.pins, &f.cfg.limits).unwrap();
+    let (_new, map_pins) = if changes.is_empty() {
+        (datapath::load(&f.cfg, &f.pins).unwrap(), f.pins.clone())
+    } else {
+        let opts = datapath::LoadOptions::default();
+        let staged = datapath::load_staged(&f.cfg, &f.pins, opts).unwrap();
+        (staged, f.pins.staging())
+    };
+    let mut live = LiveMaps::open(&map_pins).unwrap();
+    // The new policy: another user's binding over X, and a blocked user's session on X.
+    let mut want = f.want.clone();
+    let entry = |expires_ns, origin| Exempt {
+        expires_ns,
+        origin,
+        _pad: 0,
+    };
+    want.expfx4
+        .insert(([100, 64, 19, 0], 24), entry(0, ORIGIN_BINDING));
+    want.exip4.insert(x, entry(BLOCKED_NS, ORIGIN_SESSION));
+    policy::apply(&mut live, &want).unwrap();
+    let new = port25_tests::kernel::model_of(&want, boot_ns());
+    assert!(
+        !classify(frame.as_slice(), Link::Ethernet, &new).is_pass(),
+        "the new policy blocks X"
+    );
+    assert_eq!(
+        try_run(&mut f, PROG_XDP, &frame).unwrap(),
+        XDP_DROP,
+        "the program still attached passes X before its link swaps ({changes:?})"
+    );
+    assert!(
+        changes.iter().any(|c| c.contains(m::EXBITS)),
+        "the missing filter is a layout change: {changes:?}"
+    );
+    let _ = std::fs::remove_dir_all(map_pins.maps_dir());
 }

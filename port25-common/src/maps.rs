@@ -416,3 +416,28 @@ mod tests {
         assert!(worst <= 0.3, "worst relative error {worst}");
     }
 }
+
+#[cfg(test)]
+mod filter_bits {
+    use super::*;
+
+    /// The filter's bit of a key is part of the pinned layout: a start reuses a pinned,
+    /// ready filter, and until every link swaps the program still attached reads it with the
+    /// function it was built with, while the daemon sets (and trims) bits with its own. A
+    /// change of [`mix`], of the regions or of what a key hashes makes the old program skip
+    /// keys whose bits moved: bump [`LAYOUT_VERSION`] (a migration, fresh filter and all)
+    /// and update these values together.
+    #[test]
+    fn filter_bits_are_pinned_to_the_layout_version() {
+        let net = NetKey6 {
+            prefix_len: 56,
+            addr: [
+                0x20, 0x01, 0x0d, 0xb8, 0x01, 0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ],
+        };
+        let ip6 = [0x20, 0x01, 0x0d, 0xb8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let got = [ip4_bit([100, 64, 0, 2]), ip6_bit(&ip6), net6_bit(&net)];
+        assert_eq!(LAYOUT_VERSION, 2, "new bits: update the values below");
+        assert_eq!(got, [(263302, 29), (332930, 2), (5280, 27)]);
+    }
+}

@@ -29,6 +29,8 @@ struct Fixture {
     live: LiveMaps,
     model: Model,
     pins: Pins,
+    cfg: Config,
+    want: Desired,
 }
 
 impl Drop for Fixture {
@@ -79,6 +81,8 @@ fn fixture() -> Fixture {
         live,
         model,
         pins,
+        cfg,
+        want,
     }
 }
 
@@ -574,4 +578,116 @@ fn exempt_lookups_follow_the_filter() {
         port25_common::verdict::decide(&p, &f.live),
         Reason::PassExemptSession
     );
+}
+
+/// A start that finds the exempt hashes pinned without the filter beside them (its pin
+/// removed by hand, a tree pieced together) must not create a fresh filter and write the
+/// hashes under it: the program still attached reads its own filter, ready and without the
+/// new keys' bits, so until every link has swapped (for good, if one swap fails) it skips a
+/// blocked session's new entry and passes the address to another user's binding, which
+/// neither the old nor the new policy does. Such a tree is migrated like a changed layout:
+/// the new maps are filled beside, and the attached program keeps its own until the swap.
+#[test]
+fn a_filter_missing_beside_pinned_hashes_is_a_migration() {
+    use port25_common::maps as m;
+    require_root!();
+    let mut f = fixture();
+    let x = X_BLOCKED;
+    let frame = V4::new(x, [203, 0, 113, 80]).frame(&Tcp::to(25).bytes());
+    assert_eq!(
+        try_run(&mut f, PROG_XDP, &frame).unwrap(),
+        XDP_DROP,
+        "X is not exempt"
+    );
+    std::fs::remove_file(f.pins.map(m::EXBITS)).unwrap();
+
+    let (_new, map_pins, changes) = start_over(&f);
+    let mut live = LiveMaps::open(&map_pins).unwrap();
+    policy::apply(&mut live, &binding_over_blocked_session(&f.want, x)).unwrap();
+    assert_eq!(
+        try_run(&mut f, PROG_XDP, &frame).unwrap(),
+        XDP_DROP,
+        "the program still attached passes X before its link swaps ({changes:?})"
+    );
+    assert!(
+        changes.iter().any(|c| c.contains(m::EXBITS)),
+        "the missing filter is a layout change: {changes:?}"
+    );
+    let _ = std::fs::remove_dir_all(map_pins.maps_dir());
+}
+
+/// A subscriber address blocked under the fixture's policy.
+const X_BLOCKED: [u8; 4] = [100, 64, 19, 19];
+
+/// `want` and a policy change both sides of which block `x`: another user's binding over it,
+/// and a blocked user's new session on it, whose entry alone decides.
+fn binding_over_blocked_session(want: &Desired, x: [u8; 4]) -> Desired {
+    use port25_common::maps::{BLOCKED_NS, ORIGIN_BINDING};
+    let entry = |expires_ns, origin| Exempt {
+        expires_ns,
+        origin,
+        _pad: 0,
+    };
+    let mut want = want.clone();
+    want.expfx4
+        .insert(([x[0], x[1], x[2], 0], 24), entry(0, ORIGIN_BINDING));
+    want.exip4.insert(x, entry(BLOCKED_NS, ORIGIN_SESSION));
+    let frame = V4::new(x, EXT).frame(&Tcp::to(25).bytes());
+    let model = port25_tests::kernel::model_of(&want, boot_ns());
+    assert!(
+        !classify(frame.as_slice(), Link::Ethernet, &model).is_pass(),
+        "the new policy blocks {x:?}"
+    );
+    want
+}
+
+/// A daemon's start over the fixture's pins up to its apply: the programs loaded (staged
+/// when the tree is migrated), the pins to apply to, and the layout changes it found.
+fn start_over(f: &Fixture) -> (aya::Ebpf, Pins, Vec<String>) {
+    let changes = datapath::layout_changes(&f.pins, &f.cfg.limits).unwrap();
+    if changes.is_empty() {
+        (
+            datapath::load(&f.cfg, &f.pins).unwrap(),
+            f.pins.clone(),
+            changes,
+        )
+    } else {
+        let opts = datapath::LoadOptions::default();
+        let staged = datapath::load_staged(&f.cfg, &f.pins, opts).unwrap();
+        (staged, f.pins.staging(), changes)
+    }
+}
+
+/// A migration whose commit stopped halfway (the daemon killed between two renames) leaves
+/// the exempt hashes it had moved, which the attached (staged) program reads, beside the old
+/// filter, which it does not. Every shape matching, the next start must not reuse that tree:
+/// it would set the bits of the keys it writes in the old filter, and the program, reading
+/// its own ready one, would skip a blocked session's new entry until its link swapped. The
+/// staged maps left behind mark the migration unfinished, and it is made again.
+#[test]
+fn a_migration_whose_commit_stopped_halfway_is_made_again() {
+    use port25_common::maps as m;
+    require_root!();
+    let f = fixture();
+    // The migration: staged maps filled, and their program attached (here: the one run).
+    let opts = datapath::LoadOptions::default();
+    let mut staged = datapath::load_staged(&f.cfg, &f.pins, opts).unwrap();
+    let mut live = LiveMaps::open(&f.pins.staging()).unwrap();
+    policy::apply(&mut live, &f.want).unwrap();
+    drop(live);
+    // Its commit stops with every policy map moved, the filter (and the settings) not.
+    std::fs::remove_file(f.pins.staging().map(m::TRACK_TC)).unwrap();
+    assert!(datapath::commit_staged_maps(&f.pins).is_err());
+
+    let (_new, map_pins, changes) = start_over(&f);
+    let mut live = LiveMaps::open(&map_pins).unwrap();
+    policy::apply(&mut live, &binding_over_blocked_session(&f.want, X_BLOCKED)).unwrap();
+    let frame = V4::new(X_BLOCKED, EXT).frame(&Tcp::to(25).bytes());
+    let verdict = port25_tests::kernel::test_run(&mut staged, PROG_XDP, &frame).unwrap();
+    assert_eq!(
+        verdict, XDP_DROP,
+        "the program still attached passes X before its link swaps ({changes:?})"
+    );
+    assert!(!changes.is_empty(), "an unfinished migration is a change");
+    let _ = std::fs::remove_dir_all(map_pins.maps_dir());
 }

@@ -188,7 +188,40 @@ pub fn layout_changes(pins: &Pins, limits: &Limits) -> Result<Vec<String>> {
     if let Some(v) = pinned_layout_version(pins)?.filter(|v| *v < m::LAYOUT_VERSION) {
         changes.push(format!("layout version {v} -> {}", m::LAYOUT_VERSION));
     }
+    changes.extend(filter_missing(pins));
+    changes.extend(unfinished_migration(pins)?);
     Ok(changes)
+}
+
+/// Staged maps left behind: a migration died before its commit ended (it removes the
+/// staging directory last). Died halfway through the commit, it left a tree of old and new
+/// maps whose shapes may all match, and the attached (staged) program reads the new ones
+/// only: reused, the filter pinned there could be the old one, and the bits of the keys a
+/// start writes would not be in the filter that program reads. Made again from the start.
+fn unfinished_migration(pins: &Pins) -> Result<Option<String>> {
+    let dir = pins.staging().maps_dir();
+    let left = match std::fs::read_dir(&dir) {
+        Ok(mut d) => d.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    Ok(left.then(|| format!("an unfinished migration left maps in {}", dir.display())))
+}
+
+/// The exempt filter not pinned beside pinned exempt hashes (its pin removed, a tree pieced
+/// together). A filter created there would be another map than the one the attached
+/// program reads: that one is ready and lacks the bits of every key written next, so until
+/// each link swapped (for good where a swap fails) the program would skip a blocked
+/// session's new entry and pass its address to a wider allow. Such a tree is migrated: new
+/// maps filled beside, while the attached program keeps its own, consistent ones.
+fn filter_missing(pins: &Pins) -> Option<String> {
+    let hashes = [m::EXIP4, m::EXIP6, m::EXNET6];
+    (!pins.map(m::EXBITS).exists() && hashes.iter().any(|h| pins.map(h).exists())).then(|| {
+        format!(
+            "{}: not pinned beside the exempt hashes (the attached program's is out of reach)",
+            m::EXBITS
+        )
+    })
 }
 
 /// Starts a map migration: fresh maps, pinned in the staging directory (a stale one, left
@@ -228,6 +261,13 @@ pub fn commit_staged_maps(pins: &Pins) -> Result<()> {
 /// Refuses pinned maps whose layout is not the one this daemon would create.
 pub fn check_pinned_layouts(pins: &Pins, limits: &Limits) -> Result<()> {
     refuse_newer_layout(pins)?;
+    if let Some(what) = filter_missing(pins) {
+        bail!(
+            "{what} in {}: refusing to create one there. Restart the daemon: at start it \
+             moves to new maps with no moment in which port 25 is open",
+            pins.maps_dir().display()
+        );
+    }
     if let Some((_, path, have, want)) = mismatches(pins, limits)?.into_iter().next() {
         let only_capacity = have.max_entries != want.max_entries
             && (Layout {

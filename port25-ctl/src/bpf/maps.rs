@@ -44,7 +44,9 @@ pub mod decl {
 ///   record (by the daemon at start and reload) and the block-event ring, never policy; and
 ///   the exempt filter, which only ever skips a lookup whose key is absent
 ///   ([`crate::bpf::exbits`]). They are created beside an older tree at start, and
-///   [`crate::bpf::livemaps::LiveMaps`] opens them as optional.
+///   [`crate::bpf::livemaps::LiveMaps`] opens them as optional; except the filter beside
+///   pinned exempt hashes, which is migrated instead (`datapath::filter_missing`): the
+///   attached program reads the filter it was loaded with.
 ///
 /// `NAME` is the constant in [`port25_common::maps`] (the kernel name and pin file name).
 /// Within a stage, the order is the order of writes: mail servers before exempt entries.

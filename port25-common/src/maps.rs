@@ -100,7 +100,8 @@ pub const EXBITS_IP6: Region = Region {
 
 /// The word of [`EXBITS`] past the regions: non-zero once the daemon has set the bit of every
 /// key the exempt hashes hold. The daemon sets a key's bit before it writes the key and
-/// clears bits only once their keys are gone, so from then on no entry lacks its bit. Zero
+/// clears bits only once their keys are gone, so from then on no entry of the applied state
+/// lacks its bit (a key outside it, drift, may be skipped: it is deleted anyway). Zero
 /// (a map just created, beside pins that already hold entries), every lookup is made. In
 /// the map itself, not in the settings: a filter map recreated empty is never trusted.
 pub const EXBITS_READY: u32 = EXBITS_IP6.first + EXBITS_IP6.words;

@@ -139,11 +139,6 @@ impl Bits {
         // SAFETY: within the mapping (checked above); u64-aligned (page-aligned base).
         unsafe { &*self.words.as_ptr().add(i as usize) }
     }
-
-    /// Whether the datapath uses the filter.
-    pub fn ready(&self) -> bool {
-        self.load(m::EXBITS_READY) != 0
-    }
 }
 
 impl FilterCell for Bits {

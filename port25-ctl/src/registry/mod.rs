@@ -122,7 +122,21 @@ fn audit(
     new: Option<String>,
     reason: Option<String>,
 ) -> Result<()> {
-    tx.append_audit(&AuditRecord {
+    let mut r = audit_record(actor, now, action, subject, old, new);
+    r.reason = reason;
+    tx.append_audit(&r)
+}
+
+/// An audit row not yet stored (its id comes from the store), without a reason.
+fn audit_record(
+    actor: &Actor,
+    now: Timestamp,
+    action: &str,
+    subject: &str,
+    old: Option<String>,
+    new: Option<String>,
+) -> AuditRecord {
+    AuditRecord {
         id: 0,
         at: now,
         actor: actor.to_string(),
@@ -130,8 +144,8 @@ fn audit(
         subject: subject.into(),
         old,
         new,
-        reason,
-    })
+        reason: None,
+    }
 }
 
 fn describe(u: &User, now: Timestamp) -> String {
@@ -767,16 +781,8 @@ pub fn session_sync(
     let by_id: HashMap<&str, &SyncSession> = list.iter().map(|s| (s.id.as_str(), s)).collect();
     let mut audits = Vec::new();
     let mut events = Vec::new();
-    let record = |action: &str, subject: &str, old, new| AuditRecord {
-        id: 0,
-        at: now,
-        actor: actor.to_string(),
-        action: action.into(),
-        subject: subject.into(),
-        old,
-        new,
-        reason: None,
-    };
+    let record =
+        |action: &str, subject: &str, old, new| audit_record(actor, now, action, subject, old, new);
     // Gone or changed sessions leave first, so the new list's addresses are free to take.
     let mut gone = Vec::new();
     // The sessions that stay, and who holds each of their addresses.

@@ -377,6 +377,26 @@ impl SqliteTx<'_> {
         self.tx.prepare_cached(sql)?.execute(p)
     }
 
+    /// One user row, by `verb` ("INSERT", or "INSERT OR REPLACE"). Cached statements: a
+    /// fleet replica's first start and a bulk sync write users by the thousand.
+    fn write_user(&self, verb: &str, u: &User) -> Result<()> {
+        self.exec(
+            &format!("{verb} INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+            params![
+                u.name,
+                u.policy.as_str(),
+                u.until.map(ts),
+                u.reason,
+                u.set_by,
+                ts(u.set_at),
+                u.hold.as_ref().map(|h| &h.reason),
+                u.hold.as_ref().map(|h| &h.by),
+                u.hold.as_ref().map(|h| ts(h.at)),
+            ],
+        )?;
+        Ok(())
+    }
+
     fn session_addrs(&self, id: &str) -> Result<Vec<Prefix>> {
         let mut st = self.tx.prepare_cached(
             "SELECT prefix FROM session_addrs WHERE session_id = ?1 ORDER BY pos",
@@ -446,22 +466,7 @@ impl Tx for SqliteTx<'_> {
 
     fn put_user(&mut self, u: &User) -> Result<()> {
         // Cached: a fleet replica's first start writes every user of the fleet.
-        self.tx
-            .prepare_cached(&format!(
-                "INSERT OR REPLACE INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-            ))?
-            .execute(params![
-                u.name,
-                u.policy.as_str(),
-                u.until.map(ts),
-                u.reason,
-                u.set_by,
-                ts(u.set_at),
-                u.hold.as_ref().map(|h| &h.reason),
-                u.hold.as_ref().map(|h| &h.by),
-                u.hold.as_ref().map(|h| ts(h.at)),
-            ])?;
-        Ok(())
+        self.write_user("INSERT OR REPLACE", u)
     }
 
     fn delete_user(&mut self, name: &str) -> Result<()> {
@@ -589,22 +594,7 @@ impl Tx for SqliteTx<'_> {
     fn insert_users(&mut self, users: &[User]) -> Result<()> {
         for u in users {
             // Plain INSERT: a user already stored is an error, never a silent replace.
-            self.exec(
-                &format!(
-                    "INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-                ),
-                params![
-                    u.name,
-                    u.policy.as_str(),
-                    u.until.map(ts),
-                    u.reason,
-                    u.set_by,
-                    ts(u.set_at),
-                    u.hold.as_ref().map(|h| &h.reason),
-                    u.hold.as_ref().map(|h| &h.by),
-                    u.hold.as_ref().map(|h| ts(h.at)),
-                ],
-            )?;
+            self.write_user("INSERT", u)?;
         }
         Ok(())
     }
@@ -623,20 +613,6 @@ impl Tx for SqliteTx<'_> {
             }
         }
         Ok(())
-    }
-
-    fn delete_sessions(&mut self, sessions: &[Session]) -> Result<()> {
-        sessions.iter().try_for_each(|s| self.delete_session(&s.id))
-    }
-
-    fn put_events(&mut self, events: &[(String, Timestamp)]) -> Result<()> {
-        events
-            .iter()
-            .try_for_each(|(id, at)| self.put_event(id, *at))
-    }
-
-    fn append_audits(&mut self, records: &[AuditRecord]) -> Result<()> {
-        records.iter().try_for_each(|r| self.append_audit(r))
     }
 
     fn bindings(&self) -> Result<Vec<Binding>> {

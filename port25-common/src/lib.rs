@@ -9,6 +9,7 @@
 pub mod addr;
 pub mod maps;
 pub mod parse;
+pub mod plain;
 pub mod reason;
 pub mod reject;
 pub mod verdict;

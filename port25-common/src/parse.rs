@@ -216,7 +216,7 @@ pub enum Shape {
 
 impl Parsed {
     #[inline(always)]
-    const fn bare(shape: Shape, reason: Reason) -> Parsed {
+    pub(crate) const fn bare(shape: Shape, reason: Reason) -> Parsed {
         Parsed {
             shape,
             reason,

@@ -32,17 +32,20 @@ pub fn enabled() -> bool {
 /// Whether a copy of a program logs its verdicts: [`Off`] is the program as it was before
 /// the log existed, [`On`] stages each verdict for [`emit`].
 pub trait Log {
+    const ON: bool;
     fn stage(p: &Parsed, reason: Reason);
 }
 
 pub struct Off;
 impl Log for Off {
+    const ON: bool = false;
     #[inline(always)]
     fn stage(_: &Parsed, _: Reason) {}
 }
 
 pub struct On;
 impl Log for On {
+    const ON: bool = true;
     /// The copy is [`port25_klog_stage`], a global function of scalar arguments (as
     /// offender tracking's hand-over, `track.rs`): checked once on its own, and at each call
     /// only its argument types. A static subprogram here was walked once per verifier state

@@ -26,6 +26,7 @@ use aya_ebpf::{
 };
 use port25_common::{
     parse::{parse_flat, Frame, Link},
+    plain::parse_plain_first,
     verdict::decide_parsed,
     Reason,
 };
@@ -151,7 +152,13 @@ impl Frame for SkbFrame<'_> {
 /// `L` says whether the kernel log sees it.
 #[inline(always)]
 fn decide<F: Frame + Ingress, L: klog::Log>(frame: &F, link: Link) -> (Reason, bool) {
-    let parsed = parse_flat(frame, link);
+    // The parser's fast path first (most frames are plain Ethernet, IPv4 or IPv6, TCP or
+    // UDP): the same result in a few reads. The logging copies keep the full parse.
+    let parsed = if L::ON {
+        parse_flat(frame, link)
+    } else {
+        parse_plain_first(frame, link)
+    };
     let reason = decide_parsed(&parsed, &KernelMaps);
     count(reason);
     L::stage(&parsed, reason);
@@ -164,6 +171,10 @@ fn decide<F: Frame + Ingress, L: klog::Log>(frame: &F, link: Link) -> (Reason, b
     (reason, tracked)
 }
 
+// Each entry point's body is `#[inline(always)]`: aya's macro wraps it in the exported
+// function, and LLVM left the body of the largest out of line (a bpf-to-bpf call and its
+// return on every packet, a tenth of the fast path).
+
 // The kernel log's switch (a load-time constant, see `klog`) is tested once, first thing in
 // each entry point; on, the entry tail-calls its logging copy, a program of its own. Off,
 // the verifier prunes that branch and walks the program as it is without the log, in the
@@ -174,6 +185,7 @@ fn decide<F: Frame + Ingress, L: klog::Log>(frame: &F, link: Link) -> (Reason, b
 
 /// Subscriber-facing ingress on an Ethernet NIC, before the stack.
 #[xdp]
+#[inline(always)]
 pub fn port25_xdp(ctx: XdpContext) -> u32 {
     if klog::enabled() {
         klog::xdp_logged(&ctx);
@@ -190,6 +202,7 @@ pub fn port25_xdp(ctx: XdpContext) -> u32 {
 /// The XDP program's logging copy (tail-called by [`port25_xdp`] with the log on): the
 /// verdict, staged for the message, then on to [`port25_klog_emit_xdp`].
 #[xdp]
+#[inline(always)]
 pub fn port25_klog_xdp(ctx: XdpContext) -> u32 {
     let (reason, tracked) = decide::<_, klog::On>(&XdpFrame(&ctx), Link::Ethernet);
     let action = xdp_verdict(&ctx, reason);
@@ -205,6 +218,7 @@ pub fn port25_klog_xdp(ctx: XdpContext) -> u32 {
 /// call does not return, so the message goes first. A program of its own: aya-log builds
 /// its record in nearly the whole 512-byte stack, room no frame under the verdict's has.
 #[xdp]
+#[inline(always)]
 pub fn port25_klog_emit_xdp(ctx: XdpContext) -> u32 {
     let (action, tracked) = klog::emit::<klog::Xdp>();
     // Only what the logging copy returned goes back (read from a map: the verifier checks
@@ -236,6 +250,7 @@ fn xdp_verdict(ctx: &XdpContext, reason: Reason) -> u32 {
 
 /// TC (ingress or egress) on an Ethernet device. Pass = "next": other programs still run.
 #[classifier]
+#[inline(always)]
 pub fn port25_tc(ctx: TcContext) -> i32 {
     if klog::enabled() {
         klog::tc_logged(&ctx, klog::TC_LOGGED);
@@ -246,6 +261,7 @@ pub fn port25_tc(ctx: TcContext) -> i32 {
 /// TC on a device without a link header (ppp, tun). The skb's protocol, not the first nibble,
 /// is what the stack dispatches on (`ppp_receive_nonmp_frame` sets it from the PPP protocol).
 #[classifier]
+#[inline(always)]
 pub fn port25_tc_raw(ctx: TcContext) -> i32 {
     if klog::enabled() {
         klog::tc_logged(&ctx, klog::TC_RAW_LOGGED);
@@ -271,11 +287,13 @@ fn tc_action(ctx: &TcContext, link: Link) -> i32 {
 
 /// The TC programs' logging copies (as [`port25_klog_xdp`]).
 #[classifier]
+#[inline(always)]
 pub fn port25_klog_tc(ctx: TcContext) -> i32 {
     tc_klog::<klog::Tc>(&ctx, Link::Ethernet)
 }
 
 #[classifier]
+#[inline(always)]
 pub fn port25_klog_tc_raw(ctx: TcContext) -> i32 {
     tc_klog::<klog::TcRaw>(&ctx, raw_link(&ctx))
 }
@@ -293,11 +311,13 @@ fn tc_klog<H: klog::Hook>(ctx: &TcContext, link: Link) -> i32 {
 
 /// The TC programs' messages (as [`port25_klog_emit_xdp`]).
 #[classifier]
+#[inline(always)]
 pub fn port25_klog_emit_tc(ctx: TcContext) -> i32 {
     tc_emit::<klog::Tc>(&ctx)
 }
 
 #[classifier]
+#[inline(always)]
 pub fn port25_klog_emit_tc_raw(ctx: TcContext) -> i32 {
     tc_emit::<klog::TcRaw>(&ctx)
 }
@@ -332,6 +352,7 @@ fn tc_verdict(ctx: &TcContext, link: Link, reason: Reason) -> i32 {
 /// Offender tracking for the XDP program (tail-called by it for a blocked segment). Only a
 /// blocking action comes back: XDP_TX (a RST answered) or XDP_DROP.
 #[xdp]
+#[inline(always)]
 pub fn port25_track_xdp(_ctx: XdpContext) -> u32 {
     match track::run() {
         Some(xdp_action::XDP_TX) => xdp_action::XDP_TX,
@@ -341,6 +362,7 @@ pub fn port25_track_xdp(_ctx: XdpContext) -> u32 {
 
 /// Offender tracking for the TC programs: TC_ACT_REDIRECT (a RST sent back) or TC_ACT_SHOT.
 #[classifier]
+#[inline(always)]
 pub fn port25_track_tc(_ctx: TcContext) -> i32 {
     match track::run() {
         Some(a) if a == TC_ACT_REDIRECT as u32 => TC_ACT_REDIRECT as i32,

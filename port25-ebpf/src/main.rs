@@ -40,6 +40,17 @@ use crate::maps::{count, reject_enabled, KernelMaps};
 /// multi-buffer fragments and an skb's paged data, so both paths give the same bytes.
 #[inline(always)]
 fn direct<const N: usize>(data: usize, data_end: usize, offset: usize) -> Option<[u8; N]> {
+    // The one-byte reads are the parser's "last byte of the datagram" checks, at an offset
+    // computed from a length field. Opaque, so the bound below is checked on the very
+    // register that is added to the packet pointer: LLVM would otherwise test the length
+    // and add `length + k` (a register Linux 6.1 knows no bound for, refused as "math
+    // between pkt pointer and register with unbounded min value").
+    let offset = if N == 1 {
+        let mut o = offset;
+        unsafe { core::ptr::read_volatile(&mut o) }
+    } else {
+        offset
+    };
     // The verifier allows packet-pointer arithmetic only with a bounded offset.
     if offset > MAX_DIRECT_OFFSET {
         return None;

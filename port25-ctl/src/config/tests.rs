@@ -840,3 +840,67 @@ fn the_socket_hint_answers_until_the_file_changes() {
     let id = socket_hint::identity(&file).unwrap();
     assert_eq!(socket_hint::read(&file, &id), None);
 }
+
+/// The plain list forms are read by the fast path (not deferred), with what YAML reads,
+/// and a refusal after the list keeps its line.
+#[test]
+fn plain_exempt_list_takes_the_fast_path() {
+    let path = Path::new("f.yaml");
+    let mut text = String::from("interfaces:\n  - {name: eth1, hook: xdp}\nexempt:\n");
+    for i in 0..300u32 {
+        let [a, b, c, d] = (0x0a00_0000u32 + i).to_be_bytes();
+        if i % 3 == 0 {
+            text.push_str(&format!("  - prefix: {a}.{b}.{c}.{d}/32\n"));
+        } else {
+            text.push_str(&format!("  - {{prefix: {a}.{b}.{c}.{d}/32}}\n"));
+        }
+        if i % 50 == 0 {
+            text.push_str("  # a comment\n\n");
+        }
+    }
+    text.push_str("  - {prefix: 2001:db8::/48}\nsocket: /run/x.sock\n");
+    let split = super::fast::split_exempt(&text).expect("the plain form is taken");
+    assert_eq!(split.exempt.len(), 301);
+    assert_eq!(split.rest.lines().count(), text.lines().count());
+    let fast = Config::parse_with(&text, path, true).unwrap();
+    assert_eq!(fast, Config::parse_with(&text, path, false).unwrap());
+    assert_eq!(fast.exempt.len(), 301);
+
+    let bad = format!("{text}bogus: 1\n");
+    let line = bad.lines().count();
+    assert!(super::fast::split_exempt(&bad).is_some());
+    match Config::parse_with(&bad, path, true).unwrap_err() {
+        ConfigError::Syntax { line: l, msg, .. } => {
+            assert_eq!(l, line, "{msg}");
+            assert!(msg.contains("bogus"), "{msg}");
+        }
+        e => panic!("{e}"),
+    }
+    assert_eq!(
+        Config::parse_with(&bad, path, true)
+            .unwrap_err()
+            .to_string(),
+        Config::parse_with(&bad, path, false)
+            .unwrap_err()
+            .to_string()
+    );
+}
+
+/// Times the parse of a config named by PORT25_TIME_CONFIG (by hand: a million entries).
+#[test]
+#[ignore]
+fn time_parse() {
+    let Ok(p) = std::env::var("PORT25_TIME_CONFIG") else {
+        return;
+    };
+    let text = std::fs::read_to_string(&p).unwrap();
+    for fast in [true, false, true] {
+        let t = std::time::Instant::now();
+        let c = Config::parse_with(&text, Path::new(&p), fast).unwrap();
+        eprintln!(
+            "fast {fast}: {} ms, {} exempt",
+            t.elapsed().as_millis(),
+            c.exempt.len()
+        );
+    }
+}

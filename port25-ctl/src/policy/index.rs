@@ -19,7 +19,7 @@ use crate::{
         desired::{expiry_ns, Desired},
         slot::{longer, Slot, BLOCKED_NS},
     },
-    registry::store::{Session, Snapshot, User},
+    registry::store::{MapRows, Session, Snapshot, Standing, User},
 };
 
 /// A user's map entries, one per exempt key, in key order.
@@ -46,7 +46,7 @@ pub fn user_slots(
         return vec![];
     };
     entries_of(
-        u,
+        &u.standing(),
         sessions.iter().flat_map(|s| s.addrs.iter()),
         bindings,
         now_wall,
@@ -56,7 +56,7 @@ pub fn user_slots(
 
 /// [`user_slots`] of a user, from the addresses of its sessions.
 fn entries_of<'a>(
-    u: &User,
+    u: &Standing,
     addrs: impl Iterator<Item = &'a Prefix>,
     bindings: &[Prefix],
     now_wall: jiff::Timestamp,
@@ -221,8 +221,21 @@ impl Desired {
         now_wall: jiff::Timestamp,
         now_boot: u64,
     ) -> Result<(Index, Desired)> {
-        let base = Desired::base(cfg, &snap.entries, now_wall, now_boot);
-        Index::build(base, snap, now_wall, now_boot)
+        Desired::build_rows(cfg, MapRows::from_snapshot(snap), now_wall, now_boot)
+    }
+
+    /// As [`Desired::build_indexed`], from the registry's narrow rows ([`Tx::map_rows`]):
+    /// the one build, whichever read gave the rows.
+    ///
+    /// [`Tx::map_rows`]: crate::registry::store::Tx::map_rows
+    pub fn build_rows(
+        cfg: &Config,
+        rows: MapRows,
+        now_wall: jiff::Timestamp,
+        now_boot: u64,
+    ) -> Result<(Index, Desired)> {
+        let base = Desired::base(cfg, &rows.entries, now_wall, now_boot);
+        Index::build(base, rows, now_wall, now_boot)
     }
 }
 
@@ -230,53 +243,42 @@ impl Index {
     /// The whole desired state from `base` (config and runtime entries) and every user.
     pub fn build(
         base: Desired,
-        snap: &Snapshot,
+        rows: MapRows,
         now_wall: jiff::Timestamp,
         now_boot: u64,
     ) -> Result<(Index, Desired)> {
-        // Each user's session addresses and bindings, found by a sort and a binary search
-        // rather than a map of a million small Vecs of cloned sessions.
-        let mut addrs: Vec<(&str, &Prefix)> = snap
-            .sessions
-            .iter()
-            .flat_map(|s| s.addrs.iter().map(move |p| (s.user.as_str(), p)))
-            .collect();
-        addrs.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut bound: Vec<(&str, Prefix)> = snap
-            .bindings
-            .iter()
-            .map(|b| (b.user.as_str(), b.prefix))
-            .collect();
-        bound.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let (mut addrs_at, mut bound_at) = (0, 0);
-        // A user's run in a list sorted by user. The users come in name order too, so the
-        // run starts where the last one ended: a search only when they do not.
-        fn run<'s, T>(all: &'s [(&'s str, T)], at: &mut usize, user: &str) -> &'s [(&'s str, T)] {
-            let here =
-                (*at == 0 || all[*at - 1].0 < user) && all.get(*at).is_none_or(|(u, _)| *u >= user);
-            let from = if here {
-                *at
-            } else {
-                all.partition_point(|(u, _)| *u < user)
-            };
+        let MapRows {
+            users,
+            mut addrs,
+            mut bound,
+            ..
+        } = rows;
+        // Each user's session addresses and bindings: a run in a list sorted by user index,
+        // walked in step with the users (no map of a million small Vecs).
+        addrs.sort_unstable_by_key(|(u, _)| *u);
+        bound.sort_unstable_by_key(|(u, _)| *u);
+        fn run<'s>(all: &'s [(u32, Prefix)], at: &mut usize, user: u32) -> &'s [(u32, Prefix)] {
+            let from = *at + all[*at..].iter().take_while(|(u, _)| *u < user).count();
             let to = from + all[from..].iter().take_while(|(u, _)| *u == user).count();
             *at = to;
             &all[from..to]
         }
+        let (mut addrs_at, mut bound_at) = (0, 0);
         let mut index = Index {
             base: base.clone(),
             ..Default::default()
         };
         index.holders.reserve(addrs.len() + bound.len());
-        index.per_user.reserve(snap.users.len());
+        index.per_user.reserve(users.len());
         let mut d = base;
         let mut bindings = Vec::new();
-        for u in &snap.users {
+        for (i, (name, standing)) in users.into_iter().enumerate() {
+            let i = i as u32;
             bindings.clear();
-            bindings.extend(run(&bound, &mut bound_at, &u.name).iter().map(|(_, p)| *p));
+            bindings.extend(run(&bound, &mut bound_at, i).iter().map(|(_, p)| *p));
             let slots = entries_of(
-                u,
-                run(&addrs, &mut addrs_at, &u.name).iter().map(|(_, p)| *p),
+                &standing,
+                run(&addrs, &mut addrs_at, i).iter().map(|(_, p)| p),
                 &bindings,
                 now_wall,
                 now_boot,
@@ -284,7 +286,6 @@ impl Index {
             if slots.is_empty() {
                 continue;
             }
-            let name: Arc<str> = Arc::from(u.name.as_str());
             for (slot, v) in &slots {
                 hold(index.holders.entry(*slot).or_default(), &name, *v);
                 d.merge_slot(slot, *v);

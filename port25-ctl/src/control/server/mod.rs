@@ -494,18 +494,17 @@ fn desired(
     now: jiff::Timestamp,
 ) -> Result<(Index, Desired)> {
     let t = Instant::now();
-    let snap = store.snapshot()?;
+    // The narrow read: rows of what the maps need, not the users and sessions themselves.
+    let rows = store.read()?.map_rows()?;
     debug!(
         ms = t.elapsed().as_millis() as u64,
-        users = snap.users.len(),
-        sessions = snap.sessions.len(),
+        users = rows.users.len(),
+        addrs = rows.addrs.len(),
+        bindings = rows.bound.len(),
         "registry read"
     );
     let (wall, boot) = clock.at(now);
-    let built = Desired::build_indexed(cfg, &snap, wall, boot);
-    // A million users' rows take a while to free, and nobody waits for that.
-    std::thread::spawn(move || drop(snap));
-    built
+    Desired::build_rows(cfg, rows, wall, boot)
 }
 
 /// Records the config's forced wide allow-list entries in the audit log (each start and

@@ -356,8 +356,7 @@ impl Daemon {
             d.publish_sessions(session_ids);
         };
         if rec.entries {
-            let snap = crate::registry::store::snapshot_of(&rec)?;
-            let (index, want) = Desired::build_indexed(&self.cfg, &snap, wall, boot)?;
+            let (index, want) = Desired::build_rows(&self.cfg, rec.map_rows()?, wall, boot)?;
             policy::check_fits(&self.live, &want)?;
             rec.commit()?;
             publish(self);

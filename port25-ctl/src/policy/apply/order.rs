@@ -401,7 +401,13 @@ fn snapshot(pol: &Pol) -> Snapshot {
 
 /// `None` when the state is refused (more IPv6 session prefix lengths than probed).
 fn build(cfg: &Config, snap: &Snapshot) -> Option<(Index, Desired)> {
-    Index::build(Desired::base(cfg, &[], now(), BOOT), snap, now(), BOOT).ok()
+    Index::build(
+        Desired::base(cfg, &[], now(), BOOT),
+        crate::registry::store::MapRows::from_snapshot(snap),
+        now(),
+        BOOT,
+    )
+    .ok()
 }
 
 /// Every address the pools mention, with its neighbours and the ends of each prefix.

@@ -45,9 +45,90 @@ impl User {
     /// Unblocked now (a timed unblock that has run out is a block). A held user never is,
     /// whatever the stored policy says (a hand-edited row): the hold wins, fail closed.
     pub fn unblocked_at(&self, now: Timestamp) -> bool {
-        self.hold.is_none()
-            && self.policy == Policy::Unblocked
-            && self.until.is_none_or(|t| t > now)
+        self.standing().unblocked_at(now)
+    }
+
+    pub fn standing(&self) -> Standing {
+        Standing {
+            policy: self.policy,
+            until: self.until,
+            held: self.hold.is_some(),
+        }
+    }
+}
+
+/// What of a user decides its map entries: the one rule, for the full model ([`User`]) and
+/// the narrow start-up read ([`MapRows`]) alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub policy: Policy,
+    pub until: Option<Timestamp>,
+    pub held: bool,
+}
+
+impl Standing {
+    /// See [`User::unblocked_at`].
+    pub fn unblocked_at(&self, now: Timestamp) -> bool {
+        !self.held && self.policy == Policy::Unblocked && self.until.is_none_or(|t| t > now)
+    }
+}
+
+/// What the maps are derived from, narrow: each user that can put entries in the maps (a
+/// session address or a binding) once, with its standing, and the session addresses and
+/// bindings by index into `users`. A million sessions read this way are a million small
+/// rows, not a million [`User`] and [`Session`] values.
+#[derive(Debug, Clone, Default)]
+pub struct MapRows {
+    pub users: Vec<(std::sync::Arc<str>, Standing)>,
+    pub addrs: Vec<(u32, Prefix)>,
+    pub bound: Vec<(u32, Prefix)>,
+    pub entries: Vec<Entry>,
+}
+
+impl MapRows {
+    /// The same rows from the full model (what a backend without a narrow read gives).
+    pub fn from_snapshot(snap: &Snapshot) -> MapRows {
+        let mut rows = MapRows {
+            entries: snap.entries.clone(),
+            ..Default::default()
+        };
+        let mut at: std::collections::HashMap<&str, u32> = Default::default();
+        for u in &snap.users {
+            at.insert(&u.name, rows.users.len() as u32);
+            rows.users.push((u.name.as_str().into(), u.standing()));
+        }
+        for s in &snap.sessions {
+            if let Some(i) = at.get(s.user.as_str()) {
+                rows.addrs.extend(s.addrs.iter().map(|p| (*i, *p)));
+            }
+        }
+        for b in &snap.bindings {
+            if let Some(i) = at.get(b.user.as_str()) {
+                rows.bound.push((*i, b.prefix));
+            }
+        }
+        rows
+    }
+
+    /// Interns user names while rows arrive: a user's index, its standing set once.
+    pub fn user_at(
+        &mut self,
+        names: &mut std::collections::HashMap<
+            std::sync::Arc<str>,
+            u32,
+            foldhash::fast::RandomState,
+        >,
+        name: &str,
+        standing: Standing,
+    ) -> u32 {
+        if let Some(i) = names.get(name) {
+            return *i;
+        }
+        let i = self.users.len() as u32;
+        let name: std::sync::Arc<str> = name.into();
+        names.insert(name.clone(), i);
+        self.users.push((name, standing));
+        i
     }
 }
 
@@ -157,6 +238,15 @@ pub trait Tx {
             .into_iter()
             .filter(|u| names.contains(&u.name))
             .collect())
+    }
+    /// What the maps are derived from, narrow (the daemon's start and full rebuilds).
+    fn map_rows(&self) -> Result<MapRows> {
+        Ok(MapRows::from_snapshot(&Snapshot {
+            users: self.users_in_maps()?,
+            sessions: self.sessions()?,
+            bindings: self.bindings()?,
+            entries: self.entries()?,
+        }))
     }
     /// The users unblocked (maybe until a time that has passed): what the expiry checks read.
     fn users_unblocked(&self) -> Result<Vec<User>> {
@@ -319,6 +409,9 @@ impl Tx for Recording<'_> {
     }
     fn users_unblocked(&self) -> Result<Vec<User>> {
         self.inner.users_unblocked()
+    }
+    fn map_rows(&self) -> Result<MapRows> {
+        self.inner.map_rows()
     }
     fn users_after(&self, after: Option<&str>, n: usize) -> Result<Vec<User>> {
         self.inner.users_after(after, n)

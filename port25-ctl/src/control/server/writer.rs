@@ -42,6 +42,7 @@ impl Daemon {
     /// back if a later step fails; the maps are restored if writing them fails.
     pub(super) fn reload(&mut self) -> Result<reply::Reloaded> {
         let new = Config::load(&self.config_path)?;
+        super::warm_socket_hint(&self.config_path);
         if new.pin_dir != self.cfg.pin_dir
             || new.socket != self.cfg.socket
             || new.state_dir != self.cfg.state_dir

@@ -198,3 +198,58 @@ fn tc_egress_upstream_reject() {
     require_root!();
     reject(TC_EGRESS);
 }
+
+/// The config's socket hint (`trusted.port25.socket`), if any, as a string.
+fn socket_hint(config: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(config.as_os_str().as_bytes()).unwrap();
+    let mut buf = [0u8; 4096 + 64];
+    // SAFETY: NUL-terminated path and name, a buffer of the given length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"trusted.port25.socket".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Waits for a hint naming the lab's socket other than `old`, with no CLI call made (the
+/// daemon writes it).
+fn hint_appears(lab: &Lab, old: Option<&str>) -> Option<String> {
+    let want = format!("found {}", lab.socket.display());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5) * port25_tests::patience();
+    while std::time::Instant::now() < deadline {
+        if let Some(h) = socket_hint(&lab.config) {
+            if h.ends_with(&want) && Some(h.as_str()) != old {
+                return Some(h);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// The daemon itself leaves the socket hint on its config file at start and at reload, so
+/// no client verb (a hook per session event) pays the scan of a big config first.
+#[test]
+fn the_daemon_leaves_the_socket_hint_on_its_config() {
+    require_root!();
+    let mut lab = Lab::new(XDP_GENERIC);
+    assert_eq!(socket_hint(&lab.config), None, "a fresh config has no hint");
+    lab.start_daemon();
+    let first = hint_appears(&lab, None).expect("the hint after a start");
+    // A rewritten file (another size and time) needs a new hint: a reload (over the
+    // socket, not the CLI) leaves it.
+    lab.write_config(EXEMPT);
+    lab.client()
+        .call(port25_ctl::control::proto::Reload)
+        .unwrap();
+    assert!(
+        hint_appears(&lab, Some(&first)).is_some(),
+        "the hint after a reload"
+    );
+}

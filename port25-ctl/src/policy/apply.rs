@@ -274,10 +274,28 @@ macro_rules! per_map {
         }
 
         impl Tables<'_> {
-            fn put_slot(&mut self, s: &Slot, v: Exempt) -> Result<()> {
-                match s {
-                    $( $( $( Slot::$slot(k) => self.$f.put(*k, v), )? )* )*
+            /// Writes the entries, map by map in list order, each map's in one call (a hash
+            /// map takes them by batch: a `session sync` writes 100,000), as a full apply's
+            /// step does.
+            fn put_slots<'s>(
+                &mut self,
+                entries: impl Iterator<Item = (&'s Slot, Exempt)>,
+            ) -> Result<()> {
+                $( $( $( let mut $f: Vec<(<$t as Table>::K, Exempt)> = Vec::new(); let _ = stringify!($slot); )? )* )*
+                for (s, v) in entries {
+                    match s {
+                        $( $( $( Slot::$slot(k) => $f.push((*k, v)), )? )* )*
+                    }
                 }
+                $( $( $(
+                    let _ = stringify!($slot);
+                    if !$f.is_empty() {
+                        self.$f
+                            .put_all(&$f)
+                            .with_context(|| format!("{}: writing {} entries", m::$n, $f.len()))?;
+                    }
+                )? )* )*
+                Ok(())
             }
 
             fn del_slot(&mut self, s: &Slot) -> Result<()> {
@@ -526,16 +544,10 @@ fn write_slots_to(
         _ => Ok(()),
     };
     use Class::*;
-    for (slot, v) in puts(Closing) {
-        t.put_slot(slot, v)
-            .with_context(|| format!("writing {slot:?}"))?;
-    }
+    t.put_slots(puts(Closing))?;
     if together {
         write_early(&mut t)?;
-        for (slot, v) in puts(Hiding) {
-            t.put_slot(slot, v)
-                .with_context(|| format!("writing {slot:?}"))?;
-        }
+        t.put_slots(puts(Hiding))?;
     }
     for slot in dels(Opening).chain(dels(Hiding)) {
         t.del_slot(slot)
@@ -553,10 +565,9 @@ fn write_slots_to(
     } else {
         puts(Hiding).collect()
     };
-    for (slot, v) in late.into_iter().chain(puts(Opening)) {
-        t.put_slot(slot, v)
-            .with_context(|| format!("writing {slot:?}"))?;
-    }
+    // `late` (Hiding) before Opening, as the full apply's steps.
+    t.put_slots(late.into_iter())?;
+    t.put_slots(puts(Opening))?;
     if let Some(s) = settings.filter(|s| early != Some(*s)) {
         t.settings.write(s)?;
     }

@@ -120,9 +120,19 @@ pub fn changed_users(
 ) -> Result<Vec<(String, UserEntries)>> {
     use crate::registry::store::Tx;
     let mut out = Vec::with_capacity(rec.users.len());
+    // A user this transaction created (and bound nothing to) holds only the sessions it
+    // wrote: taken from the recording, not read back.
+    let own = |name: &str| rec.created.get(name).filter(|_| !rec.bound.contains(name));
+    let mut own_sessions: FastMap<&str, Vec<Session>> = FastMap::default();
+    for s in rec.sessions_written.values().flatten() {
+        if own(&s.user).is_some() {
+            own_sessions.entry(&s.user).or_default().push(s.clone());
+        }
+    }
+    let read = rec.users.iter().filter(|n| own(n).is_none()).count();
     // A change of many users (a `session sync`) reads every session and binding once rather
     // than a few statements per user.
-    let bulk = (rec.users.len() >= BULK_USERS)
+    let bulk = (read >= BULK_USERS)
         .then(|| -> Result<_> {
             let mut sessions: FastMap<String, Vec<Session>> = FastMap::default();
             for s in rec.sessions()? {
@@ -138,6 +148,18 @@ pub fn changed_users(
         })
         .transpose()?;
     for name in &rec.users {
+        if let Some(u) = own(name) {
+            let sessions = own_sessions.get(name.as_str());
+            let slots = user_slots(
+                Some(u),
+                sessions.map(|v| v.as_slice()).unwrap_or_default(),
+                &[],
+                now_wall,
+                now_boot,
+            );
+            out.push((name.clone(), slots));
+            continue;
+        }
         // A user this transaction created is as it wrote it: no read.
         let user = match rec.created.get(name) {
             Some(u) => Some(u.clone()),

@@ -609,7 +609,7 @@ fn a_hold_survives_reopen_and_a_half_cleared_row_stays_held() {
     let v: i64 = c
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 5);
+    assert_eq!(v, 6);
     // A hand edit that clears part of the hold and sets the policy to unblocked.
     c.execute(
         "UPDATE users SET hold_reason = NULL, hold_by = NULL, policy = 'unblocked'",

@@ -543,7 +543,9 @@ fn fill_registry(db: &Path) {
          {gen} INSERT INTO sessions (id, user, since, source) \
            SELECT 'm' || i, 'm' || i, {now}, 'bench' FROM c;
          {gen} INSERT INTO session_addrs (prefix, session_id, pos) \
-           SELECT printf('100.%d.%d.%d/32', 64 + i / 65536, (i / 256) % 256, i % 256), 'm' || i, 0 FROM c;"
+           SELECT printf('100.%d.%d.%d/32', 64 + i / 65536, (i / 256) % 256, i % 256), 'm' || i, 0 FROM c;
+         -- No trigger counts an INSERT (the store counts its own): counted here as it would.
+         UPDATE counts SET users = users + {MILLION}, unblocked = unblocked + {MILLION}, sessions = sessions + {MILLION};"
     ))
     .unwrap();
     tx.commit().unwrap();

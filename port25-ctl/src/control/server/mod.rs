@@ -364,6 +364,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     info!(socket = %d.cfg.socket.display(), "ready");
     // Type=notify units are "started" only once enforcement is in place.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    warm_socket_hint(&d.config_path);
     loop {
         // Whatever ran last (a change, reload, reconcile) may have changed the maps.
         d.metrics.map_fill(&d.applied.fill());
@@ -410,6 +411,14 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     }
     let _ = std::fs::remove_file(&d.cfg.socket);
     Ok(())
+}
+
+/// Client verbs find the socket in the config file, whose answer is kept on the file (see
+/// `config::socket_hint`): found here, once per start and reload and off the request path,
+/// so that no hook's call after either scans a config of a million entries (80 ms).
+fn warm_socket_hint(config: &Path) {
+    let config = config.to_path_buf();
+    std::thread::spawn(move || crate::config::socket_named(&config));
 }
 
 impl Daemon {

@@ -42,6 +42,7 @@ impl Daemon {
     /// back if a later step fails; the maps are restored if writing them fails.
     pub(super) fn reload(&mut self) -> Result<reply::Reloaded> {
         let new = Config::load(&self.config_path)?;
+        super::warm_socket_hint(&self.config_path);
         if new.pin_dir != self.cfg.pin_dir
             || new.socket != self.cfg.socket
             || new.state_dir != self.cfg.state_dir
@@ -400,11 +401,7 @@ impl Daemon {
     }
 
     pub(super) fn execute(&mut self, req: Request, actor: &Actor) -> (Reply, bool) {
-        let op_name = format!("{:?}", req.op)
-            .split([' ', '{', '('])
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let op_name = op_name(&req.op);
         let exit = matches!(req.op, Op::Detach);
         match ops::run(self, req.op, actor) {
             Ok(v) => (Reply::Done(Response::ok(v)), exit),
@@ -416,6 +413,30 @@ impl Daemon {
     }
 }
 
+/// The op's variant name, for the log: the start of its Debug form, which is cut off
+/// there (a `session sync` op holds 100,000 sessions; formatting them all took longer
+/// than many a request).
+fn op_name(op: &Op) -> String {
+    struct Head(String);
+    impl std::fmt::Write for Head {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            match s.find([' ', '{', '(']) {
+                Some(i) => {
+                    self.0.push_str(&s[..i]);
+                    Err(std::fmt::Error)
+                }
+                None => {
+                    self.0.push_str(s);
+                    Ok(())
+                }
+            }
+        }
+    }
+    let mut h = Head(String::new());
+    let _ = std::fmt::write(&mut h, format_args!("{op:?}"));
+    h.0
+}
+
 /// Which registry a change is made in.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Scope {
@@ -425,4 +446,25 @@ enum Scope {
     Local,
     /// This router's alone, the users it creates registered fleet-wide afterwards.
     Session,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::proto;
+
+    /// The log's op name is the variant's, with or without fields.
+    #[test]
+    fn op_names() {
+        assert_eq!(op_name(&Op::Info), "Info");
+        let sync = proto::SessionSync {
+            sessions: vec![crate::registry::SyncSession {
+                id: "a".into(),
+                user: "b".into(),
+                addrs: vec!["100.64.0.1/32".parse().unwrap()],
+            }],
+            taken_at: None,
+        };
+        assert_eq!(op_name(&Op::SessionSync(sync)), "SessionSync");
+    }
 }

@@ -20,6 +20,8 @@ enum Op {
     Bind(usize, usize),
     Unbind(usize, usize),
     Remove(usize),
+    /// A `session sync` list: (user, id, addresses) each; a bad list is refused.
+    Sync(Vec<(usize, usize, Vec<usize>)>),
 }
 
 const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
@@ -50,6 +52,15 @@ fn op() -> impl Strategy<Value = Op> {
         (0..4usize, 0..BINDINGS.len()).prop_map(|(u, b)| Op::Bind(u, b)),
         (0..4usize, 0..BINDINGS.len()).prop_map(|(u, b)| Op::Unbind(u, b)),
         (0..4usize).prop_map(Op::Remove),
+        prop::collection::vec(
+            (
+                0..4usize,
+                0..6usize,
+                prop::collection::vec(0..ADDRS.len(), 1..3)
+            ),
+            0..4
+        )
+        .prop_map(Op::Sync),
     ]
 }
 
@@ -78,6 +89,17 @@ fn run(tx: &mut dyn crate::registry::store::Tx, op: &Op, now: jiff::Timestamp) -
         Op::Bind(u, b) => registry::bind(tx, &a, USERS[*u], p(BINDINGS[*b]), now),
         Op::Unbind(u, b) => registry::unbind(tx, &a, USERS[*u], p(BINDINGS[*b]), now),
         Op::Remove(u) => registry::user_remove(tx, &a, USERS[*u], now).map(|_| ()),
+        Op::Sync(list) => {
+            let list = list
+                .iter()
+                .map(|(u, id, addrs)| registry::SyncSession {
+                    id: id.to_string(),
+                    user: USERS[*u].to_string(),
+                    addrs: addrs.iter().map(|i| p(ADDRS[*i])).collect(),
+                })
+                .collect();
+            registry::session_sync(tx, &a, list, None, now).map(|_| ())
+        }
     }
 }
 

@@ -372,6 +372,13 @@ pub struct Recording<'a> {
     pub created: std::collections::BTreeMap<String, User>,
     /// The ids of the sessions this transaction wrote or deleted.
     pub session_ids: std::collections::BTreeSet<String>,
+    /// Each session this transaction wrote (as last written) or deleted (None): with
+    /// `created`, every session of a user the transaction created (rows referencing a user
+    /// cannot predate it), so its entries need no read back (a `session sync` creates
+    /// 100,000 users).
+    pub sessions_written: std::collections::BTreeMap<String, Option<Session>>,
+    /// The users whose bindings this transaction changed.
+    pub bound: std::collections::BTreeSet<String>,
 }
 
 impl<'a> Recording<'a> {
@@ -382,6 +389,8 @@ impl<'a> Recording<'a> {
             entries: false,
             created: Default::default(),
             session_ids: Default::default(),
+            sessions_written: Default::default(),
+            bound: Default::default(),
         }
     }
 
@@ -442,12 +451,14 @@ impl Tx for Recording<'_> {
     }
     fn put_session(&mut self, s: &Session) -> Result<()> {
         self.session_ids.insert(s.id.clone());
+        self.sessions_written.insert(s.id.clone(), Some(s.clone()));
         self.touch_session(&s.id)?;
         self.users.insert(s.user.clone());
         self.inner.put_session(s)
     }
     fn delete_session(&mut self, id: &str) -> Result<()> {
         self.session_ids.insert(id.to_string());
+        self.sessions_written.insert(id.to_string(), None);
         self.touch_session(id)?;
         self.inner.delete_session(id)
     }
@@ -474,6 +485,7 @@ impl Tx for Recording<'_> {
     fn insert_sessions(&mut self, sessions: &[Session]) -> Result<()> {
         for s in sessions {
             self.session_ids.insert(s.id.clone());
+            self.sessions_written.insert(s.id.clone(), Some(s.clone()));
             self.users.insert(s.user.clone());
         }
         self.inner.insert_sessions(sessions)
@@ -481,6 +493,7 @@ impl Tx for Recording<'_> {
     fn delete_sessions(&mut self, sessions: &[Session]) -> Result<()> {
         for s in sessions {
             self.session_ids.insert(s.id.clone());
+            self.sessions_written.insert(s.id.clone(), None);
             self.users.insert(s.user.clone());
         }
         self.inner.delete_sessions(sessions)
@@ -499,10 +512,12 @@ impl Tx for Recording<'_> {
     }
     fn put_binding(&mut self, b: &Binding) -> Result<()> {
         self.users.insert(b.user.clone());
+        self.bound.insert(b.user.clone());
         self.inner.put_binding(b)
     }
     fn delete_binding(&mut self, b: &Binding) -> Result<bool> {
         self.users.insert(b.user.clone());
+        self.bound.insert(b.user.clone());
         self.inner.delete_binding(b)
     }
     fn entries(&self) -> Result<Vec<Entry>> {

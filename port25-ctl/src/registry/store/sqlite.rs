@@ -132,6 +132,14 @@ CREATE TRIGGER counts_session_out AFTER DELETE ON sessions BEGIN
 END;
 CREATE INDEX users_timed ON users(until) WHERE policy = 'unblocked' AND until IS NOT NULL;
 "#,
+    r#"
+-- The rows an INSERT into users or sessions adds are counted by the store's statement
+-- itself, once per statement: a `session sync` inserts 100,000 of each, and a trigger run
+-- (with its statement journal) per row was a tenth of it. Deletes and updates keep their
+-- triggers (REPLACE deletes through them, then its insert is counted).
+DROP TRIGGER counts_user_in;
+DROP TRIGGER counts_session_in;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -387,8 +395,34 @@ impl SqliteTx<'_> {
         self.tx.prepare_cached(sql)?.execute(p)
     }
 
-    /// One user row, by `verb` ("INSERT", or "INSERT OR REPLACE"). Cached statements: a
-    /// fleet replica's first start and a bulk sync write users by the thousand.
+    /// Adds inserted rows to `counts` (no trigger counts an INSERT: see the last schema
+    /// step): `users` rows written, with `unblocked` of them unblocked without an end and
+    /// `held` held; `sessions` rows.
+    fn count_in(&self, users: usize, unblocked: usize, held: usize, sessions: usize) -> Result<()> {
+        if users + sessions == 0 {
+            return Ok(());
+        }
+        self.exec(
+            "UPDATE counts SET users = users + ?1, unblocked = unblocked + ?2, \
+             held = held + ?3, sessions = sessions + ?4",
+            params![users as i64, unblocked as i64, held as i64, sessions as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Counts inserted user rows as the old insert trigger did.
+    fn count_users_in(&self, users: &[User]) -> Result<()> {
+        let unblocked = users
+            .iter()
+            .filter(|u| u.policy == Policy::Unblocked && u.until.is_none())
+            .count();
+        let held = users.iter().filter(|u| u.hold.is_some()).count();
+        self.count_in(users.len(), unblocked, held, 0)
+    }
+
+    /// One user row, by `verb` ("INSERT", or "INSERT OR REPLACE"), not counted yet (see
+    /// [`SqliteTx::count_users_in`]). Cached statements: a fleet replica's first start and
+    /// a bulk sync write users by the thousand.
     fn write_user(&self, verb: &str, u: &User) -> Result<()> {
         self.exec(
             &format!("{verb} INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
@@ -517,8 +551,10 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn put_user(&mut self, u: &User) -> Result<()> {
-        // Cached: a fleet replica's first start writes every user of the fleet.
-        self.write_user("INSERT OR REPLACE", u)
+        // Cached: a fleet replica's first start writes every user of the fleet. A row it
+        // replaces left the counts through the delete trigger.
+        self.write_user("INSERT OR REPLACE", u)?;
+        self.count_users_in(std::slice::from_ref(u))
     }
 
     fn delete_user(&mut self, name: &str) -> Result<()> {
@@ -595,6 +631,8 @@ impl Tx for SqliteTx<'_> {
             "INSERT OR REPLACE INTO sessions (id, user, since, source) VALUES (?1, ?2, ?3, ?4)",
             params![s.id, s.user, ts(s.since), s.source],
         )?;
+        // A row it replaced left the count through the delete trigger.
+        self.count_in(0, 0, 0, 1)?;
         self.exec("DELETE FROM session_addrs WHERE session_id = ?1", [&s.id])?;
         for (pos, p) in s.addrs.iter().enumerate() {
             self.exec(
@@ -648,7 +686,7 @@ impl Tx for SqliteTx<'_> {
             // Plain INSERT: a user already stored is an error, never a silent replace.
             self.write_user("INSERT", u)?;
         }
-        Ok(())
+        self.count_users_in(users)
     }
 
     fn insert_sessions(&mut self, sessions: &[Session]) -> Result<()> {
@@ -664,7 +702,7 @@ impl Tx for SqliteTx<'_> {
                 )?;
             }
         }
-        Ok(())
+        self.count_in(0, 0, 0, sessions.len())
     }
 
     fn bindings(&self) -> Result<Vec<Binding>> {
@@ -818,5 +856,88 @@ impl Tx for SqliteTx<'_> {
     fn commit(self: Box<Self>) -> Result<()> {
         self.tx.commit().context("committing to the registry")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The counts of a registry made before the insert triggers went stay exact through the
+    /// step that drops them, and inserts after it (single and bulk) are counted.
+    #[test]
+    fn counts_survive_the_step_that_drops_the_insert_triggers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        {
+            let mut c = Connection::open(&path).unwrap();
+            c.pragma_update(None, "recursive_triggers", "ON").unwrap();
+            for (i, step) in MIGRATIONS[..5].iter().enumerate() {
+                let tx = c.transaction().unwrap();
+                tx.execute_batch(step).unwrap();
+                tx.pragma_update(None, "user_version", (i + 1) as i64)
+                    .unwrap();
+                tx.commit().unwrap();
+            }
+            c.execute_batch(
+                "INSERT INTO users (name, policy, set_by, set_at) VALUES ('a', 'unblocked', 't', 0), ('b', 'blocked', 't', 0);
+                 INSERT INTO sessions (id, user, since, source) VALUES ('s1', 'a', 0, 't');",
+            )
+            .unwrap();
+        }
+        let mut s = SqliteStore::open(dir.path()).unwrap();
+        let now = Timestamp::from_second(1).unwrap();
+        let exact = |s: &SqliteStore| {
+            let c = s.counts(now).unwrap();
+            let n = |sql: &str| s.conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap() as u64;
+            assert_eq!(c.users, n("SELECT COUNT(*) FROM users"));
+            assert_eq!(
+                c.unblocked,
+                n("SELECT COUNT(*) FROM users WHERE policy = 'unblocked'")
+            );
+            assert_eq!(c.sessions, n("SELECT COUNT(*) FROM sessions"));
+            assert_eq!(
+                c.held,
+                n("SELECT COUNT(*) FROM users WHERE hold_by IS NOT NULL")
+            );
+            c
+        };
+        assert_eq!(exact(&s).users, 2);
+        let user = |name: &str, policy, held: bool| User {
+            name: name.into(),
+            policy,
+            until: None,
+            reason: None,
+            set_by: "t".into(),
+            set_at: now,
+            hold: held.then(|| Hold {
+                reason: "r".into(),
+                by: "t".into(),
+                at: now,
+            }),
+        };
+        let session = |id: &str, user: &str| Session {
+            id: id.into(),
+            user: user.into(),
+            addrs: vec![format!("100.64.0.{}/32", id.len()).parse().unwrap()],
+            since: now,
+            source: "t".into(),
+        };
+        let mut tx = s.begin().unwrap();
+        // Replaced rows (single writes), then bulk inserts.
+        tx.put_user(&user("a", Policy::Blocked, true)).unwrap();
+        tx.put_user(&user("c", Policy::Unblocked, false)).unwrap();
+        tx.put_session(&session("s1", "b")).unwrap();
+        tx.insert_users(&[
+            user("d", Policy::Unblocked, false),
+            user("e", Policy::Blocked, true),
+        ])
+        .unwrap();
+        tx.insert_sessions(&[session("s22", "d"), session("s333", "e")])
+            .unwrap();
+        tx.delete_session("s22").unwrap();
+        tx.commit().unwrap();
+        let c = exact(&s);
+        assert_eq!((c.users, c.unblocked, c.held, c.sessions), (5, 2, 2, 2));
     }
 }

@@ -904,3 +904,56 @@ fn time_parse() {
         );
     }
 }
+
+/// The plain `exempt:` fast path against YAML on forms the proptest does not generate:
+/// document markers and a block-scalar document, a BOM, an entry list at column 0 with a
+/// later list at column 0 under another key, lines after the section that YAML would take
+/// for entries, odd bytes in comments and blank lines, prefixes YAML could read as numbers,
+/// leading zeros in a length. Each text as the whole file, after `interfaces:`, and before it.
+#[test]
+fn fast_exempt_list_agrees_with_yaml_on_markers_and_odd_lines() {
+    let head = "interfaces:\n  - name: eth1\n    hook: xdp\n";
+    let cases = [
+        "--- |\nexempt:\n  - prefix: 10.0.0.0/8\n",
+        "---\nexempt:\n  - prefix: 10.0.0.0/8\n",
+        "--- !!map\nexempt:\n  - prefix: 10.0.0.0/8\n",
+        "exempt:\n- prefix: 10.0.0.0/8\n- {prefix: 10.1.0.0/16}\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\n...\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\n---\nexempt:\n  - prefix: 10.1.0.0/16\n",
+        "socket: >\n  x\nexempt:\n  - prefix: 10.0.0.0/8\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\n  #\x7f\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\n\x0c\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\n \t\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\n\n\n  - prefix: 10.1.0.0/16\nsocket: /run/x\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\r\n  - prefix: 10.1.0.0/16\r\n",
+        "exempt:\n  - prefix: 1:2:3:4:5:6:7:8\n",
+        "exempt:\n  - {prefix: 1:2:3:4:5:6:7:8}\n",
+        "exempt:\n  - {prefix: 1:2:3::/48}\n",
+        "exempt:\n  - prefix: 0x0a.0.0.0/8\n",
+        "exempt:\n  - prefix: 10.0.0.0/08\n",
+        "exempt:\n  - prefix: 10.0.0.0/008\n",
+        "exempt:\n  - prefix: 1.2.3.4/32\n  - prefix: 1.2.3.4\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\nexempt_x: 1\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\n\u{feff}socket: /x\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\n  - prefix: 10.1.0.0/16\n  \n# end\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\n  - prefix: 10.1.0.0/16",
+        "exempt:\n  - prefix: 10.0.0.0/8\n  - prefix: 10.1.0.0/16\r",
+        "exempt:\n  - prefix: 10.0.0.0/8\n#\x01\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\n  - prefix: 10.1.0.0/16\n-\n",
+        "exempt:\n  - prefix: 10.0.0.0/8\n  - prefix: 10.1.0.0/16\n- prefix: 10.2.0.0/16\n",
+        "exempt:\n- prefix: 10.0.0.0/8\nsocket: /x\n- prefix: 10.2.0.0/16\n",
+        "exempt:\n  - {prefix: 10.0.0.0/8}}\n",
+        "exempt:\n  - prefix: 10.0.0.0/8:\n",
+        "exempt:\n  - prefix: 2001:db8::1:\n",
+        "exempt:\n  - prefix: 2001:db8:0:0:0:0:0:0/32\n",
+        "exempt:\n  - prefix: 1.2.3.0/24\n  - prefix: 1.2.3.0/024\n",
+    ];
+    for c in cases {
+        for text in [format!("{head}{c}"), c.to_string(), format!("{c}\n{head}")] {
+            let path = Path::new("f.yaml");
+            let fast = Config::parse_with(&text, path, true).map_err(|e| e.to_string());
+            let yaml = Config::parse_with(&text, path, false).map_err(|e| e.to_string());
+            assert_eq!(fast, yaml, "{text:?}");
+        }
+    }
+}

@@ -211,7 +211,19 @@ fn passed(prog: &str, ret: u32) -> Option<bool> {
 }
 
 /// Runs `o.frames` frames; `progress` is called now and then with the stats so far.
-pub fn run(f: &mut Fixture, o: &RunOptions, mut progress: impl FnMut(&Stats)) -> Stats {
+pub fn run(f: &mut Fixture, o: &RunOptions, progress: impl FnMut(&Stats)) -> Stats {
+    let gen = o.gen.clone();
+    run_cases(f, o, |i| fuzzgen::case(o.seed, i, &gen), progress)
+}
+
+/// [`run`] over frames of the caller's (`case(i)` for each index `i` the options name):
+/// the same comparison with the model and the same leak oracle.
+pub fn run_cases(
+    f: &mut Fixture,
+    o: &RunOptions,
+    mut case_at: impl FnMut(u64) -> Case,
+    mut progress: impl FnMut(&Stats),
+) -> Stats {
     let mut st = Stats::default();
     let mut s = f.live.settings.get(&0, 0).expect("read settings");
     s.flags = if o.reject {
@@ -224,7 +236,7 @@ pub fn run(f: &mut Fixture, o: &RunOptions, mut progress: impl FnMut(&Stats)) ->
     let start = Instant::now();
     let mut last = start;
     for i in o.skip..o.skip + o.frames {
-        let case = fuzzgen::case(o.seed, i, &o.gen);
+        let case = case_at(i);
         *st.truth.entry(case.truth).or_default() += 1;
         let model = classify(case.bytes.as_slice(), case.link, &f.model);
         let fail = |st: &mut Stats, what: String| {

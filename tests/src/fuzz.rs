@@ -212,8 +212,7 @@ fn passed(prog: &str, ret: u32) -> Option<bool> {
 
 /// Runs `o.frames` frames; `progress` is called now and then with the stats so far.
 pub fn run(f: &mut Fixture, o: &RunOptions, progress: impl FnMut(&Stats)) -> Stats {
-    let gen = o.gen.clone();
-    run_cases(f, o, |i| fuzzgen::case(o.seed, i, &gen), progress)
+    run_cases(f, o, |i| fuzzgen::case(o.seed, i, &o.gen), progress)
 }
 
 /// [`run`] over frames of the caller's (`case(i)` for each index `i` the options name):

@@ -8,7 +8,8 @@
 /// version is refused and left alone, an older one is migrated to new maps.
 /// 2: [`EXBITS`]. A daemon of layout 1 must not edit the exempt hashes under a program that
 /// skips lookups by the filter (it would not set their bits): it refuses these pins.
-pub const LAYOUT_VERSION: u32 = 2;
+/// 3: [`EXBITS_NET6`] eight times larger (the bits of every session-prefix key moved).
+pub const LAYOUT_VERSION: u32 = 3;
 
 // Map names (kernel object names are limited to 15 characters). They double as pin file names.
 pub const SETTINGS: &str = "P25_SETTINGS";
@@ -36,7 +37,7 @@ pub const TRACK_TC: &str = "P25_TRACK_TC";
 /// exempt hash ([`EXBITS_NET6`], [`EXBITS_IP4`], [`EXBITS_IP6`]) and the ready word
 /// [`EXBITS_READY`]. The bit of every key of those hashes is set, so a lookup whose bit is
 /// clear is skipped: an inlined array read instead of a call into the hash, and on a flood
-/// from sources that are not exempt, a cache line of a 3 MiB bitmap instead of a bucket of a
+/// from sources that are not exempt, a cache line of a 6.5 MiB bitmap instead of a bucket of a
 /// table of a million.
 pub const EXBITS: &str = "P25_EXBITS";
 
@@ -80,11 +81,13 @@ pub struct Region {
     pub words: u32,
 }
 
-/// [`EXNET6`]'s bits: 4 Mi bits in 512 KiB. At a million session prefixes a quarter are set,
-/// so a probe of a length that holds no entry is skipped three times in four.
+/// [`EXNET6`]'s bits: 32 Mi bits in 4 MiB. A blocked IPv6 source reads one bit per session
+/// prefix length in use (up to 8), and each set bit costs a hash lookup: at 100,000 session
+/// prefixes 0.3% of the bits are set (a false probe for 2.4% of sources with 8 lengths; at
+/// 4 Mi bits it was one source in 5), at a million 3%.
 pub const EXBITS_NET6: Region = Region {
     first: 0,
-    words: 1 << 16,
+    words: 1 << 19,
 };
 /// [`EXIP4`]'s bits: 16 Mi bits in 2 MiB; at a million addresses one lookup in 16 of a
 /// source that is not exempt still reaches the hash.
@@ -438,7 +441,7 @@ mod filter_bits {
         };
         let ip6 = [0x20, 0x01, 0x0d, 0xb8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
         let got = [ip4_bit([100, 64, 0, 2]), ip6_bit(&ip6), net6_bit(&net)];
-        assert_eq!(LAYOUT_VERSION, 2, "new bits: update the values below");
-        assert_eq!(got, [(263302, 29), (332930, 2), (5280, 27)]);
+        assert_eq!(LAYOUT_VERSION, 3, "new bits: update the values below");
+        assert_eq!(got, [(722054, 29), (791682, 2), (464032, 27)]);
     }
 }

@@ -108,11 +108,12 @@ fn the_switch_is_a_load_time_constant_and_off_logs_nothing() {
         let (a, b) = (verified(&off, prog), verified(&on, prog));
         println!("{prog}: verified {a} instructions with the kernel log off, {b} with it on");
         // On, the entry adds its tail call into the logging copy, and falls back to the
-        // plain verdict when that fails: +5 on 6.18; on 6.1 the verifier's pruning of the
-        // direct packet reads' states moves the count either way (+370 XDP, -172 TC). Never
-        // a second walk of the verdict (that would be +300k).
+        // plain verdict when that fails: +5 on 6.18; the verifier's pruning of the direct
+        // packet reads' states moves the count either way (6.1: +370 XDP, -172 TC; 6.18
+        // with the parser's fast path in front: +2,934 raw TC). Never a second walk of the
+        // verdict (that would be +150k raw TC, +290k XDP and TC).
         assert!(
-            b.abs_diff(a) < 1000,
+            b.abs_diff(a) < 10_000,
             "{prog}: the switch costs the entry a branch ({a} off, {b} on)"
         );
     }

@@ -2,7 +2,7 @@
 //! serde_yaml takes over a second to read, before the daemon can start anything else.
 //!
 //! Strict: the top-level `exempt:` section is taken only when every line of the file can be
-//! told apart as [`super::sections`] requires, the key appears once with no value on its
+//! told apart as [`super::top_level_key`] requires, the key appears once with no value on its
 //! line, and every line under it is blank, an ASCII comment, or one entry of exactly the
 //! form `- {prefix: P}` or `- prefix: P` at one indentation, with `P` a prefix
 //! [`Prefix::from_str`](std::str::FromStr) accepts. Anything else (notes, expiries, quotes,
@@ -11,7 +11,7 @@
 //! read by serde_yaml, with the section replaced by `exempt: []` and as many empty lines:
 //! every other line keeps its number and column.
 
-use super::{closes_what_it_opens, ExemptEntry, Lines};
+use super::{top_level_key, ExemptEntry, Lines};
 use crate::net::Prefix;
 
 /// The file without its `exempt:` entries (same lines elsewhere), and the entries.
@@ -45,31 +45,16 @@ pub(super) fn split_exempt(text: &str) -> Option<Split> {
             inside = false;
             section.as_mut().expect("opened").1 = at;
         }
-        if !closes_what_it_opens(line) {
-            return None;
-        }
-        match first {
-            Some(b' ' | b'\t') if !keyed && !super::blank_or_comment(line) => return None,
-            None | Some(b' ' | b'\t' | b'#' | b'-') => {}
-            Some(b'a'..=b'z' | b'A'..=b'Z' | b'_') => {
-                let (key, value) = line.split_once(':')?;
-                if !value.is_empty() && !value.starts_with([' ', '\t']) {
+        if let Some((key, value)) = top_level_key(line, keyed)? {
+            keyed = true;
+            if key == "exempt" {
+                // Twice is YAML's to refuse; a value on the line is not a plain list.
+                if section.is_some() || !value.bytes().all(|b| b == b' ') {
                     return None;
                 }
-                if key.ends_with([' ', '\t']) {
-                    return None;
-                }
-                keyed = true;
-                if key == "exempt" {
-                    // Twice is YAML's to refuse; a value on the line is not a plain list.
-                    if section.is_some() || !value.bytes().all(|b| b == b' ') {
-                        return None;
-                    }
-                    section = Some((at, text.len()));
-                    inside = true;
-                }
+                section = Some((at, text.len()));
+                inside = true;
             }
-            Some(_) => return None,
         }
     }
     let (from, to) = section?;

@@ -577,26 +577,9 @@ fn sections(text: &str, keep: &[&str]) -> Option<String> {
     let mut keeping = false;
     let mut keyed = false;
     for line in text.lines() {
-        if !closes_what_it_opens(line) {
-            return None;
-        }
-        match line.bytes().next() {
-            // Indented content before any top-level key: a top level indented as a whole.
-            Some(b' ' | b'\t') if !keyed && !blank_or_comment(line) => return None,
-            None | Some(b' ' | b'\t' | b'#' | b'-') => {}
-            Some(b'a'..=b'z' | b'A'..=b'Z' | b'_') => {
-                let (key, value) = line.split_once(':')?;
-                if !value.is_empty() && !value.starts_with([' ', '\t']) {
-                    return None;
-                }
-                // `key :` is YAML's `key`: lines cannot tell it from another key.
-                if key.ends_with([' ', '\t']) {
-                    return None;
-                }
-                keyed = true;
-                keeping = keep.contains(&key);
-            }
-            Some(_) => return None,
+        if let Some((key, _)) = top_level_key(line, keyed)? {
+            keyed = true;
+            keeping = keep.contains(&key);
         }
         if keeping {
             out.push_str(line);
@@ -604,6 +587,33 @@ fn sections(text: &str, keep: &[&str]) -> Option<String> {
         }
     }
     Some(out)
+}
+
+/// One line as a line scan of the top level reads it (`keyed`: a top-level key came
+/// before): `Some(Some((key, value)))` a plain top-level `key:`, `Some(None)` a line that
+/// opens no key (blank, comment, indented content, sequence item), `None` a form lines
+/// cannot tell apart, which YAML must decide.
+fn top_level_key(line: &str, keyed: bool) -> Option<Option<(&str, &str)>> {
+    if !closes_what_it_opens(line) {
+        return None;
+    }
+    match line.bytes().next() {
+        // Indented content before any top-level key: a top level indented as a whole.
+        Some(b' ' | b'\t') if !keyed && !blank_or_comment(line) => None,
+        None | Some(b' ' | b'\t' | b'#' | b'-') => Some(None),
+        Some(b'a'..=b'z' | b'A'..=b'Z' | b'_') => {
+            let (key, value) = line.split_once(':')?;
+            if !value.is_empty() && !value.starts_with([' ', '\t']) {
+                return None;
+            }
+            // `key :` is YAML's `key`: lines cannot tell it from another key.
+            if key.ends_with([' ', '\t']) {
+                return None;
+            }
+            Some(Some((key, value)))
+        }
+        Some(_) => None,
+    }
 }
 
 /// What a line scan can tell of the top-level `socket:`.

@@ -9,7 +9,9 @@
 /// 2: [`EXBITS`]. A daemon of layout 1 must not edit the exempt hashes under a program that
 /// skips lookups by the filter (it would not set their bits): it refuses these pins.
 /// 3: [`EXBITS_NET6`] eight times larger (the bits of every session-prefix key moved).
-pub const LAYOUT_VERSION: u32 = 3;
+/// 4: the IPv4 /24 regions in front of the three IPv4 tries ([`EXBITS_RANGES4`],
+/// [`EXBITS_MAIL4`], [`EXBITS_PFX4`]); the ready word moved.
+pub const LAYOUT_VERSION: u32 = 4;
 
 // Map names (kernel object names are limited to 15 characters). They double as pin file names.
 pub const SETTINGS: &str = "P25_SETTINGS";
@@ -34,11 +36,12 @@ pub const EVENTS: &str = "P25_EVENTS";
 pub const TRACK_XDP: &str = "P25_TRACK_XDP";
 pub const TRACK_TC: &str = "P25_TRACK_TC";
 /// The exempt filter: an array of u64 words ([`EXBITS_WORDS`]) with one region of bits per
-/// exempt hash ([`EXBITS_NET6`], [`EXBITS_IP4`], [`EXBITS_IP6`]) and the ready word
-/// [`EXBITS_READY`]. The bit of every key of those hashes is set, so a lookup whose bit is
-/// clear is skipped: an inlined array read instead of a call into the hash, and on a flood
-/// from sources that are not exempt, a cache line of a 6.5 MiB bitmap instead of a bucket of a
-/// table of a million.
+/// exempt hash ([`EXBITS_NET6`], [`EXBITS_IP4`], [`EXBITS_IP6`]), three regions of one bit
+/// per IPv4 /24 in front of the IPv4 tries ([`EXBITS_RANGES4`], [`EXBITS_MAIL4`],
+/// [`EXBITS_PFX4`]) and the ready word [`EXBITS_READY`]. The bit of every key of those hashes
+/// is set, so a lookup whose bit is clear is skipped: an inlined array read instead of a call
+/// into the hash or the trie, and on a flood from sources that are not exempt, a cache line
+/// of a 12.5 MiB bitmap instead of a bucket of a table of a million.
 pub const EXBITS: &str = "P25_EXBITS";
 
 /// Default capacities; the config's `limits` override the resizable ones at load time.
@@ -101,13 +104,34 @@ pub const EXBITS_IP6: Region = Region {
     words: 1 << 16,
 };
 
+/// [`RANGES4`]'s bits, one per IPv4 /24 (16 Mi bits in 2 MiB): set when the whole /24 lies
+/// inside one listed subscriber range, so the source is enforced without the trie (a
+/// subscriber pool is a few wide ranges among many). The opposite sense of the other
+/// regions, and as safe: a bit set where it should not be only enforces a source, and a
+/// clear one asks the trie. Set only after the ranges are written ([`EXBITS_READY`]).
+pub const EXBITS_RANGES4: Region = Region {
+    first: EXBITS_IP6.first + EXBITS_IP6.words,
+    words: 1 << 18,
+};
+/// [`MAIL4`]'s bits, one per IPv4 /24: set when a mail-server entry covers any address of
+/// it. A destination whose /24's bit is clear is no mail server's, without the trie.
+pub const EXBITS_MAIL4: Region = Region {
+    first: EXBITS_RANGES4.first + EXBITS_RANGES4.words,
+    words: 1 << 18,
+};
+/// [`EXPFX4`]'s bits, one per IPv4 /24: set when an exempt prefix covers any address of it.
+pub const EXBITS_PFX4: Region = Region {
+    first: EXBITS_MAIL4.first + EXBITS_MAIL4.words,
+    words: 1 << 18,
+};
+
 /// The word of [`EXBITS`] past the regions: non-zero once the daemon has set the bit of every
 /// key the exempt hashes hold. The daemon sets a key's bit before it writes the key and
 /// clears bits only once their keys are gone, so from then on no entry of the applied state
 /// lacks its bit (a key outside it, drift, may be skipped: it is deleted anyway). Zero
 /// (a map just created, beside pins that already hold entries), every lookup is made. In
 /// the map itself, not in the settings: a filter map recreated empty is never trusted.
-pub const EXBITS_READY: u32 = EXBITS_IP6.first + EXBITS_IP6.words;
+pub const EXBITS_READY: u32 = EXBITS_PFX4.first + EXBITS_PFX4.words;
 /// Entries of [`EXBITS`].
 pub const EXBITS_WORDS: u32 = EXBITS_READY + 1;
 
@@ -171,6 +195,26 @@ pub const fn ip6_bit(a: &[u8; 16]) -> (u32, u32) {
 #[inline(always)]
 pub const fn ip6_bit_of(hi: u64, lo: u64) -> (u32, u32) {
     bit_in(EXBITS_IP6, mix(hi ^ lo.rotate_left(31)))
+}
+
+/// The bit of the /24 of `a` in one of the /24 regions ([`EXBITS_RANGES4`], [`EXBITS_MAIL4`],
+/// [`EXBITS_PFX4`]): the /24's number, not a hash, so a prefix's bits are a run.
+#[inline(always)]
+pub const fn slash24_bit(r: Region, a: [u8; 4]) -> (u32, u32) {
+    let n = u32::from_be_bytes(a) >> 8;
+    (r.first + (n >> 6), n & 63)
+}
+
+/// The /24s an IPv4 prefix meets, as (number of the first, how many): one for a prefix of
+/// /24 or longer, 2^(24 - len) for a shorter one, all of them whole.
+pub const fn slash24s(a: [u8; 4], len: u32) -> (u32, u32) {
+    let n = u32::from_be_bytes(a) >> 8;
+    if len >= 24 {
+        (n, 1)
+    } else {
+        let count = 1u32 << (24 - len);
+        (n & !(count - 1), count)
+    }
 }
 
 /// The enforcement flags for a config that lists IPv4 and/or IPv6 subscriber ranges.
@@ -440,8 +484,35 @@ mod filter_bits {
             ],
         };
         let ip6 = [0x20, 0x01, 0x0d, 0xb8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-        let got = [ip4_bit([100, 64, 0, 2]), ip6_bit(&ip6), net6_bit(&net)];
-        assert_eq!(LAYOUT_VERSION, 3, "new bits: update the values below");
-        assert_eq!(got, [(722054, 29), (791682, 2), (464032, 27)]);
+        let got = [
+            ip4_bit([100, 64, 0, 2]),
+            ip6_bit(&ip6),
+            net6_bit(&net),
+            slash24_bit(EXBITS_RANGES4, [100, 64, 0, 2]),
+            slash24_bit(EXBITS_MAIL4, [198, 51, 100, 25]),
+            slash24_bit(EXBITS_PFX4, [10, 1, 2, 3]),
+        ];
+        assert_eq!(LAYOUT_VERSION, 4, "new bits: update the values below");
+        assert_eq!(
+            got,
+            [
+                (722054, 29),
+                (791682, 2),
+                (464032, 27),
+                (954624, 0),
+                (1317069, 36),
+                (1386500, 2),
+            ]
+        );
+        assert_eq!(EXBITS_READY, 1638400);
+    }
+
+    #[test]
+    fn a_prefix_meets_its_slash24s() {
+        assert_eq!(slash24s([10, 1, 2, 3], 32), (0x0a0102, 1));
+        assert_eq!(slash24s([10, 1, 2, 0], 24), (0x0a0102, 1));
+        assert_eq!(slash24s([10, 1, 2, 0], 23), (0x0a0102, 2));
+        assert_eq!(slash24s([100, 64, 0, 0], 10), (0x644000, 1 << 14));
+        assert_eq!(slash24s([0, 0, 0, 0], 0), (0, 1 << 24));
     }
 }

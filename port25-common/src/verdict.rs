@@ -4,8 +4,9 @@
 use crate::{
     addr::mask_words,
     maps::{
-        ip4_bit, ip6_bit_of, net6_bit_of, words_of, Exempt, NetKey6, Settings, BLOCKED_NS,
-        EXBITS_READY, MAX_SESSION_PREFIX_LENS,
+        ip4_bit, ip6_bit_of, net6_bit_of, slash24_bit, words_of, Exempt, NetKey6, Settings,
+        BLOCKED_NS, EXBITS_MAIL4, EXBITS_PFX4, EXBITS_RANGES4, EXBITS_READY,
+        MAX_SESSION_PREFIX_LENS,
     },
     parse::{parse_flat, Frame, Link, Packet, Parsed, Shape},
     reason::Reason,
@@ -72,6 +73,9 @@ fn v4(a: &[u8; 16]) -> [u8; 4] {
 #[inline(always)]
 fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
     let settings = maps.settings();
+    // The filter, once ready, answers for the tries and hashes below where it can: a lookup
+    // whose bit is clear is skipped, a source whose /24 is surely enforced asks no trie.
+    let filtered = matches!(maps.filter_word(EXBITS_READY), Some(w) if w != 0);
     // Per family: a family with no listed range is enforced whole (its flag is clear), so
     // listing only IPv4 ranges never leaves every IPv6 source open. Unreadable settings
     // enforce every source.
@@ -79,7 +83,11 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
     let enforced = match settings {
         None => true,
         Some(s) if v6 => !s.listed(true) || maps.in_ranges6(*src),
-        Some(s) => !s.listed(false) || maps.in_ranges4(v4(src)),
+        Some(s) => {
+            !s.listed(false)
+                || surely(filtered, slash24_bit(EXBITS_RANGES4, v4(src)), maps)
+                || maps.in_ranges4(v4(src))
+        }
     };
     if !enforced {
         return Some(Reason::PassNotSubscriber);
@@ -87,7 +95,8 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
     let mail = if v6 {
         maps.mail_server6(*dst)
     } else {
-        maps.mail_server4(v4(dst))
+        let d = v4(dst);
+        maybe(filtered, slash24_bit(EXBITS_MAIL4, d), maps) && maps.mail_server4(d)
     };
     if mail {
         return Some(Reason::PassMailServer);
@@ -95,8 +104,6 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
     // Most specific first: the exact address, the session prefixes (longest first), then the
     // LPM. A live session's entry decides alone, so a wider prefix of another user (a
     // binding, a stale delegated prefix) never exempts an address a blocked user holds.
-    // The exempt filter: once ready, a hash lookup whose key's bit is clear is skipped.
-    let filtered = matches!(maps.filter_word(EXBITS_READY), Some(w) if w != 0);
     let decided = if v6 {
         let a = *src;
         let (hi, lo) = words_of(&a);
@@ -119,7 +126,7 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
             None
         };
         entry(exact, maps, Reason::PassExemptAddr)
-            .or_else(|| entry(maps.exempt_prefix4(a), maps, Reason::PassExemptPrefix))
+            .or_else(|| entry(prefix4(filtered, a, maps), maps, Reason::PassExemptPrefix))
     };
     match decided {
         Some(Decided::Pass(r)) => Some(r),
@@ -132,7 +139,7 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
             let e = if v6 {
                 maps.exempt_prefix6(*src)
             } else {
-                maps.exempt_prefix4(v4(src))
+                prefix4(filtered, v4(src), maps)
             };
             match e {
                 Some(e) if e.operator() && live(&e, maps) => Some(Reason::PassExemptPrefix),
@@ -185,6 +192,24 @@ fn maybe<M: Maps>(filtered: bool, (word, bit): (u32, u32), maps: &M) -> bool {
     match maps.filter_word(word) {
         Some(w) => w >> bit & 1 != 0,
         None => true,
+    }
+}
+
+/// Whether the filter says a /24 is surely enforced: ready and the bit set. Anything else
+/// (not ready, the bit clear, the word unreadable) leaves it to the ranges trie.
+#[inline(always)]
+fn surely<M: Maps>(filtered: bool, (word, bit): (u32, u32), maps: &M) -> bool {
+    filtered && matches!(maps.filter_word(word), Some(w) if w >> bit & 1 != 0)
+}
+
+/// The IPv4 exempt-prefix trie's answer for `a`, unless the filter says no prefix meets
+/// its /24.
+#[inline(always)]
+fn prefix4<M: Maps>(filtered: bool, a: [u8; 4], maps: &M) -> Option<Exempt> {
+    if maybe(filtered, slash24_bit(EXBITS_PFX4, a), maps) {
+        maps.exempt_prefix4(a)
+    } else {
+        None
     }
 }
 

@@ -174,8 +174,8 @@ fn decide<F: Frame + Ingress, L: klog::Log>(frame: &F, link: Link) -> (Reason, b
     count(reason);
     L::stage(&parsed, reason);
     // A blocked segment whose source is known came from an enforced source (the address
-    // rules ran and passed nothing): the offender tracking's business.
-    let tracked = !reason.is_pass() && parsed.addrs;
+    // rules ran and passed nothing): the offender tracking's business, when it is on.
+    let tracked = !reason.is_pass() && parsed.addrs && track::on();
     if tracked {
         track::hand_over(&parsed, reason as u32, frame.ifindex());
     }

@@ -21,7 +21,7 @@ use port25_tests::{
     frame::*,
     kernel::{self, RunOptions},
     require_root,
-    table::{self, Case, HookWant, CONFIG, EXT, RAW_SUB, SUB},
+    table::{self, Case, HookWant, CONFIG, EXT, MAIL, NONSUB, RAW_SUB, SUB},
 };
 
 struct Fixture {
@@ -577,6 +577,98 @@ fn exempt_lookups_follow_the_filter() {
     assert_eq!(
         port25_common::verdict::decide(&p, &f.live),
         Reason::PassExemptSession
+    );
+}
+
+/// The IPv4 tries behind their /24 bits, read by the real program. A destination whose /24
+/// bit is clear is no mail server's and a source whose /24 bit is clear is in no exempt
+/// prefix, without the tries; a source whose /24 is said to be surely enforced is enforced
+/// without the ranges trie. Each bit is flipped by hand (a broken filter) to show the
+/// program reads it, and each flip resolves to block: a mail server or an exempt prefix
+/// skipped, a source outside the ranges enforced. Not ready, the tries decide again.
+#[test]
+fn ipv4_tries_follow_their_slash24_bits() {
+    use port25_common::maps::{slash24_bit, EXBITS_MAIL4, EXBITS_PFX4, EXBITS_RANGES4};
+    use port25_ctl::bpf::exbits::FilterCell;
+    require_root!();
+    let mut f = fixture();
+    let bits = f.live.exbits.take().expect("the filter map is pinned");
+    let ready = port25_common::maps::EXBITS_READY;
+    assert_ne!(bits.load(ready), 0, "a full apply leaves it ready");
+    let run = |f: &mut Fixture, frame: &[u8]| try_run(f, PROG_XDP, frame).unwrap();
+    let syn = |src: [u8; 4], dst: [u8; 4]| V4::new(src, dst).frame(&Tcp::to(25).bytes());
+    let bit_is = |(w, b): (u32, u32)| bits.load(w) >> b & 1 != 0;
+
+    // (what, frame, its /24's bit, whether the apply sets it, the verdict with the bit as
+    // applied, with the bit flipped)
+    let cases = [
+        (
+            "a subscriber to the mail server",
+            syn(SUB, MAIL),
+            slash24_bit(EXBITS_MAIL4, MAIL),
+            true,
+            XDP_PASS,
+            XDP_DROP,
+        ),
+        (
+            "a source in the exempt 100.65.0.0/16",
+            syn([100, 65, 1, 1], EXT),
+            slash24_bit(EXBITS_PFX4, [100, 65, 1, 1]),
+            true,
+            XDP_PASS,
+            XDP_DROP,
+        ),
+        (
+            "a source outside the ranges",
+            syn(NONSUB, EXT),
+            slash24_bit(EXBITS_RANGES4, NONSUB),
+            false,
+            XDP_PASS,
+            XDP_DROP,
+        ),
+        (
+            "a subscriber (its /24 inside 100.64.0.0/10)",
+            syn(SUB, EXT),
+            slash24_bit(EXBITS_RANGES4, SUB),
+            true,
+            XDP_DROP,
+            XDP_DROP,
+        ),
+    ];
+    for (what, frame, (w, b), set, applied, flipped) in cases {
+        assert_eq!(bit_is((w, b)), set, "{what}: the bit as the apply left it");
+        assert_eq!(run(&mut f, &frame), applied, "{what}: as applied");
+        let all = bits.load(w);
+        bits.store(w, all ^ (1 << b));
+        assert_eq!(run(&mut f, &frame), flipped, "{what}: its bit flipped");
+        bits.store(ready, 0);
+        assert_eq!(
+            run(&mut f, &frame),
+            applied,
+            "{what}: not ready, the tries decide"
+        );
+        bits.store(w, all);
+        bits.store(ready, 1);
+    }
+
+    // `check` reads the same filter: a /24 said surely enforced is enforced there too.
+    let (w, b) = slash24_bit(EXBITS_RANGES4, NONSUB);
+    let all = bits.load(w);
+    bits.store(w, all | 1 << b);
+    f.live.exbits = Some(bits);
+    let p = port25_common::parse::Packet::Tcp {
+        src: port25_common::Addr::V4(NONSUB),
+        dst: port25_common::Addr::V4(EXT),
+        dport: 25,
+    };
+    assert_eq!(
+        port25_common::verdict::decide(&p, &f.live),
+        Reason::BlockPort
+    );
+    f.live.exbits.as_ref().unwrap().store(w, all);
+    assert_eq!(
+        port25_common::verdict::decide(&p, &f.live),
+        Reason::PassNotSubscriber
     );
 }
 

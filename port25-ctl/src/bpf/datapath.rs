@@ -215,7 +215,8 @@ fn unfinished_migration(pins: &Pins) -> Result<Option<String>> {
 /// session's new entry and pass its address to a wider allow. Such a tree is migrated: new
 /// maps filled beside, while the attached program keeps its own, consistent ones.
 fn filter_missing(pins: &Pins) -> Option<String> {
-    let hashes = [m::EXIP4, m::EXIP6, m::EXNET6];
+    // Every map whose entries need bits (the ranges' bits only ever enforce).
+    let hashes = [m::EXIP4, m::EXIP6, m::EXNET6, m::MAIL4, m::EXPFX4];
     (!pins.map(m::EXBITS).exists() && hashes.iter().any(|h| pins.map(h).exists())).then(|| {
         format!(
             "{}: not pinned beside the exempt hashes (the attached program's is out of reach)",

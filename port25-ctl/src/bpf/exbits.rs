@@ -1,15 +1,19 @@
 //! The exempt filter ([`m::EXBITS`]): one bit per key of the exempt hashes (exact IPv4 and
-//! IPv6 addresses, IPv6 session prefixes), so the datapath calls into a hash only for a key
-//! whose bit is set.
+//! IPv6 addresses, IPv6 session prefixes) and one per IPv4 /24 that a mail server or an
+//! exempt prefix meets, so the datapath calls into a hash or a trie only where its bit is
+//! set; and one per IPv4 /24 that lies wholly inside a subscriber range, so an enforced
+//! source asks no trie.
 //!
 //! The rule that keeps it fail closed: a key's bit is set before the key is written, and a
 //! bit is cleared only once no key that maps to it is left ([`trim`], after an apply's
 //! deletes); the ready word goes non-zero only after a full apply, when every entry of the
 //! hashes has its bit. A skipped lookup is then one whose key is absent. A bit set with no
-//! key behind it costs one lookup, nothing else.
+//! key behind it costs one lookup, nothing else. The ranges' bits say the opposite ("surely
+//! enforced") and are only set by [`trim`], after the ranges are written; one left set too
+//! long (until the trim after a range's delete) only enforces a source the old ranges did.
 //!
 //! The daemon maps the array into its memory (`BPF_F_MMAPABLE`) and edits words with
-//! atomic stores: a trim at a million entries compares 851,969 words without a syscall.
+//! atomic stores: a trim at a million entries compares 1,638,400 words without a syscall.
 
 use std::{
     num::NonZeroUsize,
@@ -19,7 +23,7 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, MapError};
-use port25_common::maps::{self as m, ip4_bit, ip6_bit, net6_bit};
+use port25_common::maps::{self as m, ip4_bit, ip6_bit, net6_bit, slash24s, Region};
 
 use crate::policy::{slot::Slot, Desired};
 
@@ -33,45 +37,110 @@ pub trait FilterCell {
     fn store(&self, word: u32, value: u64);
 }
 
-/// The filter bit of an exempt key that lives in a hash (`None`: a trie's, never filtered).
-pub fn bit_of(slot: &Slot) -> Option<(u32, u32)> {
-    match slot {
-        Slot::Ip4(a) => Some(ip4_bit(*a)),
-        Slot::Ip6(a) => Some(ip6_bit(a)),
-        Slot::Net6(k) => Some(net6_bit(k)),
-        Slot::Pfx4(_) | Slot::Pfx6(_) => None,
+/// A run of consecutive filter bits: the first (word * 64 + bit in the word) and how many.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub first: u64,
+    pub len: u64,
+}
+
+impl Run {
+    pub fn one((word, bit): (u32, u32)) -> Run {
+        Run {
+            first: word as u64 * 64 + bit as u64,
+            len: 1,
+        }
+    }
+
+    /// The bits in `r` of the /24s IPv4 prefix `a`/`len` meets.
+    fn slash24s(r: Region, (a, len): ([u8; 4], u32)) -> Run {
+        let (n, count) = slash24s(a, len);
+        Run {
+            first: r.first as u64 * 64 + n as u64,
+            len: count as u64,
+        }
+    }
+
+    /// The run as (word, mask) pairs: a /8's 65,536 bits are 1,024 whole words.
+    fn words(self) -> impl Iterator<Item = (u32, u64)> {
+        let end = self.first + self.len;
+        let mut at = self.first;
+        std::iter::from_fn(move || {
+            (at < end).then(|| {
+                let bit = at % 64;
+                let n = (64 - bit).min(end - at);
+                let mask = if n == 64 {
+                    !0
+                } else {
+                    ((1u64 << n) - 1) << bit
+                };
+                let word = (at / 64) as u32;
+                at += n;
+                (word, mask)
+            })
+        })
     }
 }
 
-/// Every hash key of `d` with its filter bit.
-fn bits_of(d: &Desired) -> impl Iterator<Item = (u32, u32)> + '_ {
-    let ip4 = d.exip4.keys().map(|a| ip4_bit(*a));
-    let ip6 = d.exip6.keys().map(ip6_bit);
-    let net6 = d.exnet6.keys().map(net6_bit);
-    ip4.chain(ip6).chain(net6)
+/// The filter bits of an exempt key (`None`: an IPv6 prefix's trie, never filtered).
+pub fn bits_of_slot(slot: &Slot) -> Option<Run> {
+    match slot {
+        Slot::Ip4(a) => Some(Run::one(ip4_bit(*a))),
+        Slot::Ip6(a) => Some(Run::one(ip6_bit(a))),
+        Slot::Net6(k) => Some(Run::one(net6_bit(k))),
+        Slot::Pfx4(k) => Some(Run::slash24s(m::EXBITS_PFX4, *k)),
+        Slot::Pfx6(_) => None,
+    }
+}
+
+/// Every bit `d`'s entries need before they are written: its hash keys', and the /24s its
+/// IPv4 mail servers and exempt prefixes meet.
+fn maybe_bits(d: &Desired) -> impl Iterator<Item = Run> + '_ {
+    let ip4 = d.exip4.keys().map(|a| Run::one(ip4_bit(*a)));
+    let ip6 = d.exip6.keys().map(|a| Run::one(ip6_bit(a)));
+    let net6 = d.exnet6.keys().map(|k| Run::one(net6_bit(k)));
+    let mail4 = d.mail4.keys().map(|k| Run::slash24s(m::EXBITS_MAIL4, *k));
+    let pfx4 = d.expfx4.keys().map(|k| Run::slash24s(m::EXBITS_PFX4, *k));
+    ip4.chain(ip6).chain(net6).chain(mail4).chain(pfx4)
+}
+
+/// The /24s that lie wholly inside one of `d`'s IPv4 subscriber ranges (a range of /24 or
+/// wider).
+fn surely_enforced(d: &Desired) -> impl Iterator<Item = Run> + '_ {
+    d.ranges4
+        .keys()
+        .filter(|(_, len)| *len <= 24)
+        .map(|k| Run::slash24s(m::EXBITS_RANGES4, *k))
 }
 
 /// Sets `bits` (before their keys are written).
-pub fn grow(f: &dyn FilterCell, bits: impl IntoIterator<Item = (u32, u32)>) {
-    for (w, b) in bits {
-        f.or(w, 1 << b);
+pub fn grow(f: &dyn FilterCell, bits: impl IntoIterator<Item = Run>) {
+    for (w, mask) in bits.into_iter().flat_map(Run::words) {
+        f.or(w, mask);
     }
 }
 
-/// Sets the bits of every hash key `d` holds (before they are written).
+/// Sets the bits every entry `d` holds needs (before they are written).
 pub fn grow_to(f: &dyn FilterCell, d: &Desired) {
-    grow(f, bits_of(d));
+    grow(f, maybe_bits(d));
 }
 
-/// Makes the filter exactly the bits of `d`'s hash keys, then marks it ready. Only once the
-/// hashes hold `d` (after every delete of an apply): a bit still needed is never cleared.
-pub fn trim(f: &dyn FilterCell, d: &Desired) {
+/// Every region's words for `d`, as a finished apply leaves them (ready word aside).
+pub fn words_for(d: &Desired) -> Vec<u64> {
     let mut want = vec![0u64; m::EXBITS_READY as usize];
-    for (w, b) in bits_of(d) {
-        want[w as usize] |= 1 << b;
+    for (w, mask) in maybe_bits(d).chain(surely_enforced(d)).flat_map(Run::words) {
+        want[w as usize] |= mask;
     }
+    want
+}
+
+/// Makes the filter exactly the bits of `d`, then marks it ready. Only once the maps hold
+/// `d` (after every delete of an apply): a bit still needed is never cleared, and a /24 is
+/// said to be surely enforced only once its range is in the trie.
+pub fn trim(f: &dyn FilterCell, d: &Desired) {
+    let want = words_for(d);
     for (i, v) in want.iter().enumerate() {
-        // Setting a bit here would be a bug (grow comes first), but never a hole.
+        // Setting a key's bit here would be a bug (grow comes first), but never a hole.
         if f.load(i as u32) != *v {
             f.store(i as u32, *v);
         }
@@ -157,5 +226,46 @@ impl Drop for Bits {
     fn drop(&mut self) {
         // SAFETY: the mapping made in try_from, of that length.
         let _ = unsafe { nix::sys::mman::munmap(self.words.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(r: Run) -> Vec<u64> {
+        r.words()
+            .flat_map(|(w, mask)| {
+                (0..64)
+                    .filter(move |b| mask >> b & 1 != 0)
+                    .map(move |b| w as u64 * 64 + b)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_run_is_its_bits_word_by_word() {
+        for (first, len) in [
+            (0, 1),
+            (63, 1),
+            (63, 2),
+            (60, 70),
+            (64, 64),
+            (5, 300),
+            (128, 1 << 14),
+        ] {
+            assert_eq!(
+                bits(Run { first, len }),
+                (first..first + len).collect::<Vec<_>>(),
+                "{first}+{len}"
+            );
+        }
+        let whole = Run {
+            first: 64 * 10,
+            len: 64 * 3,
+        }
+        .words()
+        .collect::<Vec<_>>();
+        assert_eq!(whole, vec![(10, !0), (11, !0), (12, !0)]);
     }
 }

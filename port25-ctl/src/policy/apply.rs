@@ -534,7 +534,7 @@ fn write_slots_to(
     };
     if let Some(f) = t.filter {
         let written = slots.iter().filter(|(_, v)| v.is_some());
-        exbits::grow(f, written.filter_map(|(s, _)| exbits::bit_of(s)));
+        exbits::grow(f, written.filter_map(|(s, _)| exbits::bits_of_slot(s)));
     }
     let have = t.settings.read();
     let early = settings.map(|s| with_lens_of(s, have));

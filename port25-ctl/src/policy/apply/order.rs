@@ -78,7 +78,28 @@ fn filter_of(d: &Desired) -> Filter {
     let bits = (d.exip4.keys().map(|a| m::ip4_bit(*a)))
         .chain(d.exip6.keys().map(m::ip6_bit))
         .chain(d.exnet6.keys().map(m::net6_bit));
-    for (w, b) in bits {
+    // The /24 regions, address by /24 (no runs): a mail server's or exempt prefix's /24s,
+    // and the /24s a range of /24 or wider covers.
+    let slash24s = |(a, len): ([u8; 4], u32)| {
+        let base = u32::from_be_bytes(a) & (u64::MAX << (32 - len.min(32))) as u32;
+        let n = if len >= 24 { 1 } else { 1u32 << (24 - len) };
+        (0..n).map(move |i| (base >> 8) + i)
+    };
+    let at = |r: m::Region| move |n: u32| (r.first + n / 64, n % 64);
+    let mail = d
+        .mail4
+        .keys()
+        .flat_map(|k| slash24s(*k))
+        .map(at(m::EXBITS_MAIL4));
+    let pfx = d
+        .expfx4
+        .keys()
+        .flat_map(|k| slash24s(*k))
+        .map(at(m::EXBITS_PFX4));
+    let ranges = (d.ranges4.keys().filter(|(_, len)| *len <= 24))
+        .flat_map(|k| slash24s(*k))
+        .map(at(m::EXBITS_RANGES4));
+    for (w, b) in bits.chain(mail).chain(pfx).chain(ranges) {
         *f.entry(w).or_default() |= 1 << b;
     }
     f.insert(m::EXBITS_READY, 1);
@@ -513,6 +534,27 @@ fn check_steps(
     Ok(())
 }
 
+/// The maps left holding `new`, read through the filter left beside them, decide every
+/// probe as the model without a filter: a bit missing would block a mail server or an
+/// exempt prefix (or pass nothing it should), a /24 wrongly said surely enforced would
+/// block a source outside the ranges.
+fn decides_as_the_model(new: &Desired, filter: &Filter) -> Result<(), TestCaseError> {
+    let plain = model(new, BOOT);
+    let read = Filtered(model(new, BOOT), filter);
+    for s in sources() {
+        for d in dests(matches!(s, Addr::V6(_))) {
+            prop_assert_eq!(
+                blocked(&read, s, d),
+                blocked(&plain, s, d),
+                "{:?} -> {:?} through the filter",
+                s,
+                d
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs `write` over fake tables holding `old`, with the filter a full apply of `old` left;
 /// the states it passed through, and the last with its filter.
 fn record(
@@ -546,6 +588,7 @@ fn full_apply(a: &Pol, b: &Pol) -> Result<(), TestCaseError> {
     prop_assert_eq!(&last, &new);
     // Exactly the new prefixes' bits: a bit left over costs a probe, a missing one opens.
     prop_assert_eq!(&filter, &filter_of(&new));
+    decides_as_the_model(&new, &filter)?;
     check_steps(&old, &new, &steps)
 }
 
@@ -589,10 +632,11 @@ fn per_change(a: &Pol, b: &Pol) -> Result<(), TestCaseError> {
     let mut applied = old.clone();
     let settings = index.apply(&mut applied, &plan).then_some(applied.settings);
     prop_assert_eq!(&applied, &new);
-    let (steps, last, _) = record(&old, |t| {
+    let (steps, last, filter) = record(&old, |t| {
         write_slots_to(t, &plan.slots, &before, settings).unwrap();
     });
     prop_assert_eq!(&last, &new);
+    decides_as_the_model(&new, &filter)?;
     check_steps(&old, &new, &steps)
 }
 

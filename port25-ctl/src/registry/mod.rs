@@ -779,8 +779,9 @@ pub fn session_sync(
     let newer = tx.events_after(taken)?;
     let mut out = SyncOutcome::default();
     let by_id: HashMap<&str, &SyncSession> = list.iter().map(|s| (s.id.as_str(), s)).collect();
-    let mut audits = Vec::new();
-    let mut events = Vec::new();
+    // Sized for the common case (every session new: a user and a session row each).
+    let mut audits = Vec::with_capacity(2 * list.len());
+    let mut events = Vec::with_capacity(list.len());
     let record =
         |action: &str, subject: &str, old, new| audit_record(actor, now, action, subject, old, new);
     // Gone or changed sessions leave first, so the new list's addresses are free to take.
@@ -817,9 +818,9 @@ pub fn session_sync(
     }
     drop(by_id);
     tx.delete_sessions(&gone)?;
-    let mut known_users = HashSet::new();
+    let mut known_users = HashSet::with_capacity(list.len());
     let mut new_users = Vec::new();
-    let mut added = Vec::new();
+    let mut added = Vec::with_capacity(list.len());
     for mut s in list {
         if kept.contains(&s.id) {
             continue;

@@ -881,11 +881,10 @@ pub fn session_sync(
     // In key order: each index then grows at its end rather than page by page all over.
     new_users.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     added.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-    tx.insert_users(&new_users)?;
-    tx.insert_sessions(&added)?;
+    out.added = added.len() - out.changed.min(added.len());
+    tx.insert_owned(new_users, added)?;
     tx.put_events(&events)?;
     tx.append_audits(&audits)?;
-    out.added = added.len() - out.changed.min(added.len());
     Ok(out)
 }
 

@@ -1130,6 +1130,12 @@ fn fleet_bench() {
         "  {calls} unblocks on A: CLI p50 {u50:?} p99 {u99:?}; to the map entry on B p50 {p50:?} p99 {p99:?}; \
          baseline `audit --user` on A p50 {r50:?} p99 {r99:?}"
     );
+    // With PORT25_LOG=port25_ctl::control::server=debug: where A's last unblock's time went.
+    let log = labs[0].daemon_log();
+    let phases: Vec<&str> = log.lines().filter(|l| l.contains("change: ")).collect();
+    for l in &phases[phases.len().saturating_sub(6)..] {
+        println!("  A: {}", l.split_once(" DEBUG ").map_or(*l, |x| x.1));
+    }
     let label = format!("{users} users, {daemons} daemons");
     goal(
         format!("fleet unblock on A to map entry on B, p99 ({label})"),

@@ -175,7 +175,12 @@ impl Daemon {
         if self.fleet.is_none() {
             return self.change_in(Scope::Local, f);
         }
+        let t = std::time::Instant::now();
         let r = self.catch_up_locked();
+        debug!(
+            us = t.elapsed().as_micros() as u64,
+            "change: fleet begun and caught up"
+        );
         self.fleet_seen(&r);
         if let Err(e) = r {
             if let Some(fleet) = self.fleet.as_mut() {

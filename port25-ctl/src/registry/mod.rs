@@ -830,21 +830,25 @@ pub fn session_sync(
             continue;
         }
         // An address a newer event gave to another session stays there.
+        // In place: no new list per session (a sync of 100,000 new sessions keeps them all).
         let before = s.addrs.len();
-        let mut keep = Vec::with_capacity(before);
-        for p in s.addrs {
-            match held.get(&p) {
-                Some(h) if newer.contains(h) => {}
-                // Only a session the list keeps unchanged (and so lists with this address)
-                // or one of its own earlier entries could hold it: the list would hold the
-                // address twice, which was refused above.
-                Some(h) => anyhow::bail!(
-                    "session sync: {p} is held by session {h}, which the list keeps (a bug: nothing was changed)"
-                ),
-                None => keep.push(p),
+        let mut bug = None;
+        s.addrs.retain(|p| match held.get(p) {
+            Some(h) if newer.contains(h) => false,
+            // Only a session the list keeps unchanged (and so lists with this address) or
+            // one of its own earlier entries could hold it: the list would hold the address
+            // twice, which was refused above.
+            Some(h) => {
+                bug.get_or_insert((*p, h.clone()));
+                true
             }
+            None => true,
+        });
+        if let Some((p, h)) = bug {
+            anyhow::bail!(
+                "session sync: {p} is held by session {h}, which the list keeps (a bug: nothing was changed)"
+            );
         }
-        s.addrs = keep;
         out.newer += before - s.addrs.len();
         if s.addrs.is_empty() {
             continue;

@@ -455,6 +455,11 @@ impl Lab {
         (sniff.syns(25), sniff.syns(587))
     }
 
+    /// The running daemon's pid (nsenter execs it), e.g. for `perf record -p`.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|c| c.id())
+    }
+
     pub fn signal_daemon(&self, sig: nix::sys::signal::Signal) {
         let pid = self.daemon.as_ref().expect("daemon running").id();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();

@@ -1555,3 +1555,66 @@ fn two_operators_changing_one_user_at_once_are_serialised() {
         assert_eq!(n, 2 * EACH, "each router's replica has every write once");
     }
 }
+
+/// An acknowledged fleet change is never lost, nor applied twice, by a crash of the router
+/// that made it: killed after the fleet's database committed it but before the local replica
+/// did, the restart takes it from the log; killed after both (before the reply), the restart
+/// finds it applied and skips it. Either way: in the maps, audited once here and in the fleet.
+#[test]
+fn a_fleet_change_survives_a_crash_between_its_commits_applied_once() {
+    use port25_ctl::control::testing::{FAILPOINT_AFTER_COMMIT, FAILPOINT_AFTER_FLEET_COMMIT};
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut a = Lab::new(XDP);
+    a.write_config(&registry(&pg, "bras-a"));
+    a.start_daemon();
+    ok(&a, &["session", "up", "alice", ALICE4, "--id", "a1"]);
+    assert!(!smtp(&a, ALICE4));
+    let unblocks = |a: &Lab| {
+        let log: port25_ctl::control::reply::AuditLog = a.reply(&["audit", "--user", "alice"]);
+        log.records.iter().filter(|r| r.action == "unblock").count()
+    };
+    for (round, failpoint) in [FAILPOINT_AFTER_FLEET_COMMIT, FAILPOINT_AFTER_COMMIT]
+        .into_iter()
+        .enumerate()
+    {
+        a.kill9();
+        a.try_start_daemon_env(&[(failpoint, "1")]).unwrap();
+        let o = a.ctl(&["unblock", "alice", "--reason", &format!("round {round}")]);
+        assert!(
+            !o.status.success(),
+            "{failpoint}: the daemon died before its reply"
+        );
+        assert!(
+            a.wait_daemon_exit(Duration::from_secs(5)),
+            "{failpoint}: aborted"
+        );
+        assert_eq!(
+            pg.psql("SELECT policy, reason FROM users WHERE name = 'alice'"),
+            format!("unblocked|round {round}"),
+            "{failpoint}: the fleet's database has the change"
+        );
+        a.start_daemon();
+        assert_eq!(effective(&a, "alice"), Policy::Unblocked, "{failpoint}");
+        assert!(
+            smtp(&a, ALICE4),
+            "{failpoint}: in the maps after the restart"
+        );
+        assert_eq!(unblocks(&a), round + 1, "{failpoint}: audited once here");
+        assert_eq!(
+            pg.psql("SELECT count(*) FROM audit WHERE subject = 'alice' AND action = 'unblock'"),
+            (round + 1).to_string(),
+            "{failpoint}: audited once in the fleet"
+        );
+        let mark = fleet_info(&a)["applied_change_id"].as_i64().unwrap();
+        assert_eq!(
+            pg.psql("SELECT max(id) FROM changes")
+                .parse::<i64>()
+                .unwrap(),
+            mark,
+            "{failpoint}: the replica's mark is the log's end"
+        );
+        ok(&a, &["block", "alice"]);
+        assert!(!smtp(&a, ALICE4));
+    }
+}

@@ -1,10 +1,10 @@
-//! The daemon's only test hooks, both read from its environment, both used by the kernel
+//! The daemon's only test hooks, all read from its environment, all used by the kernel
 //! and end-to-end tests in `tests/` (which run the shipped binary, so a cargo feature would
 //! test a different program than the one that ships).
 //!
 //! Why they are safe in production: each acts only when its variable is set in the daemon's
 //! own environment, which only root (or the unit file) controls, and root can kill the daemon
-//! or move the clock anyway. Neither opens port 25: the failpoint aborts with the change
+//! or move the clock anyway. None opens port 25: a failpoint aborts with the change
 //! committed (the next start applies it; the links keep enforcing from the pins meanwhile),
 //! and the clock shift only moves when timed unblocks end, exactly as a wrong system clock
 //! would, which the daemon already guards against (see `Wall`).
@@ -15,6 +15,11 @@ use anyhow::{Context as _, Result};
 /// written (where a crash hurts most). The crash-consistency test uses it.
 pub const FAILPOINT_AFTER_COMMIT: &str = "PORT25_FAILPOINT_AFTER_COMMIT";
 
+/// Set: with a fleet registry, the daemon aborts right after the fleet's database committed
+/// its first policy change, before the local replica commits it (the replica then learns it
+/// from the log at the next start). The fleet crash test uses it.
+pub const FAILPOINT_AFTER_FLEET_COMMIT: &str = "PORT25_FAILPOINT_AFTER_FLEET_COMMIT";
+
 /// Seconds added to the system's wall clock as the daemon reads it (negative = a clock
 /// behind real time, as after a boot without RTC before NTP has synced). The clock guard
 /// tests use it.
@@ -23,6 +28,13 @@ pub const FAKE_WALL_SHIFT: &str = "PORT25_TEST_WALL_SHIFT_S";
 /// Aborts when [`FAILPOINT_AFTER_COMMIT`] is set.
 pub fn failpoint_after_commit() {
     if std::env::var_os(FAILPOINT_AFTER_COMMIT).is_some() {
+        std::process::abort();
+    }
+}
+
+/// Aborts when [`FAILPOINT_AFTER_FLEET_COMMIT`] is set.
+pub fn failpoint_after_fleet_commit() {
+    if std::env::var_os(FAILPOINT_AFTER_FLEET_COMMIT).is_some() {
         std::process::abort();
     }
 }

@@ -476,8 +476,9 @@ async fn import_tx(
     if rows.is_empty() && audit.is_empty() {
         return Ok(out);
     }
+    let st = super::Stmts::prepare(&t).await?;
     for row in &rows {
-        super::write_row(&t, &doc.router, row).await?;
+        super::write_row(&t, &st, &doc.router, row).await?;
     }
     for (origin, r) in &audit {
         t.execute(
@@ -536,6 +537,7 @@ async fn import_tx(
     for record in records {
         super::write_row(
             &t,
+            &st,
             &doc.router,
             &Row::Audit {
                 record: record.clone(),

@@ -163,6 +163,8 @@ pub enum Publish {
 
 struct Conn {
     client: Arc<Client>,
+    /// The write path's statements, prepared once per connection (see [`Stmts`]).
+    stmts: Arc<Stmts>,
     /// Drives the socket; aborted to drop a connection that timed out mid-transaction (the
     /// server then rolls back and releases the lock).
     driver: tokio::task::AbortHandle,
@@ -228,9 +230,14 @@ impl Fleet {
     }
 
     fn connect(&mut self) -> Result<Arc<Client>> {
+        self.connect_prepared().map(|(c, _)| c)
+    }
+
+    /// The connection, with its prepared statements.
+    fn connect_prepared(&mut self) -> Result<(Arc<Client>, Arc<Stmts>)> {
         if let Some(c) = &self.client {
             if !c.client.is_closed() {
-                return Ok(c.client.clone());
+                return Ok((c.client.clone(), c.stmts.clone()));
             }
             self.client = None;
             self.in_tx = false;
@@ -254,8 +261,10 @@ impl Fleet {
                     ))
                     .await?;
                 schema::migrate(&client).await?;
+                let stmts = Stmts::prepare(&client).await?;
                 Ok::<_, anyhow::Error>(Conn {
                     client: Arc::new(client),
+                    stmts: Arc::new(stmts),
                     driver,
                 })
             }
@@ -266,9 +275,9 @@ impl Fleet {
             Ok(r) => r.map_err(|e| self.named(e))?,
             Err(_) => return Err(self.named(anyhow!("no answer within {TIMEOUT:?}"))),
         };
-        let client = conn.client.clone();
+        let r = (conn.client.clone(), conn.stmts.clone());
         self.client = Some(conn);
-        Ok(client)
+        Ok(r)
     }
 
     /// Runs `f` on the connection and waits for it, at most [`TIMEOUT`] (plus the connect).
@@ -278,8 +287,18 @@ impl Fleet {
         Fut: Future<Output = Result<T>> + Send + 'static,
         T: Send + 'static,
     {
-        let client = self.connect()?;
-        let fut = f(client);
+        self.run_prepared(|c, _| f(c))
+    }
+
+    /// As [`Fleet::run`], `f` also given the connection's prepared statements.
+    fn run_prepared<T, F, Fut>(&mut self, f: F) -> Result<T>
+    where
+        F: FnOnce(Arc<Client>, Arc<Stmts>) -> Fut,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (client, stmts) = self.connect_prepared()?;
+        let fut = f(client, stmts);
         let (tx, rx) = std_mpsc::channel();
         self.rt().spawn(async move {
             let _ = tx.send(fut.await);
@@ -320,14 +339,57 @@ impl Fleet {
         }
         self.run(|c| async move {
             // One round trip: each costs the write its share of the helpdesk's wait.
-            c.batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
-            ))
-            .await?;
+            c.batch_execute(&begin_locked()).await?;
             Ok(())
         })?;
         self.in_tx = true;
         Ok(())
+    }
+
+    /// [`Fleet::begin`], and what the log holds after `mark` as read under the lock, in one
+    /// round trip (the two requests pipelined: the read runs once the lock is held).
+    pub fn begin_at(&mut self, mark: i64) -> Result<Log> {
+        if self.in_tx {
+            self.rollback();
+        }
+        let r = self.run_prepared(move |c, st| async move {
+            let begin = begin_locked();
+            let (begun, log) =
+                futures_util::future::join(c.batch_execute(&begin), read_log(&c, &st, mark)).await;
+            begun?;
+            log
+        });
+        match r {
+            Ok(read) => {
+                self.in_tx = true;
+                self.log_state(mark, read)
+            }
+            Err(e) => {
+                // The BEGIN may have gone through: a fresh connection is clean.
+                self.drop_connection();
+                Err(e)
+            }
+        }
+    }
+
+    /// What the log holds after `mark`: its changes, or the fleet's whole state when they
+    /// were pruned (see [`Fleet::state_read`]). One statement reads both, so no prune can slip
+    /// between them.
+    pub fn log_after(&mut self, mark: i64) -> Result<Log> {
+        let read = self.run_prepared(move |c, st| async move { read_log(&c, &st, mark).await })?;
+        self.log_state(mark, read)
+    }
+
+    fn log_state(
+        &mut self,
+        mark: i64,
+        (changes, through): (Vec<Change>, Option<i64>),
+    ) -> Result<Log> {
+        self.stats.seen(changes.last().map_or(mark, |c| c.id));
+        if through.is_none_or(|t| mark >= t) {
+            return Ok(Log::Changes(changes));
+        }
+        self.state_read().map(Log::Gap)
     }
 
     /// Ends an open write transaction without a change (a refusal, a failure).
@@ -342,51 +404,28 @@ impl Fleet {
         }
     }
 
-    /// The changes after `mark`, oldest first.
-    pub fn changes_after(&mut self, mark: i64) -> Result<Vec<Change>> {
-        let changes = self.run(move |c| async move {
-            let rows = c
-                .query(
-                    "SELECT id, router, rows FROM changes WHERE id > $1 ORDER BY id LIMIT 10000",
-                    &[&mark],
-                )
-                .await?;
-            rows.into_iter()
-                .map(|r| {
-                    let id: i64 = r.get(0);
-                    let body: serde_json::Value = r.get(2);
-                    Ok(Change {
-                        id,
-                        router: r.get(1),
-                        rows: serde_json::from_value(body)
-                            .with_context(|| format!("fleet change {id} is unreadable"))?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
-        self.stats.seen(changes.last().map_or(mark, |c| c.id));
-        Ok(changes)
-    }
-
     /// Writes `rows` to the fleet's tables and the change log, notifies, and commits the
     /// open write transaction. Returns the change id.
     pub fn publish(&mut self, actor: String, rows: Vec<Row>) -> Result<i64> {
         anyhow::ensure!(self.in_tx, "no fleet write transaction is open");
         let router = self.router.clone();
-        let r = self.run(move |c| async move {
-            for row in &rows {
-                write_row(&*c, &router, row).await?;
-            }
+        let r = self.run_prepared(move |c, st| async move {
             let body = serde_json::to_value(&rows)?;
-            // The change and its notification (sent at commit) in one statement.
-            let id: i64 = c
-                .query_one(
-                    "WITH c AS (INSERT INTO changes (router, actor, rows) VALUES ($1, $2, $3) \
-                     RETURNING id) SELECT id, pg_notify($4, id::text) FROM c",
-                    &[&router, &actor, &body, &CHANNEL],
+            // The rows and the change (with its notification, sent at commit) in one round
+            // trip: pipelined, run in this order. The first error ends the transaction
+            // (the connection is dropped below), and COMMIT is sent only once every write
+            // has answered.
+            let writes = futures_util::future::try_join_all(
+                rows.iter().map(|row| write_row(&*c, &st, &router, row)),
+            );
+            let change = async {
+                Ok::<_, anyhow::Error>(
+                    c.query_one(&st.change, &[&router, &actor, &body, &CHANNEL])
+                        .await?
+                        .get::<_, i64>(0),
                 )
-                .await?
-                .get(0);
+            };
+            let (_, id) = futures_util::future::try_join(writes, change).await?;
             c.batch_execute("COMMIT").await?;
             Ok(id)
         });
@@ -413,19 +452,19 @@ impl Fleet {
         let mut n = 0;
         loop {
             let mark = store.begin()?.replica_mark()?;
-            // The cut is looked at after the log is read: a prune committed in between
-            // leaves the read changes after a hole, and is seen then.
-            let changes = self.changes_after(mark)?;
-            if let Some(state) = self.gap(mark)? {
-                warn!(mark, through = state.mark, "the fleet's change log was pruned past this replica's mark: reloading the fleet's policy whole");
-                let mut tx = store.begin()?;
-                prune::reload(&mut *tx, &state)?;
-                tx.commit()?;
-                // status and /metrics: the replica is at the reloaded mark.
-                self.stats.applied(state.mark, false);
-                n += 1;
-                continue;
-            }
+            let changes = match self.log_after(mark)? {
+                Log::Changes(c) => c,
+                Log::Gap(state) => {
+                    warn!(mark, through = state.mark, "the fleet's change log was pruned past this replica's mark: reloading the fleet's policy whole");
+                    let mut tx = store.begin()?;
+                    prune::reload(&mut *tx, &state)?;
+                    tx.commit()?;
+                    // status and /metrics: the replica is at the reloaded mark.
+                    self.stats.applied(state.mark, false);
+                    n += 1;
+                    continue;
+                }
+            };
             if changes.is_empty() {
                 return Ok(n);
             }
@@ -504,8 +543,110 @@ impl Drop for Fleet {
     }
 }
 
+/// Opens a policy write: the transaction and the fleet's write lock.
+fn begin_locked() -> String {
+    format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+}
+
+/// The log after a mark: the changes (at most 10,000, oldest first) and how far the log was
+/// pruned, in one statement (one snapshot); at least one row, `id` NULL when no change.
+const READ_LOG: &str = "SELECT c.id, c.router, c.rows, p.through FROM (SELECT 1) one \
+     LEFT JOIN changes_pruned p ON p.one = 1 \
+     LEFT JOIN LATERAL (SELECT id, router, rows FROM changes WHERE id > $1 ORDER BY id \
+     LIMIT 10000) c ON true ORDER BY c.id";
+
+/// The statements of a policy write, prepared once per connection (pipelined: one round
+/// trip at connect), so each costs one round trip, not a Parse and then an Execute.
+pub(crate) struct Stmts {
+    read_log: tokio_postgres::Statement,
+    put_user: tokio_postgres::Statement,
+    delete_user: tokio_postgres::Statement,
+    put_binding: tokio_postgres::Statement,
+    delete_binding: tokio_postgres::Statement,
+    put_entry: tokio_postgres::Statement,
+    delete_entry: tokio_postgres::Statement,
+    audit: tokio_postgres::Statement,
+    change: tokio_postgres::Statement,
+}
+
+impl Stmts {
+    /// Prepared on `c`'s connection (a transaction's statements are its connection's).
+    async fn prepare(c: &(impl tokio_postgres::GenericClient + Sync)) -> Result<Stmts> {
+        let sql = [
+            READ_LOG,
+            "INSERT INTO users (name, policy, until, reason, set_by, set_at, hold_reason, \
+             hold_by, hold_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (name) DO UPDATE SET policy = EXCLUDED.policy, \
+             until = EXCLUDED.until, reason = EXCLUDED.reason, set_by = EXCLUDED.set_by, \
+             set_at = EXCLUDED.set_at, hold_reason = EXCLUDED.hold_reason, \
+             hold_by = EXCLUDED.hold_by, hold_at = EXCLUDED.hold_at",
+            "DELETE FROM users WHERE name = $1",
+            "INSERT INTO bindings (user_name, prefix) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            "DELETE FROM bindings WHERE user_name = $1 AND prefix = $2",
+            "INSERT INTO entries (kind, prefix, until, note, added_by, added_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (kind, prefix) DO UPDATE SET \
+             until = EXCLUDED.until, note = EXCLUDED.note, added_by = EXCLUDED.added_by, \
+             added_at = EXCLUDED.added_at",
+            "DELETE FROM entries WHERE kind = $1 AND prefix = $2",
+            "INSERT INTO audit (router, at, actor, action, subject, old, new, reason) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            // The change and its notification (sent at commit) in one statement.
+            "WITH c AS (INSERT INTO changes (router, actor, rows) VALUES ($1, $2, $3) \
+             RETURNING id) SELECT id, pg_notify($4, id::text) FROM c",
+        ];
+        let mut p = futures_util::future::try_join_all(sql.iter().map(|q| c.prepare(q)))
+            .await?
+            .into_iter();
+        let mut next = || p.next().expect("one statement per SQL text");
+        Ok(Stmts {
+            read_log: next(),
+            put_user: next(),
+            delete_user: next(),
+            put_binding: next(),
+            delete_binding: next(),
+            put_entry: next(),
+            delete_entry: next(),
+            audit: next(),
+            change: next(),
+        })
+    }
+}
+
+/// What a replica at some mark finds in the log.
+#[derive(Debug)]
+pub enum Log {
+    /// The changes after the mark, oldest first (at most a batch).
+    Changes(Vec<Change>),
+    /// The changes after the mark were pruned: the fleet's whole policy instead.
+    Gap(prune::FleetState),
+}
+
+/// The changes after `mark` and how far the log was pruned ([`READ_LOG`]).
+async fn read_log(c: &Client, st: &Stmts, mark: i64) -> Result<(Vec<Change>, Option<i64>)> {
+    let rows = c.query(&st.read_log, &[&mark]).await?;
+    let through = rows.first().and_then(|r| r.get::<_, Option<i64>>(3));
+    let changes = rows
+        .into_iter()
+        .filter_map(|r| {
+            let id: i64 = r.get::<_, Option<i64>>(0)?;
+            let body: serde_json::Value = r.get(2);
+            Some(
+                serde_json::from_value(body)
+                    .with_context(|| format!("fleet change {id} is unreadable"))
+                    .map(|rows| Change {
+                        id,
+                        router: r.get(1),
+                        rows,
+                    }),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((changes, through))
+}
+
 async fn write_row(
     c: &(impl tokio_postgres::GenericClient + Sync),
+    st: &Stmts,
     router: &str,
     row: &Row,
 ) -> Result<()> {
@@ -515,12 +656,7 @@ async fn write_row(
     match row {
         Row::PutUser { user: u } => {
             c.execute(
-                "INSERT INTO users (name, policy, until, reason, set_by, set_at, hold_reason, \
-                 hold_by, hold_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (name) DO UPDATE SET policy = EXCLUDED.policy, \
-                 until = EXCLUDED.until, reason = EXCLUDED.reason, set_by = EXCLUDED.set_by, \
-                 set_at = EXCLUDED.set_at, hold_reason = EXCLUDED.hold_reason, \
-                 hold_by = EXCLUDED.hold_by, hold_at = EXCLUDED.hold_at",
+                &st.put_user,
                 &[
                     &u.name,
                     &u.policy.as_str(),
@@ -536,8 +672,7 @@ async fn write_row(
             .await?;
         }
         Row::DeleteUser { name } => {
-            c.execute("DELETE FROM users WHERE name = $1", &[name])
-                .await?;
+            c.execute(&st.delete_user, &[name]).await?;
         }
         Row::EnsureUser { .. } => {
             // Only the follower writes these, with `ensure_users` (it needs to know which
@@ -545,25 +680,16 @@ async fn write_row(
             anyhow::bail!("a create-if-absent row is published by the follower only");
         }
         Row::PutBinding { binding: b } => {
-            c.execute(
-                "INSERT INTO bindings (user_name, prefix) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                &[&b.user, &b.prefix.to_string()],
-            )
-            .await?;
+            c.execute(&st.put_binding, &[&b.user, &b.prefix.to_string()])
+                .await?;
         }
         Row::DeleteBinding { binding: b } => {
-            c.execute(
-                "DELETE FROM bindings WHERE user_name = $1 AND prefix = $2",
-                &[&b.user, &b.prefix.to_string()],
-            )
-            .await?;
+            c.execute(&st.delete_binding, &[&b.user, &b.prefix.to_string()])
+                .await?;
         }
         Row::PutEntry { entry: e } => {
             c.execute(
-                "INSERT INTO entries (kind, prefix, until, note, added_by, added_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (kind, prefix) DO UPDATE SET \
-                 until = EXCLUDED.until, note = EXCLUDED.note, added_by = EXCLUDED.added_by, \
-                 added_at = EXCLUDED.added_at",
+                &st.put_entry,
                 &[
                     &e.kind.as_str(),
                     &e.prefix.to_string(),
@@ -576,16 +702,12 @@ async fn write_row(
             .await?;
         }
         Row::DeleteEntry { kind, prefix } => {
-            c.execute(
-                "DELETE FROM entries WHERE kind = $1 AND prefix = $2",
-                &[&kind.as_str(), &prefix.to_string()],
-            )
-            .await?;
+            c.execute(&st.delete_entry, &[&kind.as_str(), &prefix.to_string()])
+                .await?;
         }
         Row::Audit { record: r } => {
             c.execute(
-                "INSERT INTO audit (router, at, actor, action, subject, old, new, reason) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &st.audit,
                 &[
                     &router,
                     &ts(r.at),

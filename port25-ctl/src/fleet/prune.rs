@@ -60,19 +60,9 @@ impl Fleet {
         r
     }
 
-    /// The fleet's whole state when a replica at `mark` can no longer follow the log (the
-    /// changes after it were pruned); `None` when it can.
-    pub fn gap(&mut self, mark: i64) -> Result<Option<FleetState>> {
-        let through: Option<i64> = self.run(|c| async move {
-            Ok(
-                c.query_opt("SELECT through FROM changes_pruned WHERE one = 1", &[])
-                    .await?
-                    .map(|r| r.get(0)),
-            )
-        })?;
-        if through.is_none_or(|t| mark >= t) {
-            return Ok(None);
-        }
+    /// The fleet's whole state, for a replica that can no longer follow the log (the
+    /// changes after its mark were pruned: see [`Fleet::log_after`]).
+    pub(super) fn state_read(&mut self) -> Result<FleetState> {
         // Read under the write lock (already held inside a policy change): no change
         // commits meanwhile, so the tables are the log's state through its last id.
         let own = !self.in_tx;
@@ -83,7 +73,7 @@ impl Fleet {
         if own {
             self.rollback();
         }
-        r.map(Some)
+        r
     }
 }
 

@@ -158,6 +158,7 @@ impl Tx for FleetTx<'_> {
                 })
                 .unwrap_or_else(|| self.fleet.0.router.clone());
             let id = self.fleet.0.publish(actor, rows)?;
+            crate::control::testing::failpoint_after_fleet_commit();
             self.local.set_replica_mark(id)?;
             // Not committed here yet; should that fail, the follower applies it later.
             self.fleet.0.stats.applied(id, false);

@@ -779,8 +779,9 @@ pub fn session_sync(
     let newer = tx.events_after(taken)?;
     let mut out = SyncOutcome::default();
     let by_id: HashMap<&str, &SyncSession> = list.iter().map(|s| (s.id.as_str(), s)).collect();
-    let mut audits = Vec::new();
-    let mut events = Vec::new();
+    // Sized for the common case (every session new: a user and a session row each).
+    let mut audits = Vec::with_capacity(2 * list.len());
+    let mut events = Vec::with_capacity(list.len());
     let record =
         |action: &str, subject: &str, old, new| audit_record(actor, now, action, subject, old, new);
     // Gone or changed sessions leave first, so the new list's addresses are free to take.
@@ -817,9 +818,9 @@ pub fn session_sync(
     }
     drop(by_id);
     tx.delete_sessions(&gone)?;
-    let mut known_users = HashSet::new();
+    let mut known_users = HashSet::with_capacity(list.len());
     let mut new_users = Vec::new();
-    let mut added = Vec::new();
+    let mut added = Vec::with_capacity(list.len());
     for mut s in list {
         if kept.contains(&s.id) {
             continue;
@@ -829,21 +830,25 @@ pub fn session_sync(
             continue;
         }
         // An address a newer event gave to another session stays there.
+        // In place: no new list per session (a sync of 100,000 new sessions keeps them all).
         let before = s.addrs.len();
-        let mut keep = Vec::with_capacity(before);
-        for p in s.addrs {
-            match held.get(&p) {
-                Some(h) if newer.contains(h) => {}
-                // Only a session the list keeps unchanged (and so lists with this address)
-                // or one of its own earlier entries could hold it: the list would hold the
-                // address twice, which was refused above.
-                Some(h) => anyhow::bail!(
-                    "session sync: {p} is held by session {h}, which the list keeps (a bug: nothing was changed)"
-                ),
-                None => keep.push(p),
+        let mut bug = None;
+        s.addrs.retain(|p| match held.get(p) {
+            Some(h) if newer.contains(h) => false,
+            // Only a session the list keeps unchanged (and so lists with this address) or
+            // one of its own earlier entries could hold it: the list would hold the address
+            // twice, which was refused above.
+            Some(h) => {
+                bug.get_or_insert((*p, h.clone()));
+                true
             }
+            None => true,
+        });
+        if let Some((p, h)) = bug {
+            anyhow::bail!(
+                "session sync: {p} is held by session {h}, which the list keeps (a bug: nothing was changed)"
+            );
         }
-        s.addrs = keep;
         out.newer += before - s.addrs.len();
         if s.addrs.is_empty() {
             continue;
@@ -880,11 +885,10 @@ pub fn session_sync(
     // In key order: each index then grows at its end rather than page by page all over.
     new_users.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     added.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-    tx.insert_users(&new_users)?;
-    tx.insert_sessions(&added)?;
+    out.added = added.len() - out.changed.min(added.len());
+    tx.insert_owned(new_users, added)?;
     tx.put_events(&events)?;
     tx.append_audits(&audits)?;
-    out.added = added.len() - out.changed.min(added.len());
     Ok(out)
 }
 

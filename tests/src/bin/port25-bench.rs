@@ -19,6 +19,8 @@
 //!    transaction, while the daemon is down): daemon start to enforcing (cold: no pins; warm: a
 //!    restart over its own pins), the read verbs (`status`, `check`, `user show`, `user list
 //!    --limit`) CLI process included, `unblock` to map entry p99, and `session sync` of 100,000.
+//!    `PORT25_BENCH_ONLY=sync`: that `session sync` alone, from an empty registry, a median of
+//!    `PORT25_BENCH_ROUNDS` (default 3); `PORT25_BENCH_PERF=FILE` records the daemon in it.
 
 use std::{
     os::fd::{AsFd, AsRawFd},
@@ -570,21 +572,23 @@ fn timed_start(lab: &mut Lab) -> Duration {
     t.elapsed()
 }
 
-fn ctl_bench() {
-    let mut lab = Lab::new("  - name: rs\n    hook: xdp");
-    // 1M config exempts (10.0.0.0 + i), and room for them, 1M sessions and the synced ones.
+/// The control plane's lab: 1M config exempts (10.0.0.0 + i), and room for them, 1M
+/// sessions and the synced ones.
+fn million_lab() -> Lab {
+    let lab = Lab::new("  - name: rs\n    hook: xdp");
     let mut extra = String::from("limits:\n  exempt_ips: 2200000\nexempt:\n");
     for i in 0..MILLION {
         let [a, b, c, d] = (0x0a00_0000u32 + i).to_be_bytes();
         extra.push_str(&format!("  - {{prefix: {a}.{b}.{c}.{d}/32}}\n"));
     }
     lab.write_config(&extra);
-    println!("control plane at a million (1M config exempts; figures in ms):");
-    let cold_empty = timed_start(&mut lab);
-    println!("  daemon start, cold, empty registry: {}", ms(cold_empty));
+    lab
+}
 
-    // `session sync` of 100,000 sessions: all new, then the same list again (the steady
-    // case of a BRAS's every-minute sync).
+/// `session sync` of 100,000 sessions into an empty registry: all new, then the same list
+/// again (the steady case of a BRAS's every-minute sync). With `PORT25_BENCH_PERF=FILE`,
+/// `perf record -g` of the daemon during the first.
+fn sync_rounds(lab: &Lab) -> (Duration, Duration) {
     let list: String = (0..SYNCED)
         .map(|i| {
             let [_, b, c, d] = (i + 1).to_be_bytes();
@@ -593,13 +597,84 @@ fn ctl_bench() {
         .collect();
     let f = lab.dir.join("sync.txt");
     std::fs::write(&f, list).unwrap();
-    let sync_new = ctl(&lab, &["session", "sync", f.to_str().unwrap()]);
-    let sync_same = ctl(&lab, &["session", "sync", f.to_str().unwrap()]);
+    let perf = std::env::var("PORT25_BENCH_PERF").ok().map(|out| {
+        let pid = lab.daemon_pid().unwrap().to_string();
+        let c = Command::new("perf")
+            .args([
+                "record",
+                "--call-graph",
+                "dwarf,16384",
+                "-F",
+                "499",
+                "-o",
+                &out,
+                "-p",
+                &pid,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        c
+    });
+    let sync_new = ctl(lab, &["session", "sync", f.to_str().unwrap()]);
+    if let Some(c) = perf {
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        c.wait_with_output().unwrap();
+    }
+    let sync_same = ctl(lab, &["session", "sync", f.to_str().unwrap()]);
     println!(
         "  session sync of {SYNCED}: all new {}, unchanged {}",
         ms(sync_new),
         ms(sync_same)
     );
+    (sync_new, sync_same)
+}
+
+/// `PORT25_BENCH_ONLY=sync`: the control plane's `session sync` alone, `PORT25_BENCH_ROUNDS`
+/// times (default 3) from an empty registry; the median of each.
+fn sync_bench() {
+    let mut lab = million_lab();
+    let rounds: usize = std::env::var("PORT25_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    println!("session sync of {SYNCED}, {rounds} rounds (1M config exempts):");
+    let (mut new, mut same) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for f in ["port25.db", "port25.db-wal", "port25.db-shm"] {
+            let _ = std::fs::remove_file(lab.dir.join(f));
+        }
+        lab.start_daemon();
+        let (n, s) = sync_rounds(&lab);
+        new.push(n);
+        same.push(s);
+        // With PORT25_LOG=port25_ctl::control::server=debug: where each sync's time went.
+        for l in lab.daemon_log().lines().filter(|l| l.contains("change: ")) {
+            println!("  daemon: {}", l.split_once(" DEBUG ").map_or(l, |x| x.1));
+        }
+        let _ = std::fs::remove_file(lab.dir.join("daemon.log"));
+        lab.kill9();
+    }
+    let (n, s) = (pct(&mut new, 50), pct(&mut same, 50));
+    let worst = n.max(s);
+    goal(
+        format!("session sync of {SYNCED} sessions (new / unchanged, median of {rounds}, worse)"),
+        format!("{} / {}", ms(n), ms(s)),
+        "<= 2000 ms",
+        worst <= Duration::from_secs(2),
+    );
+}
+
+fn ctl_bench() {
+    let mut lab = million_lab();
+    println!("control plane at a million (1M config exempts; figures in ms):");
+    let cold_empty = timed_start(&mut lab);
+    println!("  daemon start, cold, empty registry: {}", ms(cold_empty));
+
+    let (sync_new, sync_same) = sync_rounds(&lab);
     let worst = sync_new.max(sync_same);
     goal(
         format!("session sync of {SYNCED} sessions (new / unchanged, worse)"),
@@ -745,7 +820,7 @@ fn main() -> ExitCode {
         eprintln!("port25-bench: needs root (BPF, network namespaces)");
         return ExitCode::FAILURE;
     }
-    // PORT25_BENCH_ONLY=datapath | globs | flood | fleet | ctl: that arm's figures alone.
+    // PORT25_BENCH_ONLY=datapath | globs | flood | fleet | ctl | sync: that arm's figures alone.
     let only = std::env::var("PORT25_BENCH_ONLY").ok();
     let arm = |name: &str| only.as_deref().is_none_or(|o| o == name);
     if arm("datapath") {
@@ -763,6 +838,9 @@ fn main() -> ExitCode {
     }
     if arm("fleet") {
         fleet_bench();
+    }
+    if only.as_deref() == Some("sync") {
+        sync_bench();
     }
     // The control plane at a million is minutes of set-up: not in the quick subset.
     if only.as_deref() == Some("ctl") || (only.is_none() && !quick()) {
@@ -1064,6 +1142,12 @@ fn fleet_bench() {
         "  {calls} unblocks on A: CLI p50 {u50:?} p99 {u99:?}; to the map entry on B p50 {p50:?} p99 {p99:?}; \
          baseline `audit --user` on A p50 {r50:?} p99 {r99:?}"
     );
+    // With PORT25_LOG=port25_ctl::control::server=debug: where A's last unblock's time went.
+    let log = labs[0].daemon_log();
+    let phases: Vec<&str> = log.lines().filter(|l| l.contains("change: ")).collect();
+    for l in &phases[phases.len().saturating_sub(6)..] {
+        println!("  A: {}", l.split_once(" DEBUG ").map_or(*l, |x| x.1));
+    }
     let label = format!("{users} users, {daemons} daemons");
     goal(
         format!("fleet unblock on A to map entry on B, p99 ({label})"),

@@ -172,10 +172,15 @@ impl Daemon {
         &mut self,
         f: impl FnOnce(&mut dyn Tx, jiff::Timestamp) -> Result<R>,
     ) -> Result<R> {
-        let Some(fleet) = self.fleet.as_mut() else {
+        if self.fleet.is_none() {
             return self.change_in(Scope::Local, f);
-        };
-        let r = fleet.begin().and_then(|()| self.catch_up_locked());
+        }
+        let t = std::time::Instant::now();
+        let r = self.catch_up_locked();
+        debug!(
+            us = t.elapsed().as_micros() as u64,
+            "change: fleet begun and caught up"
+        );
         self.fleet_seen(&r);
         if let Err(e) = r {
             if let Some(fleet) = self.fleet.as_mut() {
@@ -233,24 +238,39 @@ impl Daemon {
     }
 
     fn catch_up(&mut self) -> Result<()> {
+        self.catch_up_with(false)
+    }
+
+    /// As [`Daemon::catch_up`], opening a policy change: the fleet's write transaction
+    /// begun, its lock held, and the log's first read in the same round trip.
+    fn catch_up_locked(&mut self) -> Result<()> {
+        self.catch_up_with(true)
+    }
+
+    fn catch_up_with(&mut self, mut begin: bool) -> Result<()> {
         loop {
             let mark = self.store.read()?.replica_mark()?;
             let Some(fleet) = self.fleet.as_mut() else {
                 return Ok(());
             };
-            // The cut is looked at after the log is read: a prune committed in between
-            // leaves the read changes after a hole, and is seen then.
-            let changes = fleet.changes_after(mark)?;
-            if let Some(state) = fleet.gap(mark)? {
-                warn!(mark, through = state.mark, "the fleet's change log was pruned past this replica's mark: reloading the fleet's policy whole");
-                self.change_local(|tx, _| crate::fleet::prune::reload(tx, &state))?;
-                self.dirty = true;
-                if let Some(fl) = &self.fleet {
-                    // status and /metrics: the replica is at the reloaded mark.
-                    fl.stats.applied(state.mark, false);
+            let log = if std::mem::take(&mut begin) {
+                fleet.begin_at(mark)?
+            } else {
+                fleet.log_after(mark)?
+            };
+            let changes = match log {
+                crate::fleet::Log::Changes(c) => c,
+                crate::fleet::Log::Gap(state) => {
+                    warn!(mark, through = state.mark, "the fleet's change log was pruned past this replica's mark: reloading the fleet's policy whole");
+                    self.change_local(|tx, _| crate::fleet::prune::reload(tx, &state))?;
+                    self.dirty = true;
+                    if let Some(fl) = &self.fleet {
+                        // status and /metrics: the replica is at the reloaded mark.
+                        fl.stats.applied(state.mark, false);
+                    }
+                    continue;
                 }
-                continue;
-            }
+            };
             if changes.is_empty() {
                 return Ok(());
             }
@@ -258,11 +278,6 @@ impl Daemon {
                 self.apply_change(c)?;
             }
         }
-    }
-
-    /// As [`Daemon::catch_up`], inside a policy change (the fleet's write lock held).
-    fn catch_up_locked(&mut self) -> Result<()> {
-        self.catch_up()
     }
 
     fn apply_change(&mut self, c: &crate::fleet::Change) -> Result<()> {

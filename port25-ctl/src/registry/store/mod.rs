@@ -299,6 +299,12 @@ pub trait Tx {
     fn insert_sessions(&mut self, sessions: &[Session]) -> Result<()> {
         sessions.iter().try_for_each(|s| self.put_session(s))
     }
+    /// As [`Tx::insert_users`] and [`Tx::insert_sessions`], the rows given away: a
+    /// [`Recording`] keeps them as written without a copy of each.
+    fn insert_owned(&mut self, users: Vec<User>, sessions: Vec<Session>) -> Result<()> {
+        self.insert_users(&users)?;
+        self.insert_sessions(&sessions)
+    }
     /// Deletes sessions, given as they are stored.
     fn delete_sessions(&mut self, sessions: &[Session]) -> Result<()> {
         sessions.iter().try_for_each(|s| self.delete_session(&s.id))
@@ -489,6 +495,20 @@ impl Tx for Recording<'_> {
             self.users.insert(s.user.clone());
         }
         self.inner.insert_sessions(sessions)
+    }
+    fn insert_owned(&mut self, users: Vec<User>, sessions: Vec<Session>) -> Result<()> {
+        self.inner.insert_users(&users)?;
+        self.inner.insert_sessions(&sessions)?;
+        for u in users {
+            self.users.insert(u.name.clone());
+            self.created.insert(u.name.clone(), u);
+        }
+        for s in sessions {
+            self.session_ids.insert(s.id.clone());
+            self.users.insert(s.user.clone());
+            self.sessions_written.insert(s.id.clone(), Some(s));
+        }
+        Ok(())
     }
     fn delete_sessions(&mut self, sessions: &[Session]) -> Result<()> {
         for s in sessions {

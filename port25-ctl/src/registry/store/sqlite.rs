@@ -305,6 +305,10 @@ impl SqliteStore {
     }
 }
 
+/// Rows per statement of the bulk writes (at most 9 columns: far below SQLite's 32,766
+/// parameters).
+const BULK_ROWS: usize = 100;
+
 /// A bound on the WAL while checkpoints are deferred (pages; 64 MiB at 4 KiB): past it a
 /// commit checkpoints as SQLite does by default.
 const DEFERRED_CHECKPOINT_PAGES: i64 = 16384;
@@ -393,6 +397,42 @@ impl SqliteTx<'_> {
     /// session, and compiling SQL costs more than running it.
     fn exec(&self, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
         self.tx.prepare_cached(sql)?.execute(p)
+    }
+
+    /// Writes `rows` by multi-row statements, `head VALUES (?, ...), (?, ...) tail`, each
+    /// row's `cols` parameters bound by `bind` from the 1-based index it is given. A bulk
+    /// write of 100,000 rows pays a statement's start, end and cache look-up (and a
+    /// formatted SQL text) once per [`BULK_ROWS`] rows, not per row.
+    fn insert_many<T>(
+        &self,
+        head: &str,
+        tail: &str,
+        cols: usize,
+        rows: &[T],
+        mut bind: impl FnMut(&mut rusqlite::Statement, usize, &T) -> rusqlite::Result<()>,
+    ) -> Result<()> {
+        let sql = |n: usize| {
+            let one = format!("({})", vec!["?"; cols].join(", "));
+            format!("{head} VALUES {} {tail}", vec![one; n].join(", "))
+        };
+        let full = sql(BULK_ROWS);
+        for chunk in rows.chunks(BULK_ROWS) {
+            // The last, shorter chunk is compiled once and not cached: its length varies
+            // from call to call and would push the write path's statements out.
+            let (mut cached, mut plain);
+            let st: &mut rusqlite::Statement = if chunk.len() == BULK_ROWS {
+                cached = self.tx.prepare_cached(&full)?;
+                &mut cached
+            } else {
+                plain = self.tx.prepare(&sql(chunk.len()))?;
+                &mut plain
+            };
+            for (i, r) in chunk.iter().enumerate() {
+                bind(st, i * cols + 1, r)?;
+            }
+            st.raw_execute()?;
+        }
+        Ok(())
     }
 
     /// Adds inserted rows to `counts` (no trigger counts an INSERT: see the last schema
@@ -682,27 +722,99 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn insert_users(&mut self, users: &[User]) -> Result<()> {
-        for u in users {
-            // Plain INSERT: a user already stored is an error, never a silent replace.
-            self.write_user("INSERT", u)?;
-        }
+        // Plain INSERT: a user already stored is an error, never a silent replace.
+        self.insert_many(
+            &format!("INSERT INTO users ({USER_COLS})"),
+            "",
+            9,
+            users,
+            |st, i, u| {
+                st.raw_bind_parameter(i, &u.name)?;
+                st.raw_bind_parameter(i + 1, u.policy.as_str())?;
+                st.raw_bind_parameter(i + 2, u.until.map(ts))?;
+                st.raw_bind_parameter(i + 3, &u.reason)?;
+                st.raw_bind_parameter(i + 4, &u.set_by)?;
+                st.raw_bind_parameter(i + 5, ts(u.set_at))?;
+                st.raw_bind_parameter(i + 6, u.hold.as_ref().map(|h| &h.reason))?;
+                st.raw_bind_parameter(i + 7, u.hold.as_ref().map(|h| &h.by))?;
+                st.raw_bind_parameter(i + 8, u.hold.as_ref().map(|h| ts(h.at)))
+            },
+        )?;
         self.count_users_in(users)
     }
 
     fn insert_sessions(&mut self, sessions: &[Session]) -> Result<()> {
-        for s in sessions {
-            self.exec(
-                "INSERT INTO sessions (id, user, since, source) VALUES (?1, ?2, ?3, ?4)",
-                params![s.id, s.user, ts(s.since), s.source],
-            )?;
-            for (pos, p) in s.addrs.iter().enumerate() {
-                self.exec(
-                    "INSERT INTO session_addrs (prefix, session_id, pos) VALUES (?1, ?2, ?3)",
-                    params![p.to_string(), s.id, pos as i64],
-                )?;
-            }
-        }
+        self.insert_many(
+            "INSERT INTO sessions (id, user, since, source)",
+            "",
+            4,
+            sessions,
+            |st, i, s| {
+                st.raw_bind_parameter(i, &s.id)?;
+                st.raw_bind_parameter(i + 1, &s.user)?;
+                st.raw_bind_parameter(i + 2, ts(s.since))?;
+                st.raw_bind_parameter(i + 3, &s.source)
+            },
+        )?;
+        let addrs: Vec<(&str, usize, &Prefix)> = sessions
+            .iter()
+            .flat_map(|s| {
+                s.addrs
+                    .iter()
+                    .enumerate()
+                    .map(|(pos, p)| (s.id.as_str(), pos, p))
+            })
+            .collect();
+        let mut text = String::new();
+        self.insert_many(
+            "INSERT INTO session_addrs (prefix, session_id, pos)",
+            "",
+            3,
+            &addrs,
+            |st, i, (id, pos, p)| {
+                use std::fmt::Write as _;
+                text.clear();
+                let _ = write!(text, "{p}");
+                st.raw_bind_parameter(i, text.as_str())?;
+                st.raw_bind_parameter(i + 1, *id)?;
+                st.raw_bind_parameter(i + 2, *pos as i64)
+            },
+        )?;
         self.count_in(0, 0, 0, sessions.len())
+    }
+
+    fn put_events(&mut self, events: &[(String, Timestamp)]) -> Result<()> {
+        // Rows of one statement are written in order: a later row for the same id meets
+        // the earlier one as a conflict, as a statement per row would.
+        self.insert_many(
+            "INSERT INTO session_events (id, at)",
+            "ON CONFLICT(id) DO UPDATE SET at = max(at, excluded.at)",
+            2,
+            events,
+            |st, i, (id, at)| {
+                st.raw_bind_parameter(i, id)?;
+                st.raw_bind_parameter(i + 1, ts(*at))
+            },
+        )
+    }
+
+    fn append_audits(&mut self, records: &[AuditRecord]) -> Result<()> {
+        // In order: ids follow the list, as one insert per record gave them.
+        self.insert_many(
+            "INSERT INTO audit (at, actor, action, subject, old, new, reason)",
+            "",
+            7,
+            records,
+            |st, i, r| {
+                st.raw_bind_parameter(i, ts(r.at))?;
+                st.raw_bind_parameter(i + 1, &r.actor)?;
+                st.raw_bind_parameter(i + 2, &r.action)?;
+                st.raw_bind_parameter(i + 3, &r.subject)?;
+                st.raw_bind_parameter(i + 4, &r.old)?;
+                st.raw_bind_parameter(i + 5, &r.new)?;
+                st.raw_bind_parameter(i + 6, &r.reason)
+            },
+        )
     }
 
     fn bindings(&self) -> Result<Vec<Binding>> {

@@ -216,6 +216,14 @@ pub fn expiry_ns(
     }
 }
 
+fn exempt(expires_ns: u64, origin: u32) -> Exempt {
+    Exempt {
+        expires_ns,
+        origin,
+        _pad: 0,
+    }
+}
+
 fn split(p: &Prefix) -> (Option<P4>, Option<P6>) {
     match p.addr {
         IpAddr::V4(a) => (Some((a.octets(), p.len as u32)), None),
@@ -257,23 +265,17 @@ impl Desired {
                 _ => None,
             };
         }
-        for e in &cfg.exempt {
-            if let Some(expires_ns) = expiry_ns(e.until, now_wall, now_boot) {
-                d.exempt(&e.prefix, expires_ns, ORIGIN_CONFIG);
-            }
-        }
-        d
+        // A million config exempts: merged by map at once, not one by one.
+        d.merged(cfg.exempt.iter().filter_map(|e| {
+            let expires_ns = expiry_ns(e.until, now_wall, now_boot)?;
+            Some((Slot::of(&e.prefix, false), exempt(expires_ns, ORIGIN_CONFIG)))
+        }))
     }
 
     /// Adds an exempt prefix to the table its shape selects; on a key already present the
     /// longer expiry wins (0 = none), so two sources for one address never shorten each other.
     fn exempt(&mut self, p: &Prefix, expires_ns: u64, origin: u32) {
-        let v = Exempt {
-            expires_ns,
-            origin,
-            _pad: 0,
-        };
-        self.merge_slot(&Slot::of(p, false), v);
+        self.merge_slot(&Slot::of(p, false), exempt(expires_ns, origin));
     }
 
     /// Config plus the registry's runtime servers and exempt entries: everything but users.

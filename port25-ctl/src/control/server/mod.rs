@@ -138,6 +138,13 @@ pub fn run(config_path: &Path, attach: bool, kernel_log: bool) -> Result<()> {
     rt.block_on(serve(config_path, cfg, attach, kernel_log))
 }
 
+/// CPU time the calling thread has used, in ms.
+fn thread_cpu_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
 /// Idle clients each hold a descriptor: systemd's default soft limit (1024) would turn a
 /// thousand of them into EMFILE for everyone else.
 fn raise_nofile() {
@@ -173,7 +180,15 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     }
     // Where a start's time goes (PORT25_LOG=port25_ctl::control::server=debug).
     let t = Instant::now();
-    let phase = |what: &str| debug!(ms = t.elapsed().as_millis() as u64, "start: {what}");
+    // With the CPU time of the thread that reached it: on a shared machine, wall time alone
+    // does not say which half of the start bounds it.
+    let phase = |what: &str| {
+        debug!(
+            ms = t.elapsed().as_millis() as u64,
+            thread_cpu_ms = thread_cpu_ms(),
+            "start: {what}"
+        )
+    };
     let mut store = SqliteStore::open(&cfg.state_dir)?;
     store.defer_checkpoints()?;
     let mut fleet = match &cfg.registry {

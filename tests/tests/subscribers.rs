@@ -628,11 +628,13 @@ fn a_change_right_after_a_start_gives_the_maps_of_one_made_later() {
     require_root!();
     let mut lab = started(XDP);
     let maps = |lab: &Lab| {
-        port25_ctl::policy::read_state(&LiveMaps::open(&Pins::new(&lab.pin_dir)).unwrap())
-            .unwrap()
+        port25_ctl::policy::read_state(&LiveMaps::open(&Pins::new(&lab.pin_dir)).unwrap()).unwrap()
     };
     let made = |lab: &Lab| lab.daemon_log().matches("index made").count();
-    ok(&lab, &["session", "up", "alice", ALICE4, ALICE_PD, "--id", "42"]);
+    ok(
+        &lab,
+        &["session", "up", "alice", ALICE4, ALICE_PD, "--id", "42"],
+    );
     ok(&lab, &["unblock", "alice"]);
     ok(&lab, &["session", "up", "bob", BOB4, BOB_PD, "--id", "43"]);
     let before = maps(&lab);
@@ -645,7 +647,10 @@ fn a_change_right_after_a_start_gives_the_maps_of_one_made_later() {
         maps(lab)
     };
     let undo = |lab: &Lab| {
-        ok(lab, &["session", "up", "alice", ALICE4, ALICE_PD, "--id", "42"]);
+        ok(
+            lab,
+            &["session", "up", "alice", ALICE4, ALICE_PD, "--id", "42"],
+        );
         ok(lab, &["block", "bob"]);
         assert_eq!(maps(lab), before, "undone");
     };
@@ -673,5 +678,8 @@ fn a_change_right_after_a_start_gives_the_maps_of_one_made_later() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let late = change(&lab);
-    assert_eq!(early, late, "a change before the index is made and one after");
+    assert_eq!(
+        early, late,
+        "a change before the index is made and one after"
+    );
 }

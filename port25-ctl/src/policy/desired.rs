@@ -116,7 +116,10 @@ macro_rules! desired {
 map_list!(desired);
 
 /// `have` with `add` merged in, entry by entry the [`longer`] of the two for a key.
-fn merge_sorted<K: Ord + Copy>(have: &BTreeMap<K, Exempt>, mut add: Vec<(K, Exempt)>) -> BTreeMap<K, Exempt> {
+fn merge_sorted<K: Ord + Copy>(
+    have: &BTreeMap<K, Exempt>,
+    mut add: Vec<(K, Exempt)>,
+) -> BTreeMap<K, Exempt> {
     if add.is_empty() {
         return have.clone();
     }
@@ -268,7 +271,10 @@ impl Desired {
         // A million config exempts: merged by map at once, not one by one.
         d.merged(cfg.exempt.iter().filter_map(|e| {
             let expires_ns = expiry_ns(e.until, now_wall, now_boot)?;
-            Some((Slot::of(&e.prefix, false), exempt(expires_ns, ORIGIN_CONFIG)))
+            Some((
+                Slot::of(&e.prefix, false),
+                exempt(expires_ns, ORIGIN_CONFIG),
+            ))
         }))
     }
 

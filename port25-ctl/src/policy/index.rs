@@ -10,8 +10,8 @@ use std::{
 };
 
 use anyhow::Result;
-use tracing::{debug, warn};
 use port25_common::maps::{Exempt, MAX_SESSION_PREFIX_LENS, ORIGIN_BINDING, ORIGIN_SESSION};
+use tracing::{debug, warn};
 
 use crate::{
     config::Config,

@@ -785,5 +785,8 @@ fn user_ids_dense_and_sparse() {
     }
     assert!(matches!(UserIds::new(10, 20, 11), UserIds::Dense { .. }));
     assert!(matches!(UserIds::new(10, 1 << 40, 11), UserIds::Sparse(_)));
-    assert!(matches!(UserIds::new(0, -1, 0), UserIds::Dense { .. }), "no users");
+    assert!(
+        matches!(UserIds::new(0, -1, 0), UserIds::Dense { .. }),
+        "no users"
+    );
 }

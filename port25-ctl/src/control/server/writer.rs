@@ -357,8 +357,7 @@ impl Daemon {
             d.publish_sessions(session_ids);
         };
         if rec.entries {
-            let (want, entries) =
-                Desired::build_entries(&self.cfg, rec.map_rows()?, wall, boot)?;
+            let (want, entries) = Desired::build_entries(&self.cfg, rec.map_rows()?, wall, boot)?;
             policy::check_fits(&self.live, &want)?;
             rec.commit()?;
             publish(self);

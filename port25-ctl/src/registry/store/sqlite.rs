@@ -508,11 +508,11 @@ impl Tx for SqliteTx<'_> {
         let sessions = usize::try_from(sessions).unwrap_or(0).min(1 << 24);
         rows.addrs.reserve(sessions);
         rows.users.reserve(sessions);
-        let (lo, hi): (Option<i64>, Option<i64>) = self.tx.query_row(
-            "SELECT min(rowid), max(rowid) FROM users",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        let (lo, hi): (Option<i64>, Option<i64>) =
+            self.tx
+                .query_row("SELECT min(rowid), max(rowid) FROM users", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
         let mut ids = UserIds::new(lo.unwrap_or(0), hi.unwrap_or(-1), sessions);
         // Two joins by index search (sessions by id, users by name; EXPLAIN QUERY PLAN in
         // the tests), one row per session address or binding with its user's standing.

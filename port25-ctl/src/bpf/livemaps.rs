@@ -220,7 +220,7 @@ impl<K: Pod + Ord + std::fmt::Debug, V: Pod + PartialEq> Table for HashMap<MapDa
         {
             // Keys are unique in a hash map: an unstable sort, then the tree is built from
             // sorted entries (collecting the hash order sorted it stably: a tenth of a start).
-            all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            all.sort_unstable_by_key(|(k, _)| *k);
             return Ok(all.into_iter().collect());
         }
         hash_entries_one_by_one(self)

@@ -290,7 +290,7 @@ impl Entries {
 /// no change is ever planned against a half-made index.
 #[derive(Debug)]
 pub enum Deferred {
-    Ready(Index),
+    Ready(Box<Index>),
     Building(std::thread::JoinHandle<Index>),
 }
 
@@ -315,11 +315,13 @@ impl Deferred {
         match t {
             Ok(h) => match tx.send(entries) {
                 Ok(()) => Deferred::Building(h),
-                Err(std::sync::mpsc::SendError(entries)) => Deferred::Ready(entries.index()),
+                Err(std::sync::mpsc::SendError(entries)) => {
+                    Deferred::Ready(Box::new(entries.index()))
+                }
             },
             Err(e) => {
                 warn!("no thread for the index ({e}): made on the daemon's");
-                Deferred::Ready(entries.index())
+                Deferred::Ready(Box::new(entries.index()))
             }
         }
     }
@@ -327,7 +329,7 @@ impl Deferred {
     /// The index, once made (waiting for its thread, or making it, if need be).
     pub fn get(&mut self) -> &mut Index {
         if let Deferred::Building(_) = self {
-            let Deferred::Building(h) = std::mem::replace(self, Deferred::Ready(Index::default()))
+            let Deferred::Building(h) = std::mem::replace(self, Deferred::Ready(Box::default()))
             else {
                 unreachable!()
             };
@@ -335,26 +337,18 @@ impl Deferred {
                 debug!("a change waits for the index of the last full build");
             }
             let index = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-            *self = Deferred::Ready(index);
+            *self = Deferred::Ready(Box::new(index));
         }
         match self {
             Deferred::Ready(i) => i,
             Deferred::Building(_) => unreachable!("joined above"),
         }
     }
-
-    /// Whether the index is made (its thread has ended).
-    pub fn is_ready(&self) -> bool {
-        match self {
-            Deferred::Ready(_) => true,
-            Deferred::Building(h) => h.is_finished(),
-        }
-    }
 }
 
 impl From<Index> for Deferred {
     fn from(i: Index) -> Deferred {
-        Deferred::Ready(i)
+        Deferred::Ready(Box::new(i))
     }
 }
 

@@ -617,3 +617,69 @@ fn a_start_writes_and_compares_many_entries_by_batch() {
         "a restart removed the stale entries, added the new ones and repaired the drift"
     );
 }
+
+/// The per-user index is made after a start has written the maps (the socket answers
+/// first): a change sent before it is made waits for it, and leaves the maps exactly as the
+/// same change sent once it is made. (Planned against a missing index, `session down` would
+/// leave the session's entries open.)
+#[test]
+fn a_change_right_after_a_start_gives_the_maps_of_one_made_later() {
+    use port25_ctl::{bpf::livemaps::LiveMaps, bpf::pins::Pins, control::testing::INDEX_DELAY};
+    require_root!();
+    let mut lab = started(XDP);
+    let maps = |lab: &Lab| {
+        port25_ctl::policy::read_state(&LiveMaps::open(&Pins::new(&lab.pin_dir)).unwrap()).unwrap()
+    };
+    let made = |lab: &Lab| lab.daemon_log().matches("index made").count();
+    ok(
+        &lab,
+        &["session", "up", "alice", ALICE4, ALICE_PD, "--id", "42"],
+    );
+    ok(&lab, &["unblock", "alice"]);
+    ok(&lab, &["session", "up", "bob", BOB4, BOB_PD, "--id", "43"]);
+    let before = maps(&lab);
+    let change = |lab: &Lab| {
+        ok(lab, &["session", "down", "--id", "42"]);
+        ok(lab, &["unblock", "bob"]);
+        assert!(!smtp(lab, ALICE4), "alice's session is down");
+        assert!(!smtp(lab, ALICE6), "and her prefix");
+        assert!(smtp(lab, BOB4) && smtp(lab, BOB6), "bob is unblocked");
+        maps(lab)
+    };
+    let undo = |lab: &Lab| {
+        ok(
+            lab,
+            &["session", "up", "alice", ALICE4, ALICE_PD, "--id", "42"],
+        );
+        ok(lab, &["block", "bob"]);
+        assert_eq!(maps(lab), before, "undone");
+    };
+    let log = ("PORT25_LOG", "port25_ctl::policy::index=debug");
+
+    // Early: the index is made 3 s after the maps; the change comes at once.
+    lab.kill9();
+    lab.try_start_daemon_env(&[(INDEX_DELAY, "3000"), log])
+        .unwrap();
+    let early = change(&lab);
+    assert!(
+        lab.daemon_log().contains("a change waits for the index"),
+        "{}",
+        lab.daemon_log()
+    );
+    undo(&lab);
+
+    // Late: the same change once the index is made.
+    lab.kill9();
+    let made_before = made(&lab);
+    lab.try_start_daemon_env(&[log]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while made(&lab) == made_before {
+        assert!(Instant::now() < deadline, "no index: {}", lab.daemon_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let late = change(&lab);
+    assert_eq!(
+        early, late,
+        "a change before the index is made and one after"
+    );
+}

@@ -6,8 +6,9 @@
 //! own environment, which only root (or the unit file) controls, and root can kill the daemon
 //! or move the clock anyway. None opens port 25: a failpoint aborts with the change
 //! committed (the next start applies it; the links keep enforcing from the pins meanwhile),
-//! and the clock shift only moves when timed unblocks end, exactly as a wrong system clock
-//! would, which the daemon already guards against (see `Wall`).
+//! the clock shift only moves when timed unblocks end, exactly as a wrong system clock
+//! would, which the daemon already guards against (see `Wall`), and the index delay only
+//! makes the first change after a full build wait longer.
 
 use anyhow::{Context as _, Result};
 
@@ -24,6 +25,19 @@ pub const FAILPOINT_AFTER_FLEET_COMMIT: &str = "PORT25_FAILPOINT_AFTER_FLEET_COM
 /// behind real time, as after a boot without RTC before NTP has synced). The clock guard
 /// tests use it.
 pub const FAKE_WALL_SHIFT: &str = "PORT25_TEST_WALL_SHIFT_S";
+
+/// Milliseconds the per-user index of a full build is made late (after the maps are written,
+/// see [`crate::policy::index::Deferred`]): the test of a change sent before it is made.
+pub const INDEX_DELAY: &str = "PORT25_TEST_INDEX_DELAY_MS";
+
+/// The delay [`INDEX_DELAY`] asks for (none when unset or not a number).
+pub fn index_delay() -> std::time::Duration {
+    std::env::var(INDEX_DELAY)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(std::time::Duration::from_millis)
+        .unwrap_or_default()
+}
 
 /// Aborts when [`FAILPOINT_AFTER_COMMIT`] is set.
 pub fn failpoint_after_commit() {

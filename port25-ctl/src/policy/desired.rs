@@ -9,7 +9,7 @@ use port25_common::maps::{
 
 use crate::{
     bpf::{
-        livemaps::{boot_ns, Contents},
+        livemaps::{boot_ns, Contents, Table},
         maps::{decl::*, map_list},
     },
     config::{Action, Config},
@@ -20,6 +20,16 @@ use crate::{
 
 type P4 = ([u8; 4], u32);
 type P6 = ([u8; 16], u32);
+
+/// The first expression, or the second when there is one.
+macro_rules! copy_or_merge {
+    ($copy:expr) => {
+        $copy
+    };
+    ($copy:expr, $merge:expr) => {
+        $merge
+    };
+}
 
 macro_rules! desired {
     (
@@ -74,6 +84,26 @@ macro_rules! desired {
                 vec![ $( $( (port25_common::maps::$n, self.$f.len()), )* )* ]
             }
 
+            /// `self` with every entry of `entries` merged in: equal to [`Desired::merge_slot`]
+            /// of each in turn ([`longer`] is order-free), but each map's new entries are
+            /// sorted once and merged with its entries into a map built whole (a million
+            /// tree inserts one by one were most of a start's build).
+            pub fn merged(&self, entries: impl Iterator<Item = (Slot, Exempt)>) -> Desired {
+                $( $( $( let mut $f: Vec<(<$t as Table>::K, Exempt)> = Vec::new(); let _ = stringify!($slot); )? )* )*
+                for (s, v) in entries {
+                    match s {
+                        $( $( $( Slot::$slot(k) => $f.push((k, v)), )? )* )*
+                    }
+                }
+                Desired {
+                    $sf: self.$sf,
+                    $( $(
+                        // A map no slot names is copied; an exempt map, merged.
+                        $f: copy_or_merge!(self.$f.clone() $(, { let _ = stringify!($slot); merge_sorted(&self.$f, $f) })?),
+                    )* )*
+                }
+            }
+
             /// How many entries the map of an exempt key holds.
             pub fn slot_map_len(&self, s: &Slot) -> usize {
                 match s {
@@ -84,6 +114,48 @@ macro_rules! desired {
     };
 }
 map_list!(desired);
+
+/// `have` with `add` merged in, entry by entry the [`longer`] of the two for a key.
+fn merge_sorted<K: Ord + Copy>(
+    have: &BTreeMap<K, Exempt>,
+    mut add: Vec<(K, Exempt)>,
+) -> BTreeMap<K, Exempt> {
+    if add.is_empty() {
+        return have.clone();
+    }
+    add.sort_unstable_by_key(|(k, _)| *k);
+    add.dedup_by(|(k, v), (kept_k, kept_v)| {
+        if k == kept_k {
+            *kept_v = longer(*kept_v, *v);
+            true
+        } else {
+            false
+        }
+    });
+    let mut out = Vec::with_capacity(have.len() + add.len());
+    let (mut h, mut a) = (have.iter().peekable(), add.into_iter().peekable());
+    loop {
+        match (h.peek(), a.peek()) {
+            (Some((hk, hv)), Some((ak, av))) if *hk == ak => {
+                out.push((**hk, longer(**hv, *av)));
+                h.next();
+                a.next();
+            }
+            (Some((hk, hv)), Some((ak, _))) if *hk < ak => {
+                out.push((**hk, **hv));
+                h.next();
+            }
+            (Some((hk, hv)), None) => {
+                out.push((**hk, **hv));
+                h.next();
+            }
+            (_, Some(_)) => out.extend(a.next()),
+            (None, None) => break,
+        }
+    }
+    // Sorted and unique: the tree is built bottom-up from it, not by a search per entry.
+    BTreeMap::from_iter(out)
+}
 
 /// Wall clock to boot-time clock, with the offset sampled once: recomputing the desired state
 /// later gives the same kernel expiry for the same wall-clock `until`, so unchanged timed
@@ -147,6 +219,14 @@ pub fn expiry_ns(
     }
 }
 
+fn exempt(expires_ns: u64, origin: u32) -> Exempt {
+    Exempt {
+        expires_ns,
+        origin,
+        _pad: 0,
+    }
+}
+
 fn split(p: &Prefix) -> (Option<P4>, Option<P6>) {
     match p.addr {
         IpAddr::V4(a) => (Some((a.octets(), p.len as u32)), None),
@@ -188,23 +268,20 @@ impl Desired {
                 _ => None,
             };
         }
-        for e in &cfg.exempt {
-            if let Some(expires_ns) = expiry_ns(e.until, now_wall, now_boot) {
-                d.exempt(&e.prefix, expires_ns, ORIGIN_CONFIG);
-            }
-        }
-        d
+        // A million config exempts: merged by map at once, not one by one.
+        d.merged(cfg.exempt.iter().filter_map(|e| {
+            let expires_ns = expiry_ns(e.until, now_wall, now_boot)?;
+            Some((
+                Slot::of(&e.prefix, false),
+                exempt(expires_ns, ORIGIN_CONFIG),
+            ))
+        }))
     }
 
     /// Adds an exempt prefix to the table its shape selects; on a key already present the
     /// longer expiry wins (0 = none), so two sources for one address never shorten each other.
     fn exempt(&mut self, p: &Prefix, expires_ns: u64, origin: u32) {
-        let v = Exempt {
-            expires_ns,
-            origin,
-            _pad: 0,
-        };
-        self.merge_slot(&Slot::of(p, false), v);
+        self.merge_slot(&Slot::of(p, false), exempt(expires_ns, origin));
     }
 
     /// Config plus the registry's runtime servers and exempt entries: everything but users.

@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::Result;
 use port25_common::maps::{Exempt, MAX_SESSION_PREFIX_LENS, ORIGIN_BINDING, ORIGIN_SESSION};
+use tracing::{debug, warn};
 
 use crate::{
     config::Config,
@@ -206,6 +207,151 @@ pub struct Index {
     holders: FastMap<Slot, Holders>,
 }
 
+/// A full build's users and their entries, from which its [`Index`] is made: kept apart so
+/// that the maps can be written first and the index (two hash maps of a million keys each)
+/// made after, off the start's path to enforcing (see [`Deferred`]).
+#[derive(Debug, Default)]
+pub struct Entries {
+    base: Desired,
+    users: Vec<(Arc<str>, UserEntries)>,
+}
+
+impl Entries {
+    /// The desired state from `base` (config and runtime entries) and every user's entries,
+    /// with those entries for the index.
+    pub fn build(
+        base: Desired,
+        rows: MapRows,
+        now_wall: jiff::Timestamp,
+        now_boot: u64,
+    ) -> Result<(Desired, Entries)> {
+        let MapRows {
+            users,
+            mut addrs,
+            mut bound,
+            ..
+        } = rows;
+        // Each user's session addresses and bindings: a run in a list sorted by user index,
+        // walked in step with the users (no map of a million small Vecs).
+        addrs.sort_unstable_by_key(|(u, _)| *u);
+        bound.sort_unstable_by_key(|(u, _)| *u);
+        fn run<'s>(all: &'s [(u32, Prefix)], at: &mut usize, user: u32) -> &'s [(u32, Prefix)] {
+            let from = *at + all[*at..].iter().take_while(|(u, _)| *u < user).count();
+            let to = from + all[from..].iter().take_while(|(u, _)| *u == user).count();
+            *at = to;
+            &all[from..to]
+        }
+        let (mut addrs_at, mut bound_at) = (0, 0);
+        let mut out = Vec::with_capacity(users.len());
+        let mut bindings = Vec::new();
+        for (i, (name, standing)) in users.into_iter().enumerate() {
+            let i = i as u32;
+            bindings.clear();
+            bindings.extend(run(&bound, &mut bound_at, i).iter().map(|(_, p)| *p));
+            let slots = entries_of(
+                &standing,
+                run(&addrs, &mut addrs_at, i).iter().map(|(_, p)| p),
+                &bindings,
+                now_wall,
+                now_boot,
+            );
+            if !slots.is_empty() {
+                out.push((name, slots));
+            }
+        }
+        let mut d = base.merged(out.iter().flat_map(|(_, e)| e.iter().copied()));
+        let lens = lens_of(&d)?;
+        set_lens(&mut d, lens);
+        Ok((d, Entries { base, users: out }))
+    }
+
+    /// The index of these entries: who holds each slot, and each user's entries.
+    pub fn index(self) -> Index {
+        let mut index = Index {
+            base: self.base,
+            ..Default::default()
+        };
+        index
+            .holders
+            .reserve(self.users.iter().map(|(_, e)| e.len()).sum());
+        index.per_user.reserve(self.users.len());
+        for (name, slots) in self.users {
+            for (slot, v) in &slots {
+                hold(index.holders.entry(*slot).or_default(), &name, *v);
+            }
+            index.per_user.insert(name, slots);
+        }
+        index
+    }
+}
+
+/// The index of the last full build: ready, or still being made on its own thread from the
+/// build's [`Entries`]. A change takes it with [`Deferred::get`], which waits for the thread:
+/// no change is ever planned against a half-made index.
+#[derive(Debug)]
+pub enum Deferred {
+    Ready(Box<Index>),
+    Building(std::thread::JoinHandle<Index>),
+}
+
+impl Deferred {
+    /// Makes the index of `entries` on a thread of its own, `delay` late (a test's hook,
+    /// `control::testing::INDEX_DELAY`; zero otherwise).
+    pub fn spawn(entries: Entries, delay: std::time::Duration) -> Deferred {
+        // Handed over once the thread exists: without one, the entries are still here.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Entries>(1);
+        let t = std::thread::Builder::new()
+            .name("port25-index".into())
+            .spawn(move || {
+                // Sent right after the spawn; never an empty index in its place.
+                let entries = rx.recv().expect("the entries follow the spawn");
+                std::thread::sleep(delay);
+                let t = std::time::Instant::now();
+                let users = entries.users.len();
+                let index = entries.index();
+                debug!(ms = t.elapsed().as_millis() as u64, users, "index made");
+                index
+            });
+        match t {
+            Ok(h) => match tx.send(entries) {
+                Ok(()) => Deferred::Building(h),
+                Err(std::sync::mpsc::SendError(entries)) => {
+                    Deferred::Ready(Box::new(entries.index()))
+                }
+            },
+            Err(e) => {
+                warn!("no thread for the index ({e}): made on the daemon's");
+                Deferred::Ready(Box::new(entries.index()))
+            }
+        }
+    }
+
+    /// The index, once made (waiting for its thread, or making it, if need be).
+    pub fn get(&mut self) -> &mut Index {
+        if let Deferred::Building(_) = self {
+            let Deferred::Building(h) = std::mem::replace(self, Deferred::Ready(Box::default()))
+            else {
+                unreachable!()
+            };
+            if !h.is_finished() {
+                debug!("a change waits for the index of the last full build");
+            }
+            let index = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            *self = Deferred::Ready(Box::new(index));
+        }
+        match self {
+            Deferred::Ready(i) => i,
+            Deferred::Building(_) => unreachable!("joined above"),
+        }
+    }
+}
+
+impl From<Index> for Deferred {
+    fn from(i: Index) -> Deferred {
+        Deferred::Ready(Box::new(i))
+    }
+}
+
 /// Sets `user`'s entry among a slot's holders (kept in name order).
 fn hold(h: &mut Holders, user: &Arc<str>, v: Exempt) {
     match h.binary_search_by(|(n, _)| (**n).cmp(&**user)) {
@@ -259,6 +405,18 @@ impl Desired {
         let base = Desired::base(cfg, &rows.entries, now_wall, now_boot);
         Index::build(base, rows, now_wall, now_boot)
     }
+
+    /// As [`Desired::build_rows`], with the users' entries in place of the index they make
+    /// ([`Entries::index`]): the daemon writes the maps before it makes the index.
+    pub fn build_entries(
+        cfg: &Config,
+        rows: MapRows,
+        now_wall: jiff::Timestamp,
+        now_boot: u64,
+    ) -> Result<(Desired, Entries)> {
+        let base = Desired::base(cfg, &rows.entries, now_wall, now_boot);
+        Entries::build(base, rows, now_wall, now_boot)
+    }
 }
 
 impl Index {
@@ -269,54 +427,8 @@ impl Index {
         now_wall: jiff::Timestamp,
         now_boot: u64,
     ) -> Result<(Index, Desired)> {
-        let MapRows {
-            users,
-            mut addrs,
-            mut bound,
-            ..
-        } = rows;
-        // Each user's session addresses and bindings: a run in a list sorted by user index,
-        // walked in step with the users (no map of a million small Vecs).
-        addrs.sort_unstable_by_key(|(u, _)| *u);
-        bound.sort_unstable_by_key(|(u, _)| *u);
-        fn run<'s>(all: &'s [(u32, Prefix)], at: &mut usize, user: u32) -> &'s [(u32, Prefix)] {
-            let from = *at + all[*at..].iter().take_while(|(u, _)| *u < user).count();
-            let to = from + all[from..].iter().take_while(|(u, _)| *u == user).count();
-            *at = to;
-            &all[from..to]
-        }
-        let (mut addrs_at, mut bound_at) = (0, 0);
-        let mut index = Index {
-            base: base.clone(),
-            ..Default::default()
-        };
-        index.holders.reserve(addrs.len() + bound.len());
-        index.per_user.reserve(users.len());
-        let mut d = base;
-        let mut bindings = Vec::new();
-        for (i, (name, standing)) in users.into_iter().enumerate() {
-            let i = i as u32;
-            bindings.clear();
-            bindings.extend(run(&bound, &mut bound_at, i).iter().map(|(_, p)| *p));
-            let slots = entries_of(
-                &standing,
-                run(&addrs, &mut addrs_at, i).iter().map(|(_, p)| p),
-                &bindings,
-                now_wall,
-                now_boot,
-            );
-            if slots.is_empty() {
-                continue;
-            }
-            for (slot, v) in &slots {
-                hold(index.holders.entry(*slot).or_default(), &name, *v);
-                d.merge_slot(slot, *v);
-            }
-            index.per_user.insert(name, slots);
-        }
-        let lens = lens_of(&d)?;
-        set_lens(&mut d, lens);
-        Ok((index, d))
+        let (d, entries) = Entries::build(base, rows, now_wall, now_boot)?;
+        Ok((entries.index(), d))
     }
 
     /// The change that gives `changed` users their new entries, checked (prefix lengths)

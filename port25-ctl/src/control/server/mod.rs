@@ -37,7 +37,7 @@ use crate::{
     control::reply,
     fleet::Fleet,
     metrics::{http::MetricsServer, DaemonMetrics, Sources},
-    policy::index::Index,
+    policy::index::{Deferred, Entries},
     policy::{self, Clock, Desired},
     registry::store::{sqlite::SqliteStore, Store},
 };
@@ -96,8 +96,9 @@ struct Daemon {
     fleet_up: bool,
     /// What the maps were last made equal to; per-change applies move from here.
     applied: Desired,
-    /// Each user's entries in `applied`, so a change recomputes only the users it touched.
-    index: Index,
+    /// Each user's entries in `applied`, so a change recomputes only the users it touched;
+    /// made after a full build has been applied, and waited for by the first change.
+    index: Deferred,
     clock: Clock,
     wall: Wall,
     started: Instant,
@@ -137,6 +138,13 @@ pub fn run(config_path: &Path, attach: bool, kernel_log: bool) -> Result<()> {
     rt.block_on(serve(config_path, cfg, attach, kernel_log))
 }
 
+/// CPU time the calling thread has used, in ms.
+fn thread_cpu_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
 /// Idle clients each hold a descriptor: systemd's default soft limit (1024) would turn a
 /// thousand of them into EMFILE for everyone else.
 fn raise_nofile() {
@@ -172,7 +180,15 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     }
     // Where a start's time goes (PORT25_LOG=port25_ctl::control::server=debug).
     let t = Instant::now();
-    let phase = |what: &str| debug!(ms = t.elapsed().as_millis() as u64, "start: {what}");
+    // With the CPU time of the thread that reached it: on a shared machine, wall time alone
+    // does not say which half of the start bounds it.
+    let phase = |what: &str| {
+        debug!(
+            ms = t.elapsed().as_millis() as u64,
+            thread_cpu_ms = thread_cpu_ms(),
+            "start: {what}"
+        )
+    };
     let mut store = SqliteStore::open(&cfg.state_dir)?;
     store.defer_checkpoints()?;
     let mut fleet = match &cfg.registry {
@@ -218,15 +234,18 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
             let clock = Clock::sample_at(wall.now());
             // A change committed by an earlier daemon that died before applying it is
             // applied here.
-            let (index, want) = desired(&cfg, &mut store, &clock, wall.now())?;
+            let (want, entries) = desired(&cfg, &mut store, &clock, wall.now())?;
             phase("desired state built");
-            Ok((wall, clock, index, want))
+            Ok((wall, clock, entries, want))
         })();
         let loaded = load.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         (loaded, built)
     });
     let (mut ebpf, mut live, have) = loaded?;
-    let (wall, clock, index, want) = built?;
+    let (wall, clock, entries, want) = built?;
+    // The per-user index is for changes, not for enforcing: made on a core of its own while
+    // the maps are written and the programs attached; the first change waits for it.
+    let index = Deferred::spawn(entries, crate::control::testing::index_delay());
     // Read from before the programs attach: their first messages are not lost. Without the
     // flag the programs carry no log code (pruned by the verifier) and nothing is read.
     let klog = if kernel_log {
@@ -495,13 +514,14 @@ async fn wake(rx: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
     }
 }
 
-/// The desired map state from the config and a registry snapshot, with its per-user index.
+/// The desired map state from the config and a registry snapshot, with the users' entries
+/// its per-user index is made of ([`Deferred::spawn`]).
 fn desired(
     cfg: &Config,
     store: &mut SqliteStore,
     clock: &Clock,
     now: jiff::Timestamp,
-) -> Result<(Index, Desired)> {
+) -> Result<(Desired, Entries)> {
     let t = Instant::now();
     // The narrow read: rows of what the maps need, not the users and sessions themselves.
     let rows = store.read()?.map_rows()?;
@@ -513,7 +533,7 @@ fn desired(
         "registry read"
     );
     let (wall, boot) = clock.at(now);
-    Desired::build_rows(cfg, rows, wall, boot)
+    Desired::build_entries(cfg, rows, wall, boot)
 }
 
 /// Records the config's forced wide allow-list entries in the audit log (each start and

@@ -16,7 +16,7 @@ use crate::{
     // The failpoint is a test hook; `control::testing` says why it is safe in production.
     control::testing::failpoint_after_commit,
     metrics::http::MetricsServer,
-    policy::index::changed_users,
+    policy::index::{changed_users, Deferred},
     policy::{self, Desired},
     registry::store::{Recording, Store, Tx},
     registry::Actor,
@@ -65,7 +65,7 @@ impl Daemon {
         let metrics =
             MetricsServer::prepare(self.cfg.metrics_listen, new.metrics_listen).map_err(refused)?;
         let now = self.wall.now();
-        let (index, want) = desired(&new, &mut self.store, &self.clock, now)?;
+        let (want, entries) = desired(&new, &mut self.store, &self.clock, now)?;
         policy::check_fits(&self.live, &want)?;
         let old_points: Vec<String> = self
             .cfg
@@ -104,7 +104,7 @@ impl Daemon {
             }
         };
         self.applied = want;
-        self.index = index;
+        self.index = Deferred::spawn(entries, crate::control::testing::index_delay());
         if let Err(e) = crate::bpf::offenders::write_settings(&mut self.live, &new.abuse) {
             error!("the new abuse settings did not reach the kernel: {e:#}");
         }
@@ -142,10 +142,10 @@ impl Daemon {
         }
         self.prune_changes();
         let result =
-            desired(&self.cfg, &mut self.store, &self.clock, now).and_then(|(index, want)| {
+            desired(&self.cfg, &mut self.store, &self.clock, now).and_then(|(want, entries)| {
                 let a = policy::apply(&mut self.live, &want)?;
                 self.applied = want;
-                self.index = index;
+                self.index = Deferred::spawn(entries, crate::control::testing::index_delay());
                 Ok(a)
             });
         match result {
@@ -372,7 +372,7 @@ impl Daemon {
             d.publish_sessions(session_ids);
         };
         if rec.entries {
-            let (index, want) = Desired::build_rows(&self.cfg, rec.map_rows()?, wall, boot)?;
+            let (want, entries) = Desired::build_entries(&self.cfg, rec.map_rows()?, wall, boot)?;
             policy::check_fits(&self.live, &want)?;
             rec.commit()?;
             publish(self);
@@ -380,7 +380,7 @@ impl Daemon {
             match policy::apply_delta(&mut self.live, &self.applied, &want) {
                 Ok(_) => {
                     self.applied = want;
-                    self.index = index;
+                    self.index = Deferred::spawn(entries, crate::control::testing::index_delay());
                 }
                 Err(e) => self.apply_failed(e),
             }
@@ -388,7 +388,8 @@ impl Daemon {
         }
         let changed = changed_users(&rec, wall, boot)?;
         phase("users' entries");
-        let plan = self.index.plan(&self.applied, changed)?;
+        // Waits for the index of the last full build if it is still being made.
+        let plan = self.index.get().plan(&self.applied, changed)?;
         policy::check_slots_fit(&self.live, &self.applied, &plan.slots)?;
         phase("planned");
         rec.commit()?;
@@ -400,7 +401,7 @@ impl Daemon {
             .iter()
             .map(|(s, _)| self.applied.slot(s))
             .collect();
-        let settings_changed = self.index.apply(&mut self.applied, &plan);
+        let settings_changed = self.index.get().apply(&mut self.applied, &plan);
         let settings = settings_changed.then_some(self.applied.settings);
         if let Err(e) = policy::write_slots(&mut self.live, &plan.slots, &before, settings) {
             self.apply_failed(e);

@@ -349,14 +349,15 @@ impl Store for SqliteStore {
 }
 
 /// Each session address with its user's standing (the narrow read, [`Tx::map_rows`]).
+/// (The user's rowid last: what the rows are told apart by.)
 pub(crate) const MAP_ADDRS: &str = "SELECT u.name, u.policy, u.until, \
      u.hold_reason IS NOT NULL OR u.hold_by IS NOT NULL OR u.hold_at IS NOT NULL, \
-     a.prefix FROM session_addrs a JOIN sessions s ON s.id = a.session_id \
+     a.prefix, u.rowid FROM session_addrs a JOIN sessions s ON s.id = a.session_id \
      JOIN users u ON u.name = s.user";
 /// Each binding with its user's standing.
 pub(crate) const MAP_BOUND: &str = "SELECT u.name, u.policy, u.until, \
      u.hold_reason IS NOT NULL OR u.hold_by IS NOT NULL OR u.hold_at IS NOT NULL, \
-     b.prefix FROM bindings b JOIN users u ON u.name = b.user";
+     b.prefix, u.rowid FROM bindings b JOIN users u ON u.name = b.user";
 
 const USER_COLS: &str =
     "name, policy, until, reason, set_by, set_at, hold_reason, hold_by, hold_at";
@@ -537,19 +538,35 @@ impl Tx for SqliteTx<'_> {
             entries: self.entries()?,
             ..Default::default()
         };
-        let mut names = Default::default();
+        // Room for what the kept counts say there is (a session has one address or more),
+        // rather than growing a million-row list by copies.
+        let sessions: i64 = self
+            .tx
+            .query_row("SELECT sessions FROM counts", [], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        let sessions = usize::try_from(sessions).unwrap_or(0).min(1 << 24);
+        rows.addrs.reserve(sessions);
+        rows.users.reserve(sessions);
+        let (lo, hi): (Option<i64>, Option<i64>) =
+            self.tx
+                .query_row("SELECT min(rowid), max(rowid) FROM users", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+        let mut ids = UserIds::new(lo.unwrap_or(0), hi.unwrap_or(-1), sessions);
         // Two joins by index search (sessions by id, users by name; EXPLAIN QUERY PLAN in
         // the tests), one row per session address or binding with its user's standing.
         for (sql, bound) in [(MAP_ADDRS, false), (MAP_BOUND, true)] {
             let mut st = self.tx.prepare_cached(sql)?;
             let mut q = st.query([])?;
             // A user's rows mostly come together: the last one is compared before the map.
-            let mut last: Option<u32> = None;
+            let mut last: Option<(i64, u32)> = None;
             while let Some(r) = q.next()? {
-                let name = r.get_ref(0)?.as_str()?;
+                let id: i64 = r.get(5)?;
                 let i = match last {
-                    Some(i) if &*rows.users[i as usize].0 == name => i,
+                    Some((last_id, i)) if last_id == id => i,
                     _ => {
+                        let name = r.get_ref(0)?.as_str()?;
                         let standing = Standing {
                             policy: if r.get_ref(1)?.as_str()? == "unblocked" {
                                 Policy::Unblocked
@@ -559,10 +576,10 @@ impl Tx for SqliteTx<'_> {
                             until: r.get::<_, Option<i64>>(2)?.map(from_ts),
                             held: r.get::<_, i64>(3)? != 0,
                         };
-                        rows.user_at(&mut names, name, standing)
+                        rows.user_at(&mut ids, id, name, standing)
                     }
                 };
-                last = Some(i);
+                last = Some((id, i));
                 let p = prefix_col(r, 4)?;
                 if bound {
                     rows.bound.push((i, p));

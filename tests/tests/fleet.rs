@@ -1618,3 +1618,32 @@ fn a_fleet_change_survives_a_crash_between_its_commits_applied_once() {
         assert!(!smtp(&a, ALICE4));
     }
 }
+
+/// A router's statements are prepared once per connection: a change of the log's column
+/// types under a live connection (a DBA's ALTER, another version's migration) makes the
+/// prepared read fail with "cached plan must not change result type" on every call. The
+/// follower must heal on a fresh connection, not keep failing while blocks made elsewhere
+/// never reach this router (alice's port 25 left open: fail-open).
+#[test]
+fn the_follower_heals_after_the_logs_column_types_change() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(&pg, "bras-b"));
+    b.start_daemon();
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    ok(&b, &["unblock", "alice", "--reason", "ticket 9"]);
+    assert!(smtp(&b, ALICE4));
+    // B's connection (and its prepared log read) predates this.
+    pg.psql("ALTER TABLE changes ALTER COLUMN router TYPE varchar(200)");
+    let o = helpdesk(&b, &pg, &["block", "alice", "--reason", "spam"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        until_policy(&b, "alice", Policy::Blocked, Duration::from_secs(12)).is_some(),
+        "the helpdesk's block reached B"
+    );
+    assert!(
+        !smtp(&b, ALICE4),
+        "port 25 closed for alice on B (real TCP)"
+    );
+}

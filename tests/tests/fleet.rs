@@ -1647,3 +1647,47 @@ fn the_follower_heals_after_the_logs_column_types_change() {
         "port 25 closed for alice on B (real TCP)"
     );
 }
+
+/// A policy write's rows and change are pipelined: the database refusing one of the later
+/// statements (here the audit row, after the user's row has been written) fails the whole
+/// change: the CLI gets an error, nothing of it is in the fleet or the replica, port 25
+/// stays closed; the retry is applied once.
+#[test]
+fn a_write_refused_mid_pipeline_leaves_nothing_and_its_retry_applies_once() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(&pg, "bras-b"));
+    b.start_daemon();
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    pg.psql(
+        "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN IF NEW.reason = 'poison' THEN RAISE EXCEPTION 'refused row'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER poison BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION poison()",
+    );
+    let changes = pg.psql("SELECT count(*) FROM changes");
+    let o = b.ctl(&["unblock", "alice", "--reason", "poison"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), changes);
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM users WHERE name = 'alice' AND policy = 'unblocked'"),
+        "0"
+    );
+    assert_eq!(effective(&b, "alice"), Policy::Blocked);
+    assert!(!smtp(&b, ALICE4));
+    pg.psql("DROP TRIGGER poison ON audit");
+    ok(&b, &["unblock", "alice", "--reason", "poison"]);
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM changes")
+            .parse::<u64>()
+            .unwrap(),
+        changes.parse::<u64>().unwrap() + 1
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM audit WHERE subject = 'alice' AND action = 'unblock'"),
+        "1"
+    );
+    assert_eq!(effective(&b, "alice"), Policy::Unblocked);
+    assert!(smtp(&b, ALICE4));
+}

@@ -1618,3 +1618,76 @@ fn a_fleet_change_survives_a_crash_between_its_commits_applied_once() {
         assert!(!smtp(&a, ALICE4));
     }
 }
+
+/// A router's statements are prepared once per connection: a change of the log's column
+/// types under a live connection (a DBA's ALTER, another version's migration) makes the
+/// prepared read fail with "cached plan must not change result type" on every call. The
+/// follower must heal on a fresh connection, not keep failing while blocks made elsewhere
+/// never reach this router (alice's port 25 left open: fail-open).
+#[test]
+fn the_follower_heals_after_the_logs_column_types_change() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(&pg, "bras-b"));
+    b.start_daemon();
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    ok(&b, &["unblock", "alice", "--reason", "ticket 9"]);
+    assert!(smtp(&b, ALICE4));
+    // B's connection (and its prepared log read) predates this.
+    pg.psql("ALTER TABLE changes ALTER COLUMN router TYPE varchar(200)");
+    let o = helpdesk(&b, &pg, &["block", "alice", "--reason", "spam"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        until_policy(&b, "alice", Policy::Blocked, Duration::from_secs(12)).is_some(),
+        "the helpdesk's block reached B"
+    );
+    assert!(
+        !smtp(&b, ALICE4),
+        "port 25 closed for alice on B (real TCP)"
+    );
+}
+
+/// A policy write's rows and change are pipelined: the database refusing one of the later
+/// statements (here the audit row, after the user's row has been written) fails the whole
+/// change: the CLI gets an error, nothing of it is in the fleet or the replica, port 25
+/// stays closed; the retry is applied once.
+#[test]
+fn a_write_refused_mid_pipeline_leaves_nothing_and_its_retry_applies_once() {
+    require_root!();
+    let Some(pg) = Postgres::start() else { return };
+    let mut b = Lab::new(XDP);
+    b.write_config(&registry(&pg, "bras-b"));
+    b.start_daemon();
+    ok(&b, &["session", "up", "alice", ALICE4, "--id", "b1"]);
+    pg.psql(
+        "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN IF NEW.reason = 'poison' THEN RAISE EXCEPTION 'refused row'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER poison BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION poison()",
+    );
+    let changes = pg.psql("SELECT count(*) FROM changes");
+    let o = b.ctl(&["unblock", "alice", "--reason", "poison"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert_eq!(pg.psql("SELECT count(*) FROM changes"), changes);
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM users WHERE name = 'alice' AND policy = 'unblocked'"),
+        "0"
+    );
+    assert_eq!(effective(&b, "alice"), Policy::Blocked);
+    assert!(!smtp(&b, ALICE4));
+    pg.psql("DROP TRIGGER poison ON audit");
+    ok(&b, &["unblock", "alice", "--reason", "poison"]);
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM changes")
+            .parse::<u64>()
+            .unwrap(),
+        changes.parse::<u64>().unwrap() + 1
+    );
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM audit WHERE subject = 'alice' AND action = 'unblock'"),
+        "1"
+    );
+    assert_eq!(effective(&b, "alice"), Policy::Unblocked);
+    assert!(smtp(&b, ALICE4));
+}

@@ -376,7 +376,15 @@ impl Fleet {
     /// were pruned (see [`Fleet::state_read`]). One statement reads both, so no prune can slip
     /// between them.
     pub fn log_after(&mut self, mark: i64) -> Result<Log> {
-        let read = self.run_prepared(move |c, st| async move { read_log(&c, &st, mark).await })?;
+        let read = self
+            .run_prepared(move |c, st| async move { read_log(&c, &st, mark).await })
+            .inspect_err(|_| {
+                // The read is a statement prepared at connect: one the server can no longer
+                // run (its columns' types changed: "cached plan must not change result
+                // type") fails on every call until the connection is new, and the follower
+                // would never again see a change made elsewhere.
+                self.drop_connection();
+            })?;
         self.log_state(mark, read)
     }
 

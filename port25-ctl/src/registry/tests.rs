@@ -790,3 +790,74 @@ fn user_ids_dense_and_sparse() {
         "no users"
     );
 }
+
+/// A sync's bulk writes go by multi-row statements of 100 rows: around that size (none,
+/// one, a full statement, a full one and one row, a short last statement) every session,
+/// address (in its order), user, event and audit row is written once, audit ids follow the
+/// list, and the kept counts equal the rows.
+#[test]
+fn a_sync_writes_every_row_around_the_statement_size() {
+    let a = actor();
+    let now = t(NOW);
+    for n in [0usize, 1, 99, 100, 101, 250] {
+        let mut d = db();
+        // Every third session has two addresses: the address rows cross 100 elsewhere.
+        let list: Vec<SyncSession> = (0..n)
+            .map(|i| {
+                let mut addrs = vec![p(&format!("100.64.{}.{}/32", i / 200, i % 200))];
+                if i % 3 == 0 {
+                    addrs.push(p(&format!("2001:db8:{i:x}::/56")));
+                }
+                SyncSession {
+                    id: format!("s{i:04}"),
+                    user: format!("u{i:04}"),
+                    addrs,
+                }
+            })
+            .collect();
+        let o = d
+            .run(|tx| session_sync(tx, &a, list.clone(), None, now))
+            .unwrap();
+        assert_eq!((o.added, o.removed, o.changed), (n, 0, 0), "n={n}");
+        let got: Vec<_> = d
+            .sessions()
+            .into_iter()
+            .map(|s| (s.id, s.user, s.addrs))
+            .collect();
+        let want: Vec<_> = list
+            .iter()
+            .map(|s| (s.id.clone(), s.user.clone(), s.addrs.clone()))
+            .collect();
+        assert_eq!(got, want, "n={n}");
+        let tx = d.store.read().unwrap();
+        assert_eq!(tx.users().unwrap().len(), n, "n={n}");
+        let recs = tx.audit(&AuditQuery::default()).unwrap();
+        // A user created and a session up per entry, ids consecutive.
+        assert_eq!(recs.len(), 2 * n, "n={n}");
+        assert!(recs.windows(2).all(|w| w[1].id == w[0].id + 1), "n={n}");
+        for s in &list {
+            assert!(tx.last_event(&s.id).unwrap().is_some(), "n={n} {}", s.id);
+        }
+        drop(tx);
+        let c = d.store.counts(now).unwrap();
+        assert_eq!((c.users, c.sessions), (n as u64, n as u64), "n={n}");
+    }
+}
+
+/// A row refused in the middle of a bulk write (here the 151st of 250 users, already
+/// stored, in the second statement) fails the write, and the transaction left uncommitted
+/// writes nothing.
+#[test]
+fn a_bulk_write_refused_midway_writes_nothing() {
+    let a = actor();
+    let now = t(NOW);
+    let mut d = db();
+    up(&mut d, "u0150", "x", &["100.64.9.9"]).unwrap();
+    let before = d.store.counts(now).unwrap();
+    let users: Vec<User> = (0..250)
+        .map(|i| new_user(&format!("u{i:04}"), &a, now))
+        .collect();
+    assert!(d.run(|tx| tx.insert_users(&users)).is_err());
+    assert_eq!(d.store.read().unwrap().users().unwrap().len(), 1);
+    assert_eq!(d.store.counts(now).unwrap().users, before.users);
+}

@@ -129,7 +129,21 @@ impl Maps for KernelMaps {
     #[inline(always)]
     fn filter_word(&self, index: u32) -> Option<u64> {
         // An array read: the verifier inlines it (bounds check and address, no call).
-        EXBITS.get(index).copied()
+        let mut word = 0u64;
+        let found = match EXBITS.get(index) {
+            Some(w) => {
+                word = *w;
+                true
+            }
+            None => false,
+        };
+        // Through the stack, so the word is defined on both paths. Otherwise LLVM folds a
+        // test like `ready && w != 0` into `!found | (w == 0)`, reading on the not-found
+        // path a register the lookup call clobbered: Linux 6.1 walks that path (it does not
+        // know an array lookup at a constant index in range cannot fail) and refuses the
+        // read ("R1 !read_ok").
+        let word = unsafe { core::ptr::read_volatile(&word) };
+        found.then_some(word)
     }
     #[inline(always)]
     fn now_ns(&self) -> u64 {

@@ -384,7 +384,9 @@ fn datapath_bench() {
 
 /// The blocked path with offender tracking on (the default `abuse:`) against off
 /// (`track_sources: 0`), same programs, same frame, same run. A worm's repeated SYNs from
-/// one source: after the first, each is a lookup and in-place updates.
+/// one source: after the first, each is a lookup and in-place updates. Off, the entry
+/// points hand nothing over and make no tail call, so the ratio is the whole tracking's
+/// cost (the hand-over, the tail call and the tracking program) over the bare verdict.
 fn tracking_bench(ebpf: &mut aya::Ebpf, live: &mut LiveMaps, cfg: &Config, blocked: &[u8]) {
     use port25_ctl::bpf::offenders::write_settings;
     const GOAL: f64 = 1.15;

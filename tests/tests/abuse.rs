@@ -217,3 +217,24 @@ fn an_older_pin_tree_gets_the_abuse_maps_without_a_migration() {
     let top: Top = lab.reply(&["top"]);
     assert_eq!(row(&top, ALICE).attempts, 2, "{top:?}");
 }
+
+/// Tracking switched on by a reload (`track_sources` 0 -> 1, the one change that keeps the
+/// offender map's size): the entry points, which skip the tracking program while it is off,
+/// read the switch per segment, so the next SYN is tracked without a restart.
+#[test]
+fn tracking_switched_on_by_a_reload_tracks_the_next_syn() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("abuse:\n  track_sources: 0\n");
+    lab.start_daemon();
+    syns(&lab, MALLORY, spray(2), 25);
+    let top: Top = lab.reply(&["top"]);
+    assert!(!top.tracking && top.sources.is_empty(), "{top:?}");
+    lab.write_config("abuse:\n  track_sources: 1\n");
+    let out = lab.ctl(&["reload"]);
+    assert!(out.status.success(), "{}", port25_tests::text(&out));
+    syns(&lab, MALLORY, spray(3), 25);
+    let top: Top = lab.reply(&["top"]);
+    assert!(top.tracking, "{top:?}");
+    assert!(row(&top, MALLORY).attempts >= 1, "{top:?}");
+}

@@ -257,3 +257,82 @@ fn counters_roll_over_after_the_window() {
     assert_eq!(e.dests.count_ones(), 1);
     assert!(e.first_ns < e.window_ns);
 }
+
+/// The entry points skip the hand-over and the tail call when tracking is off: the action
+/// must be the one the tracking program gives back when it is on, for a dropped segment
+/// and for one answered with a RST (`action: reject`: XDP_TX, TC_ACT_REDIRECT, the same
+/// answer frame); and tracking switched on in the settings map (a reload, or `abuse:`
+/// edited) is seen by the very next segment.
+#[test]
+fn tracking_off_and_on_give_the_same_action_and_on_takes_effect_at_once() {
+    require_root!();
+    const XDP_TX: u32 = 3;
+    const TC_ACT_SHOT: u32 = 2;
+    const TC_ACT_REDIRECT: u32 = 7;
+    let mut f = fixture("  track_sources: 1024\n");
+    let on = f.live.abuse.as_ref().unwrap().get(&0, 0).unwrap();
+    assert_eq!(on.track, 1);
+    let set_track = |f: &mut Fixture, track: u32| {
+        let abuse = f.live.abuse.as_mut().unwrap();
+        abuse
+            .set(0, port25_common::maps::AbuseSettings { track, ..on }, 0)
+            .unwrap();
+    };
+    let set_reject = |f: &mut Fixture, reject: bool| {
+        let mut s = f.live.settings.get(&0, 0).unwrap();
+        s.flags &= !port25_common::maps::FLAG_REJECT;
+        if reject {
+            s.flags |= port25_common::maps::FLAG_REJECT;
+        }
+        f.live.settings.set(0, s, 0).unwrap();
+    };
+    let syn = |i: u8| Frame::eth().ipv4(SUB, dst(i)).tcp(25).syn().build();
+    let out = |f: &mut Fixture, prog: &str, frame: &[u8]| {
+        let opts = kernel::RunOptions {
+            data_out: true,
+            repeat: 0,
+        };
+        let r = kernel::run(&mut f.ebpf, prog, frame, opts).expect("test run");
+        (r.ret, r.out)
+    };
+    let mut seen = Vec::new();
+    for reject in [false, true] {
+        set_reject(&mut f, reject);
+        for (prog, blocked) in [
+            (PROG_XDP, if reject { XDP_TX } else { XDP_DROP }),
+            (PROG_TC, if reject { TC_ACT_REDIRECT } else { TC_ACT_SHOT }),
+        ] {
+            let frame = syn(1);
+            set_track(&mut f, 0);
+            let off = out(&mut f, prog, &frame);
+            set_track(&mut f, 1);
+            let tracked = out(&mut f, prog, &frame);
+            assert_eq!(off.0, blocked, "{prog} reject={reject}: tracking off");
+            assert_eq!(
+                tracked, off,
+                "{prog} reject={reject}: the same with tracking on"
+            );
+            seen.push((prog, reject, off.0));
+        }
+    }
+    // Off: nothing tracked; switched on: the next segment is.
+    set_reject(&mut f, false);
+    offenders_cleared(&mut f);
+    set_track(&mut f, 0);
+    assert_eq!(run(&mut f, PROG_XDP, &syn(2)), XDP_DROP);
+    assert_eq!(entries(&f), vec![], "tracking off: {seen:?}");
+    set_track(&mut f, 1);
+    assert_eq!(run(&mut f, PROG_XDP, &syn(3)), XDP_DROP);
+    let e = entry(&f, key4(SUB));
+    assert_eq!((e.attempts, &e.last_dst[..4]), (1, &dst(3)[..]));
+}
+
+/// Empties the offender map (the segments before were tracked) and the event ring.
+fn offenders_cleared(f: &mut Fixture) {
+    let keys: Vec<OffenderKey> = entries(f).into_iter().map(|(k, _)| k).collect();
+    let m = &mut f.live.offenders.as_mut().unwrap().0;
+    for k in keys {
+        m.remove(&k).unwrap();
+    }
+    drain(f);
+}

@@ -402,8 +402,8 @@ impl Desired {
         now_wall: jiff::Timestamp,
         now_boot: u64,
     ) -> Result<(Index, Desired)> {
-        let base = Desired::base(cfg, &rows.entries, now_wall, now_boot);
-        Index::build(base, rows, now_wall, now_boot)
+        let (d, entries) = Desired::build_entries(cfg, rows, now_wall, now_boot)?;
+        Ok((entries.index(), d))
     }
 
     /// As [`Desired::build_rows`], with the users' entries in place of the index they make

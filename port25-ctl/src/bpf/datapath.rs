@@ -229,9 +229,14 @@ fn filter_missing(pins: &Pins) -> Option<String> {
 /// by a migration that died, is discarded first). The caller fills them, swaps every link's
 /// program to the returned one, then calls [`commit_staged_maps`].
 pub fn load_staged(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Ebpf> {
+    create_staged(cfg, pins, opts)?.verify()
+}
+
+/// [`load_staged`]'s first half: the staged maps exist and are pinned when it returns.
+pub fn create_staged(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Unverified> {
     let staging = pins.staging();
     discard_staging(pins)?;
-    load_with(cfg, &staging, opts)
+    create_with(cfg, &staging, opts)
 }
 
 fn discard_staging(pins: &Pins) -> Result<()> {
@@ -310,6 +315,42 @@ pub fn load(cfg: &Config, pins: &Pins) -> Result<Ebpf> {
 
 /// [`load`], with the load-time switches.
 pub fn load_with(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Ebpf> {
+    create_with(cfg, pins, opts)?.verify()
+}
+
+/// The object with its maps created (or taken from their pins) and pinned, and its programs
+/// not yet given to the verifier. Verifying is most of a load's time (about a second of
+/// kernel CPU for the three entry points): a start reads or fills the maps meanwhile, on
+/// the other core. Nothing can be attached from here; [`Unverified::verify`] gives the
+/// [`Ebpf`] that can.
+pub struct Unverified {
+    ebpf: Ebpf,
+    opts: LoadOptions,
+}
+
+impl Unverified {
+    /// Verifies and loads every program, and fills the program arrays the entry points
+    /// tail-call: what [`load_with`] returns.
+    pub fn verify(mut self) -> Result<Ebpf> {
+        let ebpf = &mut self.ebpf;
+        program_xdp(ebpf)?
+            .load()
+            .context("verifying the XDP program")?;
+        for p in [PROG_TC, PROG_TC_RAW] {
+            program_tc(ebpf, p)?
+                .load()
+                .with_context(|| format!("verifying the TC program {p}"))?;
+        }
+        set_tracking_programs(ebpf)?;
+        if self.opts.kernel_log {
+            set_klog_programs(ebpf)?;
+        }
+        Ok(self.ebpf)
+    }
+}
+
+/// [`load_with`]'s first half: the maps exist and are pinned when it returns.
+pub fn create_with(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Unverified> {
     pins.prepare()?;
     check_pinned_layouts(pins, &cfg.limits)?;
     let paths: Vec<_> = ALL_MAPS.iter().map(|n| (*n, pins.map(n))).collect();
@@ -323,22 +364,10 @@ pub fn load_with(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Ebpf> {
             loader.map_max_entries(name, cap);
         }
     }
-    let mut ebpf = loader
+    let ebpf = loader
         .load(EBPF_OBJECT)
         .context("loading the eBPF object")?;
-    program_xdp(&mut ebpf)?
-        .load()
-        .context("verifying the XDP program")?;
-    for p in [PROG_TC, PROG_TC_RAW] {
-        program_tc(&mut ebpf, p)?
-            .load()
-            .with_context(|| format!("verifying the TC program {p}"))?;
-    }
-    set_tracking_programs(&mut ebpf)?;
-    if opts.kernel_log {
-        set_klog_programs(&mut ebpf)?;
-    }
-    Ok(ebpf)
+    Ok(Unverified { ebpf, opts })
 }
 
 /// Loads the kernel log's programs into its program arrays. Without them the entry points'

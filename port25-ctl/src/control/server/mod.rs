@@ -20,7 +20,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use aya::Ebpf;
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -138,6 +138,11 @@ pub fn run(config_path: &Path, attach: bool, kernel_log: bool) -> Result<()> {
     rt.block_on(serve(config_path, cfg, attach, kernel_log))
 }
 
+/// A scoped thread's result; its panic goes on in the caller.
+fn join<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
 /// CPU time the calling thread has used, in ms.
 fn thread_cpu_ms() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
@@ -208,25 +213,47 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     let changes = datapath::layout_changes(&pins, &cfg.limits)?;
     let migrating = !changes.is_empty();
     let opts = datapath::LoadOptions { kernel_log };
-    // Two independent halves on two cores: the kernel verifies the programs and the pinned
-    // maps are read (what a restart compares against) while the registry is read and the
-    // desired state built. Neither writes a map.
-    let (loaded, built) = std::thread::scope(|s| {
+    let map_pins = if migrating {
+        pins.staging()
+    } else {
+        pins.clone()
+    };
+    // Three jobs on two cores, none waiting for more than it needs: the kernel verifies the
+    // programs (a second of its CPU), the maps are read once they exist (what a restart
+    // compares against), the registry is read and the desired state built. The maps are
+    // written as soon as the last two are done, while the verifier may still run (a cold
+    // start's million writes overlap it); programs attach only after both.
+    let (loaded, started) = std::thread::scope(|s| {
+        let (created_tx, created_rx) = std::sync::mpsc::channel::<()>();
         let load = s.spawn(|| -> Result<_> {
-            let (ebpf, map_pins) = if migrating {
+            // Owned here: dropped when this thread ends, whatever happens.
+            let created_tx = created_tx;
+            let created = if migrating {
                 warn!(
                     ?changes,
                     "pinned maps differ from this config: migrating to new maps"
                 );
-                (datapath::load_staged(&cfg, &pins, opts)?, pins.staging())
+                datapath::create_staged(&cfg, &pins, opts)?
             } else {
-                (datapath::load_with(&cfg, &pins, opts)?, pins.clone())
+                datapath::create_with(&cfg, &pins, opts)?
             };
-            phase("programs loaded");
-            let live = LiveMaps::open(&map_pins)?;
+            let _ = created_tx.send(());
+            phase("maps created or opened");
+            let ebpf = created.verify()?;
+            phase("programs verified");
+            Ok(ebpf)
+        });
+        let (map_pins, phase) = (&map_pins, &phase);
+        let read = s.spawn(move || -> Result<_> {
+            // Disconnected: the load failed before any map was there; its error is the one
+            // reported.
+            created_rx
+                .recv()
+                .map_err(|_| anyhow!("the maps were not created"))?;
+            let live = LiveMaps::open(map_pins)?;
             let have = policy::read_state(&live)?;
             phase("pinned maps read");
-            Ok((ebpf, live, have))
+            Ok((live, have))
         });
         let built = (|| -> Result<_> {
             let mut wall = Wall::new(&mut store)?;
@@ -238,14 +265,26 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
             phase("desired state built");
             Ok((wall, clock, entries, want))
         })();
-        let loaded = load.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (loaded, built)
+        let read = join(read);
+        let started = (|| -> Result<_> {
+            let (wall, clock, entries, want) = built?;
+            let (mut live, have) = read?;
+            // Policy before programs: a fresh attach never runs on empty maps.
+            policy::check_fits(&live, &want)?;
+            // From what the maps were just read to hold: only the difference is written.
+            let applied = policy::apply_delta(&mut live, &have, &want)?;
+            drop(have);
+            phase("maps applied");
+            // The per-user index is for changes, not for enforcing: made on a core of its
+            // own while the programs are verified and attached; the first change waits for
+            // it.
+            let index = Deferred::spawn(entries, crate::control::testing::index_delay());
+            Ok((live, wall, clock, index, want, applied))
+        })();
+        (join(load), started)
     });
-    let (mut ebpf, mut live, have) = loaded?;
-    let (wall, clock, entries, want) = built?;
-    // The per-user index is for changes, not for enforcing: made on a core of its own while
-    // the maps are written and the programs attached; the first change waits for it.
-    let index = Deferred::spawn(entries, crate::control::testing::index_delay());
+    let mut ebpf = loaded?;
+    let (mut live, wall, clock, index, want, applied) = started?;
     // Read from before the programs attach: their first messages are not lost. Without the
     // flag the programs carry no log code (pruned by the verifier) and nothing is read.
     let klog = if kernel_log {
@@ -258,12 +297,6 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     } else {
         None
     };
-    // Policy before programs: a fresh attach never runs on empty maps.
-    policy::check_fits(&live, &want)?;
-    // From what the maps were just read to hold: only the difference is written.
-    let applied = policy::apply_delta(&mut live, &have, &want)?;
-    drop(have);
-    phase("maps applied");
     info!(writes = applied.writes, "policy applied");
     crate::bpf::offenders::write_settings(&mut live, &cfg.abuse)?;
     let events = match live.events.take() {

@@ -618,13 +618,13 @@ fn a_start_writes_and_compares_many_entries_by_batch() {
     );
 }
 
-/// The per-user index is made after a start has written the maps (the socket answers
+/// The per-user index is made after a start has written the maps (the socket may answer
 /// first): a change sent before it is made waits for it, and leaves the maps exactly as the
 /// same change sent once it is made. (Planned against a missing index, `session down` would
 /// leave the session's entries open.)
 #[test]
 fn a_change_right_after_a_start_gives_the_maps_of_one_made_later() {
-    use port25_ctl::{bpf::livemaps::LiveMaps, bpf::pins::Pins, control::testing::INDEX_DELAY};
+    use port25_ctl::{bpf::livemaps::LiveMaps, bpf::pins::Pins, control::testing::INDEX_GATE};
     require_root!();
     let mut lab = started(XDP);
     let maps = |lab: &Lab| {
@@ -656,14 +656,38 @@ fn a_change_right_after_a_start_gives_the_maps_of_one_made_later() {
     };
     let log = ("PORT25_LOG", "port25_ctl::policy::index=debug");
 
-    // Early: the index is made 3 s after the maps; the change comes at once.
+    // Early: the index is held until the change is seen waiting for it. No sleep decides
+    // the order: on a slow machine the programs' verification alone can outlast any delay.
     lab.kill9();
-    lab.try_start_daemon_env(&[(INDEX_DELAY, "3000"), log])
+    let waits = "a change waits for the index";
+    let waited_before = lab.daemon_log().matches(waits).count();
+    let gate = lab.dir.join("index.gate");
+    let _ = std::fs::remove_file(&gate);
+    lab.try_start_daemon_env(&[(INDEX_GATE, gate.to_str().unwrap()), log])
         .unwrap();
+    let opener = {
+        let (log_path, gate) = (lab.dir.join("daemon.log"), gate.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let seen = loop {
+                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                if text.matches(waits).count() > waited_before {
+                    break true;
+                }
+                if Instant::now() > deadline {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            // Opened either way: a change that never waited must not hang the test.
+            std::fs::write(&gate, b"").unwrap();
+            seen
+        })
+    };
     let early = change(&lab);
     assert!(
-        lab.daemon_log().contains("a change waits for the index"),
-        "{}",
+        opener.join().unwrap(),
+        "the change did not wait for the index: {}",
         lab.daemon_log()
     );
     undo(&lab);

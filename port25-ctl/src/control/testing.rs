@@ -7,7 +7,7 @@
 //! or move the clock anyway. None opens port 25: a failpoint aborts with the change
 //! committed (the next start applies it; the links keep enforcing from the pins meanwhile),
 //! the clock shift only moves when timed unblocks end, exactly as a wrong system clock
-//! would, which the daemon already guards against (see `Wall`), and the index delay only
+//! would, which the daemon already guards against (see `Wall`), and the index gate only
 //! makes the first change after a full build wait longer.
 
 use anyhow::{Context as _, Result};
@@ -26,17 +26,23 @@ pub const FAILPOINT_AFTER_FLEET_COMMIT: &str = "PORT25_FAILPOINT_AFTER_FLEET_COM
 /// tests use it.
 pub const FAKE_WALL_SHIFT: &str = "PORT25_TEST_WALL_SHIFT_S";
 
-/// Milliseconds the per-user index of a full build is made late (after the maps are written,
-/// see [`crate::policy::index::Deferred`]): the test of a change sent before it is made.
-pub const INDEX_DELAY: &str = "PORT25_TEST_INDEX_DELAY_MS";
+/// A path: the per-user index of a full build (made after the maps are written, see
+/// [`crate::policy::index::Deferred`]) is held until a file is there, for at most a minute.
+/// The test of a change sent before the index is made opens it once the change is seen
+/// waiting: no sleep decides the order, whatever the machine's speed.
+pub const INDEX_GATE: &str = "PORT25_TEST_INDEX_GATE";
 
-/// The delay [`INDEX_DELAY`] asks for (none when unset or not a number).
-pub fn index_delay() -> std::time::Duration {
-    std::env::var(INDEX_DELAY)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map(std::time::Duration::from_millis)
-        .unwrap_or_default()
+/// Holds the index thread while [`INDEX_GATE`] names a path with no file (returns at once
+/// when unset).
+pub fn hold_index() {
+    let Some(gate) = std::env::var_os(INDEX_GATE) else {
+        return;
+    };
+    let gate = std::path::PathBuf::from(gate);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !gate.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// Aborts when [`FAILPOINT_AFTER_COMMIT`] is set.

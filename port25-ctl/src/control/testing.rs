@@ -7,8 +7,11 @@
 //! or move the clock anyway. None opens port 25: a failpoint aborts with the change
 //! committed (the next start applies it; the links keep enforcing from the pins meanwhile),
 //! the clock shift only moves when timed unblocks end, exactly as a wrong system clock
-//! would, which the daemon already guards against (see `Wall`), and the index gate only
-//! makes the first change after a full build wait longer.
+//! would, which the daemon already guards against (see `Wall`). The index gate is the one
+//! that is not harmless if it leaks into a unit file: the first change after every full
+//! build (start, reload, reconcile) waits for it on the daemon's only loop, so link events
+//! (a new device is not enforced until attached), signals and clients wait too, for up to
+//! a minute per build. Never set `PORT25_TEST_*` or `PORT25_FAILPOINT_*` on a router.
 
 use anyhow::{Context as _, Result};
 

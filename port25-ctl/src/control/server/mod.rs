@@ -245,8 +245,8 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
         });
         let (map_pins, phase) = (&map_pins, &phase);
         let read = s.spawn(move || -> Result<_> {
-            // Disconnected: the load failed before any map was there; its error is the one
-            // reported.
+            // Disconnected: the load failed before the maps were all there (some may be
+            // pinned); its error is the one reported.
             created_rx
                 .recv()
                 .map_err(|_| anyhow!("the maps were not created"))?;

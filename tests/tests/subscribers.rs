@@ -668,7 +668,7 @@ fn a_change_right_after_a_start_gives_the_maps_of_one_made_later() {
     let opener = {
         let (log_path, gate) = (lab.dir.join("daemon.log"), gate.clone());
         std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(30);
+            let deadline = Instant::now() + Duration::from_secs(30) * port25_tests::patience();
             let seen = loop {
                 let text = std::fs::read_to_string(&log_path).unwrap_or_default();
                 if text.matches(waits).count() > waited_before {

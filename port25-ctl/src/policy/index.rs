@@ -295,9 +295,9 @@ pub enum Deferred {
 }
 
 impl Deferred {
-    /// Makes the index of `entries` on a thread of its own, once `hold` returns (a test's
-    /// hook, `control::testing::hold_index`).
-    pub fn spawn(entries: Entries, hold: fn()) -> Deferred {
+    /// Makes the index of `entries` on a thread of its own (held back only by a test's
+    /// hook, [`crate::control::testing::hold_index`]).
+    pub fn spawn(entries: Entries) -> Deferred {
         // Handed over once the thread exists: without one, the entries are still here.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Entries>(1);
         let t = std::thread::Builder::new()
@@ -305,7 +305,7 @@ impl Deferred {
             .spawn(move || {
                 // Sent right after the spawn; never an empty index in its place.
                 let entries = rx.recv().expect("the entries follow the spawn");
-                hold();
+                crate::control::testing::hold_index();
                 let t = std::time::Instant::now();
                 let users = entries.users.len();
                 let index = entries.index();

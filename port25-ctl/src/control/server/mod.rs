@@ -278,7 +278,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
             // The per-user index is for changes, not for enforcing: made on a core of its
             // own while the programs are verified and attached; the first change waits for
             // it.
-            let index = Deferred::spawn(entries, crate::control::testing::hold_index);
+            let index = Deferred::spawn(entries);
             Ok((live, wall, clock, index, want, applied))
         })();
         (join(load), started)

@@ -104,7 +104,7 @@ impl Daemon {
             }
         };
         self.applied = want;
-        self.index = Deferred::spawn(entries, crate::control::testing::hold_index);
+        self.index = Deferred::spawn(entries);
         if let Err(e) = crate::bpf::offenders::write_settings(&mut self.live, &new.abuse) {
             error!("the new abuse settings did not reach the kernel: {e:#}");
         }
@@ -145,7 +145,7 @@ impl Daemon {
             desired(&self.cfg, &mut self.store, &self.clock, now).and_then(|(want, entries)| {
                 let a = policy::apply(&mut self.live, &want)?;
                 self.applied = want;
-                self.index = Deferred::spawn(entries, crate::control::testing::hold_index);
+                self.index = Deferred::spawn(entries);
                 Ok(a)
             });
         match result {
@@ -380,7 +380,7 @@ impl Daemon {
             match policy::apply_delta(&mut self.live, &self.applied, &want) {
                 Ok(_) => {
                     self.applied = want;
-                    self.index = Deferred::spawn(entries, crate::control::testing::hold_index);
+                    self.index = Deferred::spawn(entries);
                 }
                 Err(e) => self.apply_failed(e),
             }

@@ -726,3 +726,101 @@ fn a_newer_pinned_layout_is_refused_at_start_and_left_alone() {
     );
     assert_blocked(&lab, "refused start, enforcing from the pins");
 }
+
+/// Every file under `dir` (none when it does not exist).
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                todo.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// A first start (nothing pinned) that fails after its maps exist leaves no pin: its maps
+/// are written while the programs are verified and stamped with this release's layout, which
+/// an older release refuses as newer, so a rollback after a failed upgrade would be stuck
+/// until an offline detach.
+#[test]
+fn a_failed_first_start_leaves_no_pin() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.start_daemon();
+    for (user, a, b, id) in [
+        ("u1", "100.64.1.1", "100.64.1.2", "s1"),
+        ("u2", "100.64.1.3", "100.64.1.4", "s2"),
+    ] {
+        let o = lab.ctl(&["session", "up", user, a, b, "--id", id]);
+        assert!(o.status.success(), "session up {user}: {}", text(&o));
+    }
+    let d = lab.ctl(&["detach"]);
+    assert!(d.status.success(), "detach: {}", text(&d));
+    assert!(
+        lab.wait_daemon_exit(Duration::from_secs(5)),
+        "the daemon exits on detach"
+    );
+    assert_eq!(files_under(&lab.pin_dir), Vec::<std::path::PathBuf>::new());
+    // The registry keeps four session addresses; the maps now have room for three. The
+    // config alone is valid: the start fails only once the maps are created and compared.
+    lab.write_config("limits:\n  exempt_ips: 3\n");
+    let err = lab
+        .try_start_daemon_args(&["daemon", "--attach"], &[])
+        .expect_err("four session addresses cannot fit three entries");
+    assert!(err.contains("map full"), "the error says why: {err}");
+    assert_eq!(
+        files_under(&lab.pin_dir),
+        Vec::<std::path::PathBuf>::new(),
+        "a failed first start leaves no pin under {}",
+        lab.pin_dir.display()
+    );
+    // And the tree is as a later start expects it: with room again, it enforces.
+    lab.write_config("");
+    lab.start_daemon();
+    assert_blocked(&lab, "a start after the failed one");
+}
+
+/// Programs the kernel refuses (a new release on a kernel too old for it; a failpoint here):
+/// a first start leaves no pin; a restart over a running tree leaves its links and maps as
+/// they were, still enforcing, and the start after it (the kernel fixed) takes over.
+#[test]
+fn a_start_whose_programs_are_refused_leaves_the_tree_as_it_found_it() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    let refused = [(port25_ctl::control::testing::FAILPOINT_VERIFY, "1")];
+    let err = lab
+        .try_start_daemon_env(&refused)
+        .expect_err("a start whose programs are refused fails");
+    assert!(err.contains("refused as by the verifier"), "{err}");
+    assert_eq!(
+        files_under(&lab.pin_dir),
+        Vec::<std::path::PathBuf>::new(),
+        "a failed first start leaves no pin under {}",
+        lab.pin_dir.display()
+    );
+
+    lab.start_daemon();
+    lab.kill9();
+    let pins = port25_ctl::bpf::pins::Pins::new(&lab.pin_dir);
+    let before = pin_snapshot(&pins);
+    let err = lab
+        .try_start_daemon_env(&refused)
+        .expect_err("a restart whose programs are refused fails");
+    assert!(err.contains("refused as by the verifier"), "{err}");
+    assert_eq!(
+        pin_snapshot(&pins),
+        before,
+        "the failed restart changed the pins"
+    );
+    assert_blocked(&lab, "after a failed restart, from the pins");
+    lab.start_daemon();
+    assert_blocked(&lab, "the next start");
+}

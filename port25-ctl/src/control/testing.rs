@@ -5,7 +5,8 @@
 //! Why they are safe in production: each acts only when its variable is set in the daemon's
 //! own environment, which only root (or the unit file) controls, and root can kill the daemon
 //! or move the clock anyway. None opens port 25: a failpoint aborts with the change
-//! committed (the next start applies it; the links keep enforcing from the pins meanwhile),
+//! committed (the next start applies it; the links keep enforcing from the pins meanwhile)
+//! or fails a start as an old kernel would (the pinned links keep enforcing),
 //! the clock shift only moves when timed unblocks end, exactly as a wrong system clock
 //! would, which the daemon already guards against (see `Wall`). The index gate is the one
 //! that is not harmless if it leaks into a unit file: the first change after every full
@@ -23,6 +24,10 @@ pub const FAILPOINT_AFTER_COMMIT: &str = "PORT25_FAILPOINT_AFTER_COMMIT";
 /// its first policy change, before the local replica commits it (the replica then learns it
 /// from the log at the next start). The fleet crash test uses it.
 pub const FAILPOINT_AFTER_FLEET_COMMIT: &str = "PORT25_FAILPOINT_AFTER_FLEET_COMMIT";
+
+/// Set: the daemon's start fails where the kernel would refuse its programs (a new release
+/// on a kernel too old for it), after the maps are created. The failed-start tests use it.
+pub const FAILPOINT_VERIFY: &str = "PORT25_FAILPOINT_VERIFY";
 
 /// Seconds added to the system's wall clock as the daemon reads it (negative = a clock
 /// behind real time, as after a boot without RTC before NTP has synced). The clock guard
@@ -60,6 +65,14 @@ pub fn failpoint_after_fleet_commit() {
     if std::env::var_os(FAILPOINT_AFTER_FLEET_COMMIT).is_some() {
         std::process::abort();
     }
+}
+
+/// Err when [`FAILPOINT_VERIFY`] is set.
+pub fn failpoint_verify() -> Result<()> {
+    if std::env::var_os(FAILPOINT_VERIFY).is_some() {
+        anyhow::bail!("{FAILPOINT_VERIFY}: the programs are refused as by the verifier");
+    }
+    Ok(())
 }
 
 /// The shift [`FAKE_WALL_SHIFT`] asks for (zero when unset); Err when it is not a number.

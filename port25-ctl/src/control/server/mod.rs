@@ -20,7 +20,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use aya::Ebpf;
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -223,25 +223,43 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     // compares against), the registry is read and the desired state built. The maps are
     // written as soon as the last two are done, while the verifier may still run (a cold
     // start's million writes overlap it); programs attach only after both.
+    // A first start (no link, no map pinned): if it fails before attaching, it leaves
+    // nothing. Its maps may already be filled and stamped with this version's layout
+    // (they are written while the programs are verified), which an older release would
+    // refuse as newer: a rollback after a failed upgrade must find an empty tree.
+    let first = pins.pinned_links().is_empty()
+        && std::fs::read_dir(pins.maps_dir()).map_or(true, |mut d| d.next().is_none());
+    // Set when the programs fail to load: the maps are then not written (a start that will
+    // exit anyway, e.g. a new release on an old kernel restarted in a loop by systemd,
+    // would otherwise refill a million staged entries each time).
+    let load_failed = std::sync::atomic::AtomicBool::new(false);
     let (loaded, started) = std::thread::scope(|s| {
         let (created_tx, created_rx) = std::sync::mpsc::channel::<()>();
+        let load_failed = &load_failed;
         let load = s.spawn(|| -> Result<_> {
             // Owned here: dropped when this thread ends, whatever happens.
             let created_tx = created_tx;
-            let created = if migrating {
-                warn!(
-                    ?changes,
-                    "pinned maps differ from this config: migrating to new maps"
-                );
-                datapath::create_staged(&cfg, &pins, opts)?
-            } else {
-                datapath::create_with(&cfg, &pins, opts)?
-            };
-            let _ = created_tx.send(());
-            phase("maps created or opened");
-            let ebpf = created.verify()?;
-            phase("programs verified");
-            Ok(ebpf)
+            let r = (|| -> Result<_> {
+                let created = if migrating {
+                    warn!(
+                        ?changes,
+                        "pinned maps differ from this config: migrating to new maps"
+                    );
+                    datapath::create_staged(&cfg, &pins, opts)?
+                } else {
+                    datapath::create_with(&cfg, &pins, opts)?
+                };
+                let _ = created_tx.send(());
+                phase("maps created or opened");
+                crate::control::testing::failpoint_verify()?;
+                let ebpf = created.verify()?;
+                phase("programs verified");
+                Ok(ebpf)
+            })();
+            if r.is_err() {
+                load_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            r
         });
         let (map_pins, phase) = (&map_pins, &phase);
         let read = s.spawn(move || -> Result<_> {
@@ -269,8 +287,17 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
         let started = (|| -> Result<_> {
             let (wall, clock, entries, want) = built?;
             let (mut live, have) = read?;
+            if load_failed.load(std::sync::atomic::Ordering::SeqCst) {
+                bail!("the programs did not load: the maps are left unwritten");
+            }
             // Policy before programs: a fresh attach never runs on empty maps.
             policy::check_fits(&live, &want)?;
+            // A verify that fails after this point leaves these maps rewritten under the
+            // programs already attached (on a restart) or pinned with nothing attached (a
+            // first start removes them below). Safe only because every change in what an
+            // entry means bumps LAYOUT_VERSION: such maps are migrated (staged, new pins),
+            // never rewritten in place under programs of another meaning.
+
             // From what the maps were just read to hold: only the difference is written.
             let applied = policy::apply_delta(&mut live, &have, &want)?;
             drop(have);
@@ -283,6 +310,15 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
         })();
         (join(load), started)
     });
+    if first && (loaded.is_err() || started.is_err()) {
+        if let Err(e) = datapath::detach_all(&pins) {
+            warn!("removing the pins of this failed first start: {e:#}");
+        }
+    }
+    // The load's error is the one returned; the other half's, when both failed, is not lost.
+    if let (Err(_), Err(e)) = (&loaded, &started) {
+        warn!("the start also failed: {e:#}");
+    }
     let mut ebpf = loaded?;
     let (mut live, wall, clock, index, want, applied) = started?;
     // Read from before the programs attach: their first messages are not lost. Without the

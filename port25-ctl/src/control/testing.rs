@@ -4,10 +4,13 @@
 //!
 //! Why they are safe in production: each acts only when its variable is set in the daemon's
 //! own environment, which only root (or the unit file) controls, and root can kill the daemon
-//! or move the clock anyway. None opens port 25: a failpoint aborts with the change
-//! committed (the next start applies it; the links keep enforcing from the pins meanwhile)
-//! or fails a start as an old kernel would (the pinned links keep enforcing),
-//! the clock shift only moves when timed unblocks end, exactly as a wrong system clock
+//! or move the clock anyway. None opens port 25 beyond what the daemon's own absence does:
+//! a failpoint aborts with the change committed (the next start applies it; the links keep
+//! enforcing from the pins meanwhile) or fails every start as an old kernel would (a running
+//! tree keeps enforcing from its pins, timed unblocks ending in the kernel, but with no
+//! daemon sessions are not followed and no change is applied; a router with no tree is not
+//! enforcing at all); the clock shift
+//! only moves when timed unblocks end, exactly as a wrong system clock
 //! would, which the daemon already guards against (see `Wall`). The index gate is the one
 //! that is not harmless if it leaks into a unit file: the first change after every full
 //! build (start, reload, reconcile) waits for it on the daemon's only loop, so link events
@@ -25,8 +28,9 @@ pub const FAILPOINT_AFTER_COMMIT: &str = "PORT25_FAILPOINT_AFTER_COMMIT";
 /// from the log at the next start). The fleet crash test uses it.
 pub const FAILPOINT_AFTER_FLEET_COMMIT: &str = "PORT25_FAILPOINT_AFTER_FLEET_COMMIT";
 
-/// Set: the daemon's start fails where the kernel would refuse its programs (a new release
-/// on a kernel too old for it), after the maps are created. The failed-start tests use it.
+/// Set (to anything, even 0): the daemon's start fails where the kernel would refuse its
+/// programs (a new release on a kernel too old for it), after the maps are created. The
+/// failed-start tests use it.
 pub const FAILPOINT_VERIFY: &str = "PORT25_FAILPOINT_VERIFY";
 
 /// Seconds added to the system's wall clock as the daemon reads it (negative = a clock

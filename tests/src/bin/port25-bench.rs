@@ -804,7 +804,11 @@ fn ctl_bench() {
         n99 <= Duration::from_millis(5),
     );
     // With PORT25_LOG=port25_ctl::control::server=debug: where each start's time went.
-    for l in lab.daemon_log().lines().filter(|l| l.contains("start: ")) {
+    for l in lab
+        .daemon_log()
+        .lines()
+        .filter(|l| l.contains("start: ") || l.contains("registry read"))
+    {
         println!("  daemon: {}", l.split_once(" DEBUG ").map_or(l, |x| x.1));
     }
     lab.kill9();

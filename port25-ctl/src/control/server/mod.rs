@@ -20,7 +20,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::Result;
 use aya::Ebpf;
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -143,6 +143,25 @@ fn join<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
     h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
+/// What the read half and the apply of a start fail with once the load half has failed:
+/// a consequence, not an error of their own (the load's error is the one reported).
+#[derive(Debug, thiserror::Error)]
+#[error("the programs did not load: the maps are left unwritten")]
+struct LoadFailed;
+
+/// A start that fails before anything is attached leaves nothing behind: its maps may be
+/// filled and stamped with this release's layout (they are written while the programs are
+/// verified), which an older release refuses as newer, so a rollback after a failed upgrade
+/// would meet them. A tree with any link (from before, or attached now on another
+/// interface) keeps it and its maps: they enforce.
+fn leave_nothing_unattached(pins: &Pins) {
+    if pins.pinned_links().is_empty() {
+        if let Err(e) = datapath::detach_all(pins) {
+            warn!("removing the pins of this failed start: {e:#}");
+        }
+    }
+}
+
 /// CPU time the calling thread has used, in ms.
 fn thread_cpu_ms() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
@@ -223,15 +242,10 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     // compares against), the registry is read and the desired state built. The maps are
     // written as soon as the last two are done, while the verifier may still run (a cold
     // start's million writes overlap it); programs attach only after both.
-    // A first start (no link, no map pinned): if it fails before attaching, it leaves
-    // nothing. Its maps may already be filled and stamped with this version's layout
-    // (they are written while the programs are verified), which an older release would
-    // refuse as newer: a rollback after a failed upgrade must find an empty tree.
-    let first = pins.pinned_links().is_empty()
-        && std::fs::read_dir(pins.maps_dir()).map_or(true, |mut d| d.next().is_none());
     // Set when the programs fail to load: the maps are then not written (a start that will
     // exit anyway, e.g. a new release on an old kernel restarted in a loop by systemd,
-    // would otherwise refill a million staged entries each time).
+    // would otherwise refill a million staged entries each time). Best effort: a verifier
+    // that refuses late, once the writes have begun, does not stop them.
     let load_failed = std::sync::atomic::AtomicBool::new(false);
     let (loaded, started) = std::thread::scope(|s| {
         let (created_tx, created_rx) = std::sync::mpsc::channel::<()>();
@@ -265,9 +279,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
         let read = s.spawn(move || -> Result<_> {
             // Disconnected: the load failed before the maps were all there (some may be
             // pinned); its error is the one reported.
-            created_rx
-                .recv()
-                .map_err(|_| anyhow!("the maps were not created"))?;
+            created_rx.recv().map_err(|_| LoadFailed)?;
             let live = LiveMaps::open(map_pins)?;
             let have = policy::read_state(&live)?;
             phase("pinned maps read");
@@ -288,7 +300,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
             let (wall, clock, entries, want) = built?;
             let (mut live, have) = read?;
             if load_failed.load(std::sync::atomic::Ordering::SeqCst) {
-                bail!("the programs did not load: the maps are left unwritten");
+                return Err(LoadFailed.into());
             }
             // Policy before programs: a fresh attach never runs on empty maps.
             policy::check_fits(&live, &want)?;
@@ -310,35 +322,38 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
         })();
         (join(load), started)
     });
-    if first && (loaded.is_err() || started.is_err()) {
-        if let Err(e) = datapath::detach_all(&pins) {
-            warn!("removing the pins of this failed first start: {e:#}");
+    // The load's error is the one returned; the other half's, when both failed on their
+    // own, is not lost.
+    if let (Err(_), Err(e)) = (&loaded, &started) {
+        if !e.is::<LoadFailed>() {
+            warn!("the start failed here too: {e:#}");
         }
     }
-    // The load's error is the one returned; the other half's, when both failed, is not lost.
-    if let (Err(_), Err(e)) = (&loaded, &started) {
-        warn!("the start also failed: {e:#}");
-    }
-    let mut ebpf = loaded?;
-    let (mut live, wall, clock, index, want, applied) = started?;
-    // Read from before the programs attach: their first messages are not lost. Without the
-    // flag the programs carry no log code (pruned by the verifier) and nothing is read.
-    let klog = if kernel_log {
-        let task = crate::bpf::klog::start(&mut ebpf)?;
-        info!(
-            log_target = crate::bpf::klog::TARGET,
-            "kernel debug messages on (--kernel-log)"
-        );
-        Some(task)
-    } else {
-        None
-    };
-    info!(writes = applied.writes, "policy applied");
-    crate::bpf::offenders::write_settings(&mut live, &cfg.abuse)?;
-    let events = match live.events.take() {
-        Some(ring) if cfg.abuse.track_sources > 0 => Some(Events::open(ring.0)?),
-        _ => None,
-    };
+    let prepared = (|| -> Result<_> {
+        let mut ebpf = loaded?;
+        let (mut live, wall, clock, index, want, applied) = started?;
+        // Read from before the programs attach: their first messages are not lost. Without
+        // the flag the programs carry no log code (pruned by the verifier) and nothing is read.
+        let klog = if kernel_log {
+            let task = crate::bpf::klog::start(&mut ebpf)?;
+            info!(
+                log_target = crate::bpf::klog::TARGET,
+                "kernel debug messages on (--kernel-log)"
+            );
+            Some(task)
+        } else {
+            None
+        };
+        info!(writes = applied.writes, "policy applied");
+        crate::bpf::offenders::write_settings(&mut live, &cfg.abuse)?;
+        let events = match live.events.take() {
+            Some(ring) if cfg.abuse.track_sources > 0 => Some(Events::open(ring.0)?),
+            _ => None,
+        };
+        Ok((ebpf, live, wall, clock, index, want, klog, events))
+    })();
+    let (mut ebpf, live, wall, clock, index, want, klog, events) =
+        prepared.inspect_err(|_| leave_nothing_unattached(&pins))?;
     // Interfaces coming and going (a re-created one leaves its pinned link dead), and TC
     // filters removed by another tool: repair at once rather than at the next reconcile.
     // Subscribed before the devices are listed: one created in between is in the queue.
@@ -368,13 +383,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
             }
             Err(e) => {
                 let busy = format!("{e:#}").contains("busy");
-                // A start that attached nothing leaves nothing behind; a tree with any link
-                // (from before, or attached now on another interface) keeps it and its maps.
-                if pins.pinned_links().is_empty() {
-                    if let Err(e2) = datapath::detach_all(&pins) {
-                        warn!("removing the pins of this failed first start: {e2:#}");
-                    }
-                }
+                leave_nothing_unattached(&pins);
                 let e = e.context(format!("attaching {}", iface.attach_point()));
                 return Err(if busy {
                     e.context(format!(
@@ -596,10 +605,11 @@ fn desired(
     let rows = store.read()?.map_rows()?;
     debug!(
         ms = t.elapsed().as_millis() as u64,
+        thread_cpu_ms = thread_cpu_ms(),
         users = rows.users.len(),
         addrs = rows.addrs.len(),
         bindings = rows.bound.len(),
-        "registry read"
+        "full build: registry read"
     );
     let (wall, boot) = clock.at(now);
     Desired::build_entries(cfg, rows, wall, boot)

@@ -407,6 +407,19 @@ impl Lab {
         ports: &'static [u16],
         stop: Arc<std::sync::atomic::AtomicBool>,
     ) -> std::thread::JoinHandle<u32> {
+        self.syn_probe_counted(src, dst, ports, stop, Arc::default())
+    }
+
+    /// As [`Lab::syn_probe`], counting the rounds done so far in `done` (a test waits for
+    /// rounds sent, not for a time that a slow VM may not fill).
+    pub fn syn_probe_counted(
+        &self,
+        src: IpAddr,
+        dst: IpAddr,
+        ports: &'static [u16],
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        done: Arc<std::sync::atomic::AtomicU32>,
+    ) -> std::thread::JoinHandle<u32> {
         let path = format!("/run/netns/{}", self.sub);
         std::thread::spawn(move || {
             let file = File::open(&path).expect("netns");
@@ -425,6 +438,7 @@ impl Lab {
                     let _ = s.connect(&SocketAddr::new(dst, port).into());
                 }
                 rounds += 1;
+                done.store(rounds, std::sync::atomic::Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(20));
             }
             rounds

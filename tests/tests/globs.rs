@@ -253,13 +253,29 @@ fn zero_syns_to_25_cross_a_new_device() {
         create(&lab, n);
         bring_up(&lab, n);
         let stop = Arc::new(AtomicBool::new(false));
-        let probe = lab.syn_probe(src(n), lab::v4().ext, &[25, 587], stop.clone());
+        let done = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let probe = lab.syn_probe_counted(
+            src(n),
+            lab::v4().ext,
+            &[25, 587],
+            stop.clone(),
+            done.clone(),
+        );
         let took = watch.join().unwrap();
         assert!(took.is_some(), "g{n} attached: {}", lab.daemon_log());
         reaction.push(took.unwrap());
-        std::thread::sleep(Duration::from_millis(150));
+        // Rounds sent across the attach, however slow the machine (a fixed 150 ms left a
+        // loaded VM with two): the far side's count of 0 SYNs to 25 then means something.
+        let seen = done.load(std::sync::atomic::Ordering::Relaxed);
+        let enough = wait(Duration::from_secs(5) * port25_tests::patience(), || {
+            done.load(std::sync::atomic::Ordering::Relaxed) >= seen + 3
+        });
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        assert!(probe.join().unwrap() > 2);
+        let rounds = probe.join().unwrap();
+        assert!(
+            enough.is_some() && rounds > 2,
+            "g{n}: the probe sent {rounds} rounds"
+        );
         ip(&lab.rtr, &format!("link del g{n}"));
     }
     std::thread::sleep(Duration::from_millis(100));

@@ -72,6 +72,16 @@ impl Pins {
         v
     }
 
+    /// Whether the links directory holds anything at all (a half-written record of a crash
+    /// included); Err when it cannot be read: a caller about to remove the tree keeps it.
+    pub fn any_link_entry(&self) -> std::io::Result<bool> {
+        match fs::read_dir(self.links_dir()) {
+            Ok(mut d) => Ok(d.next().transpose()?.is_some()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn exists(&self) -> bool {
         self.maps_dir().exists()
     }
@@ -153,5 +163,29 @@ pub fn private_mount_namespace() -> bool {
     ) {
         (Ok(a), Ok(b)) => a.ino() != b.ino() || a.dev() != b.dev(),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed start removes the tree only on `Ok(false)`: an unreadable links directory
+    /// must say so, not pass for an empty one.
+    #[test]
+    fn any_link_entry_tells_empty_from_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = Pins::new(&dir.path().join("p25"));
+        assert!(!pins.any_link_entry().unwrap(), "no tree yet: no link");
+        fs::create_dir_all(pins.links_dir()).unwrap();
+        assert!(!pins.any_link_entry().unwrap(), "an empty links directory");
+        // A half-written record (a crash between the filter and its rename) counts.
+        fs::write(pins.links_dir().join(format!("{TMP_PREFIX}x")), b"").unwrap();
+        assert!(pins.any_link_entry().unwrap(), "a temporary record");
+        assert!(pins.pinned_links().is_empty(), "which is not a pinned link");
+        fs::remove_dir_all(pins.links_dir()).unwrap();
+        // Not a directory: read_dir fails, as it would on a bpffs that cannot be read.
+        fs::write(pins.links_dir(), b"").unwrap();
+        assert!(pins.any_link_entry().is_err(), "unreadable is not empty");
     }
 }

@@ -154,11 +154,19 @@ struct LoadFailed;
 /// verified), which an older release refuses as newer, so a rollback after a failed upgrade
 /// would meet them. A tree with any link (from before, or attached now on another
 /// interface) keeps it and its maps: they enforce.
+/// A links directory that cannot be read counts as holding links: the tree is kept.
 fn leave_nothing_unattached(pins: &Pins) {
-    if pins.pinned_links().is_empty() {
-        if let Err(e) = datapath::detach_all(pins) {
-            warn!("removing the pins of this failed start: {e:#}");
+    match pins.any_link_entry() {
+        Ok(false) => {
+            if let Err(e) = datapath::detach_all(pins) {
+                warn!("removing the pins of this failed start: {e:#}");
+            }
         }
+        Ok(true) => {}
+        Err(e) => warn!(
+            "the pins of this failed start are kept: {} cannot be read ({e})",
+            pins.links_dir().display()
+        ),
     }
 }
 
@@ -263,9 +271,15 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
                 } else {
                     datapath::create_with(&cfg, &pins, opts)?
                 };
+                // The test's refusal is known before the maps are read: like a kernel that
+                // refuses at once, the apply then never starts.
+                let refused = crate::control::testing::failpoint_verify();
+                if refused.is_err() {
+                    load_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 let _ = created_tx.send(());
                 phase("maps created or opened");
-                crate::control::testing::failpoint_verify()?;
+                refused?;
                 let ebpf = created.verify()?;
                 phase("programs verified");
                 Ok(ebpf)
@@ -305,8 +319,8 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
             // Policy before programs: a fresh attach never runs on empty maps.
             policy::check_fits(&live, &want)?;
             // A verify that fails after this point leaves these maps rewritten under the
-            // programs already attached (on a restart) or pinned with nothing attached (a
-            // first start removes them below). Safe only because every change in what an
+            // programs already attached (on a restart) or pinned with nothing attached (then
+            // removed below). Safe only because every change in what an
             // entry means bumps LAYOUT_VERSION: such maps are migrated (staged, new pins),
             // never rewritten in place under programs of another meaning.
 

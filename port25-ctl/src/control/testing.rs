@@ -9,9 +9,8 @@
 //! enforcing from the pins meanwhile) or fails every start as an old kernel would (a running
 //! tree keeps enforcing from its pins, timed unblocks ending in the kernel, but with no
 //! daemon sessions are not followed and no change is applied; a router with no tree is not
-//! enforcing at all); the clock shift
-//! only moves when timed unblocks end, exactly as a wrong system clock
-//! would, which the daemon already guards against (see `Wall`). The index gate is the one
+//! enforcing at all); the clock shift only moves when timed unblocks end, exactly as a
+//! wrong system clock would, which the daemon already guards against (see `Wall`). The index gate is the one
 //! that is not harmless if it leaks into a unit file: the first change after every full
 //! build (start, reload, reconcile) waits for it on the daemon's only loop, so link events
 //! (a new device is not enforced until attached), signals and clients wait too, for up to

@@ -274,6 +274,7 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
                 // The test's refusal is known before the maps are read: like a kernel that
                 // refuses at once, the apply then never starts.
                 let refused = crate::control::testing::failpoint_verify();
+                // Raised again below for every failure; here only to come before the send.
                 if refused.is_err() {
                     load_failed.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
@@ -320,10 +321,9 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
             policy::check_fits(&live, &want)?;
             // A verify that fails after this point leaves these maps rewritten under the
             // programs already attached (on a restart) or pinned with nothing attached (then
-            // removed below). Safe only because every change in what an
-            // entry means bumps LAYOUT_VERSION: such maps are migrated (staged, new pins),
-            // never rewritten in place under programs of another meaning.
-
+            // removed below). Safe only because every change in what an entry means bumps
+            // LAYOUT_VERSION: such maps are migrated (staged, new pins), never rewritten in
+            // place under programs of another meaning.
             // From what the maps were just read to hold: only the difference is written.
             let applied = policy::apply_delta(&mut live, &have, &want)?;
             drop(have);

@@ -24,10 +24,8 @@ pub fn mask<const N: usize>(addr: [u8; N], len: u32) -> [u8; N] {
         let start = (i as u32) * 8;
         let keep = if len >= start + 8 {
             8
-        } else if len > start {
-            len - start
         } else {
-            0
+            len.saturating_sub(start)
         };
         // keep is 0..=8; a u16 shift avoids the 8-bit overflow at keep == 0.
         let m = ((0xff00u16 >> keep) & 0xff) as u8;

@@ -775,7 +775,10 @@ fn a_failed_first_start_leaves_no_pin() {
     let err = lab
         .try_start_daemon_args(&["daemon", "--attach"], &[])
         .expect_err("four session addresses cannot fit three entries");
-    assert!(err.contains("map full"), "the error says why: {err}");
+    assert!(
+        err.contains("map full; raise limits.exempt_ips"),
+        "the error says why, and which key to raise: {err}"
+    );
     assert_eq!(
         files_under(&lab.pin_dir),
         Vec::<std::path::PathBuf>::new(),

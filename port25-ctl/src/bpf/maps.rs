@@ -57,24 +57,24 @@ macro_rules! map_list {
             policy {
             Restrict {
                 ports: PORTS = Arr<u8>, Fixed(port25_common::maps::PORTS_ENTRIES);
-                ranges4: RANGES4 = Trie<[u8; 4], u8>, Limit(|l| l.subscriber_ranges);
-                ranges6: RANGES6 = Trie<[u8; 16], u8>, Limit(|l| l.subscriber_ranges);
+                ranges4: RANGES4 = Trie<[u8; 4], u8>, Limit("limits.subscriber_ranges", |l| l.subscriber_ranges);
+                ranges6: RANGES6 = Trie<[u8; 16], u8>, Limit("limits.subscriber_ranges", |l| l.subscriber_ranges);
             }
             Allow {
-                mail4: MAIL4 = Trie<[u8; 4], u8>, Limit(|l| l.mail_servers);
-                mail6: MAIL6 = Trie<[u8; 16], u8>, Limit(|l| l.mail_servers);
-                exip4: EXIP4 = Hash<[u8; 4], Exempt>, Limit(|l| l.exempt_ips), Ip4;
-                exip6: EXIP6 = Hash<[u8; 16], Exempt>, Limit(|l| l.exempt_ips), Ip6;
-                expfx4: EXPFX4 = Trie<[u8; 4], Exempt>, Limit(|l| l.exempt_prefixes), Pfx4;
-                expfx6: EXPFX6 = Trie<[u8; 16], Exempt>, Limit(|l| l.exempt_prefixes), Pfx6;
-                exnet6: EXNET6 = Hash<NetKey6, Exempt>, Limit(|l| l.session_prefixes), Net6;
+                mail4: MAIL4 = Trie<[u8; 4], u8>, Limit("limits.mail_servers", |l| l.mail_servers);
+                mail6: MAIL6 = Trie<[u8; 16], u8>, Limit("limits.mail_servers", |l| l.mail_servers);
+                exip4: EXIP4 = Hash<[u8; 4], Exempt>, Limit("limits.exempt_ips", |l| l.exempt_ips), Ip4;
+                exip6: EXIP6 = Hash<[u8; 16], Exempt>, Limit("limits.exempt_ips", |l| l.exempt_ips), Ip6;
+                expfx4: EXPFX4 = Trie<[u8; 4], Exempt>, Limit("limits.exempt_prefixes", |l| l.exempt_prefixes), Pfx4;
+                expfx6: EXPFX6 = Trie<[u8; 16], Exempt>, Limit("limits.exempt_prefixes", |l| l.exempt_prefixes), Pfx6;
+                exnet6: EXNET6 = Hash<NetKey6, Exempt>, Limit("limits.session_prefixes", |l| l.session_prefixes), Net6;
             }
             }
             counters: COUNTERS = PerCpu<u64>, Fixed(port25_common::NUM_REASONS);
             abuse {
                 abuse: ABUSE = Arr<AbuseSettings>, Fixed(1);
                 // At least 1: the kernel cannot create an empty map; 0 (off) is said in ABUSE.
-                offenders: OFFENDERS = Lru<OffenderKey, Offender>, Limit(|l| l.track_sources.max(1));
+                offenders: OFFENDERS = Lru<OffenderKey, Offender>, Limit("abuse.track_sources", |l| l.track_sources.max(1));
                 events: EVENTS = Ring, Fixed(port25_common::maps::EVENTS_BYTES);
                 // Pinned so the tracking goes on while the daemon is down (a program array
                 // is emptied when no file or pin holds it); each load sets its programs.
@@ -121,8 +121,9 @@ pub enum Stage {
 pub enum Capacity {
     /// Set by the kernel declaration; the config cannot change it.
     Fixed(u32),
-    /// Set at load from a field of the config's `limits`.
-    Limit(fn(&Limits) -> u32),
+    /// Set at load from a field of the config (its key, as an operator writes it, and how
+    /// to read it): the key is what a "map full" error tells the operator to raise.
+    Limit(&'static str, fn(&Limits) -> u32),
 }
 
 /// One entry of the list, as data.
@@ -287,7 +288,7 @@ pub fn def_of(name: &str) -> Option<&'static MapDef> {
 /// The capacity the config asks for, for the maps whose size it sets.
 pub fn capacity(name: &str, l: &Limits) -> Option<u32> {
     match def_of(name)?.capacity {
-        Capacity::Limit(f) => Some(f(l)),
+        Capacity::Limit(_, f) => Some(f(l)),
         Capacity::Fixed(_) => None,
     }
 }
@@ -297,10 +298,15 @@ pub fn capacity(name: &str, l: &Limits) -> Option<u32> {
 /// write, so a full map fails the whole change and nothing is half applied.
 pub fn fits(name: &str, n: usize, cap: u32) -> Result<()> {
     if n > cap as usize {
+        let raise = match def_of(name).map(|d| d.capacity) {
+            Some(Capacity::Limit(key, _)) => format!("; raise {key}"),
+            _ => String::new(),
+        };
         return Err(MapFull {
             name: name.to_string(),
             n,
             cap,
+            raise,
         }
         .into());
     }
@@ -310,11 +316,13 @@ pub fn fits(name: &str, n: usize, cap: u32) -> Result<()> {
 /// What [`fits`] refuses: typed, so the control socket answers it as a refusal (the same
 /// change fails again until the config's `limits` grow), not as the daemon failing.
 #[derive(Debug, thiserror::Error)]
-#[error("{name}: {n} entries do not fit its capacity of {cap} (map full); nothing was changed")]
+#[error("{name}: {n} entries do not fit its capacity of {cap} (map full{raise}); nothing was changed")]
 pub struct MapFull {
     pub name: String,
     pub n: usize,
     pub cap: u32,
+    /// "; raise limits.KEY" for a map the config sizes, empty for a fixed one.
+    pub raise: String,
 }
 
 #[cfg(test)]
@@ -364,7 +372,7 @@ mod tests {
             let map = &obj.maps[d.name];
             let max_entries = match d.capacity {
                 Capacity::Fixed(n) => n,
-                Capacity::Limit(f) => f(&defaults),
+                Capacity::Limit(_, f) => f(&defaults),
             };
             let have = (
                 map.map_type(),
@@ -412,7 +420,7 @@ mod tests {
             let info = map_data(map).info().expect("map info");
             let max_entries = match d.capacity {
                 Capacity::Fixed(n) => n,
-                Capacity::Limit(f) => f(&defaults),
+                Capacity::Limit(_, f) => f(&defaults),
             };
             let have = (
                 info.map_type().map(|t| t as u32).expect("known map type"),
@@ -452,5 +460,12 @@ mod tests {
         assert!(fits("X", 7, 7).is_ok());
         let e = fits("X", 8, 7).unwrap_err().to_string();
         assert!(e.contains("map full"), "{e}");
+        // A map the config sizes names the key to raise; a fixed one has none to name.
+        let e = fits(port25_common::maps::EXIP4, 8, 7).unwrap_err().to_string();
+        assert!(e.contains("(map full; raise limits.exempt_ips)"), "{e}");
+        let e = fits(port25_common::maps::OFFENDERS, 8, 7).unwrap_err().to_string();
+        assert!(e.contains("raise abuse.track_sources"), "{e}");
+        let e = fits(port25_common::maps::PORTS, 70000, 65536).unwrap_err().to_string();
+        assert!(e.contains("(map full); nothing"), "{e}");
     }
 }

@@ -254,7 +254,7 @@ impl Sources {
         for d in MAPS.iter().filter(|d| d.stage != Stage::Other) {
             let cap = match d.capacity {
                 Capacity::Fixed(n) => n,
-                Capacity::Limit(f) => f(&cfg.limits),
+                Capacity::Limit(_, f) => f(&cfg.limits),
             };
             capacity
                 .get_or_create(&MapLabels { map: d.name })

@@ -316,7 +316,9 @@ pub fn fits(name: &str, n: usize, cap: u32) -> Result<()> {
 /// What [`fits`] refuses: typed, so the control socket answers it as a refusal (the same
 /// change fails again until the config's `limits` grow), not as the daemon failing.
 #[derive(Debug, thiserror::Error)]
-#[error("{name}: {n} entries do not fit its capacity of {cap} (map full{raise}); nothing was changed")]
+#[error(
+    "{name}: {n} entries do not fit its capacity of {cap} (map full{raise}); nothing was changed"
+)]
 pub struct MapFull {
     pub name: String,
     pub n: usize,
@@ -461,11 +463,17 @@ mod tests {
         let e = fits("X", 8, 7).unwrap_err().to_string();
         assert!(e.contains("map full"), "{e}");
         // A map the config sizes names the key to raise; a fixed one has none to name.
-        let e = fits(port25_common::maps::EXIP4, 8, 7).unwrap_err().to_string();
+        let e = fits(port25_common::maps::EXIP4, 8, 7)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("(map full; raise limits.exempt_ips)"), "{e}");
-        let e = fits(port25_common::maps::OFFENDERS, 8, 7).unwrap_err().to_string();
+        let e = fits(port25_common::maps::OFFENDERS, 8, 7)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("raise abuse.track_sources"), "{e}");
-        let e = fits(port25_common::maps::PORTS, 70000, 65536).unwrap_err().to_string();
+        let e = fits(port25_common::maps::PORTS, 70000, 65536)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("(map full); nothing"), "{e}");
     }
 }

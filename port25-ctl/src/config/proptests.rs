@@ -370,3 +370,50 @@ proptest! {
         prop_assert_eq!(fast, yaml, "{:?}", text);
     }
 }
+
+/// The bytes that matter to a line scan, and ordinary ones around them.
+fn scan_line() -> impl Strategy<Value = String> {
+    let pieces = prop::sample::select(vec![
+        "[",
+        "]",
+        "{",
+        "}",
+        "\"",
+        "'",
+        "''",
+        "\\",
+        "\\\"",
+        "#",
+        " #",
+        " ",
+        "\t",
+        ",",
+        ":",
+        "a",
+        "10.0.0.1/32",
+        "\r",
+        "\u{85}",
+        "\u{2028}",
+        "\u{2029}",
+        "\u{e9}",
+        "\u{2026}",
+        "-",
+    ]);
+    prop::collection::vec(pieces, 0..24).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+    /// The one-pass line scan answers as the two-pass form it replaced, on lines made of
+    /// the bytes either looks at (brackets, both quotes and their escapes, comments, every
+    /// line break YAML knows and `\n` lines do not, other multi-byte characters).
+    #[test]
+    fn line_scan_agrees_with_the_two_pass_form(line in scan_line()) {
+        prop_assert_eq!(
+            closes_what_it_opens(&line),
+            super::tests::closes_what_it_opens_two_pass(&line),
+            "{:?}", line
+        );
+    }
+}

@@ -957,3 +957,87 @@ fn fast_exempt_list_agrees_with_yaml_on_markers_and_odd_lines() {
         }
     }
 }
+
+/// The two-pass form [`closes_what_it_opens`] replaced (a byte class fold over the line, then
+/// the brackets and quotes), kept as the reference the one-pass form must agree with.
+/// Whether `line` closes every flow bracket and quoted scalar it opens (a comment ends it),
+/// and holds no line break YAML sees and `\n` lines do not.
+pub(super) fn closes_what_it_opens_two_pass(line: &str) -> bool {
+    let b = line.as_bytes();
+    let class = b.iter().fold(0, |c, x| c | TWO_PASS_CLASS[*x as usize]);
+    if class == 0 {
+        return true;
+    }
+    // A line break YAML (libyaml) knows inside what `\n` lines take for one line: a bare CR,
+    // NEL, LS or PS. What follows it may be a key of its own.
+    if class & BREAK != 0
+        && (b.contains(&b'\r')
+            || b.windows(2).any(|w| w == [0xc2, 0x85])
+            || b.windows(3)
+                .any(|w| w == [0xe2, 0x80, 0xa8] || w == [0xe2, 0x80, 0xa9]))
+    {
+        return false;
+    }
+    if class & OPENS == 0 {
+        return true;
+    }
+    let (mut depth, mut i) = (0i32, 0);
+    while i < b.len() {
+        match b[i] {
+            b'"' => loop {
+                i += 1;
+                match b.get(i) {
+                    None => return false,
+                    Some(b'\\') => i += 1,
+                    Some(b'"') => break,
+                    _ => {}
+                }
+            },
+            // Only at the start of a scalar is `'` a quote (`it's` is plain text).
+            b'\'' if i == 0 || matches!(b[i - 1], b' ' | b'\t' | b'[' | b'{' | b',' | b':') => {
+                loop {
+                    i += 1;
+                    match b.get(i) {
+                        None => return false,
+                        Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 1,
+                        Some(b'\'') => break,
+                        _ => {}
+                    }
+                }
+            }
+            b'#' if i == 0 || matches!(b[i - 1], b' ' | b'\t') => break,
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    depth == 0
+}
+
+/// `TWO_PASS_CLASS` of the bytes that may open or close something across lines: brackets, quotes.
+const OPENS: u8 = 1;
+/// `TWO_PASS_CLASS` of the bytes that may start a line break other than `\n`: CR, and the first
+/// bytes of NEL, LS and PS.
+const BREAK: u8 = 2;
+/// What a byte may mean to the two-pass form (one table, one pass over a line).
+const TWO_PASS_CLASS: [u8; 256] = {
+    let mut t = [0; 256];
+    let (opens, breaks) = (b"[]{}\"'", b"\r\xc2\xe2");
+    let mut i = 0;
+    while i < opens.len() {
+        t[opens[i] as usize] = OPENS;
+        i += 1;
+    }
+    i = 0;
+    while i < breaks.len() {
+        t[breaks[i] as usize] = BREAK;
+        i += 1;
+    }
+    t
+};

@@ -707,3 +707,96 @@ fn a_change_right_after_a_start_gives_the_maps_of_one_made_later() {
         "a change before the index is made and one after"
     );
 }
+
+/// A reconcile's build runs off the daemon's loop (at a million sessions it takes seconds):
+/// changes made while it runs are answered at once, and the build, once applied, undoes none
+/// of them. Built before them, it would open port 25 again to a user blocked meanwhile and
+/// close it to one unblocked meanwhile; it is brought up to date with them instead. The
+/// build is held by a test gate once it has read the maps and the registry, so the changes
+/// surely come after its reads, whatever the machine's speed.
+#[test]
+fn changes_made_while_a_reconcile_builds_are_kept() {
+    use port25_ctl::{bpf::livemaps::LiveMaps, bpf::pins::Pins, control::testing::REBUILD_GATE};
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.write_config("reconcile_interval: 1s\n");
+    lab.start_daemon();
+    let maps = |lab: &Lab| {
+        port25_ctl::policy::read_state(&LiveMaps::open(&Pins::new(&lab.pin_dir)).unwrap()).unwrap()
+    };
+    // alice unblocked (two sessions), bob blocked, carol unblocked (bob's /56 as hers).
+    ok(&lab, &["session", "up", "alice", ALICE4, "--id", "42"]);
+    ok(&lab, &["session", "up", "alice", ALICE_PD, "--id", "45"]);
+    ok(&lab, &["unblock", "alice"]);
+    ok(&lab, &["session", "up", "bob", BOB4, "--id", "43"]);
+    ok(&lab, &["session", "up", "carol", BOB_PD, "--id", "44"]);
+    ok(&lab, &["unblock", "carol"]);
+    assert!(smtp(&lab, ALICE4) && smtp(&lab, ALICE6));
+    assert!(!smtp(&lab, BOB4) && smtp(&lab, BOB6));
+
+    // Restarted with the gate shut: the first reconcile's build holds after its reads.
+    lab.kill9();
+    let gate = lab.dir.join("rebuild.gate");
+    let held = lab.dir.join("rebuild.gate.held");
+    let _ = std::fs::remove_file(&gate);
+    let _ = std::fs::remove_file(&held);
+    lab.try_start_daemon_env(&[
+        (REBUILD_GATE, gate.to_str().unwrap()),
+        ("PORT25_LOG", "port25_ctl::control::server=debug"),
+    ])
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30) * port25_tests::patience();
+    while !held.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no reconcile build: {}",
+            lab.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The loop answers while the build holds, and each change takes effect at once.
+    ok(&lab, &["block", "carol"]);
+    ok(&lab, &["unblock", "bob"]);
+    ok(&lab, &["session", "down", "--id", "45"]);
+    let check = |lab: &Lab, when: &str| {
+        assert!(!smtp(lab, BOB6), "{when}: carol was blocked");
+        assert!(smtp(lab, BOB4), "{when}: bob was unblocked");
+        assert!(
+            !smtp(lab, ALICE6),
+            "{when}: alice's second session went down"
+        );
+        assert!(
+            smtp(lab, ALICE4),
+            "{when}: alice's first session is still up"
+        );
+    };
+    check(&lab, "while the build holds");
+    let before = maps(&lab);
+
+    // Let the build go: it is applied, brought up to date, and changes nothing.
+    let applied = "reconcile: applied on the loop";
+    std::fs::write(&gate, b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30) * port25_tests::patience();
+    while !lab.daemon_log().contains(applied) {
+        assert!(
+            Instant::now() < deadline,
+            "the build was not applied: {}",
+            lab.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = lab.daemon_log();
+    let line = log.lines().find(|l| l.contains(applied)).unwrap();
+    assert!(
+        line.contains("users=3"),
+        "the three changed users were replayed onto the build: {line}"
+    );
+    assert!(!log.contains("build dropped"), "{log}");
+    assert_eq!(maps(&lab), before, "the applied build undid a change");
+    check(&lab, "once the build is applied");
+    assert!(
+        !log.contains("maps had drifted"),
+        "no change was taken for drift: {log}"
+    );
+}

@@ -43,6 +43,29 @@ pub const FAKE_WALL_SHIFT: &str = "PORT25_TEST_WALL_SHIFT_S";
 /// waiting: no sleep decides the order, whatever the machine's speed.
 pub const INDEX_GATE: &str = "PORT25_TEST_INDEX_GATE";
 
+/// A path: a reconcile's build off the loop (see `control/server/rebuild.rs`), once it has
+/// read the maps and the registry, writes `PATH.held` and waits until a file is at `PATH`,
+/// for at most a minute. The test of changes made while a build runs makes them once the
+/// build is seen holding. Harmless on a router: the loop goes on answering and attaching
+/// meanwhile; only the reconcile's drift repair waits.
+pub const REBUILD_GATE: &str = "PORT25_TEST_REBUILD_GATE";
+
+/// Holds the reconcile's build while [`REBUILD_GATE`] names a path with no file (returns at
+/// once when unset).
+pub fn hold_rebuild() {
+    let Some(gate) = std::env::var_os(REBUILD_GATE) else {
+        return;
+    };
+    let gate = std::path::PathBuf::from(gate);
+    let mut held = gate.clone().into_os_string();
+    held.push(".held");
+    let _ = std::fs::write(&held, b"");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !gate.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Holds the index thread while [`INDEX_GATE`] names a path with no file (returns at once
 /// when unset).
 pub fn hold_index() {

@@ -52,6 +52,9 @@ impl Tx for FleetTx<'_> {
     fn users_unblocked(&self) -> Result<Vec<User>> {
         self.local.users_unblocked()
     }
+    fn users_timed_after(&self, after: jiff::Timestamp) -> Result<Vec<User>> {
+        self.local.users_timed_after(after)
+    }
     fn put_user(&mut self, u: &User) -> Result<()> {
         self.local.put_user(u)?;
         self.rows.push(Row::PutUser { user: u.clone() });

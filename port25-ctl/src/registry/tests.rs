@@ -679,6 +679,41 @@ fn the_narrow_user_reads_equal_filtering_every_user() {
         names(tx.users_unblocked().unwrap()),
         ["b-binding", "c-neither", "e-both"]
     );
+    drop(tx);
+    // Timed unblocks (and a blocked user with an end time left over): the indexed read
+    // returns what filtering every unblocked user by its end time does.
+    let at = |secs: i64| t(NOW) + jiff::SignedDuration::from_secs(secs);
+    let timed = |name: &str, policy, until: i64| User {
+        until: Some(at(until)),
+        ..user(name, policy)
+    };
+    db.run(|tx| {
+        tx.put_user(&timed("f-ended", Policy::Unblocked, -60))?;
+        tx.put_user(&timed("g-now", Policy::Unblocked, 0))?;
+        tx.put_user(&timed("h-later", Policy::Unblocked, 60))?;
+        tx.put_user(&timed("i-blocked", Policy::Blocked, 60))
+    })
+    .unwrap();
+    let tx = db.store.begin().unwrap();
+    for after in [-120, -60, -1, 0, 1, 59, 60, 600] {
+        let after = at(after);
+        let want: Vec<_> = tx
+            .users()
+            .unwrap()
+            .into_iter()
+            .filter(|u| u.policy == Policy::Unblocked && u.until.is_some_and(|e| e > after))
+            .map(|u| u.name)
+            .collect();
+        assert_eq!(
+            names(tx.users_timed_after(after).unwrap()),
+            want,
+            "after {after}"
+        );
+    }
+    assert_eq!(
+        names(tx.users_timed_after(at(-61)).unwrap()),
+        ["f-ended", "g-now", "h-later"]
+    );
 }
 
 /// `status` reads counts kept by triggers instead of a pass over every user: they equal a

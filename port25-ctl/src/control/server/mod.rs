@@ -58,6 +58,7 @@ mod links;
 mod notify;
 mod ops;
 mod reader;
+mod rebuild;
 mod socket;
 mod wall;
 mod writer;
@@ -106,6 +107,13 @@ struct Daemon {
     drift_repaired: u64,
     /// A committed change whose map apply failed: the next tick does a full reconcile.
     dirty: bool,
+    /// A reconcile's build running off the loop, with the changes made since it began.
+    rebuild: Option<rebuild::Rebuild>,
+    /// Builds dropped in a row (a change they could not be brought up to date with); past a
+    /// few, the next reconcile is made on the loop, as before builds ran off it.
+    spoiled_runs: u32,
+    /// A build was dropped: the next second's tick starts another.
+    retry: bool,
     /// The config the reader answers from, replaced on reload.
     cfg_tx: watch::Sender<Arc<Config>>,
     /// The last failure logged per attach point, so link events do not repeat it.
@@ -446,6 +454,9 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
         reconciles: 0,
         drift_repaired: 0,
         dirty: false,
+        rebuild: None,
+        spoiled_runs: 0,
+        retry: false,
         cfg_tx,
         link_errors,
         devices,
@@ -509,8 +520,9 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
                     warn!("checkpointing the registry: {e:#}");
                 }
             }
+            built = rebuild::wait(&mut d.rebuild) => d.rebuilt(built),
             _ = tick.tick() => d.reconcile(),
-            _ = quick.tick(), if d.dirty => d.reconcile(),
+            _ = quick.tick(), if d.dirty || d.retry => d.reconcile(),
             _ = term.recv() => { info!("SIGTERM: exiting; the pinned programs keep enforcing"); break; }
             _ = int.recv() => { info!("SIGINT: exiting; the pinned programs keep enforcing"); break; }
         }

@@ -51,7 +51,7 @@ impl Wall {
         let since = self.noted.unwrap_or(self.floor);
         let mut tx = store.begin()?;
         let ended: Vec<_> = tx
-            .users_unblocked()?
+            .users_timed_after(since)?
             .into_iter()
             .filter(|u| u.until.is_some_and(|t| t > since && t <= now))
             .collect();
@@ -85,7 +85,7 @@ impl Wall {
         }
         let mut tx = store.begin()?;
         let uncertain: Vec<_> = tx
-            .users_unblocked()?
+            .users_timed_after(self.floor)?
             .into_iter()
             .filter(|u| u.until.is_some_and(|t| t > self.floor))
             .collect();

@@ -7,7 +7,11 @@ use anyhow::Result;
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
-use super::{audit_forced_wide, desired, ops, Daemon};
+use super::{
+    audit_forced_wide, desired, ops,
+    rebuild::{Built, Rebuild},
+    Daemon,
+};
 use crate::{
     bpf::datapath,
     config::Config,
@@ -21,6 +25,9 @@ use crate::{
     registry::store::{Recording, Store, Tx},
     registry::Actor,
 };
+
+/// Builds dropped in a row before a reconcile is made on the loop instead.
+const MAX_SPOILED_RUNS: u32 = 3;
 
 /// One request, from a connection task to the writer loop.
 pub(super) struct Job {
@@ -42,6 +49,10 @@ impl Daemon {
     /// back if a later step fails; the maps are restored if writing them fails.
     pub(super) fn reload(&mut self) -> Result<reply::Reloaded> {
         let new = Config::load(&self.config_path)?;
+        // A running reconcile's build read the old config.
+        if let Some(r) = self.rebuild.as_mut() {
+            r.spoil("reload");
+        }
         super::warm_socket_hint(&self.config_path);
         if new.pin_dir != self.cfg.pin_dir
             || new.socket != self.cfg.socket
@@ -125,11 +136,21 @@ impl Daemon {
         })
     }
 
-    /// Full comparison of maps and registry: repairs drift and drops what has expired.
+    /// Full comparison of maps and registry: repairs drift and drops what has expired. The
+    /// build runs off the loop ([`super::rebuild`]) and is applied when it is done
+    /// ([`Daemon::rebuilt`]); one at a time.
     pub(super) fn reconcile(&mut self) {
+        // With PORT25_LOG=port25_ctl::control::server=debug: where a reconcile's time goes
+        // on the loop (which answers nothing meanwhile).
+        let t = std::time::Instant::now();
+        let phase = |what: &str| debug!(ms = t.elapsed().as_millis() as u64, "reconcile: {what}");
+        self.repair_links();
+        if self.rebuild.is_some() {
+            // The running build answers for this tick too.
+            return;
+        }
         self.reconciles += 1;
         self.metrics.reconciles.inc();
-        self.repair_links();
         let now = self.wall.now();
         if self.clock.resync_at(now) {
             warn!("the wall clock stepped: kernel expiry times are recomputed");
@@ -141,13 +162,91 @@ impl Daemon {
             error!("writing the abuse settings failed: {e:#}");
         }
         self.prune_changes();
+        self.retry = false;
+        if self.spoiled_runs < MAX_SPOILED_RUNS {
+            self.rebuild = Some(Rebuild::start(
+                self.cfg_tx.borrow().clone(),
+                self.clock,
+                now,
+            ));
+            phase("build started off the loop");
+            return;
+        }
+        // Builds keep being dropped (changes they cannot be brought up to date with): one
+        // made here, where no change can come between.
+        self.spoiled_runs = 0;
         let result =
             desired(&self.cfg, &mut self.store, &self.clock, now).and_then(|(want, entries)| {
+                phase("desired state built on the loop");
                 let a = policy::apply(&mut self.live, &want)?;
+                phase("maps compared and written");
                 self.applied = want;
                 self.index = Deferred::spawn(entries);
                 Ok(a)
             });
+        self.reconciled(result);
+    }
+
+    /// A reconcile's build is done: brought up to date with the changes made meanwhile, then
+    /// applied from the maps as they now are (see [`super::rebuild`]).
+    pub(super) fn rebuilt(&mut self, built: Result<Built>) {
+        let Some(r) = self.rebuild.take() else {
+            return;
+        };
+        let t = std::time::Instant::now();
+        let built = match (built, r.spoiled) {
+            (Err(e), _) => {
+                error!("reconcile failed: {e:#}");
+                self.retry = self.dirty;
+                return;
+            }
+            (Ok(_), Some(why)) => {
+                self.spoiled_runs += 1;
+                debug!(
+                    why,
+                    runs = self.spoiled_runs,
+                    "reconcile: build dropped, made again"
+                );
+                self.retry = true;
+                return;
+            }
+            (Ok(b), None) => b,
+        };
+        self.spoiled_runs = 0;
+        let Built {
+            mut have,
+            mut want,
+            mut index,
+        } = built;
+        let (users, changes) = (r.users.len(), r.slots.len());
+        let result = (|| {
+            if !r.users.is_empty() {
+                let plan = index.plan(&want, r.users.into_iter().collect())?;
+                index.apply(&mut want, &plan);
+            }
+            // The maps as the loop last wrote them, where it wrote since the build read them.
+            for s in &r.slots {
+                have.set_slot(s, self.applied.slot(s));
+            }
+            if r.settings {
+                have.settings = self.applied.settings;
+            }
+            policy::apply_delta(&mut self.live, &have, &want)
+        })();
+        debug!(
+            ms = t.elapsed().as_millis() as u64,
+            users,
+            slots = changes,
+            "reconcile: applied on the loop, brought up to date with the changes made meanwhile"
+        );
+        if result.is_ok() {
+            self.applied = want;
+            self.index = index.into();
+        }
+        self.reconciled(result);
+    }
+
+    fn reconciled(&mut self, result: Result<policy::Applied>) {
         match result {
             Ok(a) => {
                 if a.writes > 0 && !self.dirty {
@@ -160,7 +259,10 @@ impl Daemon {
                 }
                 self.dirty = false;
             }
-            Err(e) => error!("reconcile failed: {e:#}"),
+            Err(e) => {
+                error!("reconcile failed: {e:#}");
+                self.retry = self.dirty;
+            }
         }
     }
 
@@ -372,6 +474,9 @@ impl Daemon {
             d.publish_sessions(session_ids);
         };
         if rec.entries {
+            if let Some(r) = self.rebuild.as_mut() {
+                r.spoil("runtime entries changed");
+            }
             let (want, entries) = Desired::build_entries(&self.cfg, rec.map_rows()?, wall, boot)?;
             policy::check_fits(&self.live, &want)?;
             rec.commit()?;
@@ -388,6 +493,8 @@ impl Daemon {
         }
         let changed = changed_users(&rec, wall, boot)?;
         phase("users' entries");
+        // For a reconcile's build running meanwhile: replayed onto it once it is done.
+        let replay = self.rebuild.as_ref().map(|_| changed.clone());
         // Waits for the index of the last full build if it is still being made.
         let plan = self.index.get().plan(&self.applied, changed)?;
         policy::check_slots_fit(&self.live, &self.applied, &plan.slots)?;
@@ -402,6 +509,9 @@ impl Daemon {
             .map(|(s, _)| self.applied.slot(s))
             .collect();
         let settings_changed = self.index.get().apply(&mut self.applied, &plan);
+        if let (Some(r), Some(users)) = (self.rebuild.as_mut(), replay) {
+            r.changed(users, plan.slots.iter().map(|(s, _)| *s), settings_changed);
+        }
         let settings = settings_changed.then_some(self.applied.settings);
         if let Err(e) = policy::write_slots(&mut self.live, &plan.slots, &before, settings) {
             self.apply_failed(e);
@@ -414,6 +524,11 @@ impl Daemon {
     pub(super) fn apply_failed(&mut self, e: anyhow::Error) {
         error!("applying a committed change to the maps failed, reconciling: {e:#}");
         self.dirty = true;
+        // What the maps hold is no longer known to the loop: a running build cannot be
+        // brought up to date from it.
+        if let Some(r) = self.rebuild.as_mut() {
+            r.spoil("a change's map write failed");
+        }
     }
 
     pub(super) fn execute(&mut self, req: Request, actor: &Actor) -> (Reply, bool) {

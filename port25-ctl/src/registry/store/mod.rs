@@ -303,6 +303,15 @@ pub trait Tx {
             .filter(|u| u.policy == Policy::Unblocked)
             .collect())
     }
+    /// The users unblocked until a time later than `after`: what the daemon's expiry checks
+    /// read at every reconcile (a million unblocked users without an end time are not).
+    fn users_timed_after(&self, after: Timestamp) -> Result<Vec<User>> {
+        Ok(self
+            .users_unblocked()?
+            .into_iter()
+            .filter(|u| u.until.is_some_and(|t| t > after))
+            .collect())
+    }
     /// At most `n` users in name order, from the first whose name is after `after`: a page
     /// of [`Tx::users`] (`user list --limit` reads no more of a million users than it shows).
     fn users_after(&self, after: Option<&str>, n: usize) -> Result<Vec<User>> {
@@ -471,6 +480,9 @@ impl Tx for Recording<'_> {
     }
     fn users_unblocked(&self) -> Result<Vec<User>> {
         self.inner.users_unblocked()
+    }
+    fn users_timed_after(&self, after: Timestamp) -> Result<Vec<User>> {
+        self.inner.users_timed_after(after)
     }
     fn map_rows(&self) -> Result<MapRows> {
         self.inner.map_rows()

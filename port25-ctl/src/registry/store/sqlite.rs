@@ -599,6 +599,16 @@ impl Tx for SqliteTx<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    fn users_timed_after(&self, after: Timestamp) -> Result<Vec<User>> {
+        // By the partial index `users_timed`: only the timed unblocks are read.
+        let mut st = self.tx.prepare_cached(&format!(
+            "SELECT {USER_COLS} FROM users WHERE policy = 'unblocked' AND until IS NOT NULL \
+             AND until > ?1 ORDER BY name"
+        ))?;
+        let rows = st.query_map([ts(after)], user_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn users_after(&self, after: Option<&str>, n: usize) -> Result<Vec<User>> {
         let mut st = self.tx.prepare_cached(&format!(
             "SELECT {USER_COLS} FROM users WHERE ?1 IS NULL OR name > ?1 ORDER BY name LIMIT ?2"

@@ -12,7 +12,7 @@
 //! enforcing at all); the clock shift only moves when timed unblocks end, exactly as a
 //! wrong system clock would, which the daemon already guards against (see `Wall`). The index gate is the one
 //! that is not harmless if it leaks into a unit file: the first change after every full
-//! build (start, reload, reconcile) waits for it on the daemon's only loop, so link events
+//! build (start, reload, a reconcile made on the loop) waits for it on the daemon's only loop, so link events
 //! (a new device is not enforced until attached), signals and clients wait too, for up to
 //! a minute per build. Never set `PORT25_TEST_*` or `PORT25_FAILPOINT_*` on a router.
 

@@ -11,7 +11,8 @@
 //!
 //! Its parts: `socket` (the locks that make this daemon the only one, the socket it binds),
 //! `conn` (connections: limits, peer roles, frames), `writer` (the single writer: changes,
-//! reloads, reconciles), `ops` (what each op does), `reader` (the read verbs' thread),
+//! reloads, reconciles), `rebuild` (a reconcile's full build, off the loop), `ops` (what
+//! each op does), `reader` (the read verbs' thread),
 //! `links` (attachments kept alive), `wall` (the wall clock never behind the registry).
 
 use std::{
@@ -105,7 +106,8 @@ struct Daemon {
     started: Instant,
     reconciles: u64,
     drift_repaired: u64,
-    /// A committed change whose map apply failed: the next tick does a full reconcile.
+    /// A committed change whose map apply failed: the next second's tick does a full
+    /// reconcile on the loop (a build running off it is dropped).
     dirty: bool,
     /// A reconcile's build running off the loop, with the changes made since it began.
     rebuild: Option<rebuild::Rebuild>,

@@ -66,19 +66,18 @@ impl Rebuild {
             .spawn(move || {
                 let _ = tx.send(build(&cfg, &clock, now));
             });
-        let mut r = Rebuild {
+        if let Err(e) = spawned {
+            // The sender went with the closure: `wait` answers at once, with an error, and
+            // the failure counts toward a reconcile made on the loop.
+            tracing::warn!("no thread for the reconcile's build: {e}");
+        }
+        Rebuild {
             done,
             users: BTreeMap::new(),
             slots: BTreeSet::new(),
             settings: false,
             spoiled: None,
-        };
-        if let Err(e) = spawned {
-            // The sender went with the closure: `wait` answers at once, with the error.
-            tracing::warn!("no thread for the reconcile's build: {e}");
-            r.spoiled = Some("no thread");
         }
-        r
     }
 
     /// A change committed and written to the maps: the users' new entries, the slots it wrote.

@@ -145,7 +145,13 @@ impl Daemon {
         let t = std::time::Instant::now();
         let phase = |what: &str| debug!(ms = t.elapsed().as_millis() as u64, "reconcile: {what}");
         self.repair_links();
-        if self.rebuild.is_some() {
+        phase("links repaired");
+        if self.dirty {
+            // A change's map write failed: what the maps hold is not known, and an address
+            // may be open that should not be. Repaired here and now, as before builds ran
+            // off the loop, not after a build that can no longer be used.
+            self.rebuild = None;
+        } else if self.rebuild.is_some() {
             // The running build answers for this tick too.
             return;
         }
@@ -158,12 +164,13 @@ impl Daemon {
         if let Err(e) = self.wall.record_ended(&mut self.store, now) {
             error!("recording ended unblocks failed: {e:#}");
         }
+        phase("ended unblocks recorded");
         if let Err(e) = crate::bpf::offenders::write_settings(&mut self.live, &self.cfg.abuse) {
             error!("writing the abuse settings failed: {e:#}");
         }
         self.prune_changes();
         self.retry = false;
-        if self.spoiled_runs < MAX_SPOILED_RUNS {
+        if self.spoiled_runs < MAX_SPOILED_RUNS && !self.dirty {
             self.rebuild = Some(Rebuild::start(
                 self.cfg_tx.borrow().clone(),
                 self.clock,
@@ -194,10 +201,13 @@ impl Daemon {
             return;
         };
         let t = std::time::Instant::now();
+        // A build that failed counts as one dropped: builds that keep failing (no thread,
+        // the pins or the registry unreadable from a thread) give way to one on the loop.
         let built = match (built, r.spoiled) {
             (Err(e), _) => {
-                error!("reconcile failed: {e:#}");
-                self.retry = self.dirty;
+                self.spoiled_runs += 1;
+                error!(runs = self.spoiled_runs, "reconcile's build failed: {e:#}");
+                self.retry = true;
                 return;
             }
             (Ok(_), Some(why)) => {
@@ -239,9 +249,18 @@ impl Daemon {
             slots = changes,
             "reconcile: applied on the loop, brought up to date with the changes made meanwhile"
         );
-        if result.is_ok() {
-            self.applied = want;
-            self.index = index.into();
+        match &result {
+            Ok(_) => {
+                self.applied = want;
+                self.index = index.into();
+            }
+            // Written in part, maybe: the loop's record of the maps no longer holds, so the
+            // next second's tick reconciles on the loop. A refusal before the first write
+            // (a map full) left them as they were.
+            Err(e) if !e.chain().any(|c| c.is::<crate::bpf::maps::MapFull>()) => {
+                self.dirty = true;
+            }
+            Err(_) => {}
         }
         self.reconciled(result);
     }
@@ -259,10 +278,7 @@ impl Daemon {
                 }
                 self.dirty = false;
             }
-            Err(e) => {
-                error!("reconcile failed: {e:#}");
-                self.retry = self.dirty;
-            }
+            Err(e) => error!("reconcile failed: {e:#}"),
         }
     }
 

@@ -243,16 +243,17 @@ impl Daemon {
             }
             policy::apply_delta(&mut self.live, &have, &want)
         })();
-        debug!(
-            ms = t.elapsed().as_millis() as u64,
-            users,
-            slots = changes,
-            "reconcile: applied on the loop, brought up to date with the changes made meanwhile"
-        );
         match &result {
             Ok(_) => {
-                self.applied = want;
-                self.index = index.into();
+                let old = (
+                    std::mem::replace(&mut self.applied, want),
+                    std::mem::replace(&mut self.index, index.into()),
+                );
+                // Freeing three states of a million entries each took over a second: not on
+                // the loop (where a thread cannot be had, here after all).
+                let _ = std::thread::Builder::new()
+                    .name("port25-free".into())
+                    .spawn(move || drop((old, have)));
             }
             // Written in part, maybe: the loop's record of the maps no longer holds, so the
             // next second's tick reconciles on the loop. A refusal before the first write
@@ -262,6 +263,12 @@ impl Daemon {
             }
             Err(_) => {}
         }
+        debug!(
+            ms = t.elapsed().as_millis() as u64,
+            users,
+            slots = changes,
+            "reconcile: applied on the loop, brought up to date with the changes made meanwhile"
+        );
         self.reconciled(result);
     }
 

@@ -400,3 +400,20 @@ fn narrow_read_joins_by_index() {
         }
     }
 }
+
+/// The expiry checks read the timed unblocks by their partial index, never every user.
+#[test]
+fn timed_unblocks_are_read_by_their_index() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteStore::open(dir.path()).unwrap());
+    let conn = rusqlite::Connection::open(dir.path().join("port25.db")).unwrap();
+    let sql = crate::registry::store::sqlite::users_timed_sql();
+    let plan: Vec<String> = conn
+        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+        .unwrap()
+        .query_map([0i64], |r| r.get::<_, String>(3))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(plan, ["SEARCH users USING INDEX users_timed (until>?)"]);
+}

@@ -45,9 +45,11 @@ pub const INDEX_GATE: &str = "PORT25_TEST_INDEX_GATE";
 
 /// A path: a reconcile's build off the loop (see `control/server/rebuild.rs`), once it has
 /// read the maps and the registry, writes `PATH.held` and waits until a file is at `PATH`,
-/// for at most a minute. The test of changes made while a build runs makes them once the
-/// build is seen holding. Harmless on a router: the loop goes on answering and attaching
-/// meanwhile; only the reconcile's drift repair waits.
+/// for at most five minutes (a slow VM makes the test's changes meanwhile). The test of
+/// changes made while a build runs makes them once the build is seen holding. Not harmful on
+/// a router, if not harmless: the loop goes on answering, attaching and applying changes
+/// meanwhile (a failed change write is still repaired at once, on the loop); the reconciles
+/// wait: drift repair, the recording of ended unblocks, the fleet log's pruning.
 pub const REBUILD_GATE: &str = "PORT25_TEST_REBUILD_GATE";
 
 /// Holds the reconcile's build while [`REBUILD_GATE`] names a path with no file (returns at
@@ -73,7 +75,7 @@ pub fn hold_index() {
         return;
     };
     let gate = std::path::PathBuf::from(gate);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     while !gate.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }

@@ -106,8 +106,8 @@ struct Daemon {
     started: Instant,
     reconciles: u64,
     drift_repaired: u64,
-    /// A committed change whose map apply failed: the next second's tick does a full
-    /// reconcile on the loop (a build running off it is dropped).
+    /// A committed change whose map apply failed: the next tick (at once, then each second
+    /// while it fails) does a full reconcile on the loop (a build running off it is dropped).
     dirty: bool,
     /// A reconcile's build running off the loop, with the changes made since it began.
     rebuild: Option<rebuild::Rebuild>,
@@ -483,6 +483,9 @@ async fn serve(config_path: PathBuf, cfg: Config, attach: bool, kernel_log: bool
     let mut tick = tokio::time::interval(d.cfg.reconcile_interval);
     tick.tick().await;
     let mut quick = tokio::time::interval(std::time::Duration::from_secs(1));
+    // Polled only while a reconcile is due: the seconds missed meanwhile are skipped, not
+    // made up for by reconciles one after another (each a full one, on the loop when dirty).
+    quick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // Accepting lives in its own task: an accept error (EMFILE) pauses it, never this loop.
     let acceptor = tokio::spawn(accept_loop(listener, jobs_tx, reader, read_gid, metrics));
     info!(socket = %d.cfg.socket.display(), "ready");

@@ -229,6 +229,9 @@ impl Daemon {
             mut index,
         } = built;
         let (users, changes) = (r.users.len(), r.slots.len());
+        // Set once the maps may be written: a refusal before it (the replay's prefix lengths,
+        // a map full) leaves them as they were.
+        let mut writing = false;
         let result = (|| {
             if !r.users.is_empty() {
                 let plan = index.plan(&want, r.users.into_iter().collect())?;
@@ -241,6 +244,7 @@ impl Daemon {
             if r.settings {
                 have.settings = self.applied.settings;
             }
+            writing = true;
             policy::apply_delta(&mut self.live, &have, &want)
         })();
         match &result {
@@ -256,9 +260,8 @@ impl Daemon {
                     .spawn(move || drop((old, have)));
             }
             // Written in part, maybe: the loop's record of the maps no longer holds, so the
-            // next second's tick reconciles on the loop. A refusal before the first write
-            // (a map full) left them as they were.
-            Err(e) if !e.chain().any(|c| c.is::<crate::bpf::maps::MapFull>()) => {
+            // next tick reconciles on the loop. A map full is refused before the first write.
+            Err(e) if writing && !e.chain().any(|c| c.is::<crate::bpf::maps::MapFull>()) => {
                 self.dirty = true;
             }
             Err(_) => {}

@@ -43,6 +43,9 @@ impl Tx for FleetTx<'_> {
     fn user(&self, name: &str) -> Result<Option<User>> {
         self.local.user(name)
     }
+    fn users_known(&self, names: &[&str]) -> Result<std::collections::HashSet<String>> {
+        self.local.users_known(names)
+    }
     fn users(&self) -> Result<Vec<User>> {
         self.local.users()
     }

@@ -759,8 +759,8 @@ pub fn session_sync(
             "the snapshot was taken at {taken}, more than an hour ago: take a new one (nothing was changed)"
         );
     }
-    let mut ids = BTreeSet::new();
-    let mut addrs = BTreeSet::new();
+    let mut ids = HashSet::with_capacity(list.len());
+    let mut addrs = HashSet::with_capacity(list.len());
     for s in &list {
         check_user_name(&s.user)?;
         check_session(&s.id, &s.addrs)?;
@@ -788,7 +788,7 @@ pub fn session_sync(
     let mut gone = Vec::new();
     // The sessions that stay, and who holds each of their addresses.
     let mut kept = HashSet::new();
-    let mut held: HashMap<Prefix, String> = HashMap::new();
+    let mut held: HashMap<Prefix, String> = HashMap::with_capacity(list.len());
     for old in tx.sessions()? {
         let (what, count) = match by_id.get(old.id.as_str()) {
             _ if newer.contains(&old.id) => {
@@ -818,7 +818,17 @@ pub fn session_sync(
     }
     drop(by_id);
     tx.delete_sessions(&gone)?;
-    let mut known_users = HashSet::with_capacity(list.len());
+    // The list's users that are registered, asked at once (removing sessions removes no
+    // user); a new one joins as it is registered below.
+    let mut names: Vec<&str> = list
+        .iter()
+        .filter(|s| !kept.contains(&s.id))
+        .map(|s| s.user.as_str())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut known_users = tx.users_known(&names)?;
+    drop(names);
     let mut new_users = Vec::new();
     let mut added = Vec::with_capacity(list.len());
     for mut s in list {
@@ -855,15 +865,13 @@ pub fn session_sync(
         }
         // As `session up`: a user not seen before is registered, blocked.
         if !known_users.contains(s.user.as_str()) {
-            if tx.user(&s.user)?.is_none() {
-                new_users.push(new_user(&s.user, actor, now));
-                audits.push(record(
-                    "user.add",
-                    &s.user,
-                    None,
-                    Some("blocked (first session)".into()),
-                ));
-            }
+            new_users.push(new_user(&s.user, actor, now));
+            audits.push(record(
+                "user.add",
+                &s.user,
+                None,
+                Some("blocked (first session)".into()),
+            ));
             known_users.insert(s.user.clone());
         }
         held.extend(s.addrs.iter().map(|p| (*p, s.id.clone())));

@@ -5,6 +5,8 @@
 
 pub mod sqlite;
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use anyhow::Result;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -272,6 +274,16 @@ pub struct Snapshot {
 /// and dropping a transaction without committing discards it.
 pub trait Tx {
     fn user(&self, name: &str) -> Result<Option<User>>;
+    /// Which of `names` are registered users: a `session sync` asks for 100,000 at once.
+    fn users_known(&self, names: &[&str]) -> Result<std::collections::HashSet<String>> {
+        let mut known = std::collections::HashSet::new();
+        for n in names {
+            if self.user(n)?.is_some() {
+                known.insert(n.to_string());
+            }
+        }
+        Ok(known)
+    }
     fn users(&self) -> Result<Vec<User>>;
     /// The users whose policy can put entries in the maps: those with a session or a
     /// binding. A fleet replica holds every user of the fleet, most of them on no router
@@ -472,6 +484,9 @@ impl Tx for Recording<'_> {
     fn user(&self, name: &str) -> Result<Option<User>> {
         self.inner.user(name)
     }
+    fn users_known(&self, names: &[&str]) -> Result<std::collections::HashSet<String>> {
+        self.inner.users_known(names)
+    }
     fn users(&self) -> Result<Vec<User>> {
         self.inner.users()
     }
@@ -558,15 +573,22 @@ impl Tx for Recording<'_> {
     fn insert_owned(&mut self, users: Vec<User>, sessions: Vec<Session>) -> Result<()> {
         self.inner.insert_users(&users)?;
         self.inner.insert_sessions(&sessions)?;
-        for u in users {
-            self.users.insert(u.name.clone());
-            self.created.insert(u.name.clone(), u);
-        }
-        for s in sessions {
-            self.session_ids.insert(s.id.clone());
-            self.users.insert(s.user.clone());
-            self.sessions_written.insert(s.id.clone(), Some(s));
-        }
+        // Each record built from the whole batch and merged in one pass (`append`: the
+        // batch's value wins, as `insert` would): a sync's 100,000 sorted keys inserted one
+        // by one into four trees were an eighth of its time.
+        let mut names: BTreeSet<String> = users.iter().map(|u| u.name.clone()).collect();
+        names.extend(sessions.iter().map(|s| s.user.clone()));
+        self.users.append(&mut names);
+        let mut ids: BTreeSet<String> = sessions.iter().map(|s| s.id.clone()).collect();
+        self.session_ids.append(&mut ids);
+        let mut created: BTreeMap<String, User> =
+            users.into_iter().map(|u| (u.name.clone(), u)).collect();
+        self.created.append(&mut created);
+        let mut written: BTreeMap<String, Option<Session>> = sessions
+            .into_iter()
+            .map(|s| (s.id.clone(), Some(s)))
+            .collect();
+        self.sessions_written.append(&mut written);
         Ok(())
     }
     fn delete_sessions(&mut self, sessions: &[Session]) -> Result<()> {

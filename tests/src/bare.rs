@@ -108,3 +108,19 @@ pub fn ns_per_run(prog: &OwnedFd, frame: &[u8], repeat: u32) -> std::io::Result<
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
     Ok(attr.duration)
 }
+
+/// Attaches `prog` (a SCHED_CLS program) to the tcx ingress of `ifindex` through a link
+/// (BPF_LINK_CREATE), as the daemon does; the link lives as long as the descriptor.
+pub fn tcx_attach(prog: &OwnedFd, ifindex: u32) -> std::io::Result<OwnedFd> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_TCX_INGRESS: u32 = 46;
+    // link_create: prog_fd, target_ifindex, attach_type, flags; the rest (tcx's relative
+    // program and expected revision) zero: appended, any revision.
+    let mut attr = [0u32; 32];
+    attr[0] = prog.as_raw_fd() as u32;
+    attr[1] = ifindex;
+    attr[2] = BPF_TCX_INGRESS;
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -390,6 +390,35 @@ fn batch_reads_return_every_entry_across_chunks() {
     assert_eq!(batched, hash_entries_one_by_one(&f.live.exip4).unwrap());
 }
 
+/// The ports array read by batch is the array as the kernel answers each index: the
+/// blocked ports and nothing else, the last index (65,535) included.
+#[test]
+fn the_ports_array_reads_by_batch_as_index_by_index() {
+    require_root!();
+    use port25_ctl::bpf::livemaps::Table;
+    let mut f = fixture();
+    for p in [0u16, 1, 25, 465, 8191, 8192, 40000, 65535] {
+        f.live.ports.put(p, 1).unwrap();
+    }
+    f.live.ports.del(1).unwrap();
+    let batched = f.live.ports.entries().unwrap();
+    let mut by_index = std::collections::BTreeMap::new();
+    for i in 0..=u16::MAX {
+        let v = f.live.ports.get(&(i as u32), 0).unwrap();
+        if v != 0 {
+            by_index.insert(i, v);
+        }
+    }
+    assert_eq!(batched, by_index);
+    for p in [0u16, 25, 465, 8191, 8192, 40000, 65535] {
+        assert_eq!(batched.get(&p), Some(&1), "port {p}");
+    }
+    assert!(
+        !batched.contains_key(&1),
+        "a cleared port is not read as blocked"
+    );
+}
+
 /// A counter map pinned by a version with fewer reasons (16 entries before the PPP reasons)
 /// is still read, as far as it goes: `status` after an upgrade, before the daemon restarts
 /// and migrates it, must not fail.

@@ -165,6 +165,15 @@ impl Table for Array<MapData, u8> {
     type K = u16;
     type V = u8;
     fn entries(&self) -> Result<BTreeMap<u16, u8>> {
+        // 65,536 ports in 8 batch calls rather than a lookup each (a start's and each
+        // reconcile's read).
+        if let Ok(all) = crate::bpf::sys::lookup_all::<u32, u8>(aya::maps::IterableMap::map(self)) {
+            return Ok(all
+                .into_iter()
+                .filter(|(_, v)| *v != 0)
+                .filter_map(|(i, v)| Some((u16::try_from(i).ok()?, v)))
+                .collect());
+        }
         let mut out = BTreeMap::new();
         for (i, v) in self.iter().enumerate() {
             let v = v?;

@@ -5,6 +5,7 @@
 //! and `config`/`net` as the vocabulary everyone shares. `metrics` is served by `control`
 //! and reads `bpf` and `registry`.
 
+pub mod alloc;
 pub mod bpf;
 pub mod cli;
 pub mod config;

@@ -295,6 +295,13 @@ static STARTED: std::sync::LazyLock<jiff::Timestamp> =
 pub fn main() -> ExitCode {
     std::sync::LazyLock::force(&STARTED);
     let cli = Cli::parse();
+    // The daemon and the verbs that read whole pinned maps allocate millions of blocks.
+    if matches!(
+        cli.verb,
+        Verb::Daemon { .. } | Verb::Status | Verb::Check { .. }
+    ) {
+        crate::alloc::use_mimalloc();
+    }
     if !matches!(cli.verb, Verb::Daemon { .. }) {
         // Rust ignores SIGPIPE, so `port25-ctl user list | head` panicked on the closed pipe
         // (exit 101). A client ends quietly instead, like any Unix tool; its socket writes

@@ -713,6 +713,23 @@ fn ctl_bench() {
             d <= Duration::from_secs(2),
         );
     }
+    // What the daemon holds once its start's index is made (the first change waits for it).
+    std::thread::sleep(Duration::from_secs(3));
+    if let Some(pid) = lab.daemon_pid() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kib = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        println!(
+            "  daemon memory after the cold start, 1M sessions + 1M exempts: resident {} MiB, peak {} MiB",
+            kib("VmRSS:") / 1024,
+            kib("VmHWM:") / 1024
+        );
+    }
 
     // For profiling by hand: the lab stays up until the file named here exists.
     if let Ok(f) = std::env::var("PORT25_BENCH_HOLD") {

@@ -174,6 +174,7 @@ impl Table for Array<MapData, u8> {
                 .filter_map(|(i, v)| Some((u16::try_from(i).ok()?, v)))
                 .collect());
         }
+        tracing::debug!("the ports array read index by index: no batch read here");
         let mut out = BTreeMap::new();
         for (i, v) in self.iter().enumerate() {
             let v = v?;

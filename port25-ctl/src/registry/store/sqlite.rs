@@ -429,22 +429,37 @@ impl SqliteTx<'_> {
             let one = format!("({})", vec!["?"; cols].join(", "));
             format!("{head} VALUES {} {tail}", vec![one; n].join(", "))
         };
-        let full = sql(BULK_ROWS);
-        for chunk in rows.chunks(BULK_ROWS) {
-            // The last, shorter chunk is compiled once and not cached: its length varies
-            // from call to call and would push the write path's statements out.
+        self.by_chunks(rows, BULK_ROWS, sql, |st, chunk| {
+            for (i, r) in chunk.iter().enumerate() {
+                bind(st, i * cols + 1, r)?;
+            }
+            st.raw_execute()?;
+            Ok(())
+        })
+    }
+
+    /// Runs `f` on each chunk of at most `size` items with the statement `sql(chunk
+    /// length)`. The full chunk's statement is cached; a shorter last one is compiled and
+    /// not cached: its length varies from call to call and would push the write path's
+    /// statements out.
+    fn by_chunks<T>(
+        &self,
+        items: &[T],
+        size: usize,
+        sql: impl Fn(usize) -> String,
+        mut f: impl FnMut(&mut rusqlite::Statement, &[T]) -> Result<()>,
+    ) -> Result<()> {
+        let full = sql(size);
+        for chunk in items.chunks(size) {
             let (mut cached, mut plain);
-            let st: &mut rusqlite::Statement = if chunk.len() == BULK_ROWS {
+            let st: &mut rusqlite::Statement = if chunk.len() == size {
                 cached = self.tx.prepare_cached(&full)?;
                 &mut cached
             } else {
                 plain = self.tx.prepare(&sql(chunk.len()))?;
                 &mut plain
             };
-            for (i, r) in chunk.iter().enumerate() {
-                bind(st, i * cols + 1, r)?;
-            }
-            st.raw_execute()?;
+            f(st, chunk)?;
         }
         Ok(())
     }
@@ -538,22 +553,14 @@ impl Tx for SqliteTx<'_> {
                 vec!["?"; n].join(", ")
             )
         };
-        let full = sql(BULK_NAMES);
         let mut known = std::collections::HashSet::new();
-        for chunk in names.chunks(BULK_NAMES) {
-            let (mut cached, mut plain);
-            let st: &mut rusqlite::Statement = if chunk.len() == BULK_NAMES {
-                cached = self.tx.prepare_cached(&full)?;
-                &mut cached
-            } else {
-                plain = self.tx.prepare(&sql(chunk.len()))?;
-                &mut plain
-            };
+        self.by_chunks(names, BULK_NAMES, sql, |st, chunk| {
             let mut rows = st.query(rusqlite::params_from_iter(chunk.iter()))?;
             while let Some(r) = rows.next()? {
                 known.insert(r.get(0)?);
             }
-        }
+            Ok(())
+        })?;
         Ok(known)
     }
 

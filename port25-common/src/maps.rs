@@ -11,7 +11,10 @@
 /// 3: [`EXBITS_NET6`] eight times larger (the bits of every session-prefix key moved).
 /// 4: the IPv4 /24 regions in front of the three IPv4 tries ([`EXBITS_RANGES4`],
 /// [`EXBITS_MAIL4`], [`EXBITS_PFX4`]); the ready word moved.
-pub const LAYOUT_VERSION: u32 = 4;
+/// 5: the IPv6 regions ([`EXBITS_LENS6`], [`EXBITS_MAIL6`], [`EXBITS_PFX6`],
+/// [`EXBITS_RANGES6`], [`EXBITS_WIDE6`]); the ready word moved again; [`Settings`] names up
+/// to [`PROBED_PREFIX_LENS`] lengths (was 8).
+pub const LAYOUT_VERSION: u32 = 5;
 
 // Map names (kernel object names are limited to 15 characters). They double as pin file names.
 pub const SETTINGS: &str = "P25_SETTINGS";
@@ -38,10 +41,13 @@ pub const TRACK_TC: &str = "P25_TRACK_TC";
 /// The exempt filter: an array of u64 words ([`EXBITS_WORDS`]) with one region of bits per
 /// exempt hash ([`EXBITS_NET6`], [`EXBITS_IP4`], [`EXBITS_IP6`]), three regions of one bit
 /// per IPv4 /24 in front of the IPv4 tries ([`EXBITS_RANGES4`], [`EXBITS_MAIL4`],
-/// [`EXBITS_PFX4`]) and the ready word [`EXBITS_READY`]. The bit of every key of those hashes
-/// is set, so a lookup whose bit is clear is skipped: an inlined array read instead of a call
-/// into the hash or the trie, and on a flood from sources that are not exempt, a cache line
-/// of a 12.5 MiB bitmap instead of a bucket of a table of a million.
+/// [`EXBITS_PFX4`]), their IPv6 counterparts by hashed block ([`EXBITS_RANGES6`],
+/// [`EXBITS_MAIL6`], [`EXBITS_PFX6`]) with the session lengths near a block
+/// ([`EXBITS_LENS6`]) and the wide word ([`EXBITS_WIDE6`]), and the ready word
+/// [`EXBITS_READY`]. The bit of every key of those hashes is set, so a lookup whose bit is
+/// clear is skipped: an inlined array read instead of a call into the hash or the trie, and
+/// on a flood from sources that are not exempt, a cache line of a 13.6 MiB bitmap instead
+/// of a bucket of a table of a million.
 pub const EXBITS: &str = "P25_EXBITS";
 
 /// Default capacities; the config's `limits` override the resizable ones at load time.
@@ -58,8 +64,15 @@ pub const EVENTS_BYTES: u32 = 256 * 1024;
 /// The ports array covers every TCP port: index = port, value != 0 = blocked.
 pub const PORTS_ENTRIES: u32 = 65536;
 
-/// Most distinct IPv6 session prefix lengths probed in [`EXNET6`] (e.g. /48, /56, /60, /64).
+/// Most distinct IPv6 session prefix lengths a policy may use in [`EXNET6`] (e.g. /48, /56,
+/// /60, /64).
 pub const MAX_SESSION_PREFIX_LENS: usize = 8;
+/// Most lengths the settings name and the datapath probes: twice [`MAX_SESSION_PREFIX_LENS`],
+/// so that while a change moves entries from the old lengths to the new, both are probed
+/// together (a blocked session's entry is seen from the moment it is written, whichever
+/// set its length is in). A length no key near the source has costs a bit test
+/// ([`EXBITS_LENS6`]).
+pub const PROBED_PREFIX_LENS: usize = 2 * MAX_SESSION_PREFIX_LENS;
 
 /// `Settings::flags`, legacy: "only sources inside the subscriber ranges are enforced", for
 /// both families at once. The verdict no longer reads it (an unlisted family was left open);
@@ -125,13 +138,58 @@ pub const EXBITS_PFX4: Region = Region {
     words: 1 << 18,
 };
 
+/// [`EXNET6`]'s lengths near a source: a word per hashed /32 block (keys of /32 to /47) and
+/// per hashed /48 block (keys of /48 or longer), bit `len % 64` set for each session
+/// prefix of length `len` there (keys shorter than /32: [`EXBITS_WIDE6`]). A source probes
+/// only the lengths its blocks' words name: at 8 lengths in use every probe costs a mask,
+/// a hash and a word, and a source in a /48 where no session lives (a flood from an
+/// unassigned part of the pool) probes none. Bits of different lengths may share a bit
+/// (64 and 0): one more probe, never one less.
+pub const EXBITS_LENS6: Region = Region {
+    first: EXBITS_PFX4.first + EXBITS_PFX4.words,
+    words: 1 << 17,
+};
+/// [`MAIL6`]'s bits: one per hashed /32 block a mail-server entry of /32 or longer lies in
+/// (a shorter one sets [`WIDE6_MAIL`]). The destination's block's bit clear, no trie.
+pub const EXBITS_MAIL6: Region = Region {
+    first: EXBITS_LENS6.first + EXBITS_LENS6.words,
+    words: 1 << 10,
+};
+/// [`EXPFX6`]'s bits: one per hashed /32 block (prefixes of /32 to /47) or /48 block
+/// (/48 and longer) an exempt prefix lies in; a shorter prefix sets [`WIDE6_PFX`].
+pub const EXBITS_PFX6: Region = Region {
+    first: EXBITS_MAIL6.first + EXBITS_MAIL6.words,
+    words: 1 << 12,
+};
+/// [`RANGES6`]' /32 blocks that lie wholly inside a listed subscriber range, as a table of
+/// tags, not bits: the word at the block's hashed slot holds `block << 32 | 1`, and a source
+/// is surely enforced only when its own block's tag is there (a hashed bit would say so of
+/// another block too: it would enforce a source outside the ranges). Blocks that collide
+/// keep the first; the others, and ranges narrower than /32 or wider than /24, ask the trie.
+pub const EXBITS_RANGES6: Region = Region {
+    first: EXBITS_PFX6.first + EXBITS_PFX6.words,
+    words: 1 << 12,
+};
+/// One word for IPv6 entries too wide for the blocks: bit `len` for each session prefix
+/// length under 32 in use, [`WIDE6_MAIL`] and [`WIDE6_PFX`].
+pub const EXBITS_WIDE6: u32 = EXBITS_RANGES6.first + EXBITS_RANGES6.words;
+/// [`EXBITS_WIDE6`]: a mail-server entry shorter than /32 exists (every IPv6 destination
+/// asks the trie).
+pub const WIDE6_MAIL: u64 = 1 << 62;
+/// [`EXBITS_WIDE6`]: an exempt prefix shorter than /32 exists.
+pub const WIDE6_PFX: u64 = 1 << 63;
+/// [`EXBITS_WIDE6`]'s bits that name session prefix lengths.
+pub const WIDE6_LENS: u64 = 0xffff_ffff;
+/// The widest subscriber range whose /32 blocks [`EXBITS_RANGES6`] lists (256 blocks).
+pub const RANGES6_WIDEST: u32 = 24;
+
 /// The word of [`EXBITS`] past the regions: non-zero once the daemon has set the bit of every
 /// key the exempt hashes hold. The daemon sets a key's bit before it writes the key and
 /// clears bits only once their keys are gone, so from then on no entry of the applied state
 /// lacks its bit (a key outside it, drift, may be skipped: it is deleted anyway). Zero
 /// (a map just created, beside pins that already hold entries), every lookup is made. In
 /// the map itself, not in the settings: a filter map recreated empty is never trusted.
-pub const EXBITS_READY: u32 = EXBITS_PFX4.first + EXBITS_PFX4.words;
+pub const EXBITS_READY: u32 = EXBITS_WIDE6 + 1;
 /// Entries of [`EXBITS`].
 pub const EXBITS_WORDS: u32 = EXBITS_READY + 1;
 
@@ -205,6 +263,67 @@ pub const fn slash24_bit(r: Region, a: [u8; 4]) -> (u32, u32) {
     (r.first + (n >> 6), n & 63)
 }
 
+/// The hash of an IPv6 address's /32 (`level` 32) or /48 (48) block, from its high word.
+/// Salted by the level, so a /32 and a /48 that share their numbers differ.
+#[inline(always)]
+pub const fn block6(hi: u64, level: u32) -> u64 {
+    mix((hi >> (64 - level)) ^ ((level as u64) << 56))
+}
+
+/// The word of block hash `h` in region `r` (the tag table, the lengths' words).
+#[inline(always)]
+pub const fn block_word(r: Region, h: u64) -> u32 {
+    r.first + ((h >> 32) as u32 & (r.words - 1))
+}
+
+/// An [`EXNET6`] key's bit among the lengths near it ([`EXBITS_LENS6`], [`EXBITS_WIDE6`]),
+/// from its (masked) high word.
+#[inline(always)]
+pub const fn lens6_bit(hi: u64, len: u32) -> (u32, u32) {
+    if len < 32 {
+        (EXBITS_WIDE6, len)
+    } else if len < 48 {
+        (block_word(EXBITS_LENS6, block6(hi, 32)), len & 63)
+    } else {
+        (block_word(EXBITS_LENS6, block6(hi, 48)), len & 63)
+    }
+}
+
+/// A [`MAIL6`] entry's bit (address, length).
+#[inline(always)]
+pub const fn mail6_bit(a: &[u8; 16], len: u32) -> (u32, u32) {
+    if len < 32 {
+        (EXBITS_WIDE6, 62)
+    } else {
+        bit_in(EXBITS_MAIL6, block6(words_of(a).0, 32))
+    }
+}
+
+/// An [`EXPFX6`] entry's bit (address, length).
+#[inline(always)]
+pub const fn pfx6_bit(a: &[u8; 16], len: u32) -> (u32, u32) {
+    let hi = words_of(a).0;
+    if len < 32 {
+        (EXBITS_WIDE6, 63)
+    } else if len < 48 {
+        bit_in(EXBITS_PFX6, block6(hi, 32))
+    } else {
+        bit_in(EXBITS_PFX6, block6(hi, 48))
+    }
+}
+
+/// The bit of a block hash in a region of bits ([`EXBITS_MAIL6`], [`EXBITS_PFX6`]).
+#[inline(always)]
+pub const fn block_bit(r: Region, h: u64) -> (u32, u32) {
+    bit_in(r, h)
+}
+
+/// The tag [`EXBITS_RANGES6`] holds for a /32 block (its number): never 0, the empty slot.
+#[inline(always)]
+pub const fn range6_tag(block: u32) -> u64 {
+    (block as u64) << 32 | 1
+}
+
 /// The /24s an IPv4 prefix meets, as (number of the first, how many): one for a prefix of
 /// /24 or longer, 2^(24 - len) for a shorter one, all of them whole.
 pub const fn slash24s(a: [u8; 4], len: u32) -> (u32, u32) {
@@ -246,7 +365,7 @@ pub struct Settings {
     pub session_prefix_count: u32,
     pub _pad: u32,
     /// Prefix lengths present in [`EXNET6`], probed longest first.
-    pub session_prefix_lens: [u8; MAX_SESSION_PREFIX_LENS],
+    pub session_prefix_lens: [u8; PROBED_PREFIX_LENS],
 }
 
 /// Value of the exempt maps ([`EXIP4`], [`EXIP6`], [`EXPFX4`], [`EXPFX6`], [`EXNET6`]).
@@ -424,7 +543,7 @@ const _: () = assert!(core::mem::size_of::<OffenderKey>() == 20);
 const _: () = assert!(core::mem::size_of::<Offender>() == 104);
 const _: () = assert!(core::mem::size_of::<AbuseSettings>() == 24);
 const _: () = assert!(core::mem::size_of::<BlockEvent>() == 80);
-const _: () = assert!(core::mem::size_of::<Settings>() == 24);
+const _: () = assert!(core::mem::size_of::<Settings>() == 32);
 const _: () = assert!(core::mem::size_of::<Exempt>() == 16);
 const _: () = assert!(core::mem::size_of::<NetKey6>() == 20);
 const _: () = assert!(core::mem::size_of::<LpmKey<4>>() == 8);
@@ -491,8 +610,15 @@ mod filter_bits {
             slash24_bit(EXBITS_RANGES4, [100, 64, 0, 2]),
             slash24_bit(EXBITS_MAIL4, [198, 51, 100, 25]),
             slash24_bit(EXBITS_PFX4, [10, 1, 2, 3]),
+            lens6_bit(words_of(&net.addr).0, 56),
+            lens6_bit(words_of(&net.addr).0, 40),
+            lens6_bit(words_of(&net.addr).0, 24),
+            mail6_bit(&ip6, 128),
+            pfx6_bit(&net.addr, 56),
+            pfx6_bit(&net.addr, 32),
+            (block_word(EXBITS_RANGES6, block6(words_of(&ip6).0, 32)), 0),
         ];
-        assert_eq!(LAYOUT_VERSION, 4, "new bits: update the values below");
+        assert_eq!(LAYOUT_VERSION, 5, "new bits: update the values below");
         assert_eq!(
             got,
             [
@@ -502,9 +628,19 @@ mod filter_bits {
                 (954624, 0),
                 (1317069, 36),
                 (1386500, 2),
+                (1674507, 56),
+                (1657279, 40),
+                (1778688, 24),
+                (1769919, 60),
+                (1773835, 14),
+                (1772991, 60),
+                (1777087, 0),
             ]
         );
-        assert_eq!(EXBITS_READY, 1638400);
+        assert_eq!(
+            EXBITS_READY,
+            1638400 + (1 << 17) + (1 << 10) + 2 * (1 << 12) + 1
+        );
     }
 
     #[test]

@@ -40,8 +40,9 @@ fn longest<const N: usize>(list: &[([u8; N], u32, Exempt)], a: [u8; N]) -> Optio
 }
 
 impl Maps for Model {
-    fn settings(&self) -> Option<Settings> {
-        self.settings
+    type Settings<'a> = &'a Settings;
+    fn settings(&self) -> Option<&Settings> {
+        self.settings.as_ref()
     }
     fn port_blocked(&self, port: u16) -> bool {
         self.ports.contains(&port)

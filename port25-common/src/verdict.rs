@@ -4,9 +4,10 @@
 use crate::{
     addr::mask_words,
     maps::{
-        ip4_bit, ip6_bit_of, net6_bit_of, slash24_bit, words_of, Exempt, NetKey6, Settings,
-        BLOCKED_NS, EXBITS_MAIL4, EXBITS_PFX4, EXBITS_RANGES4, EXBITS_READY,
-        MAX_SESSION_PREFIX_LENS,
+        block6, block_bit, block_word, ip4_bit, ip6_bit_of, net6_bit_of, range6_tag, slash24_bit,
+        words_of, Exempt, NetKey6, Settings, BLOCKED_NS, EXBITS_LENS6, EXBITS_MAIL4, EXBITS_MAIL6,
+        EXBITS_PFX4, EXBITS_PFX6, EXBITS_RANGES4, EXBITS_RANGES6, EXBITS_READY, EXBITS_WIDE6,
+        FLAG_LISTED4, FLAG_LISTED6, PROBED_PREFIX_LENS, WIDE6_LENS, WIDE6_MAIL, WIDE6_PFX,
     },
     parse::{parse_flat, Frame, Link, Packet, Parsed, Shape},
     reason::Reason,
@@ -16,8 +17,15 @@ use crate::{
 /// the pinned maps, the reference model from plain collections. LPM lookups return the
 /// longest matching entry, as the kernel's LPM trie does.
 pub trait Maps {
+    /// The settings record: in place where the implementation holds it (the kernel's map
+    /// value, the model's field), a copy otherwise. The kernel's record is 32 bytes (16
+    /// lengths): copied to the stack, it cost every blocked packet (IPv4 too) 8 ns, and
+    /// stack that the offender hand-over needs.
+    type Settings<'a>: core::ops::Deref<Target = Settings>
+    where
+        Self: 'a;
     /// `None` when the settings record cannot be read; the verdict then enforces every source.
-    fn settings(&self) -> Option<Settings>;
+    fn settings(&self) -> Option<Self::Settings<'_>>;
     fn port_blocked(&self, port: u16) -> bool;
     fn in_ranges4(&self, a: [u8; 4]) -> bool;
     fn in_ranges6(&self, a: [u8; 16]) -> bool;
@@ -72,7 +80,8 @@ fn v4(a: &[u8; 16]) -> [u8; 4] {
 /// Rules 3 to 5: the ones that depend only on addresses. `None` = no rule lets it pass.
 #[inline(always)]
 fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
-    let settings = maps.settings();
+    // The flags alone: the lengths are read in place where they are probed.
+    let settings = maps.settings().map(|s| s.flags);
     // The filter, once ready, answers for the tries and hashes below where it can: a lookup
     // whose bit is clear is skipped, a source whose /24 is surely enforced asks no trie.
     let filtered = matches!(maps.filter_word(EXBITS_READY), Some(w) if w != 0);
@@ -80,11 +89,21 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
     // listing only IPv4 ranges never leaves every IPv6 source open. Unreadable settings
     // enforce every source.
     let (v6, src, dst) = (p.v6, &p.src, &p.dst);
+    // IPv6: the source's blocks, hashed once for every region that reads them.
+    let near = if v6 && filtered {
+        Near6::of(words_of(src).0, maps)
+    } else {
+        Near6::ANY
+    };
     let enforced = match settings {
         None => true,
-        Some(s) if v6 => !s.listed(true) || maps.in_ranges6(*src),
-        Some(s) => {
-            !s.listed(false)
+        Some(flags) if v6 => {
+            flags & FLAG_LISTED6 == 0
+                || near.surely_enforced(words_of(src).0, maps)
+                || maps.in_ranges6(*src)
+        }
+        Some(flags) => {
+            flags & FLAG_LISTED4 == 0
                 || surely(filtered, slash24_bit(EXBITS_RANGES4, v4(src)), maps)
                 || maps.in_ranges4(v4(src))
         }
@@ -93,7 +112,7 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
         return Some(Reason::PassNotSubscriber);
     }
     let mail = if v6 {
-        maps.mail_server6(*dst)
+        near.mail(words_of(dst).0, maps) && maps.mail_server6(*dst)
     } else {
         let d = v4(dst);
         maybe(filtered, slash24_bit(EXBITS_MAIL4, d), maps) && maps.mail_server4(d)
@@ -112,12 +131,19 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
         } else {
             None
         };
-        entry(exact, maps, Reason::PassExemptAddr)
-            .or_else(|| match settings {
-                Some(s) => session_prefix((hi, lo), &s, filtered, maps),
+        // Not `or_else` closures: LLVM leaves a closure this size out of line (a call, and
+        // a frame of its own that the offender hand-over's stack no longer fits beside).
+        let mut d = entry(exact, maps, Reason::PassExemptAddr);
+        if d.is_none() {
+            d = match maps.settings() {
+                Some(s) => session_prefix((hi, lo), &s, filtered, near.lens, maps),
                 None => None,
-            })
-            .or_else(|| entry(maps.exempt_prefix6(a), maps, Reason::PassExemptPrefix))
+            };
+        }
+        if d.is_none() {
+            d = entry(prefix6(&near, a, maps), maps, Reason::PassExemptPrefix);
+        }
+        d
     } else {
         let a = v4(src);
         let exact = if maybe(filtered, ip4_bit(a), maps) {
@@ -137,7 +163,7 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
         // is not the operator's, the block stands (fail closed).
         Some(Decided::Block) => {
             let e = if v6 {
-                maps.exempt_prefix6(*src)
+                prefix6(&near, *src, maps)
             } else {
                 prefix4(filtered, v4(src), maps)
             };
@@ -213,21 +239,117 @@ fn prefix4<M: Maps>(filtered: bool, a: [u8; 4], maps: &M) -> Option<Exempt> {
     }
 }
 
+/// What the IPv6 regions of the filter say about a source's /32 and /48 blocks, read once
+/// per packet. Unfiltered (not ready) or unreadable, everything is "maybe".
+#[derive(Clone, Copy)]
+struct Near6 {
+    /// [`EXBITS_WIDE6`].
+    wide: u64,
+    /// The session prefix lengths near the source (bit `len % 64`).
+    lens: u64,
+    /// The source's /32 and /48 block hashes.
+    h32: u64,
+    h48: u64,
+    filtered: bool,
+}
+
+impl Near6 {
+    const ANY: Near6 = Near6 {
+        wide: !0,
+        lens: !0,
+        h32: 0,
+        h48: 0,
+        filtered: false,
+    };
+
+    #[inline(always)]
+    fn of<M: Maps>(hi: u64, maps: &M) -> Near6 {
+        let (h32, h48) = (block6(hi, 32), block6(hi, 48));
+        let word = |w| maps.filter_word(w).unwrap_or(!0);
+        let wide = word(EXBITS_WIDE6);
+        let lens = (wide & WIDE6_LENS)
+            | word(block_word(EXBITS_LENS6, h32))
+            | word(block_word(EXBITS_LENS6, h48));
+        Near6 {
+            wide,
+            lens,
+            h32,
+            h48,
+            filtered: true,
+        }
+    }
+
+    /// The source's /32 is listed as wholly inside a subscriber range (its own tag, not a
+    /// colliding block's).
+    #[inline(always)]
+    fn surely_enforced<M: Maps>(&self, hi: u64, maps: &M) -> bool {
+        self.filtered
+            && matches!(
+                maps.filter_word(block_word(EXBITS_RANGES6, self.h32)),
+                Some(w) if w == range6_tag((hi >> 32) as u32)
+            )
+    }
+
+    /// Whether a mail-server entry may cover the destination (high word `dst_hi`).
+    #[inline(always)]
+    fn mail<M: Maps>(&self, dst_hi: u64, maps: &M) -> bool {
+        !self.filtered
+            || self.wide & WIDE6_MAIL != 0
+            || maybe(true, block_bit(EXBITS_MAIL6, block6(dst_hi, 32)), maps)
+    }
+
+    /// Whether an exempt prefix may cover the source.
+    #[inline(always)]
+    fn prefix<M: Maps>(&self, maps: &M) -> bool {
+        !self.filtered
+            || self.wide & WIDE6_PFX != 0
+            || maybe(true, block_bit(EXBITS_PFX6, self.h32), maps)
+            || maybe(true, block_bit(EXBITS_PFX6, self.h48), maps)
+    }
+}
+
+/// The IPv6 exempt-prefix trie's answer for `a`, unless the filter says no prefix lies in
+/// its blocks.
+#[inline(always)]
+fn prefix6<M: Maps>(near: &Near6, a: [u8; 16], maps: &M) -> Option<Exempt> {
+    if near.prefix(maps) {
+        maps.exempt_prefix6(a)
+    } else {
+        None
+    }
+}
+
+/// A settings record held by value, for implementations that read a copy.
+pub struct Owned(pub Settings);
+
+impl core::ops::Deref for Owned {
+    type Target = Settings;
+    #[inline(always)]
+    fn deref(&self) -> &Settings {
+        &self.0
+    }
+}
+
 /// Probes the session-prefix hash once per prefix length in use, longest first, each only
-/// where the filter allows.
+/// where the filter allows: a length the source's blocks do not name (`near`), then a key
+/// whose own bit is clear, is skipped.
 #[inline(always)]
 fn session_prefix<M: Maps>(
     (hi, lo): (u64, u64),
     s: &Settings,
     filtered: bool,
+    near: u64,
     maps: &M,
 ) -> Option<Decided> {
     let count = s.session_prefix_count as usize;
-    for i in 0..MAX_SESSION_PREFIX_LENS {
+    for i in 0..PROBED_PREFIX_LENS {
         if i >= count {
             break;
         }
         let len = s.session_prefix_lens[i] as u32;
+        if near >> (len & 63) & 1 == 0 {
+            continue;
+        }
         let (mh, ml) = mask_words(hi, lo, len);
         if !maybe(filtered, net6_bit_of(mh, ml, len), maps) {
             continue;

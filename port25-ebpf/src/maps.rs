@@ -82,9 +82,10 @@ pub fn count(reason: Reason) {
 pub struct KernelMaps;
 
 impl Maps for KernelMaps {
+    type Settings<'a> = &'static Settings;
     #[inline(always)]
-    fn settings(&self) -> Option<Settings> {
-        SETTINGS.get(0).copied()
+    fn settings(&self) -> Option<&'static Settings> {
+        SETTINGS.get(0)
     }
     #[inline(always)]
     fn port_blocked(&self, port: u16) -> bool {

@@ -701,6 +701,137 @@ fn ipv4_tries_follow_their_slash24_bits() {
     );
 }
 
+/// The IPv6 tries and session probes behind their block regions, read by the real program.
+/// A destination whose /32's mail bit is clear is no mail server's, a source whose blocks'
+/// exempt-prefix bits are clear is in no exempt prefix, a session length its blocks do not
+/// name is not probed, all without the trie or the hash; a source whose /32 carries its own
+/// tag in the ranges table is enforced without the ranges trie. Each bit is flipped by hand
+/// (a broken filter) to show the program reads it, and each flip resolves to block. Not
+/// ready, the tries and every length decide again.
+#[test]
+fn ipv6_tries_follow_their_block_bits() {
+    use port25_common::maps::{
+        block6, block_word, lens6_bit, mail6_bit, pfx6_bit, range6_tag, words_of, EXBITS_RANGES6,
+        EXBITS_WIDE6, WIDE6_MAIL,
+    };
+    use port25_ctl::bpf::exbits::FilterCell;
+    use port25_tests::table::{MAIL6, NONSUB6, SUB6};
+    require_root!();
+    let mut f = fixture();
+    let bits = f.live.exbits.take().expect("the filter map is pinned");
+    let ready = port25_common::maps::EXBITS_READY;
+    assert_ne!(bits.load(ready), 0, "a full apply leaves it ready");
+    let run = |f: &mut Fixture, frame: &[u8]| try_run(f, PROG_XDP, frame).unwrap();
+    let syn = |src: &str, dst: &str| v6_frame(v6(src), v6(dst), 6, &Tcp::to(25).bytes());
+    let hi = |a: &str| words_of(&v6(a)).0;
+    let bit_is = |(w, b): (u32, u32)| bits.load(w) >> b & 1 != 0;
+    let ext6 = "2001:db8:ff::80";
+
+    // (what, frame, its bit, whether the apply sets it, verdict as applied, bit flipped)
+    let cases = [
+        (
+            "a subscriber to the IPv6 mail server",
+            syn(SUB6, MAIL6),
+            mail6_bit(&v6("2001:db8:25::"), 64),
+            true,
+            XDP_PASS,
+            XDP_DROP,
+        ),
+        (
+            "a source in the exempt 2001:db8:101::/48",
+            syn("2001:db8:101::7", ext6),
+            pfx6_bit(&v6("2001:db8:101::"), 48),
+            true,
+            XDP_PASS,
+            XDP_DROP,
+        ),
+        (
+            "a source in the live /56 session",
+            syn("2001:db8:100:5500::7", ext6),
+            lens6_bit(hi("2001:db8:100:5500::"), 56),
+            true,
+            XDP_PASS,
+            XDP_DROP,
+        ),
+    ];
+    for (what, frame, (w, b), set, applied, flipped) in cases {
+        assert_eq!(bit_is((w, b)), set, "{what}: the bit as the apply left it");
+        assert_eq!(run(&mut f, &frame), applied, "{what}: as applied");
+        let all = bits.load(w);
+        bits.store(w, all ^ (1 << b));
+        assert_eq!(run(&mut f, &frame), flipped, "{what}: its bit flipped");
+        bits.store(ready, 0);
+        assert_eq!(
+            run(&mut f, &frame),
+            applied,
+            "{what}: not ready, the tries decide"
+        );
+        bits.store(w, all);
+        bits.store(ready, 1);
+    }
+
+    // The wide word sends every destination to the mail trie, whatever its /32's bit says.
+    let (w, b) = mail6_bit(&v6("2001:db8:25::"), 64);
+    let all = bits.load(w);
+    bits.store(w, all & !(1 << b));
+    let to_mail = syn(SUB6, MAIL6);
+    assert_eq!(run(&mut f, &to_mail), XDP_DROP, "the mail bit cleared");
+    let wide = bits.load(EXBITS_WIDE6);
+    bits.store(EXBITS_WIDE6, wide | WIDE6_MAIL);
+    assert_eq!(
+        run(&mut f, &to_mail),
+        XDP_PASS,
+        "a wide mail entry: the trie decides"
+    );
+    bits.store(EXBITS_WIDE6, wide);
+    bits.store(w, all);
+
+    // The ranges' tags: the fixture's IPv6 ranges are narrower than /32, so no block is
+    // tagged and the trie decides. A source outside them passes; tagging its /32 (a broken
+    // table) enforces it; a tag of another block in that slot does not.
+    let slot = block_word(EXBITS_RANGES6, block6(hi(NONSUB6), 32));
+    let own = range6_tag((hi(NONSUB6) >> 32) as u32);
+    assert_eq!(bits.load(slot), 0, "no range of /32 or wider: no tag");
+    let outside = syn(NONSUB6, ext6);
+    assert_eq!(run(&mut f, &outside), XDP_PASS, "outside the ranges");
+    bits.store(slot, own ^ (1 << 32));
+    assert_eq!(
+        run(&mut f, &outside),
+        XDP_PASS,
+        "another block's tag in the slot"
+    );
+    bits.store(slot, own);
+    assert_eq!(
+        run(&mut f, &outside),
+        XDP_DROP,
+        "its own tag: surely enforced"
+    );
+    bits.store(ready, 0);
+    assert_eq!(
+        run(&mut f, &outside),
+        XDP_PASS,
+        "not ready, the trie decides"
+    );
+    bits.store(ready, 1);
+
+    // `check` reads the same table.
+    f.live.exbits = Some(bits);
+    let p = port25_common::parse::Packet::Tcp {
+        src: port25_common::Addr::V6(v6(NONSUB6)),
+        dst: port25_common::Addr::V6(v6(ext6)),
+        dport: 25,
+    };
+    assert_eq!(
+        port25_common::verdict::decide(&p, &f.live),
+        Reason::BlockPort
+    );
+    f.live.exbits.as_ref().unwrap().store(slot, 0);
+    assert_eq!(
+        port25_common::verdict::decide(&p, &f.live),
+        Reason::PassNotSubscriber
+    );
+}
+
 /// A start that finds the exempt hashes pinned without the filter beside them (its pin
 /// removed by hand, a tree pieced together) must not create a fresh filter and write the
 /// hashes under it: the program still attached reads its own filter, ready and without the

@@ -1,8 +1,9 @@
 //! The exempt filter ([`m::EXBITS`]): one bit per key of the exempt hashes (exact IPv4 and
-//! IPv6 addresses, IPv6 session prefixes) and one per IPv4 /24 that a mail server or an
-//! exempt prefix meets, so the datapath calls into a hash or a trie only where its bit is
-//! set; and one per IPv4 /24 that lies wholly inside a subscriber range, so an enforced
-//! source asks no trie.
+//! IPv6 addresses, IPv6 session prefixes) and one per IPv4 /24 (IPv6: hashed /32 or /48
+//! block) that a mail server or an exempt prefix meets, so the datapath calls into a hash or
+//! a trie only where its bit is set; per IPv6 block, the session prefix lengths with a key
+//! there, so a source probes only those; and one per IPv4 /24 (a tag per IPv6 /32) that lies
+//! wholly inside a subscriber range, so an enforced source asks no trie.
 //!
 //! The rule that keeps it fail closed: a key's bit is set before the key is written, and a
 //! bit is cleared only once no key that maps to it is left ([`trim`], after an apply's
@@ -23,7 +24,9 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, MapError};
-use port25_common::maps::{self as m, ip4_bit, ip6_bit, net6_bit, slash24s, Region};
+use port25_common::maps::{
+    self as m, ip4_bit, ip6_bit, lens6_bit, mail6_bit, net6_bit, pfx6_bit, slash24s, Region,
+};
 
 use crate::policy::{slot::Slot, Desired};
 
@@ -82,26 +85,42 @@ impl Run {
     }
 }
 
-/// The filter bits of an exempt key (`None`: an IPv6 prefix's trie, never filtered).
-pub fn bits_of_slot(slot: &Slot) -> Option<Run> {
-    match slot {
-        Slot::Ip4(a) => Some(Run::one(ip4_bit(*a))),
-        Slot::Ip6(a) => Some(Run::one(ip6_bit(a))),
-        Slot::Net6(k) => Some(Run::one(net6_bit(k))),
-        Slot::Pfx4(k) => Some(Run::slash24s(m::EXBITS_PFX4, *k)),
-        Slot::Pfx6(_) => None,
-    }
+/// The filter bits of an exempt key: its own bit, and for an IPv6 session prefix its
+/// length's bit among the lengths near it.
+pub fn bits_of_slot(slot: &Slot) -> impl Iterator<Item = Run> {
+    let (first, second) = match slot {
+        Slot::Ip4(a) => (Run::one(ip4_bit(*a)), None),
+        Slot::Ip6(a) => (Run::one(ip6_bit(a)), None),
+        Slot::Net6(k) => (Run::one(net6_bit(k)), Some(Run::one(lens6_of(k)))),
+        Slot::Pfx4(k) => (Run::slash24s(m::EXBITS_PFX4, *k), None),
+        Slot::Pfx6((a, len)) => (Run::one(pfx6_bit(a, *len)), None),
+    };
+    std::iter::once(first).chain(second)
 }
 
-/// Every bit `d`'s entries need before they are written: its hash keys', and the /24s its
-/// IPv4 mail servers and exempt prefixes meet.
+fn lens6_of(k: &m::NetKey6) -> (u32, u32) {
+    lens6_bit(m::words_of(&k.addr).0, k.prefix_len)
+}
+
+/// Every bit `d`'s entries need before they are written: its hash keys', the lengths near
+/// its session prefixes, and the /24s (IPv4) or blocks (IPv6) its mail servers and exempt
+/// prefixes meet.
 fn maybe_bits(d: &Desired) -> impl Iterator<Item = Run> + '_ {
     let ip4 = d.exip4.keys().map(|a| Run::one(ip4_bit(*a)));
     let ip6 = d.exip6.keys().map(|a| Run::one(ip6_bit(a)));
     let net6 = d.exnet6.keys().map(|k| Run::one(net6_bit(k)));
+    let lens6 = d.exnet6.keys().map(|k| Run::one(lens6_of(k)));
     let mail4 = d.mail4.keys().map(|k| Run::slash24s(m::EXBITS_MAIL4, *k));
     let pfx4 = d.expfx4.keys().map(|k| Run::slash24s(m::EXBITS_PFX4, *k));
-    ip4.chain(ip6).chain(net6).chain(mail4).chain(pfx4)
+    let mail6 = d.mail6.keys().map(|(a, len)| Run::one(mail6_bit(a, *len)));
+    let pfx6 = d.expfx6.keys().map(|(a, len)| Run::one(pfx6_bit(a, *len)));
+    ip4.chain(ip6)
+        .chain(net6)
+        .chain(lens6)
+        .chain(mail4)
+        .chain(pfx4)
+        .chain(mail6)
+        .chain(pfx6)
 }
 
 /// The /24s that lie wholly inside one of `d`'s IPv4 subscriber ranges (a range of /24 or
@@ -111,6 +130,25 @@ fn surely_enforced(d: &Desired) -> impl Iterator<Item = Run> + '_ {
         .keys()
         .filter(|(_, len)| *len <= 24)
         .map(|k| Run::slash24s(m::EXBITS_RANGES4, *k))
+}
+
+/// The /32 blocks that lie wholly inside one of `d`'s IPv6 subscriber ranges (of /24 to
+/// /32), as tags into `want`'s [`m::EXBITS_RANGES6`]: the first block to claim a slot keeps
+/// it, in the ranges' order, so the table is the same for the same ranges.
+fn surely_enforced6(d: &Desired, want: &mut [u64]) {
+    for (a, len) in d.ranges6.keys() {
+        if !(m::RANGES6_WIDEST..=32).contains(len) {
+            continue;
+        }
+        let first =
+            u32::from_be_bytes([a[0], a[1], a[2], a[3]]) & !((1u64 << (32 - len)) - 1) as u32;
+        for block in first..=first + ((1u64 << (32 - len)) - 1) as u32 {
+            let slot = m::block_word(m::EXBITS_RANGES6, m::block6((block as u64) << 32, 32));
+            if want[slot as usize] == 0 {
+                want[slot as usize] = m::range6_tag(block);
+            }
+        }
+    }
 }
 
 /// Sets `bits` (before their keys are written).
@@ -131,6 +169,7 @@ pub fn words_for(d: &Desired) -> Vec<u64> {
     for (w, mask) in maybe_bits(d).chain(surely_enforced(d)).flat_map(Run::words) {
         want[w as usize] |= mask;
     }
+    surely_enforced6(d, &mut want);
     want
 }
 

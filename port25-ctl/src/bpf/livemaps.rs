@@ -290,8 +290,12 @@ pub fn hash_entries_one_by_one<K: Pod + Ord, V: Pod>(
 
 /// The live maps answer the verdict's lookups, so `check` runs the kernel's own decision.
 impl Maps for LiveMaps {
-    fn settings(&self) -> Option<Settings> {
-        self.settings.get(&0, 0).ok()
+    type Settings<'a> = port25_common::verdict::Owned;
+    fn settings(&self) -> Option<port25_common::verdict::Owned> {
+        self.settings
+            .get(&0, 0)
+            .ok()
+            .map(port25_common::verdict::Owned)
     }
     fn port_blocked(&self, port: u16) -> bool {
         matches!(self.ports.get(&(port as u32), 0), Ok(v) if v != 0)

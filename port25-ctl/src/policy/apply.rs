@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
-use port25_common::maps::{self as m, Exempt, Settings, LISTED_MASK, MAX_SESSION_PREFIX_LENS};
+use port25_common::maps::{self as m, Exempt, Settings, LISTED_MASK, PROBED_PREFIX_LENS};
 
 use crate::{
     bpf::{
@@ -406,7 +406,9 @@ fn apply_to(t: Tables<'_>, known: Option<&Desired>, want: &Desired) -> Result<Ap
     writes += all(&mut maps, Stage::Allow, true, Puts::Only(Opening))?;
     writes += all(&mut maps, Stage::Allow, true, Puts::Only(Hiding))?;
     if !together {
-        // More lengths than the datapath probes: the new set alone is written only now, and
+        // More lengths than the datapath probes (only when the settings read are a merged
+        // set an apply that stopped halfway left behind: two applied states' lengths always
+        // fit): the new set alone is written only now, and
         // an old length that goes out of sight then hides only entries the new state no
         // longer has, with every allow that the new state drops already gone and every
         // closing entry it keeps in place.
@@ -433,7 +435,7 @@ fn apply_to(t: Tables<'_>, known: Option<&Desired>, want: &Desired) -> Result<Ap
 }
 
 fn lens(s: &Settings) -> &[u8] {
-    &s.session_prefix_lens[..(s.session_prefix_count as usize).min(MAX_SESSION_PREFIX_LENS)]
+    &s.session_prefix_lens[..(s.session_prefix_count as usize).min(PROBED_PREFIX_LENS)]
 }
 
 /// Whether `s` probes every prefix length `old` probes.
@@ -481,19 +483,21 @@ pub fn check_slots_fit(
     Ok(())
 }
 
-/// `s` probing the session prefix lengths of `old` too (longest first), when both fit.
+/// `s` probing the session prefix lengths of `old` too (longest first), when both fit: they
+/// always do when `old` is an applied state (each has at most [`m::MAX_SESSION_PREFIX_LENS`]);
+/// not after an apply that stopped halfway left a merged set behind.
 fn with_lens_of(s: Settings, old: Option<Settings>) -> Settings {
     let Some(old) = old else { return s };
     let mut lens = std::collections::BTreeSet::new();
     for x in [&s, &old] {
-        let n = (x.session_prefix_count as usize).min(MAX_SESSION_PREFIX_LENS);
+        let n = (x.session_prefix_count as usize).min(PROBED_PREFIX_LENS);
         lens.extend(x.session_prefix_lens[..n].iter().copied());
     }
-    if lens.len() > MAX_SESSION_PREFIX_LENS {
+    if lens.len() > PROBED_PREFIX_LENS {
         return s;
     }
     let mut out = s;
-    out.session_prefix_lens = [0; MAX_SESSION_PREFIX_LENS];
+    out.session_prefix_lens = [0; PROBED_PREFIX_LENS];
     for (i, l) in lens.iter().rev().enumerate() {
         out.session_prefix_lens[i] = *l;
     }
@@ -534,7 +538,7 @@ fn write_slots_to(
     };
     if let Some(f) = t.filter {
         let written = slots.iter().filter(|(_, v)| v.is_some());
-        exbits::grow(f, written.filter_map(|(s, _)| exbits::bits_of_slot(s)));
+        exbits::grow(f, written.flat_map(|(s, _)| exbits::bits_of_slot(s)));
     }
     let have = t.settings.read();
     let early = settings.map(|s| with_lens_of(s, have));
@@ -592,10 +596,15 @@ mod tests {
         assert_eq!(s.session_prefix_count, 3);
         assert_eq!(&s.session_prefix_lens[..3], &[128, 64, 56]);
         let full = lens(&[64, 63, 62, 61, 60, 59, 58, 57]);
+        let other = lens(&[56, 55, 54, 53, 52, 51, 50, 49]);
+        let both = with_lens_of(full, Some(other));
+        assert_eq!(both.session_prefix_count, 16, "two policies' worth fit");
+        assert!(probes_all(both, Some(other)));
+        let merged = lens(&[56, 55, 54, 53, 52, 51, 50, 49, 48]);
         assert_eq!(
-            with_lens_of(full, Some(lens(&[48]))),
+            with_lens_of(full, Some(merged)),
             full,
-            "9 do not fit: the new set"
+            "17 (a merged set left by an apply that stopped) do not fit: the new set"
         );
         assert_eq!(with_lens_of(lens(&[56]), None), lens(&[56]));
     }

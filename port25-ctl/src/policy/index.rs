@@ -10,7 +10,9 @@ use std::{
 };
 
 use anyhow::Result;
-use port25_common::maps::{Exempt, MAX_SESSION_PREFIX_LENS, ORIGIN_BINDING, ORIGIN_SESSION};
+use port25_common::maps::{
+    Exempt, MAX_SESSION_PREFIX_LENS, ORIGIN_BINDING, ORIGIN_SESSION, PROBED_PREFIX_LENS,
+};
 use tracing::{debug, warn};
 
 use crate::{
@@ -562,7 +564,7 @@ fn lens_of(d: &Desired) -> Result<Vec<u8>> {
 
 /// Longest first: the most specific probe comes first.
 fn set_lens(d: &mut Desired, lens: Vec<u8>) {
-    d.settings.session_prefix_lens = [0; MAX_SESSION_PREFIX_LENS];
+    d.settings.session_prefix_lens = [0; PROBED_PREFIX_LENS];
     for (i, l) in lens.iter().enumerate() {
         d.settings.session_prefix_lens[i] = *l;
     }

@@ -133,16 +133,17 @@ const UDP53: &str = "UDP to 53, IPv4 (not TCP, not a tunnel port)";
 const TCP443: &str = "TCP to 443 (not a blocked port)";
 const SYN25: &str = "SYN to 25, IPv4, blocked";
 const SYN25V6: &str = "SYN to 25, IPv6, blocked (8 lengths in use)";
+const SYN25V6NEAR: &str = "SYN to 25, IPv6, blocked, 7 lengths near it";
 
 fn datapath_bench() {
     port25_tests::ensure_bpffs();
     let pin_dir = format!("/sys/fs/bpf/{}", port25_tests::unique("p25bench"));
     // An ISP's config: 1,000 subscriber ranges (LPM entries), the lab's among them.
-    let ranges: String = (0..998)
+    let ranges: String = (0..997)
         .map(|i| format!(", 10.{}.{}.0/24", i / 256, i % 256))
         .collect();
     let mut cfg = Config::parse(
-        &format!("subscriber_ranges: [100.64.0.0/10, \"2001:db8::/32\"{ranges}]\nmail_servers: [198.51.100.25/32]\n"),
+        &format!("subscriber_ranges: [100.64.0.0/10, \"2001:db8::/32\", \"2001:db9::/32\"{ranges}]\nmail_servers: [198.51.100.25/32]\n"),
         Path::new("bench"),
     )
     .unwrap();
@@ -217,6 +218,9 @@ fn datapath_bench() {
             // Inside the subscriber range 2001:db8::/32, outside every session prefix (the
             // full-size arm's cover 2001:db8:100::/40 and more).
             (SYN25V6, syn6("2001:db8:ff:77::2"), false),
+            // The full-size arm's keys of 7 of the 8 lengths lie in this source's /48 or
+            // /32 (none covers it): every one of those lengths is probed.
+            (SYN25V6NEAR, syn6("2001:db9:ee:77::2"), false),
             (
                 "SYN to 25, IPv6 in an exempt /56 (third probe)",
                 syn6("2001:db8:1a0:5::7"),
@@ -293,9 +297,7 @@ fn datapath_bench() {
     let mut net6 = |key: NetKey6| {
         port25_ctl::bpf::exbits::grow(
             &filter,
-            [port25_ctl::bpf::exbits::Run::one(
-                port25_common::maps::net6_bit(&key),
-            )],
+            port25_ctl::bpf::exbits::bits_of_slot(&port25_ctl::policy::slot::Slot::Net6(key)),
         );
         live.exnet6.put(key, e).unwrap();
     };
@@ -311,8 +313,23 @@ fn datapath_bench() {
         prefix_len: 56,
         addr: v6("2001:db8:1a0::"),
     });
+    // A neighbourhood where 7 of the 8 lengths live (SYN25V6NEAR's source is in none).
+    for (a, len) in [
+        ("2001:db9:ee:1::", 64),
+        ("2001:db9:ee:10::", 60),
+        ("2001:db9:ee:100::", 56),
+        ("2001:db9:ee:1000::", 52),
+        ("2001:db9:fe00::", 47),
+        ("2001:db9:fc00::", 46),
+        ("2001:db9:f000::", 44),
+    ] {
+        net6(NetKey6 {
+            prefix_len: len,
+            addr: v6(a),
+        });
+    }
     live.exbits = Some(filter);
-    want.settings.session_prefix_lens = lens;
+    want.settings.session_prefix_lens[..lens.len()].copy_from_slice(&lens);
     want.settings.session_prefix_count = 8;
     live.settings.set(0, want.settings, 0).unwrap();
     println!(

@@ -94,7 +94,13 @@ fn filter_of(d: &Desired) -> Filter {
     let mut f = empty_filter();
     let bits = (d.exip4.keys().map(|a| m::ip4_bit(*a)))
         .chain(d.exip6.keys().map(m::ip6_bit))
-        .chain(d.exnet6.keys().map(m::net6_bit));
+        .chain(d.exnet6.keys().map(m::net6_bit))
+        .chain(d.exnet6.keys().map(|k| {
+            let hi = u64::from_be_bytes(k.addr[..8].try_into().unwrap());
+            m::lens6_bit(hi, k.prefix_len)
+        }))
+        .chain(d.mail6.keys().map(|(a, len)| m::mail6_bit(a, *len)))
+        .chain(d.expfx6.keys().map(|(a, len)| m::pfx6_bit(a, *len)));
     for (w, b) in bits {
         f[w as usize] |= 1 << b;
     }
@@ -126,6 +132,18 @@ fn filter_of(d: &Desired) -> Filter {
     }
     for k in d.ranges4.keys().filter(|(_, len)| *len <= 24) {
         set(m::EXBITS_RANGES4, slash24s(*k));
+    }
+    // IPv6 ranges of /24 to /32: each of their /32 blocks tagged at its slot, the first
+    // to come (in key order) keeping a slot.
+    for (a, len) in d.ranges6.keys().filter(|(_, len)| (24..=32).contains(len)) {
+        let n = u32::from_be_bytes([a[0], a[1], a[2], a[3]]) as u64;
+        let count = 1u64 << (32 - len);
+        for block in (n & !(count - 1))..(n & !(count - 1)) + count {
+            let slot = m::block_word(m::EXBITS_RANGES6, m::block6(block << 32, 32)) as usize;
+            if f[slot] == 0 {
+                f[slot] = block << 32 | 1;
+            }
+        }
     }
     f[m::EXBITS_READY as usize] = 1;
     f
@@ -179,7 +197,11 @@ impl<'a> Filtered<'a> {
 }
 
 impl Maps for Filtered<'_> {
-    fn settings(&self) -> Option<Settings> {
+    type Settings<'b>
+        = &'b Settings
+    where
+        Self: 'b;
+    fn settings(&self) -> Option<&Settings> {
         self.model.settings()
     }
     fn port_blocked(&self, port: u16) -> bool {
@@ -320,9 +342,11 @@ fn model(d: &Desired, now: u64) -> Model {
 const PORTS: [&str; 3] = ["[25]", "[25, 2525]", "[2525]"];
 // IPv4 prefixes of the lengths the filter's /24 regions treat apart: /0 and /1 (the whole
 // region, half of it), wider than /24 (a run of /24s), /24 (one, whole), /25 and longer
-// (one /24 met, none wholly inside). Each list keeps its first entries in place (the saved
+// (one /24 met, none wholly inside). IPv6 ones for the block regions: wider than /32 (a
+// range's run of /32 tags, a prefix in the wide word), /32 to /47 (the /32 level), /48 and
+// longer. Each list keeps its first entries in place (the saved
 // regressions name entries by index).
-const RANGES: [&str; 10] = [
+const RANGES: [&str; 13] = [
     "100.64.0.0/24",
     "100.64.0.0/30",
     "2001:db8:1::/48",
@@ -333,8 +357,11 @@ const RANGES: [&str; 10] = [
     "100.64.0.0/10",
     "0.0.0.0/1",
     "0.0.0.0/0",
+    "2001:db8::/31",
+    "2001:db8::/40",
+    "2001:d00::/24",
 ];
-const MAIL: [&str; 7] = [
+const MAIL: [&str; 9] = [
     "192.0.2.25",
     "2001:db8:feed::25",
     "192.0.2.0/24",
@@ -342,8 +369,10 @@ const MAIL: [&str; 7] = [
     "192.0.3.128/25",
     "128.0.0.0/1",
     "0.0.0.0/0",
+    "2001::/16",
+    "2001:db8:feed::/48",
 ];
-const EXEMPTS: [&str; 10] = [
+const EXEMPTS: [&str; 12] = [
     "100.64.0.0/28",
     "100.64.0.5",
     "2001:db8:1::/52",
@@ -354,10 +383,12 @@ const EXEMPTS: [&str; 10] = [
     "100.64.1.128/25",
     "0.0.0.0/1",
     "0.0.0.0/0",
+    "2001:db9::/44",
+    "2002::/20",
 ];
 /// Session addresses: IPv4 exact and a routed /30, IPv6 /128 and prefixes of ten lengths
 /// (so old and new together can probe more than the datapath's eight).
-const SESSIONS: [&str; 15] = [
+const SESSIONS: [&str; 17] = [
     "100.64.0.1",
     "100.64.0.2",
     "100.64.0.5",
@@ -373,6 +404,8 @@ const SESSIONS: [&str; 15] = [
     "2001:db8:1::/62",
     "2001:db8:1::/64",
     "2001:db8:1:ff00::/57",
+    "2001:db8::/40",
+    "2001:db8::/30",
 ];
 const BINDINGS: [&str; 9] = [
     "100.64.0.0/24",

@@ -394,6 +394,28 @@ pub const ORIGIN_SESSION: u32 = 3;
 pub const ORIGIN_BINDING: u32 = 4;
 
 impl Settings {
+    /// The count and the lengths, each read once, before any probe (`lens[w] >> 8 * b` is
+    /// length `8 * w + b`). In the kernel the record is read in place, and a userspace write
+    /// of it is a plain copy: read field by field between the probes, a packet could take
+    /// the old count with a list already shifted by a longer length (the list is longest
+    /// first) and never probe a length both name. Read here, it sees at worst what a copy
+    /// of the record would (the same few loads).
+    #[inline(always)]
+    pub fn probed_lens(&self) -> (u32, [u64; 2]) {
+        let p = self.session_prefix_lens.as_ptr() as *const u32;
+        // SAFETY: 16 bytes of a repr(C) record whose fields are 4-aligned; volatile, so
+        // the compiler neither repeats the loads inside the probe loop nor moves them there.
+        let word = |i: usize| unsafe { core::ptr::read_volatile(p.add(i)) };
+        let le = |lo: u32, hi: u32| {
+            let mut b = [0u8; 8];
+            b[..4].copy_from_slice(&lo.to_ne_bytes());
+            b[4..].copy_from_slice(&hi.to_ne_bytes());
+            u64::from_le_bytes(b)
+        };
+        let count = unsafe { core::ptr::read_volatile(&self.session_prefix_count) };
+        (count, [le(word(0), word(1)), le(word(2), word(3))])
+    }
+
     /// Whether sources of this family are enforced only inside its listed ranges (false =
     /// the whole family is enforced).
     #[inline(always)]
@@ -641,6 +663,23 @@ mod filter_bits {
             EXBITS_READY,
             1638400 + (1 << 17) + (1 << 10) + 2 * (1 << 12) + 1
         );
+    }
+
+    #[test]
+    fn probed_lens_reads_the_list_in_order() {
+        let mut s = Settings::default();
+        for i in 0..PROBED_PREFIX_LENS {
+            s.session_prefix_lens[i] = 128 - i as u8 * 3;
+        }
+        s.session_prefix_count = 11;
+        let (count, lens) = s.probed_lens();
+        assert_eq!(count, 11);
+        for i in 0..PROBED_PREFIX_LENS {
+            assert_eq!(
+                (lens[i / 8] >> (8 * (i % 8))) as u8,
+                s.session_prefix_lens[i]
+            );
+        }
     }
 
     #[test]

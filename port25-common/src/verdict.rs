@@ -341,12 +341,13 @@ fn session_prefix<M: Maps>(
     near: u64,
     maps: &M,
 ) -> Option<Decided> {
-    let count = s.session_prefix_count as usize;
+    let (count, lens) = s.probed_lens();
+    let count = count as usize;
     for i in 0..PROBED_PREFIX_LENS {
         if i >= count {
             break;
         }
-        let len = s.session_prefix_lens[i] as u32;
+        let len = (lens[i / 8] >> (8 * (i % 8))) as u8 as u32;
         if near >> (len & 63) & 1 == 0 {
             continue;
         }

@@ -355,6 +355,23 @@ fn apply_to(t: Tables<'_>, known: Option<&Desired>, want: &Desired) -> Result<Ap
         Some(k) => Some(k.settings),
         None => t.settings.read(),
     };
+    // What the settings record holds, for the writes; `old` below, for what must be probed.
+    let held = old;
+    let old = match old {
+        Some(o) if !probes_all(with_lens_of(want.settings, Some(o)), Some(o)) => {
+            let present = match known {
+                Some(k) => lengths_of(k.exnet6.keys()),
+                None => lengths_of(
+                    t.exnet6
+                        .entries()
+                        .context("reading the session prefixes")?
+                        .keys(),
+                ),
+            };
+            Some(named_in_use(o, &present))
+        }
+        o => o,
+    };
     // Every hash key the change writes has its filter bit before the first write.
     let filter = t.filter;
     if let Some(f) = filter {
@@ -376,7 +393,7 @@ fn apply_to(t: Tables<'_>, known: Option<&Desired>, want: &Desired) -> Result<Ap
     let together = probes_all(early, old);
     let mut writes = 0;
     let write_early = |settings: &mut dyn SettingsCell| -> Result<usize> {
-        Ok(if old != Some(early) {
+        Ok(if held != Some(early) {
             settings.write(early)?;
             1
         } else {
@@ -432,6 +449,29 @@ fn apply_to(t: Tables<'_>, known: Option<&Desired>, want: &Desired) -> Result<Ap
         exbits::trim(f, want);
     }
     Ok(Applied { writes })
+}
+
+/// The distinct lengths of session prefix keys.
+fn lengths_of<'k>(keys: impl Iterator<Item = &'k m::NetKey6>) -> std::collections::BTreeSet<u8> {
+    keys.map(|k| k.prefix_len as u8).collect()
+}
+
+/// `old` naming only the lengths that have keys (`present`), when they fit: the settings
+/// an apply that stopped halfway left name old and new lengths merged, and with the next
+/// state's they may be more than the datapath probes; the lengths without a key hide
+/// nothing, and dropping them keeps old and new probed together (the order that never
+/// shows a blocked session's address a wider exempt while one binding replaces another).
+fn named_in_use(old: Settings, present: &std::collections::BTreeSet<u8>) -> Settings {
+    if present.len() > PROBED_PREFIX_LENS {
+        return old;
+    }
+    let mut out = old;
+    out.session_prefix_lens = [0; PROBED_PREFIX_LENS];
+    for (i, l) in present.iter().rev().enumerate() {
+        out.session_prefix_lens[i] = *l;
+    }
+    out.session_prefix_count = present.len() as u32;
+    out
 }
 
 fn lens(s: &Settings) -> &[u8] {

@@ -386,8 +386,8 @@ const EXEMPTS: [&str; 12] = [
     "2001:db9::/44",
     "2002::/20",
 ];
-/// Session addresses: IPv4 exact and a routed /30, IPv6 /128 and prefixes of ten lengths
-/// (so old and new together can probe more than the datapath's eight).
+/// Session addresses: IPv4 exact and a routed /30, IPv6 /128 and prefixes of twelve lengths
+/// (a state of more than 8 is refused; old and new together use up to 16, all probed).
 const SESSIONS: [&str; 17] = [
     "100.64.0.1",
     "100.64.0.2",
@@ -885,6 +885,44 @@ fn a_binding_is_replaced_before_it_goes_when_old_and_new_use_nine_lengths() {
     b.exempts.insert(8, false);
     per_change(&a, &b).unwrap();
     full_apply(&a, &b).unwrap();
+}
+
+/// The same change from the state an apply that stopped halfway leaves: the settings name
+/// 16 lengths (old and new of that apply merged, most of them without a key), so with the
+/// next state's lengths they are more than the datapath probes. The lengths without a key
+/// are dropped from what must stay probed, and the change keeps the together order; also
+/// when the maps are read (no known state).
+#[test]
+fn a_merged_length_list_left_by_a_stopped_apply_keeps_old_and_new_probed_together() {
+    let mut a = with_user(nobody(), 0, 1, &[], &[0]);
+    a = with_user(a, 1, 3, &[14, 2], &[]);
+    a = with_user(a, 2, 0, &[7], &[]);
+    a.exempts.insert(8, false);
+    let mut b = with_user(nobody(), 0, 3, &[2, 5, 8, 9], &[]);
+    b = with_user(b, 1, 0, &[6, 15, 10], &[]);
+    b = with_user(b, 2, 1, &[11], &[7]);
+    b.exempts.insert(8, false);
+    let cfg = config(&a);
+    let (_, mut old) = build(&cfg, &snapshot(&a)).unwrap();
+    let (_, new) = build(&cfg, &snapshot(&b)).unwrap();
+    let mut named: BTreeSet<u8> = old.settings.session_prefix_lens
+        [..old.settings.session_prefix_count as usize]
+        .iter()
+        .copied()
+        .collect();
+    named.extend(100..100 + (16 - named.len() as u8));
+    for (i, l) in named.iter().rev().enumerate() {
+        old.settings.session_prefix_lens[i] = *l;
+    }
+    old.settings.session_prefix_count = 16;
+    for known in [Some(&old), None] {
+        let (steps, last, filter) = record(&old, |t| {
+            apply_to(t, known, &new).unwrap();
+        });
+        assert_eq!(last, new);
+        decides_as_the_model(&new, &filter).unwrap();
+        check_steps(&old, &new, &steps).unwrap();
+    }
 }
 
 /// Found by the proptest: carol (blocked) comes up with the first /48 while dave's binding

@@ -405,13 +405,10 @@ impl Settings {
         let p = self.session_prefix_lens.as_ptr() as *const u32;
         // SAFETY: 16 bytes of a repr(C) record whose fields are 4-aligned; volatile, so
         // the compiler neither repeats the loads inside the probe loop nor moves them there.
-        let word = |i: usize| unsafe { core::ptr::read_volatile(p.add(i)) };
-        let le = |lo: u32, hi: u32| {
-            let mut b = [0u8; 8];
-            b[..4].copy_from_slice(&lo.to_ne_bytes());
-            b[4..].copy_from_slice(&hi.to_ne_bytes());
-            u64::from_le_bytes(b)
-        };
+        // `from_le`: byte k of the list in bits 8k.. whatever the host's order (a no-op on
+        // BPF and x86; a byte array in between made LLVM store and reload byte by byte).
+        let word = |i: usize| u32::from_le(unsafe { core::ptr::read_volatile(p.add(i)) });
+        let le = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
         let count = unsafe { core::ptr::read_volatile(&self.session_prefix_count) };
         (count, [le(word(0), word(1)), le(word(2), word(3))])
     }

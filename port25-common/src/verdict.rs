@@ -341,6 +341,11 @@ fn session_prefix<M: Maps>(
     near: u64,
     maps: &M,
 ) -> Option<Decided> {
+    // No length has a key in the source's blocks (a source outside every session's
+    // neighbourhood): nothing to probe, without walking the list.
+    if near == 0 {
+        return None;
+    }
     let (count, lens) = s.probed_lens();
     let count = count as usize;
     for i in 0..PROBED_PREFIX_LENS {

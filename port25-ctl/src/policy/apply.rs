@@ -456,7 +456,8 @@ fn lengths_of<'k>(keys: impl Iterator<Item = &'k m::NetKey6>) -> std::collection
     keys.map(|k| k.prefix_len as u8).collect()
 }
 
-/// `old` naming only the lengths that have keys (`present`), when they fit: the settings
+/// `old` naming exactly `present` (longest first), when they fit, else `old` as it is. Used
+/// for the lengths that have keys: the settings
 /// an apply that stopped halfway left name old and new lengths merged, and with the next
 /// state's they may be more than the datapath probes; the lengths without a key hide
 /// nothing, and dropping them keeps old and new probed together (the order that never
@@ -528,21 +529,8 @@ pub fn check_slots_fit(
 /// not after an apply that stopped halfway left a merged set behind.
 fn with_lens_of(s: Settings, old: Option<Settings>) -> Settings {
     let Some(old) = old else { return s };
-    let mut lens = std::collections::BTreeSet::new();
-    for x in [&s, &old] {
-        let n = (x.session_prefix_count as usize).min(PROBED_PREFIX_LENS);
-        lens.extend(x.session_prefix_lens[..n].iter().copied());
-    }
-    if lens.len() > PROBED_PREFIX_LENS {
-        return s;
-    }
-    let mut out = s;
-    out.session_prefix_lens = [0; PROBED_PREFIX_LENS];
-    for (i, l) in lens.iter().rev().enumerate() {
-        out.session_prefix_lens[i] = *l;
-    }
-    out.session_prefix_count = lens.len() as u32;
-    out
+    let both = lens(&s).iter().chain(lens(&old)).copied().collect();
+    named_in_use(s, &both)
 }
 
 /// Writes a per-change plan in the order of a full apply. `old`: what each slot held before

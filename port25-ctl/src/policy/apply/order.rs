@@ -867,14 +867,10 @@ fn a_binding_goes_in_before_the_operator_exempt_it_hides() {
     full_apply(&nobody(), &b).unwrap();
 }
 
-/// Found by the proptest when the settings named 8 lengths: old and new sessions used 9
-/// lengths, so the new set was written only after the bindings went out, and alice's
-/// binding 100.64.0.0/24 went out before carol's 100.64.0.0/23 came in. For that moment the
-/// operator's 0.0.0.0/1 was the longest match for 100.64.0.5, a blocked session's address
-/// before and after (bob's, then alice's), and passed it. With 16 lengths named, old and
-/// new are probed together and the new binding goes in first.
-#[test]
-fn a_binding_is_replaced_before_it_goes_when_old_and_new_use_nine_lengths() {
+/// The change of the nine-length case: alice's binding 100.64.0.0/24 replaced by carol's
+/// 100.64.0.0/23 under the operator's 0.0.0.0/1, over 100.64.0.5, a blocked session's
+/// address before and after.
+fn nine_lengths() -> (Pol, Pol) {
     let mut a = with_user(nobody(), 0, 1, &[], &[0]);
     a = with_user(a, 1, 3, &[14, 2], &[]);
     a = with_user(a, 2, 0, &[7], &[]);
@@ -883,6 +879,18 @@ fn a_binding_is_replaced_before_it_goes_when_old_and_new_use_nine_lengths() {
     b = with_user(b, 1, 0, &[6, 15, 10], &[]);
     b = with_user(b, 2, 1, &[11], &[7]);
     b.exempts.insert(8, false);
+    (a, b)
+}
+
+/// Found by the proptest when the settings named 8 lengths: old and new sessions used 9
+/// lengths, so the new set was written only after the bindings went out, and alice's
+/// binding 100.64.0.0/24 went out before carol's 100.64.0.0/23 came in. For that moment the
+/// operator's 0.0.0.0/1 was the longest match for 100.64.0.5, a blocked session's address
+/// before and after (bob's, then alice's), and passed it. With 16 lengths named, old and
+/// new are probed together and the new binding goes in first.
+#[test]
+fn a_binding_is_replaced_before_it_goes_when_old_and_new_use_nine_lengths() {
+    let (a, b) = nine_lengths();
     per_change(&a, &b).unwrap();
     full_apply(&a, &b).unwrap();
 }
@@ -894,14 +902,7 @@ fn a_binding_is_replaced_before_it_goes_when_old_and_new_use_nine_lengths() {
 /// when the maps are read (no known state).
 #[test]
 fn a_merged_length_list_left_by_a_stopped_apply_keeps_old_and_new_probed_together() {
-    let mut a = with_user(nobody(), 0, 1, &[], &[0]);
-    a = with_user(a, 1, 3, &[14, 2], &[]);
-    a = with_user(a, 2, 0, &[7], &[]);
-    a.exempts.insert(8, false);
-    let mut b = with_user(nobody(), 0, 3, &[2, 5, 8, 9], &[]);
-    b = with_user(b, 1, 0, &[6, 15, 10], &[]);
-    b = with_user(b, 2, 1, &[11], &[7]);
-    b.exempts.insert(8, false);
+    let (a, b) = nine_lengths();
     let cfg = config(&a);
     let (_, mut old) = build(&cfg, &snapshot(&a)).unwrap();
     let (_, new) = build(&cfg, &snapshot(&b)).unwrap();

@@ -607,13 +607,26 @@ pub fn bench(ctl: &std::path::Path, exempts: u32, rounds: usize, secs: f64) -> V
     let mut off_runs = Vec::new();
     let mut flood_runs: Vec<Vec<Run>> = vec![Vec::new(); ARMS.len()];
     let mut mix_runs: Vec<Vec<Run>> = vec![Vec::new(); ARMS.len()];
-    for _ in 0..rounds {
+    // PORT25_BENCH_PERF=PREFIX: `perf record -g` of the receiver's CPU during port25's first
+    // flood run, tracking on (PREFIX.on) and off (PREFIX.off).
+    let perf_prefix = std::env::var("PORT25_BENCH_PERF").ok();
+    for round in 0..rounds {
+        let perf = |tag: &str| {
+            perf_prefix
+                .as_ref()
+                .filter(|_| round == 0)
+                .map(|p| Perf::start(&format!("{p}.{tag}")))
+        };
         for (i, dev) in devs.iter().enumerate() {
+            let on = (ARMS[i] == Arm::Port25).then(|| perf("on")).flatten();
             flood_runs[i].push(run(&gen_ns, senders.clone(), &flood(i), &rx_ns, dev, secs));
+            drop(on);
             if ARMS[i] == Arm::Port25 {
                 use port25_ctl::bpf::offenders::write_settings;
                 write_settings(&mut live, &untracked).unwrap();
+                let off = perf("off");
                 off_runs.push(run(&gen_ns, senders.clone(), &flood(i), &rx_ns, dev, secs));
+                drop(off);
                 write_settings(&mut live, &config.abuse).unwrap();
             }
         }
@@ -702,6 +715,30 @@ pub fn bench(ctl: &std::path::Path, exempts: u32, rounds: usize, secs: f64) -> V
     ];
     drop(cleanup);
     out
+}
+
+/// `perf record` of the receiver's CPU (1), from `start` to drop.
+struct Perf(std::process::Child);
+
+impl Perf {
+    fn start(out: &str) -> Perf {
+        let c = Command::new("perf")
+            .args(["record", "-a", "-C", "1", "-g", "-F", "4999", "-o", out])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf (PORT25_BENCH_PERF)");
+        std::thread::sleep(Duration::from_millis(300));
+        Perf(c)
+    }
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let _ = self.0.wait();
+    }
 }
 
 /// Tears the flood's lab down however the bench ends.

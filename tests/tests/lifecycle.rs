@@ -839,3 +839,64 @@ fn a_start_whose_programs_are_refused_leaves_the_tree_as_it_found_it() {
     lab.start_daemon();
     assert_blocked(&lab, "the next start");
 }
+
+/// The names of the programs the daemon holds open (its file descriptors).
+fn daemon_programs(lab: &Lab) -> Vec<String> {
+    let pid = lab.daemon_pid().expect("daemon running");
+    let mut ids = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+        ids.extend(info.lines().filter_map(|l| {
+            l.strip_prefix("prog_id:")
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        }));
+    }
+    let mut names: Vec<String> = aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| ids.contains(&p.id()))
+        .filter_map(|p| p.name_as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// A start verifies only the entry points its interfaces attach (XDP here); a reload that
+/// moves the device to TC has the TC program verified then, and the device is enforced
+/// through it, blocked before and after.
+#[test]
+fn an_entry_point_no_interface_attaches_is_verified_when_a_reload_needs_it() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.start_daemon();
+    let held = daemon_programs(&lab);
+    assert!(held.iter().any(|p| p == "port25_xdp"), "{held:?}");
+    assert!(
+        !held
+            .iter()
+            .any(|p| p == "port25_tc" || p == "port25_tc_raw"),
+        "a start with XDP interfaces only verified a TC entry point: {held:?}"
+    );
+    assert_blocked(&lab, "XDP");
+
+    lab.interfaces = TC_NETLINK.replace("\n    tc_attach: netlink", "");
+    lab.write_config("");
+    let r = lab.ctl(&["reload"]);
+    assert!(r.status.success(), "reload: {}", text(&r));
+    let held = daemon_programs(&lab);
+    assert!(held.iter().any(|p| p == "port25_tc"), "{held:?}");
+    let st = lab.ctl(&["status", "--json"]);
+    let js: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(js["interfaces"][0]["attached"], true, "{js}");
+    assert!(
+        matches!(
+            js["interfaces"][0]["kind"].as_str(),
+            Some("tcx" | "netlink")
+        ),
+        "{js}"
+    );
+    assert_blocked(&lab, "after the reload to TC");
+}

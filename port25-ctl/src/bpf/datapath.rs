@@ -229,7 +229,7 @@ fn filter_missing(pins: &Pins) -> Option<String> {
 /// by a migration that died, is discarded first). The caller fills them, swaps every link's
 /// program to the returned one, then calls [`commit_staged_maps`].
 pub fn load_staged(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Ebpf> {
-    create_staged(cfg, pins, opts)?.verify()
+    create_staged(cfg, pins, opts)?.verify_all()
 }
 
 /// [`load_staged`]'s first half: the staged maps exist and are pinned when it returns.
@@ -315,7 +315,7 @@ pub fn load(cfg: &Config, pins: &Pins) -> Result<Ebpf> {
 
 /// [`load`], with the load-time switches.
 pub fn load_with(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Ebpf> {
-    create_with(cfg, pins, opts)?.verify()
+    create_with(cfg, pins, opts)?.verify_all()
 }
 
 /// The object with its maps created (or taken from their pins) and pinned, and its programs
@@ -326,20 +326,35 @@ pub fn load_with(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Ebpf> {
 pub struct Unverified {
     ebpf: Ebpf,
     opts: LoadOptions,
+    /// The entry points the config's interfaces attach ([`entry_points`]).
+    entries: Vec<&'static str>,
 }
 
 impl Unverified {
-    /// Verifies and loads every program, and fills the program arrays the entry points
-    /// tail-call: what [`load_with`] returns.
-    pub fn verify(mut self) -> Result<Ebpf> {
+    /// Verifies and loads the entry points the config's interfaces attach, and the programs
+    /// they tail-call. Each entry point is most of a start's verifier time (636k
+    /// instructions on Linux 6.18, about a third of a second; many times that on a small
+    /// router's CPU), and most routers use one hook. Another one is verified when an
+    /// interface first needs it (a config reload, a device a glob matches).
+    pub fn verify(self) -> Result<Ebpf> {
+        let entries = self.entries.clone();
+        self.verify_entries(&entries)
+    }
+
+    /// As [`Unverified::verify`], with every entry point: what [`load_with`] returns (its
+    /// callers run any of them, attached or not).
+    pub fn verify_all(self) -> Result<Ebpf> {
+        self.verify_entries(&[PROG_XDP, PROG_TC, PROG_TC_RAW])
+    }
+
+    fn verify_entries(mut self, entries: &[&str]) -> Result<Ebpf> {
         let ebpf = &mut self.ebpf;
-        program_xdp(ebpf)?
-            .load()
-            .context("verifying the XDP program")?;
-        for p in [PROG_TC, PROG_TC_RAW] {
-            program_tc(ebpf, p)?
-                .load()
-                .with_context(|| format!("verifying the TC program {p}"))?;
+        for p in entries {
+            if *p == PROG_XDP {
+                loaded_xdp(ebpf)?;
+            } else {
+                loaded_tc(ebpf, p)?;
+            }
         }
         set_tracking_programs(ebpf)?;
         if self.opts.kernel_log {
@@ -367,7 +382,35 @@ pub fn create_with(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Unver
     let ebpf = loader
         .load(EBPF_OBJECT)
         .context("loading the eBPF object")?;
-    Ok(Unverified { ebpf, opts })
+    Ok(Unverified {
+        ebpf,
+        opts,
+        entries: entry_points(cfg),
+    })
+}
+
+/// The entry points `cfg`'s interfaces attach: XDP for `hook: xdp`; for `hook: tc`, the one
+/// its device's link type takes (Ethernet or raw), or both for a glob or a device not
+/// there yet.
+pub fn entry_points(cfg: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    for iface in &cfg.interfaces {
+        let wanted: &[&'static str] = match iface.hook {
+            Hook::Xdp => &[PROG_XDP],
+            Hook::Tc if iface.is_glob() => &[PROG_TC, PROG_TC_RAW],
+            Hook::Tc => match link_is_ethernet(&iface.name) {
+                Ok(true) => &[PROG_TC],
+                Ok(false) => &[PROG_TC_RAW],
+                Err(_) => &[PROG_TC, PROG_TC_RAW],
+            },
+        };
+        for p in wanted {
+            if !out.contains(p) {
+                out.push(*p);
+            }
+        }
+    }
+    out
 }
 
 /// Loads the kernel log's programs into its program arrays. Without them the entry points'
@@ -430,6 +473,25 @@ fn program_xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
         .program_mut(PROG_XDP)
         .ok_or_else(|| anyhow!("no program {PROG_XDP}"))?
         .try_into()?)
+}
+
+/// The XDP entry point, verified first if it is not yet ([`Unverified::verify`]).
+fn loaded_xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let prog = program_xdp(ebpf)?;
+    if prog.fd().is_err() {
+        prog.load().context("verifying the XDP program")?;
+    }
+    Ok(prog)
+}
+
+/// A TC entry point, verified first if it is not yet.
+fn loaded_tc<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    let prog = program_tc(ebpf, name)?;
+    if prog.fd().is_err() {
+        prog.load()
+            .with_context(|| format!("verifying the TC program {name}"))?;
+    }
+    Ok(prog)
 }
 
 fn program_tc<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
@@ -645,7 +707,7 @@ fn attach_netlink(ebpf: &mut Ebpf, path: &std::path::Path, iface: &Interface) ->
     // A tcx link pinned here (the kind changed) is released by the record's rename, once
     // the filter is in place.
     let other_kind = old.is_none() && crate::bpf::tc::occupied(path);
-    let (rec, swapped) = crate::bpf::tc::attach(program_tc(ebpf, name)?, iface)?;
+    let (rec, swapped) = crate::bpf::tc::attach(loaded_tc(ebpf, name)?, iface)?;
     crate::bpf::tc::write_record(path, &rec)?;
     Ok(if swapped {
         Attached::Swapped
@@ -682,7 +744,7 @@ fn attach_link(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attach
             if !ethernet {
                 bail!("{}: XDP needs an Ethernet device; use hook: tc", iface.name);
             }
-            let prog = program_xdp(ebpf)?;
+            let prog = loaded_xdp(ebpf)?;
             match pinned {
                 Some(fd) => {
                     let link = XdpLink::try_from(fd)
@@ -721,7 +783,7 @@ fn attach_link(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attach
         }
         Hook::Tc => {
             let name = if ethernet { PROG_TC } else { PROG_TC_RAW };
-            let prog = program_tc(ebpf, name)?;
+            let prog = loaded_tc(ebpf, name)?;
             match pinned {
                 Some(fd) => {
                     let link = SchedClassifierLink::try_from(fd)

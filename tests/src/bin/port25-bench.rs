@@ -710,6 +710,15 @@ fn ctl_bench() {
     let warm_new = timed_start(&mut lab);
     lab.kill9();
     let warm = timed_start(&mut lab);
+    // With PORT25_LOG=port25_ctl::control::server=debug: where the restart's time went.
+    let log = lab.daemon_log();
+    let phases: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("start: ") || l.contains("full build"))
+        .collect();
+    for l in &phases[phases.len().saturating_sub(7)..] {
+        println!("    restart phase: {l}");
+    }
     lab.kill9();
     let pins = Pins::new(&lab.pin_dir);
     lab::in_ns(&lab.rtr.clone(), move || {

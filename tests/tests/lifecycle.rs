@@ -900,3 +900,43 @@ fn an_entry_point_no_interface_attaches_is_verified_when_a_reload_needs_it() {
     );
     assert_blocked(&lab, "after the reload to TC");
 }
+
+/// A reload to a hook whose program the kernel refuses (the failpoint stands in for the
+/// verifier) is refused before any link moves: the XDP attachment stays, and port 25 stays
+/// blocked. For a glob too, whose devices would otherwise each fail after their old links
+/// went.
+#[test]
+fn a_reload_to_a_hook_the_kernel_refuses_leaves_the_attachment_in_place() {
+    require_root!();
+    use port25_ctl::control::testing::FAILPOINT_REFUSE_PROGRAM;
+    let mut lab = Lab::new(XDP);
+    lab.try_start_daemon_env(&[(FAILPOINT_REFUSE_PROGRAM, "port25_tc")])
+        .unwrap();
+    assert_blocked(&lab, "XDP");
+    let link = lab.pin_dir.join("links/xdp:rs");
+    let before = port25_ctl::bpf::linkinfo::read(&link).unwrap().link_id;
+    for interfaces in [
+        TC_NETLINK.replace("\n    tc_attach: netlink", ""),
+        "  - name: \"r*\"\n    hook: tc\n    direction: ingress".to_string(),
+    ] {
+        lab.interfaces = interfaces;
+        lab.write_config("");
+        let r = lab.ctl(&["reload"]);
+        assert!(
+            !r.status.success(),
+            "the reload must be refused: {}",
+            text(&r)
+        );
+        assert!(
+            text(&r).contains("port25_tc"),
+            "the refusal names the program: {}",
+            text(&r)
+        );
+        assert_eq!(
+            port25_ctl::bpf::linkinfo::read(&link).unwrap().link_id,
+            before,
+            "the XDP link moved"
+        );
+        assert_blocked(&lab, "after a refused reload");
+    }
+}

@@ -350,11 +350,7 @@ impl Unverified {
     fn verify_entries(mut self, entries: &[&str]) -> Result<Ebpf> {
         let ebpf = &mut self.ebpf;
         for p in entries {
-            if *p == PROG_XDP {
-                loaded_xdp(ebpf)?;
-            } else {
-                loaded_tc(ebpf, p)?;
-            }
+            loaded_entry(ebpf, p)?;
         }
         set_tracking_programs(ebpf)?;
         if self.opts.kernel_log {
@@ -387,6 +383,25 @@ pub fn create_with(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Unver
         opts,
         entries: entry_points(cfg),
     })
+}
+
+/// Verifies the entry points `cfg`'s interfaces attach that are not verified yet. A reload
+/// calls it before it touches any link: a program the kernel refuses refuses the reload,
+/// with every attachment as it was.
+pub fn verify_entry_points(ebpf: &mut Ebpf, cfg: &Config) -> Result<()> {
+    for p in entry_points(cfg) {
+        loaded_entry(ebpf, p)?;
+    }
+    Ok(())
+}
+
+fn loaded_entry(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    if name == PROG_XDP {
+        loaded_xdp(ebpf)?;
+    } else {
+        loaded_tc(ebpf, name)?;
+    }
+    Ok(())
 }
 
 /// The entry points `cfg`'s interfaces attach: XDP for `hook: xdp`; for `hook: tc`, the one
@@ -479,6 +494,7 @@ fn program_xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
 fn loaded_xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     let prog = program_xdp(ebpf)?;
     if prog.fd().is_err() {
+        crate::control::testing::failpoint_refuse(PROG_XDP)?;
         prog.load().context("verifying the XDP program")?;
     }
     Ok(prog)
@@ -488,6 +504,7 @@ fn loaded_xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
 fn loaded_tc<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
     let prog = program_tc(ebpf, name)?;
     if prog.fd().is_err() {
+        crate::control::testing::failpoint_refuse(name)?;
         prog.load()
             .with_context(|| format!("verifying the TC program {name}"))?;
     }
@@ -722,6 +739,14 @@ fn attach_netlink(ebpf: &mut Ebpf, path: &std::path::Path, iface: &Interface) ->
 fn attach_link(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attached> {
     let point = iface.attach_point();
     let path = pins.link(&point);
+    let ethernet = link_is_ethernet(&iface.name)?;
+    // The program is verified before any pinned link is touched: a refusal leaves what
+    // enforces there now in place.
+    match iface.hook {
+        Hook::Xdp if ethernet => loaded_entry(ebpf, PROG_XDP)?,
+        Hook::Xdp => {}
+        Hook::Tc => loaded_entry(ebpf, if ethernet { PROG_TC } else { PROG_TC_RAW })?,
+    }
     let mut replaced = false;
     // Not `exists()`, which follows a symlink (a netlink record, or garbage) to nothing.
     let pinned = if crate::bpf::tc::occupied(&path) {
@@ -738,7 +763,6 @@ fn attach_link(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attach
     } else {
         None
     };
-    let ethernet = link_is_ethernet(&iface.name)?;
     let outcome = match iface.hook {
         Hook::Xdp => {
             if !ethernet {

@@ -32,6 +32,11 @@ pub const FAILPOINT_AFTER_FLEET_COMMIT: &str = "PORT25_FAILPOINT_AFTER_FLEET_COM
 /// failed-start tests use it.
 pub const FAILPOINT_VERIFY: &str = "PORT25_FAILPOINT_VERIFY";
 
+/// A program name (`port25_tc`...): verifying that entry point fails as if the kernel
+/// refused it, wherever it is verified (a start, a reload, an attach). The test of a reload
+/// to a hook the kernel refuses uses it.
+pub const FAILPOINT_REFUSE_PROGRAM: &str = "PORT25_FAILPOINT_REFUSE_PROGRAM";
+
 /// Seconds added to the system's wall clock as the daemon reads it (negative = a clock
 /// behind real time, as after a boot without RTC before NTP has synced). The clock guard
 /// tests use it.
@@ -99,6 +104,14 @@ pub fn failpoint_after_fleet_commit() {
 pub fn failpoint_verify() -> Result<()> {
     if std::env::var_os(FAILPOINT_VERIFY).is_some() {
         anyhow::bail!("{FAILPOINT_VERIFY}: the programs are refused as by the verifier");
+    }
+    Ok(())
+}
+
+/// Err when [`FAILPOINT_REFUSE_PROGRAM`] names `program`.
+pub fn failpoint_refuse(program: &str) -> Result<()> {
+    if std::env::var_os(FAILPOINT_REFUSE_PROGRAM).is_some_and(|v| v == program) {
+        anyhow::bail!("{FAILPOINT_REFUSE_PROGRAM}: {program} is refused as by the verifier");
     }
     Ok(())
 }

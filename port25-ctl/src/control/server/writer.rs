@@ -72,6 +72,10 @@ impl Daemon {
         for t in targets.iter().filter(|t| t.glob.is_none()) {
             datapath::preflight(&t.iface).map_err(refused)?;
         }
+        // A hook no interface used until now: its program is verified here, before any link
+        // moves (a refused one would otherwise fail each glob device in turn, after their
+        // old links went).
+        datapath::verify_entry_points(&mut self.ebpf, &new).map_err(refused)?;
         // Bound now, handed over only if the reload succeeds (dropped, unbound, if not).
         let metrics =
             MetricsServer::prepare(self.cfg.metrics_listen, new.metrics_listen).map_err(refused)?;

@@ -456,12 +456,12 @@ fn lengths_of<'k>(keys: impl Iterator<Item = &'k m::NetKey6>) -> std::collection
     keys.map(|k| k.prefix_len as u8).collect()
 }
 
-/// `old` naming exactly `present` (longest first), when they fit, else `old` as it is. Used
-/// for the lengths that have keys: the settings
-/// an apply that stopped halfway left name old and new lengths merged, and with the next
-/// state's they may be more than the datapath probes; the lengths without a key hide
-/// nothing, and dropping them keeps old and new probed together (the order that never
-/// shows a blocked session's address a wider exempt while one binding replaces another).
+/// `old` naming exactly `present` (longest first), when they fit, else `old` as it is.
+/// Called with the lengths that have keys: an apply that stopped halfway leaves the settings
+/// naming old and new lengths merged, and with the next state's they may be more than the
+/// datapath probes; the lengths without a key hide nothing, and dropping them keeps old and
+/// new probed together (the order that never shows a blocked session's address a wider
+/// exempt while one binding replaces another). Also [`with_lens_of`]'s union of two lists.
 fn named_in_use(old: Settings, present: &std::collections::BTreeSet<u8>) -> Settings {
     if present.len() > PROBED_PREFIX_LENS {
         return old;

@@ -14,6 +14,21 @@ pub fn root() -> PathBuf {
         .to_owned()
 }
 
+/// Where cargo puts its builds: `CARGO_TARGET_DIR` when set (relative to the workspace, where
+/// every cargo this runs is started), else the workspace's `target`. Binaries are looked for
+/// where the build just put them, not where a default build would have.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root().join(d),
+        _ => root().join("target"),
+    }
+}
+
+/// A release binary of the workspace, as `cargo build --release` left it.
+pub fn release_bin(name: &str) -> PathBuf {
+    target_dir().join("release").join(name)
+}
+
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: {cmd:?}");
     let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
@@ -104,7 +119,7 @@ pub fn all() -> Result<()> {
         .args(["build", "--release"]))?;
     eprintln!(
         "xtask: built {}",
-        root().join("target/release/port25-ctl").display()
+        release_bin("port25-ctl").display()
     );
     Ok(())
 }
@@ -162,7 +177,7 @@ pub fn test(args: &[String]) -> Result<()> {
     }
     run(Command::new("cargo")
         .current_dir(root())
-        .env("PORT25_CTL", root().join("target/release/port25-ctl"))
+        .env("PORT25_CTL", release_bin("port25-ctl"))
         .args(["test", "--release", "--"])
         .args(args))
 }

@@ -5,10 +5,10 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::build::{self, root};
+use crate::build;
 
 pub fn run(args: &[String]) -> Result<()> {
     build::all()?;
     build::ensure_root()?;
-    build::run(Command::new(root().join("target/release/port25-fuzz")).args(args))
+    build::run(Command::new(build::release_bin("port25-fuzz")).args(args))
 }

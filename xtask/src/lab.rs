@@ -4,14 +4,14 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::build::{self, root};
+use crate::build;
 
 pub fn run(args: &[String]) -> Result<()> {
     build::all()?;
     build::ensure_lab_tools()?;
     build::run(
-        Command::new(root().join("target/release/port25-lab"))
-            .env("PORT25_CTL", root().join("target/release/port25-ctl"))
+        Command::new(build::release_bin("port25-lab"))
+            .env("PORT25_CTL", build::release_bin("port25-ctl"))
             .args(args),
     )
 }

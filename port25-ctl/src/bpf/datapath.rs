@@ -27,6 +27,16 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const PROG_XDP: &str = "port25_xdp";
 pub const PROG_TC: &str = "port25_tc";
 pub const PROG_TC_RAW: &str = "port25_tc_raw";
+
+/// The TC entry point for a device: the Ethernet one, or the raw one for a device whose
+/// frames start at the IP header (tun, PPP).
+fn tc_program(ethernet: bool) -> &'static str {
+    if ethernet {
+        PROG_TC
+    } else {
+        PROG_TC_RAW
+    }
+}
 /// The offender-tracking programs the entry points tail-call for a blocked segment.
 pub const PROG_TRACK_XDP: &str = "port25_track_xdp";
 pub const PROG_TRACK_TC: &str = "port25_track_tc";
@@ -410,18 +420,17 @@ fn loaded_entry(ebpf: &mut Ebpf, name: &str) -> Result<()> {
 pub fn entry_points(cfg: &Config) -> Vec<&'static str> {
     let mut out = Vec::new();
     for iface in &cfg.interfaces {
-        let wanted: &[&'static str] = match iface.hook {
-            Hook::Xdp => &[PROG_XDP],
-            Hook::Tc if iface.is_glob() => &[PROG_TC, PROG_TC_RAW],
+        let wanted = match iface.hook {
+            Hook::Xdp => vec![PROG_XDP],
+            Hook::Tc if iface.is_glob() => vec![PROG_TC, PROG_TC_RAW],
             Hook::Tc => match link_is_ethernet(&iface.name) {
-                Ok(true) => &[PROG_TC],
-                Ok(false) => &[PROG_TC_RAW],
-                Err(_) => &[PROG_TC, PROG_TC_RAW],
+                Ok(ethernet) => vec![tc_program(ethernet)],
+                Err(_) => vec![PROG_TC, PROG_TC_RAW],
             },
         };
         for p in wanted {
-            if !out.contains(p) {
-                out.push(*p);
+            if !out.contains(&p) {
+                out.push(p);
             }
         }
     }
@@ -715,11 +724,7 @@ fn in_use(e: &anyhow::Error) -> bool {
 
 /// TC through a netlink filter: ours is given the program in place when it is there.
 fn attach_netlink(ebpf: &mut Ebpf, path: &std::path::Path, iface: &Interface) -> Result<Attached> {
-    let name = if link_is_ethernet(&iface.name)? {
-        PROG_TC
-    } else {
-        PROG_TC_RAW
-    };
+    let name = tc_program(link_is_ethernet(&iface.name)?);
     let old = crate::bpf::tc::read_record(path);
     // A tcx link pinned here (the kind changed) is released by the record's rename, once
     // the filter is in place.
@@ -745,7 +750,7 @@ fn attach_link(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attach
     match iface.hook {
         Hook::Xdp if ethernet => loaded_entry(ebpf, PROG_XDP)?,
         Hook::Xdp => {}
-        Hook::Tc => loaded_entry(ebpf, if ethernet { PROG_TC } else { PROG_TC_RAW })?,
+        Hook::Tc => loaded_entry(ebpf, tc_program(ethernet))?,
     }
     let mut replaced = false;
     // Not `exists()`, which follows a symlink (a netlink record, or garbage) to nothing.
@@ -806,8 +811,7 @@ fn attach_link(ebpf: &mut Ebpf, pins: &Pins, iface: &Interface) -> Result<Attach
             }
         }
         Hook::Tc => {
-            let name = if ethernet { PROG_TC } else { PROG_TC_RAW };
-            let prog = loaded_tc(ebpf, name)?;
+            let prog = loaded_tc(ebpf, tc_program(ethernet))?;
             match pinned {
                 Some(fd) => {
                     let link = SchedClassifierLink::try_from(fd)

@@ -15,6 +15,73 @@ impl Addr {
     }
 }
 
+/// An address as the datapath carries it from the parse to the verdict: its 16 bytes in
+/// network order (IPv4 in the first four, the rest zero), held as two native-endian words,
+/// so the same bytes in memory. Held as `[u8; 16]`, LLVM split each address into sixteen
+/// one-byte values and spilled them on every packet's path, a non-IP frame's included
+/// (about 60 BPF instructions); as words they are two registers or two stack slots.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+#[repr(transparent)]
+pub struct Ip16(pub [u64; 2]);
+
+impl Ip16 {
+    pub const ZERO: Ip16 = Ip16([0; 2]);
+
+    #[inline(always)]
+    pub const fn from_bytes(b: [u8; 16]) -> Ip16 {
+        Ip16([
+            u64::from_ne_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+            u64::from_ne_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+        ])
+    }
+
+    /// An IPv4 address, the rest zero.
+    #[inline(always)]
+    pub const fn from_v4(b: [u8; 4]) -> Ip16 {
+        Ip16([u64::from_ne_bytes([b[0], b[1], b[2], b[3], 0, 0, 0, 0]), 0])
+    }
+
+    /// The 16 bytes at `at` of a header read from the packet.
+    #[inline(always)]
+    pub fn from_slice<const N: usize>(h: &[u8; N], at: usize) -> Ip16 {
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&h[at..at + 16]);
+        Ip16::from_bytes(b)
+    }
+
+    #[inline(always)]
+    pub const fn bytes(&self) -> [u8; 16] {
+        let (a, b) = (self.0[0].to_ne_bytes(), self.0[1].to_ne_bytes());
+        [
+            a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], b[0], b[1], b[2], b[3], b[4], b[5],
+            b[6], b[7],
+        ]
+    }
+
+    /// The first four bytes: the address of an IPv4 parse.
+    #[inline(always)]
+    pub const fn v4(&self) -> [u8; 4] {
+        let a = self.0[0].to_ne_bytes();
+        [a[0], a[1], a[2], a[3]]
+    }
+
+    /// As two big-endian words, the form the filter hashes and masks
+    /// ([`crate::maps::words_of`] of [`Ip16::bytes`]).
+    #[inline(always)]
+    pub const fn be_words(&self) -> (u64, u64) {
+        (
+            u64::from_be_bytes(self.0[0].to_ne_bytes()),
+            u64::from_be_bytes(self.0[1].to_ne_bytes()),
+        )
+    }
+}
+
+impl core::fmt::Debug for Ip16 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.bytes().fmt(f)
+    }
+}
+
 /// `addr` with every bit past `len` cleared.
 #[inline(always)]
 pub fn mask<const N: usize>(addr: [u8; N], len: u32) -> [u8; N] {
@@ -133,6 +200,25 @@ mod tests {
                 assert_eq!(mask6(a, len), mask(a, len), "{a:?}/{len}");
             }
         }
+    }
+
+    #[test]
+    fn ip16_holds_the_bytes_as_they_are() {
+        let b = *b"\x20\x01\x0d\xb8\x01\xa0\x00\x05\x80\x01\x02\x03\xfe\xdc\xba\x98";
+        let a = Ip16::from_bytes(b);
+        assert_eq!(a.bytes(), b);
+        // The same memory as the bytes: what the offender hand-over reads as words.
+        assert_eq!(unsafe { core::mem::transmute::<Ip16, [u8; 16]>(a) }, b);
+        assert_eq!(a.be_words(), crate::maps::words_of(&b));
+        let mut h = [0u8; 19];
+        h[3..].copy_from_slice(&b);
+        assert_eq!(Ip16::from_slice(&h, 3), a);
+        let v4 = Ip16::from_v4([192, 0, 2, 7]);
+        assert_eq!(v4.v4(), [192, 0, 2, 7]);
+        assert_eq!(
+            v4.bytes(),
+            [192, 0, 2, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
     }
 
     #[test]

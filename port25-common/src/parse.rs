@@ -17,7 +17,10 @@
 //! about a packet that could be TCP to a blocked port becomes [`Packet::Doubt`] with its own
 //! reason; the verdict turns a doubt into a block unless the addresses alone decide a pass.
 
-use crate::{addr::Addr, reason::Reason};
+use crate::{
+    addr::{Addr, Ip16},
+    reason::Reason,
+};
 
 /// Read access to a frame's bytes.
 pub trait Frame {
@@ -189,8 +192,8 @@ impl Next {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C, align(8))]
 pub struct Parsed {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: Ip16,
+    pub dst: Ip16,
     pub shape: Shape,
     /// `Shape::Doubt`: why (otherwise unused).
     pub reason: Reason,
@@ -222,8 +225,8 @@ impl Parsed {
             reason,
             addrs: false,
             v6: false,
-            src: [0; 16],
-            dst: [0; 16],
+            src: Ip16::ZERO,
+            dst: Ip16::ZERO,
             dport: 0,
             tcp_flags: 0,
         }
@@ -232,11 +235,11 @@ impl Parsed {
     /// The same result as a [`Packet`].
     #[inline(always)]
     pub fn packet(&self) -> Packet {
-        let addr = |a: &[u8; 16]| {
+        let addr = |a: &Ip16| {
             if self.v6 {
-                Addr::V6(*a)
+                Addr::V6(a.bytes())
             } else {
-                Addr::V4([a[0], a[1], a[2], a[3]])
+                Addr::V4(a.v4())
             }
         };
         match self.shape {
@@ -265,9 +268,9 @@ impl Parsed {
 
     /// A [`Packet`] as a `Parsed` (a doubt with only one address known keeps none).
     pub fn from_packet(p: &Packet) -> Parsed {
-        let put = |a: Addr, out: &mut [u8; 16]| match a {
-            Addr::V4(b) => out[..4].copy_from_slice(&b),
-            Addr::V6(b) => *out = b,
+        let put = |a: Addr, out: &mut Ip16| match a {
+            Addr::V4(b) => *out = Ip16::from_v4(b),
+            Addr::V6(b) => *out = Ip16::from_bytes(b),
         };
         match *p {
             Packet::NotIp => Parsed::bare(Shape::NotIp, Reason::PassNotIp),
@@ -310,8 +313,8 @@ const fn with_addrs(shape: Shape, reason: Reason, tcp: u32) -> Parsed {
         reason,
         addrs: true,
         v6: false,
-        src: [0; 16],
-        dst: [0; 16],
+        src: Ip16::ZERO,
+        dst: Ip16::ZERO,
         dport: tcp as u16,
         tcp_flags: (tcp >> 16) as u8,
     }
@@ -698,10 +701,8 @@ fn ipv4<F: Frame + ?Sized>(
     // The addresses go straight into the result: one copy of them on the stack, not one per
     // answer (the programs are near the 512-byte stack limit).
     out.v6 = false;
-    out.src = [0; 16];
-    out.dst = [0; 16];
-    out.src[..4].copy_from_slice(&h[12..16]);
-    out.dst[..4].copy_from_slice(&h[16..20]);
+    out.src = Ip16::from_v4([h[12], h[13], h[14], h[15]]);
+    out.dst = Ip16::from_v4([h[16], h[17], h[18], h[19]]);
     let fail = |out: &mut Parsed, reason| done(out, with_addrs(Shape::Doubt, reason, 0));
     let ihl = (h[0] & 0x0f) as usize * 4;
     if h[0] >> 4 != 4 || ihl < 20 {
@@ -744,8 +745,8 @@ fn ipv6<F: Frame + ?Sized>(frame: &F, off: usize, limit: usize, out: &mut Parsed
         None => return done(out, doubt(Reason::BlockTruncated)),
     };
     out.v6 = true;
-    out.src.copy_from_slice(&h[8..24]);
-    out.dst.copy_from_slice(&h[24..40]);
+    out.src = Ip16::from_slice(&h, 8);
+    out.dst = Ip16::from_slice(&h, 24);
     let fail = |out: &mut Parsed, reason| done(out, with_addrs(Shape::Doubt, reason, 0));
     if h[0] >> 4 != 6 {
         return fail(out, Reason::BlockBadIpHeader);

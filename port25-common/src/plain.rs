@@ -11,6 +11,7 @@
 //! parser, and `plain_agrees_with_parse_flat` (tests crate) does on the host.
 
 use crate::{
+    addr::Ip16,
     parse::{
         parse_flat, Frame, Link, Parsed, Shape, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6,
         ETH_P_MPLS_MC, ETH_P_MPLS_UC, ETH_P_PPPOE_SESS, ETH_P_QINQ_OLD, GENEVE_PORT, IPPROTO_GRE,
@@ -110,10 +111,8 @@ fn ipv4<F: Frame + ?Sized>(frame: &F, off: usize, out: &mut Parsed) -> L4 {
         return L4::Defer;
     }
     out.v6 = false;
-    out.src = [0; 16];
-    out.dst = [0; 16];
-    out.src[..4].copy_from_slice(&h[12..16]);
-    out.dst[..4].copy_from_slice(&h[16..20]);
+    out.src = Ip16::from_v4([h[12], h[13], h[14], h[15]]);
+    out.dst = Ip16::from_v4([h[16], h[17], h[18], h[19]]);
     l4(frame, h[9], off + IPV4_HLEN, off + tot_len)
 }
 
@@ -131,8 +130,8 @@ fn ipv6<F: Frame + ?Sized>(frame: &F, off: usize, out: &mut Parsed) -> L4 {
         return L4::Defer;
     }
     out.v6 = true;
-    out.src.copy_from_slice(&h[8..24]);
-    out.dst.copy_from_slice(&h[24..40]);
+    out.src = Ip16::from_slice(&h, 8);
+    out.dst = Ip16::from_slice(&h, 24);
     match h[6] {
         // Extension headers (hop-by-hop, routing, fragment, destination options, AH,
         // mobility, HIP, shim6, experimental): the full parser walks them.

@@ -5,7 +5,7 @@ use crate::{
     addr::mask_words,
     maps::{
         block6, block_bit, block_word, ip4_bit, ip6_bit_of, net6_bit_of, range6_tag, slash24_bit,
-        words_of, Exempt, NetKey6, Settings, BLOCKED_NS, EXBITS_LENS6, EXBITS_MAIL4, EXBITS_MAIL6,
+        Exempt, NetKey6, Settings, BLOCKED_NS, EXBITS_LENS6, EXBITS_MAIL4, EXBITS_MAIL6,
         EXBITS_PFX4, EXBITS_PFX6, EXBITS_RANGES4, EXBITS_RANGES6, EXBITS_READY, EXBITS_WIDE6,
         FLAG_LISTED4, FLAG_LISTED6, PROBED_PREFIX_LENS, WIDE6_LENS, WIDE6_MAIL, WIDE6_PFX,
     },
@@ -72,11 +72,6 @@ pub fn decide_parsed<M: Maps>(p: &Parsed, maps: &M) -> Reason {
     }
 }
 
-#[inline(always)]
-fn v4(a: &[u8; 16]) -> [u8; 4] {
-    [a[0], a[1], a[2], a[3]]
-}
-
 /// Rules 3 to 5: the ones that depend only on addresses. `None` = no rule lets it pass.
 #[inline(always)]
 fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
@@ -88,10 +83,10 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
     // Per family: a family with no listed range is enforced whole (its flag is clear), so
     // listing only IPv4 ranges never leaves every IPv6 source open. Unreadable settings
     // enforce every source.
-    let (v6, src, dst) = (p.v6, &p.src, &p.dst);
+    let (v6, src, dst) = (p.v6, p.src, p.dst);
     // IPv6: the source's blocks, hashed once for every region that reads them.
     let near = if v6 && filtered {
-        Near6::of(words_of(src).0, maps)
+        Near6::of(src.be_words().0, maps)
     } else {
         Near6::ANY
     };
@@ -99,22 +94,22 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
         None => true,
         Some(flags) if v6 => {
             flags & FLAG_LISTED6 == 0
-                || near.surely_enforced(words_of(src).0, maps)
-                || maps.in_ranges6(*src)
+                || near.surely_enforced(src.be_words().0, maps)
+                || maps.in_ranges6(src.bytes())
         }
         Some(flags) => {
             flags & FLAG_LISTED4 == 0
-                || surely(filtered, slash24_bit(EXBITS_RANGES4, v4(src)), maps)
-                || maps.in_ranges4(v4(src))
+                || surely(filtered, slash24_bit(EXBITS_RANGES4, src.v4()), maps)
+                || maps.in_ranges4(src.v4())
         }
     };
     if !enforced {
         return Some(Reason::PassNotSubscriber);
     }
     let mail = if v6 {
-        near.mail(words_of(dst).0, maps) && maps.mail_server6(*dst)
+        near.mail(dst.be_words().0, maps) && maps.mail_server6(dst.bytes())
     } else {
-        let d = v4(dst);
+        let d = dst.v4();
         maybe(filtered, slash24_bit(EXBITS_MAIL4, d), maps) && maps.mail_server4(d)
     };
     if mail {
@@ -124,10 +119,9 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
     // LPM. A live session's entry decides alone, so a wider prefix of another user (a
     // binding, a stale delegated prefix) never exempts an address a blocked user holds.
     let decided = if v6 {
-        let a = *src;
-        let (hi, lo) = words_of(&a);
+        let (hi, lo) = src.be_words();
         let exact = if maybe(filtered, ip6_bit_of(hi, lo), maps) {
-            maps.exempt_ip6(a)
+            maps.exempt_ip6(src.bytes())
         } else {
             None
         };
@@ -141,11 +135,15 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
             };
         }
         if d.is_none() {
-            d = entry(prefix6(&near, a, maps), maps, Reason::PassExemptPrefix);
+            d = entry(
+                prefix6(&near, src.bytes(), maps),
+                maps,
+                Reason::PassExemptPrefix,
+            );
         }
         d
     } else {
-        let a = v4(src);
+        let a = src.v4();
         let exact = if maybe(filtered, ip4_bit(a), maps) {
             maps.exempt_ip4(a)
         } else {
@@ -163,9 +161,9 @@ fn address_rules<M: Maps>(p: &Parsed, maps: &M) -> Option<Reason> {
         // is not the operator's, the block stands (fail closed).
         Some(Decided::Block) => {
             let e = if v6 {
-                prefix6(&near, *src, maps)
+                prefix6(&near, src.bytes(), maps)
             } else {
-                prefix4(filtered, v4(src), maps)
+                prefix4(filtered, src.v4(), maps)
             };
             match e {
                 Some(e) if e.operator() && live(&e, maps) => Some(Reason::PassExemptPrefix),

@@ -52,22 +52,11 @@ impl Log for On {
     /// reaching it, and inline it does not fit the stack the verdict leaves.
     #[inline(always)]
     fn stage(p: &Parsed, reason: Reason) {
-        let word = |a: &[u8; 16], i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&a[i * 8..i * 8 + 8]);
-            u64::from_ne_bytes(w)
-        };
         let flags = if p.addrs { ADDRS } else { 0 }
             | if p.v6 { V6 } else { 0 }
             | if p.shape == Shape::Tcp { TCP } else { 0 };
         let meta = p.dport as u64 | (reason as u64 & 0xff) << 16 | (flags as u64) << 24;
-        port25_klog_stage(
-            word(&p.src, 0),
-            word(&p.src, 1),
-            word(&p.dst, 0),
-            word(&p.dst, 1),
-            meta,
-        );
+        port25_klog_stage(p.src.0[0], p.src.0[1], p.dst.0[0], p.dst.0[1], meta);
     }
 }
 

@@ -137,23 +137,12 @@ pub fn on() -> bool {
 /// verifier state reaching it (+200k instructions).
 #[inline(always)]
 pub fn hand_over(p: &Parsed, reason: u32, ifindex: u32) {
-    let word = |a: &[u8; 16], i: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&a[i * 8..i * 8 + 8]);
-        u64::from_ne_bytes(w)
-    };
     let meta = ifindex as u64
         | (p.dport as u64) << 32
         | (p.tcp_flags as u64) << 48
         | (reason as u64 & 0x3f) << 56
         | (p.v6 as u64) << 62;
-    port25_hand_over(
-        word(&p.src, 0),
-        word(&p.src, 1),
-        word(&p.dst, 0),
-        word(&p.dst, 1),
-        meta,
-    );
+    port25_hand_over(p.src.0[0], p.src.0[1], p.dst.0[0], p.dst.0[1], meta);
 }
 
 /// The hand-over's copy into the per-CPU scratch. `meta`: ifindex (bits 0-31), destination

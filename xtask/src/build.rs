@@ -117,10 +117,7 @@ pub fn all() -> Result<()> {
     run(Command::new("cargo")
         .current_dir(root())
         .args(["build", "--release"]))?;
-    eprintln!(
-        "xtask: built {}",
-        release_bin("port25-ctl").display()
-    );
+    eprintln!("xtask: built {}", release_bin("port25-ctl").display());
     Ok(())
 }
 

@@ -10,7 +10,7 @@ pub fn run() -> Result<()> {
     build::all()?;
     build::ensure_lab_tools()?;
     build::run(
-        Command::new(build::release_bin("port25-bench"))
-            .env("PORT25_CTL", build::release_bin("port25-ctl")),
+        Command::new(build::release_bin("port25-bench")?)
+            .env("PORT25_CTL", build::release_bin("port25-ctl")?),
     )
 }

@@ -14,19 +14,33 @@ pub fn root() -> PathBuf {
         .to_owned()
 }
 
-/// Where cargo puts its builds: `CARGO_TARGET_DIR` when set (relative to the workspace, where
-/// every cargo this runs is started), else the workspace's `target`. Binaries are looked for
-/// where the build just put them, not where a default build would have.
-pub fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) if !d.is_empty() => root().join(d),
-        _ => root().join("target"),
+/// Where cargo puts its builds, as cargo itself resolves it (`CARGO_TARGET_DIR`,
+/// `CARGO_BUILD_TARGET_DIR`, `build.target-dir` in a config file, relative to the workspace
+/// where every cargo this runs is started): asked of cargo once. Binaries are looked for
+/// where the build just put them: a guess could find an older build and test that one.
+pub fn target_dir() -> Result<PathBuf> {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(d) = DIR.get() {
+        return Ok(d.clone());
     }
+    let meta = output(Command::new("cargo").current_dir(root()).args([
+        "metadata",
+        "--no-deps",
+        "--format-version",
+        "1",
+    ]))?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&meta).context("reading cargo metadata's answer")?;
+    let dir = meta["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata names no target_directory")?;
+    Ok(DIR.get_or_init(|| dir).clone())
 }
 
 /// A release binary of the workspace, as `cargo build --release` left it.
-pub fn release_bin(name: &str) -> PathBuf {
-    target_dir().join("release").join(name)
+pub fn release_bin(name: &str) -> Result<PathBuf> {
+    Ok(target_dir()?.join("release").join(name))
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
@@ -117,7 +131,7 @@ pub fn all() -> Result<()> {
     run(Command::new("cargo")
         .current_dir(root())
         .args(["build", "--release"]))?;
-    eprintln!("xtask: built {}", release_bin("port25-ctl").display());
+    eprintln!("xtask: built {}", release_bin("port25-ctl")?.display());
     Ok(())
 }
 
@@ -174,7 +188,7 @@ pub fn test(args: &[String]) -> Result<()> {
     }
     run(Command::new("cargo")
         .current_dir(root())
-        .env("PORT25_CTL", release_bin("port25-ctl"))
+        .env("PORT25_CTL", release_bin("port25-ctl")?)
         .args(["test", "--release", "--"])
         .args(args))
 }

@@ -10,5 +10,5 @@ use crate::build;
 pub fn run(args: &[String]) -> Result<()> {
     build::all()?;
     build::ensure_root()?;
-    build::run(Command::new(build::release_bin("port25-fuzz")).args(args))
+    build::run(Command::new(build::release_bin("port25-fuzz")?).args(args))
 }

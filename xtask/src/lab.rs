@@ -10,8 +10,8 @@ pub fn run(args: &[String]) -> Result<()> {
     build::all()?;
     build::ensure_lab_tools()?;
     build::run(
-        Command::new(build::release_bin("port25-lab"))
-            .env("PORT25_CTL", build::release_bin("port25-ctl"))
+        Command::new(build::release_bin("port25-lab")?)
+            .env("PORT25_CTL", build::release_bin("port25-ctl")?)
             .args(args),
     )
 }

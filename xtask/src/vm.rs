@@ -238,8 +238,7 @@ struct Binaries {
 /// The host's release builds (the same the host suite runs); their libraries go along.
 fn build_binaries(tests: &[String]) -> Result<Binaries> {
     crate::build::all()?; // rust-src, bpf-linker, and the release build of port25-ctl
-    let target_dir = crate::build::target_dir();
-    let ctl = target_dir.join("release/port25-ctl");
+    let ctl = crate::build::release_bin("port25-ctl")?;
     let mut cmd = Command::new("nice");
     cmd.current_dir(root()).args([
         "-n",

@@ -187,8 +187,8 @@ impl Next {
 /// of the other variants undefined, and LLVM may move a read of one (a `dport & 0xffff`) into
 /// a block every exit shares: the verifier refuses the undefined register (`R9 !read_ok`).
 ///
-/// `repr(C, align(8))` with the addresses first: offender tracking hands them to the kernel's
-/// tracking as four aligned u64 loads (unaligned, LLVM reads them byte by byte).
+/// `repr(C, align(8))` with the addresses first, each two words ([`Ip16`]): offender tracking
+/// and the kernel log hand them over as four u64 values, with no byte assembly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C, align(8))]
 pub struct Parsed {

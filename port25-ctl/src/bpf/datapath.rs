@@ -344,8 +344,8 @@ pub struct Unverified {
 impl Unverified {
     /// Verifies and loads the entry points the config's interfaces attach, and the programs
     /// they tail-call. Each entry point is most of a start's verifier time (the XDP one: 798k
-    /// instructions and about 1 s of CPU on Linux 6.18 here, 455k on 6.1; many times that on a small
-    /// router's CPU), and most routers use one hook. Another one is verified when an
+    /// instructions and about 1 s of CPU on Linux 6.18 here, 455k on 6.1; many times that on a
+    /// small router's CPU), and most routers use one hook. Another one is verified when an
     /// interface first needs it (a config reload, a device a glob matches).
     pub fn verify(self) -> Result<Ebpf> {
         let entries = self.entries.clone();

@@ -803,29 +803,6 @@ fn kept_counts_equal_a_count_of_the_rows() {
     check(&mut s, now);
 }
 
-/// The start's read tells users apart by their rowid: through a table over a dense range,
-/// a hash over a sparse one, and either way the same index for the same key.
-#[test]
-fn user_ids_dense_and_sparse() {
-    use crate::registry::store::UserIds;
-    for mut ids in [UserIds::new(10, 20, 11), UserIds::new(10, 1 << 40, 11)] {
-        assert_eq!(ids.get_or_insert(15, 0), 0);
-        assert_eq!(ids.get_or_insert(10, 1), 1);
-        assert_eq!(ids.get_or_insert(15, 2), 0, "seen: its index");
-        // Outside the range a snapshot gave (never in one read): still told apart.
-        assert_eq!(ids.get_or_insert(9, 2), 2);
-        assert_eq!(ids.get_or_insert(1 << 41, 3), 3);
-        assert_eq!(ids.get_or_insert(9, 4), 2);
-        assert_eq!(ids.get_or_insert(20, 4), 4);
-    }
-    assert!(matches!(UserIds::new(10, 20, 11), UserIds::Dense { .. }));
-    assert!(matches!(UserIds::new(10, 1 << 40, 11), UserIds::Sparse(_)));
-    assert!(
-        matches!(UserIds::new(0, -1, 0), UserIds::Dense { .. }),
-        "no users"
-    );
-}
-
 /// A sync's bulk writes go by multi-row statements of 100 rows: around that size (none,
 /// one, a full statement, a full one and one row, a short last statement) every session,
 /// address (in its order), user, event and audit row is written once, audit ids follow the

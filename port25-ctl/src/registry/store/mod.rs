@@ -3,6 +3,7 @@
 //! unblock may do) live in [`crate::registry`] and run inside one transaction, so a shared
 //! PostgreSQL backend for a fleet needs only another [`Store`].
 
+pub mod keys;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -110,74 +111,6 @@ impl MapRows {
             }
         }
         rows
-    }
-
-    /// Interns users while rows arrive, by the store's own integer key for the user (hashing
-    /// a million names was a third of the read): a user's index, its name and standing set
-    /// once.
-    pub fn user_at(&mut self, ids: &mut UserIds, id: i64, name: &str, standing: Standing) -> u32 {
-        let next = self.users.len() as u32;
-        let i = ids.get_or_insert(id, next);
-        if i == next {
-            self.users.push((name.into(), standing));
-        }
-        i
-    }
-}
-
-/// The users' indexes in [`MapRows::users`] by the store's integer key for each (SQLite's
-/// rowid): a plain table over the keys' range when they are dense (a million users are
-/// mostly read in key order: in step with memory, where a hash is a cache miss each), a
-/// hash map when they are not (rowids grow with every rewrite of a user).
-pub enum UserIds {
-    Dense {
-        lo: i64,
-        at: Vec<u32>,
-        /// Keys outside the range (none in one snapshot; kept rather than trusted).
-        others: std::collections::HashMap<i64, u32, foldhash::fast::RandomState>,
-    },
-    Sparse(std::collections::HashMap<i64, u32, foldhash::fast::RandomState>),
-}
-
-impl UserIds {
-    const NONE: u32 = u32::MAX;
-
-    /// For keys in `lo..=hi` of which about `count` are read: a table when the range is at
-    /// most a few times `count`.
-    pub fn new(lo: i64, hi: i64, count: usize) -> UserIds {
-        let span = hi.saturating_sub(lo).saturating_add(1);
-        match usize::try_from(span) {
-            Ok(span) if span <= count.saturating_mul(4).saturating_add(1 << 16) => UserIds::Dense {
-                lo,
-                at: vec![UserIds::NONE; span],
-                others: Default::default(),
-            },
-            _ => {
-                let mut m = std::collections::HashMap::default();
-                m.reserve(count);
-                UserIds::Sparse(m)
-            }
-        }
-    }
-
-    /// The index of `id`, given `next` if it had none.
-    pub fn get_or_insert(&mut self, id: i64, next: u32) -> u32 {
-        let (lo, at, others) = match self {
-            UserIds::Sparse(m) => return *m.entry(id).or_insert(next),
-            UserIds::Dense { lo, at, others } => (*lo, at, others),
-        };
-        let slot = id
-            .checked_sub(lo)
-            .and_then(|d| usize::try_from(d).ok())
-            .and_then(|d| at.get_mut(d));
-        match slot {
-            Some(i) if *i == UserIds::NONE => {
-                *i = next;
-                next
-            }
-            Some(i) => *i,
-            None => *others.entry(id).or_insert(next),
-        }
     }
 }
 

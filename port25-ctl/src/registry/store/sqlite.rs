@@ -9,6 +9,7 @@ use rusqlite::{
     params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
 
+use super::keys::Keys;
 use super::*;
 
 pub const DB_FILE: &str = "port25.db";
@@ -297,6 +298,15 @@ struct SqliteTx<'a> {
 impl SqliteStore {
     /// A read transaction (deferred: it takes no write lock, so it also works on a read-only
     /// connection and never waits for, or holds up, the writer).
+    /// [`Tx::map_rows`] with the users' standings read as `search` says (tests of both).
+    #[cfg(test)]
+    pub fn map_rows_by(&mut self, search: Option<bool>) -> Result<MapRows> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        SqliteTx { tx }.map_rows_by(search)
+    }
+
     pub fn read(&mut self) -> Result<Box<dyn Tx + '_>> {
         let tx = self
             .conn
@@ -360,17 +370,6 @@ pub(crate) fn users_timed_sql() -> String {
          AND until > ?1"
     )
 }
-
-/// Each session address with its user's standing (the narrow read, [`Tx::map_rows`]).
-/// (The user's rowid last: what the rows are told apart by.)
-pub(crate) const MAP_ADDRS: &str = "SELECT u.name, u.policy, u.until, \
-     u.hold_reason IS NOT NULL OR u.hold_by IS NOT NULL OR u.hold_at IS NOT NULL, \
-     a.prefix, u.rowid FROM session_addrs a JOIN sessions s ON s.id = a.session_id \
-     JOIN users u ON u.name = s.user";
-/// Each binding with its user's standing.
-pub(crate) const MAP_BOUND: &str = "SELECT u.name, u.policy, u.until, \
-     u.hold_reason IS NOT NULL OR u.hold_by IS NOT NULL OR u.hold_at IS NOT NULL, \
-     b.prefix, u.rowid FROM bindings b JOIN users u ON u.name = b.user";
 
 const USER_COLS: &str =
     "name, policy, until, reason, set_by, set_at, hold_reason, hold_by, hold_at";
@@ -536,6 +535,137 @@ impl SqliteTx<'_> {
     }
 }
 
+/// The columns of a user's standing (the narrow read).
+const STANDING_COLS: &str = "policy, until, \
+     hold_reason IS NOT NULL OR hold_by IS NOT NULL OR hold_at IS NOT NULL";
+
+/// A user's standing from [`STANDING_COLS`] at column `at` onwards.
+fn standing_at(r: &rusqlite::Row, at: usize) -> rusqlite::Result<Standing> {
+    Ok(Standing {
+        policy: if r.get_ref(at)?.as_str()? == "unblocked" {
+            Policy::Unblocked
+        } else {
+            Policy::Blocked
+        },
+        until: r.get::<_, Option<i64>>(at + 1)?.map(from_ts),
+        held: r.get::<_, i64>(at + 2)? != 0,
+    })
+}
+
+impl SqliteTx<'_> {
+    /// The narrow read ([`Tx::map_rows`]): each table scanned once, joined here by hashed
+    /// keys ([`Keys`]). The standings of the users named come from a scan of `users` too,
+    /// unless they are few beside it (`search`: `None` picks): then each is searched for.
+    /// A row whose session or user is missing (none while foreign keys hold) is left out,
+    /// as an SQL inner join would.
+    pub(crate) fn map_rows_by(&self, search: Option<bool>) -> Result<MapRows> {
+        let mut rows = MapRows {
+            entries: self.entries()?,
+            ..Default::default()
+        };
+        let (n_users, n_sessions): (i64, i64) = self
+            .tx
+            .query_row("SELECT users, sessions FROM counts", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?
+            .unwrap_or((0, 0));
+        // Room for what the kept counts say there is, rather than growing a million-row
+        // list by copies (a session has one address or more).
+        let cap = |n: i64| usize::try_from(n).unwrap_or(0).min(1 << 24);
+        let sessions = cap(n_sessions);
+
+        // The users named by sessions and bindings, in the order first named.
+        let mut named = Keys::with_capacity(sessions, 12);
+        let mut addrs: Vec<(u32, Prefix)> = Vec::with_capacity(sessions);
+        {
+            let mut ids = Keys::with_capacity(sessions, 12);
+            let mut user_of: Vec<u32> = Vec::with_capacity(sessions);
+            let mut st = self.tx.prepare_cached("SELECT id, user FROM sessions")?;
+            let mut q = st.query([])?;
+            let mut last = None;
+            while let Some(r) = q.next()? {
+                ids.push(r.get_ref(0)?.as_str()?);
+                let u = named.intern(r.get_ref(1)?.as_str()?, last);
+                user_of.push(u);
+                last = Some(u);
+            }
+            let mut st = self
+                .tx
+                .prepare_cached("SELECT session_id, prefix FROM session_addrs")?;
+            let mut q = st.query([])?;
+            let mut last = None;
+            while let Some(r) = q.next()? {
+                if let Some(s) = ids.find(r.get_ref(0)?.as_str()?, last) {
+                    addrs.push((user_of[s as usize], prefix_col(r, 1)?));
+                    last = Some(s);
+                }
+            }
+        }
+        let mut bound: Vec<(u32, Prefix)> = Vec::new();
+        {
+            let mut st = self
+                .tx
+                .prepare_cached("SELECT user, prefix FROM bindings")?;
+            let mut q = st.query([])?;
+            let mut last = None;
+            while let Some(r) = q.next()? {
+                let u = named.intern(r.get_ref(0)?.as_str()?, last);
+                bound.push((u, prefix_col(r, 1)?));
+                last = Some(u);
+            }
+        }
+
+        let mut standing: Vec<Option<Standing>> = vec![None; named.len()];
+        // A search costs about what scanning eight users does.
+        let search = search.unwrap_or(named.len().saturating_mul(8) < cap(n_users));
+        if search {
+            let mut st = self.tx.prepare_cached(&format!(
+                "SELECT {STANDING_COLS} FROM users WHERE name = ?1"
+            ))?;
+            for (i, s) in standing.iter_mut().enumerate() {
+                *s = st
+                    .query_row([named.key(i as u32)], |r| standing_at(r, 0))
+                    .optional()?;
+            }
+        } else if !named.is_empty() {
+            let mut st = self
+                .tx
+                .prepare_cached(&format!("SELECT name, {STANDING_COLS} FROM users"))?;
+            let mut q = st.query([])?;
+            let mut last = None;
+            while let Some(r) = q.next()? {
+                if let Some(i) = named.find(r.get_ref(0)?.as_str()?, last) {
+                    standing[i as usize] = Some(standing_at(r, 1)?);
+                    last = Some(i);
+                }
+            }
+        }
+
+        // Users in the order first named, those without a row left out with their rows.
+        const GONE: u32 = u32::MAX;
+        let mut at = vec![GONE; named.len()];
+        rows.users.reserve(named.len());
+        for (i, s) in standing.into_iter().enumerate() {
+            if let Some(s) = s {
+                at[i] = rows.users.len() as u32;
+                rows.users.push((named.key(i as u32).into(), s));
+            }
+        }
+        let keep = |v: &mut Vec<(u32, Prefix)>| {
+            v.retain_mut(|(u, _)| {
+                *u = at[*u as usize];
+                *u != GONE
+            })
+        };
+        keep(&mut addrs);
+        keep(&mut bound);
+        rows.addrs = addrs;
+        rows.bound = bound;
+        Ok(rows)
+    }
+}
+
 impl Tx for SqliteTx<'_> {
     fn user(&self, name: &str) -> Result<Option<User>> {
         let mut st = self
@@ -582,61 +712,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn map_rows(&self) -> Result<MapRows> {
-        let mut rows = MapRows {
-            entries: self.entries()?,
-            ..Default::default()
-        };
-        // Room for what the kept counts say there is (a session has one address or more),
-        // rather than growing a million-row list by copies.
-        let sessions: i64 = self
-            .tx
-            .query_row("SELECT sessions FROM counts", [], |r| r.get(0))
-            .optional()?
-            .unwrap_or(0);
-        let sessions = usize::try_from(sessions).unwrap_or(0).min(1 << 24);
-        rows.addrs.reserve(sessions);
-        rows.users.reserve(sessions);
-        let (lo, hi): (Option<i64>, Option<i64>) =
-            self.tx
-                .query_row("SELECT min(rowid), max(rowid) FROM users", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?;
-        let mut ids = UserIds::new(lo.unwrap_or(0), hi.unwrap_or(-1), sessions);
-        // Two joins by index search (sessions by id, users by name; EXPLAIN QUERY PLAN in
-        // the tests), one row per session address or binding with its user's standing.
-        for (sql, bound) in [(MAP_ADDRS, false), (MAP_BOUND, true)] {
-            let mut st = self.tx.prepare_cached(sql)?;
-            let mut q = st.query([])?;
-            // A user's rows mostly come together: the last one is compared before the map.
-            let mut last: Option<(i64, u32)> = None;
-            while let Some(r) = q.next()? {
-                let id: i64 = r.get(5)?;
-                let i = match last {
-                    Some((last_id, i)) if last_id == id => i,
-                    _ => {
-                        let name = r.get_ref(0)?.as_str()?;
-                        let standing = Standing {
-                            policy: if r.get_ref(1)?.as_str()? == "unblocked" {
-                                Policy::Unblocked
-                            } else {
-                                Policy::Blocked
-                            },
-                            until: r.get::<_, Option<i64>>(2)?.map(from_ts),
-                            held: r.get::<_, i64>(3)? != 0,
-                        };
-                        rows.user_at(&mut ids, id, name, standing)
-                    }
-                };
-                last = Some((id, i));
-                let p = prefix_col(r, 4)?;
-                if bound {
-                    rows.bound.push((i, p));
-                } else {
-                    rows.addrs.push((i, p));
-                }
-            }
-        }
-        Ok(rows)
+        self.map_rows_by(None)
     }
 
     fn users_unblocked(&self) -> Result<Vec<User>> {

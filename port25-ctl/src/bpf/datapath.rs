@@ -10,13 +10,13 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
-        SchedClassifier, TcAttachType, Xdp,
+        Program, SchedClassifier, TcAttachType, Xdp,
     },
     Ebpf, EbpfLoader,
 };
 
 use crate::{
-    bpf::pins::Pins,
+    bpf::{kept::Kept, pins::Pins},
     config::{Config, Direction, Hook, Interface, Limits, Target, XdpMode},
 };
 use port25_common::maps as m;
@@ -339,6 +339,9 @@ pub struct Unverified {
     opts: LoadOptions,
     /// The entry points the config's interfaces attach ([`entry_points`]).
     entries: Vec<&'static str>,
+    /// The programs an earlier start of this build verified ([`Kept`]); none with the
+    /// kernel log.
+    kept: Option<Kept>,
 }
 
 impl Unverified {
@@ -360,10 +363,11 @@ impl Unverified {
 
     fn verify_entries(mut self, entries: &[&str]) -> Result<Ebpf> {
         let ebpf = &mut self.ebpf;
+        let kept = self.kept.as_ref();
         for p in entries {
-            loaded_entry(ebpf, p)?;
+            verified(ebpf, p, kept)?;
         }
-        set_tracking_programs(ebpf)?;
+        set_tracking_programs(ebpf, kept)?;
         if self.opts.kernel_log {
             set_klog_programs(ebpf)?;
         }
@@ -377,6 +381,18 @@ pub fn create_with(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Unver
     check_pinned_layouts(pins, &cfg.limits)?;
     let paths: Vec<_> = ALL_MAPS.iter().map(|n| (*n, pins.map(n))).collect();
     let mut loader = EbpfLoader::new();
+    let kept = if opts.kernel_log {
+        None
+    } else {
+        Kept::open(pins)
+            .inspect_err(|e| {
+                tracing::warn!("every program is verified afresh at each start: {e:#}")
+            })
+            .ok()
+    };
+    if let Some(k) = &kept {
+        loader.map_pin_path(crate::bpf::kept::TRACK_SCRATCH, k.scratch());
+    }
     let kernel_log = u8::from(opts.kernel_log);
     // Must exist: a program without the switch would silently ignore --kernel-log.
     loader.override_global(KERNEL_LOG_SYMBOL, &kernel_log, true);
@@ -393,6 +409,7 @@ pub fn create_with(cfg: &Config, pins: &Pins, opts: LoadOptions) -> Result<Unver
         ebpf,
         opts,
         entries: entry_points(cfg),
+        kept,
     })
 }
 
@@ -472,16 +489,11 @@ fn set_klog_programs(ebpf: &mut Ebpf) -> Result<()> {
 /// Loads the tracking programs into the (pinned) program arrays the entry points tail-call.
 /// Until this, a pinned array may still hold an earlier load's program: it finds this
 /// load's scratch empty and drops (see `port25-ebpf/src/track.rs`).
-fn set_tracking_programs(ebpf: &mut Ebpf) -> Result<()> {
-    let xdp: &mut Xdp = ebpf
-        .program_mut(PROG_TRACK_XDP)
-        .ok_or_else(|| anyhow!("no program {PROG_TRACK_XDP}"))?
-        .try_into()?;
-    xdp.load().context("verifying the XDP tracking program")?;
-    let xdp_fd = xdp.fd()?.try_clone()?;
-    let tc = program_tc(ebpf, PROG_TRACK_TC)?;
-    tc.load().context("verifying the TC tracking program")?;
-    let tc_fd = tc.fd()?.try_clone()?;
+fn set_tracking_programs(ebpf: &mut Ebpf, kept: Option<&Kept>) -> Result<()> {
+    verified(ebpf, PROG_TRACK_XDP, kept).context("the XDP tracking program")?;
+    verified(ebpf, PROG_TRACK_TC, kept).context("the TC tracking program")?;
+    let xdp_fd = program_xdp_named(ebpf, PROG_TRACK_XDP)?.fd()?.try_clone()?;
+    let tc_fd = program_tc(ebpf, PROG_TRACK_TC)?.fd()?.try_clone()?;
     for (map, fd) in [(m::TRACK_XDP, &xdp_fd), (m::TRACK_TC, &tc_fd)] {
         let mut arr: aya::maps::ProgramArray<_> = ebpf
             .map_mut(map)
@@ -491,6 +503,64 @@ fn set_tracking_programs(ebpf: &mut Ebpf) -> Result<()> {
             .with_context(|| format!("setting the tracking program in {map}"))?;
     }
     Ok(())
+}
+
+/// Verifies program `name` (an entry point or a tracking program), unless it is loaded
+/// already, or takes the one an earlier start of this build kept, if still fit to use
+/// ([`Kept::usable`]). One it verifies is kept for the next start.
+fn verified(ebpf: &mut Ebpf, name: &str, kept: Option<&Kept>) -> Result<()> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("no program {name}"))?;
+    let (xdp, loaded) = match prog {
+        Program::Xdp(p) => (true, p.fd().is_ok()),
+        Program::SchedClassifier(p) => (false, p.fd().is_ok()),
+        _ => bail!("{name}: neither XDP nor TC"),
+    };
+    if loaded {
+        return Ok(());
+    }
+    // Wherever it would be verified: a kept program stands for a verified one.
+    crate::control::testing::failpoint_refuse(name)?;
+    if let Some(path) = kept.and_then(|k| k.usable(name, xdp)) {
+        *prog = if xdp {
+            Program::Xdp(Xdp::from_pin(
+                &path,
+                aya_obj::programs::XdpAttachType::Interface,
+            )?)
+        } else {
+            Program::SchedClassifier(SchedClassifier::from_pin(&path)?)
+        };
+        tracing::debug!(
+            program = name,
+            "reusing the program this build verified at an earlier start"
+        );
+        return Ok(());
+    }
+    match prog {
+        Program::Xdp(p) => p.load(),
+        Program::SchedClassifier(p) => p.load(),
+        _ => unreachable!("matched above"),
+    }
+    .with_context(|| format!("verifying {name}"))?;
+    if let Some(k) = kept {
+        k.keep(name, |path| {
+            match prog {
+                Program::Xdp(p) => p.pin(path),
+                Program::SchedClassifier(p) => p.pin(path),
+                _ => unreachable!("matched above"),
+            }
+            .map_err(Into::into)
+        });
+    }
+    Ok(())
+}
+
+fn program_xdp_named<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("no program {name}"))?
+        .try_into()?)
 }
 
 fn program_xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {

@@ -4,6 +4,7 @@
 pub mod datapath;
 pub mod detached;
 pub mod exbits;
+pub mod kept;
 pub mod klog;
 pub mod linkinfo;
 pub mod livemaps;

@@ -9,6 +9,8 @@
 //!                       (see bpf::tc)
 //!   maps-next/P25_*     only during a map migration: the new maps, filled before any
 //!                       program uses them, then renamed over maps/
+//!   progs/<build>/      the programs this build verified, kept for its next start, and
+//!                       the scratch they share (see bpf::kept; none with --kernel-log)
 //! ```
 
 use std::{
@@ -130,6 +132,7 @@ impl Pins {
 
     /// Removes the (emptied) pin tree.
     pub fn remove_tree(&self) -> Result<()> {
+        crate::bpf::kept::remove_all(self)?;
         let staging = self.root.join(STAGING_MAPS_DIR);
         for dir in [self.maps_dir(), staging, self.links_dir()] {
             if dir.exists() {

@@ -371,6 +371,9 @@ impl Unverified {
         if self.opts.kernel_log {
             set_klog_programs(ebpf)?;
         }
+        if let Some(k) = kept {
+            k.prune_others();
+        }
         Ok(self.ebpf)
     }
 }

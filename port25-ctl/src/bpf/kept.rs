@@ -59,26 +59,35 @@ pub struct Kept {
 }
 
 impl Kept {
-    /// This build's directory in `pins`' tree (created), other builds' removed. `pins` names
-    /// the maps the programs are loaded against (a migration's staged ones, during one).
+    /// This build's directory in `pins`' tree (created). `pins` names the maps the
+    /// programs are loaded against (a migration's staged ones, during one).
     pub fn open(pins: &Pins) -> Result<Kept> {
-        let all = progs_root(pins);
-        let dir = all.join(build_id());
+        let dir = progs_root(pins).join(build_id());
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
             .with_context(|| format!("creating {}", dir.display()))?;
-        for e in fs::read_dir(&all)? {
-            let e = e?;
-            if e.file_name() != build_id() {
-                remove_dir(&e.path())?;
-            }
-        }
         Ok(Kept {
             dir,
             maps: pins.clone(),
         })
+    }
+
+    /// Removes other builds' programs, once this build's are verified: a start refused by
+    /// the kernel (a rollback's way back) leaves them.
+    pub fn prune_others(&self) {
+        let Some(all) = self.dir.parent() else { return };
+        let others = fs::read_dir(all)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name() != build_id());
+        for e in others {
+            if let Err(e) = remove_dir(&e.path()) {
+                tracing::warn!("removing another build's kept programs: {e:#}");
+            }
+        }
     }
 
     /// Where the tracking scratch is pinned.

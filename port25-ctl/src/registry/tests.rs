@@ -873,3 +873,97 @@ fn a_bulk_write_refused_midway_writes_nothing() {
     assert_eq!(d.store.read().unwrap().users().unwrap().len(), 1);
     assert_eq!(d.store.counts(now).unwrap().users, before.users);
 }
+
+/// The narrow read with users named out of step: sessions of one user far apart, users
+/// written in another order than their sessions, a binding of a user with a session, a user
+/// without a row (foreign keys off, as a hand-edited file may be): one row per user, each
+/// address with its own user's standing, by a scan of `users` and by searches alike.
+#[test]
+fn narrow_read_joins_users_named_out_of_step() {
+    use crate::registry::store::{Binding, Session, User};
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteStore::open(dir.path()).unwrap();
+    let user = |name: &str, policy: Policy| User {
+        name: name.into(),
+        policy,
+        until: None,
+        reason: None,
+        set_by: "t".into(),
+        set_at: t(NOW),
+        hold: None,
+    };
+    let session = |id: &str, user: &str, addr: &str| Session {
+        id: id.into(),
+        user: user.into(),
+        addrs: vec![addr.parse().unwrap()],
+        since: t(NOW),
+        source: "t".into(),
+    };
+    let mut tx = s.begin().unwrap();
+    for (n, p) in [
+        ("carol", Policy::Blocked),
+        ("alice", Policy::Unblocked),
+        ("bob", Policy::Blocked),
+    ] {
+        tx.put_user(&user(n, p)).unwrap();
+    }
+    for (id, u, a) in [
+        ("s1", "alice", "100.64.0.1/32"),
+        ("s2", "bob", "100.64.0.2/32"),
+        ("s3", "alice", "100.64.0.3/32"),
+        ("s4", "carol", "100.64.0.4/32"),
+        ("s5", "bob", "100.64.0.5/32"),
+        ("s6", "alice", "100.64.0.6/32"),
+    ] {
+        tx.put_session(&session(id, u, a)).unwrap();
+    }
+    tx.put_binding(&Binding {
+        user: "carol".into(),
+        prefix: "100.64.1.0/24".parse().unwrap(),
+    })
+    .unwrap();
+    tx.commit().unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("port25.db")).unwrap();
+    conn.execute_batch(
+        "PRAGMA foreign_keys = OFF;
+         INSERT INTO sessions (id, user, since, source) VALUES ('s7', 'ghost', 0, 't');
+         INSERT INTO session_addrs (prefix, session_id, pos) VALUES ('100.64.0.7/32', 's7', 0);",
+    )
+    .unwrap();
+    drop(conn);
+    for search in [false, true] {
+        let rows = s.map_rows_by(Some(search)).unwrap();
+        let mut names: Vec<&str> = rows.users.iter().map(|(n, _)| &**n).collect();
+        names.sort();
+        assert_eq!(names, ["alice", "bob", "carol"], "search {search}");
+        let of = |i: u32| {
+            let (n, st) = &rows.users[i as usize];
+            (n.to_string(), st.policy)
+        };
+        let mut addrs: Vec<(String, String, Policy)> = rows
+            .addrs
+            .iter()
+            .map(|(i, p)| (p.to_string(), of(*i).0, of(*i).1))
+            .collect();
+        addrs.sort_by(|a, b| a.0.cmp(&b.0));
+        let want = [
+            ("100.64.0.1/32", "alice", Policy::Unblocked),
+            ("100.64.0.2/32", "bob", Policy::Blocked),
+            ("100.64.0.3/32", "alice", Policy::Unblocked),
+            ("100.64.0.4/32", "carol", Policy::Blocked),
+            ("100.64.0.5/32", "bob", Policy::Blocked),
+            ("100.64.0.6/32", "alice", Policy::Unblocked),
+        ]
+        .map(|(p, n, pol)| (p.to_string(), n.to_string(), pol));
+        assert_eq!(
+            addrs, want,
+            "search {search}: the ghost's address is left out"
+        );
+        let bound: Vec<(String, String)> = rows
+            .bound
+            .iter()
+            .map(|(i, p)| (of(*i).0, p.to_string()))
+            .collect();
+        assert_eq!(bound, [("carol".to_string(), "100.64.1.0/24".to_string())]);
+    }
+}

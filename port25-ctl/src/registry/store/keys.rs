@@ -62,29 +62,18 @@ impl Keys {
         i
     }
 
-    /// The index of `key`, given the next one if it is new ([`Keys::find`]'s `near`).
-    pub fn intern(&mut self, key: &str, near: Option<u32>) -> u32 {
-        match self.find(key, near) {
-            Some(i) => i,
-            None => {
-                let i = self.push(key);
-                self.hash_all();
-                i
-            }
-        }
-    }
-
     /// The index of `key`, if it was added: `near` (the index found last) and the one after
     /// it are compared first.
     pub fn find(&mut self, key: &str, near: Option<u32>) -> Option<u32> {
-        if let Some(n) = near {
-            for i in [n, n.wrapping_add(1)] {
-                if (i as usize) < self.len() && self.key(i) == key {
-                    return Some(i);
-                }
-            }
-        }
-        self.search(key)
+        self.near(key, near).or_else(|| self.search(key))
+    }
+
+    /// `near` or the index after it, if that is `key`'s; no search.
+    pub fn near(&self, key: &str, near: Option<u32>) -> Option<u32> {
+        let n = near?;
+        [n, n.wrapping_add(1)]
+            .into_iter()
+            .find(|&i| (i as usize) < self.len() && self.key(i) == key)
     }
 
     /// The index of `key` by its hash.
@@ -128,28 +117,29 @@ mod tests {
         let mut k = Keys::with_capacity(2, 4);
         let names: Vec<String> = (0..10_000).map(|i| format!("u{i}")).collect();
         for (i, n) in names.iter().enumerate() {
-            assert_eq!(k.intern(n, None), i as u32);
+            assert_eq!(k.push(n), i as u32);
         }
-        // Prefixes of each other, the empty key, and a repeat.
-        assert_eq!(k.intern("", None), 10_000);
-        assert_eq!(k.intern("u1", Some(0)), 1);
-        assert_eq!(k.len(), 10_001);
         for (i, n) in names.iter().enumerate() {
             assert_eq!(k.find(n, None), Some(i as u32));
-            assert_eq!(k.find(n, Some(i.saturating_sub(1) as u32)), Some(i as u32));
             assert_eq!(k.key(i as u32), n);
         }
+        // Prefixes of each other, the empty key; hints that miss, wrap or run past the end.
         assert_eq!(k.find("u10000", None), None);
         assert_eq!(k.find("u", Some(3)), None);
-        assert_eq!(k.find("", None), Some(10_000));
-        // Pushed keys are searched for too, hinted or not, whatever the hint.
+        assert_eq!(k.push(""), 10_000);
+        assert_eq!(k.find("", Some(9_999)), Some(10_000));
+        assert_eq!(k.find("u7", Some(u32::MAX)), Some(7));
+        assert_eq!(k.find("u0", Some(u32::MAX)), Some(0));
+        // Keys pushed after a search are searched for too.
         assert_eq!(k.push("p0"), 10_001);
         assert_eq!(k.push("p1"), 10_002);
-        assert_eq!(k.find("p1", Some(10_001)), Some(10_002));
-        assert_eq!(k.find("p0", Some(10_002)), Some(10_001));
-        assert_eq!(k.find("p0", Some(u32::MAX)), Some(10_001));
-        assert_eq!(k.find("u7", Some(10_002)), Some(7));
-        assert_eq!(k.intern("p1", Some(7)), 10_002);
-        assert_eq!(k.intern("p2", Some(10_002)), 10_003);
+        assert_eq!(k.find("p0", None), Some(10_001));
+        assert_eq!(k.find("p1", Some(3)), Some(10_002));
+        // `near` looks at the hint and the index after it, nothing else.
+        assert_eq!(k.near("p1", Some(10_001)), Some(10_002));
+        assert_eq!(k.near("p1", Some(10_002)), Some(10_002));
+        assert_eq!(k.near("p0", Some(10_002)), None);
+        assert_eq!(k.near("p0", None), None);
+        assert_eq!(k.near("zz", Some(10_002)), None);
     }
 }

@@ -575,7 +575,11 @@ impl SqliteTx<'_> {
         let cap = |n: i64| usize::try_from(n).unwrap_or(0).min(1 << 24);
         let sessions = cap(n_sessions);
 
-        // The users named by sessions and bindings, in the order first named.
+        // The users named by sessions and bindings. A name is compared with the last one
+        // (and the one after it) only: a user named again after others is added again, and
+        // its indexes are made one below, once the standings are known. In a registry
+        // written in step (a user's first session soon after the user) that costs nothing,
+        // where hashing every session's user was a quarter of the read.
         let mut named = Keys::with_capacity(sessions, 12);
         let mut addrs: Vec<(u32, Prefix)> = Vec::with_capacity(sessions);
         {
@@ -586,7 +590,8 @@ impl SqliteTx<'_> {
             let mut last = None;
             while let Some(r) = q.next()? {
                 ids.push(r.get_ref(0)?.as_str()?);
-                let u = named.intern(r.get_ref(1)?.as_str()?, last);
+                let user = r.get_ref(1)?.as_str()?;
+                let u = named.near(user, last).unwrap_or_else(|| named.push(user));
                 user_of.push(u);
                 last = Some(u);
             }
@@ -610,7 +615,8 @@ impl SqliteTx<'_> {
             let mut q = st.query([])?;
             let mut last = None;
             while let Some(r) = q.next()? {
-                let u = named.intern(r.get_ref(0)?.as_str()?, last);
+                let user = r.get_ref(0)?.as_str()?;
+                let u = named.near(user, last).unwrap_or_else(|| named.push(user));
                 bound.push((u, prefix_col(r, 1)?));
                 last = Some(u);
             }
@@ -642,15 +648,39 @@ impl SqliteTx<'_> {
             }
         }
 
-        // Users in the order first named, those without a row left out with their rows.
-        const GONE: u32 = u32::MAX;
-        let mut at = vec![GONE; named.len()];
-        rows.users.reserve(named.len());
-        for (i, s) in standing.into_iter().enumerate() {
-            if let Some(s) = s {
-                at[i] = rows.users.len() as u32;
-                rows.users.push((named.key(i as u32).into(), s));
+        // Each name's indexes made one: the one with a standing, if any has one. Only a
+        // name without a standing can have another index (the scan gives a standing to one
+        // index per name), and a search gives each index its own.
+        let n = named.len();
+        let mut canon: Vec<u32> = (0..n as u32).collect();
+        if search || standing.iter().any(Option::is_none) {
+            let mut first: std::collections::HashMap<&str, u32, foldhash::fast::RandomState> =
+                std::collections::HashMap::with_capacity_and_hasher(n, Default::default());
+            for i in 0..n as u32 {
+                let c = first.entry(named.key(i)).or_insert(i);
+                if standing[*c as usize].is_none() && standing[i as usize].is_some() {
+                    *c = i;
+                }
             }
+            for (i, c) in canon.iter_mut().enumerate() {
+                *c = first[named.key(i as u32)];
+            }
+        }
+
+        // One row per user, those without a row in `users` left out with their rows.
+        const GONE: u32 = u32::MAX;
+        let mut at = vec![GONE; n];
+        rows.users.reserve(n);
+        for i in 0..n {
+            if canon[i] as usize == i {
+                if let Some(s) = standing[i] {
+                    at[i] = rows.users.len() as u32;
+                    rows.users.push((named.key(i as u32).into(), s));
+                }
+            }
+        }
+        for i in 0..n {
+            at[i] = at[canon[i] as usize];
         }
         let keep = |v: &mut Vec<(u32, Prefix)>| {
             v.retain_mut(|(u, _)| {

@@ -24,15 +24,17 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::build::{ensure_root, root, run};
 
-/// The test binaries run when none are named: the kernel tables, end to end, lifecycle, the
-/// subscriber flow, devices that come and go (globs), the real devices (whose PPPoE part skips, with its reason, on the
-/// cloud kernels, built without PPP) and the kernel log (its stack fits 6.1's frame rounding).
+/// The test binaries run when none are named: the kernel tables, end to end, lifecycle and
+/// the programs kept across restarts, the subscriber flow, devices that come and go (globs),
+/// the real devices (whose PPPoE part skips, with its reason, on the cloud kernels, built
+/// without PPP) and the kernel log (its stack fits 6.1's frame rounding).
 pub const DEFAULT_TESTS: &[&str] = &[
     "datapath",
     "families",
     "tunnels",
     "e2e",
     "lifecycle",
+    "kept",
     "subscribers",
     "globs",
     "realdev",

@@ -197,3 +197,42 @@ fn detach_removes_the_kept_programs() {
         "detach left progs/ behind"
     );
 }
+
+/// What lies in the kept directory is checked, never trusted: a map pinned where the XDP
+/// program, a program this start does not attach and the shared scratch should be is
+/// replaced (the entry point verified afresh, the scratch created anew), and the start
+/// enforces and tracks as ever.
+#[test]
+fn garbage_in_the_kept_directory_is_replaced_not_trusted() {
+    require_root!();
+    let mut lab = Lab::new(XDP);
+    lab.start_daemon();
+    let first = prog_id(&lab);
+    let dir = lab.pin_dir.join(kept::PROGS_DIR).join(kept::build_id());
+    lab.kill9();
+    let other = aya::maps::MapData::from_pin(Pins::new(&lab.pin_dir).map("P25_SETTINGS"))
+        .expect("the settings map");
+    for name in ["port25_xdp", "port25_tc_raw", kept::TRACK_SCRATCH] {
+        let _ = std::fs::remove_file(dir.join(name));
+        other.pin(dir.join(name)).expect("pin a map in its place");
+    }
+    lab.start_daemon();
+    assert_ne!(
+        prog_id(&lab),
+        first,
+        "a map pinned as the XDP program did not stop its reuse"
+    );
+    assert!(
+        !dir.join("port25_tc_raw").exists(),
+        "a map pinned as a program no start attached is left"
+    );
+    let scratch = aya::maps::MapInfo::from_pin(dir.join(kept::TRACK_SCRATCH)).unwrap();
+    assert_eq!(scratch.name_as_str(), Some("P25_TRACKTMP"));
+    assert_blocked(&lab, "after the garbage went");
+    assert_eq!(tracked(&lab, 2), 2, "tracked through the new scratch");
+    // And kept again, for the next restart.
+    let now = prog_id(&lab);
+    lab.kill9();
+    lab.start_daemon();
+    assert_eq!(prog_id(&lab), now);
+}

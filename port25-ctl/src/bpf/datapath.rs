@@ -372,7 +372,7 @@ impl Unverified {
             set_klog_programs(ebpf)?;
         }
         if let Some(k) = kept {
-            k.prune_others();
+            k.prune();
         }
         Ok(self.ebpf)
     }
@@ -525,15 +525,8 @@ fn verified(ebpf: &mut Ebpf, name: &str, kept: Option<&Kept>) -> Result<()> {
     }
     // Wherever it would be verified: a kept program stands for a verified one.
     crate::control::testing::failpoint_refuse(name)?;
-    if let Some(path) = kept.and_then(|k| k.usable(name, xdp)) {
-        *prog = if xdp {
-            Program::Xdp(Xdp::from_pin(
-                &path,
-                aya_obj::programs::XdpAttachType::Interface,
-            )?)
-        } else {
-            Program::SchedClassifier(SchedClassifier::from_pin(&path)?)
-        };
+    if let Some(p) = kept.and_then(|k| k.take(name, xdp)) {
+        *prog = p;
         tracing::debug!(
             program = name,
             "reusing the program this build verified at an earlier start"

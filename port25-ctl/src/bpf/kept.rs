@@ -24,11 +24,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::{maps::MapInfo, programs::ProgramInfo};
+use aya::{
+    maps::MapInfo,
+    programs::{Program, ProgramInfo, SchedClassifier, Xdp},
+};
 use aya_obj::generated::bpf_prog_type;
 
 use crate::bpf::{
-    datapath::{ALL_MAPS, EBPF_OBJECT},
+    datapath::{ALL_MAPS, EBPF_OBJECT, KERNEL_LOG_MAP},
     pins::Pins,
 };
 
@@ -37,16 +40,26 @@ pub const PROGS_DIR: &str = "progs";
 /// The shared scratch's pin, in a build's directory.
 pub const TRACK_SCRATCH: &str = "P25_TRACKTMP";
 
+/// How this daemon loads the object (the globals it sets, the maps it pins): part of the
+/// build id, and bumped with any change to it, so that a release loading the same object
+/// otherwise never takes another's programs.
+const LOADER_ABI: &[u8] = b"port25 loader 1";
+
 /// The kernel keeps names of at most this many bytes.
 const NAME_LEN: usize = 15;
 
-/// The embedded object's digest: the first 16 hex digits of its SHA-256.
+/// The embedded object's digest, with the loader's: the first 16 hex digits of a SHA-256.
 pub fn build_id() -> &'static str {
     static ID: OnceLock<String> = OnceLock::new();
     ID.get_or_init(|| {
         use sha2::Digest as _;
-        let d = sha2::Sha256::digest(EBPF_OBJECT);
-        d[..8].iter().map(|b| format!("{b:02x}")).collect()
+        let mut h = sha2::Sha256::new();
+        h.update(LOADER_ABI);
+        h.update(EBPF_OBJECT);
+        h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     })
 }
 
@@ -59,8 +72,10 @@ pub struct Kept {
 }
 
 impl Kept {
-    /// This build's directory in `pins`' tree (created). `pins` names the maps the
-    /// programs are loaded against (a migration's staged ones, during one).
+    /// This build's directory in `pins`' tree (created), its scratch pin checked (one of
+    /// another shape, or not a map, is removed: the load would otherwise fail on it). `pins`
+    /// names the maps the programs are loaded against (a migration's staged ones, during
+    /// one).
     pub fn open(pins: &Pins) -> Result<Kept> {
         let dir = progs_root(pins).join(build_id());
         fs::DirBuilder::new()
@@ -68,26 +83,18 @@ impl Kept {
             .mode(0o700)
             .create(&dir)
             .with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Kept {
+        let kept = Kept {
             dir,
             maps: pins.clone(),
-        })
-    }
-
-    /// Removes other builds' programs, once this build's are verified: a start refused by
-    /// the kernel (a rollback's way back) leaves them.
-    pub fn prune_others(&self) {
-        let Some(all) = self.dir.parent() else { return };
-        let others = fs::read_dir(all)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name() != build_id());
-        for e in others {
-            if let Err(e) = remove_dir(&e.path()) {
-                tracing::warn!("removing another build's kept programs: {e:#}");
+        };
+        let scratch = kept.scratch();
+        if fs::symlink_metadata(&scratch).is_ok() {
+            if let Err(e) = scratch_fits(&scratch) {
+                tracing::warn!(path = %scratch.display(), "replacing the kept scratch: {e:#}");
+                remove(&scratch)?;
             }
         }
+        Ok(kept)
     }
 
     /// Where the tracking scratch is pinned.
@@ -99,33 +106,49 @@ impl Kept {
         self.dir.join(name)
     }
 
-    /// The kept program `name`'s pin, if there is one still fit to use (see the module);
+    /// The kept program `name`, opened, if there is one still fit to use (see the module);
     /// one that is not is unpinned.
-    pub fn usable(&self, name: &str, xdp: bool) -> Option<PathBuf> {
+    pub fn take(&self, name: &str, xdp: bool) -> Option<Program> {
         let path = self.path(name);
-        if !path.exists() {
-            return None;
-        }
-        match self.check(&path, name, xdp) {
-            Ok(()) => Some(path),
+        fs::symlink_metadata(&path).ok()?;
+        // Opened first, then checked through the same handle: what is checked is what runs.
+        let opened = if xdp {
+            Xdp::from_pin(&path, aya_obj::programs::XdpAttachType::Interface).map(Program::Xdp)
+        } else {
+            SchedClassifier::from_pin(&path).map(Program::SchedClassifier)
+        };
+        let checked = opened.map_err(anyhow::Error::from).and_then(|p| {
+            let info = match &p {
+                Program::Xdp(x) => x.info(),
+                Program::SchedClassifier(t) => t.info(),
+                _ => unreachable!("opened as one of the two"),
+            }?;
+            self.check(&info, name, Some(xdp))?;
+            Ok(p)
+        });
+        match checked {
+            Ok(p) => Some(p),
             Err(e) => {
                 tracing::info!(program = name, "not reusing the kept program: {e:#}");
-                if let Err(e) = fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), "removing a stale kept program: {e}");
+                if let Err(e) = remove(&path) {
+                    tracing::warn!("removing a stale kept program: {e:#}");
                 }
                 None
             }
         }
     }
 
-    fn check(&self, path: &Path, name: &str, xdp: bool) -> Result<()> {
-        let info = ProgramInfo::from_pin(path).context("reading its info")?;
-        let want = if xdp {
-            bpf_prog_type::BPF_PROG_TYPE_XDP
-        } else {
-            bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS
+    fn check(&self, info: &ProgramInfo, name: &str, xdp: Option<bool>) -> Result<()> {
+        let ty = info.program_type();
+        let want = match xdp {
+            Some(true) => ty == bpf_prog_type::BPF_PROG_TYPE_XDP,
+            Some(false) => ty == bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS,
+            None => matches!(
+                ty,
+                bpf_prog_type::BPF_PROG_TYPE_XDP | bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS
+            ),
         };
-        anyhow::ensure!(info.program_type() == want, "another program type");
+        anyhow::ensure!(want, "another program type ({ty:?})");
         anyhow::ensure!(
             info.name_as_str() == Some(short(name)),
             "another name: {:?}",
@@ -141,13 +164,20 @@ impl Kept {
             let Some(map_name) = map.name_as_str() else {
                 continue;
             };
+            if map_name == KERNEL_LOG_MAP {
+                anyhow::ensure!(
+                    kernel_log_switch(id, map.value_size()) == Some(0),
+                    "it was loaded with the kernel log"
+                );
+                continue;
+            }
             let pin = if map_name == short(TRACK_SCRATCH) {
                 self.scratch()
             } else if let Some(full) = ALL_MAPS.iter().find(|n| short(n) == map_name) {
                 pinned += 1;
                 self.maps.map(full)
             } else {
-                // Private to its load (read-only data, the verifier's scratch).
+                // Private to its load (the verifier's scratch, aya-log's).
                 continue;
             };
             let now = MapInfo::from_pin(&pin)
@@ -166,7 +196,7 @@ impl Kept {
     /// only costs that start a verification: it is logged, not returned.
     pub fn keep(&self, name: &str, pin: impl FnOnce(&Path) -> Result<()>) {
         let path = self.path(name);
-        let _ = fs::remove_file(&path);
+        let _ = remove(&path);
         if let Err(e) = pin(&path) {
             tracing::warn!(
                 program = name,
@@ -174,6 +204,75 @@ impl Kept {
             );
         }
     }
+
+    /// Once this start's programs are verified: unpins every kept program no longer fit to
+    /// use (one this start did not look at, of an entry point it does not attach, would
+    /// otherwise hold a migration's old maps in memory), and other builds' directories (a
+    /// start whose programs the verifier refuses, a rollback's way back, leaves them).
+    pub fn prune(&self) {
+        for e in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            if name == TRACK_SCRATCH {
+                continue;
+            }
+            let fit = ProgramInfo::from_pin(e.path())
+                .map_err(anyhow::Error::from)
+                .and_then(|info| self.check(&info, &name, None));
+            if let Err(why) = fit {
+                tracing::info!(program = %name, "unpinning a kept program: {why:#}");
+                if let Err(e) = remove(&e.path()) {
+                    tracing::warn!("{e:#}");
+                }
+            }
+        }
+        let Some(all) = self.dir.parent() else { return };
+        let others = fs::read_dir(all)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name() != build_id());
+        for e in others {
+            if let Err(e) = remove(&e.path()) {
+                tracing::warn!("removing another build's kept programs: {e:#}");
+            }
+        }
+    }
+}
+
+/// The kernel log's switch in a program's read-only map (see `datapath::kernel_log_of`).
+fn kernel_log_switch(id: u32, value_size: u32) -> Option<u8> {
+    let map = aya::maps::MapData::from_id(id).ok()?;
+    let v = crate::bpf::sys::lookup_raw(&map, &0u32.to_ne_bytes(), value_size as usize).ok()?;
+    v.first().copied()
+}
+
+/// Whether the pin at `path` is a scratch this build's programs can use: the object's
+/// per-CPU array of one value of its size.
+fn scratch_fits(path: &Path) -> Result<()> {
+    static WANT: OnceLock<Option<(u32, u32)>> = OnceLock::new();
+    let want = WANT.get_or_init(|| {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).ok()?;
+        let m = obj.maps.get(TRACK_SCRATCH)?;
+        Some((m.value_size(), m.max_entries()))
+    });
+    let (value_size, max_entries) = want.context("the object declares no tracking scratch")?;
+    let info = MapInfo::from_pin(path).context("not a map")?;
+    anyhow::ensure!(
+        matches!(info.map_type(), Ok(aya::maps::MapType::PerCpuArray))
+            && info.key_size() == 4
+            && info.value_size() == value_size
+            && info.max_entries() == max_entries
+            && info.name_as_str() == Some(short(TRACK_SCRATCH)),
+        "another map: type {:?}, key {}B, value {}B, {} entries, name {:?}",
+        info.map_type().ok(),
+        info.key_size(),
+        info.value_size(),
+        info.max_entries(),
+        info.name_as_str()
+    );
+    Ok(())
 }
 
 fn short(name: &str) -> &str {
@@ -188,25 +287,16 @@ pub fn progs_root(pins: &Pins) -> PathBuf {
 /// Removes every kept program (and the shared scratch's pin): the tree is going, or its
 /// maps are.
 pub fn remove_all(pins: &Pins) -> Result<()> {
-    let all = progs_root(pins);
-    if all.exists() {
-        for e in fs::read_dir(&all)? {
-            remove_dir(&e?.path())?;
-        }
-        fs::remove_dir(&all).with_context(|| format!("removing {}", all.display()))?;
-    }
-    Ok(())
+    remove(&progs_root(pins))
 }
 
-/// Removes a directory of pins (bpffs has no recursive removal of its own).
-fn remove_dir(dir: &Path) -> Result<()> {
-    if dir.is_dir() {
-        for e in fs::read_dir(dir)? {
-            let p = e?.path();
-            fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
-        }
-        fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
-    } else {
-        fs::remove_file(dir).with_context(|| format!("removing {}", dir.display()))
-    }
+/// Removes a pin, or a directory with whatever it holds; nothing there is fine.
+fn remove(path: &Path) -> Result<()> {
+    let r = match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+    };
+    r.with_context(|| format!("removing {}", path.display()))
 }

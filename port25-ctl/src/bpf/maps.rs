@@ -88,9 +88,11 @@ macro_rules! map_list {
 }
 pub(crate) use map_list;
 
-/// Maps the kernel object declares that are private to each load: never pinned, never in
-/// [`MAPS`]. `P25_SCRATCH` is the verifier's scratch slot (`Frame::forget`);
-/// `P25_TRACKTMP` is offender tracking's scratch (its structs do not fit the stack);
+/// Maps the kernel object declares that are not policy: never in [`MAPS`], never in
+/// `maps/`. `P25_SCRATCH` is the verifier's scratch slot (`Frame::forget`), private to each
+/// load; `P25_TRACKTMP` is offender tracking's scratch (its structs do not fit the stack),
+/// pinned beside the programs kept for the next start (`bpf::kept`), private to the load
+/// with the kernel log;
 /// `AYA_LOGS` (aya-log's ring), `P25_KLOG` (a message being staged) and the program arrays
 /// `P25_KLOG_XDP`/`P25_KLOG_TC` carry the kernel log (`daemon --kernel-log`, `bpf::klog`):
 /// unpinned, those arrays are emptied by the kernel when the daemon that filled them exits.

@@ -296,8 +296,6 @@ struct SqliteTx<'a> {
 }
 
 impl SqliteStore {
-    /// A read transaction (deferred: it takes no write lock, so it also works on a read-only
-    /// connection and never waits for, or holds up, the writer).
     /// [`Tx::map_rows`] with the users' standings read as `search` says (tests of both).
     #[cfg(test)]
     pub fn map_rows_by(&mut self, search: Option<bool>) -> Result<MapRows> {
@@ -307,6 +305,8 @@ impl SqliteStore {
         SqliteTx { tx }.map_rows_by(search)
     }
 
+    /// A read transaction (deferred: it takes no write lock, so it also works on a read-only
+    /// connection and never waits for, or holds up, the writer).
     pub fn read(&mut self) -> Result<Box<dyn Tx + '_>> {
         let tx = self
             .conn
@@ -539,6 +539,14 @@ impl SqliteTx<'_> {
 const STANDING_COLS: &str = "policy, until, \
      hold_reason IS NOT NULL OR hold_by IS NOT NULL OR hold_at IS NOT NULL";
 
+/// Column `i` as text; None when it is not text (NULL, a number, a blob).
+fn text<'r>(r: &'r rusqlite::Row, i: usize) -> rusqlite::Result<Option<&'r str>> {
+    match r.get_ref(i)? {
+        rusqlite::types::ValueRef::Text(t) => Ok(std::str::from_utf8(t).ok()),
+        _ => Ok(None),
+    }
+}
+
 /// A user's standing from [`STANDING_COLS`] at column `at` onwards.
 fn standing_at(r: &rusqlite::Row, at: usize) -> rusqlite::Result<Standing> {
     Ok(Standing {
@@ -572,7 +580,8 @@ impl SqliteTx<'_> {
             .unwrap_or((0, 0));
         // Room for what the kept counts say there is, rather than growing a million-row
         // list by copies (a session has one address or more).
-        let cap = |n: i64| usize::try_from(n).unwrap_or(0).min(1 << 24);
+        // Capped: a count is a hint, and a wrong one must not reserve a small router's memory.
+        let cap = |n: i64| usize::try_from(n).unwrap_or(0).min(1 << 22);
         let sessions = cap(n_sessions);
 
         // The users named by sessions and bindings. A name is compared with the last one
@@ -589,8 +598,12 @@ impl SqliteTx<'_> {
             let mut q = st.query([])?;
             let mut last = None;
             while let Some(r) = q.next()? {
-                ids.push(r.get_ref(0)?.as_str()?);
-                let user = r.get_ref(1)?.as_str()?;
+                // A key that is not text (NULL is possible in a hand-edited file) joins
+                // nothing, as in SQL; its rows are left out (blocked).
+                let (Some(id), Some(user)) = (text(r, 0)?, text(r, 1)?) else {
+                    continue;
+                };
+                ids.push(id);
                 let u = named.near(user, last).unwrap_or_else(|| named.push(user));
                 user_of.push(u);
                 last = Some(u);
@@ -601,7 +614,8 @@ impl SqliteTx<'_> {
             let mut q = st.query([])?;
             let mut last = None;
             while let Some(r) = q.next()? {
-                if let Some(s) = ids.find(r.get_ref(0)?.as_str()?, last) {
+                let Some(id) = text(r, 0)? else { continue };
+                if let Some(s) = ids.find(id, last) {
                     addrs.push((user_of[s as usize], prefix_col(r, 1)?));
                     last = Some(s);
                 }
@@ -615,7 +629,7 @@ impl SqliteTx<'_> {
             let mut q = st.query([])?;
             let mut last = None;
             while let Some(r) = q.next()? {
-                let user = r.get_ref(0)?.as_str()?;
+                let Some(user) = text(r, 0)? else { continue };
                 let u = named.near(user, last).unwrap_or_else(|| named.push(user));
                 bound.push((u, prefix_col(r, 1)?));
                 last = Some(u);
@@ -624,7 +638,8 @@ impl SqliteTx<'_> {
 
         let mut standing: Vec<Option<Standing>> = vec![None; named.len()];
         // A search costs about what scanning eight users does.
-        let search = search.unwrap_or(named.len().saturating_mul(8) < cap(n_users));
+        let search =
+            search.unwrap_or(named.len().saturating_mul(8) < usize::try_from(n_users).unwrap_or(0));
         if search {
             let mut st = self.tx.prepare_cached(&format!(
                 "SELECT {STANDING_COLS} FROM users WHERE name = ?1"
@@ -641,7 +656,8 @@ impl SqliteTx<'_> {
             let mut q = st.query([])?;
             let mut last = None;
             while let Some(r) = q.next()? {
-                if let Some(i) = named.find(r.get_ref(0)?.as_str()?, last) {
+                let Some(name) = text(r, 0)? else { continue };
+                if let Some(i) = named.find(name, last) {
                     standing[i as usize] = Some(standing_at(r, 1)?);
                     last = Some(i);
                 }

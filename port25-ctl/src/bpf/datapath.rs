@@ -510,7 +510,7 @@ fn set_tracking_programs(ebpf: &mut Ebpf, kept: Option<&Kept>) -> Result<()> {
 
 /// Verifies program `name` (an entry point or a tracking program), unless it is loaded
 /// already, or takes the one an earlier start of this build kept, if still fit to use
-/// ([`Kept::usable`]). One it verifies is kept for the next start.
+/// ([`Kept::take`]). One it verifies is kept for the next start.
 fn verified(ebpf: &mut Ebpf, name: &str, kept: Option<&Kept>) -> Result<()> {
     let prog = ebpf
         .program_mut(name)

@@ -629,15 +629,7 @@ fn a_hold_survives_reopen_and_a_half_cleared_row_stays_held() {
 #[test]
 fn the_narrow_user_reads_equal_filtering_every_user() {
     let mut db = db();
-    let user = |name: &str, policy| User {
-        name: name.into(),
-        policy,
-        until: None,
-        reason: None,
-        set_by: "t".into(),
-        set_at: t(NOW),
-        hold: None,
-    };
+    let user = plain_user;
     db.run(|tx| {
         for (n, pol) in [
             ("a-session", Policy::Blocked),
@@ -880,18 +872,10 @@ fn a_bulk_write_refused_midway_writes_nothing() {
 /// address with its own user's standing, by a scan of `users` and by searches alike.
 #[test]
 fn narrow_read_joins_users_named_out_of_step() {
-    use crate::registry::store::{Binding, Session, User};
+    use crate::registry::store::{Binding, Session};
     let dir = tempfile::tempdir().unwrap();
     let mut s = SqliteStore::open(dir.path()).unwrap();
-    let user = |name: &str, policy: Policy| User {
-        name: name.into(),
-        policy,
-        until: None,
-        reason: None,
-        set_by: "t".into(),
-        set_at: t(NOW),
-        hold: None,
-    };
+    let user = plain_user;
     let session = |id: &str, user: &str, addr: &str| Session {
         id: id.into(),
         user: user.into(),
@@ -965,5 +949,18 @@ fn narrow_read_joins_users_named_out_of_step() {
             .map(|(i, p)| (of(*i).0, p.to_string()))
             .collect();
         assert_eq!(bound, [("carol".to_string(), "100.64.1.0/24".to_string())]);
+    }
+}
+
+/// A user with `policy` and nothing else set, as the read tests write them.
+fn plain_user(name: &str, policy: Policy) -> User {
+    User {
+        name: name.into(),
+        policy,
+        until: None,
+        reason: None,
+        set_by: "t".into(),
+        set_at: t(NOW),
+        hold: None,
     }
 }

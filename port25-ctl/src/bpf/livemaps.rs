@@ -221,7 +221,9 @@ where
     }
 }
 
-impl<K: Pod + Ord + std::fmt::Debug, V: Pod + PartialEq> Table for HashMap<MapData, K, V> {
+impl<K: Pod + Ord + Sync + std::fmt::Debug, V: Pod + PartialEq + Sync> Table
+    for HashMap<MapData, K, V>
+{
     type K = K;
     type V = V;
     fn entries(&self) -> Result<BTreeMap<K, V>> {

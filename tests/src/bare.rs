@@ -124,3 +124,166 @@ pub fn tcx_attach(prog: &OwnedFd, ifindex: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: the kernel just gave us this descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
+
+/// One eBPF instruction (the kernel's `struct bpf_insn`): opcode, registers, offset, immediate.
+pub(crate) fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    code as u64
+        | ((dst | src << 4) as u64) << 8
+        | (off as u16 as u64) << 16
+        | (imm as u32 as u64) << 32
+}
+
+const LDXW: u8 = 0x61;
+const LDXH: u8 = 0x69;
+const LDXB: u8 = 0x71;
+const STW: u8 = 0x62;
+const STDW: u8 = 0x7a;
+const STXW: u8 = 0x63;
+const MOVX: u8 = 0xbf;
+const MOVK: u8 = 0xb7;
+const ADDK: u8 = 0x07;
+const JGTX: u8 = 0x2d;
+const JNEK: u8 = 0x55;
+const JEQK: u8 = 0x15;
+const CALL: u8 = 0x85;
+const EXIT: u8 = 0x95;
+const LD_IMM64: u8 = 0x18;
+/// BPF_STX | BPF_ATOMIC | BPF_DW, with imm BPF_ADD: `lock *(u64 *)(dst + off) += src`.
+const ATOMIC_ADD_DW: u8 = 0xdb;
+const PSEUDO_MAP_FD: u8 = 1;
+const XDP_DROP: i32 = 1;
+const XDP_PASS: i32 = 2;
+
+/// Instructions with forward jumps to named places: `Jump(code, reg, imm, to)` is patched
+/// once every place is known.
+enum Op {
+    I(u64),
+    Jump(u8, u8, u8, i32, &'static str),
+    At(&'static str),
+}
+
+fn assemble(ops: &[Op]) -> Vec<u64> {
+    let mut at = std::collections::HashMap::new();
+    let mut pc = 0i64;
+    for op in ops {
+        match op {
+            Op::At(name) => {
+                at.insert(*name, pc);
+            }
+            _ => pc += 1,
+        }
+    }
+    let mut out = Vec::new();
+    for op in ops {
+        match op {
+            Op::I(i) => out.push(*i),
+            Op::Jump(code, dst, src, imm, to) => {
+                let off = at[to] - (out.len() as i64 + 1);
+                out.push(insn(*code, *dst, *src, off as i16, *imm));
+            }
+            Op::At(_) => {}
+        }
+    }
+    out
+}
+
+/// The header checks any "drop TCP to 25" program makes, and nothing else: Ethernet type
+/// IPv4, protocol TCP, destination port 25 (an IPv4 header without options assumed), read
+/// straight from the packet. r2 = data on the way out; r0 = XDP_PASS unless a SYN to 25
+/// falls through.
+fn port25_check() -> Vec<Op> {
+    use Op::*;
+    vec![
+        I(insn(LDXW, 2, 1, 0, 0)), // r2 = ctx->data
+        I(insn(LDXW, 3, 1, 4, 0)), // r3 = ctx->data_end
+        I(insn(MOVK, 0, 0, 0, XDP_PASS)),
+        I(insn(MOVX, 4, 2, 0, 0)),
+        I(insn(ADDK, 4, 0, 0, 38)), // to the end of the TCP ports
+        Jump(JGTX, 4, 3, 0, "exit"),
+        I(insn(LDXH, 5, 2, 12, 0)),
+        Jump(JNEK, 5, 0, 0x0008, "exit"), // 08 00, loaded little-endian
+        I(insn(LDXB, 5, 2, 23, 0)),
+        Jump(JNEK, 5, 0, 6, "exit"),
+        I(insn(LDXH, 5, 2, 36, 0)),
+        Jump(JNEK, 5, 0, 0x1900, "exit"), // 00 19
+    ]
+}
+
+/// The least a filter of TCP to 25 can do: [`port25_check`], then XDP_DROP for a segment to
+/// 25 and XDP_PASS for anything else. The bench's floor for what port25's parse costs.
+pub fn minimal_check() -> std::io::Result<OwnedFd> {
+    use Op::*;
+    let mut ops = port25_check();
+    ops.extend([I(insn(MOVK, 0, 0, 0, XDP_DROP)), At("exit"), I(insn(EXIT, 0, 0, 0, 0))]);
+    load_insns(XDP, &assemble(&ops), b"p25floorcheck")
+}
+
+/// [`minimal_check`], then the least per-source counting can do for a segment to 25: one
+/// lookup of its IPv4 source in `lru` (an LRU hash of `key_size`-byte keys, the address in
+/// the first 4 bytes, 4 at byte 16 as port25's `OffenderKey` has it) and two atomic adds
+/// into the value (port25 adds to its attempts and segments, at bytes 32 and 40), or an
+/// insert of a zeroed value of `value_size` bytes for a new source. The bench's floor for
+/// what port25's offender tracking costs.
+pub fn minimal_tracking(lru: &OwnedFd, key_size: usize, value_size: usize) -> std::io::Result<OwnedFd> {
+    use Op::*;
+    assert!(key_size == 20 && value_size % 8 == 0 && value_size >= 48 && value_size <= 256);
+    let fd = lru.as_raw_fd();
+    let key = -24i16;
+    let value = key - value_size as i16;
+    let map = |ops: &mut Vec<Op>| {
+        ops.push(I(insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, fd)));
+        ops.push(I(0));
+    };
+    let mut ops = port25_check();
+    ops.extend([
+        I(insn(STDW, 10, 0, key, 0)),
+        I(insn(STDW, 10, 0, key + 8, 0)),
+        I(insn(STW, 10, 0, key + 16, 4)), // family
+        I(insn(LDXW, 5, 2, 26, 0)),       // the IPv4 source
+        I(insn(STXW, 10, 5, key, 0)),
+    ]);
+    map(&mut ops);
+    ops.extend([
+        I(insn(MOVX, 2, 10, 0, 0)),
+        I(insn(ADDK, 2, 0, 0, key as i32)),
+        I(insn(CALL, 0, 0, 0, 1)), // bpf_map_lookup_elem
+        Jump(JEQK, 0, 0, 0, "insert"),
+        I(insn(MOVK, 1, 0, 0, 1)),
+        I(insn(ATOMIC_ADD_DW, 0, 1, 32, 0)),
+        I(insn(ATOMIC_ADD_DW, 0, 1, 40, 0)),
+        I(insn(MOVK, 0, 0, 0, XDP_DROP)),
+        I(insn(EXIT, 0, 0, 0, 0)),
+        At("insert"),
+    ]);
+    for i in 0..value_size as i16 / 8 {
+        ops.push(I(insn(STDW, 10, 0, value + 8 * i, 0)));
+    }
+    map(&mut ops);
+    ops.extend([
+        I(insn(MOVX, 2, 10, 0, 0)),
+        I(insn(ADDK, 2, 0, 0, key as i32)),
+        I(insn(MOVX, 3, 10, 0, 0)),
+        I(insn(ADDK, 3, 0, 0, value as i32)),
+        I(insn(MOVK, 4, 0, 0, 0)),
+        I(insn(CALL, 0, 0, 0, 2)), // bpf_map_update_elem
+        I(insn(MOVK, 0, 0, 0, XDP_DROP)),
+        At("exit"),
+        I(insn(EXIT, 0, 0, 0, 0)),
+    ]);
+    load_insns(XDP, &assemble(&ops), b"p25floortrack")
+}
+
+/// An LRU hash map (BPF_MAP_CREATE), for [`minimal_tracking`].
+pub fn lru_hash(key_size: u32, value_size: u32, max_entries: u32) -> std::io::Result<OwnedFd> {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    // map_type, key_size, value_size, max_entries, map_flags; the rest zero.
+    let mut attr = [0u32; 32];
+    attr[0] = BPF_MAP_TYPE_LRU_HASH;
+    attr[1] = key_size;
+    attr[2] = value_size;
+    attr[3] = max_entries;
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::bare::{bpf, load_insns, TestRun, BPF_PROG_TEST_RUN, XDP};
+use crate::bare::{bpf, insn, load_insns, TestRun, BPF_PROG_TEST_RUN, XDP};
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
@@ -25,14 +25,6 @@ const BPF_FUNC_REDIRECT: i32 = 23;
 
 /// The receiving veths' MAC (every receiver has the same: they are on separate links).
 pub const RX_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x25, 0x01];
-
-/// One eBPF instruction: opcode, registers, offset, immediate.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-    code as u64
-        | ((dst | src << 4) as u64) << 8
-        | (off as u16 as u64) << 16
-        | (imm as u32 as u64) << 32
-}
 
 /// The sender: bumps the IPv4 source of an Ethernet/IPv4 frame (offset 26) and fixes the
 /// header checksum (RFC 1624: the low 16 bits go up by one, or from 0xfffe to 0, so the

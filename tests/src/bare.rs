@@ -214,7 +214,11 @@ fn port25_check() -> Vec<Op> {
 pub fn minimal_check() -> std::io::Result<OwnedFd> {
     use Op::*;
     let mut ops = port25_check();
-    ops.extend([I(insn(MOVK, 0, 0, 0, XDP_DROP)), At("exit"), I(insn(EXIT, 0, 0, 0, 0))]);
+    ops.extend([
+        I(insn(MOVK, 0, 0, 0, XDP_DROP)),
+        At("exit"),
+        I(insn(EXIT, 0, 0, 0, 0)),
+    ]);
     load_insns(XDP, &assemble(&ops), b"p25floorcheck")
 }
 
@@ -224,9 +228,13 @@ pub fn minimal_check() -> std::io::Result<OwnedFd> {
 /// into the value (port25 adds to its attempts and segments, at bytes 32 and 40), or an
 /// insert of a zeroed value of `value_size` bytes for a new source. The bench's floor for
 /// what port25's offender tracking costs.
-pub fn minimal_tracking(lru: &OwnedFd, key_size: usize, value_size: usize) -> std::io::Result<OwnedFd> {
+pub fn minimal_tracking(
+    lru: &OwnedFd,
+    key_size: usize,
+    value_size: usize,
+) -> std::io::Result<OwnedFd> {
     use Op::*;
-    assert!(key_size == 20 && value_size % 8 == 0 && value_size >= 48 && value_size <= 256);
+    assert!(key_size == 20 && value_size.is_multiple_of(8) && (48..=256).contains(&value_size));
     let fd = lru.as_raw_fd();
     let key = -24i16;
     let value = key - value_size as i16;

@@ -212,7 +212,7 @@ mod tests {
         }
         Some(
             aya::EbpfLoader::new()
-                .set_max_entries(EXIP4, room)
+                .map_max_entries(EXIP4, room)
                 .load(EBPF_OBJECT)
                 .expect("create the maps"),
         )

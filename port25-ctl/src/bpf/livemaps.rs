@@ -120,7 +120,8 @@ pub trait Table {
     type V: PartialEq + Copy;
     fn entries(&self) -> Result<BTreeMap<Self::K, Self::V>>;
     fn put(&mut self, k: Self::K, v: Self::V) -> Result<()>;
-    /// Writes every entry, in order; a failure leaves the ones before it written.
+    /// Writes every entry (distinct keys, in no order that matters); a failure leaves some
+    /// written (here, the ones before it; a hash map's batch write, any of them).
     fn put_all(&mut self, entries: &[(Self::K, Self::V)]) -> Result<()> {
         for (k, v) in entries {
             self.put(*k, *v).with_context(|| format!("writing {k:?}"))?;

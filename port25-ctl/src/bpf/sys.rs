@@ -95,14 +95,15 @@ fn batches(
 }
 
 /// Writes `entries` a chunk per syscall (BPF_MAP_UPDATE_BATCH, Linux 5.6) instead of one
-/// syscall each: a cold start writes a million exempt entries. Err((written, error)) on the
-/// first failure, with how many went in (in all) before it.
+/// syscall each: a cold start writes a million exempt entries. Err((written, error)) on a
+/// failure, with how many went in (in all; not a prefix of `entries` once split).
 ///
 /// A large write is split across the machine's cores, a part per thread: the time is the
 /// kernel's (an allocation and a bucket insert per entry, ~0.85 us here, 1.7 s of a cold
 /// start at 2.1M entries), and a hash map's inserts on other buckets do not wait on each
-/// other. Entries of one write have no order among them (the apply orders its writes, not
-/// the entries within one).
+/// other. Entries of one write have no order among them (the apply orders its writes, and
+/// the keys of one write are distinct). The calling thread writes the first part; a part
+/// whose thread cannot be started is written there too.
 pub fn update_batch<K: Pod + Sync, V: Pod + Sync>(
     map: &MapData,
     entries: &[(K, V)],
@@ -114,30 +115,42 @@ pub fn update_batch<K: Pod + Sync, V: Pod + Sync>(
     }
     let part = entries.len().div_ceil(parts);
     let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = entries
-            .chunks(part)
-            .map(|p| s.spawn(move || update_batch_on(map, p)))
-            .collect();
-        handles
-            .into_iter()
-            .zip(entries.chunks(part))
-            .map(|(h, p)| {
-                h.join()
-                    .unwrap_or_else(|_| {
-                        Err((0, std::io::Error::other("a batch-writing thread panicked")))
-                    })
-                    .map(|()| p.len())
+        let mut chunks = entries.chunks(part);
+        let first = chunks.next().unwrap_or_default();
+        let handles: Vec<_> = chunks
+            .map(|p| {
+                let h = std::thread::Builder::new()
+                    .name("port25-mapwrite".into())
+                    .spawn_scoped(s, move || update_batch_on(map, p));
+                (p, h.ok())
             })
-            .collect()
+            .collect();
+        let mut results = vec![(first.len(), update_batch_on(map, first))];
+        for (p, h) in handles {
+            let r = match h {
+                Some(h) => h.join().unwrap_or_else(|_| {
+                    Err((0, std::io::Error::other("a batch-writing thread panicked")))
+                }),
+                None => update_batch_on(map, p),
+            };
+            results.push((p.len(), r));
+        }
+        results
     });
     let written = results
         .iter()
-        .map(|r| match r {
-            Ok(n) => *n,
+        .map(|(len, r)| match r {
+            Ok(()) => *len,
             Err((n, _)) => *n,
         })
         .sum();
-    match results.into_iter().find_map(Result::err) {
+    let mut errors = results.into_iter().filter_map(|(_, r)| r.err());
+    match errors.next() {
+        // Two writers on one CPU can meet the kernel's per-CPU bucket-lock guard on older
+        // preemptible kernels (EBUSY, before "bpf: Disable preemption when increasing
+        // per-cpu map_locked"): the whole write again, on this thread alone (a write of
+        // the same keys and values twice is the same map).
+        Some((_, e)) if e.raw_os_error() == Some(libc::EBUSY) => update_batch_on(map, entries),
         Some((_, e)) => Err((written, e)),
         None => Ok(()),
     }

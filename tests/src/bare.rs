@@ -295,3 +295,18 @@ pub fn lru_hash(key_size: u32, value_size: u32, max_entries: u32) -> std::io::Re
     // SAFETY: the kernel just gave us this descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
+
+/// `calls` calls of a helper that does next to nothing (bpf_get_prandom_u32: a per-CPU
+/// state step), then XDP_PASS: against [`load`]'s bare program, what a kernel function's
+/// call and return cost on this host (mitigations for return-address speculation price
+/// every return; port25's offender tracking makes five per segment in the kernel's LRU
+/// hash lookup and its own hand-over).
+pub fn helper_calls(calls: usize) -> std::io::Result<OwnedFd> {
+    const GET_PRANDOM_U32: i32 = 7;
+    let mut insns: Vec<u64> = (0..calls)
+        .map(|_| insn(CALL, 0, 0, 0, GET_PRANDOM_U32))
+        .collect();
+    insns.push(insn(MOVK, 0, 0, 0, XDP_PASS));
+    insns.push(insn(EXIT, 0, 0, 0, 0));
+    load_insns(XDP, &insns, b"p25floorcalls")
+}

@@ -479,6 +479,13 @@ fn tracking_bench(ebpf: &mut aya::Ebpf, live: &mut LiveMaps, cfg: &Config, block
         "  floor: a minimal check {t_check:.1} ns, with one LRU lookup and two atomic adds {t_count:.1} ns: +{floor:.1} ns; port25's tracking +{ours:.1} ns (x{:.2} of the floor's)",
         ours / floor
     );
+    // What one kernel function's call and return cost here: the tracking's lookup is
+    // mostly these (the lookup, its hash, its bucket walk, memcmp; the hand-over).
+    let calls = port25_tests::bare::helper_calls(8).expect("the helper-calls program");
+    let per_call = (bare_ns(&calls, blocked) - bare_ns(&check, blocked)) / 8.0;
+    println!(
+        "  a helper's call and return (bpf_get_prandom_u32, 8 in a row): {per_call:.1} ns each"
+    );
     goal(
         format!("{PROG_XDP} tracking's cost / one LRU lookup and two atomic adds"),
         format!("x{:.2}", ours / floor),

@@ -133,20 +133,28 @@ pub(crate) fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
         | (imm as u32 as u64) << 32
 }
 
-const LDXW: u8 = 0x61;
-const LDXH: u8 = 0x69;
-const LDXB: u8 = 0x71;
-const STW: u8 = 0x62;
-const STDW: u8 = 0x7a;
-const STXW: u8 = 0x63;
-const MOVX: u8 = 0xbf;
-const MOVK: u8 = 0xb7;
-const ADDK: u8 = 0x07;
-const JGTX: u8 = 0x2d;
-const JNEK: u8 = 0x55;
-const JEQK: u8 = 0x15;
-const CALL: u8 = 0x85;
-const EXIT: u8 = 0x95;
+// Opcodes (class | size or operation | source) of the raw programs here and in `flood`.
+pub(crate) const LDXW: u8 = 0x61;
+pub(crate) const LDXH: u8 = 0x69;
+pub(crate) const LDXB: u8 = 0x71;
+pub(crate) const STW: u8 = 0x62;
+pub(crate) const STDW: u8 = 0x7a;
+pub(crate) const STXW: u8 = 0x63;
+pub(crate) const STXH: u8 = 0x6b;
+pub(crate) const MOVX: u8 = 0xbf;
+pub(crate) const MOVK: u8 = 0xb7;
+pub(crate) const ADDK: u8 = 0x07;
+pub(crate) const ADDX: u8 = 0x0f;
+pub(crate) const ANDK: u8 = 0x57;
+pub(crate) const XORK: u8 = 0xa7;
+pub(crate) const RSHK: u8 = 0x77;
+pub(crate) const BE: u8 = 0xdc;
+pub(crate) const JGTX: u8 = 0x2d;
+pub(crate) const JNEK: u8 = 0x55;
+pub(crate) const JEQK: u8 = 0x15;
+pub(crate) const JA: u8 = 0x05;
+pub(crate) const CALL: u8 = 0x85;
+pub(crate) const EXIT: u8 = 0x95;
 const LD_IMM64: u8 = 0x18;
 /// BPF_STX | BPF_ATOMIC | BPF_DW, with imm BPF_ADD: `lock *(u64 *)(dst + off) += src`.
 const ATOMIC_ADD_DW: u8 = 0xdb;

@@ -17,7 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::bare::{bpf, insn, load_insns, TestRun, BPF_PROG_TEST_RUN, XDP};
+use crate::bare::{
+    bpf, insn, load_insns, TestRun, ADDK, ADDX, ANDK, BE, BPF_PROG_TEST_RUN, CALL, EXIT, JA, JEQK,
+    JGTX, LDXH, LDXW, MOVK, MOVX, RSHK, STXH, XDP, XORK,
+};
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
@@ -30,22 +33,6 @@ pub const RX_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x25, 0x01];
 /// header checksum (RFC 1624: the low 16 bits go up by one, or from 0xfffe to 0, so the
 /// one's-complement sum goes up by one), then redirects the frame into `ifindex`.
 pub fn sender(ifindex: u32) -> std::io::Result<OwnedFd> {
-    const LDXW: u8 = 0x61;
-    const LDXH: u8 = 0x69;
-    const STXH: u8 = 0x6b;
-    const MOVX: u8 = 0xbf;
-    const MOVK: u8 = 0xb7;
-    const ADDK: u8 = 0x07;
-    const ADDX: u8 = 0x0f;
-    const ANDK: u8 = 0x57;
-    const XORK: u8 = 0xa7;
-    const RSHK: u8 = 0x77;
-    const BE: u8 = 0xdc;
-    const JGTX: u8 = 0x2d;
-    const JEQK: u8 = 0x15;
-    const JA: u8 = 0x05;
-    const CALL: u8 = 0x85;
-    const EXIT: u8 = 0x95;
     let insns = [
         insn(LDXW, 2, 1, 0, 0),      // r2 = ctx->data
         insn(LDXW, 3, 1, 4, 0),      // r3 = ctx->data_end
